@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Both create .venv when missing and install what they need (Debian packages
+# through apt-get only when a command is missing).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PKGS ?=
+
+.PHONY: demo test test-slow bench venv clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+deps:
+	@./.ci/apt-deps
+
+demo: venv deps
+	$(BIN)/python -m store.demo
+
+test: venv deps
+	$(BIN)/python -m pytest -q
+
+test-slow: venv deps
+	$(BIN)/python -m pytest -q -m slow
+
+bench: venv deps
+	$(BIN)/python bench/ingest.py
+
+clean-demo:
+	rm -rf demo-data

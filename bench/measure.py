@@ -1,0 +1,199 @@
+"""Measurement helpers for the benchmarks: timed commands, cache drops, sizes, tree digests.
+
+A command is timed with ``os.wait4`` on its pid, which gives the same figures
+as ``/usr/bin/time -v`` (wall clock, user and system CPU, peak RSS) without its
+output format in the way: ``ru_maxrss`` is the peak of the child and of any
+descendant it waited for, in KiB on Linux.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import time
+
+MB = 1_000_000
+MIB = 1 << 20
+
+
+@dataclasses.dataclass
+class Result:
+    cmd: list[str]
+    rc: int
+    wall: float            # seconds
+    user: float
+    sys: float
+    maxrss_mib: float
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.sys
+
+    def check(self) -> "Result":
+        if self.rc != 0:
+            raise CommandFailed(self)
+        return self
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cpu"] = round(self.cpu, 3)
+        d["stdout"] = self.stdout[-4000:]
+        d["stderr"] = self.stderr[-4000:]
+        return d
+
+
+class CommandFailed(RuntimeError):
+    def __init__(self, result: Result):
+        self.result = result
+        tail = (result.stderr or result.stdout).strip().splitlines()[-15:]
+        super().__init__(f"exit {result.rc}: {' '.join(result.cmd)}\n  " + "\n  ".join(tail))
+
+
+def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None,
+        stdin_data: bytes | None = None, log_prefix: str | None = None) -> Result:
+    """Run ``cmd`` to completion and return its wall time, CPU time and peak RSS.
+
+    stdout/stderr go to files (``log_prefix``.out/.err when given, else
+    temporary ones) so a chatty tool cannot block on a full pipe, and are also
+    returned in the result.
+    """
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    if log_prefix:
+        os.makedirs(os.path.dirname(log_prefix) or ".", exist_ok=True)
+        out_path, err_path = log_prefix + ".out", log_prefix + ".err"
+    else:
+        import tempfile
+        fd1, out_path = tempfile.mkstemp(prefix="bench-out-")
+        fd2, err_path = tempfile.mkstemp(prefix="bench-err-")
+        os.close(fd1)
+        os.close(fd2)
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=out, stderr=err,
+                             stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL)
+        if stdin_data is not None:
+            try:
+                p.stdin.write(stdin_data)
+            except BrokenPipeError:
+                pass
+            p.stdin.close()
+        _pid, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+    with open(out_path, "rb") as f:
+        stdout = f.read().decode(errors="replace")
+    with open(err_path, "rb") as f:
+        stderr = f.read().decode(errors="replace")
+    if not log_prefix:
+        os.unlink(out_path)
+        os.unlink(err_path)
+    return Result(cmd=list(cmd), rc=p.returncode, wall=wall, user=ru.ru_utime,
+                  sys=ru.ru_stime, maxrss_mib=ru.ru_maxrss / 1024, stdout=stdout,
+                  stderr=stderr)
+
+
+def timed(fn, *args, **kw) -> tuple[float, object]:
+    """(wall seconds, result) of an in-process call."""
+    t0 = time.perf_counter()
+    r = fn(*args, **kw)
+    return time.perf_counter() - t0, r
+
+
+def drop_caches() -> bool:
+    """sync, then drop the guest page cache; False when not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def du(path: str) -> dict:
+    """Bytes on disk (allocated blocks, like ``du -s -B1``) and apparent bytes."""
+    alloc = apparent = 0
+    if os.path.isfile(path):
+        st = os.lstat(path)
+        return {"disk": st.st_blocks * 512, "apparent": st.st_size}
+    seen = set()
+    for dirpath, _dirs, files in os.walk(path):
+        st = os.lstat(dirpath)
+        alloc += st.st_blocks * 512
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            alloc += st.st_blocks * 512
+            apparent += st.st_size
+    return {"disk": alloc, "apparent": apparent}
+
+
+def tree_digest(root: str) -> dict[str, tuple[int, str]]:
+    """{relative path: (size, blake3 hex)} for every regular file under root."""
+    import blake3
+    out = {}
+    buf = bytearray(4 * MIB)
+    view = memoryview(buf)
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            h = blake3.blake3()
+            size = 0
+            with open(p, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(view[:n])
+                    size += n
+            out[os.path.relpath(p, root)] = (size, h.hexdigest())
+    return out
+
+
+def compare_digests(expected: dict, got: dict, limit: int = 10) -> list[str]:
+    """Human-readable differences between two tree digests (empty when equal)."""
+    diffs = []
+    for rel in sorted(expected.keys() - got.keys())[:limit]:
+        diffs.append(f"missing: {rel}")
+    for rel in sorted(got.keys() - expected.keys())[:limit]:
+        diffs.append(f"extra: {rel}")
+    for rel in sorted(expected.keys() & got.keys()):
+        if expected[rel] != got[rel]:
+            diffs.append(f"differs: {rel}")
+            if len(diffs) >= 3 * limit:
+                break
+    return diffs
+
+
+def rmtree(path: str) -> None:
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+
+
+def which_or_install(binary: str, package: str) -> str | None:
+    """Path of ``binary``, installing the apt ``package`` if it is missing."""
+    path = shutil.which(binary)
+    if path:
+        return path
+    if apt_install([package]):
+        return shutil.which(binary)
+    return None
+
+
+def apt_install(packages: list[str]) -> bool:
+    """apt-get install; runs apt-get update and retries only if the first try fails."""
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-q", *packages]
+    if shutil.which("apt-get") is None:
+        return False
+    if run(cmd, env=env).rc == 0:
+        return True
+    run(["apt-get", "update", "-q"], env=env)
+    return run(cmd, env=env).rc == 0

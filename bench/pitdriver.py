@@ -1,0 +1,127 @@
+"""Drive the pitstore CLI (``.venv/bin/pit``) as a subprocess, like the peers.
+
+Running the real console script means interpreter start-up and imports are
+counted, as restic's and borg's start-up is.  Each instance gets its own
+``XDG_CACHE_HOME`` so two repositories in one run cannot share a cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import measure
+from peers import Tool
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PIT = os.environ.get("PIT_BIN") or os.path.join(os.path.dirname(HERE), ".venv", "bin", "pit")
+SET = "bench"
+
+
+def pit_help(*sub: str) -> str | None:
+    """``pit [sub] --help`` text, or None when the CLI does not run yet."""
+    if not os.path.exists(PIT):
+        return None
+    r = measure.run([PIT, *sub, "--help"])
+    return r.stdout if r.rc == 0 else None
+
+
+def pit_available() -> bool:
+    h = pit_help()
+    return bool(h) and "snapshot" in h
+
+
+def pit_commands() -> set[str]:
+    """Sub-command names listed by ``pit --help`` (click's "Commands:" block)."""
+    h = pit_help() or ""
+    block = h.split("Commands:", 1)[1] if "Commands:" in h else ""
+    return set(re.findall(r"^\s{2}([a-z][\w-]*)", block, re.M))
+
+
+def pit_version() -> str | None:
+    r = measure.run([PIT, "--version"]) if os.path.exists(PIT) else None
+    if r and r.rc == 0:
+        return r.stdout.strip().split()[-1]
+    r = measure.run([os.path.join(os.path.dirname(PIT), "python"), "-c",
+                     "import importlib.metadata as m; print(m.version('pitstore'))"])
+    return r.stdout.strip() if r.rc == 0 else None
+
+
+class Pit(Tool):
+    name = "pitstore"
+
+    def __init__(self, *a, avg_chunk_size: int | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.avg_chunk_size = avg_chunk_size
+        self.version = pit_version()
+
+    def env(self) -> dict:
+        return {"XDG_CACHE_HOME": os.path.join(self.scratch, f"xdg-cache-{self.label}"),
+                "PIT_REPO": self.repo}
+
+    def cmd(self, *args: str) -> list[str]:
+        return [PIT, "--repo", self.repo, *args]
+
+    def init(self) -> measure.Result:
+        extra = ["--avg-chunk-size", str(self.avg_chunk_size)] if self.avg_chunk_size else []
+        return self._run("init", self.cmd("init", *extra))
+
+    def backup(self, source: str, changes: str | None = None) -> measure.Result:
+        self.nsnap += 1
+        extra = ["--changes", changes] if changes else []
+        return self._run(f"backup{self.nsnap}", self.cmd(
+            "snapshot", "--set", SET, *extra, os.path.abspath(source)))
+
+    def restore(self, target: str) -> measure.Result:
+        return self._run("restore", self.cmd("restore", f"{SET}@latest", "--target", target))
+
+    def check_command(self) -> list[str] | None:
+        """The deep-verify command, if this build of the CLI has one."""
+        cmds = pit_commands()
+        for name in ("verify", "check"):
+            if name in cmds:
+                h = pit_help(name) or ""
+                deep = [f for f in ("--deep", "--read-data", "--verify-data") if f in h]
+                return self.cmd(name, *deep[:1])
+        return None
+
+    def check(self) -> measure.Result:
+        cmd = self.check_command()
+        if cmd is None:
+            raise NotImplementedError("pit has no verify/check command yet")
+        return self._run("check", cmd)
+
+    def stats(self) -> dict:
+        r = self._run("stats", self.cmd("stats", "--json"))
+        return _json(r.stdout) if r.rc == 0 else {"error": r.stderr.strip()[-500:]}
+
+    def snapshots(self) -> list | dict:
+        r = self._run("snapshots", self.cmd("snapshots", "--json"))
+        return _json(r.stdout) if r.rc == 0 else {"error": r.stderr.strip()[-500:]}
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"unparsed": text[-2000:]}
+
+
+def find_number(obj, *words: str) -> int | float | None:
+    """First numeric value in nested JSON whose key contains all ``words``."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if all(w in k.lower() for w in words) and isinstance(v, (int, float)) \
+                    and not isinstance(v, bool):
+                return v
+        for v in obj.values():
+            n = find_number(v, *words)
+            if n is not None:
+                return n
+    elif isinstance(obj, list):
+        for v in obj:
+            n = find_number(v, *words)
+            if n is not None:
+                return n
+    return None

@@ -1,0 +1,1 @@
+"""davserver: the restore views over store.view (not built yet)."""

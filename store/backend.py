@@ -1,0 +1,166 @@
+"""Where pack bytes live: a deliberately small interface.
+
+Only the pack layer talks to a backend. A local directory is the one backend
+today; an object store can follow by implementing the same few calls (it
+would stage the open pack locally and upload it when sealed, since objects
+cannot be appended to).
+"""
+from __future__ import annotations
+
+import errno
+import os
+from collections import OrderedDict
+from typing import Iterator, Protocol
+
+from .errors import BlobMissing, DiskFull
+
+
+class AppendHandle(Protocol):
+    def write(self, data: bytes) -> int: ...
+    def tell(self) -> int: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class PackBackend(Protocol):
+    def create(self, name: str) -> AppendHandle: ...
+    def open_append(self, name: str, truncate_to: int) -> AppendHandle: ...
+    def read(self, name: str, offset: int, length: int) -> bytes: ...
+    def size(self, name: str) -> int: ...
+    def delete(self, name: str) -> None: ...
+    def list(self) -> Iterator[str]: ...
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _raise_os(exc: OSError, what: str) -> None:
+    if exc.errno == errno.ENOSPC:
+        raise DiskFull(f"no space left on device while {what}") from exc
+    raise exc
+
+
+class _LocalAppend:
+    def __init__(self, fd: int, pos: int) -> None:
+        self.fd = fd
+        self.pos = pos
+
+    def write(self, data: bytes) -> int:
+        """Append `data`; returns the offset it starts at."""
+        off = self.pos
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, self.pos)
+                self.pos += n
+                view = view[n:]
+        except OSError as exc:
+            _raise_os(exc, "writing a pack")
+        return off
+
+    def tell(self) -> int:
+        return self.pos
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            _raise_os(exc, "syncing a pack")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LocalBackend:
+    """Packs as files under `<root>/<last two hex digits>/<name>`."""
+
+    def __init__(self, root: str, max_open: int = 64) -> None:
+        self.root = root
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._max_open = max_open
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name.split(".")[0][-2:], name)
+
+    def create(self, name: str) -> _LocalAppend:
+        d = os.path.dirname(self._path(name))
+        try:
+            if not os.path.isdir(d):
+                os.makedirs(d, exist_ok=True)
+                fsync_dir(self.root)
+            fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # The directory entry must be durable before an index commit names it.
+            fsync_dir(d)
+        except OSError as exc:
+            _raise_os(exc, "creating a pack")
+        return _LocalAppend(fd, 0)
+
+    def open_append(self, name: str, truncate_to: int) -> _LocalAppend:
+        """Reopen an unsealed pack, dropping bytes no committed index entry covers."""
+        fd = os.open(self._path(name), os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size != truncate_to:
+                os.ftruncate(fd, truncate_to)
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return _LocalAppend(fd, truncate_to)
+
+    def _reader(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is not None:
+            self._fds.move_to_end(name)
+            return fd
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"pack {name} is missing") from exc
+        self._fds[name] = fd
+        if len(self._fds) > self._max_open:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        data = os.pread(self._reader(name), length, offset)
+        if len(data) != length:
+            raise BlobMissing(f"pack {name} is truncated: wanted {length} bytes at {offset}, got {len(data)}")
+        return data
+
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self._path(name)).st_size
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"pack {name} is missing") from exc
+
+    def delete(self, name: str) -> None:
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def list(self) -> Iterator[str]:
+        if not os.path.isdir(self.root):
+            return
+        for sub in sorted(os.listdir(self.root)):
+            d = os.path.join(self.root, sub)
+            if len(sub) == 2 and os.path.isdir(d):
+                for name in sorted(os.listdir(d)):
+                    if name.endswith(".pack"):
+                        yield name
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

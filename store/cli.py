@@ -1,0 +1,359 @@
+"""The `pit` command line: a click group. The store contributes its commands
+here; other packages add theirs through the `pit.commands` entry-point group,
+so `store` never imports them."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat as statmod
+import sys
+import time
+from importlib.metadata import entry_points
+
+import click
+
+from .errors import DiskFull, InvalidArgument, StoreError
+
+EXIT_INTERRUPTED = 130
+
+
+class PitGroup(click.Group):
+    """Turns every anticipated error into one line and its own exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(0)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                _fail(str(DiskFull()), DiskFull.exit_code)
+            _fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", 1)
+
+    def list_commands(self, ctx):
+        self._load_plugins()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        self._load_plugins()
+        return super().get_command(ctx, name)
+
+    _plugins_loaded = False
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group="pit.commands"):
+            cmd = ep.load()
+            self.add_command(cmd, ep.name)
+
+
+def _fail(msg: str, code: int):
+    click.echo(f"pit: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _progress_enabled() -> bool:
+    return sys.stderr.isatty()
+
+
+class StatusLine:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self) -> None:
+        self.on = _progress_enabled()
+        self.t0 = time.monotonic()
+
+    def show(self, text: str) -> None:
+        if self.on:
+            click.echo("\r\033[K" + text, nl=False, err=True)
+
+    def done(self) -> None:
+        if self.on:
+            click.echo("\r\033[K", nl=False, err=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
+
+
+def _open(ctx):
+    from .repository import Repository
+
+    repo_path = ctx.obj["repo"]
+    if not repo_path:
+        raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
+    repo = Repository(repo_path)
+    ctx.call_on_close(repo.close)
+    return repo
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    snap, _, path = spec.partition(":")
+    return snap, path
+
+
+@click.group(cls=PitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--repo", "-r", envvar="PIT_REPO", metavar="PATH", help="Repository path (or set PIT_REPO).")
+@click.version_option(package_name="pitstore", prog_name="pit")
+@click.pass_context
+def main(ctx, repo):
+    """pitstore: continuous data protection, versioned snapshots and restore."""
+    ctx.ensure_object(dict)
+    ctx.obj["repo"] = repo
+
+
+@main.command()
+@click.option("--avg-chunk-size", default=None, type=int, metavar="BYTES",
+              help="Average FastCDC chunk size, a power of two (default 16384). Fixed for the repository's life.")
+@click.option("--compression-level", default=3, show_default=True, type=int, help="zstd level (1-22).")
+@click.option("--pack-size", default=32, show_default=True, type=int, help="Target pack size in MiB.")
+@click.pass_context
+def init(ctx, avg_chunk_size, compression_level, pack_size):
+    """Create a new, empty repository."""
+    from .chunker import DEFAULT_AVG
+    from .repository import Repository
+
+    path = ctx.obj["repo"]
+    if not path:
+        raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
+    if not 1 <= pack_size <= 1024:
+        raise InvalidArgument("--pack-size must be between 1 and 1024 MiB")
+    repo = Repository.init(path, avg_chunk=avg_chunk_size or DEFAULT_AVG, level=compression_level,
+                           pack_size=pack_size * 1024 * 1024)
+    p = repo.params
+    click.echo(f"created repository {repo.id[:12]} at {repo.path} "
+               f"(chunks {p.min_size}/{p.avg_size}/{p.max_size} bytes, zstd {repo.level})")
+    repo.close()
+
+
+@main.command()
+@click.option("--set", "set_name", required=True, help="Replication set name.")
+@click.option("--changes", type=click.File("r"), default=None, metavar="FILE",
+              help="File listing changed/added/deleted paths, one per line ('-' for stdin); "
+                   "only these are examined (the rest comes from the latest snapshot).")
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
+@click.option("--lock-wait", default=10.0, show_default=True, help="Seconds to wait for another writer.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.pass_context
+def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
+    """Take a snapshot of PATHS as replication set SET."""
+    from .ingest import create_snapshot
+
+    repo = _open(ctx)
+    changed = None
+    if changes is not None:
+        changed = [ln.rstrip("\n") for ln in changes if ln.strip()]
+    status = StatusLine()
+
+    def progress(st):
+        status.show(f"{st['files']} files, {_mib(st['bytes'])} seen, {_mib(st['bytes_read'])} read")
+
+    snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait)
+    status.done()
+    if as_json:
+        click.echo(json.dumps(snap.to_json(), indent=2))
+        return
+    s = snap.stats
+    click.echo(f"snapshot {snap.short} saved as {snap.set}@{snap.name}")
+    click.echo(f"  {s['files']} files, {s['dirs']} dirs, {_mib(s['bytes'])} examined ({s['mode']}), "
+               f"{s['files_read']} files read")
+    click.echo(f"  new: {s['new_chunks']} blobs, {_mib(s['new_bytes'])} raw, {_mib(s['new_stored'])} stored, "
+               f"in {s['duration']:.2f} s")
+    for w in s.get("warnings", [])[:20]:
+        click.echo(f"  warning: {w}", err=True)
+
+
+@main.command()
+@click.option("--set", "set_name", default=None, help="Only this set.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def snapshots(ctx, set_name, as_json):
+    """List snapshots, oldest first."""
+    from .snapshots import list_snapshots
+
+    repo = _open(ctx)
+    with repo.reading() as txn:
+        snaps = list_snapshots(repo, txn, set_name)
+    if as_json:
+        click.echo(json.dumps([s.to_json() for s in snaps], indent=2))
+        return
+    if not snaps:
+        click.echo("no snapshots")
+        return
+    click.echo(f"{'ID':12}  {'SET':12}  {'NAME':22}  {'HOST':12}  {'FILES':>7}  {'NEW':>10}  PATHS")
+    for s in snaps:
+        st = s.stats
+        click.echo(f"{s.short:12}  {s.set:12}  {s.name:22}  {s.host[:12]:12}  {st.get('files', 0):>7}  "
+                   f"{_mib(st.get('new_stored', 0)):>10}  {' '.join(s.paths)}")
+
+
+def _entry_json(path: bytes, e) -> dict:
+    from .trees import TYPE_NAMES
+
+    d = {"path": path.decode(errors="surrogateescape"), "name": e.name.decode(errors="surrogateescape"),
+         "type": TYPE_NAMES[e.type], "mode": oct(e.mode), "uid": e.uid, "gid": e.gid,
+         "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.mtime_ns // 10**9)), "mtime_ns": e.mtime_ns,
+         "size": e.size}
+    if e.type == 3:
+        d["target"] = e.content.decode(errors="surrogateescape")
+    return d
+
+
+def _ls_line(path: bytes, e) -> str:
+    mode = statmod.filemode(e.st_mode)
+    mt = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 10**9))
+    name = path.decode(errors="replace") + ("/" if e.type == 2 else "")
+    if e.type == 3:
+        name += " -> " + e.content.decode(errors="replace")
+    return f"{mode} {e.uid:>5} {e.gid:>5} {e.size:>12} {mt} {name}"
+
+
+@main.command()
+@click.argument("spec", metavar="SNAP[:PATH]")
+@click.option("--recursive", "-R", is_flag=True, help="List the whole subtree.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ls(ctx, spec, recursive, as_json):
+    """List a directory of a snapshot."""
+    from .objects import ObjectReader
+    from .snapshots import resolve
+
+    repo = _open(ctx)
+    snap_spec, path = _split_spec(spec)
+    with repo.reading() as txn:
+        snap = resolve(repo, txn, snap_spec)
+        r = ObjectReader(repo, txn)
+        e = r.lookup(snap.root, path)
+        base = path.strip("/").encode("utf-8", "surrogateescape")
+        if e.type != 2:
+            rows = [(base, e)]
+        elif recursive:
+            rows = list(r.walk(e.content, base))
+        else:
+            rows = [((base + b"/" + c.name) if base else c.name, c) for c in r.tree(e.content)]
+    if as_json:
+        click.echo(json.dumps([_entry_json(p, c) for p, c in rows], indent=2))
+    else:
+        for p, c in rows:
+            click.echo(_ls_line(p, c))
+
+
+@main.command()
+@click.argument("spec", metavar="SNAP:PATH")
+@click.pass_context
+def cat(ctx, spec):
+    """Write one file of a snapshot to standard output."""
+    from .errors import PathNotFound
+    from .objects import ObjectReader, iter_file_chunks
+    from .snapshots import resolve
+
+    repo = _open(ctx)
+    snap_spec, path = _split_spec(spec)
+    with repo.reading() as txn:
+        snap = resolve(repo, txn, snap_spec)
+        r = ObjectReader(repo, txn)
+        e = r.lookup(snap.root, path)
+        if e.type != 1:
+            raise PathNotFound(f"{path or '/'} is not a file")
+        out = click.get_binary_stream("stdout")
+        for data in iter_file_chunks(r, e):
+            out.write(data)
+        out.flush()
+
+
+@main.command()
+@click.argument("old")
+@click.argument("new")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def diff(ctx, old, new, as_json):
+    """Show what changed between two snapshots (+ added, - removed, M modified, m metadata, T type)."""
+    from .diff import diff_trees
+    from .objects import ObjectReader
+    from .snapshots import resolve
+
+    repo = _open(ctx)
+    with repo.reading() as txn:
+        a, b = resolve(repo, txn, old), resolve(repo, txn, new)
+        r = ObjectReader(repo, txn)
+        changes = list(diff_trees(r, a.root, r, b.root))
+    if as_json:
+        click.echo(json.dumps({"old": a.hex, "new": b.hex, "changes": [c.to_json() for c in changes]}, indent=2))
+        return
+    for c in changes:
+        extra = ""
+        if c.status == "M":
+            delta = c.new.size - c.old.size
+            extra = f"  ({c.old.size} -> {c.new.size} bytes, {delta:+d})"
+        click.echo(f"{c.status} {c.path.decode(errors='replace')}{'/' if (c.new or c.old).type == 2 else ''}{extra}")
+    counts = {s: sum(1 for c in changes if c.status == s) for s in "+-MmT"}
+    click.echo(f"{counts['+']} added, {counts['-']} removed, {counts['M']} modified, "
+               f"{counts['m']} metadata only, {counts['T']} type changed", err=True)
+
+
+@main.command()
+@click.argument("spec", metavar="SNAP[:PATH]")
+@click.option("--target", "-t", required=True, type=click.Path(file_okay=False), help="Directory to restore into.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def restore(ctx, spec, target, as_json):
+    """Restore a snapshot, or one file or directory of it, into TARGET."""
+    from .objects import ObjectReader
+    from .restore import Restorer
+    from .snapshots import resolve
+
+    repo = _open(ctx)
+    snap_spec, path = _split_spec(spec)
+    status = StatusLine()
+    t0 = time.monotonic()
+    with repo.reading() as txn:
+        snap = resolve(repo, txn, snap_spec)
+        r = ObjectReader(repo, txn)
+        e = r.lookup(snap.root, path)
+        last = [0.0]
+
+        def progress(st):
+            now = time.monotonic()
+            if now - last[0] > 0.2:
+                last[0] = now
+                status.show(f"restored {st.files} files, {_mib(st.bytes)}")
+
+        st = Restorer(r, progress=progress).restore(e, target)
+    status.done()
+    dt = time.monotonic() - t0
+    if as_json:
+        click.echo(json.dumps({"snapshot": snap.hex, "target": os.path.abspath(target), "files": st.files,
+                               "dirs": st.dirs, "symlinks": st.symlinks, "bytes": st.bytes,
+                               "seconds": round(dt, 3)}))
+    else:
+        click.echo(f"restored {snap.set}@{snap.name}{':' + path if path else ''} to {target}: "
+                   f"{st.files} files, {st.dirs} dirs, {st.symlinks} symlinks, {_mib(st.bytes)} in {dt:.2f} s")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stats(ctx, as_json):
+    """Repository totals: snapshots, blobs, stored and logical sizes, dedup ratio."""
+    from .repository_stats import repository_stats
+
+    repo = _open(ctx)
+    st = repository_stats(repo)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"repository {st['id'][:12]} at {st['path']}")
+    click.echo(f"  snapshots: {st['snapshots']} in {len(st['sets'])} sets ({', '.join(st['sets']) or '-'})")
+    for kind, d in st["blobs"].items():
+        click.echo(f"  {kind:9}: {d['count']:>9} blobs, {_mib(d['raw']):>12} raw, {_mib(d['stored']):>12} stored")
+    click.echo(f"  packs: {st['packs']} ({st['packs_sealed']} sealed), {_mib(st['pack_bytes'])} on disk, "
+               f"{_mib(st['garbage_bytes'])} garbage")
+    click.echo(f"  compression ratio {st['compression_ratio']:.2f}")

@@ -1,0 +1,101 @@
+"""The LMDB index: where each blob lives, how many parents reference it, and
+the catalogue (snapshots, sets, files cache).
+
+It is derived data. Every fact in it either comes from the packs (blob
+places, snapshot records, tombstones) or can be recomputed from them
+(reference counts, pack usage), which is what `pit repair` does. The one
+rule that keeps it honest after a crash: pack bytes are fsynced before the
+transaction that points at them commits.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import lmdb
+import msgpack
+
+from .errors import IndexMissing
+
+MAP_SIZE = 1 << 40  # virtual; the file grows only as pages are written
+DB_NAMES = (
+    b"meta",       # key -> value: format, repo id, next pack number, open pack
+    b"blobs",      # blob id (32) -> BlobEntry
+    b"packs",      # pack number (u64 BE) -> msgpack PackEntry
+    b"snapshots",  # snapshot id (32) -> msgpack record
+    b"bytime",     # set \0 time_ns (u64 BE) snapshot id -> b""
+    b"snapmeta",   # snapshot id -> msgpack mutable facts (verification, pins)
+    b"sets",       # set name -> msgpack settings
+    b"filecache",  # set \0 abs path -> msgpack [size, mtime_ns, ctime_ns, ino, entry]
+)
+
+BLOB = struct.Struct("<BBQQIII")  # kind, flags, pack, frame offset, stored_len, raw_len, refs
+U64 = struct.Struct(">Q")
+
+
+@dataclass
+class BlobEntry:
+    kind: int
+    flags: int
+    pack: int
+    offset: int
+    stored_len: int
+    raw_len: int
+    refs: int
+
+    def encode(self) -> bytes:
+        return BLOB.pack(self.kind, self.flags, self.pack, self.offset, self.stored_len, self.raw_len, self.refs)
+
+    @classmethod
+    def decode(cls, b: bytes) -> "BlobEntry":
+        return cls(*BLOB.unpack(b))
+
+
+@dataclass
+class PackEntry:
+    size: int          # committed bytes (everything beyond is uncommitted garbage)
+    sealed: bool
+    live: int          # bytes of frames still referenced
+    dead: int          # bytes of frames no longer referenced
+
+    def encode(self) -> bytes:
+        return msgpack.packb([self.size, self.sealed, self.live, self.dead])
+
+    @classmethod
+    def decode(cls, b: bytes) -> "PackEntry":
+        s, sealed, live, dead = msgpack.unpackb(b)
+        return cls(s, bool(sealed), live, dead)
+
+
+def bytime_key(set_name: str, time_ns: int, snap_id: bytes) -> bytes:
+    return set_name.encode() + b"\0" + U64.pack(time_ns) + snap_id
+
+
+def filecache_key(set_name: str, path: bytes) -> bytes:
+    return set_name.encode() + b"\0" + path
+
+
+class Index:
+    """One LMDB environment with a named database per record type."""
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        try:
+            self.env = lmdb.open(
+                path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES) + 8, max_readers=1024,
+                subdir=True, create=create, readahead=False,
+            )
+        except lmdb.Error as exc:
+            raise IndexMissing(f"cannot open the index at {path}: {exc}; run `pit repair`") from exc
+        self.db = {}
+        with self.env.begin(write=True) as txn:
+            for name in DB_NAMES:
+                self.db[name.decode()] = self.env.open_db(name, txn=txn, create=True)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin(buffers=False)
+
+    def write(self) -> lmdb.Transaction:
+        return self.env.begin(write=True)

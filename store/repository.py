@@ -1,0 +1,450 @@
+"""The repository: a config file, packs behind a backend, and the LMDB index.
+
+`Repository` is the blob floor: put and get blobs by id. Everything above
+(files, trees, snapshots) is built from these two calls. Writing happens in a
+`Writer` session that holds the repository's writer lock; any number of
+readers in other processes may read at the same time (LMDB MVCC).
+
+Crash-safety ordering of a commit (docs/format.md, "Write ordering"):
+1. frames are appended to the open pack;
+2. the pack is fsynced (and its directory, when the pack was created);
+3. the LMDB transaction that references them commits (LMDB syncs it).
+A crash before 3 leaves bytes past the committed pack size; the next writer
+truncates them away. A crash after 3 has nothing to undo.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Iterator
+
+import blake3
+import lmdb
+import zstandard
+
+from . import packs as P
+from .backend import LocalBackend, fsync_dir
+from .cache import LRU
+from .chunker import DEFAULT_AVG, ChunkerParams
+from .errors import (
+    BlobMissing, DiskFull, FormatVersionError, IndexMissing, IntegrityError,
+    RepositoryExists, RepositoryLocked, RepositoryNotFound, StoreError,
+)
+from .index import U64, BlobEntry, Index, PackEntry
+
+FORMAT = "pitstore"
+FORMAT_VERSION = 1
+DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+DEFAULT_LEVEL = 3
+
+
+def blob_id(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+class Repository:
+    """An open repository. Cheap to open; safe to share between reader threads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        cfg_path = os.path.join(self.path, "config")
+        try:
+            with open(cfg_path, "rb") as f:
+                cfg = json.loads(f.read())
+        except FileNotFoundError:
+            raise RepositoryNotFound(f"no repository at {self.path} (run `pit init`)") from None
+        except (OSError, ValueError) as exc:
+            raise RepositoryNotFound(f"{cfg_path} is not a readable repository config: {exc}") from None
+        if cfg.get("format") != FORMAT:
+            raise FormatVersionError(f"{self.path} is not a pitstore repository")
+        if cfg.get("version") != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"repository format version {cfg.get('version')} is not supported "
+                f"(this pit reads version {FORMAT_VERSION})"
+            )
+        self.config = cfg
+        self.id = cfg["id"]
+        self.params = ChunkerParams.from_dict(cfg["chunker"])
+        self.level = int(cfg["compression"]["level"])
+        self.pack_size = int(cfg["pack_size"])
+        self.backend = LocalBackend(os.path.join(self.path, "packs"))
+        index_dir = os.path.join(self.path, "index")
+        if not os.path.exists(os.path.join(index_dir, "data.mdb")):
+            raise IndexMissing(f"the index of {self.path} is missing; run `pit repair` to rebuild it from the packs")
+        self.index = Index(index_dir)
+        with self.index.read() as txn:
+            fmt = txn.get(b"format", db=self.index.db["meta"])
+        if fmt is None:
+            raise IndexMissing(f"the index of {self.path} is empty; run `pit repair` to rebuild it from the packs")
+        self.chunk_cache: LRU[bytes] = LRU(64 * 1024 * 1024, len)
+        self.object_cache: LRU[object] = LRU(8192)
+        self._dctx = zstandard.ZstdDecompressor()
+
+    # ----------------------------------------------------------------- init
+    @classmethod
+    def init(cls, path: str, avg_chunk: int = DEFAULT_AVG, level: int = DEFAULT_LEVEL,
+             pack_size: int = DEFAULT_PACK_SIZE) -> "Repository":
+        path = os.path.abspath(path)
+        params = ChunkerParams.for_average(avg_chunk)
+        if os.path.exists(os.path.join(path, "config")):
+            raise RepositoryExists(f"a repository already exists at {path}")
+        if os.path.isdir(path) and os.listdir(path):
+            raise RepositoryExists(f"{path} exists and is not empty")
+        if not 1 <= level <= 22:
+            raise StoreError(f"zstd level must be 1..22, not {level}")
+        try:
+            os.makedirs(os.path.join(path, "packs"), exist_ok=True)
+            os.makedirs(os.path.join(path, "index"), exist_ok=True)
+            cfg = {
+                "format": FORMAT, "version": FORMAT_VERSION, "id": uuid.uuid4().hex,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "chunker": params.to_dict(),
+                "compression": {"algorithm": "zstd", "level": level},
+                "pack_size": pack_size, "hash": "blake3-256",
+            }
+            idx = Index(os.path.join(path, "index"), create=True)
+            with idx.write() as txn:
+                txn.put(b"format", str(FORMAT_VERSION).encode(), db=idx.db["meta"])
+                txn.put(b"repo_id", cfg["id"].encode(), db=idx.db["meta"])
+                txn.put(b"next_pack", U64.pack(1), db=idx.db["meta"])
+            idx.close()
+            # The config is written last: its presence means "a complete repository".
+            _atomic_write(os.path.join(path, "config"), json.dumps(cfg, indent=2).encode() + b"\n")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left on device while creating {path}") from exc
+            raise
+        return cls(path)
+
+    def close(self) -> None:
+        self.backend.close()
+        self.index.close()
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- reads
+    @contextmanager
+    def reading(self) -> Iterator[lmdb.Transaction]:
+        """A consistent read view: everything read inside sees one commit."""
+        txn = self.index.read()
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def blob_entry(self, txn: lmdb.Transaction, bid: bytes) -> BlobEntry | None:
+        raw = txn.get(bid, db=self.index.db["blobs"])
+        return BlobEntry.decode(raw) if raw is not None else None
+
+    def read_blob(self, txn: lmdb.Transaction, bid: bytes, verify: bool = True) -> bytes:
+        """Plain bytes of a blob, checked against its id."""
+        cached = self.chunk_cache.get(bid)
+        if cached is not None:
+            return cached
+        e = self.blob_entry(txn, bid)
+        if e is None:
+            raise BlobMissing(f"blob {bid.hex()[:16]} is not in the index")
+        data = self.read_entry(bid, e, verify)
+        self.chunk_cache.put(bid, data)
+        return data
+
+    def read_entry(self, bid: bytes, e: BlobEntry, verify: bool = True) -> bytes:
+        name = P.pack_name(e.pack)
+        frame = self.backend.read(name, e.offset, P.FRAME_HEADER.size + e.stored_len)
+        magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
+        where = f"blob {bid.hex()[:16]} (pack {name} offset {e.offset})"
+        if magic != P.FRAME_MAGIC or fid != bid or stored != e.stored_len:
+            raise IntegrityError(f"{where}: frame header does not match the index")
+        payload = memoryview(frame)[P.FRAME_HEADER.size:]
+        if flags & P.ZSTD:
+            try:
+                data = self._dctx.decompress(payload, max_output_size=raw_len)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(f"{where}: cannot decompress: {exc}") from None
+        else:
+            data = bytes(payload)
+        if len(data) != raw_len or (verify and blob_id(data) != bid):
+            raise IntegrityError(f"{where}: content does not match its id")
+        return data
+
+    def meta(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        return txn.get(key, db=self.index.db["meta"])
+
+    # --------------------------------------------------------------- writes
+    def writer(self, lock_wait: float = 10.0) -> "Writer":
+        return Writer(self, lock_wait)
+
+
+class Writer:
+    """One write session: the writer lock, one LMDB write transaction, the open pack.
+
+    Use as a context manager: leaving normally commits, leaving by an
+    exception aborts (and truncates whatever reached the pack).
+    """
+
+    def __init__(self, repo: Repository, lock_wait: float) -> None:
+        self.repo = repo
+        self.db = repo.index.db
+        self._lock_fd = _acquire_lock(os.path.join(repo.path, "lock"), lock_wait)
+        self._cctx = zstandard.ZstdCompressor(level=repo.level)
+        try:
+            self.txn = repo.index.write()
+            self.pack: P.PackWriter | None = None
+            self._pack_entry: PackEntry | None = None
+            self._prior_end = 0  # frames before this offset were written by earlier sessions
+            self._pack_created = False
+            self.new_blobs: list[bytes] = []
+            self.stats = {"new_blobs": 0, "new_stored": 0, "new_raw": 0}
+            self._clean_leftover_packs()
+        except BaseException:
+            _release_lock(self._lock_fd)
+            raise
+
+    # -- session lifecycle
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, etype, exc, tb) -> None:
+        if etype is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _clean_leftover_packs(self) -> None:
+        """Packs numbered at or past `next_pack` were never committed: a crash left them."""
+        nxt = U64.unpack(self.txn.get(b"next_pack", db=self.db["meta"]))[0]
+        for name in list(self.repo.backend.list()):
+            if P.pack_number(name) >= nxt:
+                self.repo.backend.delete(name)
+
+    def _open_pack(self) -> P.PackWriter:
+        if self.pack is not None:
+            return self.pack
+        meta = self.db["meta"]
+        cur = self.txn.get(b"open_pack", db=meta)
+        if cur is not None:
+            num = U64.unpack(cur)[0]
+            entry = PackEntry.decode(self.txn.get(cur, db=self.db["packs"]))
+            handle = self.repo.backend.open_append(P.pack_name(num), entry.size)
+            self.pack = P.PackWriter(P.pack_name(num), handle, [])
+            self._prior_end = entry.size
+        else:
+            num = U64.unpack(self.txn.get(b"next_pack", db=meta))[0]
+            self.txn.put(b"next_pack", U64.pack(num + 1), db=meta)
+            self.txn.put(b"open_pack", U64.pack(num), db=meta)
+            self.pack = P.PackWriter.create(self.repo.backend, P.pack_name(num))
+            entry = PackEntry(size=P.PACK_HEADER.size, sealed=False, live=0, dead=0)
+            self._prior_end = P.PACK_HEADER.size
+        self._pack_num = num
+        self._pack_entry = entry
+        return self.pack
+
+    def _seal_pack(self) -> None:
+        """Write the footer (listing earlier sessions' frames too) and retire the pack."""
+        assert self.pack is not None and self._pack_entry is not None
+        earlier = [f for f in P.walk_frames(self._read_own, self._prior_end, resync=False)
+                   if isinstance(f, P.FrameInfo)] if self._prior_end > P.PACK_HEADER.size else []
+        self.pack.frames = earlier + self.pack.frames
+        self.pack.seal()
+        e = self._pack_entry
+        e.size, e.sealed = self.pack.size, True
+        self.txn.put(U64.pack(self._pack_num), e.encode(), db=self.db["packs"])
+        self.txn.delete(b"open_pack", db=self.db["meta"])
+        self.pack.close()
+        self.pack = None
+        self._pack_entry = None
+
+    def _read_own(self, off: int, n: int) -> bytes:
+        return self.repo.backend.read(self.pack.name, off, n)
+
+    # -- blobs
+    def has(self, bid: bytes) -> bool:
+        return self.txn.get(bid, db=self.db["blobs"]) is not None
+
+    def entry(self, bid: bytes) -> BlobEntry | None:
+        raw = self.txn.get(bid, db=self.db["blobs"])
+        return BlobEntry.decode(raw) if raw is not None else None
+
+    def compress(self, data: bytes | memoryview) -> tuple[int, bytes]:
+        c = self._cctx.compress(data)
+        if len(c) < len(data):
+            return P.ZSTD, c
+        return 0, bytes(data)
+
+    def put(self, kind: int, bid: bytes, data: bytes | memoryview) -> bool:
+        """Store plain `data` under `bid` unless present. True when it was new."""
+        if self.has(bid):
+            return False
+        flags, payload = self.compress(data)
+        self.put_stored(kind, bid, flags, payload, len(data))
+        return True
+
+    def put_stored(self, kind: int, bid: bytes, flags: int, payload: bytes, raw_len: int) -> None:
+        """Append an already-compressed blob. Caller has checked it is new."""
+        pack = self._open_pack()
+        info = pack.append(kind, flags, bid, payload, raw_len)
+        e = BlobEntry(kind, flags, self._pack_num, info.offset, len(payload), raw_len, 0)
+        self.txn.put(bid, e.encode(), db=self.db["blobs"])
+        self._pack_entry.live += len(payload) + P.FRAME_OVERHEAD
+        self.new_blobs.append(bid)
+        self.stats["new_blobs"] += 1
+        self.stats["new_stored"] += len(payload)
+        self.stats["new_raw"] += raw_len
+        if pack.size >= self.repo.pack_size:
+            self._seal_pack()
+
+    def put_record(self, kind: int, bid: bytes, data: bytes) -> None:
+        """Append a record frame (snapshot, tombstone) that the blob index does not hold."""
+        pack = self._open_pack()
+        flags, payload = self.compress(data)
+        pack.append(kind, flags, bid, payload, len(data))
+        self._pack_entry.live += len(payload) + P.FRAME_OVERHEAD
+
+    def incref(self, bid: bytes, n: int = 1) -> None:
+        blobs = self.db["blobs"]
+        raw = self.txn.get(bid, db=blobs)
+        if raw is None:
+            raise BlobMissing(f"cannot reference blob {bid.hex()[:16]}: not in the index")
+        e = BlobEntry.decode(raw)
+        e.refs += n
+        self.txn.put(bid, e.encode(), db=blobs)
+
+    def read_blob(self, bid: bytes) -> bytes:
+        """Read through this session's transaction (sees its own uncommitted blobs)."""
+        cached = self.repo.chunk_cache.get(bid)
+        if cached is not None:
+            return cached
+        e = self.entry(bid)
+        if e is None:
+            raise BlobMissing(f"blob {bid.hex()[:16]} is not in the index")
+        return self.repo.read_entry(bid, e)
+
+    # -- commit / abort
+    def _sweep_unreferenced(self) -> None:
+        """Blobs written this session that nothing ended up referencing (a file
+        that vanished mid-read) are garbage at birth: unindex them now so every
+        indexed blob keeps refs > 0."""
+        blobs = self.db["blobs"]
+        for bid in self.new_blobs:
+            raw = self.txn.get(bid, db=blobs)
+            if raw is None:
+                continue
+            e = BlobEntry.decode(raw)
+            if e.refs == 0:
+                self.txn.delete(bid, db=blobs)
+                self._account_dead(e)
+
+    def _account_dead(self, e: BlobEntry) -> None:
+        size = e.stored_len + P.FRAME_OVERHEAD
+        if self._pack_entry is not None and e.pack == self._pack_num:
+            self._pack_entry.live -= size
+            self._pack_entry.dead += size
+            return
+        key = U64.pack(e.pack)
+        raw = self.txn.get(key, db=self.db["packs"])
+        if raw is None:
+            return
+        pe = PackEntry.decode(raw)
+        pe.live -= size
+        pe.dead += size
+        self.txn.put(key, pe.encode(), db=self.db["packs"])
+
+    def commit(self) -> None:
+        try:
+            self._sweep_unreferenced()
+            if self.pack is not None:
+                self.pack.sync()  # 2. pack bytes durable ...
+                self._pack_entry.size = self.pack.size
+                self.txn.put(U64.pack(self._pack_num), self._pack_entry.encode(), db=self.db["packs"])
+            self.txn.commit()  # 3. ... before the index that points at them
+        except lmdb.MapFullError as exc:
+            self.abort()
+            raise DiskFull("the index is full") from exc
+        except lmdb.Error as exc:
+            self.abort()
+            if "No space" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+                raise DiskFull(f"no space left on device while committing the index: {exc}") from exc
+            raise
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._finish()
+
+    def abort(self) -> None:
+        try:
+            self.txn.abort()
+        except lmdb.Error:
+            pass
+        if self.pack is not None:
+            # Bytes past the committed size are garbage; the next writer would
+            # truncate them anyway, but leave the pack tidy when we can.
+            try:
+                self.pack.close()
+            except OSError:
+                pass
+            self.pack = None
+        self.repo.chunk_cache.clear()
+        self.repo.object_cache.clear()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.pack is not None:
+            self.pack.close()
+            self.pack = None
+        if self._lock_fd is not None:
+            _release_lock(self._lock_fd)
+            self._lock_fd = None
+
+
+def _acquire_lock(path: str, wait: float) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                try:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                except OSError:
+                    holder = ""
+                os.close(fd)
+                raise RepositoryLocked(
+                    f"the repository is locked by another writer ({holder or 'unknown holder'})"
+                ) from None
+            time.sleep(0.05)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except OSError:
+        pass
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,0 +1,137 @@
+"""Restore a snapshot (or any subtree) into a directory.
+
+Every file is written under a temporary name and renamed into place, so a
+reader never sees half a file. All operations go through directory file
+descriptors with O_NOFOLLOW: a symlink inside the target (restored, or
+planted there beforehand) is never followed, so a restore cannot write
+outside its target.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import DiskFull, StoreError, UnsafePath
+from .objects import ObjectReader, iter_file_chunks
+from .trees import DIR, FILE, SYMLINK, Entry
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+@dataclass
+class RestoreStats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+
+
+class Restorer:
+    def __init__(self, reader: ObjectReader, owners: bool | None = None,
+                 progress: Callable[[RestoreStats], None] | None = None) -> None:
+        self.reader = reader
+        self.owners = os.geteuid() == 0 if owners is None else owners
+        self.stats = RestoreStats()
+        self.progress = progress
+
+    def restore(self, entry: Entry, target: str) -> RestoreStats:
+        """Restore `entry` into `target`: a directory's contents go into target
+        itself when the entry is the snapshot root (name ''), else into target/name."""
+        try:
+            os.makedirs(target, exist_ok=True)
+            tfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise StoreError(f"cannot use restore target {target}: {exc.strerror}") from None
+        try:
+            if entry.name == b"":
+                self._fill_dir(tfd, entry.content)
+            else:
+                self._entry(tfd, entry)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull("no space left on device during restore") from None
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(f"restore refused to follow a symlink in the target: {exc.filename}") from None
+            raise StoreError(f"restore failed: {exc}") from None
+        finally:
+            os.close(tfd)
+        return self.stats
+
+    def _fill_dir(self, dfd: int, tree_id: bytes) -> None:
+        for e in self.reader.tree(tree_id):
+            self._entry(dfd, e)
+
+    def _entry(self, dfd: int, e: Entry) -> None:
+        if e.type == DIR:
+            self._dir(dfd, e)
+        elif e.type == FILE:
+            self._file(dfd, e)
+        elif e.type == SYMLINK:
+            self._symlink(dfd, e)
+
+    def _dir(self, dfd: int, e: Entry) -> None:
+        try:
+            os.mkdir(e.name, 0o700, dir_fd=dfd)
+        except FileExistsError:
+            pass
+        sub = os.open(e.name, DIR_FLAGS, dir_fd=dfd)  # ELOOP if a symlink sits there
+        try:
+            self._fill_dir(sub, e.content)
+            self._meta_fd(sub, e)  # after the children, or their creation bumps mtime
+        finally:
+            os.close(sub)
+        self.stats.dirs += 1
+
+    def _file(self, dfd: int, e: Entry) -> None:
+        tmp = b".pit-" + secrets.token_hex(6).encode() + b".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+        try:
+            try:
+                for data in iter_file_chunks(self.reader, e):
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    self.stats.bytes += len(data)
+                    if self.progress:
+                        self.progress(self.stats)
+                self._meta_fd(fd, e)
+            finally:
+                os.close(fd)
+            self._replace(dfd, tmp, e.name)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+        self.stats.files += 1
+
+    def _replace(self, dfd: int, tmp: bytes, name: bytes) -> None:
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except IsADirectoryError:
+            raise StoreError(f"cannot restore file {name.decode(errors='replace')}: a directory is in the way") from None
+
+    def _symlink(self, dfd: int, e: Entry) -> None:
+        tmp = b".pit-" + secrets.token_hex(6).encode() + b".lnk"
+        os.symlink(e.content, tmp, dir_fd=dfd)
+        if self.owners:
+            try:
+                os.chown(tmp, e.uid, e.gid, dir_fd=dfd, follow_symlinks=False)
+            except OSError:
+                pass
+        os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+        self._replace(dfd, tmp, e.name)
+        self.stats.symlinks += 1
+
+    def _meta_fd(self, fd: int, e: Entry) -> None:
+        if self.owners:
+            try:
+                os.fchown(fd, e.uid, e.gid)
+            except OSError:
+                pass
+        os.fchmod(fd, e.mode & 0o7777)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
