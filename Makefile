@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PKGS ?=
 
-.PHONY: demo test test-slow bench venv clean-demo
+.PHONY: demo test test-slow bench venv deps clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,7 @@ deps:
 	@./.ci/apt-deps
 
 demo: venv deps
-	$(BIN)/python -m store.demo
+	$(BIN)/pit demo
 
 test: venv deps
 	$(BIN)/python -m pytest -q

@@ -193,17 +193,36 @@ def _set_tree_mtimes(root: str, mtime: int) -> None:
         os.utime(dirpath, (mtime, mtime))
 
 
-def generate(root: str, seed: int = 42, scale: float = 1.0, quiet: bool = True) -> dict:
-    """Create the dataset under ``root`` (which is replaced). Returns a summary."""
+def generate(root: str, seed: int = 42, scale: float = 1.0, quiet: bool = True,
+             parts: tuple[str, ...] = ("src", "bin", "db")) -> dict:
+    """Create the dataset under ``root`` (which is replaced). Returns a summary.
+
+    ``parts`` picks a subset of src/bin/db; each part's bytes do not depend
+    on which others are generated."""
     t0 = time.perf_counter()
     if os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(root)
     root = os.path.abspath(root)
 
-    # src/: text files
-    rng = _rng(seed, "src")
     pool = _line_pool(_rng(seed, "pool"))
+    if "src" in parts:
+        _gen_src(root, seed, scale, pool)
+    if "bin" in parts:
+        _gen_bin(root, seed, scale)
+    if "db" in parts:
+        _gen_db(root, seed, scale, pool)
+
+    _set_tree_mtimes(root, BASE_MTIME)
+    summary = summarize(root)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    if not quiet:
+        print(f"generated {root}: {summary}", file=sys.stderr)
+    return summary
+
+
+def _gen_src(root: str, seed: int, scale: float, pool: list[str]) -> None:
+    rng = _rng(seed, "src")
     src = os.path.join(root, "src")
     os.makedirs(src)
     n_files = max(1, round(SRC_FILES * scale))
@@ -215,7 +234,10 @@ def generate(root: str, seed: int = 42, scale: float = 1.0, quiet: bool = True) 
         header = f"# {rel}\n# generated file {i}, seed {seed}\n"
         _write(os.path.join(src, rel), _text(rng, pool, size, header))
 
-    # bin/: random files, sizes spread 5.8..49.6 MiB at full scale
+
+
+def _gen_bin(root: str, seed: int, scale: float) -> None:
+    """Random files, sizes spread 5.8..43.6 MiB at full scale."""
     rng = _rng(seed, "bin")
     bindir = os.path.join(root, "bin")
     os.makedirs(bindir)
@@ -231,7 +253,10 @@ def generate(root: str, seed: int = 42, scale: float = 1.0, quiet: bool = True) 
                 f.write(rng.randbytes(n))
                 left -= n
 
-    # db/main.db: pages, written 1 MiB at a time
+
+
+def _gen_db(root: str, seed: int, scale: float, pool: list[str]) -> None:
+    """db/main.db: pages, written 1 MiB at a time."""
     rng = _rng(seed, "db")
     dbdir = os.path.join(root, "db")
     os.makedirs(dbdir)
@@ -245,13 +270,6 @@ def generate(root: str, seed: int = 42, scale: float = 1.0, quiet: bool = True) 
                 batch.clear()
         if batch:
             f.write(b"".join(batch))
-
-    _set_tree_mtimes(root, BASE_MTIME)
-    summary = summarize(root)
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    if not quiet:
-        print(f"generated {root}: {summary}", file=sys.stderr)
-    return summary
 
 
 def summarize(root: str) -> dict:

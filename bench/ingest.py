@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 import traceback
@@ -53,7 +52,7 @@ OPS = [  # key, label, cache
     ("backup2", "backup 2, after 1 % mutate", "cold"),
     ("backup3", "backup 3, no change", "cold"),
     ("backup3w", "backup 3b, no change", "warm"),
-    ("restore", "full restore + verify", "cold"),
+    ("restore", "full restore (then verified)", "cold"),
     ("check", "deep check", "cold"),
 ]
 OP_LABEL = {k: l for k, l, _c in OPS}
@@ -148,6 +147,9 @@ class Bench:
                    mbps=round(mb_basis / MB / r.wall, 1) if mb_basis and r.wall else None)
         if extra:
             row.update(extra)
+        snap = getattr(tool, "last_snapshot", None)
+        if key.startswith("backup") and isinstance(snap, dict):
+            row["snapshot_stats"] = snap.get("stats")
         self.rows.append(row)
         if r.rc != 0:
             tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
@@ -318,6 +320,18 @@ class Bench:
                 _f(r["repo_disk"] / MB if r.get("repo_disk") is not None else None, 1),
                 _f(r["growth"] / MB if r.get("growth") is not None else None, 1),
                 result]) + " |")
+        pit_rows = [r for r in self.rows if r.get("snapshot_stats")]
+        if pit_rows:
+            out += ["", "## pitstore snapshots as pit reports them", "",
+                    "| repo | operation | mode | files read | MB read | new chunks | new raw MB "
+                    "| new stored MB | pit's own duration s |", "|---|---|---|---|---|---|---|---|---|"]
+            for r in pit_rows:
+                s = r["snapshot_stats"]
+                out.append("| " + " | ".join([
+                    r["label"], r["operation"], str(s.get("mode", "")),
+                    str(s.get("files_read", "")), _f(_div(s.get("bytes_read"), MB), 1),
+                    str(s.get("new_chunks", "")), _f(_div(s.get("new_bytes"), MB), 2),
+                    _f(_div(s.get("new_stored"), MB), 2), _f(s.get("duration"), 2)]) + " |")
         out += ["", "## pitstore against the peers (wall time; ratio > 1 means pitstore is "
                 "faster or smaller)", ""]
         out += self.comparison()
@@ -381,6 +395,10 @@ class Bench:
 
 def _f(v, digits):
     return "" if v is None else f"{v:.{digits}f}"
+
+
+def _div(v, d):
+    return None if v is None else v / d
 
 
 def _la(v):

@@ -55,6 +55,8 @@ class Pit(Tool):
         super().__init__(*a, **kw)
         self.avg_chunk_size = avg_chunk_size
         self.version = pit_version()
+        self._snapshot_json: bool | None = None
+        self.last_snapshot: dict | None = None
 
     def env(self) -> dict:
         return {"XDG_CACHE_HOME": os.path.join(self.scratch, f"xdg-cache-{self.label}"),
@@ -68,10 +70,17 @@ class Pit(Tool):
         return self._run("init", self.cmd("init", *extra))
 
     def backup(self, source: str, changes: str | None = None) -> measure.Result:
+        """``pit snapshot`` (with ``--json`` when the CLI has it: see last_snapshot)."""
         self.nsnap += 1
         extra = ["--changes", changes] if changes else []
-        return self._run(f"backup{self.nsnap}", self.cmd(
+        if self._snapshot_json is None:
+            self._snapshot_json = "--json" in (pit_help("snapshot") or "")
+        if self._snapshot_json:
+            extra.append("--json")
+        r = self._run(f"backup{self.nsnap}", self.cmd(
             "snapshot", "--set", SET, *extra, os.path.abspath(source)))
+        self.last_snapshot = _json(r.stdout) if self._snapshot_json and r.rc == 0 else None
+        return r
 
     def restore(self, target: str) -> measure.Result:
         return self._run("restore", self.cmd("restore", f"{SET}@latest", "--target", target))

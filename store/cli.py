@@ -154,7 +154,7 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
     status = StatusLine()
 
     def progress(st):
-        status.show(f"{st['files']} files, {_mib(st['bytes'])} seen, {_mib(st['bytes_read'])} read")
+        status.show(f"{st['files']} files, {_mib(st['bytes'])} examined, {_mib(st['bytes_read'])} read")
 
     snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait)
     status.done()
@@ -163,8 +163,8 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
         return
     s = snap.stats
     click.echo(f"snapshot {snap.short} saved as {snap.set}@{snap.name}")
-    click.echo(f"  {s['files']} files, {s['dirs']} dirs, {_mib(s['bytes'])} examined ({s['mode']}), "
-               f"{s['files_read']} files read")
+    click.echo(f"  {s['files']} files, {s['dirs']} dirs, {_mib(s['bytes'])}; examined {s['examined_files']} files "
+               f"({'change set' if s['mode'] == 'changes' else 'full scan'}), read {s['files_read']}")
     click.echo(f"  new: {s['new_chunks']} blobs, {_mib(s['new_bytes'])} raw, {_mib(s['new_stored'])} stored, "
                f"in {s['duration']:.2f} s")
     for w in s.get("warnings", [])[:20]:
@@ -357,3 +357,12 @@ def stats(ctx, as_json):
     click.echo(f"  packs: {st['packs']} ({st['packs_sealed']} sealed), {_mib(st['pack_bytes'])} on disk, "
                f"{_mib(st['garbage_bytes'])} garbage")
     click.echo(f"  compression ratio {st['compression_ratio']:.2f}")
+
+
+def _add_demo() -> None:
+    from .demo import demo_command
+
+    main.add_command(demo_command)
+
+
+_add_demo()

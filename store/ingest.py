@@ -56,6 +56,7 @@ class DirNode:
     entry: Entry | None  # our entry in the parent (None for the snapshot root)
     pending: int = 0
     listed: bool = False
+    totals: tuple = (0, 0, 0)
 
 
 @dataclass
@@ -115,8 +116,10 @@ class Ingester:
         self.batch_bytes = 0
         self.inflight: deque[tuple[list[tuple[FileJob, memoryview]], Future]] = deque()
         self.start_ns = time.time_ns()
+        # "examined" counts what this run looked at; the snapshot's totals come from the root tree.
         self.stats = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0, "files_read": 0,
                       "bytes_read": 0, "skipped": 0}
+        self.totals = (0, 0, 0)
         self.warnings: list[str] = []
         self.progress = progress
         self._last_progress = 0.0
@@ -174,7 +177,7 @@ class Ingester:
         node.pending += 1
         try:
             with open(path, "rb", buffering=0) as f:
-                for view in chunk_stream(f, self.params):
+                for view in chunk_stream(f, self.params, size_hint=entry.size):
                     self.batch.append((job, view))
                     job.queued += 1
                     self.batch_bytes += len(view)
@@ -223,6 +226,18 @@ class Ingester:
 
     def _finish_dir(self, node: DirNode) -> None:
         entries = list(node.entries.values())
+        # Subtree totals ride in each directory entry, so a change-set
+        # snapshot knows the whole tree's size without walking it.
+        files = nbytes = dirs = 0
+        for e in entries:
+            if e.type == FILE:
+                files += 1
+                nbytes += e.size
+            elif e.type == DIR:
+                dirs += 1 + e.extra.get("d", 0)
+                files += e.extra.get("f", 0)
+                nbytes += e.extra.get("b", 0)
+        node.totals = (files, dirs, nbytes)
         payload = encode_tree(entries)
         tid = blob_id(payload)
         if self.w.put(P.TREE, tid, payload):
@@ -230,9 +245,11 @@ class Ingester:
                 self.w.incref(child)
         if node.entry is None:
             self.root_tree = tid
+            self.totals = node.totals
         else:
             node.entry.content = tid
             node.entry.size = len(entries)
+            node.entry.extra = {"f": files, "d": dirs, "b": nbytes}
             self._child_done(node.parent)
 
     # ---------------------------------------------------------------- walk
@@ -394,7 +411,9 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
         ing = Ingester(w, set_name, progress=progress)
         root = ing.run(sources, trie, parent.root if (parent and trie is not None) else None, reader)
         now = time.time_ns()
-        stats = dict(ing.stats)
+        stats = {f"examined_{k}" if k in ("files", "dirs", "symlinks", "bytes") else k: v
+                 for k, v in ing.stats.items()}
+        stats["files"], stats["dirs"], stats["bytes"] = ing.totals
         stats.update(new_chunks=w.stats["new_blobs"], new_bytes=w.stats["new_raw"],
                      new_stored=w.stats["new_stored"], duration=round(time.monotonic() - t0, 3),
                      mode="changes" if trie is not None else "scan", warnings=ing.warnings)
