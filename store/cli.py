@@ -84,13 +84,13 @@ def _mib(n: int) -> str:
     return f"{n / 1048576:.1f} MiB"
 
 
-def _open(ctx):
+def _open(ctx, readonly: bool = False):
     from .repository import Repository
 
     repo_path = ctx.obj["repo"]
     if not repo_path:
         raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
-    repo = Repository(repo_path)
+    repo = Repository(repo_path, readonly=readonly)
     ctx.call_on_close(repo.close)
     return repo
 
@@ -179,7 +179,7 @@ def snapshots(ctx, set_name, as_json):
     """List snapshots, oldest first."""
     from .snapshots import list_snapshots
 
-    repo = _open(ctx)
+    repo = _open(ctx, readonly=True)
     with repo.reading() as txn:
         snaps = list_snapshots(repo, txn, set_name)
     if as_json:
@@ -226,7 +226,7 @@ def ls(ctx, spec, recursive, as_json):
     from .objects import ObjectReader
     from .snapshots import resolve
 
-    repo = _open(ctx)
+    repo = _open(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
     with repo.reading() as txn:
         snap = resolve(repo, txn, snap_spec)
@@ -255,7 +255,7 @@ def cat(ctx, spec):
     from .objects import ObjectReader, iter_file_chunks
     from .snapshots import resolve
 
-    repo = _open(ctx)
+    repo = _open(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
     with repo.reading() as txn:
         snap = resolve(repo, txn, snap_spec)
@@ -280,7 +280,7 @@ def diff(ctx, old, new, as_json):
     from .objects import ObjectReader
     from .snapshots import resolve
 
-    repo = _open(ctx)
+    repo = _open(ctx, readonly=True)
     with repo.reading() as txn:
         a, b = resolve(repo, txn, old), resolve(repo, txn, new)
         r = ObjectReader(repo, txn)
@@ -310,7 +310,7 @@ def restore(ctx, spec, target, as_json):
     from .restore import Restorer
     from .snapshots import resolve
 
-    repo = _open(ctx)
+    repo = _open(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
     status = StatusLine()
     t0 = time.monotonic()
@@ -345,7 +345,7 @@ def stats(ctx, as_json):
     """Repository totals: snapshots, blobs, stored and logical sizes, dedup ratio."""
     from .repository_stats import repository_stats
 
-    repo = _open(ctx)
+    repo = _open(ctx, readonly=True)
     st = repository_stats(repo)
     if as_json:
         click.echo(json.dumps(st, indent=2))
@@ -359,10 +359,13 @@ def stats(ctx, as_json):
     click.echo(f"  compression ratio {st['compression_ratio']:.2f}")
 
 
-def _add_demo() -> None:
+def _add_commands() -> None:
+    from .cli_maintenance import COMMANDS
     from .demo import demo_command
 
+    for cmd in COMMANDS:
+        main.add_command(cmd)
     main.add_command(demo_command)
 
 
-_add_demo()
+_add_commands()

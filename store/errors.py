@@ -104,3 +104,15 @@ class ChunkerUnavailable(StoreError):
     """The compiled FastCDC implementation is not installed."""
 
     exit_code = 24
+
+
+class PinRefused(StoreError):
+    """Pinning this snapshot would leave no room under the set's cap."""
+
+    exit_code = 25
+
+
+class DamageFound(StoreError):
+    """Verification found damage (see the report)."""
+
+    exit_code = 3

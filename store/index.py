@@ -27,6 +27,8 @@ DB_NAMES = (
     b"snapmeta",   # snapshot id -> msgpack mutable facts (verification, pins)
     b"sets",       # set name -> msgpack settings
     b"filecache",  # set \0 abs path -> msgpack [size, mtime_ns, ctime_ns, ino, entry]
+    b"verified",   # chunk id -> u64 BE unix time of its last good deep read
+    b"quarantine", # blob id -> msgpack {pack, offset, reason, time}: found corrupt, kept out of use
 )
 
 BLOB = struct.Struct("<BBQQIII")  # kind, flags, pack, frame offset, stored_len, raw_len, refs
@@ -78,18 +80,27 @@ def filecache_key(set_name: str, path: bytes) -> bytes:
 class Index:
     """One LMDB environment with a named database per record type."""
 
-    def __init__(self, path: str, create: bool = False) -> None:
+    def __init__(self, path: str, create: bool = False, readonly: bool = False) -> None:
+        """A reader opens the environment read-only: then py-lmdb opens the
+        named databases in a read transaction, and a reader never waits behind
+        a writer's long transaction (a read-write environment would need a
+        write transaction just to open the handles)."""
+        self.readonly = readonly and not create
         try:
             self.env = lmdb.open(
                 path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES) + 8, max_readers=1024,
-                subdir=True, create=create, readahead=False,
+                subdir=True, create=create, readahead=False, readonly=self.readonly,
             )
         except lmdb.Error as exc:
             raise IndexMissing(f"cannot open the index at {path}: {exc}; run `pit repair`") from exc
         self.db = {}
-        with self.env.begin(write=True) as txn:
-            for name in DB_NAMES:
-                self.db[name.decode()] = self.env.open_db(name, txn=txn, create=True)
+        for name in DB_NAMES:
+            try:
+                self.db[name.decode()] = self.env.open_db(name, create=not self.readonly)
+            except lmdb.NotFoundError:
+                self.env.close()
+                raise IndexMissing(f"the index at {path} lacks its {name.decode()} database; "
+                                   f"open it read-write once (any writing command) or run `pit repair`") from None
 
     def close(self) -> None:
         self.env.close()

@@ -36,6 +36,7 @@ from .files import encode_filelist
 from .index import filecache_key
 from .objects import ObjectReader
 from .repository import Repository, Writer, blob_id
+from .retention import apply_retention
 from .snapshots import Snapshot, add_snapshot, check_set_name, list_snapshots, unique_name
 from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, tree_children
 
@@ -383,7 +384,7 @@ def _change_trie(sources: list[bytes], changed: Iterable[str | bytes]) -> dict:
 
 def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: Iterable[str] | None = None,
                     progress: Callable[[dict], None] | None = None, lock_wait: float = 10.0,
-                    host: str | None = None) -> Snapshot:
+                    host: str | None = None, retention: bool = True) -> Snapshot:
     """Snapshot `paths` as set `set_name`, by full scan or from a known change set.
 
     With `changes`, the parent is the set's latest snapshot; if there is none,
@@ -420,4 +421,8 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
         snap = Snapshot(set_name, unique_name(repo, w.txn, set_name, now), now, host or socket.gethostname(),
                         [os.fsdecode(s) for s in sources], root, parent.id if parent else None, stats)
         add_snapshot(w, snap)
+        if retention:
+            # Same transaction: the commit that adds the 65th snapshot drops one.
+            _, dropped = apply_retention(w, set_name)
+            snap.stats["retention_dropped"] = dropped.snapshots
     return snap

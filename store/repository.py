@@ -61,8 +61,9 @@ def _atomic_write(path: str, data: bytes) -> None:
 class Repository:
     """An open repository. Cheap to open; safe to share between reader threads."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, readonly: bool = False) -> None:
         self.path = os.path.abspath(path)
+        self.readonly = readonly
         cfg_path = os.path.join(self.path, "config")
         try:
             with open(cfg_path, "rb") as f:
@@ -87,7 +88,7 @@ class Repository:
         index_dir = os.path.join(self.path, "index")
         if not os.path.exists(os.path.join(index_dir, "data.mdb")):
             raise IndexMissing(f"the index of {self.path} is missing; run `pit repair` to rebuild it from the packs")
-        self.index = Index(index_dir)
+        self.index = Index(index_dir, readonly=readonly)
         with self.index.read() as txn:
             fmt = txn.get(b"format", db=self.index.db["meta"])
         if fmt is None:
@@ -192,6 +193,8 @@ class Repository:
 
     # --------------------------------------------------------------- writes
     def writer(self, lock_wait: float = 10.0) -> "Writer":
+        if self.readonly:
+            raise StoreError("internal error: this repository was opened read-only")
         return Writer(self, lock_wait)
 
 
@@ -206,6 +209,7 @@ class Writer:
         self.repo = repo
         self.db = repo.index.db
         self._lock_fd = _acquire_lock(os.path.join(repo.path, "lock"), lock_wait)
+        self._ended = False
         self._cctx = zstandard.ZstdCompressor(level=repo.level)
         try:
             self.txn = repo.index.write()
@@ -225,6 +229,8 @@ class Writer:
         return self
 
     def __exit__(self, etype, exc, tb) -> None:
+        if self._ended:
+            return
         if etype is None:
             self.commit()
         else:
@@ -300,25 +306,30 @@ class Writer:
         return True
 
     def put_stored(self, kind: int, bid: bytes, flags: int, payload: bytes, raw_len: int) -> None:
-        """Append an already-compressed blob. Caller has checked it is new."""
-        pack = self._open_pack()
-        info = pack.append(kind, flags, bid, payload, raw_len)
-        e = BlobEntry(kind, flags, self._pack_num, info.offset, len(payload), raw_len, 0)
+        """Append an already-compressed blob and index it. Caller has checked it is new."""
+        num, info = self.append_frame(kind, flags, bid, payload, raw_len)
+        e = BlobEntry(kind, flags, num, info.offset, len(payload), raw_len, 0)
         self.txn.put(bid, e.encode(), db=self.db["blobs"])
-        self._pack_entry.live += len(payload) + P.FRAME_OVERHEAD
         self.new_blobs.append(bid)
         self.stats["new_blobs"] += 1
         self.stats["new_stored"] += len(payload)
         self.stats["new_raw"] += raw_len
-        if pack.size >= self.repo.pack_size:
-            self._seal_pack()
 
     def put_record(self, kind: int, bid: bytes, data: bytes) -> None:
         """Append a record frame (snapshot, tombstone) that the blob index does not hold."""
-        pack = self._open_pack()
         flags, payload = self.compress(data)
-        pack.append(kind, flags, bid, payload, len(data))
+        self.append_frame(kind, flags, bid, payload, len(data))
+
+    def append_frame(self, kind: int, flags: int, bid: bytes, payload: bytes, raw_len: int
+                     ) -> tuple[int, P.FrameInfo]:
+        """Append one frame to the open pack; returns (pack number, frame). Seals a full pack."""
+        pack = self._open_pack()
+        num = self._pack_num
+        info = pack.append(kind, flags, bid, payload, raw_len)
         self._pack_entry.live += len(payload) + P.FRAME_OVERHEAD
+        if pack.size >= self.repo.pack_size:
+            self._seal_pack()
+        return num, info
 
     def incref(self, bid: bytes, n: int = 1) -> None:
         blobs = self.db["blobs"]
@@ -409,6 +420,7 @@ class Writer:
         self._finish()
 
     def _finish(self) -> None:
+        self._ended = True
         if self.pack is not None:
             self.pack.close()
             self.pack = None

@@ -1,0 +1,173 @@
+"""Compaction: rewrite the live blobs of mostly-garbage packs, then delete them.
+
+Prune leaves garbage inside sealed packs (a pack is never edited in place).
+Compaction takes one pack at a time, in its own short writer session, so a
+snapshot can commit between two packs: it copies every frame still in use
+into the open pack (stored bytes as they are, after a CRC check; nothing is
+recompressed), points the index at the copies, and commits.
+
+The old pack is not deleted at that commit: a reader in another process may
+hold an older LMDB view that still points into it (a WebDAV client
+streaming a file from a snapshot just pruned). The pack is listed as
+*doomed* with the id of the commit that retired it, and deleted only once
+every live reader transaction is at least that new (LMDB's reader table
+says so). A reader therefore gets the right bytes, never a missing pack.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+
+from . import packs as P
+from .errors import IntegrityError, StoreError
+from .index import U64, BlobEntry, PackEntry
+
+DEFAULT_THRESHOLD = 0.25
+
+
+@dataclass
+class CompactStats:
+    packs_compacted: int = 0
+    bytes_copied: int = 0
+    bytes_reclaimed: int = 0
+    packs_deleted: int = 0
+    packs_waiting: int = 0  # retired, waiting for older readers to finish
+    damaged: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def garbage_ratio(pe: PackEntry) -> float:
+    total = pe.live + pe.dead
+    return pe.dead / total if total else 1.0
+
+
+def candidates(repo, txn, threshold: float) -> list[tuple[int, PackEntry]]:
+    """Retired-able packs, most garbage first. The open pack is never a candidate."""
+    cur_open = txn.get(b"open_pack", db=repo.index.db["meta"])
+    open_no = U64.unpack(cur_open)[0] if cur_open else None
+    out = []
+    with txn.cursor(db=repo.index.db["packs"]) as cur:
+        for k, v in cur:
+            num = U64.unpack(k)[0]
+            pe = PackEntry.decode(v)
+            if num == open_no:
+                continue
+            if pe.dead > 0 and garbage_ratio(pe) >= threshold:
+                out.append((num, pe))
+    out.sort(key=lambda t: garbage_ratio(t[1]), reverse=True)
+    return out
+
+
+def _doomed(txn, db) -> list[list[int]]:
+    raw = txn.get(b"doomed", db=db["meta"])
+    return msgpack.unpackb(raw) if raw else []
+
+
+def compact_pack(w, num: int, stats: CompactStats) -> None:
+    """Copy the live frames of pack `num` forward and retire it (inside writer session `w`)."""
+    repo = w.repo
+    name = P.pack_name(num)
+    size = repo.backend.size(name)
+
+    def read(off: int, n: int) -> bytes:
+        return repo.backend.read(name, off, n)
+
+    frames = P.read_footer(read, size)
+    if frames is None:
+        frames = list(P.walk_frames(read, size))
+    blobs, snaps = w.db["blobs"], w.db["snapshots"]
+    pe = PackEntry.decode(w.txn.get(U64.pack(num), db=w.db["packs"]))
+    for f in frames:
+        if isinstance(f, IntegrityError):
+            raise IntegrityError(f"pack {name}: {f}")
+        keep = False
+        entry = None
+        if f.kind in (P.CHUNK, P.TREE, P.FILELIST):
+            raw = w.txn.get(f.id, db=blobs)
+            if raw is not None:
+                entry = BlobEntry.decode(raw)
+                keep = entry.pack == num and entry.offset == f.offset
+        elif f.kind == P.SNAPSHOT:
+            keep = w.txn.get(f.id, db=snaps) is not None
+        elif f.kind == P.TOMBSTONE:
+            keep = True  # cheap, and it stops repair from resurrecting a dropped snapshot
+        if not keep:
+            continue
+        info, payload = P.decode_frame(read(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
+        if info.id != f.id or info.kind != f.kind:
+            raise IntegrityError(f"pack {name}: frame at {f.offset} is not what the footer says")
+        new_pack, new = w.append_frame(f.kind, f.flags, f.id, bytes(payload), f.raw_len)
+        if entry is not None:
+            entry.pack, entry.offset = new_pack, new.offset
+            w.txn.put(f.id, entry.encode(), db=blobs)
+        stats.bytes_copied += P.FRAME_OVERHEAD + f.stored_len
+    w.txn.delete(U64.pack(num), db=w.db["packs"])
+    doomed = _doomed(w.txn, w.db)
+    doomed.append([num, w.txn.id()])
+    w.txn.put(b"doomed", msgpack.packb(doomed), db=w.db["meta"])
+    stats.packs_compacted += 1
+    stats.bytes_reclaimed += pe.dead
+
+
+def reader_floor(repo) -> int | None:
+    """The oldest transaction id any live reader (in any process) still sees."""
+    env = repo.index.env
+    try:
+        env.reader_check()  # clear slots of readers whose process died
+    except Exception:  # pragma: no cover - depends on lmdb build
+        pass
+    ids = []
+    for line in env.readers().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 3 and parts[2].isdigit():
+            ids.append(int(parts[2]))
+    return min(ids) if ids else None
+
+
+def delete_doomed(w, stats: CompactStats) -> None:
+    """Delete retired packs no reader can still need (inside writer session `w`)."""
+    doomed = _doomed(w.txn, w.db)
+    if not doomed:
+        return
+    floor = reader_floor(w.repo)
+    keep = []
+    for num, txnid in doomed:
+        # Our own write transaction is not in the reader table; other readers are.
+        if floor is None or floor >= txnid:
+            w.repo.backend.delete(P.pack_name(num))
+            stats.packs_deleted += 1
+        else:
+            keep.append([num, txnid])
+    stats.packs_waiting = len(keep)
+    w.txn.put(b"doomed", msgpack.packb(keep), db=w.db["meta"])
+
+
+def compact(repo, threshold: float = DEFAULT_THRESHOLD, max_seconds: float | None = None,
+            lock_wait: float = 10.0) -> CompactStats:
+    """Compact packs past the garbage threshold, one short session per pack, within a time budget."""
+    if not 0.0 <= threshold <= 1.0:
+        raise StoreError("the garbage threshold must be between 0 and 1")
+    stats = CompactStats()
+    t0 = time.monotonic()
+    done: set[int] = set()
+    while max_seconds is None or time.monotonic() - t0 < max_seconds:
+        with repo.reading() as txn:
+            todo = [c for c in candidates(repo, txn, threshold) if c[0] not in done]
+        if not todo:
+            break
+        num = todo[0][0]
+        done.add(num)
+        try:
+            with repo.writer(lock_wait=lock_wait) as w:
+                compact_pack(w, num, stats)
+        except IntegrityError as exc:
+            stats.damaged.append(str(exc))
+    with repo.writer(lock_wait=lock_wait) as w:
+        delete_doomed(w, stats)
+    stats.seconds = round(time.monotonic() - t0, 3)
+    return stats

@@ -1,0 +1,296 @@
+"""Rebuild the LMDB index from the packs alone.
+
+The packs are the truth; the index is a cache of them. Repair builds a new
+index beside the old one (`index.new/`), then swaps it in with one rename,
+so a crash during repair leaves the old index (or none) exactly as it was.
+
+1. Every pack is read: its footer when intact, else frame by frame (each
+   frame's CRC is checked; a damaged stretch is skipped to the next frame).
+2. Snapshot frames minus tombstones are the live snapshots.
+3. Reference counts are recounted from the live roots (each distinct tree
+   and filelist counts its children once). Frames nothing reaches are
+   garbage (counted as dead bytes, compacted later).
+4. Referenced blobs that no pack holds intact are *quarantined*: recorded
+   with what was found; the snapshots they break are marked damaged with the
+   paths lost, never silently dropped.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import msgpack
+
+from . import packs as P
+from .backend import fsync_dir
+from .errors import IntegrityError, StoreError
+from .files import decode_filelist
+from .index import U64, BlobEntry, Index, PackEntry, bytime_key
+from .repository import FORMAT_VERSION, _acquire_lock, _release_lock
+from .snapshots import Snapshot
+from .trees import DIR, FILE, decode_tree
+
+
+@dataclass
+class RepairReport:
+    packs: int = 0
+    packs_damaged: list[str] = field(default_factory=list)
+    frames: int = 0
+    blobs_indexed: int = 0
+    garbage_frames: int = 0
+    snapshots: int = 0
+    snapshots_dropped: int = 0  # tombstoned
+    quarantined: list[dict] = field(default_factory=list)
+    damaged_snapshots: dict = field(default_factory=dict)  # label -> [paths lost]
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _PackReader:
+    def __init__(self, backend, name: str) -> None:
+        self.backend, self.name = backend, name
+        self.size = backend.size(name)
+
+    def __call__(self, off: int, n: int) -> bytes:
+        return self.backend.read(self.name, off, n)
+
+
+def _scan_packs(repo, report: RepairReport):
+    """-> (blob places, snapshot records, tombstones, per-pack info)"""
+    places: dict[bytes, tuple[int, P.FrameInfo]] = {}
+    snaps: dict[bytes, bytes] = {}
+    tombs: set[bytes] = set()
+    packinfo: dict[int, dict] = {}
+    for name in repo.backend.list():
+        num = P.pack_number(name)
+        rd = _PackReader(repo.backend, name)
+        report.packs += 1
+        try:
+            P.check_header(rd, rd.size)
+        except IntegrityError as exc:
+            report.packs_damaged.append(f"{name}: {exc}")
+            packinfo[num] = {"size": rd.size, "sealed": False, "frames": []}
+            continue
+        footer = P.read_footer(rd, rd.size)
+        frames: list[P.FrameInfo] = []
+        if footer is not None:
+            # Trust the footer for places, but check each frame's CRC: a flipped
+            # byte inside a frame must not make it into the index.
+            for f in footer:
+                try:
+                    P.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
+                    frames.append(f)
+                except (IntegrityError, StoreError) as exc:
+                    report.packs_damaged.append(f"{name} offset {f.offset}: {exc}")
+                    report.quarantined.append({"blob": f.id.hex(), "kind": P.KIND_NAMES.get(f.kind, "?"),
+                                               "pack": name, "offset": f.offset, "reason": str(exc)})
+        else:
+            for f in P.walk_frames(rd, rd.size):
+                if isinstance(f, IntegrityError):
+                    report.packs_damaged.append(f"{name}: {f}")
+                else:
+                    frames.append(f)
+        packinfo[num] = {"size": rd.size, "sealed": footer is not None, "frames": frames}
+        for f in frames:
+            report.frames += 1
+            if f.kind in (P.CHUNK, P.TREE, P.FILELIST):
+                places.setdefault(f.id, (num, f))
+            elif f.kind == P.SNAPSHOT:
+                _, payload = P.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
+                data = repo._dctx.decompress(payload, max_output_size=f.raw_len) if f.flags & P.ZSTD else bytes(payload)
+                snaps[f.id] = data
+            elif f.kind == P.TOMBSTONE:
+                tombs.add(f.id)
+    return places, snaps, tombs, packinfo
+
+
+def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
+    """Rebuild `<repo>/index` from `<repo>/packs`. Works when the index is missing or broken."""
+    from .repository import Repository
+
+    t0 = time.monotonic()
+    report = RepairReport()
+    repo = Repository.__new__(Repository)
+    _open_without_index(repo, repo_path)
+    lock = _acquire_lock(os.path.join(repo.path, "lock"), lock_wait)
+    try:
+        places, snap_records, tombs, packinfo = _scan_packs(repo, report)
+        new_dir = os.path.join(repo.path, "index.new")
+        shutil.rmtree(new_dir, ignore_errors=True)
+        os.makedirs(new_dir)
+        idx = Index(new_dir, create=True)
+        db = idx.db
+        read_cache: dict[bytes, bytes] = {}
+
+        def read(bid: bytes) -> bytes:
+            num, f = places[bid]
+            e = BlobEntry(f.kind, f.flags, num, f.offset, f.stored_len, f.raw_len, 0)
+            return repo.read_entry(bid, e)
+
+        refs: Counter = Counter()
+        seen: set[bytes] = set()
+        missing: dict[bytes, str] = {}
+        live = [Snapshot.decode(data, sid) for sid, data in snap_records.items() if sid not in tombs]
+        report.snapshots_dropped = sum(1 for sid in snap_records if sid in tombs)
+
+        def visit(bid: bytes, kind: str) -> list[tuple[bytes, str]]:
+            """Count children of a distinct object; return them for the walk."""
+            if bid not in places:
+                missing.setdefault(bid, f"{kind} not found intact in any pack")
+                return []
+            num, f = places[bid]
+            if f.kind == P.CHUNK:
+                return []
+            try:
+                data = read(bid)
+                if f.kind == P.TREE:
+                    kids = []
+                    for e in decode_tree(data):
+                        if e.type == DIR:
+                            kids.append((e.content, "tree"))
+                        elif e.type == FILE and e.nchunks == 1:
+                            kids.append((e.content, "chunk"))
+                        elif e.type == FILE and e.nchunks > 1:
+                            kids.append((e.content, "filelist"))
+                    return kids
+                return [(c, "chunk") for c in decode_filelist(data)[0]]
+            except StoreError as exc:
+                missing.setdefault(bid, str(exc))
+                report.quarantined.append({"blob": bid.hex(), "kind": kind, "pack": P.pack_name(num),
+                                           "offset": f.offset, "reason": str(exc)})
+                places.pop(bid, None)
+                return []
+
+        for s in live:
+            refs[s.root] += 1
+            stack = [(s.root, "tree")]
+            while stack:
+                bid, kind = stack.pop()
+                if bid in seen:
+                    continue
+                seen.add(bid)
+                for child, ckind in visit(bid, kind):
+                    refs[child] += 1
+                    stack.append((child, ckind))
+
+        with idx.write() as txn:
+            txn.put(b"format", str(FORMAT_VERSION).encode(), db=db["meta"])
+            txn.put(b"repo_id", repo.id.encode(), db=db["meta"])
+            top = max(packinfo, default=0)
+            txn.put(b"next_pack", U64.pack(top + 1), db=db["meta"])
+            usage = {num: [0, 0] for num in packinfo}  # live, dead
+            for bid, (num, f) in places.items():
+                size = P.FRAME_OVERHEAD + f.stored_len
+                if refs.get(bid):
+                    txn.put(bid, BlobEntry(f.kind, f.flags, num, f.offset, f.stored_len, f.raw_len,
+                                           refs[bid]).encode(), db=db["blobs"])
+                    usage[num][0] += size
+                    report.blobs_indexed += 1
+                else:
+                    usage[num][1] += size
+                    report.garbage_frames += 1
+            live_ids = {s.id for s in live}
+            for num, info in packinfo.items():
+                live_b, dead_b = usage[num]
+                for f in info["frames"]:
+                    if f.kind == P.TOMBSTONE or (f.kind == P.SNAPSHOT and f.id in live_ids):
+                        live_b += P.FRAME_OVERHEAD + f.stored_len
+                    elif f.kind == P.SNAPSHOT:
+                        dead_b += P.FRAME_OVERHEAD + f.stored_len
+                # Every pack is closed for appending after a repair: the next
+                # writer starts a fresh one. Unsealed packs still compact fine.
+                txn.put(U64.pack(num), PackEntry(info["size"], True, live_b, dead_b).encode(), db=db["packs"])
+            for s in live:
+                data = snap_records[s.id]
+                txn.put(s.id, data, db=db["snapshots"])
+                txn.put(bytime_key(s.set, s.time_ns, s.id), b"", db=db["bytime"])
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            for q in report.quarantined:
+                txn.put(bytes.fromhex(q["blob"]), msgpack.packb({**q, "time": now}), db=db["quarantine"])
+            for bid, why in missing.items():
+                if txn.get(bid, db=db["quarantine"]) is None:
+                    txn.put(bid, msgpack.packb({"blob": bid.hex(), "reason": why, "time": now}), db=db["quarantine"])
+            report.snapshots = len(live)
+        idx.close()
+        report.damaged_snapshots = _mark_damaged(repo, new_dir, live, set(missing))
+        _swap_in(repo.path, new_dir)
+    finally:
+        _release_lock(lock)
+        repo.backend.close()
+    report.seconds = round(time.monotonic() - t0, 3)
+    return report
+
+
+def _mark_damaged(repo, index_dir: str, live: list[Snapshot], bad_ids: set[bytes]) -> dict:
+    """Record, per snapshot, that it is damaged and which paths are lost."""
+    if not bad_ids:
+        return {}
+    from .objects import ObjectReader
+    from .verify import Damage, locate_damage
+
+    repo.index = Index(index_dir)
+    try:
+        bad = {b: Damage(b.hex(), "?", "", "lost") for b in bad_ids}
+        with repo.reading() as txn:
+            locate_damage(repo, txn, bad, live)
+        out: dict[str, list[str]] = {}
+        for d in bad.values():
+            for p in d.paths:
+                label = p.split(":", 1)[0]
+                out.setdefault(label, []).append(p.split(":", 1)[1])
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with repo.index.write() as txn:
+            for s in live:
+                label = f"{s.set}@{s.name}"
+                if label in out:
+                    meta = {"verify": {"time": now, "depth": "repair", "result": "damaged"},
+                            "lost": out[label][:1000]}
+                    txn.put(s.id, msgpack.packb(meta), db=repo.index.db["snapmeta"])
+        return out
+    finally:
+        repo.index.close()
+
+
+def _open_without_index(repo, path: str) -> None:
+    """Read config and set up the pack backend, as Repository() does, minus the index."""
+    import json
+
+    import zstandard
+
+    from .backend import LocalBackend
+    from .cache import LRU
+    from .chunker import ChunkerParams
+    from .errors import RepositoryNotFound
+
+    repo.path = os.path.abspath(path)
+    try:
+        with open(os.path.join(repo.path, "config"), "rb") as f:
+            cfg = json.loads(f.read())
+    except (OSError, ValueError):
+        raise RepositoryNotFound(f"no repository at {repo.path}") from None
+    if cfg.get("version") != FORMAT_VERSION:
+        from .errors import FormatVersionError
+
+        raise FormatVersionError(f"repository format version {cfg.get('version')} is not supported")
+    repo.config, repo.id = cfg, cfg["id"]
+    repo.params = ChunkerParams.from_dict(cfg["chunker"])
+    repo.level, repo.pack_size = int(cfg["compression"]["level"]), int(cfg["pack_size"])
+    repo.backend = LocalBackend(os.path.join(repo.path, "packs"))
+    repo.chunk_cache = LRU(64 * 1024 * 1024, len)
+    repo.object_cache = LRU(8192)
+    repo._dctx = zstandard.ZstdDecompressor()
+
+
+def _swap_in(repo_path: str, new_dir: str) -> None:
+    cur = os.path.join(repo_path, "index")
+    old = os.path.join(repo_path, f"index.old-{int(time.time())}")
+    if os.path.exists(cur):
+        os.rename(cur, old)
+    os.rename(new_dir, cur)
+    fsync_dir(repo_path)
+    shutil.rmtree(old, ignore_errors=True)

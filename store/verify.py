@@ -1,0 +1,387 @@
+"""Verification: structural (every reference resolves, reference counts match
+a recount, packs and index agree) and deep (read, decompress and hash every
+chunk, or a deterministic sample).
+
+Damage is reported the way an operator needs it: which pack and offset,
+and which snapshots and file paths it breaks. Results are recorded as data:
+per snapshot (when, how deep, result) in `snapmeta`, and per chunk (last good
+read) in `verified`, so checking the next-older snapshot re-reads only what
+was not read recently. Failover image selection builds on this.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import blake3
+import zstandard
+
+from . import packs as P
+from .errors import BlobMissing, IntegrityError, StoreError
+from .files import decode_filelist
+from .index import U64, BlobEntry, PackEntry
+from .snapmeta import get_meta, update_meta
+from .snapshots import Snapshot, list_snapshots
+from .trees import DIR, FILE, decode_tree
+
+T64 = struct.Struct(">Q")
+BATCH = 8 * 1024 * 1024
+
+
+@dataclass
+class Damage:
+    blob: str
+    kind: str
+    where: str
+    reason: str
+    snapshots: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class VerifyReport:
+    depth: str
+    snapshots: list[str] = field(default_factory=list)
+    trees: int = 0
+    files: int = 0
+    chunks: int = 0
+    chunks_read: int = 0
+    bytes_read: int = 0
+    chunks_skipped_recent: int = 0
+    damage: list[Damage] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # structural findings that are not one blob
+    seconds: float = 0.0
+    recorded: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not self.damage and not self.problems
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["damage"] = [x.to_json() for x in self.damage]
+        d["result"] = "good" if self.clean else "damaged"
+        return d
+
+
+def in_sample(bid: bytes, percent: float, seed: int) -> bool:
+    """Deterministic: the same ids for the same seed; a new seed picks a new subset."""
+    if percent >= 100:
+        return True
+    x = (int.from_bytes(bid[:4], "big") + seed * 0x9E3779B9) % (1 << 32)
+    return x < percent / 100.0 * (1 << 32)
+
+
+class _Walker:
+    """Walks snapshots' trees once per distinct object, collecting what deep checks need."""
+
+    def __init__(self, repo, txn, report: VerifyReport, recount: bool) -> None:
+        self.repo, self.txn, self.r = repo, txn, report
+        self.blobs = repo.index.db["blobs"]
+        self.seen: set[bytes] = set()
+        self.chunks: set[bytes] = set()
+        self.expected: Counter = Counter()
+        self.recount = recount
+        self.bad: dict[bytes, Damage] = {}
+
+    def entry(self, bid: bytes) -> BlobEntry | None:
+        raw = self.txn.get(bid, db=self.blobs)
+        return BlobEntry.decode(raw) if raw is not None else None
+
+    def _damage(self, bid: bytes, kind: str, where: str, reason: str) -> None:
+        if bid not in self.bad:
+            self.bad[bid] = Damage(bid.hex(), kind, where, reason)
+
+    def _where(self, e: BlobEntry | None) -> str:
+        return f"pack {P.pack_name(e.pack)} offset {e.offset}" if e else "not in the index"
+
+    def read_object(self, bid: bytes, kind: str) -> bytes | None:
+        e = self.entry(bid)
+        if e is None:
+            self._damage(bid, kind, "not in the index", "referenced but missing")
+            return None
+        try:
+            return self.repo.read_entry(bid, e)
+        except (IntegrityError, BlobMissing) as exc:
+            self._damage(bid, kind, self._where(e), str(exc))
+            return None
+
+    def snapshot(self, s: Snapshot) -> None:
+        self.expected[s.root] += 1
+        self.tree(s.root)
+
+    def tree(self, tid: bytes) -> None:
+        stack = [tid]
+        while stack:
+            t = stack.pop()
+            if t in self.seen:
+                continue
+            self.seen.add(t)
+            data = self.read_object(t, "tree")
+            if data is None:
+                continue
+            try:
+                entries = decode_tree(data)
+            except IntegrityError as exc:
+                self._damage(t, "tree", self._where(self.entry(t)), str(exc))
+                continue
+            self.r.trees += 1
+            for e in entries:
+                if e.type == DIR:
+                    self.expected[e.content] += 1
+                    stack.append(e.content)
+                elif e.type == FILE and e.nchunks:
+                    self.expected[e.content] += 1
+                    self.file(e.content, e.nchunks)
+
+    def file(self, cid: bytes, nchunks: int) -> None:
+        if cid in self.seen:
+            return
+        self.seen.add(cid)
+        self.r.files += 1
+        if nchunks == 1:
+            self.chunk(cid)
+            return
+        data = self.read_object(cid, "filelist")
+        if data is None:
+            return
+        try:
+            ids, _ = decode_filelist(data)
+        except IntegrityError as exc:
+            self._damage(cid, "filelist", self._where(self.entry(cid)), str(exc))
+            return
+        for c in ids:
+            self.expected[c] += 1
+            self.chunk(c)
+
+    def chunk(self, cid: bytes) -> None:
+        if cid in self.chunks:
+            return
+        self.chunks.add(cid)
+        if self.entry(cid) is None:
+            self._damage(cid, "chunk", "not in the index", "referenced but missing")
+
+
+def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
+    """Whole-repository checks: refcounts against the recount, packs against the index."""
+    packs: dict[int, PackEntry] = {}
+    with txn.cursor(db=repo.index.db["packs"]) as cur:
+        for k, v in cur:
+            packs[U64.unpack(k)[0]] = PackEntry.decode(v)
+    sizes: dict[int, int | None] = {}
+    for num in packs:
+        try:
+            sizes[num] = repo.backend.size(P.pack_name(num))
+        except BlobMissing:
+            sizes[num] = None
+            report.problems.append(f"pack {P.pack_name(num)} is in the index but missing on disk")
+    on_disk = {P.pack_number(n) for n in repo.backend.list()}
+    doomed_raw = txn.get(b"doomed", db=repo.index.db["meta"])
+    import msgpack
+
+    doomed = {d[0] for d in msgpack.unpackb(doomed_raw)} if doomed_raw else set()
+    for num in sorted(on_disk - set(packs) - doomed):
+        report.problems.append(f"pack {P.pack_name(num)} is on disk but not in the index (run `pit repair`)")
+    with txn.cursor(db=repo.index.db["blobs"]) as cur:
+        for k, v in cur:
+            e = BlobEntry.decode(v)
+            want = w.expected.get(k, 0)
+            if e.refs != want:
+                report.problems.append(
+                    f"blob {k.hex()[:16]} ({P.KIND_NAMES.get(e.kind)}) has reference count {e.refs}, recount says {want}")
+            size = sizes.get(e.pack, -1)
+            if size == -1:
+                w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is not in the index")
+            elif size is not None and e.offset + P.FRAME_OVERHEAD + e.stored_len > size:
+                w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is truncated")
+            elif size is None:
+                w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is missing")
+    for k, n in w.expected.items():
+        if n and txn.get(k, db=repo.index.db["blobs"]) is None and k not in w.bad:
+            w._damage(k, "?", "not in the index", "referenced but missing")
+
+
+def _deep(repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int, recheck_after: float
+          ) -> list[bytes]:
+    """Read, decompress and hash chunks, in pack order, hashing on worker threads."""
+    now = int(time.time())
+    vdb = repo.index.db["verified"]
+    todo = []
+    for cid in w.chunks:
+        if cid in w.bad or not in_sample(cid, percent, seed):
+            continue
+        if recheck_after > 0:
+            t = txn.get(cid, db=vdb)
+            if t is not None and now - T64.unpack(t)[0] < recheck_after:
+                report.chunks_skipped_recent += 1
+                continue
+        e = w.entry(cid)
+        if e is not None:
+            todo.append((e.pack, e.offset, cid, e))
+    todo.sort()
+    good: list[bytes] = []
+    local = {}
+
+    def check(batch):
+        import threading
+
+        d = local.setdefault(threading.get_ident(), zstandard.ZstdDecompressor())
+        out = []
+        for cid, e, frame in batch:
+            try:
+                if frame is None:
+                    raise BlobMissing("pack missing or truncated")
+                magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
+                if magic != P.FRAME_MAGIC or fid != cid or stored != e.stored_len:
+                    raise IntegrityError("frame header does not match the index")
+                payload = memoryview(frame)[P.FRAME_HEADER.size:P.FRAME_HEADER.size + stored]
+                data = d.decompress(payload, max_output_size=raw_len) if flags & P.ZSTD else payload
+                if len(data) != raw_len or blake3.blake3(data).digest() != cid:
+                    raise IntegrityError("content does not match its id")
+                out.append((cid, e, None))
+            except (IntegrityError, BlobMissing, zstandard.ZstdError) as exc:
+                out.append((cid, e, str(exc)))
+        return out
+
+    def results(fut):
+        for cid, e, err in fut.result():
+            report.chunks_read += 1
+            report.bytes_read += e.stored_len
+            if err is None:
+                good.append(cid)
+            else:
+                w._damage(cid, "chunk", w._where(e), err)
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pit-verify") as pool:
+        futs = []
+        batch, size = [], 0
+        for num, off, cid, e in todo:
+            try:
+                frame = repo.backend.read(P.pack_name(num), off, P.FRAME_HEADER.size + e.stored_len)
+            except BlobMissing:
+                frame = None
+            batch.append((cid, e, frame))
+            size += e.stored_len
+            if size >= BATCH:
+                futs.append(pool.submit(check, batch))
+                batch, size = [], 0
+                while len(futs) > 3:
+                    results(futs.pop(0))
+        if batch:
+            futs.append(pool.submit(check, batch))
+        for f in futs:
+            results(f)
+    return good
+
+
+def locate_damage(repo, txn, bad: dict[bytes, Damage], snaps: list[Snapshot]) -> None:
+    """Name every snapshot and file path each damaged blob breaks (walks only when damage exists)."""
+    if not bad:
+        return
+    from .objects import ObjectReader
+
+    r = ObjectReader(repo, txn)
+    memo: dict[bytes, list[tuple[bytes, bytes]]] = {}  # tree id -> [(relpath, bad blob)]
+
+    def scan(tid: bytes) -> list[tuple[bytes, bytes]]:
+        if tid in memo:
+            return memo[tid]
+        hits: list[tuple[bytes, bytes]] = []
+        if tid in bad:
+            hits.append((b"", tid))
+            memo[tid] = hits
+            return hits
+        try:
+            entries = r.tree(tid)
+        except StoreError:
+            memo[tid] = [(b"", tid)]
+            return memo[tid]
+        for e in entries:
+            if e.type == DIR:
+                for p, b in scan(e.content):
+                    hits.append((e.name + (b"/" + p if p else b""), b))
+            elif e.type == FILE and e.nchunks:
+                ids = [e.content]
+                if e.nchunks > 1 and e.content not in bad:
+                    try:
+                        ids = r.chunk_list(e).ids + [e.content]
+                    except StoreError:
+                        pass
+                for c in ids:
+                    if c in bad:
+                        hits.append((e.name, c))
+        memo[tid] = hits
+        return hits
+
+    for s in snaps:
+        for path, b in scan(s.root):
+            d = bad[b]
+            label = f"{s.set}@{s.name}"
+            if label not in d.snapshots:
+                d.snapshots.append(label)
+            p = f"{label}:{path.decode(errors='replace') or '/'}"
+            if p not in d.paths and len(d.paths) < 1000:
+                d.paths.append(p)
+
+
+def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None = None, depth: str = "structural",
+           percent: float = 100.0, seed: int = 0, recheck_after: float = 0.0, record: bool = True,
+           lock_wait: float = 10.0) -> VerifyReport:
+    if depth not in ("structural", "sample", "deep"):
+        raise StoreError(f"unknown verify depth {depth!r}")
+    t0 = time.monotonic()
+    report = VerifyReport(depth)
+    with repo.reading() as txn:
+        all_snaps = list_snapshots(repo, txn)
+        whole = snapshots is None and set_name is None
+        chosen = snapshots if snapshots is not None else [s for s in all_snaps if set_name in (None, s.set)]
+        report.snapshots = [f"{s.set}@{s.name}" for s in chosen]
+        w = _Walker(repo, txn, report, recount=whole)
+        # Refcounts can only be recounted against every snapshot.
+        for s in (all_snaps if whole else chosen):
+            w.snapshot(s)
+        if whole:
+            _check_index(repo, txn, w, report)
+        report.chunks = len(w.chunks)
+        good: list[bytes] = []
+        if depth != "structural":
+            good = _deep(repo, txn, w, report, percent if depth == "sample" else 100.0, seed, recheck_after)
+        locate_damage(repo, txn, w.bad, all_snaps)
+        report.damage = list(w.bad.values())
+    report.seconds = round(time.monotonic() - t0, 3)
+    if record:
+        _record(repo, report, chosen, good, lock_wait)
+    return report
+
+
+def _record(repo, report: VerifyReport, chosen: list[Snapshot], good: list[bytes], lock_wait: float) -> None:
+    from .errors import RepositoryLocked
+
+    now = int(time.time())
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    broken = {lbl for d in report.damage for lbl in d.snapshots}
+    try:
+        with repo.writer(lock_wait=lock_wait) as w:
+            vdb = w.db["verified"]
+            t = T64.pack(now)
+            for cid in good:
+                w.txn.put(cid, t, db=vdb)
+            for s in chosen:
+                if w.txn.get(s.id, db=w.db["snapshots"]) is None:
+                    continue  # dropped meanwhile
+                label = f"{s.set}@{s.name}"
+                result = "damaged" if label in broken else "good"
+                update_meta(w, s.id, verify={"time": stamp, "depth": report.depth, "result": result})
+        report.recorded = True
+    except RepositoryLocked:
+        report.problems.append("results not recorded: the repository was locked by a writer")
+
+
+def snapshot_status(repo, txn, sid: bytes) -> dict | None:
+    return get_meta(repo, txn, sid).get("verify")
