@@ -94,8 +94,9 @@ def compact_pack(w, num: int, stats: CompactStats) -> None:
                 keep = entry.pack == num and entry.offset == f.offset
         elif f.kind == P.SNAPSHOT:
             keep = w.txn.get(f.id, db=snaps) is not None
-        elif f.kind == P.TOMBSTONE:
-            keep = True  # cheap, and it stops repair from resurrecting a dropped snapshot
+        elif f.kind in (P.TOMBSTONE, P.SETTING):
+            keep = True  # tiny; tombstones stop repair resurrecting a dropped snapshot,
+            # settings let it restore pins and policies
         if not keep:
             continue
         info, payload = P.decode_frame(read(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)

@@ -33,7 +33,9 @@ TREE = 2
 FILELIST = 3
 SNAPSHOT = 4
 TOMBSTONE = 5  # a dropped snapshot: repair must not bring it back
-KIND_NAMES = {CHUNK: "chunk", TREE: "tree", FILELIST: "filelist", SNAPSHOT: "snapshot", TOMBSTONE: "tombstone"}
+SETTING = 6  # a pin or a set's policy, timestamped: repair keeps the latest per key
+KIND_NAMES = {CHUNK: "chunk", TREE: "tree", FILELIST: "filelist", SNAPSHOT: "snapshot", TOMBSTONE: "tombstone",
+              SETTING: "setting"}
 
 # Frame flags
 ZSTD = 1

@@ -66,6 +66,7 @@ def _scan_packs(repo, report: RepairReport):
     snaps: dict[bytes, bytes] = {}
     tombs: set[bytes] = set()
     packinfo: dict[int, dict] = {}
+    settings: dict[tuple, dict] = {}
     for name in repo.backend.list():
         num = P.pack_number(name)
         rd = _PackReader(repo.backend, name)
@@ -106,7 +107,14 @@ def _scan_packs(repo, report: RepairReport):
                 snaps[f.id] = data
             elif f.kind == P.TOMBSTONE:
                 tombs.add(f.id)
-    return places, snaps, tombs, packinfo
+            elif f.kind == P.SETTING:
+                _, payload = P.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
+                data = repo._dctx.decompress(payload, max_output_size=f.raw_len) if f.flags & P.ZSTD else bytes(payload)
+                rec = msgpack.unpackb(data)
+                k = (rec["what"], rec["key"])
+                if k not in settings or settings[k]["t"] < rec["t"]:
+                    settings[k] = rec
+    return places, snaps, tombs, packinfo, settings
 
 
 def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
@@ -119,7 +127,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
     _open_without_index(repo, repo_path)
     lock = _acquire_lock(os.path.join(repo.path, "lock"), lock_wait)
     try:
-        places, snap_records, tombs, packinfo = _scan_packs(repo, report)
+        places, snap_records, tombs, packinfo, settings = _scan_packs(repo, report)
         new_dir = os.path.join(repo.path, "index.new")
         shutil.rmtree(new_dir, ignore_errors=True)
         os.makedirs(new_dir)
@@ -198,7 +206,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
             for num, info in packinfo.items():
                 live_b, dead_b = usage[num]
                 for f in info["frames"]:
-                    if f.kind == P.TOMBSTONE or (f.kind == P.SNAPSHOT and f.id in live_ids):
+                    if f.kind in (P.TOMBSTONE, P.SETTING) or (f.kind == P.SNAPSHOT and f.id in live_ids):
                         live_b += P.FRAME_OVERHEAD + f.stored_len
                     elif f.kind == P.SNAPSHOT:
                         dead_b += P.FRAME_OVERHEAD + f.stored_len
@@ -215,6 +223,11 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
             for bid, why in missing.items():
                 if txn.get(bid, db=db["quarantine"]) is None:
                     txn.put(bid, msgpack.packb({"blob": bid.hex(), "reason": why, "time": now}), db=db["quarantine"])
+            for (what, key), rec in settings.items():
+                if what == "pin" and key in live_ids:
+                    txn.put(key, msgpack.packb({"pinned": bool(rec["value"])}), db=db["snapmeta"])
+                elif what == "policy":
+                    txn.put(key, msgpack.packb({"retention": rec["value"]}), db=db["sets"])
             report.snapshots = len(live)
         idx.close()
         report.damaged_snapshots = _mark_damaged(repo, new_dir, live, set(missing))
@@ -248,8 +261,10 @@ def _mark_damaged(repo, index_dir: str, live: list[Snapshot], bad_ids: set[bytes
             for s in live:
                 label = f"{s.set}@{s.name}"
                 if label in out:
-                    meta = {"verify": {"time": now, "depth": "repair", "result": "damaged"},
-                            "lost": out[label][:1000]}
+                    raw = txn.get(s.id, db=repo.index.db["snapmeta"])
+                    meta = msgpack.unpackb(raw) if raw else {}
+                    meta.update(verify={"time": now, "depth": "repair", "result": "damaged"},
+                                lost=out[label][:1000])
                     txn.put(s.id, msgpack.packb(meta), db=repo.index.db["snapmeta"])
         return out
     finally:

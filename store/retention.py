@@ -15,7 +15,7 @@ import msgpack
 
 from .errors import InvalidArgument, PinRefused
 from .prune import DropStats, drop_snapshot
-from .snapmeta import get_meta, update_meta
+from .snapmeta import get_meta, record_setting, update_meta
 from .snapshots import Snapshot, list_snapshots
 
 DEFAULT_MAX = 64
@@ -67,6 +67,7 @@ def set_policy(writer, set_name: str, policy: Policy) -> None:
     d = msgpack.unpackb(raw) if raw else {}
     d["retention"] = asdict(policy)
     writer.txn.put(key, msgpack.packb(d), db=writer.db["sets"])
+    record_setting(writer, "policy", key, asdict(policy))
 
 
 @dataclass
@@ -155,3 +156,4 @@ def pin(writer, snap: Snapshot, on: bool = True) -> None:
                 f"must leave room for the newest one (unpin one or raise the cap)"
             )
     update_meta(writer, snap.id, pinned=on)
+    record_setting(writer, "pin", snap.id, on)

@@ -23,3 +23,14 @@ def update_meta(writer, sid: bytes, **changes) -> dict:
 
 def is_pinned(repo, txn, sid: bytes) -> bool:
     return bool(get_meta(repo, txn, sid).get("pinned"))
+
+
+def record_setting(writer, what: str, key: bytes, value) -> None:
+    """Write a SETTING frame so `pit repair` can restore pins and policies from packs alone."""
+    import time
+
+    from . import packs as P
+    from .repository import blob_id
+
+    payload = msgpack.packb({"t": time.time_ns(), "what": what, "key": key, "value": value}, use_bin_type=True)
+    writer.put_record(P.SETTING, blob_id(payload), payload)
