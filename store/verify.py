@@ -346,6 +346,12 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
         # Refcounts can only be recounted against every snapshot.
         for s in (all_snaps if whole else chosen):
             w.snapshot(s)
+        if whole:  # received state not yet snapshotted holds references too
+            from .apply import set_heads
+
+            for head in set_heads(repo, txn).values():
+                w.expected[head] += 1
+                w.tree(head)
         if whole:
             _check_index(repo, txn, w, report)
         report.chunks = len(w.chunks)
