@@ -179,4 +179,7 @@ def add_snapshot(writer, snap: Snapshot) -> Snapshot:
     writer.txn.put(snap.id, data, db=db["snapshots"])
     writer.txn.put(bytime_key(snap.set, snap.time_ns, snap.id), b"", db=db["bytime"])
     writer.incref(snap.root)
+    from . import versions  # the previous-versions index, kept in O(changed paths)
+
+    versions.record_snapshot(writer, snap)
     return snap

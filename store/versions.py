@@ -1,0 +1,439 @@
+"""The previous-versions index: for every path of a set, the snapshots where it changed.
+
+Words: an *event* says "in snapshot S, path p has state X, and X differs from
+p's state in the snapshot just before S (in the set's time order)". A *state*
+is absent, a directory, or a file/symlink with its content id; metadata-only
+changes (mtime, mode) are not versions. A *version* of a file is a run of
+snapshots between one event and the next.
+
+Layout, three named LMDB databases beside the index's own:
+
+- ``versions``: ``set \\0 parent \\0 name \\0 time_ns(u64 BE) sid(32)`` -> msgpack
+  state (``nil`` = absent). Keying by (parent, name) lets a directory's
+  children be listed by one prefix scan with a skip per name, and the
+  versions of one path by one prefix scan: O(entries shown), never a walk of
+  every snapshot's tree (what makes restic/borg/kopia mounts slow).
+- ``versions_bysnap``: ``sid + set \\0 parent \\0 name \\0`` -> ``b""``: the events
+  of one snapshot, so dropping it costs O(what it changed).
+- ``versions_marks``: ``set \\0 time_ns sid`` -> ``b""``: which snapshots the
+  index covers. A reader compares the marks with the catalogue; any
+  difference (a snapshot dropped by a process that did not run our hook, an
+  index rebuilt by `pit repair`) shows the index as stale instead of wrong,
+  and the next snapshot commit rebuilds the set.
+
+Maintenance, all inside the writer's transaction:
+
+- `record_snapshot` at commit: events = diff of the previous snapshot's root
+  and the new root (`store.diff`, which walks only differing subtrees), so
+  O(changed paths). A snapshot inserted before the newest also re-bases the
+  next snapshot's events on it.
+- `forget_snapshot` on drop, before the catalogue entry goes: O(events of the
+  dropped snapshot). Oldest, newest or middle, the index stays exact.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import lmdb
+import msgpack
+
+from .diff import ADDED, MODIFIED, REMOVED, TYPE, diff_trees
+from .index import U64
+from .objects import ObjectReader
+from .trees import DIR, Entry
+
+DB_EVENTS, DB_BYSNAP, DB_MARKS = b"versions", b"versions_bysnap", b"versions_marks"
+TS = struct.Struct(">Q")
+SUFFIX = 8 + 32  # time_ns + snapshot id
+
+
+# ---------------------------------------------------------------- states
+def encode_state(e: Entry | None) -> bytes:
+    if e is None:
+        return msgpack.packb(None)
+    return msgpack.packb([e.type, e.content, e.nchunks, e.size, e.mtime_ns, e.mode], use_bin_type=True)
+
+
+def decode_state(raw: bytes) -> "State | None":
+    v = msgpack.unpackb(raw)
+    return None if v is None else State(*v)
+
+
+@dataclass
+class State:
+    type: int
+    content: bytes | None
+    nchunks: int
+    size: int
+    mtime_ns: int
+    mode: int
+
+    def entry(self, name: bytes) -> Entry:
+        return Entry(name, self.type, self.mode, 0, 0, self.mtime_ns, self.size, self.content, self.nchunks)
+
+
+def _sig(raw: bytes | None):
+    """What makes two states the same version: type and content (not mtime/mode)."""
+    if raw is None:
+        return None
+    st = decode_state(raw)
+    if st is None:
+        return None
+    return (DIR,) if st.type == DIR else (st.type, st.content, st.nchunks)
+
+
+# ------------------------------------------------------------------ keys
+def path_key(set_name: str, path: bytes) -> bytes:
+    parent, _, name = path.rpartition(b"/")
+    return set_name.encode() + b"\0" + parent + b"\0" + name + b"\0"
+
+
+def dir_prefix(set_name: str, dirpath: bytes) -> bytes:
+    return set_name.encode() + b"\0" + dirpath + b"\0"
+
+
+def snap_suffix(time_ns: int, sid: bytes) -> bytes:
+    return TS.pack(time_ns) + sid
+
+
+def _mark_key(snap) -> bytes:
+    return snap.set.encode() + b"\0" + snap_suffix(snap.time_ns, snap.id)
+
+
+# ------------------------------------------------------------- databases
+@dataclass
+class Dbs:
+    events: object
+    bysnap: object
+    marks: object
+
+
+def writer_dbs(writer) -> Dbs:
+    """Open (creating on first use) inside the writer's transaction. The handles
+    are kept on the writer only: a handle opened in a transaction that later
+    aborts must not outlive it."""
+    dbs = getattr(writer, "_versions_dbs", None)
+    if dbs is None:
+        env = writer.repo.index.env
+        dbs = Dbs(*(env.open_db(n, txn=writer.txn, create=True) for n in (DB_EVENTS, DB_BYSNAP, DB_MARKS)))
+        writer._versions_dbs = dbs
+    return dbs
+
+
+def reader_dbs(repo) -> Dbs | None:
+    """Handles for readers, or None while no snapshot has ever been indexed."""
+    dbs = getattr(repo, "_versions_dbs", None)
+    if dbs is not None:
+        return dbs
+    env = repo.index.env
+    txn = env.begin()
+    try:
+        dbs = Dbs(*(env.open_db(n, txn=txn, create=False) for n in (DB_EVENTS, DB_BYSNAP, DB_MARKS)))
+    except lmdb.NotFoundError:
+        txn.abort()
+        return None
+    txn.commit()  # handles opened in a read txn survive its commit, not an abort
+    repo._versions_dbs = dbs
+    return dbs
+
+
+# -------------------------------------------------------------- neighbours
+def _neighbours(repo, txn, snap):
+    """The set's snapshots just before and just after `snap` in time order
+    (whether or not `snap` itself is still in the catalogue)."""
+    from .snapshots import get_snapshot
+
+    db = repo.index.db["bytime"]
+    prefix = snap.set.encode() + b"\0"
+    me = prefix + snap_suffix(snap.time_ns, snap.id)
+    before = after = None
+    with txn.cursor(db=db) as cur:
+        if cur.set_range(me):
+            k = cur.key()
+            if k == me:
+                ok = cur.next()
+                k = cur.key() if ok else None
+            if k is not None and k.startswith(prefix):
+                after = k[-32:]
+            if cur.set_range(me):
+                ok = cur.prev()
+            else:
+                ok = cur.last()
+        else:
+            ok = cur.last()
+        if ok and cur.key().startswith(prefix) and cur.key() != me:
+            before = cur.key()[-32:]
+    return (get_snapshot(repo, txn, before) if before else None,
+            get_snapshot(repo, txn, after) if after else None)
+
+
+def _event_before(txn, dbs: Dbs, pk: bytes, suffix: bytes) -> bytes | None:
+    """The state of the last event of `pk` strictly before `suffix`, or None (never seen)."""
+    with txn.cursor(db=dbs.events) as cur:
+        ok = cur.prev() if cur.set_range(pk + suffix) else cur.last()
+        if ok and cur.key().startswith(pk) and len(cur.key()) == len(pk) + SUFFIX:
+            return cur.value()
+    return None
+
+
+# ---------------------------------------------------------- state changes
+def state_changes(reader: ObjectReader, old_root: bytes | None, new_root: bytes
+                  ) -> Iterator[tuple[bytes, Entry | None]]:
+    """(path, new entry or None for absent) for every path whose version changed."""
+    for c in diff_trees(reader, old_root, reader, new_root):
+        if c.status in (ADDED, MODIFIED):
+            yield c.path, c.new
+        elif c.status == REMOVED:
+            yield c.path, None
+        elif c.status == TYPE:
+            # diff_trees reports a type change without descending: do it here.
+            if c.old.type == DIR:
+                for p, _e in reader.walk(c.old.content, c.path):
+                    yield p, None
+            yield c.path, c.new
+            if c.new.type == DIR:
+                yield from reader.walk(c.new.content, c.path)
+        # META: same content, not a new version
+
+
+def _put_event(txn, dbs: Dbs, snap, pk: bytes, state: bytes) -> None:
+    txn.put(pk + snap_suffix(snap.time_ns, snap.id), state, db=dbs.events)
+    txn.put(snap.id + pk, b"", db=dbs.bysnap)
+
+
+def _del_event(txn, dbs: Dbs, snap, pk: bytes) -> None:
+    txn.delete(pk + snap_suffix(snap.time_ns, snap.id), db=dbs.events)
+    txn.delete(snap.id + pk, db=dbs.bysnap)
+
+
+# ------------------------------------------------------------ maintenance
+def record_snapshot(writer, snap) -> int:
+    """Index a snapshot just added to the catalogue (same transaction). Returns
+    the number of events written. O(paths changed since the previous snapshot)."""
+    repo, txn = writer.repo, writer.txn
+    dbs = writer_dbs(writer)
+    if not _marks_match(repo, txn, dbs, snap.set, skip=snap.id):
+        return reindex_set(writer, snap.set)
+    before, after = _neighbours(repo, txn, snap)
+    reader = ObjectReader(repo, txn)
+    n = 0
+    me = snap_suffix(snap.time_ns, snap.id)
+    for path, entry in state_changes(reader, before.root if before else None, snap.root):
+        pk = path_key(snap.set, path)
+        state = encode_state(entry)
+        _put_event(txn, dbs, snap, pk, state)
+        n += 1
+        if after is not None:
+            # Re-base the next snapshot's event for this path on the new one.
+            nkey = pk + snap_suffix(after.time_ns, after.id)
+            nstate = txn.get(nkey, db=dbs.events)
+            if nstate is not None:
+                if _sig(nstate) == _sig(state):
+                    _del_event(txn, dbs, after, pk)
+            else:
+                prev = _event_before(txn, dbs, pk, me)
+                _put_event(txn, dbs, after, pk, prev if prev is not None else encode_state(None))
+    txn.put(_mark_key(snap), b"", db=dbs.marks)
+    return n
+
+
+def forget_snapshot(writer, snap) -> int:
+    """Remove a snapshot from the index; call inside the transaction that drops
+    it. Works whether or not its catalogue entries are already deleted.
+    Returns the number of events visited: O(what that snapshot changed)."""
+    repo, txn = writer.repo, writer.txn
+    dbs = writer_dbs(writer)
+    mark = _mark_key(snap)
+    if txn.get(mark, db=dbs.marks) is None:
+        return 0  # never indexed (stale index: the next commit rebuilds the set)
+    before, after = _neighbours(repo, txn, snap)
+    keys = []
+    with txn.cursor(db=dbs.bysnap) as cur:
+        ok = cur.set_range(snap.id)
+        while ok and cur.key()[:32] == snap.id:
+            keys.append(cur.key()[32:])
+            ok = cur.next()
+    for pk in keys:
+        skey = pk + snap_suffix(snap.time_ns, snap.id)
+        state = txn.get(skey, db=dbs.events)
+        _del_event(txn, dbs, snap, pk)
+        if after is None or state is None:
+            continue
+        nkey = pk + snap_suffix(after.time_ns, after.id)
+        nstate = txn.get(nkey, db=dbs.events)
+        if nstate is None:
+            # The next snapshot had the dropped one's state: it now starts it.
+            if before is None and _sig(state) is None:
+                continue  # a removal with nothing before it says nothing
+            _put_event(txn, dbs, after, pk, state)
+        else:
+            prev = _event_before(txn, dbs, pk, snap_suffix(after.time_ns, after.id))
+            if _sig(prev) == _sig(nstate) or (before is None and _sig(nstate) is None):
+                _del_event(txn, dbs, after, pk)
+    txn.delete(mark, db=dbs.marks)
+    return len(keys)
+
+
+def reindex_set(writer, set_name: str) -> int:
+    """Rebuild a set's index from its snapshots: O(sum of consecutive diffs)."""
+    from .snapshots import list_snapshots
+
+    repo, txn = writer.repo, writer.txn
+    dbs = writer_dbs(writer)
+    prefix = set_name.encode() + b"\0"
+    for db, sid_of in ((dbs.events, lambda k: k[-32:]), (dbs.marks, lambda k: k[-32:])):
+        doomed = []
+        with txn.cursor(db=db) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key().startswith(prefix):
+                doomed.append(cur.key())
+                ok = cur.next()
+        for k in doomed:
+            txn.delete(k, db=db)
+            if db is dbs.events:
+                txn.delete(sid_of(k) + k[:-SUFFIX], db=dbs.bysnap)
+    reader = ObjectReader(repo, txn)
+    n = 0
+    prev_root = None
+    for snap in list_snapshots(repo, txn, set_name):
+        for path, entry in state_changes(reader, prev_root, snap.root):
+            _put_event(txn, dbs, snap, path_key(set_name, path), encode_state(entry))
+            n += 1
+        txn.put(_mark_key(snap), b"", db=dbs.marks)
+        prev_root = snap.root
+    return n
+
+
+def _marks_match(repo, txn, dbs: Dbs, set_name: str, skip: bytes | None = None) -> bool:
+    prefix = set_name.encode() + b"\0"
+    want = []
+    with txn.cursor(db=repo.index.db["bytime"]) as cur:
+        ok = cur.set_range(prefix)
+        while ok and cur.key().startswith(prefix):
+            if cur.key()[-32:] != skip:
+                want.append(cur.key())
+            ok = cur.next()
+    have = []
+    with txn.cursor(db=dbs.marks) as cur:
+        ok = cur.set_range(prefix)
+        while ok and cur.key().startswith(prefix):
+            have.append(cur.key())
+            ok = cur.next()
+    return want == have
+
+
+def is_current(repo, txn, set_name: str) -> bool:
+    """True when the index covers exactly the set's snapshots (O(snapshots))."""
+    dbs = reader_dbs(repo)
+    if dbs is None:
+        from .snapshots import list_snapshots
+        return not list_snapshots(repo, txn, set_name)
+    return _marks_match(repo, txn, dbs, set_name)
+
+
+# ---------------------------------------------------------------- queries
+@dataclass
+class Version:
+    """One distinct version of a path: a run of snapshots with the same content."""
+
+    state: State
+    time_ns: int               # time of the first snapshot holding it
+    snapshots: list = field(default_factory=list)  # Snapshot records, oldest first
+
+    @property
+    def first(self):
+        return self.snapshots[0]
+
+
+def list_versions(repo, txn, set_name: str, path: bytes) -> list[Version]:
+    """Every distinct version of `path` in a set, oldest first: O(events + snapshots shown)."""
+    from .snapshots import Snapshot
+
+    dbs = reader_dbs(repo)
+    if dbs is None:
+        return []
+    pk = path_key(set_name, path.strip(b"/"))
+    events = []
+    with txn.cursor(db=dbs.events) as cur:
+        ok = cur.set_range(pk)
+        while ok and cur.key().startswith(pk):
+            k = cur.key()
+            if len(k) == len(pk) + SUFFIX:
+                events.append((k[-SUFFIX:], decode_state(cur.value())))
+            ok = cur.next()
+    out = []
+    prefix = set_name.encode() + b"\0"
+    db_time, db_snap = repo.index.db["bytime"], repo.index.db["snapshots"]
+    with txn.cursor(db=db_time) as cur:
+        for i, (suffix, state) in enumerate(events):
+            if state is None:
+                continue
+            end = prefix + events[i + 1][0] if i + 1 < len(events) else None
+            snaps = []
+            ok = cur.set_range(prefix + suffix)
+            while ok and cur.key().startswith(prefix) and (end is None or cur.key() < end):
+                sid = cur.key()[-32:]
+                raw = txn.get(sid, db=db_snap)
+                if raw is not None:
+                    snaps.append(Snapshot.decode(raw, sid))
+                ok = cur.next()
+            if snaps:
+                out.append(Version(state, snaps[0].time_ns, snaps))
+    return out
+
+
+@dataclass
+class Child:
+    name: bytes
+    state: State          # the last state it had while present
+    present: bool         # present in the newest snapshot
+
+
+def list_children(repo, txn, set_name: str, dirpath: bytes) -> list[Child]:
+    """Every name that ever existed directly below `dirpath` in the set, with
+    its last known state: O(names × log n), skipping over each name's events."""
+    dbs = reader_dbs(repo)
+    if dbs is None:
+        return []
+    prefix = dir_prefix(set_name, dirpath.strip(b"/"))
+    out = []
+    with txn.cursor(db=dbs.events) as cur:
+        ok = cur.set_range(prefix)
+        while ok and cur.key().startswith(prefix):
+            rest = cur.key()[len(prefix):]
+            name = rest[:-SUFFIX - 1]
+            nxt = prefix + name + b"\x01"  # first key past every event of `name`
+            ok = cur.set_range(nxt)
+            # walk back over this name's events to its last present state
+            back = cur.prev() if ok else cur.last()
+            last_present, newest_present, first = None, False, True
+            while back and cur.key().startswith(prefix + name + b"\0"):
+                st = decode_state(cur.value())
+                if first:
+                    newest_present = st is not None
+                    first = False
+                if st is not None:
+                    last_present = st
+                    break
+                back = cur.prev()
+            if last_present is not None:
+                out.append(Child(name, last_present, newest_present))
+            ok = cur.set_range(nxt)
+    return out
+
+
+def _register_drop_hook() -> None:
+    """Keep the index right when retention or `pit forget` drops a snapshot in
+    this process. (The store's drop path should also import this module so a
+    process that never committed a snapshot runs the hook; if it does not,
+    the marks show the set as stale and the next commit rebuilds it.)"""
+    from . import prune
+
+    hooks = getattr(prune, "drop_hooks", None)
+    if hooks is not None and forget_snapshot not in hooks:
+        hooks.append(forget_snapshot)
+
+
+_register_drop_hook()
