@@ -16,6 +16,7 @@ import click
 from .errors import DiskFull, InvalidArgument, StoreError
 
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70
 
 
 class PitGroup(click.Group):
@@ -35,6 +36,13 @@ class PitGroup(click.Group):
             if exc.errno == errno.ENOSPC:
                 _fail(str(DiskFull()), DiskFull.exit_code)
             _fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", 1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # a bug, not a condition we anticipated: still one line
+            if os.environ.get("PIT_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (set PIT_DEBUG=1 for the traceback; please report it)",
+                  EXIT_INTERNAL)
 
     def list_commands(self, ctx):
         self._load_plugins()

@@ -80,7 +80,7 @@ def compact_pack(w, num: int, stats: CompactStats) -> None:
     frames = P.read_footer(read, size)
     if frames is None:
         frames = list(P.walk_frames(read, size))
-    blobs, snaps = w.db["blobs"], w.db["snapshots"]
+    snaps = w.db["snapshots"]
     pe = PackEntry.decode(w.txn.get(U64.pack(num), db=w.db["packs"]))
     for f in frames:
         if isinstance(f, IntegrityError):
@@ -88,9 +88,8 @@ def compact_pack(w, num: int, stats: CompactStats) -> None:
         keep = False
         entry = None
         if f.kind in (P.CHUNK, P.TREE, P.FILELIST):
-            raw = w.txn.get(f.id, db=blobs)
-            if raw is not None:
-                entry = BlobEntry.decode(raw)
+            entry = w.entry(f.id)
+            if entry is not None:
                 keep = entry.pack == num and entry.offset == f.offset
         elif f.kind == P.SNAPSHOT:
             keep = w.txn.get(f.id, db=snaps) is not None
@@ -105,7 +104,7 @@ def compact_pack(w, num: int, stats: CompactStats) -> None:
         new_pack, new = w.append_frame(f.kind, f.flags, f.id, bytes(payload), f.raw_len)
         if entry is not None:
             entry.pack, entry.offset = new_pack, new.offset
-            w.txn.put(f.id, entry.encode(), db=blobs)
+            w.put_entry(f.id, entry)
         stats.bytes_copied += P.FRAME_OVERHEAD + f.stored_len
     w.txn.delete(U64.pack(num), db=w.db["packs"])
     doomed = _doomed(w.txn, w.db)

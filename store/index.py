@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import lmdb
 import msgpack
 
-from .errors import IndexMissing
+from .errors import IndexMissing, IntegrityError
 
 MAP_SIZE = 1 << 40  # virtual; the file grows only as pages are written
 DB_NAMES = (
@@ -50,7 +50,10 @@ class BlobEntry:
 
     @classmethod
     def decode(cls, b: bytes) -> "BlobEntry":
-        return cls(*BLOB.unpack(b))
+        try:
+            return cls(*BLOB.unpack(b))
+        except (struct.error, TypeError):
+            raise IntegrityError("corrupt blob record in the index") from None
 
 
 @dataclass
@@ -65,8 +68,11 @@ class PackEntry:
 
     @classmethod
     def decode(cls, b: bytes) -> "PackEntry":
-        s, sealed, live, dead = msgpack.unpackb(b)
-        return cls(s, bool(sealed), live, dead)
+        try:
+            s, sealed, live, dead = msgpack.unpackb(b)
+            return cls(int(s), bool(sealed), int(live), int(dead))
+        except (ValueError, TypeError, msgpack.UnpackException):
+            raise IntegrityError("corrupt pack record in the index") from None
 
 
 def bytime_key(set_name: str, time_ns: int, snap_id: bytes) -> bytes:

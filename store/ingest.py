@@ -80,27 +80,29 @@ class _Hasher:
         self.local = threading.local()
         self.level = repo.level
 
-    def __call__(self, views: list[memoryview]) -> list[tuple[bytes, int, bytes | None]]:
+    def __call__(self, views: list[memoryview]) -> list[tuple[bytes, int, bytes | None, int]]:
+        """-> (id, flags, encoded frame or None when already stored, stored length) per chunk."""
         loc = self.local
         if not hasattr(loc, "cctx"):
             loc.cctx = zstandard.ZstdCompressor(level=self.level)
         cctx = loc.cctx
         blobs = self.repo.index.db["blobs"]
+        encode = P.encode_frame
         out = []
         # A read view of what is committed; chunks new in this session are
-        # caught again by the main thread's has() check.
+        # caught again by the main thread against the session's own ids.
         with self.repo.index.env.begin(db=blobs) as txn:
             get = txn.get
             for v in views:
                 h = blake3.blake3(v).digest()
                 if get(h) is not None:
-                    out.append((h, 0, None))
+                    out.append((h, 0, None, 0))
                     continue
                 c = cctx.compress(v)
                 if len(c) < len(v):
-                    out.append((h, P.ZSTD, c))
+                    out.append((h, P.ZSTD, encode(P.CHUNK, P.ZSTD, h, c, len(v)), len(c)))
                 else:
-                    out.append((h, 0, bytes(v)))
+                    out.append((h, 0, encode(P.CHUNK, 0, h, v, len(v)), len(v)))
         return out
 
 
@@ -150,9 +152,11 @@ class Ingester:
         batch, fut = self.inflight.popleft()
         results = fut.result()
         w = self.w
-        for (job, view), (h, flags, payload) in zip(batch, results):
-            if payload is not None and not w.has(h):
-                w.put_stored(P.CHUNK, h, flags, payload, len(view))
+        for (job, view), (h, flags, frame, stored) in zip(batch, results):
+            if frame is not None:
+                known = w.new_in_session(h)
+                if not (known if known is not None else w.has(h)):
+                    w.put_encoded(P.CHUNK, h, flags, frame, stored, len(view))
             job.ids.append(h)
             job.lens.append(len(view))
             if job.done_reading and len(job.ids) == job.queued:

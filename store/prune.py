@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from . import packs as P
 from .errors import IntegrityError, StoreError
 from .files import decode_filelist
-from .index import BlobEntry, bytime_key
+from .index import BlobEntry, bytime_key  # noqa: F401
 from .snapshots import Snapshot
 from .trees import decode_tree, tree_children
 
@@ -41,25 +41,22 @@ class DropStats:
 def _children(writer, bid: bytes, e: BlobEntry) -> list[bytes]:
     if e.kind not in (P.TREE, P.FILELIST):
         return []
-    data = writer.repo.read_entry(bid, e)
+    data = writer.read_entry(bid, e)
     if e.kind == P.TREE:
         return tree_children(decode_tree(data))
     return decode_filelist(data)[0]
 
 
 def decref(writer, root: bytes, stats: DropStats) -> None:
-    blobs = writer.db["blobs"]
-    txn = writer.txn
     stack = [root]
     while stack:
         bid = stack.pop()
-        raw = txn.get(bid, db=blobs)
-        if raw is None:
+        e = writer.entry(bid)
+        if e is None:
             continue  # already missing (damage that verify reports); nothing to free
-        e = BlobEntry.decode(raw)
         if e.refs > 1:
             e.refs -= 1
-            txn.put(bid, e.encode(), db=blobs)
+            writer.put_entry(bid, e)
             continue
         try:
             kids = _children(writer, bid, e)
@@ -68,7 +65,7 @@ def decref(writer, root: bytes, stats: DropStats) -> None:
             # (space leaks, data is never lost). `pit repair` recounts.
             stats.leaked.append(f"{bid.hex()[:16]}: {exc}")
             kids = []
-        txn.delete(bid, db=blobs)
+        writer.delete_entry(bid)
         writer._account_dead(e)
         stats.blobs_freed += 1
         stats.bytes_freed += e.stored_len + P.FRAME_OVERHEAD

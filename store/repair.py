@@ -74,9 +74,8 @@ def _scan_packs(repo, report: RepairReport):
         try:
             P.check_header(rd, rd.size)
         except IntegrityError as exc:
-            report.packs_damaged.append(f"{name}: {exc}")
-            packinfo[num] = {"size": rd.size, "sealed": False, "frames": []}
-            continue
+            # The header carries nothing the frames need: note it, read on.
+            report.packs_damaged.append(f"{name} offset 0: {exc}")
         footer = P.read_footer(rd, rd.size)
         frames: list[P.FrameInfo] = []
         if footer is not None:
@@ -298,6 +297,7 @@ def _open_without_index(repo, path: str) -> None:
     repo.backend = LocalBackend(os.path.join(repo.path, "packs"))
     repo.chunk_cache = LRU(64 * 1024 * 1024, len)
     repo.object_cache = LRU(8192)
+    repo.active_writer = None
     repo._dctx = zstandard.ZstdDecompressor()
 
 

@@ -93,6 +93,9 @@ class Repository:
             fmt = txn.get(b"format", db=self.index.db["meta"])
         if fmt is None:
             raise IndexMissing(f"the index of {self.path} is empty; run `pit repair` to rebuild it from the packs")
+        # The write session open in this process, if any: reads through its
+        # transaction must also see the blobs it has not flushed yet.
+        self.active_writer: "Writer | None" = None
         self.chunk_cache: LRU[bytes] = LRU(64 * 1024 * 1024, len)
         self.object_cache: LRU[object] = LRU(8192)
         self._dctx = zstandard.ZstdDecompressor()
@@ -154,6 +157,9 @@ class Repository:
             txn.abort()
 
     def blob_entry(self, txn: lmdb.Transaction, bid: bytes) -> BlobEntry | None:
+        w = self.active_writer
+        if w is not None and txn is w.txn:
+            return w.entry(bid)
         raw = txn.get(bid, db=self.index.db["blobs"])
         return BlobEntry.decode(raw) if raw is not None else None
 
@@ -165,7 +171,8 @@ class Repository:
         e = self.blob_entry(txn, bid)
         if e is None:
             raise BlobMissing(f"blob {bid.hex()[:16]} is not in the index")
-        data = self.read_entry(bid, e, verify)
+        w = self.active_writer
+        data = w.read_entry(bid, e) if (w is not None and txn is w.txn) else self.read_entry(bid, e, verify)
         self.chunk_cache.put(bid, data)
         return data
 
@@ -217,9 +224,15 @@ class Writer:
             self._pack_entry: PackEntry | None = None
             self._prior_end = 0  # frames before this offset were written by earlier sessions
             self._pack_created = False
-            self.new_blobs: list[bytes] = []
+            # New blobs' index entries wait here until commit (or until there
+            # are many): a chunk is written once with its final reference
+            # count instead of put, read back and put again per reference.
+            self._pending: dict[bytes, BlobEntry] = {}
+            self._zero_flushed: list[bytes] = []  # flushed early with refs 0: sweep them at commit
+            self.session_ids: set[bytes] | None = set()  # every blob new in this session (None when too many)
             self.stats = {"new_blobs": 0, "new_stored": 0, "new_raw": 0}
             self._clean_leftover_packs()
+            repo.active_writer = self
         except BaseException:
             _release_lock(self._lock_fd)
             raise
@@ -281,15 +294,47 @@ class Writer:
         self._pack_entry = None
 
     def _read_own(self, off: int, n: int) -> bytes:
+        self.pack.flush()
         return self.repo.backend.read(self.pack.name, off, n)
 
     # -- blobs
+    PENDING_MAX = 200_000
+    SESSION_IDS_MAX = 4_000_000
+
     def has(self, bid: bytes) -> bool:
-        return self.txn.get(bid, db=self.db["blobs"]) is not None
+        return bid in self._pending or self.txn.get(bid, db=self.db["blobs"]) is not None
+
+    def new_in_session(self, bid: bytes) -> bool | None:
+        """True/False when known from memory; None when the index must be asked."""
+        if self.session_ids is None:
+            return None
+        return bid in self.session_ids
 
     def entry(self, bid: bytes) -> BlobEntry | None:
+        e = self._pending.get(bid)
+        if e is not None:
+            return e
         raw = self.txn.get(bid, db=self.db["blobs"])
         return BlobEntry.decode(raw) if raw is not None else None
+
+    def put_entry(self, bid: bytes, e: BlobEntry) -> None:
+        if bid in self._pending:
+            self._pending[bid] = e
+        else:
+            self.txn.put(bid, e.encode(), db=self.db["blobs"])
+
+    def delete_entry(self, bid: bytes) -> None:
+        if self._pending.pop(bid, None) is None:
+            self.txn.delete(bid, db=self.db["blobs"])
+
+    def _flush_pending(self) -> None:
+        blobs = self.db["blobs"]
+        put = self.txn.put
+        for bid, e in self._pending.items():
+            if e.refs == 0:
+                self._zero_flushed.append(bid)
+            put(bid, e.encode(), db=blobs)
+        self._pending.clear()
 
     def compress(self, data: bytes | memoryview) -> tuple[int, bytes]:
         c = self._cctx.compress(data)
@@ -308,12 +353,29 @@ class Writer:
     def put_stored(self, kind: int, bid: bytes, flags: int, payload: bytes, raw_len: int) -> None:
         """Append an already-compressed blob and index it. Caller has checked it is new."""
         num, info = self.append_frame(kind, flags, bid, payload, raw_len)
-        e = BlobEntry(kind, flags, num, info.offset, len(payload), raw_len, 0)
-        self.txn.put(bid, e.encode(), db=self.db["blobs"])
-        self.new_blobs.append(bid)
+        self._index_new(bid, BlobEntry(kind, flags, num, info.offset, len(payload), raw_len, 0))
+
+    def put_encoded(self, kind: int, bid: bytes, flags: int, frame: bytes, stored_len: int, raw_len: int) -> None:
+        """Like put_stored, for a frame a worker thread already encoded."""
+        pack = self._open_pack()
+        num = self._pack_num
+        info = pack.append_encoded(frame, kind, flags, bid, stored_len, raw_len)
+        self._pack_entry.live += len(frame)
+        if pack.size >= self.repo.pack_size:
+            self._seal_pack()
+        self._index_new(bid, BlobEntry(kind, flags, num, info.offset, stored_len, raw_len, 0))
+
+    def _index_new(self, bid: bytes, e: BlobEntry) -> None:
+        self._pending[bid] = e
+        if self.session_ids is not None:
+            self.session_ids.add(bid)
+            if len(self.session_ids) > self.SESSION_IDS_MAX:
+                self.session_ids = None
+        if len(self._pending) >= self.PENDING_MAX:
+            self._flush_pending()
         self.stats["new_blobs"] += 1
-        self.stats["new_stored"] += len(payload)
-        self.stats["new_raw"] += raw_len
+        self.stats["new_stored"] += e.stored_len
+        self.stats["new_raw"] += e.raw_len
 
     def put_record(self, kind: int, bid: bytes, data: bytes) -> None:
         """Append a record frame (snapshot, tombstone) that the blob index does not hold."""
@@ -332,6 +394,10 @@ class Writer:
         return num, info
 
     def incref(self, bid: bytes, n: int = 1) -> None:
+        e = self._pending.get(bid)
+        if e is not None:
+            e.refs += n
+            return
         blobs = self.db["blobs"]
         raw = self.txn.get(bid, db=blobs)
         if raw is None:
@@ -339,6 +405,12 @@ class Writer:
         e = BlobEntry.decode(raw)
         e.refs += n
         self.txn.put(bid, e.encode(), db=blobs)
+
+    def read_entry(self, bid: bytes, e: BlobEntry) -> bytes:
+        """Read a blob that may sit in this session's unflushed pack buffer."""
+        if self.pack is not None and e.pack == self._pack_num:
+            self.pack.flush()
+        return self.repo.read_entry(bid, e)
 
     def read_blob(self, bid: bytes) -> bytes:
         """Read through this session's transaction (sees its own uncommitted blobs)."""
@@ -348,15 +420,22 @@ class Writer:
         e = self.entry(bid)
         if e is None:
             raise BlobMissing(f"blob {bid.hex()[:16]} is not in the index")
-        return self.repo.read_entry(bid, e)
+        return self.read_entry(bid, e)
 
     # -- commit / abort
     def _sweep_unreferenced(self) -> None:
-        """Blobs written this session that nothing ended up referencing (a file
-        that vanished mid-read) are garbage at birth: unindex them now so every
-        indexed blob keeps refs > 0."""
+        """Write the pending index entries. Blobs written this session that
+        nothing ended up referencing (a file that vanished mid-read) are
+        garbage at birth: they are not indexed, so every indexed blob keeps
+        refs > 0."""
         blobs = self.db["blobs"]
-        for bid in self.new_blobs:
+        for bid, e in self._pending.items():
+            if e.refs == 0:
+                self._account_dead(e)
+            else:
+                self.txn.put(bid, e.encode(), db=blobs)
+        self._pending.clear()
+        for bid in self._zero_flushed:
             raw = self.txn.get(bid, db=blobs)
             if raw is None:
                 continue
@@ -421,6 +500,9 @@ class Writer:
 
     def _finish(self) -> None:
         self._ended = True
+        self._pending.clear()
+        if self.repo.active_writer is self:
+            self.repo.active_writer = None
         if self.pack is not None:
             self.pack.close()
             self.pack = None

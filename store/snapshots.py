@@ -16,7 +16,7 @@ import lmdb
 import msgpack
 
 from . import packs as P
-from .errors import AmbiguousSnapshot, InvalidArgument, SnapshotNotFound
+from .errors import AmbiguousSnapshot, IntegrityError, InvalidArgument, SnapshotNotFound
 from .index import bytime_key
 from .repository import blob_id
 
@@ -59,9 +59,14 @@ class Snapshot:
 
     @classmethod
     def decode(cls, data: bytes, sid: bytes | None = None) -> "Snapshot":
-        r = msgpack.unpackb(data)
-        return cls(r["set"], r["name"], r["time_ns"], r["host"], list(r["paths"]), r["root"],
-                   r.get("parent"), r.get("stats") or {}, sid if sid is not None else blob_id(data))
+        try:
+            r = msgpack.unpackb(data)
+            return cls(str(r["set"]), str(r["name"]), int(r["time_ns"]), str(r["host"]), list(r["paths"]),
+                       bytes(r["root"]), r.get("parent"), r.get("stats") or {},
+                       sid if sid is not None else blob_id(data))
+        except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException):
+            label = sid.hex()[:12] if sid else "?"
+            raise IntegrityError(f"snapshot record {label} is corrupt") from None
 
     @property
     def hex(self) -> str:
@@ -94,7 +99,9 @@ def list_snapshots(repo, txn: lmdb.Transaction, set_name: str | None = None) -> 
             if prefix and not key.startswith(prefix):
                 break
             sid = key[-32:]
-            out.append(Snapshot.decode(txn.get(sid, db=db_snap), sid))
+            raw = txn.get(sid, db=db_snap)
+            if raw is not None:  # a dangling catalogue key is reported by verify, not fatal here
+                out.append(Snapshot.decode(raw, sid))
             ok = cur.next()
     if set_name is None:
         out.sort(key=lambda s: (s.time_ns, s.set))

@@ -92,7 +92,13 @@ class _Walker:
 
     def entry(self, bid: bytes) -> BlobEntry | None:
         raw = self.txn.get(bid, db=self.blobs)
-        return BlobEntry.decode(raw) if raw is not None else None
+        if raw is None:
+            return None
+        try:
+            return BlobEntry.decode(raw)
+        except IntegrityError:
+            self._damage(bid, "?", "the index", "its index record is corrupt")
+            return None
 
     def _damage(self, bid: bytes, kind: str, where: str, reason: str) -> None:
         if bid not in self.bad:
@@ -173,14 +179,35 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
     packs: dict[int, PackEntry] = {}
     with txn.cursor(db=repo.index.db["packs"]) as cur:
         for k, v in cur:
-            packs[U64.unpack(k)[0]] = PackEntry.decode(v)
+            try:
+                packs[U64.unpack(k)[0]] = PackEntry.decode(v)
+            except (IntegrityError, struct.error):
+                report.problems.append(f"the index record of pack key {k.hex()} is corrupt (run `pit repair`)")
+    footers: dict[int, dict[bytes, int] | None] = {}
     sizes: dict[int, int | None] = {}
     for num in packs:
+        name = P.pack_name(num)
         try:
-            sizes[num] = repo.backend.size(P.pack_name(num))
+            sizes[num] = repo.backend.size(name)
+            P.check_header(lambda o, n, name=name: repo.backend.read(name, o, n), sizes[num])
         except BlobMissing:
             sizes[num] = None
-            report.problems.append(f"pack {P.pack_name(num)} is in the index but missing on disk")
+            report.problems.append(f"pack {name} is in the index but missing on disk")
+        except IntegrityError as exc:
+            report.problems.append(f"pack {name} offset 0: damaged pack header: {exc}")
+        if sizes.get(num) is not None and packs[num].sealed:
+            rd = lambda o, n, name=name: repo.backend.read(name, o, n)  # noqa: E731
+            try:
+                frames = P.read_footer(rd, sizes[num])
+            except (BlobMissing, IntegrityError):
+                frames = None
+            if frames is None:
+                # Repair marks footerless packs sealed too; only a damaged footer is a finding.
+                if _has_trailer(rd, sizes[num]):
+                    report.problems.append(f"pack {name}: its footer is damaged (repair can still walk its frames)")
+                footers[num] = None
+            else:
+                footers[num] = {f.id: f.offset for f in frames}
     on_disk = {P.pack_number(n) for n in repo.backend.list()}
     doomed_raw = txn.get(b"doomed", db=repo.index.db["meta"])
     import msgpack
@@ -190,7 +217,15 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
         report.problems.append(f"pack {P.pack_name(num)} is on disk but not in the index (run `pit repair`)")
     with txn.cursor(db=repo.index.db["blobs"]) as cur:
         for k, v in cur:
-            e = BlobEntry.decode(v)
+            try:
+                e = BlobEntry.decode(v)
+            except IntegrityError:
+                w._damage(k, "?", "the index", "its index record is corrupt")
+                continue
+            foot = footers.get(e.pack)
+            if foot is not None and foot.get(k) != e.offset:
+                report.problems.append(f"blob {k.hex()[:16]}: pack {P.pack_name(e.pack)}'s footer does not list it "
+                                       f"at offset {e.offset}")
             want = w.expected.get(k, 0)
             if e.refs != want:
                 report.problems.append(
@@ -202,6 +237,12 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is truncated")
             elif size is None:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is missing")
+    snapdb, timedb = repo.index.db["snapshots"], repo.index.db["bytime"]
+    with txn.cursor(db=timedb) as cur:
+        for k in cur.iternext(keys=True, values=False):
+            if txn.get(k[-32:], db=snapdb) is None:
+                set_name = k.split(b"\0", 1)[0].decode(errors="replace")
+                report.problems.append(f"catalogue entry {set_name} {k[-32:].hex()[:12]} points at no snapshot record")
     for k, n in w.expected.items():
         if n and txn.get(k, db=repo.index.db["blobs"]) is None and k not in w.bad:
             w._damage(k, "?", "not in the index", "referenced but missing")
@@ -238,8 +279,9 @@ def _deep(repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int
                 if frame is None:
                     raise BlobMissing("pack missing or truncated")
                 magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
-                if magic != P.FRAME_MAGIC or fid != cid or stored != e.stored_len:
+                if magic != P.FRAME_MAGIC or fid != cid or stored != e.stored_len or _r != 0 or kind != e.kind:
                     raise IntegrityError("frame header does not match the index")
+                P.decode_frame(frame, e.offset)  # the CRC repair relies on
                 payload = memoryview(frame)[P.FRAME_HEADER.size:P.FRAME_HEADER.size + stored]
                 data = d.decompress(payload, max_output_size=raw_len) if flags & P.ZSTD else payload
                 if len(data) != raw_len or blake3.blake3(data).digest() != cid:
@@ -263,7 +305,7 @@ def _deep(repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int
         batch, size = [], 0
         for num, off, cid, e in todo:
             try:
-                frame = repo.backend.read(P.pack_name(num), off, P.FRAME_HEADER.size + e.stored_len)
+                frame = repo.backend.read(P.pack_name(num), off, P.FRAME_OVERHEAD + e.stored_len)
             except BlobMissing:
                 frame = None
             batch.append((cid, e, frame))
@@ -278,6 +320,16 @@ def _deep(repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int
         for f in futs:
             results(f)
     return good
+
+
+def _has_trailer(read, size: int) -> bool:
+    if size < P.TRAILER.size:
+        return False
+    try:
+        tail = read(size - 8, 8)
+    except (BlobMissing, IntegrityError):
+        return False
+    return tail == P.TRAILER_MAGIC
 
 
 def locate_damage(repo, txn, bad: dict[bytes, Damage], snaps: list[Snapshot]) -> None:
@@ -330,6 +382,20 @@ def locate_damage(repo, txn, bad: dict[bytes, Damage], snaps: list[Snapshot]) ->
                 d.paths.append(p)
 
 
+def _readable_snapshots(repo, txn, report: VerifyReport) -> list[Snapshot]:
+    """Every snapshot whose record decodes; a corrupt record is a finding, not a crash."""
+    out = []
+    db = repo.index.db["snapshots"]
+    with txn.cursor(db=db) as cur:
+        for k, v in cur:
+            try:
+                out.append(Snapshot.decode(v, k))
+            except IntegrityError as exc:
+                report.problems.append(f"{exc} (its frame in the packs lets `pit repair` restore it)")
+    out.sort(key=lambda s: (s.time_ns, s.set))
+    return out
+
+
 def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None = None, depth: str = "structural",
            percent: float = 100.0, seed: int = 0, recheck_after: float = 0.0, record: bool = True,
            lock_wait: float = 10.0) -> VerifyReport:
@@ -338,7 +404,7 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
     t0 = time.monotonic()
     report = VerifyReport(depth)
     with repo.reading() as txn:
-        all_snaps = list_snapshots(repo, txn)
+        all_snaps = _readable_snapshots(repo, txn, report)
         whole = snapshots is None and set_name is None
         chosen = snapshots if snapshots is not None else [s for s in all_snaps if set_name in (None, s.set)]
         report.snapshots = [f"{s.set}@{s.name}" for s in chosen]

@@ -33,6 +33,7 @@ Maintenance, all inside the writer's transaction:
 from __future__ import annotations
 
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -122,21 +123,26 @@ def writer_dbs(writer) -> Dbs:
     return dbs
 
 
-def reader_dbs(repo) -> Dbs | None:
-    """Handles for readers, or None while no snapshot has ever been indexed."""
-    dbs = getattr(repo, "_versions_dbs", None)
-    if dbs is not None:
-        return dbs
-    env = repo.index.env
-    txn = env.begin()
+@contextmanager
+def _query(repo, txn=None):
+    """(handles, transaction) for a query: always a read transaction of our
+    own, with the handles opened inside it and the transaction committed.
+
+    Measured with py-lmdb 3.0 / LMDB 0.9.36: a handle opened in one read
+    transaction and committed is *not* usable in read transactions begun
+    later (py-lmdb renews cached transaction objects), and opening outside a
+    transaction takes a write transaction (it would wait behind the
+    replicator). Opening per query inside the query's transaction works,
+    from many threads. `txn` (the caller's) is accepted for symmetry only."""
+    own = repo.index.env.begin()
     try:
-        dbs = Dbs(*(env.open_db(n, txn=txn, create=False) for n in (DB_EVENTS, DB_BYSNAP, DB_MARKS)))
-    except lmdb.NotFoundError:
-        txn.abort()
-        return None
-    txn.commit()  # handles opened in a read txn survive its commit, not an abort
-    repo._versions_dbs = dbs
-    return dbs
+        try:
+            dbs = Dbs(*(repo.index.env.open_db(n, txn=own, create=False) for n in (DB_EVENTS, DB_BYSNAP, DB_MARKS)))
+        except lmdb.NotFoundError:
+            dbs = None
+        yield dbs, own
+    finally:
+        own.commit()  # a read-only commit: only keeps the handles valid
 
 
 # -------------------------------------------------------------- neighbours
@@ -178,6 +184,29 @@ def _event_before(txn, dbs: Dbs, pk: bytes, suffix: bytes) -> bytes | None:
     return None
 
 
+class _WriterReader(ObjectReader):
+    """Reads trees through the writer session, which sees its own new blobs
+    (their index entries may still wait in memory until commit)."""
+
+    def __init__(self, writer) -> None:
+        super().__init__(writer.repo, writer.txn)
+        self.writer = writer
+
+    def blob(self, bid: bytes) -> bytes:
+        return self.writer.read_blob(bid)
+
+    def tree(self, tree_id: bytes):
+        from . import packs as P
+        from .trees import decode_tree
+
+        key = (P.TREE, tree_id)
+        cached = self.repo.object_cache.get(key)
+        if cached is None:
+            cached = decode_tree(self.writer.read_blob(tree_id))
+            self.repo.object_cache.put(key, cached)
+        return cached
+
+
 # ---------------------------------------------------------- state changes
 def state_changes(reader: ObjectReader, old_root: bytes | None, new_root: bytes
                   ) -> Iterator[tuple[bytes, Entry | None]]:
@@ -217,7 +246,7 @@ def record_snapshot(writer, snap) -> int:
     if not _marks_match(repo, txn, dbs, snap.set, skip=snap.id):
         return reindex_set(writer, snap.set)
     before, after = _neighbours(repo, txn, snap)
-    reader = ObjectReader(repo, txn)
+    reader = _WriterReader(writer)
     n = 0
     me = snap_suffix(snap.time_ns, snap.id)
     for path, entry in state_changes(reader, before.root if before else None, snap.root):
@@ -294,7 +323,7 @@ def reindex_set(writer, set_name: str) -> int:
             txn.delete(k, db=db)
             if db is dbs.events:
                 txn.delete(sid_of(k) + k[:-SUFFIX], db=dbs.bysnap)
-    reader = ObjectReader(repo, txn)
+    reader = _WriterReader(writer)
     n = 0
     prev_root = None
     for snap in list_snapshots(repo, txn, set_name):
@@ -326,11 +355,11 @@ def _marks_match(repo, txn, dbs: Dbs, set_name: str, skip: bytes | None = None) 
 
 def is_current(repo, txn, set_name: str) -> bool:
     """True when the index covers exactly the set's snapshots (O(snapshots))."""
-    dbs = reader_dbs(repo)
-    if dbs is None:
-        from .snapshots import list_snapshots
-        return not list_snapshots(repo, txn, set_name)
-    return _marks_match(repo, txn, dbs, set_name)
+    with _query(repo, txn) as (dbs, txn):
+        if dbs is None:
+            from .snapshots import list_snapshots
+            return not list_snapshots(repo, txn, set_name)
+        return _marks_match(repo, txn, dbs, set_name)
 
 
 # ---------------------------------------------------------------- queries
@@ -351,9 +380,15 @@ def list_versions(repo, txn, set_name: str, path: bytes) -> list[Version]:
     """Every distinct version of `path` in a set, oldest first: O(events + snapshots shown)."""
     from .snapshots import Snapshot
 
-    dbs = reader_dbs(repo)
-    if dbs is None:
-        return []
+    with _query(repo, txn) as (dbs, txn):
+        if dbs is None:
+            return []
+        return _list_versions(repo, txn, dbs, set_name, path)
+
+
+def _list_versions(repo, txn, dbs: Dbs, set_name: str, path: bytes) -> list[Version]:
+    from .snapshots import Snapshot
+
     pk = path_key(set_name, path.strip(b"/"))
     events = []
     with txn.cursor(db=dbs.events) as cur:
@@ -394,9 +429,13 @@ class Child:
 def list_children(repo, txn, set_name: str, dirpath: bytes) -> list[Child]:
     """Every name that ever existed directly below `dirpath` in the set, with
     its last known state: O(names × log n), skipping over each name's events."""
-    dbs = reader_dbs(repo)
-    if dbs is None:
-        return []
+    with _query(repo, txn) as (dbs, txn):
+        if dbs is None:
+            return []
+        return _list_children(txn, dbs, set_name, dirpath)
+
+
+def _list_children(txn, dbs: Dbs, set_name: str, dirpath: bytes) -> list[Child]:
     prefix = dir_prefix(set_name, dirpath.strip(b"/"))
     out = []
     with txn.cursor(db=dbs.events) as cur:

@@ -217,12 +217,25 @@ class View:
                 return self._snap_node(txn, s, head)
             if not self.scope.level(set_name, rest):
                 raise PathNotFound("no such path")
-            r = ObjectReader(self.repo, txn)
-            try:
-                e = r.lookup(s.root, b"/".join(rest))
-            except (PathNotFound, UnsafePath):
-                raise PathNotFound("no such path") from None
-            return self._entry_node(s, rest, e)
+            return self._entry_node(s, rest, self._lookup(txn, s.root, rest))
+
+    def _lookup(self, txn, root: bytes, parts: tuple[bytes, ...]) -> Entry:
+        """Path lookup with each directory's name -> entry map cached (trees are
+        immutable), so a lookup in a 10,000-entry folder is a dict hit, not a scan."""
+        r = ObjectReader(self.repo, txn)
+        cur = Entry(b"", DIR, 0o555, 0, 0, 0, 0, root)
+        for name in parts:
+            if cur.type != DIR:
+                raise PathNotFound("no such path")
+            key = ("view-dict", cur.content)
+            d = self.repo.object_cache.get(key)
+            if d is None:
+                d = {e.name: e for e in r.tree(cur.content)}
+                self.repo.object_cache.put(key, d)
+            cur = d.get(name)
+            if cur is None:
+                raise PathNotFound("no such path")
+        return cur
 
     def _find_snapshot(self, txn, set_name: str, name: str) -> Snapshot:
         snaps = self._snaps(txn, set_name)
