@@ -42,7 +42,7 @@ from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, tree_children
 
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_CHUNKS = 1024
-MAX_INFLIGHT = 4
+MAX_INFLIGHT = 3
 RACY_NS = 1_000_000_000  # files modified this close to the scan start are re-read next time
 MAX_WARNINGS = 100
 RESCAN = object()  # marks "this path changed: look at it afresh" in the change trie

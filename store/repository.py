@@ -298,7 +298,7 @@ class Writer:
         return self.repo.backend.read(self.pack.name, off, n)
 
     # -- blobs
-    PENDING_MAX = 200_000
+    PENDING_MAX = 50_000
     SESSION_IDS_MAX = 4_000_000
 
     def has(self, bid: bytes) -> bool:
