@@ -1,0 +1,118 @@
+"""Server configuration: a TOML file.
+
+    [server]
+    listen = "127.0.0.1"        # loopback unless you say otherwise
+    port = 8080
+    certificate = "/etc/pit/cert.pem"   # TLS when both are given
+    private_key = "/etc/pit/key.pem"
+    anonymous = false           # true: no login; then [anonymous] gives the scope
+
+    [users.alice]
+    password = "scrypt$16384$8$1$<salt b64>$<hash b64>"   # `pit passwd`
+    sets = ["office"]           # whole sets ("*" = every set)
+    [users.alice.scope]         # or per set, path prefixes inside snapshots
+    web = ["www/uploads"]
+
+Passwords are stored only as scrypt hashes (hashlib.scrypt, random salt),
+compared in constant time.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from store.errors import InvalidArgument
+from store.view import Scope
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
+
+
+def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    salt = os.urandom(16)
+    dk = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    b = lambda x: base64.b64encode(x).decode()  # noqa: E731
+    return f"scrypt${n}${r}${p}${b(salt)}${b(dk)}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        algo, n, r, p, salt, dk = stored.split("$")
+        if algo != "scrypt":
+            return False
+        want = base64.b64decode(dk)
+        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+                             dklen=len(want), maxmem=256 * 1024 * 1024)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+@dataclass
+class User:
+    name: str
+    password_hash: str
+    scope: Scope
+
+
+@dataclass
+class ServerConfig:
+    listen: str = "127.0.0.1"
+    port: int = 8080
+    certificate: str | None = None
+    private_key: str | None = None
+    anonymous: bool = False
+    anonymous_scope: Scope | None = None
+    users: dict[str, User] = field(default_factory=dict)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.certificate and self.private_key)
+
+
+def _scope(name: str, d: dict) -> Scope:
+    rules: dict[str, list[str]] = {}
+    sets = d.get("sets", [])
+    if not isinstance(sets, list):
+        raise InvalidArgument(f"{name}: 'sets' must be a list of set names")
+    for s in sets:
+        rules[str(s)] = [""]
+    for s, prefixes in (d.get("scope") or {}).items():
+        if isinstance(prefixes, str):
+            prefixes = [prefixes]
+        if rules.get(str(s)) != [""]:  # a whole set already allowed stays whole
+            rules.setdefault(str(s), []).extend(str(p) for p in prefixes)
+    return Scope(rules)
+
+
+def load_config(path: str) -> ServerConfig:
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{path}: {exc}") from None
+    return parse_config(d, base=os.path.dirname(os.path.abspath(path)))
+
+
+def parse_config(d: dict, base: str = ".") -> ServerConfig:
+    srv = d.get("server", {})
+    cfg = ServerConfig(listen=str(srv.get("listen", "127.0.0.1")), port=int(srv.get("port", 8080)),
+                       anonymous=bool(srv.get("anonymous", False)))
+    for k in ("certificate", "private_key"):
+        if srv.get(k):
+            setattr(cfg, k, os.path.join(base, srv[k]))
+    if bool(cfg.certificate) != bool(cfg.private_key):
+        raise InvalidArgument("give both server.certificate and server.private_key, or neither")
+    for name, u in (d.get("users") or {}).items():
+        pw = u.get("password", "")
+        if not str(pw).startswith("scrypt$"):
+            raise InvalidArgument(f"user {name}: password must be a scrypt hash (make one with `pit passwd`)")
+        cfg.users[name] = User(name, pw, _scope(f"user {name}", u))
+    if cfg.anonymous:
+        cfg.anonymous_scope = _scope("anonymous", d.get("anonymous") or {})
+    return cfg

@@ -1,0 +1,332 @@
+"""A strictly read-only wsgidav provider over `store.view`.
+
+Everything the user sees comes from a `View` limited to that user's scope,
+built per request from the authenticated user name; a path outside the
+scope resolves to nothing (404), exactly like a path that does not exist.
+
+Client quirks handled here (each named):
+- wsgidav's own `readonly=True` still allows LOCK (measured, see
+  docs/restore.md): `is_readonly()` returns True, so OPTIONS says `DAV: 1`,
+  `Allow: OPTIONS, HEAD, GET, PROPFIND`, and every write verb gets 405.
+- Windows Explorer decides free space and "is this FAT" from the quota
+  properties; we report the snapshot's size as used and a large number as
+  available, never the host disk.
+- `Depth: infinity` PROPFIND is refused (403 propfind-finite-depth, RFC
+  4918 9.1): one request must not walk a million-file snapshot.
+- wsgidav streams GET bodies in 8 KiB blocks; we raise that to 256 KiB
+  (throughput on a 1 GiB file roughly doubles).
+"""
+from __future__ import annotations
+
+import html
+import mimetypes
+import time
+import urllib.parse
+import zipfile
+from typing import Iterator
+
+from wsgidav.dav_error import HTTP_FORBIDDEN, DAVError
+from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
+
+from store.errors import PathNotFound, StoreError
+from store.view import ALL, LATEST, VERSIONS, Node, Scope, View
+
+BLOCK = 256 * 1024
+AVAILABLE = 1 << 50  # "plenty": a read-only share that Windows must not think is full or FAT
+
+
+def _href(parts: list[str], trailing: bool) -> str:
+    return "/" + "/".join(urllib.parse.quote(p, safe="") for p in parts) + ("/" if trailing and parts else "")
+
+
+class NodeFile:
+    """A seekable, read-only file object over a view file (what wsgidav's GET wants)."""
+
+    def __init__(self, vf) -> None:
+        self.vf = vf
+        self.pos = 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else self.vf.size + pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.vf.size - self.pos
+        data = self.vf.read(self.pos, n)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class _Common:
+    def _init(self, provider: "ViewProvider", node: Node, view: View, parts: list[str]) -> None:
+        self.provider, self.node, self.view, self.parts = provider, node, view, parts
+
+    def get_display_name(self) -> str:
+        return self.node.name
+
+    def get_creation_date(self):
+        return self.node.mtime
+
+    def get_last_modified(self):
+        return self.node.mtime
+
+    def get_etag(self):
+        return self.node.etag or None
+
+    def support_etag(self) -> bool:
+        return bool(self.node.etag)
+
+    def support_modified(self) -> bool:
+        return True
+
+    def get_used_bytes(self):
+        return self.node.size
+
+    def get_available_bytes(self):
+        return AVAILABLE
+
+
+class FileResource(_Common, DAVNonCollection):
+    def __init__(self, path: str, environ: dict, provider, node: Node, view: View, parts: list[str]) -> None:
+        DAVNonCollection.__init__(self, path, environ)
+        self._init(provider, node, view, parts)
+
+    def get_content_length(self) -> int:
+        return self.node.size
+
+    def get_content_type(self) -> str:
+        return mimetypes.guess_type(self.node.name)[0] or "application/octet-stream"
+
+    def support_ranges(self) -> bool:
+        return True
+
+    def get_content(self):
+        return NodeFile(self.view.open(self.node))
+
+    def get_display_info(self):
+        return {"type": "File"}
+
+
+class DirResource(_Common, DAVCollection):
+    def __init__(self, path: str, environ: dict, provider, node: Node, view: View, parts: list[str]) -> None:
+        DAVCollection.__init__(self, path, environ)
+        self._init(provider, node, view, parts)
+        self._kids: list[Node] | None = None
+
+    def _children(self) -> list[Node]:
+        if self._kids is None:
+            # Symlinks have no WebDAV form; they stay visible in the FUSE mount.
+            self._kids = [n for n in self.view.listdir(self.node) if n.kind != "symlink"]
+        return self._kids
+
+    def get_display_info(self):
+        return {"type": "Directory"}
+
+    def get_member_names(self) -> list[str]:
+        return [n.name for n in self._children()]
+
+    def get_member_list(self):
+        return [self.provider._resource(self.path.rstrip("/") + "/" + n.name, self.environ, n, self.view,
+                                        self.parts + [n.name]) for n in self._children()]
+
+    def get_member(self, name: str):
+        for n in self._children():
+            if n.name == name:
+                return self.provider._resource(self.path.rstrip("/") + "/" + name, self.environ, n, self.view,
+                                               self.parts + [name])
+        return None
+
+
+class ViewProvider(DAVProvider):
+    """Serves the view of one repository; each user sees their own scope."""
+
+    def __init__(self, repo, scopes: dict[str, Scope] | None = None, anonymous_scope: Scope | None = None) -> None:
+        super().__init__()
+        self.repo = repo
+        self.scopes = scopes  # None: no access control at all (tests, `pit serve --no-auth` never)
+        self.anonymous_scope = anonymous_scope
+
+    def is_readonly(self) -> bool:
+        return True
+
+    def view_for(self, environ: dict) -> View | None:
+        if self.scopes is None:
+            return View(self.repo, ALL)
+        user = environ.get("wsgidav.auth.user_name") or ""
+        if user and user in self.scopes:
+            return View(self.repo, self.scopes[user])
+        if not user and self.anonymous_scope is not None:
+            return View(self.repo, self.anonymous_scope)
+        return None
+
+    def _resource(self, path, environ, node: Node, view: View, parts: list[str]):
+        cls = DirResource if node.is_dir else FileResource
+        return cls(path, environ, self, node, view, parts)
+
+    def get_resource_inst(self, path: str, environ: dict):
+        view = self.view_for(environ)
+        if view is None:
+            return None
+        parts = [p for p in path.split("/") if p]
+        try:
+            node = view.resolve(parts)
+        except (PathNotFound, StoreError):
+            return None
+        if node.kind == "symlink":
+            return None
+        return self._resource(path, environ, node, view, parts)
+
+    # ------------------------------------------------------------------
+    def custom_request_handler(self, environ, start_response, default_handler):
+        server = getattr(default_handler, "__self__", None)
+        if server is not None:
+            server.block_size = BLOCK
+        method = environ["REQUEST_METHOD"]
+        if method == "PROPFIND":
+            depth = environ.get("HTTP_DEPTH", "").lower()
+            if depth == "infinity":
+                raise DAVError(HTTP_FORBIDDEN, err_condition="{DAV:}propfind-finite-depth",
+                               context_info="Depth: infinity is not served; use Depth 1")
+            if depth == "":
+                environ["HTTP_DEPTH"] = "1"  # RFC default is infinity: bounded instead
+        if method in ("GET", "HEAD"):
+            res = self.get_resource_inst(environ["PATH_INFO"], environ)
+            if res is not None and res.is_collection:
+                q = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+                if "zip" in q:
+                    return self._zip(res, environ, start_response, method == "HEAD")
+                return self._html(res, environ, start_response, method == "HEAD")
+        return default_handler(environ, start_response)
+
+    # -------------------------------------------------------- HTML listing
+    def _html(self, res: DirResource, environ, start_response, head: bool):
+        if not environ["PATH_INFO"].endswith("/"):
+            loc = urllib.parse.quote(environ.get("SCRIPT_NAME", "") + environ["PATH_INFO"]) + "/"
+            start_response("301 Moved Permanently", [("Location", loc), ("Content-Length", "0")])
+            return [b""]
+        body = render_listing(res.node, res.parts, res._children()).encode("utf-8")
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
+                                  ("Cache-Control", "no-cache")])
+        return [b"" if head else body]
+
+    # ---------------------------------------------------------- zip download
+    def _zip(self, res: DirResource, environ, start_response, head: bool):
+        name = (res.node.name or "pitstore").replace('"', "") + ".zip"
+        quoted = urllib.parse.quote(name)
+        start_response("200 OK", [("Content-Type", "application/zip"),
+                                  ("Content-Disposition", f"attachment; filename*=UTF-8''{quoted}")])
+        if head:
+            return [b""]
+        return stream_zip(res.view, res.node)
+
+
+class _Sink:
+    """A write-only, non-seekable buffer: zipfile writes, the generator drains."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.n = 0
+
+    def write(self, b) -> int:
+        self.parts.append(bytes(b))
+        self.n += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
+
+    def flush(self) -> None:
+        pass
+
+    def drain(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts.clear()
+        return out
+
+
+def stream_zip(view: View, node: Node) -> Iterator[bytes]:
+    """A folder as a zip, produced while it is sent: memory stays at one chunk.
+    Stored (not deflated): the server's CPU goes to reading, and most office
+    files are compressed already. ZIP64 for large files and archives."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for rel, n in view.walk(node):
+            t = time.gmtime(max(n.mtime, 315532800))[:6]  # zip dates start in 1980
+            if n.is_dir:
+                zi = zipfile.ZipInfo(rel + "/", t)
+                zi.external_attr = (0o40755 << 16) | 0x10
+                zf.writestr(zi, b"")
+            elif n.kind in ("file", "version"):
+                zi = zipfile.ZipInfo(rel, t)
+                zi.external_attr = 0o100644 << 16
+                zi.file_size = n.size
+                with zf.open(zi, "w", force_zip64=n.size > 0x7FFFFFFF) as w:
+                    for piece in view.open(n).iter_range():
+                        w.write(piece)
+                        if sink.parts:
+                            yield sink.drain()
+            if sink.parts:
+                yield sink.drain()
+    yield sink.drain()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+STATUS_LABEL = {"good": "verified good", "damaged": "DAMAGED", "unverified": "not verified"}
+
+
+def render_listing(node: Node, parts: list[str], kids: list[Node]) -> str:
+    """A plain, readable HTML page: names, sizes, dates; snapshot verification;
+    for a file's versions folder, which snapshots hold each version."""
+    e = html.escape
+    title = "/" + "/".join(parts)
+    rows = []
+    if parts:
+        rows.append(f'<tr><td><a href="{_href(parts[:-1], True)}">../</a></td><td></td><td></td><td></td></tr>')
+    show_status = node.kind == "set"
+    for k in kids:
+        href = _href(parts + [k.name], k.is_dir)
+        label = k.name + ("/" if k.is_dir else "")
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(k.mtime)) if k.mtime_ns else ""
+        extra = ""
+        if show_status and k.status:
+            st = k.status["result"]
+            detail = f" ({e(str(k.status.get('depth') or ''))}, {e(str(k.status.get('time') or ''))})" \
+                if st != "unverified" else ""
+            extra = f'<span class="v-{e(st)}">{e(STATUS_LABEL.get(st, st))}{detail}</span>'
+            if k.name == LATEST:
+                extra += " &rarr; newest snapshot"
+        elif k.kind == "version":
+            names = ", ".join(s.name for s in k.versions[:5]) + (" ..." if len(k.versions) > 5 else "")
+            extra = f"in {len(k.versions)} snapshot(s): {e(names)}"
+        elif k.name == VERSIONS:
+            extra = "previous versions of every file"
+        z = f' <a class="zip" href="{href}?zip">[zip]</a>' if k.kind == "snapdir" else ""
+        size = "" if k.is_dir else _size(k.size)
+        rows.append(f'<tr><td><a href="{href}">{e(label)}</a>{z}</td><td class="n">{size}</td>'
+                    f"<td>{when}</td><td>{extra}</td></tr>")
+    heading = "Previous versions of " + e(node.name) if node.kind == "vfile" else "Index of " + e(title)
+    zip_link = f'<p><a href="?zip">Download this folder as .zip</a></p>' if node.kind == "snapdir" else ""
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{e(title)} - pitstore</title>
+<style>body{{font-family:sans-serif;margin:2em}}td{{padding:.2em 1em}}.n{{text-align:right}}
+.v-good{{color:#070}}.v-damaged{{color:#b00;font-weight:bold}}.v-unverified{{color:#777}}</style></head>
+<body><h1>{heading}</h1>{zip_link}
+<table><thead><tr><th>Name</th><th>Size</th><th>Modified</th><th></th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table><p><small>pitstore restore view (read-only)</small></p></body></html>
+"""

@@ -1,0 +1,148 @@
+"""The WebDAV server: wsgidav over our provider, on cheroot, optionally TLS.
+
+Authentication is HTTP Basic against scrypt hashes (`config.py`). Basic
+sends the password with every request, so use TLS anywhere but loopback;
+Windows' WebClient refuses Basic over plain HTTP by default anyway. A
+verified password is remembered (as a keyed hash, in memory) for a few
+minutes, because davfs2 and Explorer send dozens of requests per folder and
+scrypt is deliberately slow.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import logging
+import os
+import signal
+import threading
+import time
+
+from cheroot import wsgi
+from wsgidav.dc.base_dc import BaseDomainController
+from wsgidav.wsgidav_app import WsgiDAVApp
+
+from .config import ServerConfig, check_password
+from .provider import ViewProvider
+
+REALM = "pitstore"
+AUTH_CACHE_SECONDS = 300
+
+
+class PitDomainController(BaseDomainController):
+    """Users and passwords from the pit server config (set by `build_app`)."""
+
+    def __init__(self, wsgidav_app, config) -> None:
+        super().__init__(wsgidav_app, config)
+        self.cfg: ServerConfig = config["pit_server_config"]
+        self._ok: dict[str, tuple[bytes, float]] = {}
+        self._key = os.urandom(32)
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return "PitDomainController"
+
+    def get_domain_realm(self, path_info, environ):
+        return REALM
+
+    def require_authentication(self, realm, environ) -> bool:
+        return not self.cfg.anonymous
+
+    def supports_http_digest_auth(self) -> bool:
+        return False  # we keep only scrypt hashes, which Digest cannot use
+
+    def basic_auth_user(self, realm, user_name, password, environ) -> bool:
+        user = self.cfg.users.get(user_name)
+        if user is None:
+            return False
+        tag = hashlib.blake2b(password.encode(), key=self._key, digest_size=32).digest()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._ok.get(user_name)
+        if hit is not None and hit[0] == tag and now - hit[1] < AUTH_CACHE_SECONDS:
+            return True
+        if not check_password(password, user.password_hash):
+            return False
+        with self._lock:
+            self._ok[user_name] = (tag, now)
+        return True
+
+    def digest_auth_user(self, realm, user_name, environ):
+        return False
+
+
+def build_app(repo, cfg: ServerConfig, verbose: int = 1) -> WsgiDAVApp:
+    scopes = {name: u.scope for name, u in cfg.users.items()}
+    provider = ViewProvider(repo, scopes, cfg.anonymous_scope if cfg.anonymous else None)
+    conf = {
+        "provider_mapping": {"/": provider},
+        "pit_server_config": cfg,
+        "http_authenticator": {"domain_controller": PitDomainController, "accept_basic": True,
+                               "accept_digest": False, "default_to_digest": False},
+        "dir_browser": {"enable": False},  # the provider renders its own listing (versions, verification)
+        "lock_storage": None,
+        "property_manager": None,
+        "add_header_MS_Author_Via": True,
+        "hotfixes": {"emulate_win32_lastmod": True},
+        "verbose": verbose,
+        "logging": {"enable": verbose > 1},
+    }
+    return WsgiDAVApp(conf)
+
+
+def self_signed(directory: str, hosts: list[str]) -> tuple[str, str]:
+    """Make (or reuse) a self-signed certificate for `hosts` under `directory`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return cert_path, key_path
+    os.makedirs(directory, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pitstore")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=825))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def make_server(repo, cfg: ServerConfig, verbose: int = 1) -> wsgi.Server:
+    app = build_app(repo, cfg, verbose)
+    server = wsgi.Server((cfg.listen, cfg.port), app, numthreads=16, server_name="pitstore")
+    if cfg.tls:
+        from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+        server.ssl_adapter = BuiltinSSLAdapter(cfg.certificate, cfg.private_key)
+    return server
+
+
+def serve_forever(server: wsgi.Server) -> None:
+    """Run until SIGINT/SIGTERM, then stop cleanly."""
+    def stop(signum, frame):
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("wsgidav").setLevel(logging.WARNING)
+    server.prepare()
+    server.serve()
