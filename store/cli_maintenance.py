@@ -245,6 +245,8 @@ def repair(ctx, as_json):
     rep = rebuild_index(path)
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
+        if rep.damaged_snapshots or rep.quarantined:
+            sys.exit(DamageFound.exit_code)
         return
     click.echo(f"rebuilt the index from {rep.packs} packs ({rep.frames} frames): {rep.snapshots} snapshots, "
                f"{rep.blobs_indexed} blobs, {rep.garbage_frames} garbage frames; {rep.seconds:.2f} s")

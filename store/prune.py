@@ -15,15 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import packs as P
+from . import versions
 from .errors import IntegrityError, StoreError
 from .files import decode_filelist
 from .index import BlobEntry, bytime_key  # noqa: F401
 from .snapshots import Snapshot
 from .trees import decode_tree, tree_children
 
-# Called with (writer, snapshot) inside the transaction that drops it; other
-# modules (the versions index) keep their derived data right through this.
-drop_hooks: list = []
+# Called with (writer, snapshot) inside the transaction that drops it, before
+# its catalogue entries go: derived indexes (the previous-versions index)
+# stay exact through this.
+drop_hooks: list = [versions.forget_snapshot]
 
 
 @dataclass

@@ -213,7 +213,11 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
     import msgpack
 
     doomed = {d[0] for d in msgpack.unpackb(doomed_raw)} if doomed_raw else set()
-    for num in sorted(on_disk - set(packs) - doomed):
+    nxt_raw = txn.get(b"next_pack", db=repo.index.db["meta"])
+    nxt = U64.unpack(nxt_raw)[0] if nxt_raw else 0
+    # Packs numbered from next_pack on were never committed (a writer died);
+    # the next writer deletes them. They are not damage.
+    for num in sorted(n for n in on_disk - set(packs) - doomed if n < nxt):
         report.problems.append(f"pack {P.pack_name(num)} is on disk but not in the index (run `pit repair`)")
     with txn.cursor(db=repo.index.db["blobs"]) as cur:
         for k, v in cur:
