@@ -462,17 +462,3 @@ def _list_children(txn, dbs: Dbs, set_name: str, dirpath: bytes) -> list[Child]:
             ok = cur.set_range(nxt)
     return out
 
-
-def _register_drop_hook() -> None:
-    """Keep the index right when retention or `pit forget` drops a snapshot in
-    this process. (The store's drop path should also import this module so a
-    process that never committed a snapshot runs the hook; if it does not,
-    the marks show the set as stale and the next commit rebuilds it.)"""
-    from . import prune
-
-    hooks = getattr(prune, "drop_hooks", None)
-    if hooks is not None and forget_snapshot not in hooks:
-        hooks.append(forget_snapshot)
-
-
-_register_drop_hook()
