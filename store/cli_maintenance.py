@@ -221,6 +221,8 @@ def verify(ctx, set_name, specs, deep, sample, seed, recheck_after, as_json):
                    f"{rep.chunks_skipped_recent} skipped as recently verified; {rep.seconds:.2f} s")
         for p in rep.problems:
             click.echo(f"problem: {p}")
+        for n in rep.notes:
+            click.echo(f"note: {n}")
         for d in rep.damage:
             click.echo(f"damaged {d.kind} {d.blob[:16]} at {d.where}: {d.reason}")
             for p in d.paths[:20]:

@@ -472,9 +472,12 @@ class Writer:
             raise DiskFull("the index is full") from exc
         except lmdb.Error as exc:
             self.abort()
-            if "No space" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
-                raise DiskFull(f"no space left on device while committing the index: {exc}") from exc
-            raise
+            # LMDB reports a failed page write as EIO even when the cause is a
+            # full disk; the free space tells the two apart. Either way the
+            # commit did not happen (LMDB writes its meta page last).
+            if "No space" in str(exc) or _nearly_full(self.repo.path):
+                raise DiskFull(f"no space left on device while committing the index ({exc})") from exc
+            raise IntegrityError(f"the index commit failed: {exc}; nothing was committed") from exc
         except BaseException:
             self.abort()
             raise
@@ -509,6 +512,14 @@ class Writer:
         if self._lock_fd is not None:
             _release_lock(self._lock_fd)
             self._lock_fd = None
+
+
+def _nearly_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 4 * 1024 * 1024
 
 
 def _acquire_lock(path: str, wait: float) -> int:

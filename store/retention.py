@@ -62,6 +62,12 @@ def get_policy(repo, txn, set_name: str) -> Policy:
 
 def set_policy(writer, set_name: str, policy: Policy) -> None:
     policy.check()
+    pinned = pinned_ids(writer.repo, writer.txn, list_snapshots(writer.repo, writer.txn, set_name))
+    if len(pinned) > policy.max - 1:
+        raise PinRefused(
+            f"set {set_name} has {len(pinned)} pinned snapshots; a cap of {policy.max} would leave no room "
+            f"for the newest one (unpin some first)"
+        )
     key = set_name.encode()
     raw = writer.txn.get(key, db=writer.db["sets"])
     d = msgpack.unpackb(raw) if raw else {}

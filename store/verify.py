@@ -58,6 +58,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)  # structural findings that are not one blob
     seconds: float = 0.0
     recorded: bool = False
+    notes: list[str] = field(default_factory=list)  # not findings: e.g. results could not be recorded
 
     @property
     def clean(self) -> bool:
@@ -456,7 +457,7 @@ def _record(repo, report: VerifyReport, chosen: list[Snapshot], good: list[bytes
                 update_meta(w, s.id, verify={"time": stamp, "depth": report.depth, "result": result})
         report.recorded = True
     except RepositoryLocked:
-        report.problems.append("results not recorded: the repository was locked by a writer")
+        report.notes.append("results not recorded: the repository was locked by a writer")
 
 
 def snapshot_status(repo, txn, sid: bytes) -> dict | None:
