@@ -1,0 +1,411 @@
+"""`pit agent`: one node of the cluster, master side, replica side, or both.
+
+Threads: an accept loop on the mTLS listener (one thread per connection),
+on the primary a join listener and a config loop (re-reads the cluster file
+and roster, versions them and pushes them to every node until each
+acknowledges), per mastered set a debounce/scan loop plus one sender per
+replica, a consistent-point loop on the replica side, and a local control
+socket (`pit point`, `pit status`, `pit release-deletes`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+
+from . import config as C
+from . import protocol
+from .errors import ConfigError, NotAuthorised, ReplError
+from .master import MasterSet, Sender
+from .membership import NodeState, connect, parse_address, peer_identity, serve_join
+from .watcher import Watcher
+
+log = logging.getLogger("pit.agent")
+
+
+class Agent:
+    def __init__(self, cfg_path: str) -> None:
+        self.cfg = C.load_agent_config(cfg_path)
+        self.state = NodeState(self.cfg["state"])
+        self.listen = self.cfg.get("listen") or self.state.address
+        self.cluster_file = self.cfg.get("cluster")
+        if self.state.is_primary and not self.cluster_file:
+            raise ConfigError("the primary's agent config needs `cluster` (the sets file)")
+        self.config: dict = C.load_pushed(self.state.path) if not self.state.is_primary else {}
+        self.masters: dict[str, MasterSet] = {}
+        self.replica = None
+        self.watcher = Watcher()
+        self.conns: dict[protocol.Conn, tuple[str, str]] = {}
+        self.conns_lock = threading.Lock()
+        self.apply_lock = threading.RLock()
+        self.stopped = threading.Event()
+        self.pushed: dict[str, int] = {}
+        self.pushing: set[str] = set()
+        self.next_push: dict[str, float] = {}
+        self.point_seq = 0
+        self._roster_cache = (0.0, {})
+
+    # ----------------------------------------------------------------- cluster view
+    def roster(self) -> dict:
+        if self.state.is_primary:
+            now = time.monotonic()
+            if now - self._roster_cache[0] > 0.2:
+                self._roster_cache = (now, self.state.roster())
+            return self._roster_cache[1]
+        return self.config.get("roster", {})
+
+    def sets(self) -> dict:
+        return self.config.get("sets", {})
+
+    def authorise(self, node: str, fp: str) -> None:
+        r = self.roster() if (self.state.is_primary or self.config.get("roster")) else None
+        self.state.authorise(node, fp, r)
+
+    # ----------------------------------------------------------------- config
+    def apply_config(self, cfg: dict) -> None:
+        with self.apply_lock:
+            old_sets = self.sets()
+            self.config = cfg
+            me = self.state.node
+            sets = cfg.get("sets", {})
+            # master side
+            for name, ms in list(self.masters.items()):
+                if sets.get(name) != old_sets.get(name) or sets.get(name, {}).get("master") != me:
+                    ms.stop()
+                    self.watcher.unwatch(name)
+                    del self.masters[name]
+            for name, s in sets.items():
+                if s["master"] == me and name not in self.masters:
+                    ms = MasterSet(self, name, s)
+                    self.masters[name] = ms
+                    threading.Thread(target=self._start_master, args=(ms,), daemon=True,
+                                     name=f"pit-master-{name}").start()
+            # replica side
+            if any(me in s["replicas"] for s in sets.values()) and self.replica is None:
+                if not self.cfg.get("repo"):
+                    log.error("this node replicates sets but its agent config names no `repo`")
+                else:
+                    from .replica import ReplicaSide
+
+                    self.replica = ReplicaSide(self, self.cfg["repo"])
+            self._drop_unauthorised()
+            log.info("configuration version %s applied (%d sets)", cfg.get("version"), len(sets))
+
+    def _start_master(self, ms: MasterSet) -> None:
+        # The first full scan completes before any sender starts: a catch-up
+        # against a half-built tree would look like mass deletion.
+        try:
+            self.watcher.watch(ms)
+            ms.full_scan()
+        except Exception:
+            log.exception("set %s: initial scan failed", ms.name)
+        if ms.stopped:
+            return
+        for r in ms.cfg["replicas"]:
+            s = Sender(ms, r)
+            ms.senders[r] = s
+            s.start()
+        ms.run()
+
+    def _drop_unauthorised(self) -> None:
+        with self.conns_lock:
+            items = list(self.conns.items())
+        for conn, (node, fp) in items:
+            try:
+                self.authorise(node, fp)
+            except NotAuthorised:
+                log.warning("closing the connection of %s: no longer in the roster", node)
+                conn.close()
+
+    def _config_loop(self) -> None:
+        """Primary: notice changes of the sets file or roster, version them, push to every node."""
+        last = None
+        while not self.stopped.is_set():
+            try:
+                sets = C.load_cluster_file(self.cluster_file)
+                self._roster_cache = (0.0, {})
+                cfg = C.versioned(self.state.path, sets, self.roster(), self.state.node)
+                if last is None or cfg["version"] != last:
+                    last = cfg["version"]
+                    self.apply_config(cfg)
+                self._push(cfg)
+            except ReplError as exc:
+                log.error("cluster configuration: %s (keeping version %s)", exc, last)
+            except Exception:
+                log.exception("config loop")
+            self.stopped.wait(0.5)
+
+    def _push(self, cfg: dict) -> None:
+        now = time.monotonic()
+        for node, ent in cfg["roster"].items():
+            if node == self.state.node or self.pushed.get(node) == cfg["version"] or node in self.pushing:
+                continue
+            if self.next_push.get(node, 0) > now:
+                continue
+            self.pushing.add(node)
+            threading.Thread(target=self._push_one, args=(node, ent["address"], cfg), daemon=True).start()
+
+    def _push_one(self, node: str, address: str, cfg: dict) -> None:
+        try:
+            sock, peer = connect(self.state, address, timeout=3)
+            conn = protocol.Conn(sock, node, heartbeat=False, dead_after=10)
+            try:
+                if peer != node:
+                    raise NotAuthorised(f"{address} is {peer}, not {node}")
+                protocol.hello(conn, self.state.node, "config")
+                conn.send({"t": "config", "cfg": cfg})
+                ack = conn.recv("config_ack")
+                self.pushed[node] = ack["version"]
+            finally:
+                conn.close()
+        except Exception as exc:
+            log.debug("config push to %s: %s", node, exc)
+            self.next_push[node] = time.monotonic() + 2.0
+        finally:
+            self.pushing.discard(node)
+
+    # ----------------------------------------------------------------- listeners
+    def _listen_socket(self, address: str) -> socket.socket:
+        host, port = parse_address(address)
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(64)
+        return s
+
+    def _accept_loop(self, lsock: socket.socket, handler) -> None:
+        while not self.stopped.is_set():
+            try:
+                raw, addr = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handler, args=(raw, addr), daemon=True).start()
+
+    def _handle(self, raw: socket.socket, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        try:
+            protocol.tune_socket(raw)
+            raw.settimeout(10)
+            sock = self.server_ctx.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("refused %s: TLS: %s", peer, exc)
+            raw.close()
+            return
+        conn = None
+        try:
+            node, fp = peer_identity(sock)
+            self.authorise(node, fp)
+            conn = protocol.Conn(sock, node)
+            with self.conns_lock:
+                self.conns[conn] = (node, fp)
+            msg = protocol.accept_hello(conn, self.state.node)
+            if msg["node"] != node:
+                conn.fail("identity", "HELLO names another node than the certificate")
+                raise NotAuthorised(f"{node} claimed to be {msg['node']!r}")
+            if msg["kind"] == "repl":
+                if self.replica is None:
+                    conn.fail("role", "this node replicates no set")
+                    return
+                self.replica.serve(conn, node, fp, msg["set"])
+            elif msg["kind"] == "config":
+                if node != self.state.primary:
+                    conn.fail("role", "only the primary pushes configuration")
+                    raise NotAuthorised(f"{node} tried to push configuration")
+                protocol.welcome(conn, self.state.node)
+                cfg = C.check_pushed(conn.recv("config")["cfg"])
+                if cfg["version"] >= self.config.get("version", 0):
+                    C.save_pushed(self.state.path, cfg)
+                    self.apply_config(cfg)
+                conn.send({"t": "config_ack", "version": cfg["version"]})
+            else:
+                conn.fail("kind", f"{msg['kind']} is not served on this port")
+        except (ReplError, ssl.SSLError, OSError) as exc:
+            log.info("connection from %s ended: %s", peer, exc)
+        except Exception:
+            log.exception("connection from %s", peer)
+        finally:
+            if conn is not None:
+                with self.conns_lock:
+                    self.conns.pop(conn, None)
+                conn.close()
+            else:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def _handle_join(self, raw: socket.socket, addr) -> None:
+        try:
+            protocol.tune_socket(raw)
+            raw.settimeout(15)
+            sock = self.join_ctx.wrap_socket(raw, server_side=True)
+            conn = protocol.Conn(sock, f"{addr[0]}:{addr[1]}", heartbeat=False, dead_after=15)
+            try:
+                node = serve_join(conn, self.state, sock)
+                log.info("node %s joined", node)
+            finally:
+                conn.close()
+        except Exception as exc:
+            log.info("join from %s refused: %s", addr[0], exc)
+            try:
+                raw.close()
+            except OSError:
+                pass
+
+    # ----------------------------------------------------------------- control socket
+    def _control_loop(self, lsock: socket.socket) -> None:
+        while not self.stopped.is_set():
+            try:
+                raw, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._control, args=(raw,), daemon=True).start()
+
+    def _control(self, raw: socket.socket) -> None:
+        conn = protocol.Conn(raw, "control", heartbeat=False, dead_after=120)
+        try:
+            msg = conn.recv("ctl")
+            try:
+                result = self.control(msg["cmd"], msg["args"])
+                conn.send({"t": "ctl_reply", "ok": True, "result": result, "code": 0})
+            except ReplError as exc:
+                conn.send({"t": "ctl_reply", "ok": False, "result": str(exc), "code": exc.exit_code})
+        except Exception as exc:
+            log.info("control: %s", exc)
+        finally:
+            conn.close()
+
+    def control(self, cmd: str, args: dict):
+        from .errors import PointFailed
+
+        if cmd == "status":
+            return self.status()
+        name = args.get("set")
+        if cmd == "point":
+            if name in self.masters:
+                ms = self.masters[name]
+                ms.flush()
+                self.point_seq += 1
+                slots = {r: s.request_point(self.point_seq) for r, s in ms.senders.items()}
+                deadline = time.monotonic() + float(args.get("timeout", 60))
+                out = {}
+                for r, slot in slots.items():
+                    slot["done"].wait(max(0.0, deadline - time.monotonic()))
+                    out[r] = slot["result"] or {"error": "timed out"}
+                bad = {r: v["error"] for r, v in out.items() if "error" in v}
+                if bad:
+                    raise PointFailed("no consistent point on " + ", ".join(f"{r} ({e})" for r, e in bad.items()))
+                return out
+            if self.replica is not None and name in self.sets() and self.state.node in self.sets()[name]["replicas"]:
+                return {self.state.node: {"snapshot": self.replica.point(name, self.sets()[name])}}
+            raise ConfigError(f"this node neither masters nor replicates set {name!r}")
+        if cmd == "release-deletes":
+            if self.replica is None or name not in self.sets():
+                raise ConfigError(f"this node does not replicate set {name!r}")
+            self.replica.release(name)
+            return "released"
+        raise ConfigError(f"unknown control command {cmd!r}")
+
+    def status(self) -> dict:
+        out = {"node": self.state.node, "primary": self.state.primary, "config_version": self.config.get("version"),
+               "sets": {}}
+        for name, ms in self.masters.items():
+            out["sets"][name] = ms.status()
+        if self.replica is not None:
+            for name, st in self.replica.status().items():
+                out["sets"].setdefault(name, {}).update(st)
+        if self.state.is_primary:
+            out["pushed"] = dict(self.pushed)
+        return out
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> None:
+        self.server_ctx = self.state.server_context()
+        lsock = self._listen_socket(self.listen)
+        socks = [lsock]
+        threading.Thread(target=self._accept_loop, args=(lsock, self._handle), daemon=True).start()
+        if self.state.is_primary:
+            self.join_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.join_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            self.join_ctx.load_cert_chain(self.state.file("node.crt"), self.state.file("node.key"))
+            jsock = self._listen_socket(self.state.info["join_address"])
+            socks.append(jsock)
+            threading.Thread(target=self._accept_loop, args=(jsock, self._handle_join), daemon=True).start()
+        ctl_path = self.cfg.get("control") or self.state.file("agent.sock")
+        try:
+            os.unlink(ctl_path)
+        except FileNotFoundError:
+            pass
+        csock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            csock.bind(ctl_path)
+        finally:
+            os.umask(old)
+        csock.listen(8)
+        socks.append(csock)
+        threading.Thread(target=self._control_loop, args=(csock,), daemon=True).start()
+        if self.state.is_primary:
+            threading.Thread(target=self._config_loop, daemon=True, name="pit-config").start()
+        elif self.config:
+            self.apply_config(self.config)
+        log.info("node %s listening on %s", self.state.node, self.listen)
+        print(f"pit agent: node {self.state.node} listening on {self.listen}", flush=True)
+        try:
+            self.stopped.wait()
+        finally:
+            for s in socks:
+                s.close()
+            for ms in self.masters.values():
+                ms.stop()
+            self.watcher.stop()
+            try:
+                os.unlink(ctl_path)
+            except OSError:
+                pass
+
+    def stop(self, *_a) -> None:
+        self.stopped.set()
+
+
+def control_request(state_dir: str | None, cfg_path: str | None, cmd: str, args: dict, timeout: float = 120):
+    from .errors import AgentUnreachable
+
+    if cfg_path:
+        cfg = C.load_agent_config(cfg_path)
+        path = cfg.get("control") or os.path.join(cfg["state"], "agent.sock")
+    elif state_dir:
+        path = os.path.join(state_dir, "agent.sock")
+    else:
+        raise ConfigError("give --config FILE (the agent's) or --state DIR")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        raise AgentUnreachable(f"no agent is running for {path} (start `pit agent`)") from None
+    conn = protocol.Conn(s, "agent", heartbeat=False, dead_after=timeout)
+    try:
+        conn.send({"t": "ctl", "cmd": cmd, "args": args})
+        reply = conn.recv("ctl_reply")
+    finally:
+        conn.close()
+    if not reply["ok"]:
+        err = ReplError(reply["result"])
+        err.exit_code = reply["code"]
+        raise err
+    return reply["result"]
+
+
+def run_agent(cfg_path: str) -> None:
+    logging.basicConfig(level=os.environ.get("PIT_LOG", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    agent = Agent(cfg_path)
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    agent.run()

@@ -1,0 +1,136 @@
+"""The replicator's `pit` commands (registered through the `pit.commands` entry points).
+
+Every `ReplError` is a `StoreError`, so the `pit` group prints it as one
+line and exits with its code.
+"""
+from __future__ import annotations
+
+import json
+import socket
+
+import click
+
+STATE = click.option("--state", "state", envvar="PIT_STATE", required=True, metavar="DIR",
+                     help="The node's state directory (or set PIT_STATE).")
+
+
+@click.group()
+def cluster():
+    """Cluster membership on the primary master: init, tokens, roster."""
+
+
+@cluster.command("init")
+@STATE
+@click.option("--node", default=None, help="This node's id (default: the host name).")
+@click.option("--address", required=True, metavar="HOST:PORT", help="Where this node's agent listens (mTLS).")
+@click.option("--join-address", default=None, metavar="HOST:PORT", help="Where joining nodes connect (default: port+1).")
+def cluster_init(state, node, address, join_address):
+    """Create the cluster CA and this primary's certificate."""
+    from .membership import ca_fingerprint, init_cluster
+
+    node = node or socket.gethostname().split(".")[0].lower()
+    st = init_cluster(state, node, address, join_address)
+    click.echo(f"cluster created: primary {st.node} at {address}, joins at {st.info['join_address']}")
+    click.echo(f"CA fingerprint sha256:{ca_fingerprint(st)}")
+
+
+@cluster.command("token")
+@STATE
+@click.option("--ttl", default=24 * 3600, show_default=True, type=int, help="Seconds the token stays valid.")
+def cluster_token(state, ttl):
+    """Print a one-time join token (address, secret, CA fingerprint, expiry)."""
+    from .membership import NodeState, make_token
+
+    click.echo(make_token(NodeState(state), ttl))
+
+
+@cluster.command("remove")
+@STATE
+@click.argument("node")
+def cluster_remove(state, node):
+    """Remove NODE from the roster: its connections are refused at once."""
+    from .membership import NodeState, remove_node
+
+    remove_node(NodeState(state), node)
+    click.echo(f"removed {node}")
+
+
+@cluster.command("nodes")
+@STATE
+@click.option("--json", "as_json", is_flag=True)
+def cluster_nodes(state, as_json):
+    """List the roster."""
+    from .membership import NodeState
+
+    r = NodeState(state).roster()
+    if as_json:
+        click.echo(json.dumps(r, indent=2, sort_keys=True))
+        return
+    for node, ent in sorted(r.items()):
+        click.echo(f"{node}\t{ent['address']}\tsha256:{ent['fp'][:16]}")
+
+
+@click.command("join")
+@STATE
+@click.argument("token")
+@click.option("--node", default=None, help="This node's id (default: the host name).")
+@click.option("--address", required=True, metavar="HOST:PORT", help="Where this node's agent will listen.")
+def join(state, token, node, address):
+    """Join the cluster named by TOKEN (from `pit cluster token`)."""
+    from .membership import join as do_join
+
+    node = node or socket.gethostname().split(".")[0].lower()
+    st = do_join(token, state, node, address)
+    click.echo(f"joined as {st.node}; primary is {st.primary}")
+
+
+@click.command("agent")
+@click.option("--config", "config", required=True, metavar="FILE", help="The agent's TOML file.")
+def agent(config):
+    """Run this node: watch and send the sets it masters, receive those it replicates."""
+    from .agent import run_agent
+
+    run_agent(config)
+
+
+CTL = [click.option("--config", "config", default=None, metavar="FILE", help="The agent's TOML file."),
+       click.option("--state", "state", envvar="PIT_STATE", default=None, metavar="DIR")]
+
+
+def _ctl(f):
+    for opt in reversed(CTL):
+        f = opt(f)
+    return f
+
+
+@click.command("point")
+@_ctl
+@click.option("--set", "set_name", required=True, help="The replication set.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for every replica.")
+def point(config, state, set_name, timeout):
+    """Make a consistent point (a snapshot on every replica) now."""
+    from .agent import control_request
+
+    res = control_request(state, config, "point", {"set": set_name, "timeout": timeout}, timeout + 30)
+    for node, r in sorted(res.items()):
+        click.echo(f"{node}\t{r.get('snapshot')}")
+
+
+@click.command("status")
+@_ctl
+def status(config, state):
+    """Show the agent's sets, replicas, queues and alerts (JSON)."""
+    from .agent import control_request
+
+    click.echo(json.dumps(control_request(state, config, "status", {}), indent=2, sort_keys=True))
+
+
+@click.command("release-deletes")
+@_ctl
+@click.option("--set", "set_name", required=True)
+def release_deletes(config, state, set_name):
+    """Let deletions held by the mass-delete breaker through (on the replica)."""
+    from .agent import control_request
+
+    control_request(state, config, "release-deletes", {"set": set_name})
+    click.echo(f"deletions released for {set_name}; the master resends them on reconnect")

@@ -1,0 +1,110 @@
+"""One exception hierarchy for the replicator, each class with its exit code.
+
+`ReplError` derives from the store's `StoreError`, so the `pit` group turns
+every one of them into one line and its exit code (no traceback). Codes
+40-59 belong to the replicator.
+"""
+from __future__ import annotations
+
+from store.errors import StoreError
+
+
+class ReplError(StoreError):
+    """Base of every error the replicator raises on purpose."""
+
+    exit_code = 40
+
+
+class ProtocolError(ReplError):
+    """The peer broke the replication protocol; the connection was closed."""
+
+    exit_code = 41
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame longer than the protocol's hard limit; the connection was closed."""
+
+    exit_code = 42
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version."""
+
+    exit_code = 43
+
+
+class UnsafeWirePath(ProtocolError):
+    """A path on the wire was absolute, contained '..' or NUL; the connection was closed."""
+
+    exit_code = 44
+
+
+class ChunkRejected(ProtocolError):
+    """A received chunk does not decompress to bytes matching its id."""
+
+    exit_code = 45
+
+
+class ConnectionLost(ReplError):
+    """The peer went away (closed, reset or silent past the timeout)."""
+
+    exit_code = 46
+
+
+class NotAuthorised(ReplError):
+    """The peer is not a member of the cluster (or was removed)."""
+
+    exit_code = 47
+
+
+class TokenInvalid(ReplError):
+    """The join token is malformed, unknown, used or expired."""
+
+    exit_code = 48
+
+
+class ClusterError(ReplError):
+    """The cluster state on this node is missing or inconsistent."""
+
+    exit_code = 49
+
+
+class ClusterExists(ClusterError):
+    """A cluster (or a joined node) already exists in this state directory."""
+
+    exit_code = 50
+
+
+class NotInCluster(ClusterError):
+    """This state directory holds no cluster membership (run `pit cluster init` or `pit join`)."""
+
+    exit_code = 51
+
+
+class UnknownNode(ClusterError):
+    """No such node in the roster."""
+
+    exit_code = 52
+
+
+class ConfigError(ReplError):
+    """The agent or cluster configuration is invalid."""
+
+    exit_code = 53
+
+
+class AgentUnreachable(ReplError):
+    """The local agent is not running (no control socket)."""
+
+    exit_code = 54
+
+
+class PointFailed(ReplError):
+    """A consistent point could not be made on every replica in time."""
+
+    exit_code = 55
+
+
+ALL = [ReplError, ProtocolError, FrameTooLarge, VersionMismatch, UnsafeWirePath, ChunkRejected,
+       ConnectionLost, NotAuthorised, TokenInvalid, ClusterError, ClusterExists, NotInCluster,
+       UnknownNode, ConfigError, AgentUnreachable, PointFailed]

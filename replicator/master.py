@@ -1,0 +1,724 @@
+"""The master side of a set: an in-memory Merkle tree of the sources, and one
+sender per replica.
+
+`MasterSet.refresh(paths)` looks at changed paths (from the watcher, or a
+reconcile scan), re-chunks files whose (size, mtime, ctime, inode) changed
+— the files-cache rule — and hands the changed set-relative paths to every
+sender. A sender holds a *bounded* ordered set of paths, never data: it
+reads the current state of each path when it sends, so bursts coalesce and
+a slow replica costs memory proportional to the paths it lags, up to the
+bound; past it the queue is dropped and the sender catches up by comparing
+trees (`_catchup`), which sends only differing subtrees.
+
+A file travels as its chunk list *relative to the previous version* the
+master knew (`base` + keep/new ranges), and only the chunk ids in new
+ranges are offered, so a 64 KiB change in a 512 MiB file costs the changed
+chunks plus a few hundred bytes. If the replica's entry is not that base,
+it asks for the full list (`retry`). Chunks are compressed once and kept in
+a shared LRU, so every replica gets the same bytes without recompressing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import blake3
+import zstandard
+
+from store import packs as P
+from store.cache import LRU
+from store.chunker import ChunkerParams, chunk_stream
+from store.files import encode_filelist
+from store.repository import blob_id
+from store.trees import DIR, FILE, SYMLINK
+
+from . import protocol
+from .errors import ConnectionLost, ProtocolError, ReplError
+from .merkle import dir_digest, leaf_digest
+
+log = logging.getLogger("pit.master")
+
+CHUNKS_FRAME = 4 * 1024 * 1024
+OFFER_IDS = 8192
+CHANGES_FRAME_IDS = 100_000
+BATCH_PATHS = 512
+
+
+@dataclass
+class FNode:
+    type: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int
+    content: bytes | None
+    chunks: list = field(default_factory=list)  # [(id, len)] for files
+    skey: tuple = ()
+    prev: list | None = None  # the chunk list of the version before (base for deltas)
+    prev_content: bytes | None = None
+    _digest: bytes | None = None
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = leaf_digest(self.type, self.mode, self.uid, self.gid, self.mtime_ns, self.size,
+                                       self.content)
+        return self._digest
+
+
+@dataclass
+class DNode:
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    children: dict = field(default_factory=dict)
+    _digest: bytes | None = None
+    type: int = DIR
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = dir_digest([(n, c.digest()) for n, c in self.children.items()])
+        return self._digest
+
+
+def content_id(chunks: list) -> bytes | None:
+    if not chunks:
+        return None
+    if len(chunks) == 1:
+        return chunks[0][0]
+    return blob_id(encode_filelist([c for c, _ in chunks], [n for _, n in chunks]))
+
+
+def delta_ops(old: list | None, new: list) -> list:
+    """Keep/new ranges turning `old` into `new`: common prefix and suffix are kept."""
+    if not old:
+        return [[1, [list(c) for c in new]]] if new else []
+    pre = 0
+    while pre < len(old) and pre < len(new) and old[pre] == new[pre]:
+        pre += 1
+    suf = 0
+    while suf < len(old) - pre and suf < len(new) - pre and old[-1 - suf] == new[-1 - suf]:
+        suf += 1
+    ops: list = []
+    if pre:
+        ops.append([0, 0, pre])
+    mid = new[pre:len(new) - suf]
+    if mid:
+        ops.append([1, [list(c) for c in mid]])
+    if suf:
+        ops.append([0, len(old) - suf, suf])
+    return ops
+
+
+class MasterSet:
+    """One set this node owns: its sources, their tree, and the senders."""
+
+    def __init__(self, agent, name: str, cfg: dict) -> None:
+        self.agent = agent
+        self.name = name
+        self.cfg = cfg
+        self.sources = [os.fsencode(p) for p in cfg["paths"]]
+        self.names = [os.path.basename(s) for s in self.sources]
+        self.params = ChunkerParams.for_average(cfg["avg_chunk"])
+        self.root = DNode()
+        self.lock = threading.RLock()
+        self.scan_lock = threading.Lock()
+        self.cache: LRU[tuple] = LRU(64 * 1024 * 1024, lambda v: len(v[1]) + 64)
+        self.cache_lock = threading.Lock()
+        self.senders: dict[str, Sender] = {}
+        self.alerts: list[str] = []
+        self.stats = {"files_read": 0, "bytes_read": 0, "changes": 0}
+        self.dirty: dict[bytes, bool] = {}
+        self.dirty_cond = threading.Condition()
+        self.last_event = 0.0
+        self.first_event = 0.0
+        self.settle_since: dict[bytes, float] = {}
+        self.stopped = False
+
+    # ------------------------------------------------------------- the tree
+    def lookup(self, rel: bytes):
+        node = self.root
+        for part in rel.split(b"/"):
+            if not isinstance(node, DNode):
+                return None
+            node = node.children.get(part)
+            if node is None:
+                return None
+        return node
+
+    def _parent(self, rel: bytes, create: bool) -> DNode | None:
+        parts = rel.split(b"/")[:-1]
+        node = self.root
+        path = []
+        for part in parts:
+            path.append(part)
+            nxt = node.children.get(part)
+            if not isinstance(nxt, DNode):
+                if not create:
+                    return None
+                nxt = DNode()
+                node.children[part] = nxt
+            node = nxt
+        return node
+
+    def _invalidate(self, rel: bytes) -> None:
+        node = self.root
+        node._digest = None
+        for part in rel.split(b"/")[:-1]:
+            node = node.children.get(part)
+            if not isinstance(node, DNode):
+                return
+            node._digest = None
+
+    def _set(self, rel: bytes, node) -> None:
+        parent = self._parent(rel, create=True)
+        parent.children[rel.rsplit(b"/", 1)[-1]] = node
+        self._invalidate(rel)
+
+    def _remove(self, rel: bytes) -> bool:
+        parent = self._parent(rel, create=False)
+        if parent is None:
+            return False
+        gone = parent.children.pop(rel.rsplit(b"/", 1)[-1], None) is not None
+        if gone:
+            self._invalidate(rel)
+        return gone
+
+    def abs_path(self, rel: bytes) -> bytes:
+        name, _, rest = rel.partition(b"/")
+        src = self.sources[self.names.index(name)]
+        return os.path.join(src, rest) if rest else src
+
+    def rel_path(self, p: bytes) -> bytes | None:
+        p = os.path.normpath(p)
+        for src, name in zip(self.sources, self.names):
+            if p == src:
+                return name
+            if p.startswith(src + b"/"):
+                return name + p[len(src):]
+        return None
+
+    # ------------------------------------------------------------- scanning
+    def alert(self, msg: str) -> None:
+        if msg not in self.alerts:
+            self.alerts.append(msg)
+            del self.alerts[:-20]
+            log.warning("set %s: %s", self.name, msg)
+
+    def refresh(self, paths: dict[bytes, bool]) -> tuple[list[bytes], dict[bytes, bool]]:
+        """Look at absolute paths afresh (value: recurse into directories). -> (changed rels, deferred)."""
+        changed: list[bytes] = []
+        deferred: dict[bytes, bool] = {}
+        with self.scan_lock:
+            for p, rec in sorted(paths.items()):
+                rel = self.rel_path(p)
+                if rel is None:
+                    continue
+                self._ensure_parents(rel, changed)
+                self._visit(p, rel, rec, changed, deferred)
+        if changed:
+            self.stats["changes"] += len(changed)
+            for s in list(self.senders.values()):
+                s.enqueue(changed)
+        return changed, deferred
+
+    def full_scan(self) -> list[bytes]:
+        return self.refresh({s: True for s in self.sources})[0]
+
+    def _ensure_parents(self, rel: bytes, changed: list) -> None:
+        parts = rel.split(b"/")
+        for i in range(1, len(parts)):
+            sub = b"/".join(parts[:i])
+            if isinstance(self.lookup(sub), DNode):
+                continue
+            try:
+                st = os.lstat(self.abs_path(sub))
+            except OSError:
+                return
+            if stat.S_ISDIR(st.st_mode):
+                with self.lock:
+                    self._set(sub, DNode(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
+                changed.append(sub)
+
+    def _visit(self, p: bytes, rel: bytes, recurse: bool, changed: list, deferred: dict) -> None:
+        is_source = b"/" not in rel
+        old = self.lookup(rel)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            if is_source:
+                if old is not None:
+                    self.alert(f"source path {os.fsdecode(p)} vanished: its files are kept on the replicas")
+                return
+            with self.lock:
+                if self._remove(rel):
+                    changed.append(rel)
+            return
+        except OSError as exc:
+            self.alert(f"{os.fsdecode(p)}: {exc.strerror}")
+            return
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            node = old if isinstance(old, DNode) else None
+            meta = (stat.S_IMODE(m), st.st_uid, st.st_gid)
+            if node is None or (node.mode, node.uid, node.gid) != meta:
+                new = DNode(*meta, st.st_mtime_ns, children=node.children if node else {})
+                with self.lock:
+                    self._set(rel, new)
+                changed.append(rel)
+                node = new
+                recurse = True if old is None or not isinstance(old, DNode) else recurse
+            if not recurse:
+                return
+            try:
+                names = set(os.listdir(p))
+            except OSError as exc:
+                self.alert(f"{os.fsdecode(p)}: {exc.strerror}")
+                return
+            if is_source and not names and node.children:
+                self.alert(f"source path {os.fsdecode(p)} is empty: deletions held (an unmounted share?)")
+                return
+            for gone in set(node.children) - names:
+                with self.lock:
+                    if self._remove(rel + b"/" + gone):
+                        changed.append(rel + b"/" + gone)
+            for n in sorted(names):
+                self._visit(os.path.join(p, n), rel + b"/" + n, True, changed, deferred)
+        elif stat.S_ISREG(m):
+            skey = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            if isinstance(old, FNode) and old.type == FILE and old.skey == skey and \
+                    (old.mode, old.uid, old.gid) == (stat.S_IMODE(m), st.st_uid, st.st_gid):
+                return
+            now = time.time()
+            first = self.settle_since.setdefault(p, now)
+            # A file still being written: wait until it has been quiet for `settle`, at most `settle_max`.
+            if now - st.st_mtime_ns / 1e9 < self.cfg["settle"] and now - first < self.cfg["settle_max"]:
+                deferred[p] = False
+                return
+            chunks = self._chunk(p, st)
+            if chunks is None:
+                if now - first < self.cfg["settle_max"]:
+                    deferred[p] = False
+                    return
+                try:  # changing for too long: take it as it is now
+                    st = os.lstat(p)
+                    chunks = self._chunk(p, st, check=False)
+                except OSError:
+                    return
+                if chunks is None:
+                    return
+                skey = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            self.settle_since.pop(p, None)
+            node = FNode(FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                         sum(n for _, n in chunks), content_id(chunks), chunks, skey)
+            if isinstance(old, FNode) and old.type == FILE:
+                if old.content == node.content and (old.mode, old.uid, old.gid, old.mtime_ns) == \
+                        (node.mode, node.uid, node.gid, node.mtime_ns):
+                    old.skey = skey  # touched (ctime) but equal: nothing to send
+                    return
+                node.prev, node.prev_content = old.chunks, old.content
+            with self.lock:
+                self._set(rel, node)
+            changed.append(rel)
+        elif stat.S_ISLNK(m):
+            try:
+                target = os.readlink(p)
+            except OSError:
+                return
+            node = FNode(SYMLINK, stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_mtime_ns, len(target), target)
+            if isinstance(old, FNode) and old.digest() == node.digest():
+                return
+            with self.lock:
+                self._set(rel, node)
+            changed.append(rel)
+        # other special files are not replicated
+
+    def _chunk(self, p: bytes, st, check: bool = True) -> list | None:
+        """Chunk ids of a file, or None if it changed while being read."""
+        out = []
+        try:
+            with open(p, "rb", buffering=0) as f:
+                for v in chunk_stream(f, self.params, size_hint=st.st_size):
+                    out.append((blake3.blake3(v).digest(), len(v)))
+                st2 = os.fstat(f.fileno())
+        except OSError:
+            return None
+        self.stats["files_read"] += 1
+        self.stats["bytes_read"] += sum(n for _, n in out)
+        if check and ((st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns)
+                      or sum(n for _, n in out) != st2.st_size):
+            return None
+        return out
+
+    # ------------------------------------------------------------- the event loop
+    def mark(self, p: bytes, recurse: bool) -> None:
+        with self.dirty_cond:
+            now = time.monotonic()
+            if not self.dirty:
+                self.first_event = now
+            self.dirty[p] = self.dirty.get(p, False) or recurse
+            self.last_event = now
+            self.dirty_cond.notify()
+
+    def flush(self) -> None:
+        """Process whatever is dirty now (a consistent point was asked for)."""
+        with self.dirty_cond:
+            todo, self.dirty = self.dirty, {}
+        changed, deferred = self.refresh(todo)
+        if deferred:  # the point waits for files still being written, bounded by settle_max
+            deadline = time.monotonic() + self.cfg["settle_max"] + 1
+            while deferred and time.monotonic() < deadline:
+                time.sleep(0.1)
+                _, deferred = self.refresh(deferred)
+
+    def run(self) -> None:
+        """Debounce events into refreshes; reconcile scan every `rescan` seconds."""
+        deb = self.cfg["debounce"]
+        next_scan = time.monotonic() + self.cfg["rescan"]
+        while not self.stopped:
+            with self.dirty_cond:
+                timeout = max(0.0, next_scan - time.monotonic())
+                if not self.dirty:
+                    self.dirty_cond.wait(min(timeout, 1.0))
+                now = time.monotonic()
+                ready = self.dirty and (now - self.last_event >= deb or now - self.first_event >= max(2.0, 5 * deb))
+                todo = {}
+                if ready:
+                    todo, self.dirty = self.dirty, {}
+            if self.stopped:
+                return
+            if todo:
+                try:
+                    _, deferred = self.refresh(todo)
+                except Exception:
+                    log.exception("set %s: refresh failed", self.name)
+                    deferred = {}
+                for p, r in deferred.items():
+                    self.mark(p, r)
+                if deferred:
+                    time.sleep(0.05)
+            elif self.dirty:
+                time.sleep(min(deb, 0.05))
+            if time.monotonic() >= next_scan:
+                try:
+                    self.full_scan()
+                except Exception:
+                    log.exception("set %s: reconcile scan failed", self.name)
+                next_scan = time.monotonic() + self.cfg["rescan"]
+
+    # ------------------------------------------------------------- chunk data for senders
+    def chunk_payload(self, cid: bytes, where: tuple[bytes, int, int], cctx) -> tuple[int, bytes] | None:
+        """(flags, stored bytes) of a chunk, compressed once and shared by all senders."""
+        with self.cache_lock:
+            hit = self.cache.get(cid)
+        if hit is not None:
+            return hit
+        path, off, n = where
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, n, off)
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        if len(data) != n or blake3.blake3(data).digest() != cid:
+            return None  # the file changed since it was chunked: the watcher brings the new version
+        c = cctx.compress(data)
+        val = (P.ZSTD, c) if len(c) < len(data) else (0, data)
+        with self.cache_lock:
+            self.cache.put(cid, val)
+        return val
+
+    def status(self) -> dict:
+        return {"role": "master", "set": self.name, "mode": self.cfg["mode"], "alerts": list(self.alerts),
+                "stats": dict(self.stats),
+                "replicas": {r: s.status() for r, s in self.senders.items()}}
+
+    def stop(self) -> None:
+        self.stopped = True
+        with self.dirty_cond:
+            self.dirty_cond.notify_all()
+        for s in self.senders.values():
+            s.stop()
+
+
+class Sender:
+    """Streams one set to one replica: bounded path queue, catch-up on (re)connect."""
+
+    def __init__(self, ms: MasterSet, replica: str) -> None:
+        self.ms = ms
+        self.replica = replica
+        self.queue: OrderedDict[bytes, None] = OrderedDict()
+        self.points: list = []
+        self.cond = threading.Condition()
+        self.need_catchup = True
+        self.connected = False
+        self.stopped = False
+        self.conn: protocol.Conn | None = None
+        self.seq = 0
+        self.acked = 0
+        self.last_error = ""
+        self.held = 0
+        self.bytes_sent = 0
+        self.cctx = zstandard.ZstdCompressor(level=3)
+        self.thread = threading.Thread(target=self.run, daemon=True, name=f"pit-send-{ms.name}-{replica}")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped = True
+        with self.cond:
+            self.cond.notify_all()
+        if self.conn:
+            self.conn.close()
+
+    def status(self) -> dict:
+        return {"connected": self.connected, "queued": len(self.queue), "catchup": self.need_catchup,
+                "acked_batches": self.acked, "held_deletes": self.held, "bytes_sent": self.bytes_sent,
+                "last_error": self.last_error}
+
+    def enqueue(self, rels: list[bytes]) -> None:
+        with self.cond:
+            if self.need_catchup:
+                return  # the catch-up will compare whole trees anyway
+            for r in rels:
+                self.queue[r] = None
+                self.queue.move_to_end(r)
+            if len(self.queue) > self.ms.cfg["queue"]:
+                # A slow replica: stop queueing, compare trees when it is ready again.
+                self.queue.clear()
+                self.need_catchup = True
+            self.cond.notify()
+
+    def request_point(self, pid: int) -> dict:
+        slot = {"id": pid, "done": threading.Event(), "result": None}
+        with self.cond:
+            self.points.append(slot)
+            self.cond.notify()
+        return slot
+
+    # ----------------------------------------------------------------- loop
+    def run(self) -> None:
+        backoff = 0.2
+        while not self.stopped:
+            try:
+                self._session()
+                backoff = 0.2
+            except (ReplError, OSError) as exc:
+                self.last_error = str(exc)
+                log.info("set %s -> %s: %s", self.ms.name, self.replica, exc)
+            except Exception as exc:  # keep the sender alive; the next session catches up
+                self.last_error = f"internal error: {exc!r}"
+                log.exception("set %s -> %s", self.ms.name, self.replica)
+            finally:
+                self.connected = False
+                if self.conn:
+                    self.conn.close()
+                    self.conn = None
+                with self.cond:
+                    self.need_catchup = True
+                    self.queue.clear()
+                    for slot in self.points:  # unreachable now: tell whoever waits
+                        slot["result"] = {"error": self.last_error or "replica not connected"}
+                        slot["done"].set()
+                    self.points.clear()
+            if self.stopped:
+                return
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _session(self) -> None:
+        agent = self.ms.agent
+        addr = agent.roster().get(self.replica, {}).get("address")
+        if not addr:
+            raise ReplError(f"replica {self.replica} is not in the roster")
+        from .membership import connect
+
+        sock, peer = connect(agent.state, addr)
+        if peer != self.replica:
+            sock.close()
+            raise ProtocolError(f"{addr} is node {peer}, not {self.replica}")
+        self.conn = conn = protocol.Conn(sock, self.replica)
+        protocol.hello(conn, agent.state.node, "repl", self.ms.name)
+        self.connected = True
+        self.last_error = ""
+        while not self.stopped:
+            with self.cond:
+                if self.need_catchup:
+                    self.need_catchup = False
+                    self.queue.clear()
+                    catchup = True
+                else:
+                    catchup = False
+                    while not self.queue and not self.points and not self.need_catchup and not self.stopped:
+                        self.cond.wait(1.0)
+                        if conn.closed:
+                            raise ConnectionLost("connection closed")
+                    batch = []
+                    while self.queue and len(batch) < BATCH_PATHS:
+                        batch.append(self.queue.popitem(last=False)[0])
+                    points = list(self.points) if not self.queue else []
+                    if points:
+                        self.points.clear()
+            if catchup:
+                self._catchup(conn)
+                continue
+            if batch:
+                self._send_paths(conn, batch)
+            for slot in points:
+                conn.send({"t": "point", "id": slot["id"]})
+                r = conn.recv("pointed")
+                slot["result"] = {"snapshot": r["snapshot"]}
+                slot["done"].set()
+            self.bytes_sent = conn.bytes_sent
+
+    # ----------------------------------------------------------------- catch-up
+    def _catchup(self, conn: protocol.Conn) -> None:
+        ms = self.ms
+        mirror = ms.cfg["mode"] == "mirror"
+        send: list[bytes] = []
+        level = [b""]
+        while level:
+            nxt: list[bytes] = []
+            for i in range(0, len(level), 2000):
+                part = level[i:i + 2000]
+                conn.send({"t": "list", "paths": part})
+                listing: dict[bytes, dict] = {p: {} for p in part}
+                while True:
+                    msg = conn.recv("listing")
+                    for d in msg["dirs"]:
+                        path, rows = d
+                        if path in listing:
+                            for name, typ, dig in rows:
+                                listing[path][name] = (typ, dig)
+                    if msg["end"]:
+                        break
+                with ms.lock:
+                    for path in part:
+                        mnode = ms.root if path == b"" else ms.lookup(path)
+                        if not isinstance(mnode, DNode):
+                            continue
+                        rep = listing[path]
+                        for name in sorted(set(mnode.children) | set(rep)):
+                            m = mnode.children.get(name)
+                            r = rep.get(name)
+                            rel = path + b"/" + name if path else name
+                            if m is None:
+                                # Never delete a whole source root: a vanished source must not wipe a mirror.
+                                if mirror and path != b"":
+                                    send.append(rel)
+                            elif r is None:
+                                send.extend(self._subtree(rel, m))
+                            elif r[1] == m.digest():
+                                continue
+                            elif isinstance(m, DNode) and r[0] == DIR:
+                                if path == b"" and not m.children:
+                                    ms.alert(f"source {name.decode(errors='replace')} is empty on the master: "
+                                             "not propagated")
+                                    continue
+                                nxt.append(rel)
+                            else:
+                                send.extend(self._subtree(rel, m))
+            level = nxt
+        for i in range(0, len(send), BATCH_PATHS):
+            self._send_paths(conn, send[i:i + BATCH_PATHS])
+
+    def _subtree(self, rel: bytes, node) -> list[bytes]:
+        out = [rel]
+        if isinstance(node, DNode):
+            for n, c in node.children.items():
+                out.extend(self._subtree(rel + b"/" + n, c))
+        return out
+
+    # ----------------------------------------------------------------- sending
+    def _send_paths(self, conn: protocol.Conn, rels: list[bytes], full: set | None = None) -> None:
+        ms = self.ms
+        mirror = ms.cfg["mode"] == "mirror"
+        changes = []
+        wanted: dict[bytes, tuple[bytes, int, int]] = {}
+        with ms.lock:
+            for rel in rels:
+                node = ms.lookup(rel)
+                if node is None:
+                    if mirror:
+                        changes.append({"p": rel, "e": None})
+                    continue
+                e = [node.type, node.mode, node.uid, node.gid, node.mtime_ns]
+                if isinstance(node, DNode):
+                    changes.append({"p": rel, "e": e})
+                elif node.type == SYMLINK:
+                    changes.append({"p": rel, "e": e, "x": node.content})
+                else:
+                    base = node.prev if (node.prev is not None and not (full and rel in full)) else None
+                    ops = delta_ops(base, node.chunks)
+                    changes.append({"p": rel, "e": e, "base": node.prev_content if base is not None else None,
+                                    "ops": ops, "size": node.size})
+                    path = ms.abs_path(rel)
+                    off = 0
+                    offsets = {}
+                    for cid, n in node.chunks:
+                        offsets.setdefault(cid, (path, off, n))
+                        off += n
+                    for op in ops:
+                        if op[0] == 1:
+                            for cid, n in op[1]:
+                                wanted.setdefault(cid, offsets[cid])
+        # Offer the ids of new ranges; send only what the replica lacks.
+        ids = list(wanted)
+        stale: set[bytes] = set()
+        for i in range(0, len(ids), OFFER_IDS):
+            conn.send({"t": "offer", "ids": ids[i:i + OFFER_IDS]})
+            need = conn.recv("need")["ids"]
+            buf, size = [], 0
+            for cid in need:
+                where = wanted.get(cid)
+                if where is None:
+                    raise ProtocolError(f"{self.replica} asked for a chunk that was not offered")
+                got = ms.chunk_payload(cid, where, self.cctx)
+                if got is None:
+                    stale.add(where[0])
+                    continue
+                buf.append([cid, got[0], where[2], got[1]])
+                size += len(got[1]) + 48
+                if size >= CHUNKS_FRAME:
+                    conn.send({"t": "chunks", "chunks": buf})
+                    buf, size = [], 0
+            if buf:
+                conn.send({"t": "chunks", "chunks": buf})
+        if stale:
+            # Changed since chunked: leave them out; the watcher (or the next scan) brings the new version.
+            changes = [c for c in changes if c["e"] is None or ms.abs_path(c["p"]) not in stale]
+            for p in stale:
+                ms.mark(p, False)
+        if not changes:
+            return
+        # Frames stay below the limit: split by the number of chunk ids they carry.
+        start, count = 0, 0
+        parts = []
+        for j, c in enumerate(changes):
+            k = sum(len(op[1]) for op in c.get("ops", []) if op[0] == 1) + 1
+            if count + k > CHANGES_FRAME_IDS and j > start:
+                parts.append(changes[start:j])
+                start, count = j, 0
+            count += k
+        parts.append(changes[start:])
+        retry: list[bytes] = []
+        for part in parts:
+            self.seq += 1
+            conn.send({"t": "changes", "seq": self.seq, "changes": part})
+            ack = conn.recv("ack")
+            if ack["seq"] != self.seq:
+                raise ProtocolError(f"{self.replica} acknowledged batch {ack['seq']}, not {self.seq}")
+            self.acked += 1
+            self.held = ack["held"]
+            retry.extend(ack["retry"])
+        if retry and full is None:
+            self._send_paths(conn, [protocol.check_path(r) for r in retry], full=set(retry))

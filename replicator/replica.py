@@ -1,0 +1,412 @@
+"""The replica side: receive, verify, commit, acknowledge; make consistent points.
+
+Nothing from the wire is trusted. Every message is validated whole before
+anything is written: paths (no '..', no leading '/', no NUL), entry shapes,
+and every chunk is decompressed (bounded by its declared length) and hashed;
+a chunk whose BLAKE3 is not its id, or that was not asked for, closes the
+connection. Received chunks wait in a spool file (bounded memory for big
+files) until the CHANGES that reference them arrive; then one short writer
+session stores them and moves the set's head (`store.apply.update_head`),
+and only after that commit does the replica send ACK. A crash before the
+commit loses nothing acknowledged; the master's catch-up resends the rest.
+
+Mirror mode applies deletions, archive mode never does. In mirror mode a
+mass-delete breaker holds back a batch's deletions (and raises an alert)
+when they would remove more than `delete_count` files, or more than
+`delete_percent` % of the set (once at least `delete_min` files), or a whole
+source root. `pit release-deletes` lets the next batch through.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import tempfile
+import threading
+import time
+
+import blake3
+import zstandard
+
+from store import packs as P
+from store.apply import Change, head_root, set_heads, snapshot_head, update_head
+from store.errors import PathNotFound, StoreError
+from store.objects import ObjectReader
+from store.repository import Repository
+from store.retention import apply_retention
+from store.snapshots import list_snapshots
+from store.trees import DIR, FILE, SYMLINK, Entry
+
+from . import protocol
+from .errors import ChunkRejected, NotAuthorised, ProtocolError, ReplError
+from .merkle import TreeDigests
+
+log = logging.getLogger("pit.replica")
+
+MAX_CHUNK = 16 * 1024 * 1024
+SPOOL_REC = struct.Struct("<32sBIQ")
+
+
+class Spool:
+    """Verified chunks waiting for the CHANGES that reference them (on disk, not in memory)."""
+
+    def __init__(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.f = tempfile.TemporaryFile(dir=directory, prefix="spool-")
+        self.where: dict[bytes, tuple[int, int, int, int]] = {}  # id -> (offset, length, flags, raw_len)
+        self.end = 0
+
+    def add(self, cid: bytes, flags: int, raw_len: int, payload: bytes) -> None:
+        if cid in self.where:
+            return
+        self.f.seek(self.end)
+        self.f.write(payload)
+        self.where[cid] = (self.end, len(payload), flags, raw_len)
+        self.end += len(payload)
+
+    def get(self, cid: bytes) -> tuple[int, bytes, int]:
+        off, n, flags, raw_len = self.where[cid]
+        self.f.seek(off)
+        return flags, self.f.read(n), raw_len
+
+    def clear(self) -> None:
+        self.where.clear()
+        self.end = 0
+        self.f.truncate(0)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def verify_chunk(dctx, c) -> tuple[bytes, int, int, bytes]:
+    if not (isinstance(c, list) and len(c) == 4):
+        raise ProtocolError("a chunk must be [id, flags, raw length, payload]")
+    cid, flags, raw_len, payload = c
+    protocol.check_id(cid)
+    if not isinstance(flags, int) or flags not in (0, P.ZSTD) or not isinstance(raw_len, int) \
+            or isinstance(raw_len, bool) or not 0 < raw_len <= MAX_CHUNK or not isinstance(payload, bytes):
+        raise ProtocolError("malformed chunk header")
+    if flags & P.ZSTD:
+        try:
+            data = dctx.decompress(payload, max_output_size=raw_len)
+        except zstandard.ZstdError:
+            raise ChunkRejected(f"chunk {cid.hex()[:16]} does not decompress") from None
+    else:
+        data = payload
+    if len(data) != raw_len or blake3.blake3(data).digest() != cid:
+        raise ChunkRejected(f"chunk {cid.hex()[:16]} does not match its id")
+    return cid, flags, raw_len, payload
+
+
+def parse_change(c) -> dict:
+    """Validate one change as it came off the wire (raises ProtocolError)."""
+    if not isinstance(c, dict) or "p" not in c or "e" not in c:
+        raise ProtocolError("a change must be a map with a path and an entry")
+    if set(c) - {"p", "e", "x", "base", "ops", "size"}:
+        raise ProtocolError("unknown fields in a change")
+    protocol.check_path(c["p"])
+    e = c["e"]
+    if e is None:
+        return c
+    if not (isinstance(e, list) and len(e) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in e)):
+        raise ProtocolError("malformed entry")
+    if e[0] not in (FILE, DIR, SYMLINK) or not 0 <= e[1] <= 0o7777:
+        raise ProtocolError("malformed entry type or mode")
+    if e[0] == SYMLINK and not (isinstance(c.get("x"), bytes) and 0 < len(c["x"]) <= protocol.MAX_PATH):
+        raise ProtocolError("a symlink needs its target")
+    if e[0] == FILE:
+        base, ops, size = c.get("base"), c.get("ops"), c.get("size")
+        if not (base is None or isinstance(base, bytes) and len(base) == 32) or not isinstance(ops, list) \
+                or not isinstance(size, int) or size < 0:
+            raise ProtocolError("malformed file change")
+        for op in ops:
+            if not isinstance(op, list) or not op or op[0] not in (0, 1):
+                raise ProtocolError("malformed chunk-list op")
+            if op[0] == 0:
+                if base is None or len(op) != 3 or not all(isinstance(v, int) and v >= 0 for v in op[1:]):
+                    raise ProtocolError("malformed keep op")
+            else:
+                if len(op) != 2 or not isinstance(op[1], list):
+                    raise ProtocolError("malformed new-chunks op")
+                for pair in op[1]:
+                    if not (isinstance(pair, list) and len(pair) == 2) or not isinstance(pair[1], int) \
+                            or not 0 < pair[1] <= MAX_CHUNK:
+                        raise ProtocolError("malformed chunk reference")
+                    protocol.check_id(pair[0])
+    return c
+
+
+class SetState:
+    def __init__(self) -> None:
+        self.last_change = 0.0
+        self.last_point = time.monotonic()
+        self.alerts: list[str] = []
+        self.held = 0
+        self.release = False
+        self.applied = 0
+        self.last_snapshot: str | None = None
+        self.conns: set = set()
+
+
+class ReplicaSide:
+    """All sets this node receives, in one repository (chunks dedup across masters)."""
+
+    def __init__(self, agent, repo_path: str) -> None:
+        self.agent = agent
+        self.repo = Repository(repo_path)
+        self.spool_dir = os.path.join(self.repo.path, "tmp-replication")
+        self.lock = threading.Lock()  # one writer and one cache user at a time in this process
+        self.digests = TreeDigests()
+        self.sets: dict[str, SetState] = {}
+        self.stopped = False
+        threading.Thread(target=self._points_loop, daemon=True, name="pit-points").start()
+
+    def set_state(self, name: str) -> SetState:
+        return self.sets.setdefault(name, SetState())
+
+    def alert(self, name: str, msg: str) -> None:
+        st = self.set_state(name)
+        if msg not in st.alerts:
+            st.alerts.append(msg)
+            del st.alerts[:-20]
+        log.warning("set %s: %s", name, msg)
+
+    # ------------------------------------------------------------- a connection from a master
+    def serve(self, conn: protocol.Conn, peer: str, fp: str, set_name: str | None) -> None:
+        cfg = self.agent.sets().get(set_name or "")
+        me = self.agent.state.node
+        if cfg is None or me not in cfg["replicas"]:
+            conn.fail("set", f"this node does not replicate set {set_name!r}")
+            raise NotAuthorised(f"{peer} offered set {set_name!r}, which this node does not replicate")
+        if cfg["master"] != peer:
+            conn.fail("set", f"{peer} is not the master of set {set_name!r}")
+            raise NotAuthorised(f"{peer} is not the master of set {set_name!r}")
+        protocol.welcome(conn, me)
+        st = self.set_state(set_name)
+        st.conns.add(conn)
+        spool = Spool(self.spool_dir)
+        dctx = zstandard.ZstdDecompressor()
+        requested: set[bytes] = set()
+        last_auth = time.monotonic()
+        try:
+            while True:
+                msg = conn.recv()
+                if time.monotonic() - last_auth > 1.0:  # a removed node is cut off within a second
+                    self.agent.authorise(peer, fp)
+                    last_auth = time.monotonic()
+                t = msg["t"]
+                if t == "list":
+                    self._listing(conn, set_name, msg["paths"])
+                elif t == "offer":
+                    ids = [protocol.check_id(i) for i in msg["ids"]]
+                    with self.lock, self.repo.reading() as txn:
+                        db = self.repo.index.db["blobs"]
+                        need = [i for i in dict.fromkeys(ids) if i not in spool.where and txn.get(i, db=db) is None]
+                    requested.update(need)
+                    conn.send({"t": "need", "ids": need})
+                elif t == "chunks":
+                    got = [verify_chunk(dctx, c) for c in msg["chunks"]]  # all checked before any is kept
+                    for cid, *_ in got:
+                        if cid not in requested:
+                            raise ProtocolError(f"chunk {cid.hex()[:16]} was not asked for")
+                    for cid, flags, raw_len, payload in got:
+                        spool.add(cid, flags, raw_len, payload)
+                        requested.discard(cid)
+                elif t == "changes":
+                    changes = [parse_change(c) for c in msg["changes"]]
+                    applied, held, retry = self._apply(set_name, cfg, changes, spool)
+                    spool.clear()
+                    requested.clear()
+                    conn.send({"t": "ack", "seq": msg["seq"], "applied": applied, "held": held, "retry": retry})
+                elif t == "point":
+                    name = self.point(set_name, cfg)
+                    conn.send({"t": "pointed", "id": msg["id"], "snapshot": name})
+                else:
+                    raise ProtocolError(f"unexpected {t!r} on a replication connection")
+        finally:
+            st.conns.discard(conn)
+            spool.close()
+
+    def _listing(self, conn: protocol.Conn, set_name: str, paths: list) -> None:
+        paths = [protocol.check_dir_path(p) for p in paths]
+        out, size = [], 0
+        with self.lock, self.repo.reading() as txn:
+            reader = ObjectReader(self.repo, txn)
+            root = head_root(self.repo, txn, set_name)
+            for p in paths:
+                rows = []
+                try:
+                    e = reader.lookup(root, p) if root is not None else None
+                except PathNotFound:
+                    e = None
+                if e is not None and e.type == DIR and e.content is not None:
+                    for child in reader.tree(e.content):
+                        rows.append([child.name, child.type, self.digests.entry(reader, child)])
+                out.append([p, rows])
+                size += 64 * len(rows) + len(p)
+                if size > 4 * 1024 * 1024:
+                    conn.send({"t": "listing", "dirs": out, "end": False})
+                    out, size = [], 0
+        conn.send({"t": "listing", "dirs": out, "end": True})
+
+    # ------------------------------------------------------------- commit
+    def _apply(self, set_name: str, cfg: dict, changes: list[dict], spool: Spool) -> tuple[int, int, list]:
+        st = self.set_state(set_name)
+        retry: list[bytes] = []
+        held = 0
+        with self.lock:
+            with self.repo.writer(lock_wait=60) as w:
+                reader = ObjectReader(self.repo, w.txn)
+                root = head_root(self.repo, w.txn, set_name)
+                out: list[Change] = []
+                deletes: list[Change] = []
+                stored: set[bytes] = set()
+
+                def lookup(p: bytes):
+                    if root is None:
+                        return None
+                    try:
+                        return reader.lookup(root, p)
+                    except (PathNotFound, StoreError):
+                        return None
+
+                for c in changes:
+                    p, e = c["p"], c["e"]
+                    if e is None:
+                        deletes.append(Change(p.decode("utf-8", "surrogateescape"), None))
+                        continue
+                    name = p.rsplit(b"/", 1)[-1]
+                    entry = Entry(name, e[0], e[1], e[2], e[3], e[4], 0)
+                    chunks = None
+                    if e[0] == SYMLINK:
+                        entry.content, entry.size = c["x"], len(c["x"])
+                    elif e[0] == FILE:
+                        chunks = []
+                        old = None
+                        if c["base"] is not None:
+                            cur = lookup(p)
+                            if cur is None or cur.type != FILE or cur.content != c["base"]:
+                                retry.append(p)  # not the version the master diffed against
+                                continue
+                            old = reader.chunk_list(cur)
+                        for op in c["ops"]:
+                            if op[0] == 0:
+                                s, n = op[1], op[2]
+                                if s + n > len(old.ids):
+                                    raise ProtocolError("keep op past the end of the base chunk list")
+                                chunks.extend(zip(old.ids[s:s + n], old.lengths[s:s + n]))
+                            else:
+                                chunks.extend((cid, n) for cid, n in op[1])
+                        if sum(n for _, n in chunks) != c["size"]:
+                            raise ProtocolError(f"{p!r}: chunk lengths do not add up to the file size")
+                        for cid, n in chunks:
+                            if cid in stored:
+                                continue
+                            if cid in spool.where:
+                                flags, payload, raw_len = spool.get(cid)
+                                if raw_len != n:
+                                    raise ProtocolError("chunk length differs from the one received")
+                                if not w.has(cid):
+                                    w.put_stored(P.CHUNK, cid, flags, payload, raw_len)
+                                stored.add(cid)
+                            elif not w.has(cid):
+                                raise ProtocolError(f"chunk {cid.hex()[:16]} was neither sent nor present")
+                    out.append(Change(p.decode("utf-8", "surrogateescape"), entry, chunks))
+                if deletes and cfg["mode"] == "mirror":
+                    held = self._breaker(set_name, cfg, st, reader, root, deletes)
+                    if not held:
+                        out.extend(deletes)
+                elif deletes:
+                    pass  # archive: nothing received is ever removed from the current view
+                if out:
+                    update_head(w, set_name, out)
+        if out:
+            st.last_change = time.monotonic()
+            st.applied += len(out)
+        st.held = held
+        return len(out), held, retry
+
+    def _breaker(self, set_name, cfg, st: SetState, reader, root, deletes: list[Change]) -> int:
+        """Number of deleted files held back (0: let them through)."""
+        if st.release:
+            st.release = False
+            st.alerts = [a for a in st.alerts if "mass delete" not in a]
+            return 0
+        n = 0
+        whole_source = False
+        for d in deletes:
+            if "/" not in d.path:
+                whole_source = True
+            try:
+                e = reader.lookup(root, d.path) if root else None
+            except (PathNotFound, StoreError):
+                e = None
+            if e is None:
+                continue
+            n += e.extra.get("f", 0) if e.type == DIR else 1
+        total = sum(e.extra.get("f", 0) if e.type == DIR else 1 for e in reader.tree(root)) if root else 0
+        pct = 100.0 * n / total if total else 0.0
+        if whole_source or n > cfg["delete_count"] or (n >= cfg["delete_min"] and pct > cfg["delete_percent"]):
+            self.alert(set_name, f"mass delete held: {n} of {total} files ({pct:.0f} %) would be deleted"
+                       f"{' including a whole source root' if whole_source else ''}; "
+                       f"check the master, then `pit release-deletes --set {set_name}`")
+            return max(n, 1)
+        return 0
+
+    # ------------------------------------------------------------- consistent points
+    def point(self, set_name: str, cfg: dict) -> str | None:
+        """Make the head a snapshot now; returns the newest snapshot's name (None if there is none)."""
+        st = self.set_state(set_name)
+        with self.lock:
+            with self.repo.writer(lock_wait=60) as w:
+                snap = snapshot_head(w, set_name, cfg["paths"], cfg["master"])
+                if snap is not None:
+                    apply_retention(w, set_name)
+            with self.repo.reading() as txn:
+                snaps = list_snapshots(self.repo, txn, set_name)
+        st.last_point = time.monotonic()
+        st.last_snapshot = snaps[-1].name if snaps else None
+        return st.last_snapshot
+
+    def release(self, set_name: str) -> None:
+        st = self.set_state(set_name)
+        st.release = True
+        for c in list(st.conns):  # the master reconnects and its catch-up resends the deletions
+            c.close()
+
+    def _points_loop(self) -> None:
+        while not self.stopped:
+            time.sleep(0.25)
+            try:
+                sets = self.agent.sets()
+                me = self.agent.state.node
+                with self.lock, self.repo.reading() as txn:
+                    heads = set_heads(self.repo, txn)
+                now = time.monotonic()
+                for name, cfg in sets.items():
+                    if me not in cfg["replicas"] or name not in heads:
+                        continue
+                    st = self.set_state(name)
+                    quiet = cfg["point_quiet"] and now - st.last_change >= cfg["point_quiet"]
+                    every = cfg["point_every"] and now - st.last_point >= cfg["point_every"] * 60
+                    if quiet or every:
+                        self.point(name, cfg)
+            except Exception:
+                log.exception("consistent-point loop")
+
+    def status(self) -> dict:
+        out = {}
+        with self.lock, self.repo.reading() as txn:
+            heads = set_heads(self.repo, txn)
+            for name, st in self.sets.items():
+                snaps = list_snapshots(self.repo, txn, name)
+                out[name] = {"role": "replica", "snapshots": len(snaps),
+                             "latest": snaps[-1].name if snaps else None, "head_pending": name in heads,
+                             "alerts": list(st.alerts), "held_deletes": st.held, "applied": st.applied,
+                             "connected": bool(st.conns)}
+        return out
+
+    def close(self) -> None:
+        self.stopped = True
+        with self.lock:
+            self.repo.close()

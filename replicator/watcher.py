@@ -1,0 +1,73 @@
+"""Change detection: watchdog (inotify on Linux) events mapped onto a set's dirty paths.
+
+Events only say *where* to look; `MasterSet.refresh` looks. A file event
+marks that file; a new or moved-in directory is marked to be walked whole;
+directory "modified" events are ignored (their children report for
+themselves). What inotify misses (an overflowed queue, a network share)
+the periodic reconcile scan finds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+log = logging.getLogger("pit.watcher")
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, ms) -> None:
+        self.ms = ms
+
+    def on_any_event(self, event) -> None:
+        kind = event.event_type
+        if kind in ("opened", "closed_no_write"):
+            return
+        src = os.fsencode(event.src_path)
+        if kind == "modified" and event.is_directory:
+            return
+        if kind == "moved":
+            self.ms.mark(src, False)
+            self.ms.mark(os.fsencode(event.dest_path), event.is_directory)
+        elif kind == "created":
+            self.ms.mark(src, event.is_directory)
+        else:  # modified, closed, deleted
+            self.ms.mark(src, False)
+
+
+class Watcher:
+    """One observer thread for every set this node masters."""
+
+    def __init__(self) -> None:
+        self.observer = Observer()
+        self.observer.daemon = True
+        self.watches: dict[str, list] = {}
+        self.started = False
+
+    def watch(self, ms) -> None:
+        handler = _Handler(ms)
+        ws = []
+        for src in ms.sources:
+            p = os.fsdecode(src)
+            target, recursive = (p, True) if os.path.isdir(p) else (os.path.dirname(p), False)
+            try:
+                ws.append(self.observer.schedule(handler, target, recursive=recursive))
+            except OSError as exc:
+                ms.alert(f"cannot watch {target}: {exc}; relying on the reconcile scan")
+        self.watches[ms.name] = ws
+        if not self.started:
+            self.observer.start()
+            self.started = True
+
+    def unwatch(self, name: str) -> None:
+        for w in self.watches.pop(name, []):
+            try:
+                self.observer.unschedule(w)
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        if self.started:
+            self.observer.stop()
