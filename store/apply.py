@@ -15,9 +15,9 @@ from . import packs as P
 from .errors import IntegrityError, InvalidArgument
 from .files import encode_filelist
 from .objects import ObjectReader, split_path
-from .repository import Writer, blob_id
+from .repository import Writer, object_id
 from .snapshots import Snapshot, add_snapshot, check_set_name, list_snapshots, unique_name
-from .trees import DIR, FILE, Entry, encode_tree, tree_children
+from .trees import DIR, FILE, Entry, encode_tree, subtree_totals, tree_children
 
 _LEAF = object()
 
@@ -45,29 +45,16 @@ def store_file_content(w: Writer, entry: Entry, chunks: list[tuple[bytes, int]])
         entry.content = chunks[0][0]
     else:
         payload = encode_filelist([c for c, _ in chunks], [n for _, n in chunks])
-        fid = blob_id(payload)
+        fid = object_id(P.FILELIST, payload)
         if w.put(P.FILELIST, fid, payload):
             for cid, _ in chunks:
                 w.incref(cid)
         entry.content = fid
 
 
-def _totals(entries: list[Entry]) -> dict:
-    files = dirs = nbytes = 0
-    for e in entries:
-        if e.type == FILE:
-            files += 1
-            nbytes += e.size
-        elif e.type == DIR:
-            dirs += 1 + e.extra.get("d", 0)
-            files += e.extra.get("f", 0)
-            nbytes += e.extra.get("b", 0)
-    return {"f": files, "d": dirs, "b": nbytes}
-
-
 def _write_tree(w: Writer, entries: list[Entry]) -> bytes:
     payload = encode_tree(entries)
-    tid = blob_id(payload)
+    tid = object_id(P.TREE, payload)
     if w.put(P.TREE, tid, payload):
         for child in tree_children(entries):
             w.incref(child)
@@ -122,12 +109,12 @@ def apply_to_tree(w: Writer, reader: ObjectReader, root: bytes | None, changes: 
             base = old.content if old is not None and old.type == DIR else None
             tid, kids = build(base, deeper or {})
             cur[name] = Entry(name, DIR, meta.mode, meta.uid, meta.gid, meta.mtime_ns, len(kids), tid, 0,
-                              _totals(kids))
+                              subtree_totals(kids))
         entries = list(cur.values())
         return _write_tree(w, entries), entries
 
     tid, entries = build(root, trie)
-    return tid, _totals(entries)
+    return tid, subtree_totals(entries)
 
 
 def commit_changes(w: Writer, set_name: str, paths: list[str], changes: list[Change], host: str,
@@ -215,7 +202,7 @@ def snapshot_head(w: Writer, set_name: str, paths: list[str], host: str, time_ns
             _put_set_record(w, set_name, rec)
         return None
     entries = ObjectReader(w.repo, w.txn).tree(head)
-    totals = _totals(entries)
+    totals = subtree_totals(entries)
     now = time_ns or time.time_ns()
     st = dict(stats or {})
     st.update(files=totals["f"], dirs=totals["d"], bytes=totals["b"], mode="received")

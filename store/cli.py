@@ -271,7 +271,7 @@ def cat(ctx, spec):
         e = r.lookup(snap.root, path)
         if e.type != 1:
             raise PathNotFound(f"{path or '/'} is not a file")
-        out = click.get_binary_stream("stdout")
+        out = sys.stdout.buffer
         for data in iter_file_chunks(r, e):
             out.write(data)
         out.flush()

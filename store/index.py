@@ -80,7 +80,12 @@ def bytime_key(set_name: str, time_ns: int, snap_id: bytes) -> bytes:
 
 
 def filecache_key(set_name: str, path: bytes) -> bytes:
-    return set_name.encode() + b"\0" + path
+    key = set_name.encode() + b"\0" + path
+    if len(key) > 500:  # LMDB keys stop at 511 bytes: key long paths by their hash
+        import blake3
+
+        key = set_name.encode() + b"\1" + blake3.blake3(path).digest()
+    return key
 
 
 class Index:

@@ -35,10 +35,10 @@ from .errors import InvalidArgument, SourceMissing, StoreError
 from .files import encode_filelist
 from .index import filecache_key
 from .objects import ObjectReader
-from .repository import Repository, Writer, blob_id
+from .repository import Repository, Writer, object_id
 from .retention import apply_retention
-from .snapshots import Snapshot, add_snapshot, check_set_name, list_snapshots, unique_name
-from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, tree_children
+from .snapshots import Snapshot, _printable, add_snapshot, check_set_name, list_snapshots, unique_name
+from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, subtree_totals, tree_children
 
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_CHUNKS = 1024
@@ -214,7 +214,7 @@ class Ingester:
             e.content = job.ids[0]
         else:
             payload = encode_filelist(job.ids, job.lens)
-            fid = blob_id(payload)
+            fid = object_id(P.FILELIST, payload)
             if self.w.put(P.FILELIST, fid, payload):
                 for cid in job.ids:
                     self.w.incref(cid)
@@ -231,20 +231,10 @@ class Ingester:
 
     def _finish_dir(self, node: DirNode) -> None:
         entries = list(node.entries.values())
-        # Subtree totals ride in each directory entry, so a change-set
-        # snapshot knows the whole tree's size without walking it.
-        files = nbytes = dirs = 0
-        for e in entries:
-            if e.type == FILE:
-                files += 1
-                nbytes += e.size
-            elif e.type == DIR:
-                dirs += 1 + e.extra.get("d", 0)
-                files += e.extra.get("f", 0)
-                nbytes += e.extra.get("b", 0)
-        node.totals = (files, dirs, nbytes)
+        totals = subtree_totals(entries)
+        node.totals = (totals["f"], totals["d"], totals["b"])
         payload = encode_tree(entries)
-        tid = blob_id(payload)
+        tid = object_id(P.TREE, payload)
         if self.w.put(P.TREE, tid, payload):
             for child in tree_children(entries):
                 self.w.incref(child)
@@ -254,7 +244,7 @@ class Ingester:
         else:
             node.entry.content = tid
             node.entry.size = len(entries)
-            node.entry.extra = {"f": files, "d": dirs, "b": nbytes}
+            node.entry.extra = totals
             self._child_done(node.parent)
 
     # ---------------------------------------------------------------- walk
@@ -411,7 +401,7 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
         prev = list_snapshots(repo, w.txn, set_name)
         parent = prev[-1] if prev else None
         trie = None
-        if changes is not None and parent is not None and parent.paths == [os.fsdecode(s) for s in sources]:
+        if changes is not None and parent is not None and parent.paths == _printable([os.fsdecode(s) for s in sources]):
             trie = _change_trie(sources, changes)
         ing = Ingester(w, set_name, progress=progress)
         root = ing.run(sources, trie, parent.root if (parent and trie is not None) else None, reader)

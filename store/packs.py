@@ -40,7 +40,7 @@ KIND_NAMES = {CHUNK: "chunk", TREE: "tree", FILELIST: "filelist", SNAPSHOT: "sna
 # Frame flags
 ZSTD = 1
 
-MAX_BLOB = 256 * 1024 * 1024
+MAX_BLOB = (1 << 32) - 1  # lengths are u32: one blob (a filelist of a ~1.9 TB file) tops out here
 
 
 def pack_name(number: int) -> str:

@@ -303,7 +303,11 @@ def _open_without_index(repo, path: str) -> None:
 
 def _swap_in(repo_path: str, new_dir: str) -> None:
     cur = os.path.join(repo_path, "index")
-    old = os.path.join(repo_path, f"index.old-{int(time.time())}")
+    # Leftovers of an earlier repair killed after its swap go first.
+    for name in os.listdir(repo_path):
+        if name.startswith("index.old-"):
+            shutil.rmtree(os.path.join(repo_path, name), ignore_errors=True)
+    old = os.path.join(repo_path, f"index.old-{time.time_ns()}")
     if os.path.exists(cur):
         os.rename(cur, old)
     os.rename(new_dir, cur)

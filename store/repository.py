@@ -45,7 +45,21 @@ DEFAULT_LEVEL = 3
 
 
 def blob_id(data: bytes | memoryview) -> bytes:
+    """The id of a chunk (and of records): BLAKE3-256 of the plain bytes."""
     return blake3.blake3(data).digest()
+
+
+_KIND_CONTEXT = {P.TREE: "pitstore 2026 tree v1", P.FILELIST: "pitstore 2026 filelist v1"}
+
+
+def object_id(kind: int, data: bytes | memoryview) -> bytes:
+    """The id of a tree or filelist: BLAKE3 in derive-key mode with a context
+    per kind, so no file's bytes can ever share an id with a tree or a
+    filelist (which would make the refcount of one count for the other)."""
+    ctx = _KIND_CONTEXT.get(kind)
+    if ctx is None:
+        return blob_id(data)
+    return blake3.blake3(data, derive_key_context=ctx).digest()
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -191,7 +205,7 @@ class Repository:
                 raise IntegrityError(f"{where}: cannot decompress: {exc}") from None
         else:
             data = bytes(payload)
-        if len(data) != raw_len or (verify and blob_id(data) != bid):
+        if len(data) != raw_len or (verify and object_id(kind, data) != bid):
             raise IntegrityError(f"{where}: content does not match its id")
         return data
 
@@ -281,7 +295,7 @@ class Writer:
     def _seal_pack(self) -> None:
         """Write the footer (listing earlier sessions' frames too) and retire the pack."""
         assert self.pack is not None and self._pack_entry is not None
-        earlier = [f for f in P.walk_frames(self._read_own, self._prior_end, resync=False)
+        earlier = [f for f in P.walk_frames(self._read_own, self._prior_end, resync=True)
                    if isinstance(f, P.FrameInfo)] if self._prior_end > P.PACK_HEADER.size else []
         self.pack.frames = earlier + self.pack.frames
         self.pack.seal()

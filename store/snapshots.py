@@ -32,6 +32,22 @@ def check_set_name(name: str) -> str:
     return name
 
 
+def _printable(v):
+    """Names that are not UTF-8 (os.fsdecode gives surrogates) are kept
+    readable with backslash escapes; msgpack cannot encode surrogates."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+            return v
+        except UnicodeEncodeError:
+            return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(v, list):
+        return [_printable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _printable(x) for k, x in v.items()}
+    return v
+
+
 def display_name(time_ns: int) -> str:
     """Windows-legal (no ':') and sortable: 2026-11-24T14.05.00Z."""
     return time.strftime("%Y-%m-%dT%H.%M.%SZ", time.gmtime(time_ns // 1_000_000_000))
@@ -55,7 +71,7 @@ class Snapshot:
                 "stats": self.stats}
 
     def encode(self) -> bytes:
-        return msgpack.packb(self.record(), use_bin_type=True)
+        return msgpack.packb(_printable(self.record()), use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes, sid: bytes | None = None) -> "Snapshot":

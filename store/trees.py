@@ -70,6 +70,8 @@ def check_name(name: bytes) -> None:
 
 def encode_tree(entries: list[Entry]) -> bytes:
     entries = sorted(entries, key=lambda e: e.name)
+    for e in entries:
+        check_name(e.name)  # never write a tree the reader would refuse
     for a, b in zip(entries, entries[1:]):
         if a.name == b.name:
             raise IntegrityError(f"duplicate name in tree: {a.name!r}")
@@ -95,3 +97,20 @@ def decode_tree(data: bytes) -> list[Entry]:
 
 def tree_children(entries: list[Entry]) -> list[bytes]:
     return [r for e in entries if (r := e.refs()) is not None]
+
+
+def subtree_totals(entries: list[Entry]) -> dict:
+    """Files, directories and bytes below a directory with these entries.
+
+    Each directory entry carries its subtree's totals in `extra` (f, d, b), so
+    a change-set snapshot knows the whole tree's size without walking it."""
+    files = dirs = nbytes = 0
+    for e in entries:
+        if e.type == FILE:
+            files += 1
+            nbytes += e.size
+        elif e.type == DIR:
+            dirs += 1 + e.extra.get("d", 0)
+            files += e.extra.get("f", 0)
+            nbytes += e.extra.get("b", 0)
+    return {"f": files, "d": dirs, "b": nbytes}

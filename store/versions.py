@@ -86,13 +86,24 @@ def _sig(raw: bytes | None):
 
 
 # ------------------------------------------------------------------ keys
+LONG_PARENT = 300  # LMDB keys stop at 511 bytes; a longer parent is keyed by its hash
+
+
+def _parent_key(parent: bytes) -> bytes:
+    if len(parent) <= LONG_PARENT:
+        return parent
+    import blake3
+
+    return b"\x01" + blake3.blake3(parent).hexdigest().encode()
+
+
 def path_key(set_name: str, path: bytes) -> bytes:
     parent, _, name = path.rpartition(b"/")
-    return set_name.encode() + b"\0" + parent + b"\0" + name + b"\0"
+    return set_name.encode() + b"\0" + _parent_key(parent) + b"\0" + name + b"\0"
 
 
 def dir_prefix(set_name: str, dirpath: bytes) -> bytes:
-    return set_name.encode() + b"\0" + dirpath + b"\0"
+    return set_name.encode() + b"\0" + _parent_key(dirpath) + b"\0"
 
 
 def snap_suffix(time_ns: int, sid: bytes) -> bytes:

@@ -35,7 +35,7 @@ from typing import Iterator
 
 from . import versions as V
 from .errors import BlobMissing, PathNotFound, StoreError, UnsafePath
-from .files import ChunkList
+from .files import ChunkList, FileReader
 from .objects import ObjectReader
 from .snapmeta import get_meta
 from .snapshots import Snapshot, list_sets, list_snapshots
@@ -384,22 +384,7 @@ class ViewFile:
         return data
 
     def read(self, offset: int, length: int) -> bytes:
-        import bisect
-
-        if offset >= self.size or length <= 0:
-            return b""
-        end = min(self.size, offset + length)
-        starts = self.chunks.starts
-        i = bisect.bisect_right(starts, offset) - 1
-        parts = []
-        pos = offset
-        while pos < end:
-            data = self._chunk(self.chunks.ids[i])
-            lo, hi = pos - starts[i], min(len(data), end - starts[i])
-            parts.append(data[lo:hi])
-            pos = starts[i] + hi
-            i += 1
-        return b"".join(parts) if len(parts) != 1 else parts[0]
+        return FileReader(self.chunks, self._chunk).read(offset, length)
 
     def iter_range(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Stream bytes [start, end) chunk by chunk, bypassing the shared cache

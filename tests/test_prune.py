@@ -1,0 +1,184 @@
+"""Prune by reference counting: dropping a snapshot frees exactly what only it
+referenced, keeps every count equal to a recount (structural verify recounts),
+and leaves every other snapshot restoring byte-identically."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from store import packs as P
+
+from maint_helpers import (
+    all_blobs, assert_verify_clean, init_repo, make_tree, mutate_tree, pit, pit_json, reachable,
+    restore_digest, snap, snapshot_ids, source_digest, write_file,
+)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return init_repo(str(tmp_path / "repo"))
+
+
+def build_history(repo, tmp_path, n=5, seed=11, set_name="s"):
+    rng = random.Random(seed)
+    src = str(tmp_path / "src")
+    make_tree(src, rng, nfiles=14, size_range=(2000, 40_000))
+    ids, digests = [], {}
+    for i in range(n):
+        if i:
+            mutate_tree(src, rng, 3)
+        s = snap(repo, set_name, [src])
+        ids.append(s.hex)
+        digests[s.hex] = source_digest(src)
+    return src, ids, digests
+
+
+def check_refcounts_against_own_recount(repo):
+    """Our own recount, independent of verify: each distinct tree/filelist counts its
+    children once, each snapshot counts its root."""
+    from collections import Counter
+
+    from maint_helpers import opened
+    from store.files import decode_filelist
+    from store.snapshots import list_snapshots
+    from store.trees import decode_tree
+
+    want: Counter = Counter()
+    with opened(repo) as r, r.reading() as txn:
+        seen = set()
+        for s in list_snapshots(r, txn):
+            want[s.root] += 1
+            stack = [s.root]
+            while stack:
+                t = stack.pop()
+                if t in seen:
+                    continue
+                seen.add(t)
+                for e in decode_tree(r.read_blob(txn, t)):
+                    c = e.refs()
+                    if c is None:
+                        continue
+                    want[c] += 1
+                    if e.type == 2:
+                        stack.append(c)
+                    elif e.nchunks > 1 and c not in seen:
+                        seen.add(c)
+                        for ch in decode_filelist(r.read_blob(txn, c))[0]:
+                            want[ch] += 1
+    have = {k: e.refs for k, e in all_blobs(repo).items()}
+    assert have == dict(want)
+
+
+def test_drop_oldest_frees_only_what_only_it_referenced(repo, tmp_path):
+    _, ids, digests = build_history(repo, tmp_path)
+    reach = {sid: reachable(repo, sid) for sid in ids}
+    others = set().union(*(reach[s] for s in ids[1:]))
+    unique = set(reach[ids[0]]) - others
+    assert unique, "the oldest snapshot should own something"
+    before = all_blobs(repo)
+
+    out, _ = pit_json(repo, "forget", "--set", "s", ids[0])
+    assert out["dropped"]["snapshots"] == 1
+    assert out["dropped"]["blobs_freed"] == len(unique)
+    assert out["dropped"]["bytes_freed"] == sum(before[b].stored_len + P.FRAME_OVERHEAD for b in unique)
+    assert out["dropped"]["leaked"] == []
+
+    after = all_blobs(repo)
+    assert set(after) == set(before) - unique
+    assert set(after) == others
+    check_refcounts_against_own_recount(repo)
+    assert_verify_clean(repo)
+    for sid in ids[1:]:
+        assert restore_digest(repo, sid) == digests[sid]
+
+
+def test_drop_middle_snapshot(repo, tmp_path):
+    _, ids, digests = build_history(repo, tmp_path, seed=12)
+    reach = {sid: set(reachable(repo, sid)) for sid in ids}
+    keep = [s for s in ids if s != ids[2]]
+    unique = reach[ids[2]] - set().union(*(reach[s] for s in keep))
+    out, _ = pit_json(repo, "forget", "--set", "s", ids[2])
+    assert out["dropped"]["blobs_freed"] == len(unique)
+    assert set(all_blobs(repo)) == set().union(*(reach[s] for s in keep))
+    assert_verify_clean(repo)
+    for sid in keep:
+        assert restore_digest(repo, sid) == digests[sid]
+
+
+def test_drop_snapshot_fully_shared_frees_nothing(repo, tmp_path):
+    rng = random.Random(5)
+    src = str(tmp_path / "src")
+    make_tree(src, rng, nfiles=6)
+    a = snap(repo, "s", [src])
+    b = snap(repo, "s", [src])  # nothing changed: the same root tree
+    assert a.root == b.root
+    n = len(all_blobs(repo))
+    out, _ = pit_json(repo, "forget", "--set", "s", a.hex)
+    assert out["dropped"]["blobs_freed"] == 0
+    assert len(all_blobs(repo)) == n
+    assert_verify_clean(repo)
+    assert restore_digest(repo, b.hex) == source_digest(src)
+
+
+def test_shared_content_across_sets_survives_drop(repo, tmp_path):
+    rng = random.Random(6)
+    src = str(tmp_path / "src")
+    make_tree(src, rng, nfiles=8)
+    a = snap(repo, "a", [src])
+    write_file(os.path.join(src, "only-b.bin"), rng.randbytes(30_000))
+    b = snap(repo, "b", [src])
+    out, _ = pit_json(repo, "forget", "--set", "a", a.hex)
+    # a's files are all in b (dedup across sets): only a's own root tree(s) go
+    assert set(all_blobs(repo)) == set(reachable(repo, b.hex))
+    assert out["dropped"]["blobs_freed"] >= 1
+    assert_verify_clean(repo)
+    assert restore_digest(repo, b.hex) == source_digest(src)
+
+
+def test_drop_everything_leaves_no_blob(repo, tmp_path):
+    _, ids, _ = build_history(repo, tmp_path, n=4, seed=13)
+    pit(repo, "forget", "--set", "s", *ids)
+    assert snapshot_ids(repo) == []
+    assert all_blobs(repo) == {}  # no leaked reference anywhere
+    assert_verify_clean(repo)
+
+
+def test_random_snapshots_and_drops_keep_counts_exact(repo, tmp_path):
+    rng = random.Random(21)
+    src = str(tmp_path / "src")
+    make_tree(src, rng, nfiles=10, size_range=(500, 30_000))
+    digests = {}
+    for step in range(14):
+        live = snapshot_ids(repo)
+        if live and rng.random() < 0.35:
+            victim = rng.choice(live)
+            pit(repo, "forget", "--set", "s", victim)
+            digests.pop(victim)
+        else:
+            mutate_tree(src, rng, rng.randint(1, 3))
+            s = snap(repo, "s", [src])
+            digests[s.hex] = source_digest(src)
+        check_refcounts_against_own_recount(repo)
+    assert_verify_clean(repo)
+    assert set(snapshot_ids(repo)) == set(digests)
+    for sid, d in digests.items():
+        assert restore_digest(repo, sid) == d
+
+
+def test_prune_applies_stored_policies_then_compacts(repo, tmp_path):
+    _, ids, digests = build_history(repo, tmp_path, n=5, seed=14)
+    pit(repo, "policy", "--set", "s", "--max", "2")
+    assert snapshot_ids(repo) == ids  # setting a policy drops nothing by itself
+    out, _ = pit_json(repo, "prune", "--threshold", "0")
+    assert out["snapshots_dropped"] == 3
+    assert "packs_compacted" in out["compact"]
+    assert snapshot_ids(repo) == ids[-2:]
+    assert_verify_clean(repo, deep=True)
+    for sid in ids[-2:]:
+        assert restore_digest(repo, sid) == digests[sid]
+    out, _ = pit_json(repo, "prune")
+    assert out["snapshots_dropped"] == 0
+    text = pit(repo, "prune").stdout.decode()
+    assert "retention dropped 0 snapshots" in text
