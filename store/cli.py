@@ -63,8 +63,13 @@ class PitGroup(click.Group):
             self.add_command(cmd, ep.name)
 
 
+def _one_line(msg: str) -> str:
+    """Control characters (a file name with a newline) are escaped: one line, always."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in msg)
+
+
 def _fail(msg: str, code: int):
-    click.echo(f"pit: error: {msg}", err=True)
+    click.echo(f"pit: error: {_one_line(msg)}", err=True)
     sys.exit(code)
 
 
@@ -92,13 +97,13 @@ def _mib(n: int) -> str:
     return f"{n / 1048576:.1f} MiB"
 
 
-def _open(ctx, readonly: bool = False):
+def _open(ctx, readonly: bool = False, lock_wait: float = 10.0):
     from .repository import Repository
 
     repo_path = ctx.obj["repo"]
     if not repo_path:
         raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
-    repo = Repository(repo_path, readonly=readonly)
+    repo = Repository(repo_path, readonly=readonly, lock_wait=lock_wait)
     ctx.call_on_close(repo.close)
     return repo
 
@@ -155,7 +160,7 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
     """Take a snapshot of PATHS as replication set SET."""
     from .ingest import create_snapshot
 
-    repo = _open(ctx)
+    repo = _open(ctx, lock_wait=lock_wait)
     changed = None
     if changes is not None:
         changed = [ln.rstrip("\n") for ln in changes if ln.strip()]

@@ -75,7 +75,7 @@ def _atomic_write(path: str, data: bytes) -> None:
 class Repository:
     """An open repository. Cheap to open; safe to share between reader threads."""
 
-    def __init__(self, path: str, readonly: bool = False) -> None:
+    def __init__(self, path: str, readonly: bool = False, lock_wait: float = 10.0) -> None:
         self.path = os.path.abspath(path)
         self.readonly = readonly
         cfg_path = os.path.join(self.path, "config")
@@ -102,7 +102,19 @@ class Repository:
         index_dir = os.path.join(self.path, "index")
         if not os.path.exists(os.path.join(index_dir, "data.mdb")):
             raise IndexMissing(f"the index of {self.path} is missing; run `pit repair` to rebuild it from the packs")
-        self.index = Index(index_dir, readonly=readonly)
+        if readonly:
+            self.index = Index(index_dir, readonly=True)
+        else:
+            # Opening the environment read-write takes an LMDB write transaction
+            # (py-lmdb opens named databases in one), which would wait behind a
+            # writer's long transaction. Every writer holds our lock for the
+            # whole of its transaction, so holding the lock while opening makes
+            # the wait bounded and the error clear.
+            fd = _acquire_lock(os.path.join(self.path, "lock"), lock_wait)
+            try:
+                self.index = Index(index_dir)
+            finally:
+                _release_lock(fd)
         with self.index.read() as txn:
             fmt = txn.get(b"format", db=self.index.db["meta"])
         if fmt is None:

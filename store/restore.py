@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,7 +78,16 @@ class Restorer:
             os.mkdir(e.name, 0o700, dir_fd=dfd)
         except FileExistsError:
             pass
-        sub = os.open(e.name, DIR_FLAGS, dir_fd=dfd)  # ELOOP if a symlink sits there
+        try:
+            sub = os.open(e.name, DIR_FLAGS, dir_fd=dfd)  # O_NOFOLLOW: never through a symlink
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                st = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
+                name = e.name.decode(errors="replace")
+                if stat.S_ISLNK(st.st_mode):
+                    raise UnsafePath(f"restore refused to write through the symlink {name} in the target") from None
+                raise StoreError(f"cannot restore directory {name}: a file is in the way") from None
+            raise
         try:
             self._fill_dir(sub, e.content)
             self._meta_fd(sub, e)  # after the children, or their creation bumps mtime
