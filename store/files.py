@@ -8,6 +8,7 @@ N of a 100 GiB file is one bisect plus one chunk read.
 from __future__ import annotations
 
 import bisect
+import sys
 import itertools
 from array import array
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ def encode_filelist(ids: list[bytes], lengths: list[int]) -> bytes:
     lens = array("I", lengths)
     if lens.itemsize != 4:  # pragma: no cover - every platform we run on
         raise RuntimeError("array('I') is not 32-bit here")
+    if sys.byteorder == "big":  # pragma: no cover - the format is little-endian everywhere
+        lens.byteswap()
     return msgpack.packb([FILELIST_VERSION, b"".join(ids), lens.tobytes()], use_bin_type=True)
 
 
@@ -37,6 +40,8 @@ def decode_filelist(data: bytes) -> tuple[list[bytes], list[int]]:
     ids = [idblob[i:i + 32] for i in range(0, len(idblob), 32)]
     lens = array("I")
     lens.frombytes(lenblob)
+    if sys.byteorder == "big":  # pragma: no cover
+        lens.byteswap()
     return ids, lens.tolist()
 
 

@@ -516,8 +516,8 @@ class Writer:
         except lmdb.Error:
             pass
         if self.pack is not None:
-            # Bytes past the committed size are garbage; the next writer would
-            # truncate them anyway, but leave the pack tidy when we can.
+            # Bytes past the committed size are garbage: the next writer
+            # truncates the pack to its committed size before appending.
             try:
                 self.pack.close()
             except OSError:
