@@ -34,7 +34,7 @@ from store import packs as P
 from store.cache import LRU
 from store.chunker import ChunkerParams, chunk_stream
 from store.files import encode_filelist
-from store.repository import blob_id
+from store.repository import object_id
 from store.trees import DIR, FILE, SYMLINK
 
 from . import protocol
@@ -92,7 +92,8 @@ def content_id(chunks: list) -> bytes | None:
         return None
     if len(chunks) == 1:
         return chunks[0][0]
-    return blob_id(encode_filelist([c for c, _ in chunks], [n for _, n in chunks]))
+    # The replica stores the same filelist, so the same id (store.apply.store_file_content).
+    return object_id(P.FILELIST, encode_filelist([c for c, _ in chunks], [n for _, n in chunks]))
 
 
 def delta_ops(old: list | None, new: list) -> list:
@@ -256,6 +257,8 @@ class MasterSet:
                 if old is not None:
                     self.alert(f"source path {os.fsdecode(p)} vanished: its files are kept on the replicas")
                 return
+            if self._source_gone(rel):
+                return
             with self.lock:
                 if self._remove(rel):
                     changed.append(rel)
@@ -338,6 +341,21 @@ class MasterSet:
                 self._set(rel, node)
             changed.append(rel)
         # other special files are not replicated
+
+    def _source_gone(self, rel: bytes) -> bool:
+        """True (and an alert) when the source root of `rel` is missing or empty: deletions are held."""
+        src = self.abs_path(rel.split(b"/", 1)[0])
+        try:
+            with os.scandir(src) as it:
+                empty = next(it, None) is None
+        except FileNotFoundError:
+            self.alert(f"source path {os.fsdecode(src)} vanished: deletions held, files kept on the replicas")
+            return True
+        except OSError:
+            return True
+        if empty:
+            self.alert(f"source path {os.fsdecode(src)} is empty: deletions held (an unmounted share?)")
+        return empty
 
     def _chunk(self, p: bytes, st, check: bool = True) -> list | None:
         """Chunk ids of a file, or None if it changed while being read."""
@@ -482,7 +500,8 @@ class Sender:
 
     def status(self) -> dict:
         return {"connected": self.connected, "queued": len(self.queue), "catchup": self.need_catchup,
-                "acked_batches": self.acked, "held_deletes": self.held, "bytes_sent": self.bytes_sent,
+                "acked_batches": self.acked, "held_deletes": self.held,
+                "bytes_sent": self.bytes_sent + (self.conn.bytes_sent if self.conn else 0),
                 "last_error": self.last_error}
 
     def enqueue(self, rels: list[bytes]) -> None:
@@ -522,6 +541,7 @@ class Sender:
                 self.connected = False
                 if self.conn:
                     self.conn.close()
+                    self.bytes_sent += self.conn.bytes_sent
                     self.conn = None
                 with self.cond:
                     self.need_catchup = True
@@ -578,7 +598,6 @@ class Sender:
                 r = conn.recv("pointed")
                 slot["result"] = {"snapshot": r["snapshot"]}
                 slot["done"].set()
-            self.bytes_sent = conn.bytes_sent
 
     # ----------------------------------------------------------------- catch-up
     def _catchup(self, conn: protocol.Conn) -> None:
@@ -720,5 +739,7 @@ class Sender:
             self.acked += 1
             self.held = ack["held"]
             retry.extend(ack["retry"])
+        log.debug("set %s -> %s: %d changes, %d ids offered, %d retried, %d bytes so far",
+                  ms.name, self.replica, len(changes), len(ids), len(retry), conn.bytes_sent)
         if retry and full is None:
             self._send_paths(conn, [protocol.check_path(r) for r in retry], full=set(retry))

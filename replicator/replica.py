@@ -286,6 +286,8 @@ class ReplicaSide:
                         if c["base"] is not None:
                             cur = lookup(p)
                             if cur is None or cur.type != FILE or cur.content != c["base"]:
+                                log.debug("set %s: %r base %s, have %s", set_name, p, c["base"].hex()[:12],
+                                          cur.content.hex()[:12] if cur is not None and cur.content else cur)
                                 retry.append(p)  # not the version the master diffed against
                                 continue
                             old = reader.chunk_list(cur)

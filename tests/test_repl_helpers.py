@@ -23,12 +23,26 @@ from store.trees import DIR, FILE, SYMLINK
 PIT = os.path.join(os.path.dirname(sys.executable), "pit")
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A port below the kernel's ephemeral range (outgoing connections never take it), not handed out before."""
+    import random
+
+    while True:
+        port = random.randint(20000, 32000)
+        if port in _GIVEN:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        _GIVEN.add(port)
+        return port
 
 
 def pit(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -133,7 +147,7 @@ class Node:
             f.write("\n".join(lines) + "\n")
 
     def start(self) -> None:
-        env = dict(os.environ, PIT_LOG="INFO")
+        env = dict(os.environ, PIT_LOG=os.environ.get("PIT_TEST_LOG", "INFO"))
         self.proc = subprocess.Popen([PIT, "agent", "--config", self.config], stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, env=env)
         wait_for(lambda: os.path.exists(os.path.join(self.state, "agent.sock")) or self.proc.poll() is not None,

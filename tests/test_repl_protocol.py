@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 from replicator import errors as E
 from replicator import protocol as W
 from replicator.master import delta_ops
-from repl_helpers import PIT
+from test_repl_helpers import PIT
 
 
 def test_roundtrip_and_schema():

@@ -1,0 +1,178 @@
+"""End to end: real `pit agent` processes on 127.0.0.1, a master and its replicas.
+
+Each step changes the master's files and polls (with a deadline) until the
+replica's head equals the master's tree byte for byte; consistent points are
+compared the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from test_repl_helpers import Cluster, read_tree, replica_head, replica_snapshots, wait_for
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = []
+
+    def make(**kw):
+        c = Cluster(str(tmp_path), **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def write(path, data, mode="wb"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, mode) as f:
+        f.write(data)
+
+
+def status(node):
+    return json.loads(node.ctl("status").stdout)
+
+
+def test_mirror_end_to_end(cluster):
+    c = cluster(replicas=1)
+    s = c.src
+    write(f"{s}/a.txt", b"alpha\n")
+    write(f"{s}/docs/b.txt", b"beta\n" * 1000)
+    write(f"{s}/docs/old/c.bin", os.urandom(200_000))
+    os.symlink("a.txt", f"{s}/link")
+    c.start()
+    r = c.replicas[0]
+    conv = lambda: c.converged(r)  # noqa: E731
+    wait_for(conv, 30, "initial seeding")
+
+    write(f"{s}/a.txt", b"alpha, edited\n")                    # edit
+    write(f"{s}/docs/b.txt", b"more\n", "ab")                  # append
+    with open(f"{s}/docs/old/c.bin", "r+b") as f:              # truncate
+        f.truncate(50_000)
+    os.rename(f"{s}/docs/b.txt", f"{s}/docs/b-renamed.txt")    # rename
+    os.makedirs(f"{s}/new/tree/deep")                          # new tree
+    for i in range(20):
+        write(f"{s}/new/tree/deep/f{i}", os.urandom(3000) + bytes([i]))
+    wait_for(conv, 30, "edits, appends, truncation, rename, new tree")
+
+    shutil.rmtree(f"{s}/new/tree/deep")                         # deletes (20 of ~25 files would trip 50 %)
+    os.remove(f"{s}/link")
+    wait_for(lambda: c.converged(r) or status(r)["sets"]["web"]["alerts"], 30, "deletes")
+    st = status(r)["sets"]["web"]
+    if st["alerts"]:  # the breaker held them (20 of 25 files): release, then they go through
+        r.ctl("release-deletes", "--set", "web")
+    wait_for(conv, 30, "deletes applied")
+
+    out = c.primary.ctl("point", "--set", "web").stdout
+    assert "r1" in out
+    snaps = replica_snapshots(r.repo, "web")
+    assert snaps and snaps[-1][1] == read_tree(s)
+
+
+def test_big_file_small_change_sends_only_changed_chunks(cluster):
+    c = cluster(replicas=1)
+    big = f"{c.src}/vm.img"
+    size = 32 * 1024 * 1024
+    with open(big, "wb") as f:
+        f.write(os.urandom(size))
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 60, "seeding the big file")
+    before = status(c.primary)["sets"]["web"]["replicas"]["r1"]["bytes_sent"]
+    assert before > size * 0.9
+    with open(big, "r+b") as f:
+        f.seek(size // 2)
+        f.write(os.urandom(64 * 1024))
+    wait_for(lambda: c.converged(r), 60, "the small change")
+    wait_for(lambda: status(c.primary)["sets"]["web"]["replicas"]["r1"]["bytes_sent"] > before, 10, "counter")
+    sent = status(c.primary)["sets"]["web"]["replicas"]["r1"]["bytes_sent"] - before
+    # 64 KiB of change touches at most 64 KiB + 2 average chunks (16 KiB each), plus metadata.
+    assert sent < 64 * 1024 + 2 * 16 * 1024 + 32 * 1024, sent
+
+
+def test_one_master_three_replicas_and_points(cluster):
+    c = cluster(replicas=3)
+    for i in range(50):
+        write(f"{c.src}/d{i % 5}/f{i}", os.urandom(1000 + i))
+    c.start()
+    for r in c.replicas:
+        wait_for(lambda: c.converged(r), 40, f"{r.name} seeding")
+    write(f"{c.src}/d1/f1", b"changed")
+    for r in c.replicas:
+        wait_for(lambda: c.converged(r), 30, f"{r.name} change")
+    out = c.primary.ctl("point", "--set", "web").stdout
+    for r in c.replicas:
+        assert r.name in out
+        assert replica_snapshots(r.repo, "web")[-1][1] == read_tree(c.src)
+
+
+def test_replica_killed_mid_stream_converges(cluster):
+    c = cluster(replicas=1)
+    write(f"{c.src}/seed", b"x")
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 30, "seed")
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            write(f"{c.src}/stream/f{i % 40}", os.urandom(20_000) + str(i).encode())
+            i += 1
+            time.sleep(0.01)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.7)
+            r.kill(signal.SIGKILL)
+            time.sleep(0.3)
+            r.start()
+    finally:
+        stop.set()
+        t.join()
+    wait_for(lambda: c.converged(r), 60, "convergence after SIGKILLs")
+
+
+def test_archive_mode_never_deletes(cluster):
+    c = cluster(replicas=1, sets=None)
+    c.sets["web"]["mode"] = "archive"
+    write(f"{c.src}/keep.txt", b"keep")
+    write(f"{c.src}/gone.txt", b"to be deleted")
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 30, "seed")
+    os.remove(f"{c.src}/gone.txt")
+    write(f"{c.src}/later.txt", b"later")
+    want = dict(read_tree(c.src), **{"data/gone.txt": b"to be deleted"})
+    wait_for(lambda: replica_head(r.repo, "web") == want, 30, "archive view")
+
+
+def test_mass_delete_breaker_and_vanished_source(cluster):
+    c = cluster(replicas=1)
+    c.sets["web"]["delete_count"] = 5
+    for i in range(30):
+        write(f"{c.src}/f{i}", b"%d" % i)
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 30, "seed")
+    seeded = replica_head(r.repo, "web")
+    for i in range(20):
+        os.remove(f"{c.src}/f{i}")
+    wait_for(lambda: status(r)["sets"]["web"]["alerts"], 30, "breaker alert")
+    assert replica_head(r.repo, "web") == seeded  # nothing deleted
+    # An emptied source root (an unmounted share) never wipes the mirror either.
+    for i in range(20, 30):
+        os.remove(f"{c.src}/f{i}")
+    wait_for(lambda: any("empty" in a for a in status(c.primary)["sets"]["web"]["alerts"]), 30, "empty-source alert")
+    assert replica_head(r.repo, "web") == seeded
