@@ -38,7 +38,7 @@ from store.repository import object_id
 from store.trees import DIR, FILE, SYMLINK
 
 from . import protocol
-from .errors import ConnectionLost, ProtocolError, ReplError
+from .errors import ConnectionLost, NotAuthorised, ProtocolError, ReplError
 from .merkle import dir_digest, leaf_digest
 
 log = logging.getLogger("pit.master")
@@ -582,12 +582,16 @@ class Sender:
                         self.cond.wait(1.0)
                         if conn.closed:
                             raise ConnectionLost("connection closed")
+                        if self.replica not in agent.roster():  # removed: stop at once
+                            raise NotAuthorised(f"replica {self.replica} was removed from the roster")
                     batch = []
                     while self.queue and len(batch) < BATCH_PATHS:
                         batch.append(self.queue.popitem(last=False)[0])
                     points = list(self.points) if not self.queue else []
                     if points:
                         self.points.clear()
+            if self.replica not in agent.roster():
+                raise NotAuthorised(f"replica {self.replica} was removed from the roster")
             if catchup:
                 self._catchup(conn)
                 continue

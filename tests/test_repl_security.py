@@ -1,0 +1,165 @@
+"""Security and bad input against a running replica: who may connect, and what a
+connected peer may send. Every refusal closes the connection and writes nothing."""
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+
+import msgpack
+import pytest
+import zstandard
+
+from replicator import errors as E
+from replicator import protocol as W
+from replicator.membership import NodeState, connect, init_cluster
+from store.repository import Repository
+from test_repl_helpers import PIT, Cluster, pit, read_tree, replica_head, wait_for
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sec")
+    c = Cluster(str(tmp), replicas=2)
+    with open(os.path.join(c.src, "a.txt"), "wb") as f:
+        f.write(b"alpha")
+    c.start()
+    try:
+        for r in c.replicas:
+            wait_for(lambda: c.converged(r), 30, "seed")
+        yield c
+    finally:
+        c.stop()
+
+
+def blob_count(repo_path):
+    repo = Repository(repo_path, readonly=True)
+    try:
+        with repo.reading() as txn:
+            return txn.stat(repo.index.db["blobs"])["entries"]
+    finally:
+        repo.close()
+
+
+def session(c, r):
+    """A replication session to replica `r` with the primary's (legitimate) certificate."""
+    sock, peer = connect(NodeState(c.primary.state), r.address)
+    conn = W.Conn(sock, peer, heartbeat=False, dead_after=10)
+    W.hello(conn, "primary", "repl", "web")
+    return conn
+
+
+def refused(conn) -> bool:
+    try:
+        conn.recv()
+    except (E.ConnectionLost, E.ProtocolError):
+        return True
+    return False
+
+
+def assert_nothing_written(c, r, before):
+    assert blob_count(r.repo) == before
+    assert replica_head(r.repo, "web") == read_tree(c.src)
+
+
+BAD_FRAMES = {
+    "garbage": W.HEADER.pack(5) + b"\xc1\xc1\xc1\xc1\xc1",
+    "oversized": W.HEADER.pack(W.MAX_FRAME + 1),
+    "unknown type": W.encode({"t": "format-disk"}) if False else
+    W.HEADER.pack(len(b := msgpack.packb({"t": "format-disk"}))) + b,
+    "dotdot path": W.encode({"t": "changes", "seq": 1, "changes": [
+        {"p": b"data/../../evil", "e": [1, 0o644, 0, 0, 0], "base": None, "ops": [], "size": 0}]}),
+    "absolute path": W.encode({"t": "changes", "seq": 1, "changes": [
+        {"p": b"/etc/evil", "e": [1, 0o644, 0, 0, 0], "base": None, "ops": [], "size": 0}]}),
+    "nul path": W.encode({"t": "changes", "seq": 1, "changes": [
+        {"p": b"data/ev\0il", "e": [1, 0o644, 0, 0, 0], "base": None, "ops": [], "size": 0}]}),
+    "list dotdot": W.encode({"t": "list", "paths": [b".."]}),
+    "unasked chunk": W.encode({"t": "chunks", "chunks": [[b"\1" * 32, 0, 3, b"abc"]]}),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+def test_bad_frames_close_and_write_nothing(running, name):
+    c, r = running, running.replicas[0]
+    before = blob_count(r.repo)
+    conn = session(c, r)
+    conn.send_raw(BAD_FRAMES[name])
+    assert refused(conn)
+    assert_nothing_written(c, r, before)
+
+
+def test_chunk_not_matching_its_id_is_refused(running):
+    c, r = running, running.replicas[0]
+    before = blob_count(r.repo)
+    conn = session(c, r)
+    fake_id = b"\7" * 32
+    conn.send({"t": "offer", "ids": [fake_id]})
+    assert conn.recv("need")["ids"] == [fake_id]
+    payload = zstandard.ZstdCompressor().compress(b"not what the id says" * 10)
+    conn.send({"t": "chunks", "chunks": [[fake_id, 1, 200, payload]]})
+    assert refused(conn)
+    # and a change naming that chunk cannot be committed on a fresh session either
+    conn = session(c, r)
+    conn.send({"t": "changes", "seq": 1, "changes": [
+        {"p": b"data/evil", "e": [1, 0o644, 0, 0, 0], "base": None, "ops": [[1, [[fake_id, 200]]]], "size": 200}]})
+    assert refused(conn)
+    assert_nothing_written(c, r, before)
+
+
+def test_client_without_certificate_refused(running):
+    r = running.replicas[0]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+    with pytest.raises((ssl.SSLError, OSError, E.ConnectionLost, E.ProtocolError)):
+        s = ctx.wrap_socket(raw)
+        conn = W.Conn(s, "r", heartbeat=False, dead_after=10)
+        W.hello(conn, "primary", "repl", "web")
+
+
+def test_certificate_from_another_ca_refused(running, tmp_path):
+    r = running.replicas[0]
+    other = init_cluster(str(tmp_path / "other"), "primary", "127.0.0.1:1")
+    raw = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+    with pytest.raises((ssl.SSLError, OSError, E.ConnectionLost, E.ProtocolError)):
+        s = other.client_context().wrap_socket(raw)
+        conn = W.Conn(s, "r", heartbeat=False, dead_after=10)
+        W.hello(conn, "primary", "repl", "web")
+
+
+def test_only_the_sets_master_may_send(running):
+    c, r1, r2 = running, *running.replicas
+    # r2 is a member, but not the master of "web": r1 refuses it.
+    sock, _ = connect(NodeState(r2.state), r1.address)
+    conn = W.Conn(sock, "r1", heartbeat=False, dead_after=10)
+    with pytest.raises(E.ProtocolError):
+        W.hello(conn, "r2", "repl", "web")
+
+
+def test_token_is_one_time(running, tmp_path):
+    token = pit("cluster", "token", "--state", running.primary.state).stdout.strip()
+    pit("join", "--state", str(tmp_path / "n1"), token, "--node", "n1", "--address", "127.0.0.1:2")
+    r = subprocess.run([PIT, "join", "--state", str(tmp_path / "n2"), token, "--node", "n2",
+                        "--address", "127.0.0.1:3"], capture_output=True, text=True)
+    assert r.returncode == E.TokenInvalid.exit_code, r.stderr
+    assert not os.path.exists(tmp_path / "n2" / "node.json")
+
+
+def test_removed_node_is_refused(running):
+    c, r1, r2 = running, *running.replicas
+    pit("cluster", "remove", "--state", c.primary.state, "r1")
+    # r1's own connections to the primary are refused ...
+    sock, _ = connect(NodeState(r1.state), c.primary.address)
+    conn = W.Conn(sock, "primary", heartbeat=False, dead_after=10)
+    with pytest.raises((E.ConnectionLost, E.ProtocolError)):
+        W.hello(conn, "r1", "config")
+    # ... and the master stops sending to it, while r2 carries on.
+    import json
+    wait_for(lambda: not json.loads(c.primary.ctl("status").stdout)["sets"]["web"]["replicas"]["r1"]["connected"],
+             10, "the master to drop r1")
+    with open(os.path.join(c.src, "after-removal.txt"), "wb") as f:
+        f.write(b"r1 must not get this")
+    wait_for(lambda: c.converged(r2), 30, "r2 gets the new file")
+    assert "data/after-removal.txt" not in replica_head(r1.repo, "web")
