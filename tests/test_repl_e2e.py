@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from test_repl_helpers import Cluster, read_tree, replica_head, replica_snapshots, wait_for
+from test_repl_helpers import Cluster, pit, read_tree, replica_head, replica_snapshots, wait_for
 
 
 @pytest.fixture
@@ -206,3 +206,20 @@ def test_new_set_pushed_without_restart(cluster, tmp_path):
     r2 = c.replicas[1]
     wait_for(lambda: c.converged(r2, "files", other), 30, "the new set on r2")
     assert replica_head(c.replicas[0].repo, "files") == {}
+
+
+def test_two_masters_into_one_replica_dedup(cluster, tmp_path):
+    """Many-to-one and many-to-many: r2 masters a set of its own into r1, while also being a replica."""
+    c = cluster(replicas=2)
+    same = os.urandom(300_000)
+    write(f"{c.src}/big.bin", same)
+    other = str(tmp_path / "src-r2" / "share")
+    write(f"{other}/copy.bin", same)
+    c.sets["share"] = {"paths": [other], "master": "r2", "replicas": ["r1"]}
+    c.start()
+    r1, r2 = c.replicas
+    wait_for(lambda: c.converged(r1, "web") and c.converged(r2, "web"), 30, "web on both")
+    wait_for(lambda: c.converged(r1, "share", other), 30, "share from r2 on r1")
+    repo_stats = json.loads(pit("--repo", r1.repo, "stats", "--json").stdout)
+    # the 300 KB file arrived twice (from two masters) but its chunks are stored once
+    assert 300_000 <= repo_stats["blobs"]["chunk"]["raw"] < 450_000, repo_stats
