@@ -100,6 +100,7 @@ class Agent:
         # The first full scan completes before any sender starts: a catch-up
         # against a half-built tree would look like mass deletion.
         try:
+            ms.load()
             self.watcher.watch(ms)
             ms.full_scan()
         except Exception:

@@ -142,6 +142,60 @@ class MasterSet:
         self.settle_since: dict[bytes, float] = {}
         self.stopped = False
 
+    # ------------------------------------------------------------- files cache
+    # The tree (with each file's stat key and chunk list) is saved so that a
+    # restarted master trusts unchanged files by (size, mtime, ctime, inode)
+    # instead of reading every byte again.
+    def _cache_path(self) -> str:
+        return os.path.join(self.agent.state.path, f"master-{self.name}.cache")
+
+    def save(self) -> None:
+        import msgpack
+
+        rows = []
+
+        def walk(node: DNode, prefix: bytes) -> None:
+            for n, ch in node.children.items():
+                rel = prefix + b"/" + n if prefix else n
+                if isinstance(ch, DNode):
+                    rows.append([rel, DIR, ch.mode, ch.uid, ch.gid, ch.mtime_ns])
+                    walk(ch, rel)
+                else:
+                    rows.append([rel, ch.type, ch.mode, ch.uid, ch.gid, ch.mtime_ns, ch.size, ch.content,
+                                 b"".join(c for c, _ in ch.chunks), [n for _, n in ch.chunks], list(ch.skey)])
+
+        with self.lock:
+            walk(self.root, b"")
+        data = msgpack.packb({"v": 1, "paths": self.cfg["paths"], "avg": self.cfg["avg_chunk"], "rows": rows},
+                             use_bin_type=True)
+        tmp = self._cache_path() + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self._cache_path())
+
+    def load(self) -> None:
+        import msgpack
+
+        try:
+            with open(self._cache_path(), "rb") as f:
+                d = msgpack.unpackb(f.read(), raw=False)
+            if d.get("v") != 1 or d["paths"] != self.cfg["paths"] or d["avg"] != self.cfg["avg_chunk"]:
+                return
+            for row in d["rows"]:
+                rel, typ = row[0], row[1]
+                if typ == DIR:
+                    self._set(rel, DNode(row[2], row[3], row[4], row[5]))
+                else:
+                    ids = row[8]
+                    chunks = [(ids[i * 32:(i + 1) * 32], n) for i, n in enumerate(row[9])]
+                    self._set(rel, FNode(typ, row[2], row[3], row[4], row[5], row[6], row[7], chunks,
+                                         tuple(row[10])))
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # a damaged cache costs one full read, nothing else
+            log.warning("set %s: ignoring the files cache: %s", self.name, exc)
+            self.root = DNode()
+
     # ------------------------------------------------------------- the tree
     def lookup(self, rel: bytes):
         node = self.root
@@ -399,7 +453,17 @@ class MasterSet:
         """Debounce events into refreshes; reconcile scan every `rescan` seconds."""
         deb = self.cfg["debounce"]
         next_scan = time.monotonic() + self.cfg["rescan"]
+        saved_at = self.stats["changes"]
+        next_save = time.monotonic() + 5
         while not self.stopped:
+            if time.monotonic() >= next_save:
+                next_save = time.monotonic() + 5
+                if self.stats["changes"] != saved_at:
+                    saved_at = self.stats["changes"]
+                    try:
+                        self.save()
+                    except OSError as exc:
+                        self.alert(f"cannot save the files cache: {exc}")
             with self.dirty_cond:
                 timeout = max(0.0, next_scan - time.monotonic())
                 if not self.dirty:
@@ -461,6 +525,10 @@ class MasterSet:
 
     def stop(self) -> None:
         self.stopped = True
+        try:
+            self.save()
+        except OSError:
+            pass
         with self.dirty_cond:
             self.dirty_cond.notify_all()
         for s in self.senders.values():

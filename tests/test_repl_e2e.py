@@ -193,6 +193,8 @@ def test_master_restart_catches_up_by_tree_comparison(cluster):
     sent = status(c.primary)["sets"]["web"]["replicas"]["r1"]["bytes_sent"]
     # 200 files of 4 KB were not sent again: only the differing subtrees' listings and one file.
     assert sent < 100_000, sent
+    # nor read again: the saved files cache vouches for unchanged (size, mtime, ctime, inode)
+    assert status(c.primary)["sets"]["web"]["stats"]["files_read"] <= 3
 
 
 def test_new_set_pushed_without_restart(cluster, tmp_path):
