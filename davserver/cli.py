@@ -50,9 +50,12 @@ def refresh_versions_index(repo, echo=lambda m: None) -> None:
 @click.option("--port", "-p", default=None, type=int, help="Port (default 8080, or the config's).")
 @click.option("--self-signed", is_flag=True,
               help="Serve HTTPS with a self-signed certificate kept in REPO/serve-tls/ (made on first use).")
+@click.option("--litmus-scratch", "scratch_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="DIAGNOSTIC ONLY, loopback only: also serve DIR writable at /litmus-scratch "
+                   "for the litmus conformance suite (see docs/restore.md).")
 @click.option("--verbose", "-v", count=True, help="Log requests (-v) or more (-vv).")
 @click.pass_context
-def serve(ctx, config_path, listen, port, self_signed, verbose):
+def serve(ctx, config_path, listen, port, self_signed, scratch_dir, verbose):
     """Serve the repository read-only over WebDAV (map it as a network drive)."""
     from .config import ServerConfig, load_config
     from .server import make_server, self_signed as make_cert, serve_forever
@@ -73,8 +76,18 @@ def serve(ctx, config_path, listen, port, self_signed, verbose):
         hosts.append(socket.gethostname())
         cfg.certificate, cfg.private_key = make_cert(os.path.join(repo.path, "serve-tls"), list(dict.fromkeys(hosts)))
         click.echo(f"self-signed certificate: {cfg.certificate}", err=True)
+    if scratch_dir:
+        import ipaddress
+        try:
+            loopback = ipaddress.ip_address(cfg.listen).is_loopback
+        except ValueError:
+            loopback = cfg.listen == "localhost"
+        if not loopback:
+            raise InvalidArgument("--litmus-scratch is a diagnostic for loopback only (listen on 127.0.0.1)")
+        os.makedirs(scratch_dir, exist_ok=True)
+        click.echo(f"DIAGNOSTIC: {os.path.abspath(scratch_dir)} is served WRITABLE at /litmus-scratch/", err=True)
     refresh_versions_index(repo, lambda m: click.echo(m, err=True))
-    server = make_server(repo, cfg, verbose=1 + verbose * 2)
+    server = make_server(repo, cfg, verbose=1 + verbose * 2, scratch_dir=scratch_dir)
     scheme = "https" if cfg.tls else "http"
     click.echo(f"serving {repo.path} read-only at {scheme}://{cfg.listen}:{cfg.port}/ "
                f"({len(cfg.users)} users{', anonymous allowed' if cfg.anonymous else ''})", err=True)

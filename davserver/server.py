@@ -71,7 +71,10 @@ class PitDomainController(BaseDomainController):
         return False
 
 
-def build_app(repo, cfg: ServerConfig, verbose: int = 1) -> WsgiDAVApp:
+SCRATCH_SHARE = "/litmus-scratch"
+
+
+def build_app(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None = None) -> WsgiDAVApp:
     scopes = {name: u.scope for name, u in cfg.users.items()}
     provider = ViewProvider(repo, scopes, cfg.anonymous_scope if cfg.anonymous else None)
     conf = {
@@ -87,7 +90,26 @@ def build_app(repo, cfg: ServerConfig, verbose: int = 1) -> WsgiDAVApp:
         "verbose": verbose,
         "logging": {"enable": verbose > 1},
     }
-    return WsgiDAVApp(conf)
+    app = WsgiDAVApp(conf)
+    if scratch_dir:
+        add_scratch_share(app, scratch_dir)
+    return app
+
+
+def add_scratch_share(app: WsgiDAVApp, scratch_dir: str) -> None:
+    """DIAGNOSTIC ONLY (`pit serve --litmus-scratch DIR`, off by default): a
+    writable share of a scratch folder at /litmus-scratch, in the same app with
+    the same users and auth, so the litmus conformance suite (which starts
+    every suite with MKCOL) can exercise this server stack. Only that share
+    gets a lock and property manager; the restore view stays read-only."""
+    from wsgidav.fs_dav_provider import FilesystemProvider
+    from wsgidav.lock_man.lock_manager import LockManager
+    from wsgidav.lock_man.lock_storage import LockStorageDict
+    from wsgidav.prop_man.property_manager import PropertyManager
+
+    scratch = app.add_provider(SCRATCH_SHARE, FilesystemProvider(scratch_dir))
+    scratch.set_lock_manager(LockManager(LockStorageDict()))
+    scratch.set_prop_manager(PropertyManager())
 
 
 def self_signed(directory: str, hosts: list[str]) -> tuple[str, str]:
@@ -126,8 +148,8 @@ def self_signed(directory: str, hosts: list[str]) -> tuple[str, str]:
     return cert_path, key_path
 
 
-def make_server(repo, cfg: ServerConfig, verbose: int = 1) -> wsgi.Server:
-    app = build_app(repo, cfg, verbose)
+def make_server(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None = None) -> wsgi.Server:
+    app = build_app(repo, cfg, verbose, scratch_dir)
     server = wsgi.Server((cfg.listen, cfg.port), app, numthreads=16, server_name="pitstore")
     if cfg.tls:
         from cheroot.ssl.builtin import BuiltinSSLAdapter
