@@ -178,8 +178,12 @@ def main(argv=None) -> int:
             continue
         st = p.stats()
         repo2 = measure.du(p.repo)["disk"]
+        snap = (p.last_snapshot or {}).get("stats") or {}
         rows[avg].update(snap2_s=round(r.wall, 2), snap2_cpu=round(r.cpu, 2), repo2=repo2,
-                         added=repo2 - rows[avg]["repo1"], stats2=st, chunks2=_chunks(st))
+                         added=repo2 - rows[avg]["repo1"], stats2=st, chunks2=_chunks(st),
+                         snap2_new_chunks=snap.get("new_chunks"),
+                         snap2_new_stored=snap.get("new_stored"),
+                         layout2=p.layout())
 
     meta["loadavg_end"] = os.getloadavg()
     md = to_markdown(meta, rows, sizes, use_pit)
@@ -219,16 +223,17 @@ def to_markdown(meta, rows, sizes, use_pit) -> str:
            f"{ds['bytes'] / MIB:.1f} MiB. Change: {mu['fraction'] * 100:g} % of db pages "
            f"rewritten in place, {mu['text_files']} text files edited, {mu['add']} added, "
            f"{mu['delete']} deleted.",
-           f"- Load average at start {meta['loadavg_start']}, end {meta['loadavg_end']}. "
+           f"- Load average at start {_la(meta['loadavg_start'])}, end {_la(meta['loadavg_end'])}. "
            "MB = 10^6 B. Ingest and snapshot 2 are cold-cache wall times of "
            "`pit snapshot` (full scan).",
            "- Model = FastCDC (min avg/4, max avg*4) + BLAKE3 in process: chunks cut, and the "
            "distinct new chunks the change creates (raw, and zstd-3 per chunk).", ""]
     if use_pit:
         out += ["| avg KiB | ingest s | ingest MB/s | CPU s | RSS MiB | repo MB | chunks (pit stats) "
-                "| snapshot 2 s | repo growth from change MB | model chunks | model new chunks "
-                "| model new raw MB | model new zstd MB |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| snapshot 2 s | repo growth from change MB | pit: new blobs, stored MB "
+                "| index MB | model chunks | model new chunks | model new raw MB "
+                "| model new zstd MB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for avg in sizes:
             r = rows[avg]
             out.append("| " + " | ".join([
@@ -236,6 +241,8 @@ def to_markdown(meta, rows, sizes, use_pit) -> str:
                 _f(r.get("ingest_cpu"), 2), _f(r.get("ingest_rss_mib")),
                 _f(r.get("repo1"), 1, MB), str(r.get("chunks2") or r.get("chunks1") or ""),
                 _f(r.get("snap2_s"), 2), _f(r.get("added"), 2, MB),
+                f"{r.get('snap2_new_chunks', '')}, {_f(r.get('snap2_new_stored'), 2, MB)}",
+                _f((r.get("layout2") or {}).get("index"), 1, MB),
                 str(r["model_chunks"]), str(r["model_new_chunks"]),
                 _f(r["model_new_raw"], 2, MB), _f(r["model_new_zstd"], 2, MB)]) + " |")
             if "error" in r:

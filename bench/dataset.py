@@ -1,6 +1,6 @@
 """Deterministic benchmark dataset: source tree, random binaries, a paged database.
 
-The mix follows docs/benchmarks.md (and the peer baseline it was built from):
+The mix is the one restic 0.14 and borg 1.2.4 were first measured on (the peer baseline):
 
 - ``src/``  ~20,000 source-like text files, ~300 MiB, lognormal sizes (mean
   ~15 KiB) in ~1,500 nested directories; zstd-3 compresses them ~2.8x.

@@ -198,7 +198,8 @@ class Bench:
             self.meta["limits"] = limits.measure_limits(self.data)
 
         tools = self.tools()
-        self.meta["tools"] = {t.label: {"name": t.name, "version": t.version, "repo": t.repo}
+        self.meta["tools"] = {t.label: {"name": t.name, "version": t.version, "repo": t.repo,
+                                        "source": getattr(t, "source_digest", None)}
                               for t in tools}
         nbytes = gen["bytes"]
 
@@ -254,6 +255,7 @@ class Bench:
             repo_bytes = t.size()["apparent"]
             self.step(t, "check", t.check, cold=True, mb_basis=repo_bytes)
         self._pit_stats(tools, "final")
+        self.meta["pit_layout"] = {t.label: t.layout() for t in tools if isinstance(t, Pit)}
 
         self.meta["loadavg_end"] = os.getloadavg()
         self.meta["total_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -291,7 +293,9 @@ class Bench:
         out.append(f"- Machine: {m['cpu_model']}, {m['cpus']} CPUs, {m['mem_gib']} GiB RAM, "
                    f"kernel {m['kernel']}, Python {m['python']}. Load average (1/5/15 min) "
                    f"at start {_la(m['loadavg_start'])}, at end {_la(m.get('loadavg_end'))}.")
-        vers = ", ".join(f"{k} {v['version']}" for k, v in m.get("tools", {}).items())
+        vers = ", ".join(f"{k} {v['version']}" + (f" (store/*.py digest {v['source']})"
+                                                   if v.get("source") else "")
+                         for k, v in m.get("tools", {}).items())
         out.append(f"- Tools: {vers or 'none'}.")
         out.append(f"- Dataset: scale {m['scale']}, seed {m['seed']}: {ds['files']} files, "
                    f"{ds['dirs']} dirs, {ds['bytes']:,} B ({ds['bytes'] / MIB:.1f} MiB), "
@@ -332,6 +336,10 @@ class Bench:
                     str(s.get("files_read", "")), _f(_div(s.get("bytes_read"), MB), 1),
                     str(s.get("new_chunks", "")), _f(_div(s.get("new_bytes"), MB), 2),
                     _f(_div(s.get("new_stored"), MB), 2), _f(s.get("duration"), 2)]) + " |")
+        for label, lay in m.get("pit_layout", {}).items():
+            if lay:
+                parts = ", ".join(f"{k} {v / MB:.1f} MB" for k, v in lay.items() if v >= 1e5)
+                out.append(f"\n{label} repo on disk at the end: {parts}.")
         out += ["", "## pitstore against the peers (wall time; ratio > 1 means pitstore is "
                 "faster or smaller)", ""]
         out += self.comparison()

@@ -1,9 +1,13 @@
 """Measurement helpers for the benchmarks: timed commands, cache drops, sizes, tree digests.
 
-A command is timed with ``os.wait4`` on its pid, which gives the same figures
-as ``/usr/bin/time -v`` (wall clock, user and system CPU, peak RSS) without its
-output format in the way: ``ru_maxrss`` is the peak of the child and of any
-descendant it waited for, in KiB on Linux.
+A command runs under ``/usr/bin/time -f %M`` (apt package ``time``, installed
+if missing) and is reaped with ``os.wait4``: wall clock from
+``perf_counter``, user and system CPU from the rusage of wait4 (they include
+the command's waited-for descendants), peak RSS from GNU time.  Peak RSS
+cannot come from our own wait4: Linux carries the pre-exec high-water RSS of
+the forked parent into the child's ``ru_maxrss``, so a child of a Python
+process holding 500 MiB reports at least 500 MiB.  GNU time is a small
+process, so the command it forks starts from a small high-water mark.
 """
 
 from __future__ import annotations
@@ -73,9 +77,18 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None,
         fd2, err_path = tempfile.mkstemp(prefix="bench-err-")
         os.close(fd1)
         os.close(fd2)
+    gnu_time = _gnu_time()
+    rss_path = None
+    if gnu_time:
+        import tempfile
+        fd, rss_path = tempfile.mkstemp(prefix="bench-rss-")
+        os.close(fd)
+        cmd_run = [gnu_time, "-f", "%M", "-o", rss_path, *cmd]
+    else:
+        cmd_run = list(cmd)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=out, stderr=err,
+        p = subprocess.Popen(cmd_run, env=full_env, cwd=cwd, stdout=out, stderr=err,
                              stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL)
         if stdin_data is not None:
             try:
@@ -93,9 +106,32 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None,
     if not log_prefix:
         os.unlink(out_path)
         os.unlink(err_path)
+    maxrss_kib = ru.ru_maxrss        # overstated, see the module docstring
+    if rss_path:
+        with open(rss_path) as f:
+            last = f.read().strip().splitlines()
+        os.unlink(rss_path)
+        if last and last[-1].strip().isdigit():
+            maxrss_kib = int(last[-1])
     return Result(cmd=list(cmd), rc=p.returncode, wall=wall, user=ru.ru_utime,
-                  sys=ru.ru_stime, maxrss_mib=ru.ru_maxrss / 1024, stdout=stdout,
+                  sys=ru.ru_stime, maxrss_mib=maxrss_kib / 1024, stdout=stdout,
                   stderr=stderr)
+
+
+_GNU_TIME: list = []
+
+
+def _gnu_time() -> str | None:
+    """/usr/bin/time, installing apt package ``time`` once if it is missing."""
+    if not _GNU_TIME:
+        path = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+        if path is None and shutil.which("apt-get"):
+            _GNU_TIME.append(None)     # no recursion through run() while installing
+            apt_install(["time"])
+            _GNU_TIME.clear()
+            path = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+        _GNU_TIME.append(path)
+    return _GNU_TIME[0]
 
 
 def timed(fn, *args, **kw) -> tuple[float, object]:

@@ -18,6 +18,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PIT = os.environ.get("PIT_BIN") or os.path.join(os.path.dirname(HERE), ".venv", "bin", "pit")
 SET = "bench"
 
+# PIT_SRC: a pinned copy of the source (``git archive COMMIT store davserver
+# replicator | tar -x -C DIR``) that every pit subprocess imports instead of the
+# work tree the venv's editable install points at, so a long run measures one
+# build even while someone edits store/.  It goes first on PYTHONPATH (the
+# editable finder comes after the path finder).
+PIT_SRC = os.environ.get("PIT_SRC")
+if PIT_SRC:
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [os.path.abspath(PIT_SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 
 def pit_help(*sub: str) -> str | None:
     """``pit [sub] --help`` text, or None when the CLI does not run yet."""
@@ -48,6 +58,19 @@ def pit_version() -> str | None:
     return r.stdout.strip() if r.rc == 0 else None
 
 
+def pit_source_digest() -> str:
+    """Short digest of store/*.py, to tell engine builds apart while the version is fixed."""
+    import hashlib
+    h = hashlib.sha256()
+    src = os.path.join(os.path.abspath(PIT_SRC) if PIT_SRC else os.path.dirname(HERE), "store")
+    for name in sorted(os.listdir(src)) if os.path.isdir(src) else []:
+        if name.endswith(".py"):
+            h.update(name.encode())
+            with open(os.path.join(src, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 class Pit(Tool):
     name = "pitstore"
 
@@ -55,6 +78,7 @@ class Pit(Tool):
         super().__init__(*a, **kw)
         self.avg_chunk_size = avg_chunk_size
         self.version = pit_version()
+        self.source_digest = pit_source_digest()
         self._snapshot_json: bool | None = None
         self.last_snapshot: dict | None = None
 
@@ -91,8 +115,10 @@ class Pit(Tool):
         for name in ("verify", "check"):
             if name in cmds:
                 h = pit_help(name) or ""
-                deep = [f for f in ("--deep", "--read-data", "--verify-data") if f in h]
-                return self.cmd(name, *deep[:1])
+                deep = [f for f in ("--deep", "--read-data", "--verify-data") if f in h][:1]
+                if "--recheck-after" in h:    # read every chunk, like the peers' checks
+                    deep += ["--recheck-after", "0"]
+                return self.cmd(name, *deep)
         return None
 
     def check(self) -> measure.Result:
@@ -100,6 +126,13 @@ class Pit(Tool):
         if cmd is None:
             raise NotImplementedError("pit has no verify/check command yet")
         return self._run("check", cmd)
+
+    def layout(self) -> dict[str, int]:
+        """Bytes on disk per top-level entry of the repo (packs, index, ...)."""
+        if not os.path.isdir(self.repo):
+            return {}
+        return {name: measure.du(os.path.join(self.repo, name))["disk"]
+                for name in sorted(os.listdir(self.repo))}
 
     def stats(self) -> dict:
         r = self._run("stats", self.cmd("stats", "--json"))
