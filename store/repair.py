@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -102,13 +103,13 @@ def _scan_packs(repo, report: RepairReport):
                 places.setdefault(f.id, (num, f))
             elif f.kind == P.SNAPSHOT:
                 _, payload = P.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
-                data = repo._dctx.decompress(payload, max_output_size=f.raw_len) if f.flags & P.ZSTD else bytes(payload)
+                data = repo.dctx().decompress(payload, max_output_size=f.raw_len) if f.flags & P.ZSTD else bytes(payload)
                 snaps[f.id] = data
             elif f.kind == P.TOMBSTONE:
                 tombs.add(f.id)
             elif f.kind == P.SETTING:
                 _, payload = P.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
-                data = repo._dctx.decompress(payload, max_output_size=f.raw_len) if f.flags & P.ZSTD else bytes(payload)
+                data = repo.dctx().decompress(payload, max_output_size=f.raw_len) if f.flags & P.ZSTD else bytes(payload)
                 rec = msgpack.unpackb(data)
                 k = (rec["what"], rec["key"])
                 if k not in settings or settings[k]["t"] < rec["t"]:
@@ -274,7 +275,6 @@ def _open_without_index(repo, path: str) -> None:
     """Read config and set up the pack backend, as Repository() does, minus the index."""
     import json
 
-    import zstandard
 
     from .backend import LocalBackend
     from .cache import LRU
@@ -298,7 +298,7 @@ def _open_without_index(repo, path: str) -> None:
     repo.chunk_cache = LRU(64 * 1024 * 1024, len)
     repo.object_cache = LRU(8192)
     repo.active_writer = None
-    repo._dctx = zstandard.ZstdDecompressor()
+    repo._local = threading.local()
 
 
 def _swap_in(repo_path: str, new_dir: str) -> None:

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -124,7 +125,7 @@ class Repository:
         self.active_writer: "Writer | None" = None
         self.chunk_cache: LRU[bytes] = LRU(64 * 1024 * 1024, len)
         self.object_cache: LRU[object] = LRU(8192)
-        self._dctx = zstandard.ZstdDecompressor()
+        self._local = threading.local()  # a zstd context is not thread-safe: one per thread
 
     # ----------------------------------------------------------------- init
     @classmethod
@@ -212,7 +213,7 @@ class Repository:
         payload = memoryview(frame)[P.FRAME_HEADER.size:]
         if flags & P.ZSTD:
             try:
-                data = self._dctx.decompress(payload, max_output_size=raw_len)
+                data = self.dctx().decompress(payload, max_output_size=raw_len)
             except zstandard.ZstdError as exc:
                 raise IntegrityError(f"{where}: cannot decompress: {exc}") from None
         else:
@@ -220,6 +221,13 @@ class Repository:
         if len(data) != raw_len or (verify and object_id(kind, data) != bid):
             raise IntegrityError(f"{where}: content does not match its id")
         return data
+
+    def dctx(self) -> zstandard.ZstdDecompressor:
+        """This thread's decompressor (FUSE and WebDAV read on many threads)."""
+        d = getattr(self._local, "dctx", None)
+        if d is None:
+            d = self._local.dctx = zstandard.ZstdDecompressor()
+        return d
 
     def meta(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
         return txn.get(key, db=self.index.db["meta"])
