@@ -275,7 +275,6 @@ def _open_without_index(repo, path: str) -> None:
     """Read config and set up the pack backend, as Repository() does, minus the index."""
     import json
 
-
     from .backend import LocalBackend
     from .cache import LRU
     from .chunker import ChunkerParams
