@@ -43,6 +43,7 @@ FORMAT = "pitstore"
 FORMAT_VERSION = 1
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
 DEFAULT_LEVEL = 3
+LOCK_FILE_BYTES = 256 * 1024  # > LMDB's lock table for 1024 readers (64 bytes each plus a header)
 
 
 def blob_id(data: bytes | memoryview) -> bytes:
@@ -139,9 +140,18 @@ class Repository:
             raise RepositoryExists(f"{path} exists and is not empty")
         if not 1 <= level <= 22:
             raise StoreError(f"zstd level must be 1..22, not {level}")
+        existed = os.path.isdir(path)
         try:
             os.makedirs(os.path.join(path, "packs"), exist_ok=True)
             os.makedirs(os.path.join(path, "index"), exist_ok=True)
+            # LMDB memory-maps lock.mdb; on a full disk the first store into a
+            # sparse page is a SIGBUS, not an error. Allocate its blocks first
+            # so a full disk is an ENOSPC we can report.
+            fd = os.open(os.path.join(path, "index", "lock.mdb"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+            finally:
+                os.close(fd)
             cfg = {
                 "format": FORMAT, "version": FORMAT_VERSION, "id": uuid.uuid4().hex,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -157,8 +167,19 @@ class Repository:
             idx.close()
             # The config is written last: its presence means "a complete repository".
             _atomic_write(os.path.join(path, "config"), json.dumps(cfg, indent=2).encode() + b"\n")
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+        except (OSError, lmdb.Error, StoreError) as exc:
+            # Leave nothing half-made: the next `pit init` must find the path as it was.
+            import shutil
+
+            if existed:
+                for name in os.listdir(path):
+                    p = os.path.join(path, name)
+                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            if isinstance(exc, DiskFull):
+                raise
+            if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _nearly_full(os.path.dirname(path)):
                 raise DiskFull(f"no space left on device while creating {path}") from exc
             raise
         return cls(path)
