@@ -33,8 +33,7 @@ import zstandard
 from store import packs as P
 from store.cache import LRU
 from store.chunker import ChunkerParams, chunk_stream
-from store.files import encode_filelist
-from store.repository import object_id
+from store.repository import filelist_id
 from store.trees import DIR, FILE, SYMLINK
 
 from . import protocol
@@ -93,7 +92,7 @@ def content_id(chunks: list) -> bytes | None:
     if len(chunks) == 1:
         return chunks[0][0]
     # The replica stores the same filelist, so the same id (store.apply.store_file_content).
-    return object_id(P.FILELIST, encode_filelist([c for c, _ in chunks], [n for _, n in chunks]))
+    return filelist_id([c for c, _ in chunks], [n for _, n in chunks])
 
 
 def delta_ops(old: list | None, new: list) -> list:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 from . import packs as P
 from .errors import IntegrityError, InvalidArgument
-from .files import encode_filelist
 from .objects import ObjectReader, split_path
-from .repository import Writer, object_id
+from .repository import Writer, object_id, write_filelist
 from .snapshots import Snapshot, add_snapshot, check_set_name, list_snapshots, unique_name
 from .trees import DIR, FILE, Entry, encode_tree, subtree_totals, tree_children
 
@@ -44,12 +43,7 @@ def store_file_content(w: Writer, entry: Entry, chunks: list[tuple[bytes, int]])
     elif len(chunks) == 1:
         entry.content = chunks[0][0]
     else:
-        payload = encode_filelist([c for c, _ in chunks], [n for _, n in chunks])
-        fid = object_id(P.FILELIST, payload)
-        if w.put(P.FILELIST, fid, payload):
-            for cid, _ in chunks:
-                w.incref(cid)
-        entry.content = fid
+        entry.content = write_filelist(w, [c for c, _ in chunks], [n for _, n in chunks])
 
 
 def _write_tree(w: Writer, entries: list[Entry]) -> bytes:

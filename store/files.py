@@ -4,6 +4,14 @@ A file of one chunk points straight at that chunk; a longer file points at
 a *filelist* blob: the chunk ids concatenated, then their lengths as
 little-endian u32. Cumulative offsets are rebuilt on load, so reading byte
 N of a 100 GiB file is one bisect plus one chunk read.
+
+A big file (more than LEAF_SPLIT chunks) gets two levels: *leaf* filelists
+of ~64 chunks each, cut where a chunk id says so (content-defined, so an
+edit moves no boundary but its own), under an *index* filelist (version 2)
+that lists the leaves and their byte lengths. A database changed in a few
+pages then shares all but a few leaves with its previous version: a new
+snapshot stores, and dropping an old one decrements, only those, not one
+entry per chunk of the whole file.
 """
 from __future__ import annotations
 
@@ -18,31 +26,72 @@ import msgpack
 
 from .errors import IntegrityError
 
-FILELIST_VERSION = 1
+FILELIST_VERSION = 1   # a leaf: its entries are chunks
+INDEX_VERSION = 2      # an index: its entries are leaf filelists
+LEAF_SPLIT = 256       # files with more chunks than this get two levels
+LEAF_MASK = 63         # a leaf ends after a chunk whose id's first two bytes & 63 == 0 (~64 chunks)
+LEAF_MAX = 1024        # ...or at this many chunks
 
 
-def encode_filelist(ids: list[bytes], lengths: list[int]) -> bytes:
+def encode_filelist(ids: list[bytes], lengths: list[int], version: int = FILELIST_VERSION) -> bytes:
     lens = array("I", lengths)
     if lens.itemsize != 4:  # pragma: no cover - every platform we run on
         raise RuntimeError("array('I') is not 32-bit here")
     if sys.byteorder == "big":  # pragma: no cover - the format is little-endian everywhere
         lens.byteswap()
-    return msgpack.packb([FILELIST_VERSION, b"".join(ids), lens.tobytes()], use_bin_type=True)
+    return msgpack.packb([version, b"".join(ids), lens.tobytes()], use_bin_type=True)
 
 
 def decode_filelist(data: bytes) -> tuple[list[bytes], list[int]]:
+    """The entries of a filelist: chunks (a leaf) or leaves (an index), with byte lengths."""
+    return decode_filelist_level(data)[1:]
+
+
+def decode_filelist_level(data: bytes) -> tuple[int, list[bytes], list[int]]:
     try:
         version, idblob, lenblob = msgpack.unpackb(data)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise IntegrityError(f"malformed filelist: {exc}") from None
-    if version != FILELIST_VERSION or len(idblob) % 32 or len(lenblob) % 4 or len(idblob) // 32 != len(lenblob) // 4:
+    if version not in (FILELIST_VERSION, INDEX_VERSION) or len(idblob) % 32 or len(lenblob) % 4 or len(idblob) // 32 != len(lenblob) // 4:
         raise IntegrityError("malformed filelist")
     ids = [idblob[i:i + 32] for i in range(0, len(idblob), 32)]
     lens = array("I")
     lens.frombytes(lenblob)
     if sys.byteorder == "big":  # pragma: no cover
         lens.byteswap()
-    return ids, lens.tolist()
+    return version, ids, lens.tolist()
+
+
+@dataclass
+class FilelistPlan:
+    """The filelist blobs one file needs: (payload, children) leaves first, then the top."""
+
+    blobs: list[tuple[bytes, list[bytes]]]
+    top: bytes  # id of the blob the tree entry points at
+
+
+def plan_filelist(ids: list[bytes], lengths: list[int], make_id: Callable[[bytes], bytes]) -> FilelistPlan:
+    """Encode a file of more than one chunk as one leaf, or leaves under an index."""
+    if len(ids) <= LEAF_SPLIT:
+        payload = encode_filelist(ids, lengths)
+        return FilelistPlan([(payload, ids)], make_id(payload))
+    blobs: list[tuple[bytes, list[bytes]]] = []
+    leaf_ids: list[bytes] = []
+    leaf_lens: list[int] = []
+    start = 0
+    n = len(ids)
+    for i in range(n):
+        cid = ids[i]
+        if i + 1 == n or ((cid[0] << 8 | cid[1]) & LEAF_MASK) == 0 or i + 1 - start >= LEAF_MAX:
+            part, plens = ids[start:i + 1], lengths[start:i + 1]
+            payload = encode_filelist(part, plens)
+            blobs.append((payload, part))
+            leaf_ids.append(make_id(payload))
+            leaf_lens.append(sum(plens))
+            start = i + 1
+    top = encode_filelist(leaf_ids, leaf_lens, INDEX_VERSION)
+    blobs.append((top, leaf_ids))
+    return FilelistPlan(blobs, make_id(top))
 
 
 @dataclass

@@ -32,10 +32,9 @@ import zstandard
 from . import packs as P
 from .chunker import chunk_stream
 from .errors import InvalidArgument, SourceMissing, StoreError
-from .files import encode_filelist
 from .index import filecache_key
 from .objects import ObjectReader
-from .repository import Repository, Writer, object_id
+from .repository import Repository, Writer, object_id, write_filelist
 from .retention import apply_retention
 from .snapshots import Snapshot, _printable, add_snapshot, check_set_name, list_snapshots, unique_name
 from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, subtree_totals, tree_children
@@ -213,12 +212,7 @@ class Ingester:
         elif e.nchunks == 1:
             e.content = job.ids[0]
         else:
-            payload = encode_filelist(job.ids, job.lens)
-            fid = object_id(P.FILELIST, payload)
-            if self.w.put(P.FILELIST, fid, payload):
-                for cid in job.ids:
-                    self.w.incref(cid)
-            e.content = fid
+            e.content = write_filelist(self.w, job.ids, job.lens)
         if job.cache_key is not None:
             self._fc_put(job.cache_key, msgpack.packb([*job.cache_stat, e.to_list()], use_bin_type=True))
         self._child_done(job.node)

@@ -11,7 +11,7 @@ import lmdb
 
 from . import packs as P
 from .errors import IntegrityError, PathNotFound
-from .files import ChunkList, FileReader, decode_filelist
+from .files import INDEX_VERSION, ChunkList, FileReader, decode_filelist_level
 from .trees import DIR, FILE, Entry, decode_tree
 
 
@@ -45,7 +45,17 @@ class ObjectReader:
         key = (P.FILELIST, entry.content)
         cached = self.repo.object_cache.get(key)
         if cached is None:
-            ids, lens = decode_filelist(self.repo.read_blob(self.txn, entry.content))
+            level, ids, lens = decode_filelist_level(self.repo.read_blob(self.txn, entry.content))
+            if level == INDEX_VERSION:  # leaves under an index: expand them
+                all_ids: list[bytes] = []
+                all_lens: list[int] = []
+                for leaf, leaf_len in zip(ids, lens):
+                    lv, lids, llens = decode_filelist_level(self.repo.read_blob(self.txn, leaf))
+                    if lv != 1 or sum(llens) != leaf_len:
+                        raise IntegrityError(f"leaf filelist of {entry.name!r} does not match its index")
+                    all_ids += lids
+                    all_lens += llens
+                ids, lens = all_ids, all_lens
             cached = ChunkList(ids, lens)
             self.repo.object_cache.put(key, cached)
         if len(cached.ids) != entry.nchunks or cached.size != entry.size:

@@ -608,3 +608,27 @@ def _release_lock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def filelist_id(ids: list[bytes], lengths: list[int]) -> bytes:
+    """The content id a tree entry gets for a file of more than one chunk
+    (what a master computes to compare with a replica's trees)."""
+    from .files import plan_filelist
+
+    return plan_filelist(ids, lengths, lambda b: object_id(P.FILELIST, b)).top
+
+
+def write_filelist(w: "Writer", ids: list[bytes], lengths: list[int]) -> bytes:
+    """Store a file's chunk list (one leaf, or leaves under an index); returns the top id.
+
+    Merkle rule: a filelist new to the repository references each of its
+    entries once; one that exists already is only referenced by its parent."""
+    from .files import plan_filelist
+
+    plan = plan_filelist(ids, lengths, lambda b: object_id(P.FILELIST, b))
+    for payload, children in plan.blobs:
+        fid = object_id(P.FILELIST, payload)
+        if w.put(P.FILELIST, fid, payload):
+            for c in children:
+                w.incref(c)
+    return plan.top

@@ -21,7 +21,7 @@ import zstandard
 
 from . import packs as P
 from .errors import BlobMissing, IntegrityError, StoreError
-from .files import decode_filelist
+from .files import INDEX_VERSION, decode_filelist_level
 from .index import U64, BlobEntry, PackEntry
 from .snapmeta import get_meta, update_meta
 from .snapshots import Snapshot, list_snapshots
@@ -150,22 +150,32 @@ class _Walker:
     def file(self, cid: bytes, nchunks: int) -> None:
         if cid in self.seen:
             return
-        self.seen.add(cid)
         self.r.files += 1
         if nchunks == 1:
+            self.seen.add(cid)
             self.chunk(cid)
             return
+        self.filelist(cid)
+
+    def filelist(self, cid: bytes) -> None:
+        """A filelist: a leaf (entries are chunks) or an index (entries are leaves)."""
+        if cid in self.seen:
+            return
+        self.seen.add(cid)
         data = self.read_object(cid, "filelist")
         if data is None:
             return
         try:
-            ids, _ = decode_filelist(data)
+            level, ids, _ = decode_filelist_level(data)
         except IntegrityError as exc:
             self._damage(cid, "filelist", self._where(self.entry(cid)), str(exc))
             return
         for c in ids:
             self.expected[c] += 1
-            self.chunk(c)
+            if level == INDEX_VERSION:
+                self.filelist(c)
+            else:
+                self.chunk(c)
 
     def chunk(self, cid: bytes) -> None:
         if cid in self.chunks:
@@ -366,10 +376,17 @@ def locate_damage(repo, txn, bad: dict[bytes, Damage], snaps: list[Snapshot]) ->
             elif e.type == FILE and e.nchunks:
                 ids = [e.content]
                 if e.nchunks > 1 and e.content not in bad:
-                    try:
-                        ids = r.chunk_list(e).ids + [e.content]
+                    try:  # an index's leaves may be what is broken
+                        level, kids, _ = decode_filelist_level(r.blob(e.content))
+                        if level == INDEX_VERSION:
+                            ids += kids
                     except StoreError:
                         pass
+                    if not any(i in bad for i in ids):
+                        try:
+                            ids += r.chunk_list(e).ids
+                        except StoreError:
+                            pass
                 for c in ids:
                     if c in bad:
                         hits.append((e.name, c))

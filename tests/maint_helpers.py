@@ -213,7 +213,7 @@ def assert_verify_clean(path: str, deep: bool = False) -> None:
 # ------------------------------------------------------------ reaching inside
 def reachable(path: str, sid: str) -> dict[bytes, str]:
     """Every blob (tree, filelist, chunk) a snapshot reaches, with its kind, by our own walk."""
-    from store.files import decode_filelist
+    from store.files import decode_filelist_level
     from store.snapshots import get_snapshot
     from store.trees import DIR, FILE, decode_tree
 
@@ -232,9 +232,17 @@ def reachable(path: str, sid: str) -> dict[bytes, str]:
                 elif e.type == FILE and e.nchunks == 1:
                     out[e.content] = "chunk"
                 elif e.type == FILE and e.nchunks > 1:
-                    out[e.content] = "filelist"
-                    for c in decode_filelist(repo.read_blob(txn, e.content))[0]:
-                        out[c] = "chunk"
+                    # a leaf (entries are chunks) or an index (entries are leaves)
+                    lists = [e.content]
+                    while lists:
+                        fl = lists.pop()
+                        out[fl] = "filelist"
+                        level, kids, _ = decode_filelist_level(repo.read_blob(txn, fl))
+                        for c in kids:
+                            if level == 2:
+                                lists.append(c)
+                            else:
+                                out[c] = "chunk"
     return out
 
 

@@ -41,7 +41,7 @@ def check_refcounts_against_own_recount(repo):
     from collections import Counter
 
     from maint_helpers import opened
-    from store.files import decode_filelist
+    from store.files import decode_filelist_level
     from store.snapshots import list_snapshots
     from store.trees import decode_tree
 
@@ -63,10 +63,18 @@ def check_refcounts_against_own_recount(repo):
                     want[c] += 1
                     if e.type == 2:
                         stack.append(c)
-                    elif e.nchunks > 1 and c not in seen:
-                        seen.add(c)
-                        for ch in decode_filelist(r.read_blob(txn, c))[0]:
-                            want[ch] += 1
+                    elif e.nchunks > 1:
+                        lists = [c]  # a leaf, or an index whose entries are leaves
+                        while lists:
+                            fl = lists.pop()
+                            if fl in seen:
+                                continue
+                            seen.add(fl)
+                            level, kids, _ = decode_filelist_level(r.read_blob(txn, fl))
+                            for ch in kids:
+                                want[ch] += 1
+                                if level == 2:
+                                    lists.append(ch)
     have = {k: e.refs for k, e in all_blobs(repo).items()}
     assert have == dict(want)
 
