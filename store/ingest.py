@@ -44,6 +44,7 @@ BATCH_CHUNKS = 1024
 MAX_INFLIGHT = 3
 RACY_NS = 1_000_000_000  # files modified this close to the scan start are re-read next time
 MAX_WARNINGS = 100
+PREFETCH_BYTES = 256 * 1024 * 1024  # per directory: what we ask the kernel to read ahead
 RESCAN = object()  # marks "this path changed: look at it afresh" in the change trie
 
 
@@ -69,6 +70,19 @@ class FileJob:
     lens: list[int] = field(default_factory=list)
     queued: int = 0
     done_reading: bool = False
+
+
+def _willneed(path: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class _Hasher:
@@ -113,6 +127,7 @@ class Ingester:
         self.set = set_name
         self.params = self.repo.params
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pit-hash")
+        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pit-prefetch")
         self.hasher = _Hasher(self.repo)
         self.batch: list[tuple[FileJob, memoryview]] = []
         self.batch_bytes = 0
@@ -242,13 +257,34 @@ class Ingester:
             self._child_done(node.parent)
 
     # ---------------------------------------------------------------- walk
+    def _prefetch_dir(self, path: bytes, todo: list) -> list:
+        """lstat a directory's entries, and ask the kernel to start reading the
+        files we will read (not the ones the files cache skips): their I/O then
+        overlaps our hashing instead of stalling the main thread file by file."""
+        out = []
+        budget = PREFETCH_BYTES
+        for name, sub in todo:
+            p = os.path.join(path, name)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                out.append(None)  # _visit reports it
+                continue
+            out.append(st)
+            if sub is RESCAN and stat.S_ISREG(st.st_mode) and 0 < st.st_size and budget > 0 \
+                    and self._cached(p, st) is None:
+                budget -= st.st_size
+                self.prefetch.submit(_willneed, p)
+        return out
+
     def _entry_from_stat(self, name: bytes, st: os.stat_result, typ: int) -> Entry:
         return Entry(name, typ, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size)
 
-    def _visit(self, path: bytes, name: bytes, node: DirNode, change, old: Entry | None, reader: ObjectReader) -> None:
+    def _visit(self, path: bytes, name: bytes, node: DirNode, change, old: Entry | None, reader: ObjectReader,
+               st: os.stat_result | None = None) -> None:
         """Look at `path` afresh (change is RESCAN) or descend into it (change is a trie)."""
         try:
-            st = os.lstat(path)
+            st = st or os.lstat(path)
         except FileNotFoundError:
             node.entries.pop(name, None)  # deleted since the parent snapshot
             return
@@ -281,17 +317,26 @@ class Ingester:
             node.entries.pop(name, None)
             self.warn(f"{os.fsdecode(path)}: skipped special file (type {stat.S_IFMT(mode):o})")
 
+    def _cached(self, path: bytes, st: os.stat_result) -> list | None:
+        """The files-cache entry when the file is unchanged and its content still stored."""
+        raw = self._fc_get(filecache_key(self.set, path))
+        if raw is None:
+            return None
+        size, mtime, ctime, ino, cached = msgpack.unpackb(raw)
+        if (size, mtime, ctime, ino) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) and (
+                cached[7] is None or self.w.has(cached[7])):
+            return cached
+        return None
+
     def _file(self, path: bytes, name: bytes, st: os.stat_result, node: DirNode) -> None:
         e = self._entry_from_stat(name, st, FILE)
         node.entries[name] = e
         ckey = filecache_key(self.set, path)
         cstat = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        raw = self._fc_get(ckey)
-        if raw is not None:
-            size, mtime, ctime, ino, cached = msgpack.unpackb(raw)
-            if (size, mtime, ctime, ino) == cstat and (cached[7] is None or self.w.has(cached[7])):
-                e.content, e.nchunks = cached[7], cached[8]
-                return
+        cached = self._cached(path, st)
+        if cached is not None:
+            e.content, e.nchunks = cached[7], cached[8]
+            return
         racy = st.st_mtime_ns >= self.start_ns - RACY_NS
         self._ingest_file(path, e, node, None if racy else ckey, cstat)
 
@@ -310,8 +355,9 @@ class Ingester:
             todo = [(n, RESCAN) for n in names]
         else:
             todo = sorted(change.items())
-        for name, sub in todo:
-            self._visit(os.path.join(path, name), name, node, sub, old.get(name), reader)
+        stats = self._prefetch_dir(path, todo)
+        for (name, sub), st in zip(todo, stats):
+            self._visit(os.path.join(path, name), name, node, sub, old.get(name), reader, st)
         node.listed = True
         if node.pending == 0:
             self._finish_dir(node)
@@ -337,6 +383,7 @@ class Ingester:
                 self._finish_dir(root)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+            self.prefetch.shutdown(wait=False, cancel_futures=True)
         if self.root_tree is None:  # pragma: no cover - would be a bookkeeping bug
             raise StoreError("internal error: the snapshot root was not completed")
         return self.root_tree
