@@ -22,7 +22,7 @@ import msgpack
 
 from . import packs as P
 from .errors import IntegrityError, StoreError
-from .index import U64, BlobEntry, PackEntry
+from .index import U64, PackEntry
 
 DEFAULT_THRESHOLD = 0.25
 

@@ -133,7 +133,6 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
         os.makedirs(new_dir)
         idx = Index(new_dir, create=True)
         db = idx.db
-        read_cache: dict[bytes, bytes] = {}
 
         def read(bid: bytes) -> bytes:
             num, f = places[bid]
@@ -243,7 +242,6 @@ def _mark_damaged(repo, index_dir: str, live: list[Snapshot], bad_ids: set[bytes
     """Record, per snapshot, that it is damaged and which paths are lost."""
     if not bad_ids:
         return {}
-    from .objects import ObjectReader
     from .verify import Damage, locate_damage
 
     repo.index = Index(index_dir)

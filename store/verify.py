@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,7 +24,7 @@ from .errors import BlobMissing, IntegrityError, StoreError
 from .files import INDEX_VERSION, decode_filelist_level
 from .index import U64, BlobEntry, PackEntry
 from .snapmeta import get_meta, update_meta
-from .snapshots import Snapshot, list_snapshots
+from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree
 
 T64 = struct.Struct(">Q")

@@ -41,7 +41,6 @@ import lmdb
 import msgpack
 
 from .diff import ADDED, MODIFIED, REMOVED, TYPE, diff_trees
-from .index import U64
 from .objects import ObjectReader
 from .trees import DIR, Entry
 
@@ -389,8 +388,6 @@ class Version:
 
 def list_versions(repo, txn, set_name: str, path: bytes) -> list[Version]:
     """Every distinct version of `path` in a set, oldest first: O(events + snapshots shown)."""
-    from .snapshots import Snapshot
-
     with _query(repo, txn) as (dbs, txn):
         if dbs is None:
             return []

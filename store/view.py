@@ -26,7 +26,6 @@ listing. Decoded trees and chunks come from the repository's LRU caches.
 """
 from __future__ import annotations
 
-import os
 import posixpath
 import stat
 import time
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from . import versions as V
-from .errors import BlobMissing, PathNotFound, StoreError, UnsafePath
+from .errors import BlobMissing, PathNotFound, UnsafePath
 from .files import ChunkList, FileReader
 from .objects import ObjectReader
 from .snapmeta import get_meta
