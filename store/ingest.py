@@ -36,7 +36,7 @@ from .index import filecache_key
 from .objects import ObjectReader
 from .repository import Repository, Writer, object_id, write_filelist
 from .retention import apply_retention
-from .snapshots import Snapshot, _printable, add_snapshot, check_set_name, list_snapshots, unique_name
+from .snapshots import Snapshot, printable, add_snapshot, check_set_name, list_snapshots, unique_name
 from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, subtree_totals, tree_children
 
 BATCH_BYTES = 4 * 1024 * 1024
@@ -442,7 +442,7 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
         prev = list_snapshots(repo, w.txn, set_name)
         parent = prev[-1] if prev else None
         trie = None
-        if changes is not None and parent is not None and parent.paths == _printable([os.fsdecode(s) for s in sources]):
+        if changes is not None and parent is not None and parent.paths == printable([os.fsdecode(s) for s in sources]):
             trie = _change_trie(sources, changes)
         ing = Ingester(w, set_name, progress=progress)
         root = ing.run(sources, trie, parent.root if (parent and trie is not None) else None, reader)

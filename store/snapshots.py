@@ -32,7 +32,7 @@ def check_set_name(name: str) -> str:
     return name
 
 
-def _printable(v):
+def printable(v):
     """Names that are not UTF-8 (os.fsdecode gives surrogates) are kept
     readable with backslash escapes; msgpack cannot encode surrogates."""
     if isinstance(v, str):
@@ -42,9 +42,9 @@ def _printable(v):
         except UnicodeEncodeError:
             return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if isinstance(v, list):
-        return [_printable(x) for x in v]
+        return [printable(x) for x in v]
     if isinstance(v, dict):
-        return {k: _printable(x) for k, x in v.items()}
+        return {k: printable(x) for k, x in v.items()}
     return v
 
 
@@ -71,7 +71,7 @@ class Snapshot:
                 "stats": self.stats}
 
     def encode(self) -> bytes:
-        return msgpack.packb(_printable(self.record()), use_bin_type=True)
+        return msgpack.packb(printable(self.record()), use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes, sid: bytes | None = None) -> "Snapshot":
