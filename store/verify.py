@@ -318,11 +318,7 @@ def _deep(repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pit-verify") as pool:
         futs = []
         batch, size = [], 0
-        for num, off, cid, e in todo:
-            try:
-                frame = repo.backend.read(P.pack_name(num), off, P.FRAME_OVERHEAD + e.stored_len)
-            except BlobMissing:
-                frame = None
+        for num, off, cid, e, frame in _read_spans(repo, todo):
             batch.append((cid, e, frame))
             size += e.stored_len
             if size >= BATCH:
@@ -345,6 +341,40 @@ def _has_trailer(read, size: int) -> bool:
     except (BlobMissing, IntegrityError):
         return False
     return tail == P.TRAILER_MAGIC
+
+
+SPAN_GAP = 64 * 1024
+SPAN_MAX = 8 * 1024 * 1024
+
+
+def _read_spans(repo, todo):
+    """Yield (pack, offset, id, entry, frame bytes or None) in pack order, reading
+    runs of nearby frames with one read each (not one system call per chunk)."""
+    i, n = 0, len(todo)
+    while i < n:
+        num, start = todo[i][0], todo[i][1]
+        j, end = i, start
+        while j < n and todo[j][0] == num and todo[j][1] - end <= SPAN_GAP \
+                and todo[j][1] + P.FRAME_OVERHEAD + todo[j][3].stored_len - start <= SPAN_MAX:
+            end = max(end, todo[j][1] + P.FRAME_OVERHEAD + todo[j][3].stored_len)
+            j += 1
+        if j == i:  # one frame bigger than a span
+            end = start + P.FRAME_OVERHEAD + todo[i][3].stored_len
+            j = i + 1
+        try:
+            span = memoryview(repo.backend.read(P.pack_name(num), start, end - start))
+        except BlobMissing:
+            span = None  # missing or truncated: read what we can one by one
+        for num_, off, cid, e in todo[i:j]:
+            length = P.FRAME_OVERHEAD + e.stored_len
+            if span is not None:
+                yield num_, off, cid, e, bytes(span[off - start:off - start + length])
+                continue
+            try:
+                yield num_, off, cid, e, repo.backend.read(P.pack_name(num_), off, length)
+            except BlobMissing:
+                yield num_, off, cid, e, None
+        i = j
 
 
 def locate_damage(repo, txn, bad: dict[bytes, Damage], snaps: list[Snapshot]) -> None:
