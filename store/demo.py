@@ -94,12 +94,19 @@ def run_demo(base: str = DEMO_DIR) -> None:
     _run(["diff", "shop@-1", "shop@latest"])
     _run(["cat", "shop@-1:site/prices.html"])
     _run(["restore", "shop@-1:site/img/photo2.jpg", "--target", os.path.join(root, "restored")])
+    _run(["verify", "--deep"])
+    from .cli import main
+
+    if main.get_command(click.Context(main), "versions") is not None:  # the restore views are installed
+        _run(["versions", "shop", "site/prices.html"])
     _run(["stats"])
     click.secho("What to type next:", bold=True)
     click.echo(f"  export PIT_REPO={repo}")
     click.echo("  pit snapshots --json              # the catalogue, machine-readable")
     click.echo("  pit ls shop@latest:site           # browse a snapshot")
     click.echo("  pit restore shop@-1 --target /tmp/yesterday   # take a whole day back")
+    click.echo("  pit serve --self-signed           # the mapped network drive (users: docs/restore.md)")
+    click.echo("  pit mount /mnt/pit                # the same views as a FUSE mount")
     click.echo("  pit snapshot --set shop " + " ".join(shlex.quote(p) for p in (site, db)) + "   # another point in time")
     click.echo(f"Everything lives in {root}; `make clean-demo` removes it.")
 
