@@ -40,7 +40,7 @@ from .errors import (
 from .index import U64, BlobEntry, Index, PackEntry
 
 FORMAT = "pitstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-kind ids for trees and filelists, two-level chunk lists
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
 DEFAULT_LEVEL = 3
 LOCK_FILE_BYTES = 256 * 1024  # > LMDB's lock table for 1024 readers (64 bytes each plus a header)

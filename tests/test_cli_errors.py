@@ -101,7 +101,7 @@ def test_repository_exists(world, tmp_path):
     assert os.listdir(tmp_path / "full") == ["precious"]
 
 
-@pytest.mark.parametrize("edit", [{"version": 2}, {"version": 99}, {"version": "1"}, {"format": "borg"}])
+@pytest.mark.parametrize("edit", [{"version": 1}, {"version": 3}, {"version": 99}, {"version": "2"}, {"format": "borg"}])
 def test_wrong_or_newer_format_version(world, edit):
     repo, snap, tmp_path = world
     cfg_path = os.path.join(repo, "config")
