@@ -101,7 +101,8 @@ class Agent:
         # against a half-built tree would look like mass deletion.
         try:
             ms.load()
-            self.watcher.watch(ms)
+            if not ms.schedule:  # scheduled sets are scanned at their times, not watched
+                self.watcher.watch(ms)
             ms.full_scan()
         except Exception:
             log.exception("set %s: initial scan failed", ms.name)

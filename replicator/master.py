@@ -140,6 +140,12 @@ class MasterSet:
         self.first_event = 0.0
         self.settle_since: dict[bytes, float] = {}
         self.stopped = False
+        # Scheduled replication (`schedule` in the set): no streaming on events; at each due time a
+        # full scan, then every sender reconciles by tree comparison and ends with a consistent point.
+        self.schedule: dict | None = cfg.get("schedule")
+        self.runs = 0
+        self.next_run: float | None = None
+        self.wake = threading.Event()
 
     # ------------------------------------------------------------- files cache
     # The tree (with each file's stat key and chunk list) is saved so that a
@@ -439,6 +445,9 @@ class MasterSet:
 
     def flush(self) -> None:
         """Process whatever is dirty now (a consistent point was asked for)."""
+        if self.schedule:  # no events are watched: look at everything (the files cache keeps it cheap)
+            self.full_scan()
+            return
         with self.dirty_cond:
             todo, self.dirty = self.dirty, {}
         changed, deferred = self.refresh(todo)
@@ -450,6 +459,8 @@ class MasterSet:
 
     def run(self) -> None:
         """Debounce events into refreshes; reconcile scan every `rescan` seconds."""
+        if self.schedule:
+            return self._run_scheduled()
         deb = self.cfg["debounce"]
         next_scan = time.monotonic() + self.cfg["rescan"]
         saved_at = self.stats["changes"]
@@ -493,6 +504,31 @@ class MasterSet:
                     log.exception("set %s: reconcile scan failed", self.name)
                 next_scan = time.monotonic() + self.cfg["rescan"]
 
+    def _run_scheduled(self) -> None:
+        """Scheduled replication: at each due time a full scan, then a reconcile on every replica."""
+        from .config import next_due
+
+        last = None
+        while not self.stopped:
+            self.next_run = next_due(self.schedule, time.time(), last)
+            while not self.stopped and time.time() < self.next_run:
+                self.wake.wait(min(1.0, max(0.0, self.next_run - time.time())))
+            if self.stopped:
+                return
+            last = time.time()
+            try:
+                self.full_scan()
+            except Exception:
+                log.exception("set %s: scheduled scan failed", self.name)
+            self.runs += 1
+            log.info("set %s: scheduled reconcile %d", self.name, self.runs)
+            for s in list(self.senders.values()):
+                s.trigger()
+            try:
+                self.save()
+            except OSError as exc:
+                self.alert(f"cannot save the files cache: {exc}")
+
     # ------------------------------------------------------------- chunk data for senders
     def chunk_payload(self, cid: bytes, where: tuple[bytes, int, int], cctx) -> tuple[int, bytes] | None:
         """(flags, stored bytes) of a chunk, compressed once and shared by all senders."""
@@ -518,12 +554,17 @@ class MasterSet:
         return val
 
     def status(self) -> dict:
-        return {"role": "master", "set": self.name, "mode": self.cfg["mode"], "alerts": list(self.alerts),
-                "stats": dict(self.stats),
-                "replicas": {r: s.status() for r, s in self.senders.items()}}
+        out = {"role": "master", "set": self.name, "mode": self.cfg["mode"], "alerts": list(self.alerts),
+               "stats": dict(self.stats),
+               "replicas": {r: s.status() for r, s in self.senders.items()}}
+        if self.schedule:
+            out["schedule"] = {**self.schedule, "runs": self.runs, "next_run": (
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.next_run)) if self.next_run else None)}
+        return out
 
     def stop(self) -> None:
         self.stopped = True
+        self.wake.set()
         try:
             self.save()
         except OSError:
@@ -553,7 +594,11 @@ class Sender:
         self.held = 0
         self.bytes_sent = 0
         self.cctx = zstandard.ZstdCompressor(level=3)
-        self.thread = threading.Thread(target=self.run, daemon=True, name=f"pit-send-{ms.name}-{replica}")
+        self.due = False  # scheduled sets: a reconcile is due
+        self.runs = 0
+        self.last_run: float | None = None
+        self.thread = threading.Thread(target=self.run_scheduled if ms.schedule else self.run, daemon=True,
+                                       name=f"pit-send-{ms.name}-{replica}")
 
     def start(self) -> None:
         self.thread.start()
@@ -566,12 +611,24 @@ class Sender:
             self.conn.close()
 
     def status(self) -> dict:
-        return {"connected": self.connected, "queued": len(self.queue), "catchup": self.need_catchup,
-                "acked_batches": self.acked, "held_deletes": self.held,
-                "bytes_sent": self.bytes_sent + (self.conn.bytes_sent if self.conn else 0),
-                "last_error": self.last_error}
+        out = {"connected": self.connected, "queued": len(self.queue), "catchup": self.need_catchup,
+               "acked_batches": self.acked, "held_deletes": self.held,
+               "bytes_sent": self.bytes_sent + (self.conn.bytes_sent if self.conn else 0),
+               "last_error": self.last_error}
+        if self.ms.schedule:
+            out.update(due=self.due, runs=self.runs, last_run=(
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.last_run)) if self.last_run else None))
+        return out
+
+    def trigger(self) -> None:
+        """Scheduled sets: reconcile now (and end with a consistent point)."""
+        with self.cond:
+            self.due = True
+            self.cond.notify()
 
     def enqueue(self, rels: list[bytes]) -> None:
+        if self.ms.schedule:
+            return  # scheduled: nothing streams; the next run compares trees
         with self.cond:
             if self.need_catchup:
                 return  # the catch-up will compare whole trees anyway
@@ -622,7 +679,7 @@ class Sender:
             time.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    def _session(self) -> None:
+    def _connect(self) -> protocol.Conn:
         agent = self.ms.agent
         addr = agent.roster().get(self.replica, {}).get("address")
         if not addr:
@@ -637,6 +694,72 @@ class Sender:
         protocol.hello(conn, agent.state.node, "repl", self.ms.name)
         self.connected = True
         self.last_error = ""
+        return conn
+
+    def _end_session(self) -> None:
+        self.connected = False
+        if self.conn:
+            self.conn.close()
+            self.bytes_sent += self.conn.bytes_sent
+            self.conn = None
+
+    def _fail_points(self) -> None:
+        with self.cond:
+            for slot in self.points:  # unreachable now: tell whoever waits
+                slot["result"] = {"error": self.last_error or "replica not connected"}
+                slot["done"].set()
+            self.points.clear()
+
+    def run_scheduled(self) -> None:
+        """Scheduled sets: connect only when a run is due (or a point is asked for), reconcile by tree
+        comparison, make a consistent point, disconnect. A failed run is retried until it succeeds."""
+        backoff = 0.2
+        while not self.stopped:
+            with self.cond:
+                while not self.due and not self.points and not self.stopped:
+                    self.cond.wait(1.0)
+            if self.stopped:
+                return
+            try:
+                conn = self._connect()
+                with self.cond:
+                    scheduled, self.due = self.due, False
+                    points = list(self.points)
+                    self.points.clear()
+                try:
+                    self._catchup(conn)
+                    if scheduled and not points:
+                        self.ms.agent.point_seq += 1
+                        conn.send({"t": "point", "id": self.ms.agent.point_seq})
+                        conn.recv("pointed")
+                    for slot in points:
+                        conn.send({"t": "point", "id": slot["id"]})
+                        slot["result"] = {"snapshot": conn.recv("pointed")["snapshot"]}
+                        slot["done"].set()
+                except BaseException:
+                    with self.cond:
+                        self.due = self.due or scheduled
+                        self.points[:0] = [p for p in points if not p["done"].is_set()]
+                    raise
+                self.runs += 1
+                self.last_run = time.time()
+                backoff = 0.2
+            except (ReplError, OSError) as exc:
+                self.last_error = str(exc)
+                log.info("set %s -> %s (scheduled): %s", self.ms.name, self.replica, exc)
+            except Exception as exc:
+                self.last_error = f"internal error: {exc!r}"
+                log.exception("set %s -> %s (scheduled)", self.ms.name, self.replica)
+            finally:
+                self._end_session()
+            if self.last_error and (self.due or self.points):
+                self._fail_points()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _session(self) -> None:
+        agent = self.ms.agent
+        conn = self._connect()
         while not self.stopped:
             with self.cond:
                 if self.need_catchup:

@@ -125,6 +125,18 @@ def replica_snapshots(repo_path: str, set_name: str) -> list:
         repo.close()
 
 
+def toml_value(v) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
 class Node:
     def __init__(self, cluster, name: str, replica: bool) -> None:
         self.cluster = cluster
@@ -197,12 +209,7 @@ class Cluster:
                  "settle": 0.05, "point_quiet": 0, "rescan": 5, **s, **(extra or {})}
             lines.append(f"[sets.{name}]")
             for k, v in s.items():
-                if isinstance(v, str):
-                    lines.append(f'{k} = "{v}"')
-                elif isinstance(v, list):
-                    lines.append(f"{k} = [" + ", ".join(f'"{x}"' for x in v) + "]")
-                else:
-                    lines.append(f"{k} = {v}")
+                lines.append(f"{k} = {toml_value(v)}")
         with open(self.cluster_file + ".tmp", "w") as f:
             f.write("\n".join(lines) + "\n")
         os.replace(self.cluster_file + ".tmp", self.cluster_file)
