@@ -293,12 +293,13 @@ class Agent:
                 ms = self.masters[name]
                 ms.flush()
                 self.point_seq += 1
-                slots = {r: s.request_point(self.point_seq) for r, s in ms.senders.items()}
                 deadline = time.monotonic() + float(args.get("timeout", 60))
+                slots = {r: s.request_point(self.point_seq, deadline - 1.0) for r, s in ms.senders.items()}
                 out = {}
                 for r, slot in slots.items():
                     slot["done"].wait(max(0.0, deadline - time.monotonic()))
-                    out[r] = slot["result"] or {"error": "timed out"}
+                    last = ms.senders[r].last_error
+                    out[r] = slot["result"] or {"error": "timed out" + (f"; last error: {last}" if last else "")}
                 bad = {r: v["error"] for r, v in out.items() if "error" in v}
                 if bad:
                     raise PointFailed("no consistent point on " + ", ".join(f"{r} ({e})" for r, e in bad.items()))

@@ -641,8 +641,12 @@ class Sender:
                 self.need_catchup = True
             self.cond.notify()
 
-    def request_point(self, pid: int) -> dict:
-        slot = {"id": pid, "done": threading.Event(), "result": None}
+    def request_point(self, pid: int, deadline: float | None = None) -> dict:
+        """Ask for a consistent point; `deadline` (monotonic) is when whoever asked stops waiting, so a
+        scheduled sender keeps retrying a transient failure (replica restarting, configuration not yet
+        pushed) until then instead of failing the point on the first refusal."""
+        slot = {"id": pid, "done": threading.Event(), "result": None,
+                "deadline": deadline if deadline is not None else time.monotonic()}
         with self.cond:
             self.points.append(slot)
             self.cond.notify()
@@ -703,12 +707,17 @@ class Sender:
             self.bytes_sent += self.conn.bytes_sent
             self.conn = None
 
-    def _fail_points(self) -> None:
+    def _fail_points(self, horizon: float) -> None:
+        """Fail the points whose asker gives up before `horizon` (monotonic); keep the rest for a retry."""
         with self.cond:
-            for slot in self.points:  # unreachable now: tell whoever waits
-                slot["result"] = {"error": self.last_error or "replica not connected"}
-                slot["done"].set()
-            self.points.clear()
+            keep = []
+            for slot in self.points:
+                if slot["deadline"] <= horizon:  # unreachable until then: tell whoever waits
+                    slot["result"] = {"error": self.last_error or "replica not connected"}
+                    slot["done"].set()
+                else:
+                    keep.append(slot)
+            self.points[:] = keep
 
     def run_scheduled(self) -> None:
         """Scheduled sets: connect only when a run is due (or a point is asked for), reconcile by tree
@@ -753,7 +762,7 @@ class Sender:
             finally:
                 self._end_session()
             if self.last_error and (self.due or self.points):
-                self._fail_points()
+                self._fail_points(time.monotonic() + backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
