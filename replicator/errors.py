@@ -2,7 +2,8 @@
 
 `ReplError` derives from the store's `StoreError`, so the `pit` group turns
 every one of them into one line and its exit code (no traceback). Codes
-40-59 belong to the replicator.
+40-55 belong to the replicator, 30-39 to failover coordination (etcd,
+fencing), 56-69 to image selection and application templates.
 """
 from __future__ import annotations
 
@@ -105,6 +106,24 @@ class PointFailed(ReplError):
     exit_code = 55
 
 
+class EtcdError(ReplError):
+    """etcd could not be reached on any endpoint, or refused a request."""
+
+    exit_code = 30
+
+
+class Fenced(ReplError):
+    """This node does not hold the leader key (or holds an older token): it must not act as primary."""
+
+    exit_code = 31
+
+
+class FailoverRefused(ReplError):
+    """A failover or failback was asked for but its preconditions do not hold (say which)."""
+
+    exit_code = 32
+
+
 ALL = [ReplError, ProtocolError, FrameTooLarge, VersionMismatch, UnsafeWirePath, ChunkRejected,
        ConnectionLost, NotAuthorised, TokenInvalid, ClusterError, ClusterExists, NotInCluster,
-       UnknownNode, ConfigError, AgentUnreachable, PointFailed]
+       UnknownNode, ConfigError, AgentUnreachable, PointFailed, EtcdError, Fenced, FailoverRefused]
