@@ -695,7 +695,7 @@ class Sender:
             sock.close()
             raise ProtocolError(f"{addr} is node {peer}, not {self.replica}")
         self.conn = conn = protocol.Conn(sock, self.replica)
-        protocol.hello(conn, agent.state.node, "repl", self.ms.name)
+        protocol.hello(conn, agent.state.node, "repl", self.ms.name, token=agent.fencing_token())
         self.connected = True
         self.last_error = ""
         return conn

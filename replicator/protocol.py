@@ -67,7 +67,7 @@ SCHEMA: dict[str, dict[str, object]] = {
     "ctl": {"cmd": str, "args": dict},
     "ctl_reply": {"ok": bool, "result": (dict, list, str, NONE), "code": int},
 }
-KINDS = ("repl", "config", "join", "ctl")
+KINDS = ("repl", "config", "join", "ctl", "ping", "failback")
 
 
 def _no_ext(code, data):
@@ -256,8 +256,12 @@ class Conn:
             pass
 
 
-def hello(conn: Conn, node: str, kind: str, set_name: str | None = None) -> dict:
-    conn.send({"t": "hello", "v": VERSION, "node": node, "kind": kind, "set": set_name})
+def hello(conn: Conn, node: str, kind: str, set_name: str | None = None, token: int = 0) -> dict:
+    """`token`: the fencing token of a master acting after a failover (0: the configured master)."""
+    msg = {"t": "hello", "v": VERSION, "node": node, "kind": kind, "set": set_name}
+    if token:
+        msg["token"] = int(token)
+    conn.send(msg)
     return conn.recv("welcome")
 
 
