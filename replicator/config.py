@@ -8,6 +8,8 @@ as a replica, and, on the primary only, the cluster file:
     repo = "/var/lib/pit/repo"          # needed when the node replicates any set
     listen = "0.0.0.0:7400"             # default: the address given at init/join
     cluster = "/etc/pit/cluster.toml"   # primary only
+    live = {web = ["/srv/www"]}         # secondary only: where a promotion materialises each set
+                                        # (default: the set's paths; base names must match them)
 
 The cluster file defines the replication sets:
 
@@ -25,8 +27,28 @@ The cluster file defines the replication sets:
     schedule = {every = "15m"}    # optional: scheduled instead of real-time replication,
                                   # or {daily = ["02:00", "13:00"]} (the master's local time)
 
+Failover (optional; docs/failover.md) protects the sets whose master is the
+cluster's primary: a secondary station takes over when the primary fails,
+guarded by a leader key in etcd:
+
+    [failover]
+    secondary = "r1"              # the replica that takes over
+    etcd = ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"]
+    ttl = 5                       # lease seconds: a silent primary stops acting after ttl - margin
+    heartbeat = 0.5               # seconds between checks on the secondary
+    confirm = 3                   # consecutive failures before a check counts
+    checks = [{tcp = "10.0.0.1:5432"}, {http = "http://10.0.0.1/", status = 200, text = "Welcome"},
+              {command = "pg_isready -h 10.0.0.1"}]      # the primary's services, seen from the secondary
+    link = [{tcp = "10.0.0.254:53"}, {nic = "eth0"}]   # the primary's public link, checked on the primary
+    takeover = ["/etc/pit/hooks/start-services"]       # run on the new primary after materialising
+    demote = ["/etc/pit/hooks/stop-services"]          # run on a primary that stops acting
+    hook_timeout = 60
+    auto = true                   # false: detect and report, promote only on `pit failover promote`
+    rejoin = true                 # a returning old primary becomes a replica of the new one (failback)
+    app_check = true              # image selection runs the set's application check
+
 The primary gives each distinct content a new version number and pushes
-{version, sets, roster} to every node, which keeps it in its state
+{version, sets, failover, roster} to every node, which keeps it in its state
 directory (cluster.json) and applies it without a restart.
 """
 from __future__ import annotations
@@ -132,7 +154,7 @@ def _load_toml(path: str) -> dict:
 def load_agent_config(path: str) -> dict:
     raw = _load_toml(path)
     base = os.path.dirname(os.path.abspath(path))
-    unknown = set(raw) - {"state", "repo", "listen", "cluster", "control", "log"}
+    unknown = set(raw) - {"state", "repo", "listen", "cluster", "control", "log", "live"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "state" not in raw:
@@ -141,6 +163,11 @@ def load_agent_config(path: str) -> dict:
            for k, v in raw.items()}
     if "listen" in cfg:
         parse_address(cfg["listen"])
+    live = cfg.get("live", {})
+    if not isinstance(live, dict) or not all(isinstance(v, list) and v and all(isinstance(p, str) and os.path.isabs(p)
+                                                                                 for p in v) for v in live.values()):
+        raise ConfigError(f"{path}: `live` maps set names to lists of absolute paths (where a promoted "
+                          "secondary materialises each set)")
     return cfg
 
 
@@ -148,7 +175,7 @@ def normalise_sets(raw: dict, where: str = "cluster config") -> dict:
     sets = raw.get("sets", {})
     if not isinstance(sets, dict):
         raise ConfigError(f"{where}: [sets] must be a table")
-    unknown = set(raw) - {"sets"}
+    unknown = set(raw) - {"sets", "failover"}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     out = {}
@@ -159,7 +186,7 @@ def normalise_sets(raw: dict, where: str = "cluster config") -> dict:
             raise ConfigError(f"{where}: set {name!r}: {exc}") from None
         if not isinstance(s, dict):
             raise ConfigError(f"{where}: set {name!r} must be a table")
-        bad = set(s) - set(SET_DEFAULTS) - {"master", "replicas", "paths", "schedule"}
+        bad = set(s) - set(SET_DEFAULTS) - {"master", "replicas", "paths", "schedule", "app"}
         if bad:
             raise ConfigError(f"{where}: set {name!r}: unknown keys {sorted(bad)}")
         d = {**SET_DEFAULTS, **s}
@@ -187,6 +214,8 @@ def normalise_sets(raw: dict, where: str = "cluster config") -> dict:
                     raise ConfigError(f"`{k}` must not be negative")
             for k in ("delete_count", "delete_min", "queue", "avg_chunk"):
                 d[k] = int(d[k])
+            if "app" in d and not isinstance(d["app"], dict):
+                raise ConfigError("`app` (the application template's settings) must be a table")
             sched = normalise_schedule(d.pop("schedule", None))
             if sched is not None:  # absent when real-time: configurations without it keep their version
                 d["schedule"] = sched
@@ -202,9 +231,91 @@ def load_cluster_file(path: str) -> dict:
     return normalise_sets(_load_toml(path), path)
 
 
-def versioned(state_dir: str, sets: dict, roster: dict, primary: str) -> dict:
-    """The pushed form: a new version number whenever sets or roster change."""
+def load_cluster(path: str) -> dict:
+    """{"sets": ..., "failover": ... or None}: the whole cluster file, validated."""
+    raw = _load_toml(path)
+    sets = normalise_sets(raw, path)
+    return {"sets": sets, "failover": normalise_failover(raw.get("failover"), sets, path)}
+
+
+FAILOVER_DEFAULTS = {"ttl": 5, "heartbeat": 0.5, "confirm": 3, "checks": [], "link": [], "takeover": [],
+                     "demote": [], "hook_timeout": 60.0, "auto": True, "rejoin": True, "app_check": True,
+                     "key": ""}
+CHECK_KINDS = {"tcp", "http", "command", "nic"}
+
+
+def _check_list(v, key: str, kinds: set[str]) -> list[dict]:
+    if not isinstance(v, list):
+        raise ConfigError(f"`failover.{key}` must be a list of tables")
+    out = []
+    for i, c in enumerate(v):
+        if not isinstance(c, dict):
+            raise ConfigError(f"`failover.{key}[{i}]` must be a table such as {{tcp = \"host:port\"}}")
+        kind = [k for k in c if k in kinds]
+        if len(kind) != 1:
+            raise ConfigError(f"`failover.{key}[{i}]` needs exactly one of {sorted(kinds)}")
+        extra = set(c) - kinds - {"status", "text", "timeout", "name"}
+        if extra:
+            raise ConfigError(f"`failover.{key}[{i}]`: unknown keys {sorted(extra)}")
+        if kind[0] == "tcp":
+            parse_address(c["tcp"])
+        if not isinstance(c[kind[0]], str) or not c[kind[0]]:
+            raise ConfigError(f"`failover.{key}[{i}].{kind[0]}` must be a non-empty string")
+        out.append({"timeout": 2.0, **c})
+    return out
+
+
+def normalise_failover(raw, sets: dict, where: str = "cluster config") -> dict | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: [failover] must be a table")
+    bad = set(raw) - set(FAILOVER_DEFAULTS) - {"secondary", "etcd"}
+    if bad:
+        raise ConfigError(f"{where}: failover: unknown keys {sorted(bad)}")
+    d = {**FAILOVER_DEFAULTS, **raw}
+    try:
+        check_node_id(d.get("secondary", ""))
+    except Exception:
+        raise ConfigError(f"{where}: `failover.secondary` must name the node that takes over") from None
+    if not isinstance(d.get("etcd"), list) or not d["etcd"] or not all(isinstance(e, str) for e in d["etcd"]):
+        raise ConfigError(f"{where}: `failover.etcd` must be a non-empty list of endpoints (\"http://host:2379\")")
+    try:
+        d["ttl"] = int(d["ttl"])
+        d["confirm"] = int(d["confirm"])
+        d["heartbeat"] = float(d["heartbeat"])
+        d["hook_timeout"] = float(d["hook_timeout"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: failover: ttl, confirm, heartbeat and hook_timeout must be numbers") from None
+    if d["ttl"] < 2:
+        raise ConfigError(f"{where}: `failover.ttl` must be at least 2 (etcd's smallest lease)")
+    if d["confirm"] < 1 or d["heartbeat"] <= 0 or d["hook_timeout"] <= 0:
+        raise ConfigError(f"{where}: failover: confirm >= 1, heartbeat > 0 and hook_timeout > 0")
+    for k in ("auto", "rejoin", "app_check"):
+        if not isinstance(d[k], bool):
+            raise ConfigError(f"{where}: `failover.{k}` must be true or false")
+    for k in ("takeover", "demote"):
+        if isinstance(d[k], str):
+            d[k] = [d[k]]
+        if not isinstance(d[k], list) or not all(isinstance(c, (str, list)) for c in d[k]):
+            raise ConfigError(f"{where}: `failover.{k}` must be a list of commands")
+    try:
+        d["checks"] = _check_list(d["checks"], "checks", {"tcp", "http", "command"})
+        d["link"] = _check_list(d["link"], "link", {"tcp", "nic", "command"})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    protected = [n for n, s in sets.items() if s["master"] != d["secondary"]]
+    for n in protected:
+        if d["secondary"] not in sets[n]["replicas"]:
+            raise ConfigError(f"{where}: `failover.secondary` {d['secondary']!r} must be a replica of set {n!r}")
+    return d
+
+
+def versioned(state_dir: str, sets: dict, roster: dict, primary: str, failover: dict | None = None) -> dict:
+    """The pushed form: a new version number whenever sets, failover or roster change."""
     body = {"sets": sets, "roster": roster, "primary": primary}
+    if failover:  # absent without failover: older configurations keep their version
+        body["failover"] = failover
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     vpath = os.path.join(state_dir, "config_version.json")
     cur = _read_json(vpath)
@@ -218,7 +329,8 @@ def check_pushed(cfg: dict) -> dict:
     """Validate a configuration received from the primary before keeping it."""
     if not isinstance(cfg.get("version"), int) or not isinstance(cfg.get("roster"), dict):
         raise ConfigError("pushed configuration lacks a version or roster")
-    normalise_sets({"sets": cfg.get("sets", {})}, "pushed configuration")
+    sets = normalise_sets({"sets": cfg.get("sets", {})}, "pushed configuration")
+    normalise_failover(cfg.get("failover"), sets, "pushed configuration")
     return cfg
 
 

@@ -5,12 +5,19 @@ reader never sees half a file. All operations go through directory file
 descriptors with O_NOFOLLOW: a symlink inside the target (restored, or
 planted there beforehand) is never followed, so a restore cannot write
 outside its target.
+
+With `sync=True` the target is made equal to the tree, touching only what
+differs: a file whose size and mtime already match is left alone (rsync's
+quick check), and names the tree does not have are removed. That is how a
+promoted secondary turns its live paths into the chosen image without
+rewriting the data it already has.
 """
 from __future__ import annotations
 
 import errno
 import os
 import secrets
+import shutil
 import stat
 from dataclasses import dataclass
 from typing import Callable
@@ -28,12 +35,15 @@ class RestoreStats:
     dirs: int = 0
     symlinks: int = 0
     bytes: int = 0
+    unchanged: int = 0  # sync: files already equal (size and mtime), not rewritten
+    removed: int = 0    # sync: names the tree does not have, removed
 
 
 class Restorer:
     def __init__(self, reader: ObjectReader, owners: bool | None = None,
-                 progress: Callable[[RestoreStats], None] | None = None) -> None:
+                 progress: Callable[[RestoreStats], None] | None = None, sync: bool = False) -> None:
         self.reader = reader
+        self.sync = sync
         self.owners = os.geteuid() == 0 if owners is None else owners
         self.stats = RestoreStats()
         self.progress = progress
@@ -62,8 +72,35 @@ class Restorer:
         return self.stats
 
     def _fill_dir(self, dfd: int, tree_id: bytes) -> None:
-        for e in self.reader.tree(tree_id):
+        entries = self.reader.tree(tree_id)
+        for e in entries:
             self._entry(dfd, e)
+        if self.sync:
+            keep = {e.name for e in entries}
+            for name in os.listdir(dfd):
+                name = os.fsencode(name)
+                if name not in keep:
+                    self._remove(dfd, name)
+
+    def _remove(self, dfd: int, name: bytes) -> None:
+        """sync: remove `name` under dfd, a directory with its contents, never following a symlink."""
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
+        self.stats.removed += 1
+
+    def _in_the_way(self, dfd: int, name: bytes, want_dir: bool) -> bool:
+        """sync: clear a name of the wrong type; True if something was removed."""
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode) == want_dir and not stat.S_ISLNK(st.st_mode):
+            return False
+        self._remove(dfd, name)
+        return True
 
     def _entry(self, dfd: int, e: Entry) -> None:
         if e.type == DIR:
@@ -74,6 +111,8 @@ class Restorer:
             self._symlink(dfd, e)
 
     def _dir(self, dfd: int, e: Entry) -> None:
+        if self.sync:
+            self._in_the_way(dfd, e.name, want_dir=True)
         try:
             os.mkdir(e.name, 0o700, dir_fd=dfd)
         except FileExistsError:
@@ -96,6 +135,14 @@ class Restorer:
         self.stats.dirs += 1
 
     def _file(self, dfd: int, e: Entry) -> None:
+        if self.sync and not self._in_the_way(dfd, e.name, want_dir=False):
+            try:
+                st = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+                self.stats.unchanged += 1
+                return
         tmp = b".pit-" + secrets.token_hex(6).encode() + b".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
         try:
@@ -126,6 +173,8 @@ class Restorer:
             raise StoreError(f"cannot restore file {name.decode(errors='replace')}: a directory is in the way") from None
 
     def _symlink(self, dfd: int, e: Entry) -> None:
+        if self.sync:
+            self._in_the_way(dfd, e.name, want_dir=False)
         tmp = b".pit-" + secrets.token_hex(6).encode() + b".lnk"
         os.symlink(e.content, tmp, dir_fd=dfd)
         if self.owners:
