@@ -4,31 +4,48 @@ Words: an *event* says "in snapshot S, path p has state X, and X differs from
 p's state in the snapshot just before S (in the set's time order)". A *state*
 is absent, a directory, or a file/symlink with its content id; metadata-only
 changes (mtime, mode) are not versions. A *version* of a file is a run of
-snapshots between one event and the next.
+snapshots between one event and the next. The *base* of a set is the state
+of every path present in its oldest indexed snapshot: those first events
+belong to no snapshot.
 
-Layout, three named LMDB databases beside the index's own:
+Layout (2), three named LMDB databases beside the index's own:
 
-- ``versions``: ``set \\0 parent \\0 name \\0 time_ns(u64 BE) sid(32)`` -> msgpack
-  state (``nil`` = absent). Keying by (parent, name) lets a directory's
-  children be listed by one prefix scan with a skip per name, and the
-  versions of one path by one prefix scan: O(entries shown), never a walk of
-  every snapshot's tree (what makes restic/borg/kopia mounts slow).
-- ``versions_bysnap``: ``sid + set \\0 parent \\0 name \\0`` -> ``b""``: the events
-  of one snapshot, so dropping it costs O(what it changed).
-- ``versions_marks``: ``set \\0 time_ns sid`` -> ``b""``: which snapshots the
+- ``versions_v2``: ``set \\0 parent \\0 name \\0 time_ns(u64 BE) sid(32)`` ->
+  msgpack state (``nil`` = absent). A base entry has the suffix ``BASE`` (40
+  zero bytes, before every snapshot's) and only present states. Keying by
+  (parent, name) lets a directory's children be listed by one prefix scan
+  with a skip per name, and the versions of one path by one prefix scan:
+  O(entries shown), never a walk of every snapshot's tree (what makes
+  restic/borg/kopia mounts slow).
+- ``versions_v2_bysnap``: ``sid + set \\0 parent \\0 name \\0`` -> ``b""``: the
+  events of one snapshot other than the oldest (base entries have none), so
+  dropping a snapshot costs O(what it, or for the oldest the next one,
+  changed).
+- ``versions_v2_marks``: ``set \\0 time_ns sid`` -> ``b""``: which snapshots the
   index covers. A reader compares the marks with the catalogue; any
   difference (a snapshot dropped by a process that did not run our hook, an
   index rebuilt by `pit repair`) shows the index as stale instead of wrong,
   and the next snapshot commit rebuilds the set.
+
+Layout 1 (``versions``, ``versions_bysnap``, ``versions_marks``) keyed the
+oldest snapshot's events like any other's, so dropping the oldest re-keyed
+one event per path: O(files). A writer that finds layout 1 and no layout 2
+converts it in its transaction (O(events), once) and empties the old
+databases; readers query layout 1 until then (the queries are the same).
+A pit of layout 1 that runs later sees empty layout-1 marks and rebuilds its
+own; this code then finds its marks differ from the catalogue and rebuilds.
 
 Maintenance, all inside the writer's transaction:
 
 - `record_snapshot` at commit: events = diff of the previous snapshot's root
   and the new root (`store.diff`, which walks only differing subtrees), so
   O(changed paths). A snapshot inserted before the newest also re-bases the
-  next snapshot's events on it.
-- `forget_snapshot` on drop, before the catalogue entry goes: O(events of the
-  dropped snapshot). Oldest, newest or middle, the index stays exact.
+  next snapshot's events on it (before the oldest: the old base becomes the
+  next snapshot's events where the two differ).
+- `forget_snapshot` on drop, before the catalogue entry goes: for the oldest,
+  fold the next snapshot's events into the base, O(what the next one
+  changed); otherwise O(events of the dropped snapshot). Oldest, newest or
+  middle, the index stays exact.
 """
 from __future__ import annotations
 
@@ -44,9 +61,11 @@ from .diff import ADDED, MODIFIED, REMOVED, TYPE, diff_trees
 from .objects import ObjectReader
 from .trees import DIR, Entry
 
-DB_EVENTS, DB_BYSNAP, DB_MARKS = b"versions", b"versions_bysnap", b"versions_marks"
+DB_NAMES = (b"versions_v2", b"versions_v2_bysnap", b"versions_v2_marks")
+DB_NAMES_V1 = (b"versions", b"versions_bysnap", b"versions_marks")
 TS = struct.Struct(">Q")
 SUFFIX = 8 + 32  # time_ns + snapshot id
+BASE = bytes(SUFFIX)  # the suffix of a base entry: before every snapshot's
 
 
 # ---------------------------------------------------------------- states
@@ -124,19 +143,57 @@ class Dbs:
 def writer_dbs(writer) -> Dbs:
     """Open (creating on first use) inside the writer's transaction. The handles
     are kept on the writer only: a handle opened in a transaction that later
-    aborts must not outlive it."""
+    aborts must not outlive it. The first writer to find a layout-1 index
+    converts it here."""
     dbs = getattr(writer, "_versions_dbs", None)
     if dbs is None:
-        env = writer.repo.index.env
-        dbs = Dbs(*(env.open_db(n, txn=writer.txn, create=True) for n in (DB_EVENTS, DB_BYSNAP, DB_MARKS)))
+        env, txn = writer.repo.index.env, writer.txn
+        try:
+            dbs = Dbs(*(env.open_db(n, txn=txn, create=False) for n in DB_NAMES))
+        except lmdb.NotFoundError:
+            dbs = Dbs(*(env.open_db(n, txn=txn, create=True) for n in DB_NAMES))
+            _convert_v1(env, txn, dbs)
         writer._versions_dbs = dbs
     return dbs
+
+
+def _convert_v1(env, txn, dbs: Dbs) -> int:
+    """Copy a layout-1 index into the (new, empty) layout-2 databases, the
+    oldest marked snapshot of each set becoming its base, and empty the old
+    databases. O(events), once per repository. Returns the events copied."""
+    try:
+        old = Dbs(*(env.open_db(n, txn=txn, create=False) for n in DB_NAMES_V1))
+    except lmdb.NotFoundError:
+        return 0
+    oldest: dict[bytes, bytes] = {}  # set -> sid of its oldest marked snapshot
+    with txn.cursor(db=old.marks) as cur:
+        for k in cur.iternext(values=False):
+            oldest.setdefault(k[:-SUFFIX - 1], k[-32:])
+            txn.put(k, b"", db=dbs.marks)
+    n = 0
+    with txn.cursor(db=old.events) as cur:
+        for k, v in cur:
+            if len(k) <= SUFFIX:
+                continue
+            pk, sid = k[:-SUFFIX], k[-32:]
+            if oldest.get(pk.split(b"\0", 1)[0]) == sid:
+                if _sig(v) is not None:
+                    txn.put(pk + BASE, v, db=dbs.events)
+            else:
+                txn.put(k, v, db=dbs.events)
+                txn.put(sid + pk, b"", db=dbs.bysnap)
+            n += 1
+    for db in (old.events, old.bysnap, old.marks):
+        txn.drop(db, delete=False)
+    return n
 
 
 @contextmanager
 def _query(repo, txn=None):
     """(handles, transaction) for a query: always a read transaction of our
     own, with the handles opened inside it and the transaction committed.
+    Before any writer has converted a layout-1 index, the queries read it
+    (they are the same for both layouts).
 
     Measured with py-lmdb 3.0 / LMDB 0.9.36: a handle opened in one read
     transaction and committed is *not* usable in read transactions begun
@@ -144,12 +201,16 @@ def _query(repo, txn=None):
     transaction takes a write transaction (it would wait behind the
     replicator). Opening per query inside the query's transaction works,
     from many threads. `txn` (the caller's) is accepted for symmetry only."""
-    own = repo.index.env.begin()
+    env = repo.index.env
+    own = env.begin()
     try:
-        try:
-            dbs = Dbs(*(repo.index.env.open_db(n, txn=own, create=False) for n in (DB_EVENTS, DB_BYSNAP, DB_MARKS)))
-        except lmdb.NotFoundError:
-            dbs = None
+        dbs = None
+        for names in (DB_NAMES, DB_NAMES_V1):
+            try:
+                dbs = Dbs(*(env.open_db(n, txn=own, create=False) for n in names))
+                break
+            except lmdb.NotFoundError:
+                continue
         yield dbs, own
     finally:
         own.commit()  # a read-only commit: only keeps the handles valid
@@ -247,10 +308,41 @@ def _del_event(txn, dbs: Dbs, snap, pk: bytes) -> None:
     txn.delete(snap.id + pk, db=dbs.bysnap)
 
 
+def _put_base(txn, dbs: Dbs, pk: bytes, state: bytes | None) -> None:
+    """Set a path's base state; an absent state means no base entry."""
+    if _sig(state) is None:
+        txn.delete(pk + BASE, db=dbs.events)
+    else:
+        txn.put(pk + BASE, state, db=dbs.events)
+
+
+def _snap_event_keys(txn, dbs: Dbs, sid: bytes) -> list[bytes]:
+    """The path keys of one snapshot's events (none for the base snapshot)."""
+    keys = []
+    with txn.cursor(db=dbs.bysnap) as cur:
+        ok = cur.set_range(sid)
+        while ok and cur.key()[:32] == sid:
+            keys.append(cur.key()[32:])
+            ok = cur.next()
+    return keys
+
+
+def _set_keys(txn, db, set_name: str) -> list[bytes]:
+    prefix = set_name.encode() + b"\0"
+    out = []
+    with txn.cursor(db=db) as cur:
+        ok = cur.set_range(prefix)
+        while ok and cur.key().startswith(prefix):
+            out.append(cur.key())
+            ok = cur.next()
+    return out
+
+
 # ------------------------------------------------------------ maintenance
 def record_snapshot(writer, snap) -> int:
     """Index a snapshot just added to the catalogue (same transaction). Returns
-    the number of events written. O(paths changed since the previous snapshot)."""
+    the number of events written. O(paths changed since the previous snapshot;
+    for a new oldest, since the next one)."""
     repo, txn = writer.repo, writer.txn
     dbs = writer_dbs(writer)
     if not _marks_match(repo, txn, dbs, snap.set, skip=snap.id):
@@ -258,8 +350,25 @@ def record_snapshot(writer, snap) -> int:
     before, after = _neighbours(repo, txn, snap)
     reader = _WriterReader(writer)
     n = 0
+    if before is None:
+        if after is None:  # the set's first snapshot: everything is base
+            for path, entry in state_changes(reader, None, snap.root):
+                _put_base(txn, dbs, path_key(snap.set, path), encode_state(entry))
+                n += 1
+        else:
+            # A new oldest: it becomes the base, and where the old base (the
+            # next snapshot's state) differs from it, the next snapshot gets
+            # an event holding its state.
+            for path, entry in state_changes(reader, after.root, snap.root):
+                pk = path_key(snap.set, path)
+                old = txn.get(pk + BASE, db=dbs.events)
+                _put_event(txn, dbs, after, pk, old if old is not None else encode_state(None))
+                _put_base(txn, dbs, pk, encode_state(entry))
+                n += 1
+        txn.put(_mark_key(snap), b"", db=dbs.marks)
+        return n
     me = snap_suffix(snap.time_ns, snap.id)
-    for path, entry in state_changes(reader, before.root if before else None, snap.root):
+    for path, entry in state_changes(reader, before.root, snap.root):
         pk = path_key(snap.set, path)
         state = encode_state(entry)
         _put_event(txn, dbs, snap, pk, state)
@@ -281,36 +390,47 @@ def record_snapshot(writer, snap) -> int:
 def forget_snapshot(writer, snap) -> int:
     """Remove a snapshot from the index; call inside the transaction that drops
     it. Works whether or not its catalogue entries are already deleted.
-    Returns the number of events visited: O(what that snapshot changed)."""
+    Returns the number of events visited: for the oldest snapshot, what the
+    next one changed (folded into the base); otherwise what it changed."""
     repo, txn = writer.repo, writer.txn
     dbs = writer_dbs(writer)
     mark = _mark_key(snap)
     if txn.get(mark, db=dbs.marks) is None:
         return 0  # never indexed (stale index: the next commit rebuilds the set)
+    if not _marks_match(repo, txn, dbs, snap.set, skip=snap.id):
+        # Stale already (a drop or a repair that bypassed us): the neighbours
+        # in the catalogue are not the index's. Leave it to the rebuild.
+        txn.delete(mark, db=dbs.marks)
+        return 0
     before, after = _neighbours(repo, txn, snap)
-    keys = []
-    with txn.cursor(db=dbs.bysnap) as cur:
-        ok = cur.set_range(snap.id)
-        while ok and cur.key()[:32] == snap.id:
-            keys.append(cur.key()[32:])
-            ok = cur.next()
+    if before is None:
+        txn.delete(mark, db=dbs.marks)
+        if after is None:  # the set's last snapshot: only base entries are left
+            keys = _set_keys(txn, dbs.events, snap.set)
+            for k in keys:
+                txn.delete(k, db=dbs.events)
+            return len(keys)
+        # The next snapshot becomes the oldest: its events go into the base.
+        keys = _snap_event_keys(txn, dbs, after.id)
+        for pk in keys:
+            state = txn.get(pk + snap_suffix(after.time_ns, after.id), db=dbs.events)
+            _del_event(txn, dbs, after, pk)
+            _put_base(txn, dbs, pk, state)
+        return len(keys)
+    keys = _snap_event_keys(txn, dbs, snap.id)
+    nsuffix = snap_suffix(after.time_ns, after.id) if after is not None else None
     for pk in keys:
-        skey = pk + snap_suffix(snap.time_ns, snap.id)
-        state = txn.get(skey, db=dbs.events)
+        state = txn.get(pk + snap_suffix(snap.time_ns, snap.id), db=dbs.events)
         _del_event(txn, dbs, snap, pk)
         if after is None or state is None:
             continue
-        nkey = pk + snap_suffix(after.time_ns, after.id)
-        nstate = txn.get(nkey, db=dbs.events)
+        nstate = txn.get(pk + nsuffix, db=dbs.events)
         if nstate is None:
-            # The next snapshot had the dropped one's state: it now starts it.
-            if before is None and _sig(state) is None:
-                continue  # a removal with nothing before it says nothing
+            # The next snapshot had the dropped one's state, which differs
+            # from the one before it: the next snapshot now starts it.
             _put_event(txn, dbs, after, pk, state)
-        else:
-            prev = _event_before(txn, dbs, pk, snap_suffix(after.time_ns, after.id))
-            if _sig(prev) == _sig(nstate) or (before is None and _sig(nstate) is None):
-                _del_event(txn, dbs, after, pk)
+        elif _sig(_event_before(txn, dbs, pk, nsuffix)) == _sig(nstate):
+            _del_event(txn, dbs, after, pk)  # the next one no longer changes anything
     txn.delete(mark, db=dbs.marks)
     return len(keys)
 
@@ -321,24 +441,22 @@ def reindex_set(writer, set_name: str) -> int:
 
     repo, txn = writer.repo, writer.txn
     dbs = writer_dbs(writer)
-    prefix = set_name.encode() + b"\0"
-    for db, sid_of in ((dbs.events, lambda k: k[-32:]), (dbs.marks, lambda k: k[-32:])):
-        doomed = []
-        with txn.cursor(db=db) as cur:
-            ok = cur.set_range(prefix)
-            while ok and cur.key().startswith(prefix):
-                doomed.append(cur.key())
-                ok = cur.next()
-        for k in doomed:
-            txn.delete(k, db=db)
-            if db is dbs.events:
-                txn.delete(sid_of(k) + k[:-SUFFIX], db=dbs.bysnap)
+    for k in _set_keys(txn, dbs.events, set_name):
+        txn.delete(k, db=dbs.events)
+        if k[-SUFFIX:] != BASE:
+            txn.delete(k[-32:] + k[:-SUFFIX], db=dbs.bysnap)
+    for k in _set_keys(txn, dbs.marks, set_name):
+        txn.delete(k, db=dbs.marks)
     reader = _WriterReader(writer)
     n = 0
     prev_root = None
-    for snap in list_snapshots(repo, txn, set_name):
+    for i, snap in enumerate(list_snapshots(repo, txn, set_name)):
         for path, entry in state_changes(reader, prev_root, snap.root):
-            _put_event(txn, dbs, snap, path_key(set_name, path), encode_state(entry))
+            pk = path_key(set_name, path)
+            if i == 0:
+                _put_base(txn, dbs, pk, encode_state(entry))
+            else:
+                _put_event(txn, dbs, snap, pk, encode_state(entry))
             n += 1
         txn.put(_mark_key(snap), b"", db=dbs.marks)
         prev_root = snap.root
@@ -346,20 +464,9 @@ def reindex_set(writer, set_name: str) -> int:
 
 
 def _marks_match(repo, txn, dbs: Dbs, set_name: str, skip: bytes | None = None) -> bool:
-    prefix = set_name.encode() + b"\0"
-    want = []
-    with txn.cursor(db=repo.index.db["bytime"]) as cur:
-        ok = cur.set_range(prefix)
-        while ok and cur.key().startswith(prefix):
-            if cur.key()[-32:] != skip:
-                want.append(cur.key())
-            ok = cur.next()
-    have = []
-    with txn.cursor(db=dbs.marks) as cur:
-        ok = cur.set_range(prefix)
-        while ok and cur.key().startswith(prefix):
-            have.append(cur.key())
-            ok = cur.next()
+    """The set's marks are its catalogue entries (both without `skip`)."""
+    want = [k for k in _set_keys(txn, repo.index.db["bytime"], set_name) if k[-32:] != skip]
+    have = [k for k in _set_keys(txn, dbs.marks, set_name) if k[-32:] != skip]
     return want == have
 
 
