@@ -49,6 +49,8 @@ class Agent:
         self.next_push: dict[str, float] = {}
         self.point_seq = 0
         self._roster_cache = (0.0, {})
+        self.failover = None  # failover.Failover when the cluster file has [failover]
+        self._applied: dict = {}  # the effective sets last applied
 
     # ----------------------------------------------------------------- cluster view
     def roster(self) -> dict:
@@ -60,7 +62,35 @@ class Agent:
         return self.config.get("roster", {})
 
     def sets(self) -> dict:
-        return self.config.get("sets", {})
+        """The sets as they stand now (after a failover the protected sets have another master)."""
+        sets = self.config.get("sets", {})
+        return self.failover.effective(sets) if self.failover is not None else sets
+
+    def fencing_token(self) -> int:
+        return self.failover.token() if self.failover is not None else 0
+
+    def reconfigure(self) -> None:
+        """Leadership changed: start or stop masters and the replica side to match."""
+        if self.config:
+            self.apply_config(self.config)
+
+    def ping(self, node: str, timeout: float = 1.0) -> bool:
+        """Is `node`'s agent answering here (TCP, mTLS handshake and HELLO)?"""
+        addr = self.roster().get(node, {}).get("address")
+        if not addr:
+            return False
+        try:
+            sock, peer = connect(self.state, addr, timeout=timeout)
+        except (OSError, ReplError, ssl.SSLError):
+            return False
+        conn = protocol.Conn(sock, node, heartbeat=False, dead_after=timeout * 2)
+        try:
+            protocol.hello(conn, self.state.node, "ping")
+            return peer == node
+        except (OSError, ReplError, ssl.SSLError):
+            return False
+        finally:
+            conn.close()
 
     def authorise(self, node: str, fp: str) -> None:
         r = self.roster() if (self.state.is_primary or self.config.get("roster")) else None
@@ -69,10 +99,11 @@ class Agent:
     # ----------------------------------------------------------------- config
     def apply_config(self, cfg: dict) -> None:
         with self.apply_lock:
-            old_sets = self.sets()
+            old_sets = self._applied
             self.config = cfg
+            self._failover_config(cfg)
             me = self.state.node
-            sets = cfg.get("sets", {})
+            sets = self._applied = self.sets()
             # master side
             for name, ms in list(self.masters.items()):
                 if sets.get(name) != old_sets.get(name) or sets.get(name, {}).get("master") != me:
@@ -95,6 +126,19 @@ class Agent:
                     self.replica = ReplicaSide(self, self.cfg["repo"])
             self._drop_unauthorised()
             log.info("configuration version %s applied (%d sets)", cfg.get("version"), len(sets))
+
+    def _failover_config(self, cfg: dict) -> None:
+        fcfg = cfg.get("failover")
+        if self.failover is not None and (fcfg is None or fcfg != self.failover.cfg
+                                          or cfg.get("primary") != self.failover.primary):
+            log.warning("failover configuration changed: restarting the failover controller")
+            self.failover.stop()
+            self.failover = None
+        if fcfg is not None and self.failover is None:
+            from .failover import Failover
+
+            self.failover = Failover(self, fcfg, cfg.get("primary") or self.state.primary)
+            self.failover.start()
 
     def _start_master(self, ms: MasterSet) -> None:
         # The first full scan completes before any sender starts: a catch-up
@@ -129,9 +173,10 @@ class Agent:
         last = None
         while not self.stopped.is_set():
             try:
-                sets = C.load_cluster_file(self.cluster_file)
+                cluster = C.load_cluster(self.cluster_file)
                 self._roster_cache = (0.0, {})
-                cfg = C.versioned(self.state.path, sets, self.roster(), self.state.node)
+                cfg = C.versioned(self.state.path, cluster["sets"], self.roster(), self.state.node,
+                                  cluster["failover"])
                 if last is None or cfg["version"] != last:
                     last = cfg["version"]
                     self.apply_config(cfg)
@@ -209,11 +254,30 @@ class Agent:
             if msg["node"] != node:
                 conn.fail("identity", "HELLO names another node than the certificate")
                 raise NotAuthorised(f"{node} claimed to be {msg['node']!r}")
-            if msg["kind"] == "repl":
+            if msg["kind"] == "ping":
+                protocol.welcome(conn, self.state.node)
+            elif msg["kind"] == "repl":
+                fo = self.failover
+                if fo is not None and msg["set"] in fo.protected(self.config.get("sets", {})):
+                    try:
+                        fo.admit(node, int(msg.get("token") or 0), msg["set"])
+                    except NotAuthorised as exc:
+                        conn.fail("fenced", str(exc))
+                        raise
                 if self.replica is None:
                     conn.fail("role", "this node replicates no set")
                     return
                 self.replica.serve(conn, node, fp, msg["set"])
+            elif msg["kind"] == "failback":
+                fo = self.failover
+                if fo is None or node != fo.primary:
+                    conn.fail("role", "only the configured primary may ask for a failback")
+                    raise NotAuthorised(f"{node} asked for a failback")
+                protocol.welcome(conn, self.state.node)
+                try:
+                    conn.send({"t": "released", **fo.freeze_and_release(node)})
+                except ReplError as exc:
+                    conn.fail("failback", str(exc))
             elif msg["kind"] == "config":
                 if node != self.state.primary:
                     conn.fail("role", "only the primary pushes configuration")
@@ -307,6 +371,16 @@ class Agent:
             if self.replica is not None and name in self.sets() and self.state.node in self.sets()[name]["replicas"]:
                 return {self.state.node: {"snapshot": self.replica.point(name, self.sets()[name])}}
             raise ConfigError(f"this node neither masters nor replicates set {name!r}")
+        if cmd in ("failover", "promote", "failback"):
+            fo = self.failover
+            if fo is None:
+                raise ConfigError("this cluster has no [failover] configuration")
+            if cmd == "failover":
+                return fo.status()
+            if cmd == "promote":
+                return fo.promote("asked by the operator", force=bool(args.get("force")),
+                                  pins=args.get("pins") or None)
+            return fo.failback()
         if cmd == "release-deletes":
             if self.replica is None or name not in self.sets():
                 raise ConfigError(f"this node does not replicate set {name!r}")
@@ -324,6 +398,8 @@ class Agent:
                 out["sets"].setdefault(name, {}).update(st)
         if self.state.is_primary:
             out["pushed"] = dict(self.pushed)
+        if self.failover is not None:
+            out["failover"] = self.failover.status()
         return out
 
     # ----------------------------------------------------------------- run
@@ -364,6 +440,8 @@ class Agent:
         finally:
             for s in socks:
                 s.close()
+            if self.failover is not None:
+                self.failover.stop()
             for ms in self.masters.values():
                 ms.stop()
             self.watcher.stop()

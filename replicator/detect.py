@@ -1,0 +1,107 @@
+"""Failure checks: is the primary's service answering, is its public link up.
+
+Each check is one probe with a timeout and returns (ok, detail). A
+`Confirmer` turns probes into a verdict only after N consecutive failures,
+so one lost packet or a slow page never starts a failover.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import shlex
+import socket
+import subprocess
+import urllib.parse
+from dataclasses import dataclass, field
+
+from .membership import parse_address
+
+
+def probe(check: dict) -> tuple[bool, str]:
+    timeout = float(check.get("timeout", 2.0))
+    try:
+        if "tcp" in check:
+            host, port = parse_address(check["tcp"])
+            with socket.create_connection((host, port), timeout=timeout):
+                return True, "connected"
+        if "http" in check:
+            return _http(check, timeout)
+        if "command" in check:
+            cmd = check["command"]
+            argv = cmd if isinstance(cmd, list) else shlex.split(cmd)
+            r = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            if r.returncode == 0:
+                return True, "exit 0"
+            tail = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()[-1:] or [""]
+            return False, f"exit {r.returncode} {tail[0][:120]}".strip()
+        if "nic" in check:
+            try:
+                with open(f"/sys/class/net/{check['nic']}/operstate") as f:
+                    state = f.read().strip()
+            except OSError:
+                return False, f"no interface {check['nic']}"
+            return state in ("up", "unknown"), f"operstate {state}"
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:g} s"
+    except OSError as exc:
+        return False, exc.strerror or str(exc) or type(exc).__name__
+    raise ValueError(f"unknown check {check!r}")
+
+
+def _http(check: dict, timeout: float) -> tuple[bool, str]:
+    u = urllib.parse.urlsplit(check["http"])
+    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    conn = cls(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""))
+        resp = conn.getresponse()
+        body = resp.read(1 << 20)
+    except (OSError, http.client.HTTPException) as exc:
+        return False, str(exc) or type(exc).__name__
+    finally:
+        conn.close()
+    want = int(check.get("status", 200))
+    if resp.status != want:
+        return False, f"HTTP {resp.status} (want {want})"
+    text = check.get("text")
+    if text and text.encode() not in body:
+        return False, f"HTTP {resp.status} without {text!r}"
+    return True, f"HTTP {resp.status}"
+
+
+def describe(check: dict) -> str:
+    if check.get("name"):
+        return check["name"]
+    for k in ("tcp", "http", "command", "nic"):
+        if k in check:
+            return f"{k} {check[k] if isinstance(check[k], str) else ' '.join(check[k])}"
+    return repr(check)
+
+
+@dataclass
+class Confirmer:
+    """Counts consecutive failures per check; `failed()` lists the checks failing `confirm` times in a row."""
+
+    checks: list[dict]
+    confirm: int = 3
+    streak: dict[int, int] = field(default_factory=dict)
+    last: dict[int, str] = field(default_factory=dict)
+
+    def run(self) -> list[str]:
+        for i, c in enumerate(self.checks):
+            ok, detail = probe(c)
+            self.streak[i] = 0 if ok else self.streak.get(i, 0) + 1
+            self.last[i] = detail
+        return self.failed()
+
+    def failed(self) -> list[str]:
+        return [f"{describe(c)}: {self.last.get(i, '')} ({self.streak[i]}x)"
+                for i, c in enumerate(self.checks) if self.streak.get(i, 0) >= self.confirm]
+
+    def status(self) -> list[dict]:
+        return [{"check": describe(c), "ok": self.streak.get(i, 0) == 0, "failures": self.streak.get(i, 0),
+                 "detail": self.last.get(i, "")} for i, c in enumerate(self.checks)]
+
+
+def env_with(extra: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, **extra}

@@ -1,0 +1,492 @@
+"""Failover and failback: who is the primary master of the protected sets, and the switch.
+
+The *protected* sets are those the cluster's configured primary masters. Who
+actually masters them is decided by one leader key in etcd (fencing.py),
+never by a node's own opinion:
+
+* the configured primary campaigns at start and masters only while it holds
+  the key; it resigns when its public link fails (`failover.link`) and stops
+  on its own clock when it cannot renew;
+* the secondary station watches: when the key is gone (the primary died or
+  lost etcd) it promotes; when the primary's services fail (`failover.checks`,
+  confirmed N times) while its agent still answers here, it revokes the
+  primary's lease, waits one TTL and promotes; when the primary holds its
+  lease but neither it nor its services answer *from here*, that is a
+  partition between the two, and nothing happens;
+* promotion = win the key, choose for each set the newest image that
+  verifies and passes its application check (select.py), make the live paths
+  equal to it touching only what differs (restore sync), run the takeover
+  hooks, then master the sets with the other replicas following;
+* every replica checks the fencing token a master presents against etcd and
+  refuses tokens lower than the highest it has seen;
+* a returning old primary finds another holder: it is fenced, snapshots what
+  it still has into its own repository (kept, and the base for a delta),
+  and receives from the new primary as a replica; `pit failback` switches
+  back with a short freeze and no lost writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+from .detect import Confirmer
+from .errors import EtcdError, FailoverRefused, NotAuthorised
+from .etcd import Etcd
+from .fencing import Leadership, revoke_holder
+
+log = logging.getLogger("pit.failover")
+
+
+class Failover:
+    def __init__(self, agent, cfg: dict, primary: str) -> None:
+        from .membership import ca_fingerprint
+
+        self.agent = agent
+        self.cfg = cfg
+        self.me = agent.state.node
+        self.primary = primary
+        self.secondary = cfg["secondary"]
+        self.ttl = int(cfg["ttl"])
+        self.etcd = Etcd(cfg["etcd"], timeout=min(1.0, self.ttl / 4))
+        self.key = cfg["key"] or f"/pit/{ca_fingerprint(agent.state)[:16]}/leader"
+        self.lead = Leadership(self.etcd, self.key, self.me, ttl=self.ttl, on_lost=self._lost,
+                               log_path=agent.state.file("fencing.log"))
+        self.path = agent.state.file("failover.json")
+        try:
+            with open(self.path) as f:
+                self.saved = json.load(f)
+        except (OSError, ValueError):
+            self.saved = {}
+        self.highest = int(self.saved.get("highest_token", 0))
+        self.leader: tuple[str, int] | None = None  # the holder last seen in etcd (node, token)
+        self.checks = Confirmer(cfg["checks"], cfg["confirm"])
+        self.link = Confirmer(cfg["link"], cfg["confirm"])
+        self.primary_reachable: bool | None = None
+        self.etcd_ok: bool | None = None
+        self.phase = "starting"
+        self.note = ""
+        self.last_promotion: dict | None = self.saved.get("last_promotion")
+        self.lock = threading.RLock()       # one promotion / demotion / failback at a time
+        self.yield_until = 0.0              # after handing over (failback): do not promote until then
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ persistence and status
+    def _save(self) -> None:
+        self.saved.update(highest_token=self.highest, last_promotion=self.last_promotion)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.saved, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def status(self) -> dict:
+        return {"key": self.key, "phase": self.phase, "note": self.note, "me": self.me, "primary": self.primary,
+                "secondary": self.secondary, "leader": self.leader[0] if self.leader else None,
+                "token": self.leader[1] if self.leader else None, "holding": self.lead.is_leader(),
+                "highest_token": self.highest, "etcd_ok": self.etcd_ok, "primary_reachable": self.primary_reachable,
+                "checks": self.checks.status(), "link": self.link.status(), "last_promotion": self.last_promotion}
+
+    def _set_note(self, note: str) -> None:
+        if note != self.note:
+            log.warning("%s", note) if note else None
+            self.note = note
+
+    # ------------------------------------------------------------------ who masters what
+    def protected(self, sets: dict) -> list[str]:
+        return [n for n, s in sets.items() if s["master"] == self.primary]
+
+    def effective(self, sets: dict) -> dict:
+        """The sets as they stand now: after a failover the protected sets are mastered by the
+        token holder (on its live paths), and a returning old primary becomes one of their replicas."""
+        out = dict(sets)
+        holding = self.lead.is_leader()
+        lead = (self.me, self.lead.token) if holding else self.leader
+        for name in self.protected(sets):
+            s = sets[name]
+            if lead is None or lead[0] == self.primary:
+                if self.me == self.primary and not holding:
+                    out[name] = {**s, "master": ""}  # the configured primary masters only with the key
+                continue
+            new = lead[0]
+            reps = [r for r in s["replicas"] if r != new]
+            if self.cfg["rejoin"] and self.primary not in reps:
+                reps.append(self.primary)
+            out[name] = {**s, "master": new, "replicas": reps}
+            if new == self.me:
+                out[name]["paths"] = self.live_paths(name, s)
+        return out
+
+    def live_paths(self, name: str, s: dict) -> list[str]:
+        live = (self.agent.cfg.get("live") or {}).get(name)
+        return [os.path.normpath(p) for p in live] if live else s["paths"]
+
+    def token(self) -> int:
+        return self.lead.token if self.lead.is_leader() else 0
+
+    # ------------------------------------------------------------------ replica side: admit a master
+    def admit(self, node: str, token: int, set_name: str) -> None:
+        """A master offers a protected set: it must present the current token (checked in etcd)."""
+        if not token:
+            raise NotAuthorised(f"{node} offered protected set {set_name!r} without a fencing token")
+        if token < self.highest:
+            raise NotAuthorised(f"{node} presented fencing token {token}, older than {self.highest}: refused")
+        try:
+            kv, _ = self.etcd.get(self.key)
+        except EtcdError:
+            kv = None
+            if self.leader != (node, token):
+                raise NotAuthorised(f"{node}'s token {token} cannot be checked (etcd unreachable)") from None
+        if kv is not None and (kv.value.decode() != node or kv.mod_revision != token):
+            raise NotAuthorised(f"{node}'s token {token} is not the leader key's "
+                                f"({kv.value.decode()} holds {kv.mod_revision})")
+        if kv is None and self.leader != (node, token):
+            raise NotAuthorised(f"{node}'s token {token}: nobody holds the leader key")
+        self._saw(node, token)
+
+    def _saw(self, node: str, token: int) -> None:
+        changed = False
+        with self.lock:
+            if token > self.highest:
+                self.highest = token
+                self._save()
+            if self.leader != (node, token) and token >= self.highest:
+                self.leader = (node, token)
+                changed = True
+        if changed:
+            log.info("leader of the protected sets: %s (token %d)", node, token)
+            if node != self.me and self.me == self.primary:
+                self._fenced_old_primary()
+            self.agent.reconfigure()
+
+    # ------------------------------------------------------------------ the loop
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="pit-failover")
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.lead.stop()
+
+    def _loop(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self._tick()
+            except Exception:
+                log.exception("failover loop")
+            self.stopped.wait(self.cfg["heartbeat"])
+
+    def _tick(self) -> None:
+        try:
+            kv, _ = self.etcd.get(self.key)
+            self.etcd_ok = True
+        except EtcdError as exc:
+            self.etcd_ok = False
+            self._set_note(f"etcd unreachable: {exc}")
+            if self.lead.is_leader():
+                self.phase = "active"
+            return
+        if kv is not None:
+            self._saw(kv.value.decode(), kv.mod_revision)
+        if self.lead.is_leader():
+            self.phase = "active"
+            if self.cfg["link"]:
+                failed = self.link.run()
+                if failed:
+                    self.lead.resign("public link down: " + "; ".join(failed))
+            self._set_note("")
+            return
+        if kv is None:
+            self._no_holder()
+            return
+        holder = kv.value.decode()
+        if holder == self.me:  # our own key from before a restart: it expires, then we campaign again
+            self.phase = "waiting"
+            self._set_note("the leader key still carries this node's previous lease; waiting for it to expire")
+            return
+        self.phase = "standby" if self.me != self.primary else "fenced"
+        if self.me == self.secondary:
+            self._watch_primary(holder)
+
+    def _last_leader(self) -> dict:
+        kv, _ = self.etcd.get(self.key + "-last")
+        return json.loads(kv.value) if kv is not None else {}
+
+    def _record_leader(self, token: int) -> None:
+        """Kept beyond the lease: a returning primary must know whether anyone led after it."""
+        self.etcd.put_if(self.key + "-last", json.dumps({"node": self.me, "token": token}), self.key, token)
+
+    def _no_holder(self) -> None:
+        if self.me == self.primary:
+            last = self._last_leader()
+            if last.get("node", self.me) == self.me and self.highest <= int(self.saved.get("my_token", 0)):
+                # nobody has led since we did (or ever): our data is the newest, take the key (back)
+                self._campaign_as_primary()
+            else:
+                self.phase = "fenced"
+                self._set_note(f"{last.get('node', 'another node')} led after this node (token "
+                               f"{last.get('token', self.highest)}): this node's data may be older; "
+                               "take over only with `pit failback` or `pit failover promote`")
+        elif self.me == self.secondary and time.monotonic() < self.yield_until:
+            self.phase = "standby"  # we just handed over (failback): let the primary take the key
+        elif self.me == self.secondary:
+            if self.cfg["auto"]:
+                self.promote("the primary's lease expired: it is dead or cut off from etcd")
+            else:
+                self.phase = "standby"
+                self._set_note("no primary holds the leader key; automatic failover is off: "
+                               "run `pit failover promote`")
+        else:
+            self.phase = "waiting"
+
+    def _campaign_as_primary(self) -> None:
+        with self.lock:
+            token = self.lead.campaign()
+            if not token:
+                return
+            self.highest = max(self.highest, token)
+            self.saved["my_token"] = token
+            self.leader = (self.me, token)
+            self._save()
+            self._record_leader(token)
+        self.phase = "active"
+        self._set_note("")
+        self.agent.reconfigure()
+
+    def _watch_primary(self, holder: str) -> None:
+        self.primary_reachable = self.agent.ping(holder)
+        failed = self.checks.run() if self.cfg["checks"] else []
+        if not failed:
+            self._set_note("" if self.primary_reachable else
+                           f"{holder} does not answer here but renews its lease: no failover (a partition)")
+            return
+        if not self.primary_reachable:
+            self._set_note(f"{holder}'s checks fail here ({'; '.join(failed)}) and it does not answer here, "
+                           "but it renews its lease in etcd: a partition between us, not a failure; no failover")
+            return
+        if self.cfg["auto"]:
+            self.promote(f"{holder}'s services fail while its agent answers: {'; '.join(failed)}", force=True)
+        else:
+            self._set_note(f"{holder}'s services fail: {'; '.join(failed)}; automatic failover is off")
+
+    # ------------------------------------------------------------------ promotion
+    def promote(self, reason: str, force: bool = False, pins: dict[str, str] | None = None) -> dict:
+        """Take over the protected sets. `force`: revoke the current holder's lease first (it stops on
+        its own clock within a TTL; we wait that long before acting). `pins`: set -> snapshot to use."""
+        with self.lock:
+            t0 = time.monotonic()
+            report: dict = {"reason": reason, "node": self.me, "started": time.time(), "sets": {}}
+            self.phase = "promoting"
+            log.warning("promoting %s: %s", self.me, reason)
+            kv, _ = self.etcd.get(self.key)
+            if kv is not None and kv.value.decode() != self.me:
+                if not force:
+                    raise FailoverRefused(f"{kv.value.decode()} holds the leader key (token {kv.mod_revision}); "
+                                          "use --force to revoke its lease and take over")
+                revoke_holder(self.etcd, self.key)
+                report["revoked"] = {"node": kv.value.decode(), "token": kv.mod_revision}
+                self.stopped.wait(self.ttl)  # the old holder may believe it leads for up to TTL - margin
+            token = self.lead.campaign()
+            if not token:
+                kv, _ = self.etcd.get(self.key)
+                self.phase = "standby"
+                raise FailoverRefused(f"another node won the leader key first "
+                                      f"({kv.value.decode() if kv else 'nobody'}); not promoting")
+            self.highest = max(self.highest, token)
+            self.saved["my_token"] = token
+            self._save()
+            self._record_leader(token)
+            report["token"] = token
+            report["detect_to_key"] = round(time.monotonic() - t0, 3)
+            try:
+                t1 = time.monotonic()
+                sets = self.agent.config.get("sets", {})
+                for name in self.protected(sets):
+                    report["sets"][name] = self._take_set(name, sets[name], (pins or {}).get(name))
+                    self.lead.check()  # still ours? (a lost lease aborts before anything else acts)
+                report["selection_and_materialise"] = round(time.monotonic() - t1, 3)
+                t2 = time.monotonic()
+                report["takeover_hooks"] = self.run_hooks("takeover", token)
+                report["hooks_seconds"] = round(time.monotonic() - t2, 3)
+                self.lead.check()
+            except BaseException as exc:
+                report["error"] = str(exc)
+                self.last_promotion = report
+                self._save()
+                self.lead.resign(f"promotion failed: {exc}")
+                raise
+            self.leader = (self.me, token)
+            report["seconds"] = round(time.monotonic() - t0, 3)
+            self.last_promotion = report
+            self._save()
+            self.phase = "active"
+            self._set_note("")
+        self.agent.reconfigure()
+        log.warning("%s is the primary master now (token %d) in %.2f s", self.me, token, report["seconds"])
+        return report
+
+    def _take_set(self, name: str, s: dict, pin: str | None) -> dict:
+        from store.objects import ObjectReader
+        from store.restore import RestoreStats
+        from store.snapshots import resolve
+
+        from .select import select_image
+
+        repo = self.agent.replica.repo if self.agent.replica is not None else None
+        if repo is None:
+            raise FailoverRefused("this node has no repository to promote from (`repo` in its agent config)")
+        check = s if (self.cfg["app_check"] and s.get("app")) else None
+        with self.agent.replica.lock:
+            sel = select_image(repo, name, check=check, pin=pin)
+        chosen = sel.chosen
+        out = {"snapshot": chosen.name, "id": chosen.id, "time": chosen.time,
+               "skipped": [{"snapshot": o.name, "reason": o.reason} for o in sel.images if o.status == "skipped"],
+               "selection_seconds": sel.seconds}
+        live = self.live_paths(name, s)
+        total = RestoreStats()
+        with repo.reading() as txn:
+            r = ObjectReader(repo, txn)
+            snap = resolve(repo, txn, chosen.id)
+            by_name = {e.name: e for e in r.tree(snap.root)}
+            for path in live:
+                base = os.fsencode(os.path.basename(path))
+                e = by_name.get(base)
+                if e is None:
+                    raise FailoverRefused(f"image {chosen.name} of set {name!r} has no {base.decode()!r} "
+                                          f"for live path {path}")
+                st = self._sync(r, e, path)
+                for k in ("files", "dirs", "bytes", "unchanged", "removed"):
+                    setattr(total, k, getattr(total, k) + getattr(st, k))
+        out["materialised"] = {"files_written": total.files, "bytes_written": total.bytes,
+                               "files_unchanged": total.unchanged, "removed": total.removed}
+        log.warning("set %s: promoting image %s (%s); %d newer skipped; %d files written, %d unchanged",
+                    name, chosen.name, chosen.short, len(out["skipped"]), total.files, total.unchanged)
+        return out
+
+    @staticmethod
+    def _sync(reader, entry, path: str):
+        import dataclasses
+
+        from store.restore import Restorer
+        from store.trees import DIR
+
+        if entry.type == DIR:
+            return Restorer(reader, sync=True).restore(dataclasses.replace(entry, name=b""), path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return Restorer(reader, sync=True).restore(entry, os.path.dirname(path))
+
+    def run_hooks(self, which: str, token: int) -> list[dict]:
+        """Takeover or demotion hooks, in order; a failure is reported and alerted, the rest still run
+        (a service that fails to start must not keep the others down)."""
+        from .hooks import _command
+
+        out = []
+        env = {**os.environ, "PIT_NODE": self.me, "PIT_ROLE": which, "PIT_TOKEN": str(token),
+               "PIT_SETS": " ".join(self.protected(self.agent.config.get("sets", {})))}
+        for i, h in enumerate(self.cfg[which]):
+            argv = ["/bin/sh", "-c", h] if isinstance(h, str) else list(h)
+            run = _command(argv, h if isinstance(h, str) else " ".join(h), i, env, self.cfg["hook_timeout"])
+            (log.info if run.ok else log.error)("%s hook %r: %s", which, run.hook,
+                                                 "ok" if run.ok else run.error)
+            out.append(run.to_json())
+        return out
+
+    # ------------------------------------------------------------------ demotion and the old primary
+    def _lost(self, reason: str) -> None:
+        """Leadership lost (own clock, revoked lease, resignation): stop acting at once."""
+        self.phase = "demoted"
+        self._set_note(f"stopped acting as primary: {reason}")
+        try:
+            self.agent.reconfigure()  # stops the masters of the protected sets
+        finally:
+            self.run_hooks("demote", 0)
+
+    def _fenced_old_primary(self) -> None:
+        """Another node leads: keep what we still have as a snapshot in our repository (never lost,
+        and the base the new primary's catch-up compares against: a delta, not a re-seed)."""
+        repo_path = self.agent.cfg.get("repo")
+        if not repo_path or not self.cfg["rejoin"]:
+            return
+        sets = self.agent.config.get("sets", {})
+        if self.agent.replica is not None:
+            return  # already receiving
+        from store.ingest import create_snapshot
+        from store.repository import Repository
+
+        repo = Repository(repo_path)
+        try:
+            for name in self.protected(sets):
+                paths = [p for p in sets[name]["paths"] if os.path.exists(p)]
+                if paths:
+                    snap = create_snapshot(repo, name, paths, host=self.me, retention=False)
+                    log.warning("set %s: kept this node's own state as snapshot %s before rejoining as a replica",
+                                name, snap.name)
+        finally:
+            repo.close()
+
+    # ------------------------------------------------------------------ failback (planned switchback)
+    def freeze_and_release(self, to: str) -> dict:
+        """On the active primary, asked by `to` (the old primary): stop the services, make a final
+        consistent point on every replica (so `to` has every write), give the key up."""
+        with self.lock:
+            token = self.lead.check()
+            t0 = time.monotonic()
+            hooks = self.run_hooks("demote", token)  # freeze: no new writes from here on
+            points = {}
+            for name, ms in list(self.agent.masters.items()):
+                if name not in self.protected(self.agent.config.get("sets", {})):
+                    continue
+                ms.flush()
+                self.agent.point_seq += 1
+                deadline = time.monotonic() + 120
+                slot = ms.senders[to].request_point(self.agent.point_seq, deadline) if to in ms.senders else None
+                if slot is None:
+                    raise FailoverRefused(f"{to} is not a replica of set {name!r} here")
+                slot["done"].wait(max(0.0, deadline - time.monotonic()))
+                res = slot["result"] or {"error": "timed out"}
+                if "error" in res:
+                    self.run_hooks("takeover", token)  # thaw: we stay primary
+                    raise FailoverRefused(f"final point on {to} for set {name!r} failed: {res['error']}")
+                points[name] = res["snapshot"]
+            self.yield_until = time.monotonic() + 60
+            self.lead.resign(f"failback to {to}")
+            return {"points": points, "freeze_seconds": round(time.monotonic() - t0, 3), "demote_hooks": hooks}
+
+    def failback(self) -> dict:
+        """On the returning old primary: ask the current holder to freeze and hand over, then promote
+        with the final point it made on us (every write it acknowledged is in that image)."""
+        from .membership import connect
+
+        if self.me != self.primary:
+            raise FailoverRefused(f"run `pit failback` on the configured primary ({self.primary})")
+        if self.lead.is_leader():
+            raise FailoverRefused("this node already is the primary master")
+        if self.agent.replica is None:
+            raise FailoverRefused("this node receives nothing yet (it needs `repo` in its agent config and "
+                                  "`failover.rejoin`): wait until it has caught up with the current primary")
+        kv, _ = self.etcd.get(self.key)
+        if kv is None:
+            raise FailoverRefused("nobody holds the leader key: use `pit failover promote`")
+        holder = kv.value.decode()
+        addr = self.agent.roster().get(holder, {}).get("address")
+        if not addr:
+            raise FailoverRefused(f"{holder} (the current primary) is not in the roster")
+        from . import protocol
+
+        t0 = time.monotonic()
+        sock, peer = connect(self.agent.state, addr, timeout=5)
+        conn = protocol.Conn(sock, holder, heartbeat=False, dead_after=300)
+        try:
+            protocol.hello(conn, self.me, "failback")
+            released = conn.recv("released")
+        finally:
+            conn.close()
+        pins = {name: f"{name}@{snap}" for name, snap in released["points"].items()}
+        report = self.promote(f"failback from {holder}", pins=pins)
+        report["freeze_seconds"] = released["freeze_seconds"]
+        report["switch_seconds"] = round(time.monotonic() - t0, 3)
+        return report
