@@ -24,7 +24,7 @@ from maint_helpers import (
     all_blobs, flip_byte, get_snapmeta, init_repo, make_tree, opened, pack_path, reachable, snap, write_file,
 )
 from replicator.cli_failover import add_set
-from replicator.failover_errors import NoGoodImage, NoImages, PinnedImageBad
+from replicator.failover_errors import HookFailed, NoGoodImage, NoImages, PinnedImageBad
 from replicator.hooks import around_point
 from replicator.select import image_status, select_image
 from replicator.templates import CheckResult, as_user, build_set, pg_bindir
@@ -407,3 +407,26 @@ def test_postgresql_images_under_writes(pg, tmp_path):
     assert get_snapmeta(repo, s4.hex)["app_check"]["result"] == "failed"
     after = {n for n in os.listdir("/tmp") if n.startswith("pit-pgcheck-")}
     assert not after - before, "the throwaway instances' directories are removed"
+
+    # point 3: a base backup into a side directory (the image is that copy, WAL and backup_label included)
+    side = os.path.join(pg.base, "side")
+    os.mkdir(side)
+    if ROOT:
+        shutil.chown(side, "postgres", "postgres")
+    cfg3 = {"name": "pgbb", **build_set("postgresql", "pgbb", [pg.data], ["r1"], "m",
+                                        {**opts, "point": "basebackup", "side_dir": side})}
+    assert cfg3["paths"] == [side] and cfg3["app"]["data"] == os.path.join(side, "base")
+    for n in (1, 2):
+        pg.wait_for_writes(100)
+        with around_point(cfg3, n) as ph3:
+            s5 = snap(repo, "pgbb", cfg3["paths"])
+        assert ph3.ok, ph3.pre.error
+    assert os.path.exists(os.path.join(side, "base", "backup_label"))
+    sel = select_image(repo, "pgbb", cfg3)
+    assert sel.chosen.id == s5.hex and "throwaway instance started (recovery done)" in sel.chosen.check["details"]
+
+    # a hook that cannot reach the server fails the point, with the server's one-line reason
+    cfg4 = {"name": "pg", **build_set("postgresql", "pg", [pg.data], ["r1"], "m", {**opts, "superuser": "nobody"})}
+    with pytest.raises(HookFailed, match='role "nobody" does not exist'):
+        with around_point(cfg4, 9):
+            pytest.fail("the point must not be made")
