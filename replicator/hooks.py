@@ -267,3 +267,33 @@ def around_point(set_cfg: dict, point_id, *, set_name: str | None = None, env: d
     if not res.ok:
         ph.error = f"post hook failed: {res.error}"
         res.raise_for_failure()
+
+
+def mark_point(repo, sid: bytes, ph, lock_wait: float = 10.0) -> dict:
+    """Record a point's hook outcome on its snapshot (snapmeta `point` = {ok, error, time}), so
+    image selection skips an image whose hooks failed ("point hooks failed: ...").
+
+    `ph`: a PointHooks (from `around_point`, also the one carried by HookFailed.result's
+    caller), a HookResult, or a dict {"ok": bool, "error": str | None} (e.g. received
+    from the master with the point)."""
+    from store.snapmeta import update_meta
+
+    if isinstance(ph, dict):
+        rec = {"ok": bool(ph.get("ok")), "error": ph.get("error")}
+    else:
+        rec = {"ok": bool(ph.ok), "error": ph.error}
+    rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with repo.writer(lock_wait=lock_wait) as w:
+        update_meta(w, sid, point=rec)
+    return rec
+
+
+def run_command(hook, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None, index: int = 0) -> HookRun:
+    """Run one command hook (a shell string or an argv list) the way point hooks run:
+    output to a temporary file, whole process group killed on timeout. `env` is the
+    complete environment (default: this process's)."""
+    argv = ["/bin/sh", "-c", hook] if isinstance(hook, str) else list(hook)
+    t0 = time.monotonic()
+    run = _command(argv, _show(hook), index, dict(os.environ) if env is None else env, timeout)
+    run.seconds = round(time.monotonic() - t0, 3)
+    return run

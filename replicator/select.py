@@ -9,6 +9,9 @@ application check (`replicator.templates.check_image`). The first image that
 passes both is chosen; every newer image carries the reason it was skipped,
 every older one is "not examined".
 
+An image whose point hooks failed (snapmeta `point` = {ok: false}, written by
+`replicator.hooks.mark_point`) is skipped without being read.
+
 Outcomes are recorded per snapshot in the store's snapmeta, beside the
 `verify` record the verifier writes: `app_check` = {time, template, result
 ("good"/"failed"), message} and `image` = {time, status, reason}.
@@ -136,7 +139,8 @@ def select_image(repo_path, set_name: str, check=None, max_images: int = MAX_IMA
         todo = [pinned] if pinned is not None else newest
         for s in todo:
             o = outcomes[s.id]
-            good, image_dir = _examine(repo, s, o, check, deep, recheck_after, scratch, keep_image, lock_wait, sel)
+            good, image_dir = _examine(repo, s, o, check, deep, recheck_after, scratch, keep_image, lock_wait, sel,
+                                       pinned is not None)
             if good:
                 o.status = "pinned" if pinned is not None else "chosen"
                 sel.chosen, sel.pinned, sel.image_dir = o, pinned is not None, image_dir
@@ -162,11 +166,21 @@ def select_image(repo_path, set_name: str, check=None, max_images: int = MAX_IMA
 
 
 def _examine(repo, s, o: ImageOutcome, check, deep: bool, recheck_after: float, scratch: str, keep_image: bool,
-             lock_wait: float, sel: Selection) -> tuple[bool, str | None]:
+             lock_wait: float, sel: Selection, pinned: bool = False) -> tuple[bool, str | None]:
     from store.verify import verify
+
+    from store.snapmeta import get_meta
 
     t0 = time.monotonic()
     try:
+        with repo.reading() as txn:
+            point = get_meta(repo, txn, s.id).get("point")
+        if isinstance(point, dict) and point.get("ok") is False:
+            why = f"point hooks failed: {point.get('error') or 'no reason recorded'}"
+            if not pinned:
+                o.status, o.reason = "skipped", why
+                return False, None
+            sel.notes.append(f"pinned image {s.name}: {why} (kept: the operator chose it)")
         rep = verify(repo, snapshots=[s], depth="deep" if deep else "structural", recheck_after=recheck_after,
                      record=not repo.readonly, lock_wait=lock_wait)
         label = f"{s.set}@{s.name}"

@@ -160,3 +160,14 @@ def test_builtin_state_carries_from_pre_to_post_calls(tmp_path):
                  "pre": [], "post": ["builtin:postgresql.backup_stop"]}}
     res = run_point_hooks(c, "post", set_name="db", point_id=5)
     assert not res.ok and "no backup was started" in res.error
+
+
+def test_run_command_for_other_hook_kinds(tmp_path):
+    from replicator.hooks import run_command
+
+    r = run_command("echo $PIT_ROLE", env={**os.environ, "PIT_ROLE": "takeover"})
+    assert r.ok and r.output.strip() == "takeover"
+    r = run_command(["sh", "-c", "echo nope >&2; exit 4"])
+    assert not r.ok and r.rc == 4 and r.error == "exit status 4: nope"
+    r = run_command("sleep 600", timeout=0.5)
+    assert not r.ok and r.timed_out

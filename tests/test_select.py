@@ -25,7 +25,7 @@ from maint_helpers import (
 )
 from replicator.cli_failover import add_set
 from replicator.failover_errors import HookFailed, NoGoodImage, NoImages, PinnedImageBad
-from replicator.hooks import around_point
+from replicator.hooks import around_point, mark_point
 from replicator.select import image_status, select_image
 from replicator.templates import CheckResult, as_user, build_set, pg_bindir
 from store import packs as P
@@ -184,6 +184,20 @@ def test_pinned_image(env):
     assert len(err) == 1 and "pinned image" in err[0]
     with pytest.raises(InvalidArgument, match="belongs to set 'b'"):
         select_image(repo, "a", pin=b1.hex)
+
+
+def test_image_whose_point_hooks_failed_is_skipped(env):
+    repo, snaps, _ = env
+    with opened(repo, readonly=False) as r:
+        rec = mark_point(r, snaps[4].id, {"ok": False, "error": "post hook failed: unlock: exit status 1"})
+        mark_point(r, snaps[3].id, {"ok": True, "error": None})
+    assert rec["ok"] is False
+    sel = select_image(repo, "a")
+    assert sel.chosen.id == snaps[3].hex
+    assert sel.images[0].reason == "point hooks failed: post hook failed: unlock: exit status 1"
+    assert sel.images[0].verify is None, "an image known to be inconsistent is not read"
+    sel = select_image(repo, "a", pin=snaps[4].hex)
+    assert sel.chosen.id == snaps[4].hex and any("point hooks failed" in n for n in sel.notes)
 
 
 def test_no_images_and_limits(env):
@@ -386,13 +400,13 @@ def test_postgresql_images_under_writes(pg, tmp_path):
     # broken images, newer than the good ones
     bad = os.path.join(tmp_path, "bad")
     nowal = os.path.join(bad, "nowal", "data")  # same base name as the live data directory
-    shutil.copytree(s_dir := pg.data, nowal, symlinks=True)
+    shutil.copytree(pg.data, nowal, symlinks=True)
     for f in os.listdir(os.path.join(nowal, "pg_wal")):
         if len(f) == 24:
             os.unlink(os.path.join(nowal, "pg_wal", f))
     s3 = snap(repo, "pg", [nowal])
     trunc = os.path.join(bad, "trunc", "data")
-    shutil.copytree(s_dir, trunc, symlinks=True)
+    shutil.copytree(pg.data, trunc, symlinks=True)
     with open(os.path.join(trunc, "global", "pg_control"), "r+b") as f:
         f.truncate(100)
     s4 = snap(repo, "pg", [trunc])
