@@ -115,6 +115,7 @@ def select_image(repo_path, set_name: str, check=None, max_images: int = MAX_IMA
     t_start = time.monotonic()
     own = not isinstance(repo_path, Repository)
     repo = Repository(repo_path, readonly=not record, lock_wait=lock_wait) if own else repo_path
+    record = record and not repo.readonly
     sel = Selection(set_name, repo.path)
     try:
         with repo.reading() as txn:

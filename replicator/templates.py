@@ -511,7 +511,8 @@ def _mysql_build(name: str, paths: list[str], opts: dict) -> tuple[list[str], di
 def mysql_session(app: dict) -> dict:
     """What the MySQL hook pair runs: one client session (argv) holding the global read lock
     from `pre` (statements) to `post` (statements)."""
-    return {"argv": list(app["client"]) + ["--batch", "--skip-column-names"],
+    # --unbuffered: the answer to each statement is flushed at once (a pipe is block-buffered otherwise)
+    return {"argv": list(app["client"]) + ["--batch", "--skip-column-names", "--unbuffered"],
             "pre": ["FLUSH TABLES WITH READ LOCK"], "post": ["UNLOCK TABLES"]}
 
 

@@ -200,6 +200,15 @@ def test_image_whose_point_hooks_failed_is_skipped(env):
     assert sel.chosen.id == snaps[4].hex and any("point hooks failed" in n for n in sel.notes)
 
 
+def test_open_read_only_repository_selects_without_recording(env):
+    repo, snaps, _ = env
+    corrupt(repo, snaps, 4)
+    with opened(repo) as r:  # read-only, as a reader beside a running agent would hold it
+        sel = select_image(r, "a")
+    assert sel.chosen.id == snaps[3].hex and sel.images[0].reason.startswith("damage found at")
+    assert get_snapmeta(repo, snaps[4].hex) == {}, "a read-only repository is not written"
+
+
 def test_no_images_and_limits(env):
     repo, snaps, _ = env
     with pytest.raises(NoImages):

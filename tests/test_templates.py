@@ -171,7 +171,7 @@ def test_mysql_template_generates_lock_session_commands():
     assert table["paths"] == ["/data/mysql"] and app["data"] == "/data/mysql"
     s = mysql_session(app)
     assert s["argv"] == ["mysql", "-h", "db.local", "-u", "backup", "--password=s3cret", "--batch",
-                         "--skip-column-names"]
+                         "--skip-column-names", "--unbuffered"]
     assert s["pre"] == ["FLUSH TABLES WITH READ LOCK"] and s["post"] == ["UNLOCK TABLES"]
     default = mysql_session(build_set("mysql", "e", [], ["r1"], "m")["app"])
     assert default["argv"][:2] == ["mysql", "--defaults-file=/etc/mysql/debian.cnf"]
