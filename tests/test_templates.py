@@ -335,3 +335,16 @@ def test_postgresql_check_fails_without_a_data_directory(tmp_path):
     assert not res.ok and res.message == "PG_VERSION is missing from the data directory"
     res = check_image(table, str(tmp_path / "empty"))
     assert not res.ok and "not in the image" in res.message
+
+
+def test_postgresql_check_unavailable_without_the_image_version(tmp_path):
+    from replicator.failover_errors import CheckUnavailable
+
+    table = build_set("postgresql", "db", ["/var/lib/postgresql/99/main"], ["r1"], "m")
+    data = tmp_path / "img" / "main"
+    (data / "global").mkdir(parents=True)
+    (data / "PG_VERSION").write_text("99\n")
+    (data / "global" / "pg_control").write_bytes(b"\0" * 8192)
+    with pytest.raises(CheckUnavailable, match="PostgreSQL 99 binaries are not installed") as ei:
+        check_image(table, str(tmp_path / "img"))
+    assert ei.value.exit_code == 64
