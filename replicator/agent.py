@@ -486,6 +486,9 @@ def control_request(state_dir: str | None, cfg_path: str | None, cmd: str, args:
 def run_agent(cfg_path: str) -> None:
     logging.basicConfig(level=os.environ.get("PIT_LOG", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack to the log
     agent = Agent(cfg_path)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)

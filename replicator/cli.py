@@ -134,3 +134,29 @@ def release_deletes(config, state, set_name):
 
     control_request(state, config, "release-deletes", {"set": set_name})
     click.echo(f"deletions released for {set_name}; the master resends them on reconnect")
+
+
+def _show_takeover(rep: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rep, indent=2, sort_keys=True))
+        return
+    click.echo(f"{rep['node']} is the primary master (fencing token {rep['token']}) after {rep['seconds']} s: "
+               f"{rep['reason']}")
+    for name, s in sorted(rep["sets"].items()):
+        m = s["materialised"]
+        click.echo(f"  set {name}: image {s['snapshot']} ({s['time']}); {m['files_written']} files written, "
+                   f"{m['files_unchanged']} unchanged, {m['removed']} removed")
+        for sk in s["skipped"]:
+            click.echo(f"    skipped {sk['snapshot']}: {sk['reason']}")
+    for h in rep.get("takeover_hooks", []):
+        click.echo(f"  takeover hook {h.get('hook')}: {'ok' if h.get('ok') else 'FAILED: ' + str(h.get('error'))}")
+
+
+@click.command("failback")
+@_ctl
+@click.option("--json", "as_json", is_flag=True)
+def failback(config, state, as_json):
+    """On the returning old primary: freeze the current primary, take its final point, switch back."""
+    from .agent import control_request
+
+    _show_takeover(control_request(state, config, "failback", {}, 600), as_json)

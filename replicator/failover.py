@@ -256,6 +256,7 @@ class Failover:
         self.phase = "active"
         self._set_note("")
         self.agent.reconfigure()
+        self.run_hooks("takeover", token)  # idempotent: services start, or are confirmed running
 
     def _watch_primary(self, holder: str) -> None:
         self.primary_reachable = self.agent.ping(holder)
@@ -382,14 +383,13 @@ class Failover:
     def run_hooks(self, which: str, token: int) -> list[dict]:
         """Takeover or demotion hooks, in order; a failure is reported and alerted, the rest still run
         (a service that fails to start must not keep the others down)."""
-        from .hooks import _command
+        from .hooks import run_command
 
         out = []
         env = {**os.environ, "PIT_NODE": self.me, "PIT_ROLE": which, "PIT_TOKEN": str(token),
                "PIT_SETS": " ".join(self.protected(self.agent.config.get("sets", {})))}
         for i, h in enumerate(self.cfg[which]):
-            argv = ["/bin/sh", "-c", h] if isinstance(h, str) else list(h)
-            run = _command(argv, h if isinstance(h, str) else " ".join(h), i, env, self.cfg["hook_timeout"])
+            run = run_command(h, self.cfg["hook_timeout"], env, i)
             (log.info if run.ok else log.error)("%s hook %r: %s", which, run.hook,
                                                  "ok" if run.ok else run.error)
             out.append(run.to_json())
