@@ -42,10 +42,50 @@ from .merkle import dir_digest, leaf_digest
 
 log = logging.getLogger("pit.master")
 
-CHUNKS_FRAME = 4 * 1024 * 1024
-OFFER_IDS = 8192
-CHANGES_FRAME_IDS = 100_000
+# Every frame is sized from protocol.MAX_FRAME (16 MiB), with room to spare for msgpack overhead.
+CHUNKS_FRAME = min(4 * 1024 * 1024, protocol.MAX_FRAME // 4)  # chunk payload bytes per CHUNKS frame
+OFFER_IDS = min(8192, protocol.MAX_FRAME // 80)                  # ids per OFFER (and so per NEED)
+CHANGES_BYTES = protocol.MAX_FRAME // 2                          # estimated bytes per CHANGES / OPS frame
+LIST_BYTES = protocol.MAX_FRAME // 4                             # path bytes per LIST
+REF_BYTES = 48  # an [id, length] pair as msgpack is 38-40 bytes; rounded up
 BATCH_PATHS = 512
+
+
+def change_bytes(c: dict) -> int:
+    """An upper estimate of one change's msgpack size."""
+    n = len(c["p"]) + 64 + len(c.get("x") or b"")
+    for op in c.get("ops", ()):
+        n += 16 if op[0] == 0 else 8 + REF_BYTES * len(op[1])
+    return n
+
+
+def split_ops(ops: list, budget: int) -> list[list]:
+    """Cut a file's ops into pieces of at most `budget` estimated bytes (a new-range op is cut
+    between chunk references); concatenated, the pieces are the same ops."""
+    per = max(1, (budget - 64) // REF_BYTES)
+    pieces: list[list] = [[]]
+    room = budget
+    for op in ops:
+        if op[0] == 0:
+            if room < 16:
+                pieces.append([])
+                room = budget
+            pieces[-1].append(op)
+            room -= 16
+            continue
+        refs = op[1]
+        i = 0
+        while i < len(refs):
+            take = min(len(refs) - i, (room - 8) // REF_BYTES)
+            if take <= 0:
+                pieces.append([])
+                room = budget
+                continue
+            take = min(take, per)
+            pieces[-1].append([1, refs[i:i + take]])
+            room -= 8 + REF_BYTES * take
+            i += take
+    return [p for p in pieces if p] or [[]]
 
 
 @dataclass
@@ -95,6 +135,20 @@ def content_id(chunks: list) -> bytes | None:
     return filelist_id([c for c, _ in chunks], [n for _, n in chunks])
 
 
+def _by_bytes(paths: list[bytes], budget: int) -> list[list[bytes]]:
+    """Consecutive groups of paths, each of at most `budget` bytes (estimated) on the wire."""
+    out: list[list[bytes]] = [[]]
+    room = budget
+    for p in paths:
+        n = len(p) + 8
+        if out[-1] and n > room:
+            out.append([])
+            room = budget
+        out[-1].append(p)
+        room -= n
+    return out
+
+
 def delta_ops(old: list | None, new: list) -> list:
     """Keep/new ranges turning `old` into `new`: common prefix and suffix are kept."""
     if not old:
@@ -116,6 +170,75 @@ def delta_ops(old: list | None, new: list) -> list:
     return ops
 
 
+_ENVS: dict[str, object] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+class FilesCache:
+    """The master's files cache: `state/master-cache/`, an LMDB environment with one database per set.
+
+    Key: the set-relative path; value: msgpack [type, mode, uid, gid, mtime, size, content, chunk ids,
+    chunk lengths, stat key] (directories: the first five). Key b"\0sig" (no path has a NUL) holds the
+    set's paths and chunking parameters: another signature empties the set's rows. Sorted keys put
+    a directory before its contents, and a subtree is a key range (`rel/`...), deleted as one.
+    The environment is opened once per process (LMDB forbids two opens), shared by every set."""
+
+    SIG = b"\0sig"
+
+    def __init__(self, path: str, set_name: str, signature: bytes) -> None:
+        import lmdb
+
+        with _ENVS_LOCK:
+            env = _ENVS.get(path)
+            if env is None:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                env = lmdb.open(path, map_size=64 << 30, max_dbs=1024, subdir=True, metasync=False,
+                                readahead=False, max_readers=64)
+                _ENVS[path] = env
+        self.env = env
+        self.db = env.open_db(b"set:" + set_name.encode("utf-8", "surrogateescape"))
+        with env.begin(write=True, db=self.db) as txn:
+            if txn.get(self.SIG) != signature:
+                txn.drop(self.db, delete=False)
+                txn.put(self.SIG, signature)
+        self.rows = self._count()
+
+    def _count(self) -> int:
+        with self.env.begin(db=self.db) as txn:
+            return txn.stat(self.db)["entries"] - 1
+
+    def rows_iter(self):
+        with self.env.begin(db=self.db, buffers=False) as txn:
+            for k, v in txn.cursor():
+                if k != self.SIG:
+                    yield k, v
+
+    def write(self, writes: list[tuple[bytes, bytes | None]]) -> None:
+        """Put rows; None deletes the path and everything under it."""
+        with self.env.begin(write=True, db=self.db) as txn:
+            cur = txn.cursor()
+            for rel, raw in writes:
+                if raw is None or raw[:1] == b"\x9a":  # deleted, or a file/symlink now: drop any subtree
+                    prefix = rel + b"/"
+                    if cur.set_range(prefix):
+                        while cur.key().startswith(prefix):
+                            if not cur.delete():
+                                break
+                if raw is None:
+                    txn.delete(rel)
+                else:
+                    txn.put(rel, raw)
+        self.rows = self._count()
+
+    def clear(self) -> None:
+        with self.env.begin(write=True, db=self.db) as txn:
+            sig = txn.get(self.SIG)
+            txn.drop(self.db, delete=False)
+            if sig is not None:
+                txn.put(self.SIG, sig)
+        self.rows = 0
+
+
 class MasterSet:
     """One set this node owns: its sources, their tree, and the senders."""
 
@@ -133,7 +256,13 @@ class MasterSet:
         self.cache_lock = threading.Lock()
         self.senders: dict[str, Sender] = {}
         self.alerts: list[str] = []
-        self.stats = {"files_read": 0, "bytes_read": 0, "changes": 0}
+        # files_read/bytes_read: files chunked and hashed; unchanged: files the cache rule skipped;
+        # scans: full (start-up and reconcile) scans done; cache_*: the files cache (rows, unsaved paths)
+        self.stats = {"files_read": 0, "bytes_read": 0, "changes": 0, "unchanged": 0, "scans": 0,
+                      "cache_rows": 0, "cache_loaded": 0, "cache_pending": 0}
+        self._journal: list[bytes] = []  # paths changed in the tree since the files cache was written
+        self.fcache: FilesCache | None = None
+        self.save_lock = threading.Lock()
         self.dirty: dict[bytes, bool] = {}
         self.dirty_cond = threading.Condition()
         self.last_event = 0.0
@@ -148,58 +277,120 @@ class MasterSet:
         self.wake = threading.Event()
 
     # ------------------------------------------------------------- files cache
-    # The tree (with each file's stat key and chunk list) is saved so that a
-    # restarted master trusts unchanged files by (size, mtime, ctime, inode)
-    # instead of reading every byte again.
+    # The tree (each file's stat key and chunk list) is kept in a small LMDB under the node's state
+    # directory (`master-cache/`, one database per set, one row per path), so that a restarted master
+    # trusts unchanged files by (size, mtime, ctime, inode) instead of reading every byte again. Only
+    # changed rows are written: every change to the tree is journaled (`_journal`) and `save()` writes
+    # the journal in one transaction, about once a second while things change, and at stop.
     def _cache_path(self) -> str:
-        return os.path.join(self.agent.state.path, f"master-{self.name}.cache")
+        return os.path.join(self.agent.state.path, f"master-{self.name}.cache")  # the old msgpack format
 
-    def save(self) -> None:
+    def _signature(self) -> bytes:
         import msgpack
 
-        rows = []
+        return msgpack.packb({"v": 2, "paths": self.cfg["paths"], "avg": self.cfg["avg_chunk"]}, use_bin_type=True)
 
-        def walk(node: DNode, prefix: bytes) -> None:
-            for n, ch in node.children.items():
-                rel = prefix + b"/" + n if prefix else n
-                if isinstance(ch, DNode):
-                    rows.append([rel, DIR, ch.mode, ch.uid, ch.gid, ch.mtime_ns])
-                    walk(ch, rel)
-                else:
-                    rows.append([rel, ch.type, ch.mode, ch.uid, ch.gid, ch.mtime_ns, ch.size, ch.content,
-                                 b"".join(c for c, _ in ch.chunks), [n for _, n in ch.chunks], list(ch.skey)])
+    @staticmethod
+    def _row(node) -> bytes:
+        import msgpack
 
+        if isinstance(node, DNode):
+            row = [DIR, node.mode, node.uid, node.gid, node.mtime_ns]
+        else:
+            row = [node.type, node.mode, node.uid, node.gid, node.mtime_ns, node.size, node.content,
+                   b"".join(c for c, _ in node.chunks), [n for _, n in node.chunks], list(node.skey)]
+        return msgpack.packb(row, use_bin_type=True)
+
+    @staticmethod
+    def _node(raw: bytes):
+        import msgpack
+
+        row = msgpack.unpackb(raw, raw=False)
+        if row[0] == DIR:
+            return DNode(row[1], row[2], row[3], row[4])
+        ids = row[7]
+        chunks = [(ids[i * 32:(i + 1) * 32], n) for i, n in enumerate(row[8])]
+        return FNode(row[0], row[1], row[2], row[3], row[4], row[5], row[6], chunks, tuple(row[9]))
+
+    def save(self, final: bool = False) -> None:
+        """Write the journaled changes of the tree to the files cache (one transaction). After the
+        final save (at stop) nothing more is written: a successor for the same set may be loading."""
+        with self.save_lock:
+            if self.fcache is None:
+                self._journal = []
+                return
+            self._save()
+            if final:
+                self.fcache = None
+
+    def _save(self) -> None:
         with self.lock:
-            walk(self.root, b"")
-        data = msgpack.packb({"v": 1, "paths": self.cfg["paths"], "avg": self.cfg["avg_chunk"], "rows": rows},
-                             use_bin_type=True)
-        tmp = self._cache_path() + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self._cache_path())
+            journal, self._journal = self._journal, []
+            if not journal:
+                self.stats["cache_pending"] = 0
+                return
+            writes: list[tuple[bytes, bytes | None]] = []
+            for rel in dict.fromkeys(journal):  # in order, each path once (its current state is written)
+                node = self.lookup(rel)
+                writes.append((rel, self._row(node) if node is not None else None))
+        try:
+            self.fcache.write(writes)
+        except BaseException:
+            with self.lock:
+                self._journal[:0] = journal
+            raise
+        with self.lock:
+            self.stats["cache_pending"] = len(self._journal)
+            self.stats["cache_rows"] = self.fcache.rows
 
     def load(self) -> None:
+        try:
+            self.fcache = FilesCache(os.path.join(self.agent.state.path, "master-cache"), self.name,
+                                     self._signature())
+        except Exception as exc:  # no cache: every start reads everything, nothing else is lost
+            self.alert(f"files cache unavailable: {exc}")
+            return
+        n = 0
+        try:
+            for rel, raw in self.fcache.rows_iter():
+                self._set(rel, self._node(raw))
+                n += 1
+        except Exception as exc:  # a damaged cache costs one full read, nothing else
+            log.warning("set %s: ignoring the files cache: %s", self.name, exc)
+            self.root = DNode()
+            self.fcache.clear()
+            n = 0
+        self._journal = []
+        if n == 0:
+            self._load_old()
+        self.stats["cache_rows"] = self.fcache.rows
+        self.stats["cache_loaded"] = n
+
+    def _load_old(self) -> None:
+        """The msgpack file of earlier versions: read once, written into the LMDB cache, removed."""
         import msgpack
 
         try:
             with open(self._cache_path(), "rb") as f:
                 d = msgpack.unpackb(f.read(), raw=False)
-            if d.get("v") != 1 or d["paths"] != self.cfg["paths"] or d["avg"] != self.cfg["avg_chunk"]:
-                return
-            for row in d["rows"]:
-                rel, typ = row[0], row[1]
-                if typ == DIR:
-                    self._set(rel, DNode(row[2], row[3], row[4], row[5]))
-                else:
-                    ids = row[8]
-                    chunks = [(ids[i * 32:(i + 1) * 32], n) for i, n in enumerate(row[9])]
-                    self._set(rel, FNode(typ, row[2], row[3], row[4], row[5], row[6], row[7], chunks,
-                                         tuple(row[10])))
+            if d.get("v") == 1 and d["paths"] == self.cfg["paths"] and d["avg"] == self.cfg["avg_chunk"]:
+                for row in d["rows"]:
+                    rel, typ = row[0], row[1]
+                    if typ == DIR:
+                        self._set(rel, DNode(row[2], row[3], row[4], row[5]))
+                    else:
+                        ids = row[8]
+                        chunks = [(ids[i * 32:(i + 1) * 32], n) for i, n in enumerate(row[9])]
+                        self._set(rel, FNode(typ, row[2], row[3], row[4], row[5], row[6], row[7], chunks,
+                                             tuple(row[10])))
+            self.save()
+            os.unlink(self._cache_path())
         except FileNotFoundError:
             return
-        except Exception as exc:  # a damaged cache costs one full read, nothing else
-            log.warning("set %s: ignoring the files cache: %s", self.name, exc)
+        except Exception as exc:
+            log.warning("set %s: ignoring the old files cache: %s", self.name, exc)
             self.root = DNode()
+            self._journal = []
 
     # ------------------------------------------------------------- the tree
     def lookup(self, rel: bytes):
@@ -240,6 +431,7 @@ class MasterSet:
         parent = self._parent(rel, create=True)
         parent.children[rel.rsplit(b"/", 1)[-1]] = node
         self._invalidate(rel)
+        self._journal.append(rel)
 
     def _remove(self, rel: bytes) -> bool:
         parent = self._parent(rel, create=False)
@@ -248,6 +440,7 @@ class MasterSet:
         gone = parent.children.pop(rel.rsplit(b"/", 1)[-1], None) is not None
         if gone:
             self._invalidate(rel)
+            self._journal.append(rel)
         return gone
 
     def abs_path(self, rel: bytes) -> bytes:
@@ -289,7 +482,9 @@ class MasterSet:
         return changed, deferred
 
     def full_scan(self) -> list[bytes]:
-        return self.refresh({s: True for s in self.sources})[0]
+        out = self.refresh({s: True for s in self.sources})[0]
+        self.stats["scans"] += 1
+        return out
 
     def _ensure_parents(self, rel: bytes, changed: list) -> None:
         parts = rel.split(b"/")
@@ -356,6 +551,7 @@ class MasterSet:
             skey = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             if isinstance(old, FNode) and old.type == FILE and old.skey == skey and \
                     (old.mode, old.uid, old.gid) == (stat.S_IMODE(m), st.st_uid, st.st_gid):
+                self.stats["unchanged"] += 1
                 return
             now = time.time()
             first = self.settle_since.setdefault(p, now)
@@ -382,7 +578,9 @@ class MasterSet:
             if isinstance(old, FNode) and old.type == FILE:
                 if old.content == node.content and (old.mode, old.uid, old.gid, old.mtime_ns) == \
                         (node.mode, node.uid, node.gid, node.mtime_ns):
-                    old.skey = skey  # touched (ctime) but equal: nothing to send
+                    with self.lock:
+                        old.skey = skey  # touched (ctime) but equal: nothing to send
+                        self._journal.append(rel)
                     return
                 node.prev, node.prev_content = old.chunks, old.content
             with self.lock:
@@ -463,17 +661,14 @@ class MasterSet:
             return self._run_scheduled()
         deb = self.cfg["debounce"]
         next_scan = time.monotonic() + self.cfg["rescan"]
-        saved_at = self.stats["changes"]
-        next_save = time.monotonic() + 5
+        next_save = time.monotonic()
         while not self.stopped:
-            if time.monotonic() >= next_save:
-                next_save = time.monotonic() + 5
-                if self.stats["changes"] != saved_at:
-                    saved_at = self.stats["changes"]
-                    try:
-                        self.save()
-                    except OSError as exc:
-                        self.alert(f"cannot save the files cache: {exc}")
+            if self._journal and time.monotonic() >= next_save:
+                next_save = time.monotonic() + 1.0
+                try:
+                    self.save()
+                except Exception as exc:
+                    self.alert(f"cannot save the files cache: {exc}")
             with self.dirty_cond:
                 timeout = max(0.0, next_scan - time.monotonic())
                 if not self.dirty:
@@ -526,7 +721,7 @@ class MasterSet:
                 s.trigger()
             try:
                 self.save()
-            except OSError as exc:
+            except Exception as exc:
                 self.alert(f"cannot save the files cache: {exc}")
 
     # ------------------------------------------------------------- chunk data for senders
@@ -566,9 +761,9 @@ class MasterSet:
         self.stopped = True
         self.wake.set()
         try:
-            self.save()
-        except OSError:
-            pass
+            self.save(final=True)
+        except Exception as exc:
+            log.warning("set %s: cannot save the files cache: %s", self.name, exc)
         with self.dirty_cond:
             self.dirty_cond.notify_all()
         for s in self.senders.values():
@@ -593,6 +788,7 @@ class Sender:
         self.last_error = ""
         self.held = 0
         self.bytes_sent = 0
+        self.ops_frames = 0  # OPS frames sent: parts of chunk lists too big for one frame
         self.cctx = zstandard.ZstdCompressor(level=3)
         self.due = False  # scheduled sets: a reconcile is due
         self.runs = 0
@@ -614,7 +810,7 @@ class Sender:
         out = {"connected": self.connected, "queued": len(self.queue), "catchup": self.need_catchup,
                "acked_batches": self.acked, "held_deletes": self.held,
                "bytes_sent": self.bytes_sent + (self.conn.bytes_sent if self.conn else 0),
-               "last_error": self.last_error}
+               "ops_frames": self.ops_frames, "last_error": self.last_error}
         if self.ms.schedule:
             out.update(due=self.due, runs=self.runs, last_run=(
                 time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.last_run)) if self.last_run else None))
@@ -695,7 +891,8 @@ class Sender:
             sock.close()
             raise ProtocolError(f"{addr} is node {peer}, not {self.replica}")
         self.conn = conn = protocol.Conn(sock, self.replica)
-        protocol.hello(conn, agent.state.node, "repl", self.ms.name, token=agent.fencing_token())
+        token = getattr(agent, "fencing_token", None)  # failover (agent.py) may not provide it yet
+        protocol.hello(conn, agent.state.node, "repl", self.ms.name, token=token() if token else 0)
         self.connected = True
         self.last_error = ""
         return conn
@@ -810,8 +1007,7 @@ class Sender:
         level = [b""]
         while level:
             nxt: list[bytes] = []
-            for i in range(0, len(level), 2000):
-                part = level[i:i + 2000]
+            for part in _by_bytes(level, LIST_BYTES):
                 conn.send({"t": "list", "paths": part})
                 listing: dict[bytes, dict] = {p: {} for p in part}
                 while True:
@@ -908,11 +1104,11 @@ class Sender:
                 if got is None:
                     stale.add(where[0])
                     continue
-                buf.append([cid, got[0], where[2], got[1]])
-                size += len(got[1]) + 48
-                if size >= CHUNKS_FRAME:
+                if buf and size + len(got[1]) + 64 > CHUNKS_FRAME:
                     conn.send({"t": "chunks", "chunks": buf})
                     buf, size = [], 0
+                buf.append([cid, got[0], where[2], got[1]])
+                size += len(got[1]) + 64
             if buf:
                 conn.send({"t": "chunks", "chunks": buf})
         if stale:
@@ -922,18 +1118,35 @@ class Sender:
                 ms.mark(p, False)
         if not changes:
             return
-        # Frames stay below the limit: split by the number of chunk ids they carry.
-        start, count = 0, 0
-        parts = []
-        for j, c in enumerate(changes):
-            k = sum(len(op[1]) for op in c.get("ops", []) if op[0] == 1) + 1
-            if count + k > CHANGES_FRAME_IDS and j > start:
-                parts.append(changes[start:j])
-                start, count = j, 0
-            count += k
-        parts.append(changes[start:])
+        # Frames stay below the limit. Changes are grouped into CHANGES frames by their estimated size;
+        # a file whose chunk list alone is too big for one frame (a seeded file of more than ~170,000
+        # chunks, 2.6 GiB at 16 KiB) sends the leading part of its ops in OPS frames just before the
+        # CHANGES frame that carries its last part: the replica joins them and commits all at once.
+        parts: list[tuple[list, list]] = []  # ([OPS messages], [changes]) per CHANGES frame
+        cur: list = []
+        pre: list = []
+        room = CHANGES_BYTES
+        for c in changes:
+            n = change_bytes(c)
+            if n > CHANGES_BYTES:
+                pieces = split_ops(c["ops"], CHANGES_BYTES - len(c["p"]) - 128)
+                c = dict(c, ops=pieces[-1])
+                n = change_bytes(c)
+                if cur and n > room:
+                    parts.append((pre, cur))
+                    cur, pre, room = [], [], CHANGES_BYTES
+                pre.extend({"t": "ops", "p": c["p"], "ops": piece} for piece in pieces[:-1])
+            elif cur and n > room:
+                parts.append((pre, cur))
+                cur, pre, room = [], [], CHANGES_BYTES
+            cur.append(c)
+            room -= n
+        parts.append((pre, cur))
         retry: list[bytes] = []
-        for part in parts:
+        for pre, part in parts:
+            for m in pre:
+                conn.send(m)
+                self.ops_frames += 1
             self.seq += 1
             conn.send({"t": "changes", "seq": self.seq, "changes": part})
             ack = conn.recv("ack")

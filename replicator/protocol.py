@@ -16,6 +16,7 @@ TCP keepalive and TCP_USER_TIMEOUT catch the same at the kernel level
 """
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
@@ -29,7 +30,16 @@ from .errors import (
 )
 
 VERSION = 1
-MAX_FRAME = 16 * 1024 * 1024
+
+
+def _max_frame() -> int:
+    """16 MiB; `PIT_MAX_FRAME` (bytes, at least 128 KiB) lowers it, for tests of the splitting code
+    only: both ends of a connection must agree, and every sender sizes its frames from it."""
+    v = os.environ.get("PIT_MAX_FRAME")
+    return max(128 * 1024, min(int(v), 1 << 30)) if v else 16 * 1024 * 1024
+
+
+MAX_FRAME = _max_frame()
 MAX_PATH = 4096
 HEADER = struct.Struct(">I")
 HEARTBEAT = 2.0
@@ -40,7 +50,9 @@ NONE = type(None)
 ID = "id"  # a 32-byte blob id
 # type -> {field: allowed type(s)}
 SCHEMA: dict[str, dict[str, object]] = {
-    "hello": {"v": int, "node": str, "kind": str, "set": (str, NONE)},
+    "hello": {"v": int, "node": str, "kind": str, "set": (str, NONE), "token": int},
+    # failback: the current primary froze, made a final point on the asker, and gave the key up
+    "released": {"points": dict, "freeze_seconds": (int, float), "demote_hooks": list},
     "welcome": {"v": int, "node": str},
     "error": {"code": str, "msg": str},
     "ping": {},
@@ -51,6 +63,9 @@ SCHEMA: dict[str, dict[str, object]] = {
     "offer": {"ids": list},
     "need": {"ids": list},
     "chunks": {"chunks": list},
+    # the leading part of one file's chunk-list ops, when they do not fit one frame with the
+    # rest; the change for the same path in the next CHANGES continues them (one commit)
+    "ops": {"p": bytes, "ops": list},
     "changes": {"seq": int, "changes": list},
     "ack": {"seq": int, "applied": int, "held": int, "retry": list},
     "point": {"id": int},
@@ -258,10 +273,7 @@ class Conn:
 
 def hello(conn: Conn, node: str, kind: str, set_name: str | None = None, token: int = 0) -> dict:
     """`token`: the fencing token of a master acting after a failover (0: the configured master)."""
-    msg = {"t": "hello", "v": VERSION, "node": node, "kind": kind, "set": set_name}
-    if token:
-        msg["token"] = int(token)
-    conn.send(msg)
+    conn.send({"t": "hello", "v": VERSION, "node": node, "kind": kind, "set": set_name, "token": int(token)})
     return conn.recv("welcome")
 
 

@@ -44,6 +44,8 @@ from .merkle import TreeDigests
 log = logging.getLogger("pit.replica")
 
 MAX_CHUNK = 16 * 1024 * 1024
+LISTING_BYTES = protocol.MAX_FRAME // 4  # estimated bytes of rows per LISTING frame
+MAX_PENDING_REFS = 64_000_000  # chunk references of one file in OPS parts (1 TiB at 16 KiB)
 SPOOL_REC = struct.Struct("<32sBIQ")
 
 
@@ -119,21 +121,30 @@ def parse_change(c) -> dict:
         if not (base is None or isinstance(base, bytes) and len(base) == 32) or not isinstance(ops, list) \
                 or not isinstance(size, int) or size < 0:
             raise ProtocolError("malformed file change")
-        for op in ops:
-            if not isinstance(op, list) or not op or op[0] not in (0, 1):
-                raise ProtocolError("malformed chunk-list op")
-            if op[0] == 0:
-                if base is None or len(op) != 3 or not all(isinstance(v, int) and v >= 0 for v in op[1:]):
-                    raise ProtocolError("malformed keep op")
-            else:
-                if len(op) != 2 or not isinstance(op[1], list):
-                    raise ProtocolError("malformed new-chunks op")
-                for pair in op[1]:
-                    if not (isinstance(pair, list) and len(pair) == 2) or not isinstance(pair[1], int) \
-                            or not 0 < pair[1] <= MAX_CHUNK:
-                        raise ProtocolError("malformed chunk reference")
-                    protocol.check_id(pair[0])
+        check_ops(ops, base is not None)
     return c
+
+
+def check_ops(ops, keep_allowed: bool) -> list:
+    """Validate a chunk-list op list: [0, start, count] keeps a base range, [1, [[id, len], ...]] adds."""
+    if not isinstance(ops, list):
+        raise ProtocolError("malformed chunk-list ops")
+    for op in ops:
+        if not isinstance(op, list) or not op or op[0] not in (0, 1) or isinstance(op[0], bool):
+            raise ProtocolError("malformed chunk-list op")
+        if op[0] == 0:
+            if not keep_allowed or len(op) != 3 or \
+                    not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in op[1:]):
+                raise ProtocolError("malformed keep op")
+        else:
+            if len(op) != 2 or not isinstance(op[1], list):
+                raise ProtocolError("malformed new-chunks op")
+            for pair in op[1]:
+                if not (isinstance(pair, list) and len(pair) == 2) or not isinstance(pair[1], int) \
+                        or isinstance(pair[1], bool) or not 0 < pair[1] <= MAX_CHUNK:
+                    raise ProtocolError("malformed chunk reference")
+                protocol.check_id(pair[0])
+    return ops
 
 
 class SetState:
@@ -187,6 +198,8 @@ class ReplicaSide:
         spool = Spool(self.spool_dir)
         dctx = zstandard.ZstdDecompressor()
         requested: set[bytes] = set()
+        pending_ops: dict[bytes, list] = {}  # leading parts of big chunk lists (OPS), joined at CHANGES
+        pending_refs = 0
         last_auth = time.monotonic()
         try:
             while True:
@@ -212,8 +225,27 @@ class ReplicaSide:
                     for cid, flags, raw_len, payload in got:
                         spool.add(cid, flags, raw_len, payload)
                         requested.discard(cid)
+                elif t == "ops":
+                    p = protocol.check_path(msg["p"])
+                    ops = check_ops(msg["ops"], True)
+                    pending_refs += sum(len(op[1]) if op[0] == 1 else 1 for op in ops)
+                    if pending_refs > MAX_PENDING_REFS:
+                        raise ProtocolError("chunk-list parts (OPS) beyond any file size")
+                    pending_ops.setdefault(p, []).extend(ops)
                 elif t == "changes":
-                    changes = [parse_change(c) for c in msg["changes"]]
+                    raw = msg["changes"]
+                    if pending_ops:
+                        joined = []
+                        for c in raw:
+                            if isinstance(c, dict) and isinstance(c.get("ops"), list) \
+                                    and isinstance(c.get("p"), bytes) and c["p"] in pending_ops:
+                                c = dict(c, ops=pending_ops.pop(c["p"]) + c["ops"])
+                            joined.append(c)
+                        if pending_ops:
+                            raise ProtocolError("chunk-list parts (OPS) for a path the next CHANGES does not carry")
+                        raw = joined
+                        pending_refs = 0
+                    changes = [parse_change(c) for c in raw]
                     applied, held, retry = self._apply(set_name, cfg, changes, spool)
                     spool.clear()
                     requested.clear()
@@ -242,9 +274,14 @@ class ReplicaSide:
                 if e is not None and e.type == DIR and e.content is not None:
                     for child in reader.tree(e.content):
                         rows.append([child.name, child.type, self.digests.entry(reader, child)])
+                        size += 48 + len(child.name)
+                        if size > LISTING_BYTES:  # a huge directory spans frames: the master merges rows by path
+                            out.append([p, rows])
+                            conn.send({"t": "listing", "dirs": out, "end": False})
+                            out, rows, size = [], [], 0
                 out.append([p, rows])
-                size += 64 * len(rows) + len(p)
-                if size > 4 * 1024 * 1024:
+                size += 16 + len(p)
+                if size > LISTING_BYTES:
                     conn.send({"t": "listing", "dirs": out, "end": False})
                     out, size = [], 0
         conn.send({"t": "listing", "dirs": out, "end": True})

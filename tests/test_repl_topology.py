@@ -102,3 +102,49 @@ def test_many_to_many(cluster, tmp_path):
     assert_point(r1, "b", src_b, [r2, r3])
     # r1 is master of b and replica of a only: it never received b.
     assert replica_snapshots(r1.repo, "b") == []
+
+
+def test_four_masters_one_replica(cluster, tmp_path):
+    """Many-to-one: the primary, r1, r2 and r3 each master a set, all four into r4; a file common to the
+    four sets is stored once in r4's repository (cross-master dedup, visible in `pit stats`)."""
+    import json
+
+    from test_repl_helpers import pit
+
+    c = cluster(replicas=4)
+    common = os.urandom(400_000)
+    srcs = {"a": c.src}
+    for name, node in (("b", "r1"), ("c", "r2"), ("d", "r3")):
+        srcs[name] = str(tmp_path / f"src-{node}" / f"share-{name}")
+    for name, src in srcs.items():
+        write(f"{src}/common.bin", common)
+        for i in range(8):
+            write(f"{src}/{name}{i % 2}/f{i}", os.urandom(3000 + 100 * i))
+    c.sets = {"a": {"paths": [srcs["a"]], "replicas": ["r4"]}}
+    for name, node in (("b", "r1"), ("c", "r2"), ("d", "r3")):
+        c.sets[name] = {"paths": [srcs[name]], "master": node, "replicas": ["r4"]}
+    c.start()
+    masters = {"a": c.primary, "b": c.replicas[0], "c": c.replicas[1], "d": c.replicas[2]}
+    r4 = c.replicas[3]
+    for name, src in srcs.items():
+        wait_for(lambda: c.converged(r4, name, src), 60, f"set {name} on r4")
+
+    # All four masters change their sets at once; then a point per set.
+    for name, src in srcs.items():
+        write(f"{src}/{name}0/f0", b"changed on the master of " + name.encode())
+        os.remove(f"{src}/{name}1/f1")
+        write(f"{src}/new/{name}.txt", os.urandom(5000))
+    for name, src in srcs.items():
+        wait_for(lambda: c.converged(r4, name, src), 60, f"set {name} changes on r4")
+    for name, src in srcs.items():
+        assert_point(masters[name], name, src, [r4])
+    # Each set has its own snapshots, and no other node received any.
+    for name in srcs:
+        for other in c.replicas[:3]:
+            assert replica_snapshots(other.repo, name) == []
+
+    st = json.loads(pit("--repo", r4.repo, "stats", "--json").stdout)
+    # what the heads hold besides the common file (f0 rewritten and f1 deleted no longer count)
+    unique = 4 * (8 * 3000 + 100 * 28 - 3000 - 3100 + 5000 + len(b"changed on the master of x"))
+    # The 400 KB common file arrived from four masters but is stored once.
+    assert 400_000 + unique * 0.9 <= st["blobs"]["chunk"]["raw"] < 2 * 400_000 + unique, st
