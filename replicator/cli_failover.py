@@ -242,3 +242,49 @@ def failover_select(ctx, repo_opt, set_name, as_json, check, cluster, state, pin
                            f"({sel.chosen.short})")
     if failed is not None:
         raise failed
+
+
+@failover.command("status")
+@click.option("--config", "config", default=None, metavar="FILE", help="The agent's TOML file.")
+@click.option("--state", envvar="PIT_STATE", default=None, metavar="DIR")
+@click.option("--json", "as_json", is_flag=True)
+def failover_status(config, state, as_json):
+    """Who holds the leader key (and its fencing token), this node's role, checks, last promotion."""
+    from .agent import control_request
+
+    st = control_request(state, config, "failover", {})
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    click.echo(f"node {st['me']}: {st['phase']}; primary master: {st['leader'] or 'nobody'} "
+               f"(token {st['token']}); configured primary {st['primary']}, secondary {st['secondary']}")
+    click.echo(f"etcd: {'ok' if st['etcd_ok'] else 'UNREACHABLE' if st['etcd_ok'] is False else '?'}")
+    for c in st["checks"] + st["link"]:
+        click.echo(f"  check {c['check']}: {'ok' if c['ok'] else 'failing'} {c['detail']} ({c['failures']} in a row)")
+    if st["note"]:
+        click.echo(f"note: {st['note']}")
+    lp = st.get("last_promotion")
+    if lp:
+        click.echo(f"last promotion: {lp['node']} token {lp.get('token')} in {lp.get('seconds')} s: {lp['reason']}"
+                   + (f" (FAILED: {lp['error']})" if lp.get("error") else ""))
+
+
+@failover.command("promote")
+@click.option("--config", "config", default=None, metavar="FILE", help="The agent's TOML file.")
+@click.option("--state", envvar="PIT_STATE", default=None, metavar="DIR")
+@click.option("--snapshot", "pins", multiple=True, metavar="SET@SNAP",
+              help="Promote this image of its set instead of the newest good one (repeatable).")
+@click.option("--force", is_flag=True, help="Revoke the current primary's lease first (it stops within a TTL).")
+@click.option("--json", "as_json", is_flag=True)
+def failover_promote(config, state, pins, force, as_json):
+    """Make this node (the secondary station) the primary master now."""
+    from .agent import control_request
+    from .cli import _show_takeover
+
+    by_set = {}
+    for p in pins:
+        if "@" not in p:
+            raise click.BadParameter(f"{p!r}: give SET@SNAPSHOT (e.g. web@2026-11-25T09.38.55Z or web@-2)",
+                                     param_hint="--snapshot")
+        by_set[p.split("@", 1)[0]] = p
+    _show_takeover(control_request(state, config, "promote", {"force": force, "pins": by_set}, 900), as_json)

@@ -259,7 +259,7 @@ class Failover:
         self.run_hooks("takeover", token)  # idempotent: services start, or are confirmed running
 
     def _watch_primary(self, holder: str) -> None:
-        self.primary_reachable = self.agent.ping(holder)
+        self.primary_reachable = self.agent.ping(holder, timeout=max(1.0, self.ttl / 2))
         failed = self.checks.run() if self.cfg["checks"] else []
         if not failed:
             self._set_note("" if self.primary_reachable else
@@ -288,6 +288,9 @@ class Failover:
                 if not force:
                     raise FailoverRefused(f"{kv.value.decode()} holds the leader key (token {kv.mod_revision}); "
                                           "use --force to revoke its lease and take over")
+                # first say who takes over (a revoked holder reads this and does not campaign back),
+                # then revoke
+                self.etcd.put(self.key + "-last", json.dumps({"node": self.me, "token": 0, "revoking": kv.mod_revision}))
                 revoke_holder(self.etcd, self.key)
                 report["revoked"] = {"node": kv.value.decode(), "token": kv.mod_revision}
                 self.stopped.wait(self.ttl)  # the old holder may believe it leads for up to TTL - margin
