@@ -170,3 +170,36 @@ def test_primary_killed_secondary_takes_over_and_fails_back(fcluster):
     # and the primary masters again: r1 and r2 follow it
     write(f"{c.src}/after-failback.txt", b"back home")
     wait_for(lambda: replica_head(r2.repo, "web") == read_tree(c.src), 60, "r2 to follow the primary again")
+
+
+def test_failover_skips_corrupt_newest_images_and_says_why(fcluster):
+    from conftest import list_snaps
+    from test_select import corrupt
+
+    c = fcluster(replicas=1)
+    c.failover["takeover"] = c.failover["demote"] = []
+    write(f"{c.src}/db.bin", os.urandom(120_000))
+    c.start()
+    p, r1 = c.primary, c.replicas[0]
+    wait_for(lambda: fo(p).get("holding"), 30, "the primary to take the leader key")
+    trees = []
+    for i in range(3):
+        if i:
+            write(f"{c.src}/db.bin", os.urandom(120_000))  # every image has chunks of its own
+        wait_for(lambda: c.converged(r1), 30, f"change {i} to reach r1")
+        p.ctl("point", "--set", "web")
+        trees.append(read_tree(c.src))
+    p.kill(signal.SIGKILL)
+    snaps = list_snaps(r1.repo, "web")
+    assert len(snaps) == 3
+    corrupt(r1.repo, snaps, 2)  # bit rot in the secondary's copies of the newest two images
+    corrupt(r1.repo, snaps, 1)
+
+    wait_for(lambda: fo(r1).get("phase") == "active", 90, "r1 to take over")
+    rep = fo(r1)["last_promotion"]["sets"]["web"]
+    assert rep["id"] == snaps[0].hex
+    assert [s["snapshot"] for s in rep["skipped"]] == [snaps[2].name, snaps[1].name]
+    assert all(s["reason"].startswith("damage found at data/db.bin") for s in rep["skipped"]), rep["skipped"]
+    assert read_tree(c.live) == trees[0]
+    out = r1.ctl("failover", "status").stdout
+    assert "last promotion: r1" in out
