@@ -9,7 +9,6 @@ socket (`pit point`, `pit status`, `pit release-deletes`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -347,27 +346,12 @@ class Agent:
             conn.close()
 
     def control(self, cmd: str, args: dict):
-        from .errors import PointFailed
-
         if cmd == "status":
             return self.status()
         name = args.get("set")
         if cmd == "point":
             if name in self.masters:
-                ms = self.masters[name]
-                ms.flush()
-                self.point_seq += 1
-                deadline = time.monotonic() + float(args.get("timeout", 60))
-                slots = {r: s.request_point(self.point_seq, deadline - 1.0) for r, s in ms.senders.items()}
-                out = {}
-                for r, slot in slots.items():
-                    slot["done"].wait(max(0.0, deadline - time.monotonic()))
-                    last = ms.senders[r].last_error
-                    out[r] = slot["result"] or {"error": "timed out" + (f"; last error: {last}" if last else "")}
-                bad = {r: v["error"] for r, v in out.items() if "error" in v}
-                if bad:
-                    raise PointFailed("no consistent point on " + ", ".join(f"{r} ({e})" for r, e in bad.items()))
-                return out
+                return self._master_point(self.masters[name], float(args.get("timeout", 60)))
             if self.replica is not None and name in self.sets() and self.state.node in self.sets()[name]["replicas"]:
                 return {self.state.node: {"snapshot": self.replica.point(name, self.sets()[name])}}
             raise ConfigError(f"this node neither masters nor replicates set {name!r}")
@@ -387,6 +371,34 @@ class Agent:
             self.replica.release(name)
             return "released"
         raise ConfigError(f"unknown control command {cmd!r}")
+
+    def _master_point(self, ms: MasterSet, timeout: float) -> dict:
+        """A consistent point on every replica, inside the set's point hooks (`app.pre`/`app.post`:
+        e.g. pg_backup_start/stop); a failing hook fails the point, it never passes silently."""
+        from .errors import PointFailed
+        from .failover_errors import HookFailed
+        from .hooks import around_point
+
+        self.point_seq += 1
+        seq = self.point_seq
+        out: dict = {}
+        try:
+            with around_point(ms.cfg, seq, set_name=ms.name):
+                ms.flush()
+                deadline = time.monotonic() + timeout
+                slots = {r: s.request_point(seq, deadline - 1.0) for r, s in ms.senders.items()}
+                for r, slot in slots.items():
+                    slot["done"].wait(max(0.0, deadline - time.monotonic()))
+                    last = ms.senders[r].last_error
+                    out[r] = slot["result"] or {"error": "timed out" + (f"; last error: {last}" if last else "")}
+                bad = {r: v["error"] for r, v in out.items() if "error" in v}
+                if bad:
+                    raise PointFailed("no consistent point on " + ", ".join(f"{r} ({e})" for r, e in bad.items()))
+        except HookFailed as exc:
+            made = ", ".join(f"{r}: {v['snapshot']}" for r, v in out.items() if v.get("snapshot"))
+            raise PointFailed(f"set {ms.name}: {exc}" + (f" (snapshots made before the failure: {made}; do not "
+                                                           "trust them as consistent)" if made else "")) from None
+        return out
 
     def status(self) -> dict:
         out = {"node": self.state.node, "primary": self.state.primary, "config_version": self.config.get("version"),

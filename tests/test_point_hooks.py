@@ -1,0 +1,45 @@
+"""`pit point` runs the set's point hooks (its `app.pre` / `app.post`) around the consistent point:
+real agents on 127.0.0.1; a failing pre hook means no point, a failing post hook fails the command."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from test_repl_helpers import Cluster, pit, replica_snapshots, wait_for
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(str(tmp_path), replicas=1)
+    yield c
+    c.stop()
+
+
+def test_point_hooks_wrap_the_point_and_a_failure_is_never_silent(cluster, tmp_path):
+    c = cluster
+    trace = tmp_path / "trace"
+    gate = tmp_path / "pre-fails"
+    c.sets["web"]["app"] = {
+        "pre": [f"test ! -e {gate} && echo pre $PIT_POINT_ID >> {trace}"],
+        "post": [f"echo post $PIT_POINT_ID $PIT_POINT_RESULT >> {trace}"],
+        "hook_timeout": 10,
+    }
+    with open(os.path.join(c.src, "a.txt"), "wb") as f:
+        f.write(b"one")
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 30, "seeding")
+    c.primary.ctl("point", "--set", "web")
+    lines = trace.read_text().split("\n")
+    assert lines[0].startswith("pre ") and lines[1].startswith("post ") and lines[1].endswith(" ok")
+    assert lines[0].split()[1] == lines[1].split()[1]  # the same point id
+    assert len(replica_snapshots(r.repo, "web")) == 1
+
+    gate.write_text("")  # the pre hook now fails: no point is made, and the command says so
+    with open(os.path.join(c.src, "a.txt"), "wb") as f:
+        f.write(b"two")
+    wait_for(lambda: c.converged(r), 30, "the change")
+    res = pit("point", "--set", "web", "--config", c.primary.config, check=False)
+    assert res.returncode == 55 and "pre hook failed" in res.stderr, res.stderr
+    assert len(replica_snapshots(r.repo, "web")) == 1
