@@ -343,13 +343,23 @@ class Failover:
         repo = self.agent.replica.repo if self.agent.replica is not None else None
         if repo is None:
             raise FailoverRefused("this node has no repository to promote from (`repo` in its agent config)")
+        from .failover_errors import CheckUnavailable
+
         check = s if (self.cfg["app_check"] and s.get("app")) else None
+        notes = []
         with self.agent.replica.lock:
-            sel = select_image(repo, name, check=check, pin=pin)
+            try:
+                sel = select_image(repo, name, check=check, pin=pin)
+            except CheckUnavailable as exc:
+                # a missing tool on this node must not keep the business down: choose by verification
+                # alone, and say so in the report, the log and the status
+                notes.append(f"application check unavailable here ({exc}): chosen by verification alone")
+                log.error("set %s: %s", name, notes[-1])
+                sel = select_image(repo, name, check=None, pin=pin)
         chosen = sel.chosen
         out = {"snapshot": chosen.name, "id": chosen.id, "time": chosen.time,
                "skipped": [{"snapshot": o.name, "reason": o.reason} for o in sel.images if o.status == "skipped"],
-               "selection_seconds": sel.seconds}
+               "selection_seconds": sel.seconds, "notes": notes + sel.notes}
         live = self.live_paths(name, s)
         total = RestoreStats()
         with repo.reading() as txn:

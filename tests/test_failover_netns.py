@@ -181,3 +181,30 @@ def test_failed_service_with_a_live_agent_fails_over(make_cluster, tmp_path):
     wait_for(lambda: not fo(p).get("holding"), 30, "the primary to stop acting")
     pl, rl = fencing_log(p), fencing_log(r1)
     assert [e["event"] for e in pl] == ["active", "inactive"] and pl[1]["t"] < rl[0]["t"]
+
+
+def test_example_move_vip_hook_moves_the_service_address(netlab):  # noqa: F811
+    """docs/examples/hooks/move-vip: the service address leaves one host and answers on the other."""
+    lab = netlab(3)
+    hook = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "hooks", "move-vip")
+    vip = f"{lab.net}.100"
+    env = dict(os.environ, PIT_VIP=f"{vip}/24", PIT_VIP_DEV="eth0")
+    servers = [lab.popen(i, [sys.executable, "-m", "http.server", "--bind", "0.0.0.0", str(WEB_PORT),
+                             "--directory", str(d)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for i, d in ((1, "/usr"), (2, "/etc"))]
+    try:
+        def who() -> str:
+            r = lab.run(3, [sys.executable, "-c", f"import urllib.request;print(urllib.request.urlopen("
+                                                  f"'http://{vip}:{WEB_PORT}/', timeout=1).read().decode())"],
+                        capture_output=True, text=True)
+            return "/usr" if "bin/" in r.stdout and "passwd" not in r.stdout else "/etc" if "passwd" in r.stdout else ""
+
+        assert lab.run(1, [hook, "add"], env=env).returncode == 0
+        wait_for(lambda: who() == "/usr", 20, "the address on host 1")
+        assert lab.run(1, [hook, "del"], env=env).returncode == 0  # demote on the old primary
+        assert lab.run(2, [hook, "add"], env=env).returncode == 0  # takeover on the new one
+        lab.run(3, ["ip", "neigh", "flush", "all"])  # what the gratuitous ARP does when arping is installed
+        wait_for(lambda: who() == "/etc", 20, "the address on host 2")
+    finally:
+        for s in servers:
+            s.kill()
