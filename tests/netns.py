@@ -10,6 +10,8 @@ Nothing is added to the root namespace. The prefix is unique per test run
 * `partition(a, b)` / `heal(a, b)`: nftables drops everything between a and b;
 * `loss(h, pct)` / `clear_loss(h)`: nftables drops pct % of the host's
   outgoing packets (`numgen random mod 100 < pct`); the kernel has no netem.
+* `throttle(h, kbytes_per_s)` / `clear_throttle(h)`: nftables drops what the
+  host sends over that rate, so TCP slows down to it (a slow link).
 
 A dead peer never sends a reset here: only timeouts notice a fault.
 
@@ -158,6 +160,17 @@ class NetLab:
 
     def clear_loss(self, i: int) -> None:
         self._drop_table(i, f"{TABLE}_loss")
+
+    def throttle(self, i: int, kbytes_per_s: int) -> None:
+        """Cap what host i sends at about `kbytes_per_s` (nftables `limit rate over ... drop`: TCP backs
+        off to the rate), so that a big transfer is still under way when a test acts on it."""
+        self._drop_table(i, f"{TABLE}_rate")
+        self._table(i, f"{TABLE}_rate",
+                    [f'oifname "eth0" limit rate over {int(kbytes_per_s)} kbytes/second burst 256 kbytes counter drop'],
+                    [])
+
+    def clear_throttle(self, i: int) -> None:
+        self._drop_table(i, f"{TABLE}_rate")
 
     def dropped(self, i: int) -> int:
         """Packets the loss rule of host i has dropped so far."""
