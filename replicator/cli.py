@@ -70,6 +70,20 @@ def cluster_nodes(state, as_json):
         click.echo(f"{node}\t{ent['address']}\tsha256:{ent['fp'][:16]}")
 
 
+@cluster.command("secondary")
+@click.argument("node")
+@click.option("--cluster", "cluster_file", envvar="PIT_CLUSTER", default="/etc/pit/cluster.toml", show_default=True,
+              type=click.Path(dir_okay=False), help="The primary's cluster file.")
+def cluster_secondary(node, cluster_file):
+    """Make NODE the secondary station (live: pushed to every node at once; NODE starts keeping its live
+    mirror from its own repository, so its first promotion is a delta too)."""
+    from .config import load_cluster, set_failover_secondary
+
+    before = load_cluster(cluster_file)["failover"]
+    set_failover_secondary(cluster_file, node)
+    click.echo(f"secondary station: {before['secondary']} -> {node} (the running primary pushes it now)")
+
+
 @click.command("join")
 @STATE
 @click.argument("token")

@@ -46,6 +46,7 @@ guarded by a leader key in etcd:
     auto = true                   # false: detect and report, promote only on `pit failover promote`
     rejoin = true                 # a returning old primary becomes a replica of the new one (failback)
     app_check = true              # image selection runs the set's application check
+    mirror = true                 # the secondary keeps its live paths at the newest consistent point
 
 The primary gives each distinct content a new version number and pushes
 {version, sets, failover, roster} to every node, which keeps it in its state
@@ -240,7 +241,7 @@ def load_cluster(path: str) -> dict:
 
 FAILOVER_DEFAULTS = {"ttl": 5, "heartbeat": 0.5, "confirm": 3, "checks": [], "link": [], "takeover": [],
                      "demote": [], "hook_timeout": 60.0, "auto": True, "rejoin": True, "app_check": True,
-                     "key": ""}
+                     "mirror": True, "key": ""}
 CHECK_KINDS = {"tcp", "http", "command", "nic"}
 
 
@@ -291,7 +292,7 @@ def normalise_failover(raw, sets: dict, where: str = "cluster config") -> dict |
         raise ConfigError(f"{where}: `failover.ttl` must be at least 2 (etcd's smallest lease)")
     if d["confirm"] < 1 or d["heartbeat"] <= 0 or d["hook_timeout"] <= 0:
         raise ConfigError(f"{where}: failover: confirm >= 1, heartbeat > 0 and hook_timeout > 0")
-    for k in ("auto", "rejoin", "app_check"):
+    for k in ("auto", "rejoin", "app_check", "mirror"):
         if not isinstance(d[k], bool):
             raise ConfigError(f"{where}: `failover.{k}` must be true or false")
     for k in ("takeover", "demote"):
@@ -340,3 +341,29 @@ def save_pushed(state_dir: str, cfg: dict) -> None:
 
 def load_pushed(state_dir: str) -> dict:
     return _read_json(os.path.join(state_dir, "cluster.json"))
+
+
+def set_failover_secondary(path: str, node: str) -> None:
+    """Rewrite `secondary` in the [failover] table of the cluster file, keeping the rest of the text;
+    the result is validated (NODE must replicate every protected set) before it replaces the file."""
+    check_node_id(node)
+    cur = load_cluster(path)
+    if cur["failover"] is None:
+        raise ConfigError(f"{path}: no [failover] table: failover is not configured")
+    with open(path) as f:
+        text = f.read()
+    m = re.search(r"(?ms)^\[failover\][^\n]*\n(.*?)(?=^\[|\Z)", text)
+    line = re.compile(r'(?m)^(\s*secondary\s*=\s*)"[^"\n]*"')
+    if not m or not line.search(m.group(1)):
+        raise ConfigError(f"{path}: cannot find `secondary = \"...\"` in [failover] to change")
+    body = line.sub(lambda mm: f'{mm.group(1)}"{node}"', m.group(1), count=1)
+    new = text[:m.start(1)] + body + text[m.end(1):]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    try:
+        load_cluster(tmp)
+    except ConfigError as exc:
+        os.unlink(tmp)
+        raise ConfigError(str(exc).replace(tmp, path)) from None
+    os.replace(tmp, path)

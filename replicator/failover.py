@@ -71,6 +71,7 @@ class Failover:
         self.last_promotion: dict | None = self.saved.get("last_promotion")
         self.lock = threading.RLock()       # one promotion / demotion / failback at a time
         self.yield_until = 0.0              # after handing over (failback): do not promote until then
+        self._mirror_next = 0.0
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -211,6 +212,9 @@ class Failover:
         self.phase = "standby" if self.me != self.primary else "fenced"
         if self.me == self.secondary:
             self._watch_primary(holder)
+            if self.phase == "standby" and self.cfg["mirror"]:
+                with self.lock:  # never while a promotion writes the same paths
+                    self._refresh_mirror()
 
     def _last_leader(self) -> dict:
         kv, _ = self.etcd.get(self.key + "-last")
@@ -380,6 +384,38 @@ class Failover:
         log.warning("set %s: promoting image %s (%s); %d newer skipped; %d files written, %d unchanged",
                     name, chosen.name, chosen.short, len(out["skipped"]), total.files, total.unchanged)
         return out
+
+    def _refresh_mirror(self) -> None:
+        """The secondary keeps its live paths at the newest consistent point while it waits, so a
+        promotion rewrites only what changed since (and the services could be started at once)."""
+        from store.objects import ObjectReader
+        from store.snapshots import list_snapshots
+
+        if self.agent.replica is None or time.monotonic() < self._mirror_next:
+            return
+        self._mirror_next = time.monotonic() + max(5.0, self.cfg["heartbeat"])
+        repo = self.agent.replica.repo
+        mirrored = self.saved.setdefault("mirrored", {})
+        sets = self.agent.config.get("sets", {})
+        for name in self.protected(sets):
+            with repo.reading() as txn:
+                snaps = list_snapshots(repo, txn, name)
+                if not snaps or mirrored.get(name) == snaps[-1].hex:
+                    continue
+                snap = snaps[-1]
+                r = ObjectReader(repo, txn)
+                by_name = {e.name: e for e in r.tree(snap.root)}
+                try:
+                    for path in self.live_paths(name, sets[name]):
+                        e = by_name.get(os.fsencode(os.path.basename(path)))
+                        if e is not None:
+                            self._sync(r, e, path)
+                except Exception as exc:  # a damaged chunk, a full disk: promotion will choose anew
+                    log.error("set %s: live mirror not refreshed to %s: %s", name, snap.name, exc)
+                    continue
+            mirrored[name] = snap.hex
+            self._save()
+            log.info("set %s: live mirror at %s", name, snap.name)
 
     @staticmethod
     def _sync(reader, entry, path: str):

@@ -127,6 +127,9 @@ def test_primary_killed_secondary_takes_over_and_fails_back(fcluster):
     write(f"{c.src}/index.html", b"<h1>shop v2, not at a consistent point</h1>")
     wait_for(lambda: c.converged(r1), 30, "the unpointed change to reach r1")
 
+    # the secondary keeps its live copy at the newest consistent point while it waits
+    wait_for(lambda: read_tree(c.live) == at_point, 30, "r1's live mirror")
+
     # the primary dies: the secondary takes the key, picks the newest good image, serves it
     p.kill(signal.SIGKILL)
     # its host is gone, and its web server with it
@@ -137,6 +140,7 @@ def test_primary_killed_secondary_takes_over_and_fails_back(fcluster):
     rep = st["last_promotion"]
     assert "lease expired" in rep["reason"]
     assert rep["sets"]["web"]["skipped"] == []
+    assert rep["sets"]["web"]["materialised"]["files_written"] == 0  # the mirror already held it
     assert read_tree(c.live) == at_point  # the image at the last consistent point, not the unpointed head
     wait_for(lambda: web_get(c, "index.html") == b"<h1>shop v1</h1>", 20, "the service on r1")
     assert open(f"{c.tmp}/hooks/r1/log").read().split() == ["takeover", str(st["token"])]
@@ -203,3 +207,31 @@ def test_failover_skips_corrupt_newest_images_and_says_why(fcluster):
     assert read_tree(c.live) == trees[0]
     out = r1.ctl("failover", "status").stdout
     assert "last promotion: r1" in out
+
+
+def test_switch_the_secondary_station_live(fcluster):
+    c = fcluster()
+    c.failover["takeover"] = c.failover["demote"] = []
+    write(f"{c.src}/index.html", b"v1")
+    c.start()
+    p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]
+    live2 = os.path.join(c.tmp, "r2-live", "data")
+    r2.kill(signal.SIGTERM)
+    r2.write_config(f'live = {{web = ["{live2}"]}}')
+    r2.start()
+    wait_for(lambda: fo(p).get("holding"), 30, "the primary to take the leader key")
+    wait_for(lambda: c.converged(r1) and c.converged(r2), 60, "seeding")
+    p.ctl("point", "--set", "web")
+    at_point = read_tree(c.src)
+
+    out = pit("cluster", "secondary", "r2", "--cluster", c.cluster_file).stdout
+    assert "r1 -> r2" in out
+    wait_for(lambda: fo(r2).get("secondary") == "r2" and fo(r1).get("secondary") == "r2", 30, "the switch pushed")
+    wait_for(lambda: read_tree(live2) == at_point, 30, "r2's live mirror, from its own repository")
+    bad = pit("cluster", "secondary", "nobody", "--cluster", c.cluster_file, check=False)
+    assert bad.returncode == 53 and "must be a replica" in bad.stderr
+
+    p.kill(signal.SIGKILL)
+    wait_for(lambda: fo(r2).get("phase") == "active", 60, "r2 to take over")
+    assert fo(r1).get("phase") != "active"
+    assert read_tree(live2) == at_point
