@@ -174,3 +174,55 @@ def failback(config, state, as_json):
     from .agent import control_request
 
     _show_takeover(control_request(state, config, "failback", {}, 600), as_json)
+
+
+@click.group("etcd")
+def etcd():
+    """Run the etcd members failover uses (three on three nodes; one for a demo)."""
+
+
+@etcd.command("start")
+@STATE
+@click.option("--name", required=True, help="This member's name (e.g. the node id).")
+@click.option("--client", "client_url", required=True, metavar="URL", help="e.g. http://10.0.0.1:2379")
+@click.option("--peer", "peer_url", required=True, metavar="URL", help="e.g. http://10.0.0.1:2380")
+@click.option("--initial-cluster", default=None, metavar="N1=URL,N2=URL,N3=URL",
+              help="Every member's peer URL (default: this member alone).")
+def etcd_start(state, name, client_url, peer_url, initial_cluster):
+    """Start this node's etcd member in the background (--pre-vote always)."""
+    from .etcd_members import start
+
+    r = start(state, name, client_url, peer_url, initial_cluster)
+    if not r["started"]:
+        click.echo(f"etcd member {name} already runs (pid {r['pid']})")
+    elif r["healthy"]:
+        click.echo(f"etcd member {name} healthy at {client_url} (pid {r['pid']})")
+    else:
+        click.echo(f"etcd member {name} started (pid {r['pid']}); healthy once a quorum of members runs")
+
+
+@etcd.command("stop")
+@STATE
+def etcd_stop(state):
+    """Stop this node's etcd member."""
+    from .etcd_members import stop
+
+    click.echo("etcd member stopped" if stop(state) else "no etcd member runs for this state directory")
+
+
+@etcd.command("status")
+@click.argument("endpoints", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def etcd_status(endpoints, as_json):
+    """Health of each etcd endpoint; exits 30 when any is unhealthy."""
+    from .errors import EtcdError
+    from .etcd_members import health
+
+    out = {e: dict(zip(("healthy", "detail"), health(e))) for e in endpoints}
+    if as_json:
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        for e, h in out.items():
+            click.echo(f"{e}\t{'healthy' if h['healthy'] else 'UNHEALTHY: ' + h['detail']}")
+    if not all(h["healthy"] for h in out.values()):
+        raise EtcdError(f"{sum(not h['healthy'] for h in out.values())} of {len(out)} etcd endpoints unhealthy")
