@@ -213,12 +213,12 @@ class FilesCache:
                 if k != self.SIG:
                     yield k, v
 
-    def write(self, writes: list[tuple[bytes, bytes | None]]) -> None:
-        """Put rows; None deletes the path and everything under it."""
+    def write(self, writes: list[tuple[bytes, bytes | None, bool]]) -> None:
+        """(path, row, wipe): put the row (None: delete the path); wipe: first delete everything under it."""
         with self.env.begin(write=True, db=self.db) as txn:
             cur = txn.cursor()
-            for rel, raw in writes:
-                if raw is None or raw[:1] == b"\x9a":  # deleted, or a file/symlink now: drop any subtree
+            for rel, raw, wipe in writes:
+                if wipe:
                     prefix = rel + b"/"
                     if cur.set_range(prefix):
                         while cur.key().startswith(prefix):
@@ -260,7 +260,8 @@ class MasterSet:
         # scans: full (start-up and reconcile) scans done; cache_*: the files cache (rows, unsaved paths)
         self.stats = {"files_read": 0, "bytes_read": 0, "changes": 0, "unchanged": 0, "scans": 0,
                       "cache_rows": 0, "cache_loaded": 0, "cache_pending": 0}
-        self._journal: list[bytes] = []  # paths changed in the tree since the files cache was written
+        # (path, removed) for every change of the tree since the files cache was last written
+        self._journal: list[tuple[bytes, bool]] = []
         self.fcache: FilesCache | None = None
         self.save_lock = threading.Lock()
         self.dirty: dict[bytes, bool] = {}
@@ -329,10 +330,13 @@ class MasterSet:
             if not journal:
                 self.stats["cache_pending"] = 0
                 return
-            writes: list[tuple[bytes, bytes | None]] = []
-            for rel in dict.fromkeys(journal):  # in order, each path once (its current state is written)
+            wiped = {rel for rel, gone in journal if gone}
+            writes: list[tuple[bytes, bytes | None, bool]] = []
+            for rel in dict.fromkeys(rel for rel, _ in journal):  # each path once, with its current state
                 node = self.lookup(rel)
-                writes.append((rel, self._row(node) if node is not None else None))
+                raw = self._row(node) if node is not None else None
+                # removed at some point (its old subtree with it), or a file now: drop the rows under it
+                writes.append((rel, raw, rel in wiped or raw is None or isinstance(node, FNode)))
         try:
             self.fcache.write(writes)
         except BaseException:
@@ -431,7 +435,7 @@ class MasterSet:
         parent = self._parent(rel, create=True)
         parent.children[rel.rsplit(b"/", 1)[-1]] = node
         self._invalidate(rel)
-        self._journal.append(rel)
+        self._journal.append((rel, False))
 
     def _remove(self, rel: bytes) -> bool:
         parent = self._parent(rel, create=False)
@@ -440,7 +444,7 @@ class MasterSet:
         gone = parent.children.pop(rel.rsplit(b"/", 1)[-1], None) is not None
         if gone:
             self._invalidate(rel)
-            self._journal.append(rel)
+            self._journal.append((rel, True))
         return gone
 
     def abs_path(self, rel: bytes) -> bytes:
@@ -580,7 +584,7 @@ class MasterSet:
                         (node.mode, node.uid, node.gid, node.mtime_ns):
                     with self.lock:
                         old.skey = skey  # touched (ctime) but equal: nothing to send
-                        self._journal.append(rel)
+                        self._journal.append((rel, False))
                     return
                 node.prev, node.prev_content = old.chunks, old.content
             with self.lock:

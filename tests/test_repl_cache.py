@@ -98,3 +98,70 @@ def test_changed_chunking_or_paths_empty_the_cache(cluster, tmp_path):
     assert stats(c.primary)["cache_loaded"] == 0
     assert stats(c.primary)["files_read"] == 30
     wait_for(lambda: c.converged(r), 60, "converged with the new chunking")
+
+
+class _Agent:
+    """Just what a MasterSet needs of its agent for scanning and its files cache."""
+
+    def __init__(self, state: str) -> None:
+        self.state = type("S", (), {"path": state})()
+
+
+def _master(tmp_path, src):
+    from replicator.config import normalise_sets
+    from replicator.master import MasterSet
+
+    cfg = normalise_sets({"sets": {"web": {"master": "m", "replicas": ["r"], "paths": [src], "settle": 0}}})["web"]
+    os.makedirs(tmp_path / "state", exist_ok=True)
+    ms = MasterSet(_Agent(str(tmp_path / "state")), "web", cfg)
+    ms.load()
+    return ms
+
+
+def _tree(ms):
+    from replicator.master import DNode
+
+    out = {}
+
+    def walk(node, prefix):
+        for n, ch in node.children.items():
+            rel = prefix + b"/" + n if prefix else n
+            out[rel] = ("dir",) if isinstance(ch, DNode) else (ch.type, ch.size, ch.content, tuple(ch.chunks), ch.skey)
+            if isinstance(ch, DNode):
+                walk(ch, rel)
+
+    walk(ms.root, b"")
+    return out
+
+
+def test_cache_rows_follow_replaced_and_removed_subtrees(tmp_path):
+    """In-process: a subtree removed and made again, a directory turned into a file and back, within one
+    journal; the rows written equal the tree, and a fresh load equals it without reading anything."""
+    src = str(tmp_path / "data")
+    write(f"{src}/a/old1", b"1")
+    write(f"{src}/a/sub/old2", b"2")
+    write(f"{src}/b/x", b"x")
+    write(f"{src}/c", b"c is a file")
+    ms = _master(tmp_path, src)
+    ms.full_scan()
+    ms.save()
+    shutil.rmtree(f"{src}/a")
+    ms.refresh({os.fsencode(src): True})   # a: removed (its subtree with it) ...
+    write(f"{src}/a/new", b"new")          # ... and made again before the cache is written
+    shutil.rmtree(f"{src}/b")
+    write(f"{src}/b", b"b is a file now")  # b: a directory, then a file
+    os.remove(f"{src}/c")
+    write(f"{src}/c/inside", b"c is a directory now")
+    ms.refresh({os.fsencode(src): True})
+    ms.save()
+    assert ms.stats["cache_pending"] == 0
+    want = _tree(ms)
+    ms.stop()
+
+    again = _master(tmp_path, src)
+    assert _tree(again) == want
+    assert again.stats["cache_loaded"] == len(want) == again.stats["cache_rows"]
+    assert b"data/a/old1" not in want and b"data/a/sub" not in want and b"data/b/x" not in want
+    again.full_scan()
+    assert again.stats["files_read"] == 0 and _tree(again) == want
+    again.stop()
