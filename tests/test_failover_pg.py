@@ -1,28 +1,37 @@
 """Failover of a real PostgreSQL 15 database under a write load (issue 7).
 
-The primary's PostgreSQL data directory is the replicated set `db`, made
-with the postgresql template (`build_set` / `render_set`: paths, the
-`backup` point hooks, the image check with `pg_amcheck`). r1 is the
-secondary station (its live copy in `r1-live/data`), r2 an archive replica,
-a real etcd guards the leader key.
+The primary's PostgreSQL data directory is protected by set `db`, made with
+the postgresql template (`build_set` / `render_set`: paths, point hooks, the
+image check with `pg_amcheck`). r1 is the secondary station (its live copy
+under `r1-live/`), r2 an archive replica, a real etcd guards the leader key.
 
 While pgbench writes (two clients) and a side writer commits numbered rows
-one at a time (each number is recorded once its INSERT is acknowledged),
-consistent points are made. The agent does not run a set's point hooks
-around `pit point` yet, so the test makes each point the way the agent is
-meant to (replicator/hooks.py `around_point`): the template's pre hook
-(`pg_backup_start` on a held session), `pit point --set db` on the primary,
-the post hook (`pg_backup_stop`).
+one at a time (each number is recorded in a side file once its INSERT is
+acknowledged), consistent points are made with `pit point --set db`; the
+agent runs the template's hooks around each (checked in its log).
 
 Then the host dies: the primary agent gets SIGKILL and PostgreSQL stops
 immediately. r1 takes the leader key, selects the newest image that
 verifies and passes the template's check (a throwaway instance plus
-`pg_amcheck`), materialises it into its live path, and its takeover hook
+`pg_amcheck`), makes its live path equal to it, and its takeover hook
 starts PostgreSQL there (another port, its own socket directory, as the
 `postgres` user). The promoted database must start, pass `pg_amcheck`, hold
 every row acknowledged before the last consistent point and every pgbench
 transaction counted before it, and be transactionally consistent (pgbench's
-balances add up). Everything polls with deadlines; nothing asserts timings.
+balance totals agree). Everything polls with deadlines; nothing asserts
+timings.
+
+Two point modes of the template:
+
+* `basebackup` (`pg_basebackup` into a side directory, which is the set):
+  runs in CI;
+* `backup` (the template's default: `pg_backup_start`/`pg_backup_stop`
+  around a capture of the live data directory): xfail, see FLUSH_RACE. The
+  master does not wait for a file that changed between being chunked and
+  being sent (a WAL segment being written): the point is made without it,
+  the image's pg_control names a checkpoint its WAL does not have, and every
+  image made under load fails the check (PANIC: could not locate a valid
+  checkpoint record); failover falls back to the image made before the load.
 """
 from __future__ import annotations
 
@@ -200,31 +209,29 @@ def in_head(repo_path: str, path: str) -> bool:
         repo.close()
 
 
-def point(c: PgFailoverCluster, cfg: dict, seq: int, mark) -> dict[str, str]:
-    """A consistent point as the agent is meant to make it: pre hook, `pit point`, post hook.
-    `mark` is called when what was acknowledged so far must be in the point's image: before the
-    pre hook for a base backup (it copies up to its own start), just before `pit point` for the
-    live data directory in backup mode (the commits are on disk before the master reads it)."""
-    from replicator.hooks import around_point
+def hook_lines(c: PgFailoverCluster, phase: str) -> int:
+    """How many of the set's point hooks of `phase` the primary's agent ran with success (its log)."""
+    with open(c.primary.log, errors="replace") as f:
+        return sum(1 for ln in f if " pit.hooks " in ln and f"set db point " in ln and f" {phase} hook " in ln
+                   and ": ok in " in ln)
 
-    basebackup = cfg["app"]["point"] == "basebackup"
-    if basebackup:
-        mark()
-    with around_point(cfg, seq, set_name="db") as ph:
-        if not basebackup:
-            mark()
-        out = c.primary.ctl("point", "--set", "db", "--timeout", "240").stdout
-    assert ph.ok, ph.to_json()
-    if not basebackup:
-        assert ph.pre.runs[0].output.startswith("backup started at ")
-        assert "backup stopped at " in ph.post.runs[0].output
+
+def point(c: PgFailoverCluster, cfg: dict, mark) -> dict[str, str]:
+    """`pit point --set db`: the agent runs the template's hooks around it (pg_backup_start/stop on
+    one held session, or pg_basebackup into the side directory). `mark` is called just before: what
+    was acknowledged by then must be in the point's image."""
+    pre, post = hook_lines(c, "pre"), hook_lines(c, "post")
+    mark()
+    out = c.primary.ctl("point", "--set", "db", "--timeout", "240").stdout
+    assert hook_lines(c, "pre") == pre + len(cfg["app"]["pre"]), c.primary.logtext()
+    assert hook_lines(c, "post") == post + len(cfg["app"]["post"]), c.primary.logtext()
     return dict(line.split("\t") for line in out.splitlines())
 
 
-FLUSH_RACE = ("master.py: a point's flush does not wait for a file the event loop is processing (taken from "
-              "`dirty`, deferred while still being written, re-marked only after the flush took `dirty`), and a "
-              "scheduled set's flush (full_scan) ignores deferred files altogether: the image keeps an older copy "
-              "of the WAL segment being written, pg_control points past it, the image does not start "
+FLUSH_RACE = ("master.py Sender._send_paths: a file that changed between being chunked and being sent "
+              "(chunk_payload: hash mismatch) is left out of the batch and re-marked, and the point is made "
+              "without it; a WAL segment being written always is: the image keeps an older copy of it, "
+              "pg_control names a checkpoint the WAL lacks, the image does not start "
               "(PANIC: could not locate a valid checkpoint record)")
 
 
@@ -267,7 +274,8 @@ def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
                                        [table["app"]["pre"][0]])
         assert table["paths"] == [side if mode == "basebackup" else prim.data]
         # Real-time replication instead of the template's 15-minute schedule (an operator's choice the
-        # template leaves open); a scheduled point loses files still being written (FLUSH_RACE)
+        # template leaves open): a scheduled point (MasterSet.flush -> full_scan) also drops the files
+        # its scan defers as still being written
         table.pop("schedule")
         table.update(debounce=0.1, settle=0.05)  # as the other replicator tests
         cfg = {"name": "db", **table}
@@ -281,7 +289,7 @@ def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
                  "the replicas to see the primary lead")
 
         # the seed: a first consistent point on both replicas, before any load
-        first = point(c, cfg, 1, lambda: None)
+        first = point(c, cfg, lambda: None)
         assert set(first) == {"r1", "r2"}
 
         # the write load
@@ -295,7 +303,7 @@ def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
             return int(prim.psql("SELECT count(*) FROM pgbench_history"))
 
         points = []
-        for seq in (2, 3, 4):
+        for _ in range(3):
             have, h = writer.count(), history()
             wait_for(lambda: writer.count() >= have + 200 and history() >= h + 200, 120, "writes between points")
             assert bench.poll() is None and writer.is_alive(), writer.error
@@ -304,7 +312,7 @@ def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
             def mark():  # acknowledged by now: must be in this point's image
                 seen.update(acked=writer.count(), history=history())
 
-            snaps = point(c, cfg, seq, mark)
+            snaps = point(c, cfg, mark)
             points.append((snaps, seen["acked"], seen["history"]))
         # more writes after the last consistent point: not promised to survive
         have = writer.count()
