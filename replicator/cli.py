@@ -157,6 +157,9 @@ def _show_takeover(rep: dict, as_json: bool) -> None:
     click.echo(f"{rep['node']} is the primary master (fencing token {rep['token']}) after {rep['seconds']} s: "
                f"{rep['reason']}")
     for name, s in sorted(rep["sets"].items()):
+        if "error" in s:
+            click.echo(f"  set {name}: NOT PROMOTED: {s['error']}")
+            continue
         m = s["materialised"]
         click.echo(f"  set {name}: image {s['snapshot']} ({s['time']}); {m['files_written']} files written, "
                    f"{m['files_unchanged']} unchanged, {m['removed']} removed")

@@ -33,7 +33,7 @@ import threading
 import time
 
 from .detect import Confirmer
-from .errors import EtcdError, FailoverRefused, NotAuthorised
+from .errors import EtcdError, FailoverRefused, NotAuthorised, ReplError
 from .etcd import Etcd
 from .fencing import Leadership, revoke_holder
 
@@ -72,6 +72,8 @@ class Failover:
         self.lock = threading.RLock()       # one promotion / demotion / failback at a time
         self.yield_until = 0.0              # after handing over (failback): do not promote until then
         self._mirror_next = 0.0
+        self.retry_after = 0.0              # after a failed promotion
+        self.failed_sets: set[str] = set()  # protected sets a promotion could not bring up
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -90,7 +92,8 @@ class Failover:
                 "secondary": self.secondary, "leader": self.leader[0] if self.leader else None,
                 "token": self.leader[1] if self.leader else None, "holding": self.lead.is_leader(),
                 "highest_token": self.highest, "etcd_ok": self.etcd_ok, "primary_reachable": self.primary_reachable,
-                "checks": self.checks.status(), "link": self.link.status(), "last_promotion": self.last_promotion}
+                "checks": self.checks.status(), "link": self.link.status(), "last_promotion": self.last_promotion,
+                "unpromoted": sorted(self.failed_sets)}
 
     def _set_note(self, note: str) -> None:
         if note != self.note:
@@ -120,6 +123,8 @@ class Failover:
             out[name] = {**s, "master": new, "replicas": reps}
             if new == self.me:
                 out[name]["paths"] = self.live_paths(name, s)
+                if name in self.failed_sets:
+                    out[name]["master"] = ""  # promoted without a good image: nobody masters it
         return out
 
     def live_paths(self, name: str, s: dict) -> list[str]:
@@ -209,7 +214,7 @@ class Failover:
             self.phase = "waiting"
             self._set_note("the leader key still carries this node's previous lease; waiting for it to expire")
             return
-        self.phase = "standby" if self.me != self.primary else "fenced"
+        self.phase = "fenced" if self.me == self.primary else "standby" if self.me == self.secondary else "replica"
         if self.me == self.secondary:
             self._watch_primary(holder)
             if self.phase == "standby" and self.cfg["mirror"]:
@@ -238,7 +243,7 @@ class Failover:
         elif self.me == self.secondary and time.monotonic() < self.yield_until:
             self.phase = "standby"  # we just handed over (failback): let the primary take the key
         elif self.me == self.secondary:
-            if self.cfg["auto"]:
+            if self.cfg["auto"] and time.monotonic() >= self.retry_after:
                 self.promote("the primary's lease expired: it is dead or cut off from etcd")
             else:
                 self.phase = "standby"
@@ -313,9 +318,21 @@ class Failover:
             try:
                 t1 = time.monotonic()
                 sets = self.agent.config.get("sets", {})
+                failed = set()
                 for name in self.protected(sets):
-                    report["sets"][name] = self._take_set(name, sets[name], (pins or {}).get(name))
+                    try:
+                        report["sets"][name] = self._take_set(name, sets[name], (pins or {}).get(name))
+                    except ReplError as exc:
+                        # no good image of this set here: the others still come up; this one is not
+                        # mastered (its live paths would replicate as deletions), and the report says why
+                        report["sets"][name] = {"error": str(exc)}
+                        failed.add(name)
+                        log.error("set %s: not promoted: %s", name, exc)
                     self.lead.check()  # still ours? (a lost lease aborts before anything else acts)
+                if failed and len(failed) == len(report["sets"]):
+                    raise FailoverRefused("no set could be promoted: " + "; ".join(
+                        f"{n}: {report['sets'][n]['error']}" for n in sorted(failed)))
+                self.failed_sets = failed
                 report["selection_and_materialise"] = round(time.monotonic() - t1, 3)
                 t2 = time.monotonic()
                 report["takeover_hooks"] = self.run_hooks("takeover", token)
@@ -325,6 +342,7 @@ class Failover:
                 report["error"] = str(exc)
                 self.last_promotion = report
                 self._save()
+                self.retry_after = time.monotonic() + 30  # a failed promotion is not retried at once
                 self.lead.resign(f"promotion failed: {exc}")
                 raise
             self.leader = (self.me, token)
