@@ -33,4 +33,4 @@ bench: venv deps
 	$(BIN)/python bench/ingest.py
 
 clean-demo:
-	rm -rf demo-data
+	@test -x $(BIN)/pit && $(BIN)/pit demo down || rm -rf demo-data
