@@ -1,10 +1,16 @@
 """Replication benchmark: change-to-committed latency, bytes on the wire for a small
-change in a big file (against rsync's delta when rsync is installed), seeding throughput.
+change in a big file (against rsync's delta when rsync is installed), seeding throughput
+against rsync and against a local `pit snapshot`, and the CPU of an idle agent over
+100,000 files.
 
 Runs a real primary and one replica (`pit agent` processes) on 127.0.0.1, using the
 cluster fixture of tests/test_repl_helpers.py. Figures go to docs/benchmarks.md.
 
-    .venv/bin/python bench/replication.py [--big-mib 128] [--changes 100]
+    .venv/bin/python bench/replication.py [--big-mib 128] [--changes 100]      # latency, 64 KiB change
+    .venv/bin/python bench/replication.py --seed-scale 1.0                     # seeding vs rsync, ingest
+    .venv/bin/python bench/replication.py --idle-files 100000 [--idle-s 60]    # idle agent CPU
+
+Parts can be combined; `--work DIR` keeps the data (default: a temporary directory).
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,11 +31,11 @@ from store.apply import head_root  # noqa: E402
 from store.errors import PathNotFound  # noqa: E402
 from store.objects import ObjectReader  # noqa: E402
 from store.repository import Repository  # noqa: E402
-from test_repl_helpers import Cluster, wait_for  # noqa: E402
+from test_repl_helpers import PIT, Cluster, free_port, wait_for  # noqa: E402
 
 
 def bytes_sent(c) -> int:
-    st = json.loads(c.primary.ctl("status").stdout)
+    st = json.loads(c.primary.ctl("status", "--local").stdout)
     return st["sets"]["web"]["replicas"]["r1"]["bytes_sent"]
 
 
@@ -57,11 +64,243 @@ def rsync_delta(old: str, new: str) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def master_stats(c) -> dict:
+    return json.loads(c.primary.ctl("status", "--local").stdout)["sets"]["web"]["stats"]
+
+
+def dir_bytes(root: str) -> tuple[int, int]:
+    n = size = 0
+    for dp, _, files in os.walk(root):
+        for f in files:
+            n += 1
+            size += os.lstat(os.path.join(dp, f)).st_size
+    return n, size
+
+
+def rsync_daemon_copy(src: str, work: str) -> dict:
+    """`rsync -a` from src to a module of an rsync daemon on 127.0.0.1 (no ssh here), and a plain
+    local `rsync -a` for reference; both into empty destinations."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from measure import which_or_install
+
+    if not which_or_install("rsync", "rsync"):
+        return {}
+    port = free_port()
+    dst = os.path.join(work, "rsync-daemon-dst")
+    local = os.path.join(work, "rsync-local-dst")
+    for d in (dst, local):
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+    conf = os.path.join(work, "rsyncd.conf")
+    with open(conf, "w") as f:
+        f.write(f"use chroot = no\nuid = root\ngid = root\npid file = {work}/rsyncd.pid\n"
+                f"[dst]\n  path = {dst}\n  read only = no\n")
+    d = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={port}",
+                          "--address=127.0.0.1"])
+    try:
+        wait_for(lambda: _port_open(port), 10, "rsync daemon")
+        subprocess.run(["sync"])
+        t = time.monotonic()
+        subprocess.run(["rsync", "-a", src + "/", f"rsync://127.0.0.1:{port}/dst/"], check=True)
+        daemon_s = time.monotonic() - t
+    finally:
+        d.terminate()
+        d.wait(10)
+    subprocess.run(["sync"])
+    t = time.monotonic()
+    subprocess.run(["rsync", "-a", src + "/", local + "/"], check=True)
+    local_s = time.monotonic() - t
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.rmtree(local, ignore_errors=True)
+    return {"rsync_daemon_s": daemon_s, "rsync_local_s": local_s}
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def pit_ingest(src: str, work: str) -> float:
+    """A local `pit snapshot` of the same data into a fresh repository (the ingest figure)."""
+    repo = os.path.join(work, "ingest-repo")
+    shutil.rmtree(repo, ignore_errors=True)
+    subprocess.run([PIT, "--repo", repo, "init"], check=True, capture_output=True)
+    subprocess.run(["sync"])
+    t = time.monotonic()
+    subprocess.run([PIT, "--repo", repo, "snapshot", "--set", "s", src], check=True, capture_output=True)
+    dt = time.monotonic() - t
+    shutil.rmtree(repo, ignore_errors=True)
+    return dt
+
+
+def seed_part(a, work: str) -> dict:
+    """Seeding a replica from nothing: the data set moved into an (empty, watched) source of a running
+    cluster, until `pit point` returns (every file committed on the replica and a snapshot made)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import dataset
+
+    data = os.path.join(work, "dataset")
+    if not os.path.isdir(data):
+        dataset.generate(data, scale=a.seed_scale)
+    files, size = dir_bytes(data)
+    res = {"files": files, "bytes": size}
+    res.update(rsync_daemon_copy(data, work))
+    res["pit_snapshot_s"] = pit_ingest(data, work)
+    tmp = os.path.join(work, "cluster-seed")
+    shutil.rmtree(tmp, ignore_errors=True)
+    c = Cluster(tmp, replicas=1)
+    try:
+        c.start()
+        r = c.replicas[0]
+        wait_for(lambda: c.converged(r), 60, "the empty set")
+        subprocess.run(["sync"])
+        t = time.monotonic()
+        changes = master_stats(c)["changes"]
+        os.rename(data, os.path.join(c.src, "dataset"))  # one event: the watcher walks the new tree
+        try:
+            # the master has seen the event once its walk has queued the paths; the point follows them
+            wait_for(lambda: master_stats(c)["changes"] > changes, 600, "the master to walk the data set",
+                     interval=0.1)
+            subprocess.run([PIT, "point", "--set", "web", "--timeout", "900", "--config", c.primary.config],
+                           check=True, capture_output=True)
+            res["pit_seed_s"] = time.monotonic() - t
+            res["pit_seed_cpu_master_s"] = cpu_seconds(c.primary.proc.pid)
+            res["pit_seed_cpu_replica_s"] = cpu_seconds(r.proc.pid)
+            res["pit_seed_wire_bytes"] = bytes_sent(c)
+            repo_stats = json.loads(subprocess.run([PIT, "--repo", r.repo, "stats", "--json"], check=True,
+                                                   capture_output=True, text=True).stdout)
+            res["replica_repo"] = {k: repo_stats.get(k) for k in ("snapshots", "blobs", "packs") if k in repo_stats}
+            res["replica_equals_master"] = c.converged(r)  # checked after the clock stopped
+        finally:
+            os.rename(os.path.join(c.src, "dataset"), data)
+    finally:
+        c.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    for k in ("rsync_daemon_s", "rsync_local_s", "pit_snapshot_s", "pit_seed_s"):
+        if k in res:
+            res[k[:-2] + "_mb_s"] = round(size / res[k] / 1e6, 1)
+    return res
+
+
+def make_many(root: str, n: int) -> None:
+    """n small files (100-300 bytes) in n/100 directories of 100, two levels deep."""
+    for i in range(n):
+        d = os.path.join(root, f"d{i // 10000:02d}", f"e{i // 100 % 100:02d}")
+        if i % 100 == 0:
+            os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i:06d}.txt"), "wb") as f:
+            f.write(b"%d\n" % i * (20 + i % 40))
+
+
+def idle_part(a, work: str) -> dict:
+    """CPU of the master agent over a set of `--idle-files` files: seeding, idle without a rescan, one
+    reconcile scan (stat only: nothing read), idle after it, and a restart (the files cache)."""
+    tmp = os.path.join(work, "cluster-idle")
+    shutil.rmtree(tmp, ignore_errors=True)
+    c = Cluster(tmp, replicas=1)
+    c.sets["web"]["rescan"] = a.rescan
+    make_many(c.src, a.idle_files)
+    res = {"files": a.idle_files, "rescan_every_s": a.rescan, "idle_window_s": a.idle_s}
+    try:
+        t = time.monotonic()
+        c.start()
+        subprocess.run([PIT, "point", "--set", "web", "--timeout", "1800", "--config", c.primary.config],
+                       check=True, capture_output=True)
+        res["seed_s"] = time.monotonic() - t
+        pid = c.primary.proc.pid
+        res["seed_cpu_master_s"] = cpu_seconds(pid)
+
+        def quiet_window(label: str) -> float:
+            """CPU seconds over `--idle-s` of idle; checks that no scan fell inside."""
+            st = master_stats(c)
+            c0 = cpu_seconds(pid)
+            time.sleep(a.idle_s)
+            st2 = master_stats(c)
+            used = cpu_seconds(pid) - c0
+            res[f"{label}_cpu_s"] = round(used, 3)
+            res[f"{label}_scans_inside"] = st2["scans"] - st["scans"]
+            res[f"{label}_files_read_inside"] = st2["files_read"] - st["files_read"]
+            return used / a.idle_s
+
+        rate_before = quiet_window("idle_before_rescan")
+        # up to and through the first reconcile scan (stat of every file, nothing read)
+        st0, c0, t0 = master_stats(c), cpu_seconds(pid), time.monotonic()
+        wait_for(lambda: master_stats(c)["scans"] > st0["scans"], a.rescan + 120, "a reconcile scan", interval=0.2)
+        st1 = master_stats(c)
+        dt, used = time.monotonic() - t0, cpu_seconds(pid) - c0
+        res["rescan_cpu_s"] = round(used - rate_before * dt, 3)
+        res["rescan_files_read"] = st1["files_read"] - st0["files_read"]
+        res["rescan_unchanged"] = st1["unchanged"] - st0["unchanged"]
+        quiet_window("idle_after_rescan")
+        res["rss_mib"] = round(rss_mib(pid), 1)
+
+        # restart (SIGTERM; the cache survives SIGKILL as well, see tests/test_repl_cache.py)
+        c.primary.kill(signal.SIGTERM)
+        t = time.monotonic()
+        c.primary.start()
+        pid = c.primary.proc.pid
+        wait_for(lambda: master_stats(c)["scans"] >= 1, 600, "the start-up scan", interval=0.2)
+        st = master_stats(c)
+        res["restart_to_first_scan_s"] = round(time.monotonic() - t, 1)
+        res["restart_cpu_s"] = round(cpu_seconds(pid), 3)
+        res["restart_files_read"] = st["files_read"]
+        res["restart_cache_loaded"] = st["cache_loaded"]
+        res["restart_rss_mib"] = round(rss_mib(pid), 1)
+    finally:
+        c.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--big-mib", type=int, default=128)
     ap.add_argument("--changes", type=int, default=100)
+    ap.add_argument("--seed-scale", type=float, default=0.0, help="seeding vs rsync on bench/dataset.py at this scale")
+    ap.add_argument("--idle-files", type=int, default=0, help="idle agent CPU over this many files")
+    ap.add_argument("--idle-s", type=int, default=60)
+    ap.add_argument("--rescan", type=int, default=150, help="reconcile scan interval for the idle part")
+    ap.add_argument("--work", default=None)
     a = ap.parse_args()
+    if a.seed_scale or a.idle_files:
+        work = a.work or tempfile.mkdtemp(prefix="pit-bench-repl-")
+        os.makedirs(work, exist_ok=True)
+        out = {}
+        try:
+            if a.seed_scale:
+                out["seed"] = seed_part(a, work)
+                print(json.dumps(out["seed"], indent=2), flush=True)
+            if a.idle_files:
+                out["idle"] = idle_part(a, work)
+                print(json.dumps(out["idle"], indent=2), flush=True)
+        finally:
+            if not a.work:
+                shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(out, indent=2))
+        return
     tmp = tempfile.mkdtemp(prefix="pit-bench-repl-")
     c = Cluster(tmp, replicas=1)
     c.sets["web"]["debounce"] = 0.05

@@ -479,10 +479,12 @@ class MasterSet:
                     continue
                 self._ensure_parents(rel, changed)
                 self._visit(p, rel, rec, changed, deferred)
-        if changed:
-            self.stats["changes"] += len(changed)
-            for s in list(self.senders.values()):
-                s.enqueue(changed)
+            if changed:
+                # Queued before the scan lock is released: a point asked meanwhile (`flush` waits for
+                # this lock) then follows these paths on every sender's stream.
+                self.stats["changes"] += len(changed)
+                for s in list(self.senders.values()):
+                    s.enqueue(changed)
         return changed, deferred
 
     def full_scan(self) -> list[bytes]:
@@ -648,11 +650,12 @@ class MasterSet:
     def flush(self) -> None:
         """Process whatever is dirty now (a consistent point was asked for)."""
         if self.schedule:  # no events are watched: look at everything (the files cache keeps it cheap)
-            self.full_scan()
-            return
-        with self.dirty_cond:
-            todo, self.dirty = self.dirty, {}
-        changed, deferred = self.refresh(todo)
+            self.stats["scans"] += 1
+            changed, deferred = self.refresh({src: True for src in self.sources})
+        else:
+            with self.dirty_cond:
+                todo, self.dirty = self.dirty, {}
+            changed, deferred = self.refresh(todo)
         if deferred:  # the point waits for files still being written, bounded by settle_max
             deadline = time.monotonic() + self.cfg["settle_max"] + 1
             while deferred and time.monotonic() < deadline:
