@@ -255,6 +255,9 @@ class Agent:
                 raise NotAuthorised(f"{node} claimed to be {msg['node']!r}")
             if msg["kind"] == "ping":
                 protocol.welcome(conn, self.state.node)
+            elif msg["kind"] == "status":
+                protocol.welcome(conn, self.state.node)
+                conn.send({"t": "status_reply", "status": self.status()})
             elif msg["kind"] == "repl":
                 fo = self.failover
                 if fo is not None and msg["set"] in fo.protected(self.config.get("sets", {})):
@@ -355,6 +358,8 @@ class Agent:
             if self.replica is not None and name in self.sets() and self.state.node in self.sets()[name]["replicas"]:
                 return {self.state.node: {"snapshot": self.replica.point(name, self.sets()[name])}}
             raise ConfigError(f"this node neither masters nor replicates set {name!r}")
+        if cmd == "cluster-status":
+            return self.cluster_status()
         if cmd in ("failover", "promote", "failback"):
             fo = self.failover
             if fo is None:
@@ -400,6 +405,41 @@ class Agent:
                                                            "trust them as consistent)" if made else "")) from None
         return out
 
+    def remote_status(self, node: str, timeout: float = 3.0) -> dict:
+        addr = self.roster().get(node, {}).get("address")
+        if not addr:
+            return {"error": "not in the roster"}
+        try:
+            sock, peer = connect(self.state, addr, timeout=timeout)
+        except (OSError, ReplError, ssl.SSLError) as exc:
+            return {"error": f"unreachable: {exc}"}
+        conn = protocol.Conn(sock, node, heartbeat=False, dead_after=timeout * 3)
+        try:
+            protocol.hello(conn, self.state.node, "status")
+            return conn.recv("status_reply")["status"]
+        except (OSError, ReplError, ssl.SSLError) as exc:
+            return {"error": f"no status: {exc}"}
+        finally:
+            conn.close()
+
+    def cluster_status(self) -> dict:
+        """Every node's own status, asked over mTLS in parallel (a dead node costs one timeout)."""
+        nodes = sorted(set(self.roster()) | {self.state.node})
+        out: dict = {}
+
+        def ask(n: str) -> None:
+            out[n] = self.status() if n == self.state.node else self.remote_status(n)
+
+        threads = [threading.Thread(target=ask, args=(n,), daemon=True) for n in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        fo = self.failover.status() if self.failover is not None else None
+        return {"asked_by": self.state.node, "time": time.time(), "primary": self.state.primary,
+                "leader": fo["leader"] if fo else self.state.primary, "token": fo["token"] if fo else None,
+                "nodes": {n: out.get(n, {"error": "no answer"}) for n in nodes}}
+
     def status(self) -> dict:
         out = {"node": self.state.node, "primary": self.state.primary, "config_version": self.config.get("version"),
                "sets": {}}
@@ -408,11 +448,42 @@ class Agent:
         if self.replica is not None:
             for name, st in self.replica.status().items():
                 out["sets"].setdefault(name, {}).update(st)
+            self._verification(out["sets"])
         if self.state.is_primary:
             out["pushed"] = dict(self.pushed)
+        roles = []
         if self.failover is not None:
-            out["failover"] = self.failover.status()
+            out["failover"] = fo = self.failover.status()
+            roles.append({"active": "primary master", "fenced": "fenced (old primary)",
+                          "standby": "secondary station"}.get(fo["phase"], fo["phase"]))
+        if self.masters and not roles[:1] == ["primary master"]:
+            roles.append("master of " + ", ".join(sorted(self.masters)))
+        if self.replica is not None:
+            reps = sorted(n for n, s in self.sets().items() if self.state.node in s["replicas"])
+            if reps:
+                roles.append("replica of " + ", ".join(reps))
+        out["roles"] = roles
         return out
+
+    def _verification(self, sets: dict) -> None:
+        """The latest snapshot's verification record per replicated set (from `pit verify` or selection)."""
+        from store.snapmeta import get_meta
+        from store.snapshots import list_snapshots
+
+        repo = self.replica.repo
+        try:
+            with repo.reading() as txn:
+                for name, st in sets.items():
+                    snaps = list_snapshots(repo, txn, name)
+                    if not snaps:
+                        continue
+                    meta = get_meta(repo, txn, snaps[-1].id)
+                    v = meta.get("verify") or {}
+                    st["latest_time"] = snaps[-1].time_iso
+                    st["verified"] = {"result": v.get("result", "never"), "time": v.get("time"),
+                                      "depth": v.get("depth")}
+        except Exception as exc:  # status must answer even when the index is busy or damaged
+            log.info("status: verification state unavailable: %s", exc)
 
     # ----------------------------------------------------------------- run
     def run(self) -> None:

@@ -132,11 +132,45 @@ def point(config, state, set_name, timeout):
 
 @click.command("status")
 @_ctl
-def status(config, state):
-    """Show the agent's sets, replicas, queues and alerts (JSON)."""
+@click.option("--json", "as_json", is_flag=True, help="Every node's status as JSON.")
+@click.option("--local", is_flag=True, help="Only this agent's own status (JSON), without asking the others.")
+def status(config, state, as_json, local):
+    """Every node of the cluster: role, link, lag, last point and snapshot per set, verification,
+    the fencing token holder, open alerts."""
     from .agent import control_request
 
-    click.echo(json.dumps(control_request(state, config, "status", {}), indent=2, sort_keys=True))
+    if local:
+        click.echo(json.dumps(control_request(state, config, "status", {}), indent=2, sort_keys=True))
+        return
+    st = control_request(state, config, "cluster-status", {})
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    click.echo(f"primary master: {st['leader']}" + (f" (fencing token {st['token']})" if st["token"] else "")
+               + f"; asked from {st['asked_by']}")
+    for node, n in sorted(st["nodes"].items()):
+        if "error" in n:
+            click.echo(f"{node:12} DOWN: {n['error']}")
+            continue
+        click.echo(f"{node:12} {'; '.join(n.get('roles') or ['(no role yet)'])}")
+        for name, s in sorted(n.get("sets", {}).items()):
+            for r, rs in sorted((s.get("replicas") or {}).items()):
+                link = "connected" if rs.get("connected") else f"DISCONNECTED ({rs.get('last_error') or '?'})"
+                lag = f"{rs.get('queued', 0)} paths queued" + (", catching up" if rs.get("catchup") else "")
+                click.echo(f"  {name} -> {r}: {link}, {lag}, {rs.get('bytes_sent', 0)} bytes sent")
+            if s.get("role") == "replica":
+                v = s.get("verified") or {}
+                click.echo(f"  {name}: {s.get('snapshots', 0)} snapshots, latest {s.get('latest') or '-'}, "
+                           f"verified {v.get('result', 'never')}" + (f" {v['time']}" if v.get("time") else "")
+                           + (", changes pending the next point" if s.get("head_pending") else ""))
+            for a in s.get("alerts") or []:
+                click.echo(f"  ALERT {name}: {a}")
+        fo = n.get("failover") or {}
+        if fo.get("note"):
+            click.echo(f"  note: {fo['note']}")
+        for c in (fo.get("checks") or []) + (fo.get("link") or []):
+            if not c.get("ok"):
+                click.echo(f"  check failing: {c['check']}: {c['detail']} ({c['failures']} in a row)")
 
 
 @click.command("release-deletes")

@@ -109,7 +109,7 @@ class Demo:
         return json.loads(r.stdout) if r.returncode == 0 else {}
 
     def agent_status(self, node: str) -> dict:
-        r = subprocess.run([PIT, "status", "--config", self.p(node, "agent.toml")], capture_output=True, text=True,
+        r = subprocess.run([PIT, "status", "--local", "--config", self.p(node, "agent.toml")], capture_output=True, text=True,
                            timeout=30)
         return json.loads(r.stdout) if r.returncode == 0 else {}
 

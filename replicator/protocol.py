@@ -70,6 +70,8 @@ SCHEMA: dict[str, dict[str, object]] = {
     "ack": {"seq": int, "applied": int, "held": int, "retry": list},
     "point": {"id": int},
     "pointed": {"id": int, "snapshot": (str, NONE)},
+    # `pit status`: one node asks another for its own status (mTLS, any cluster member)
+    "status_reply": {"status": dict},
     # cluster configuration pushed by the primary
     "config": {"cfg": dict},
     "config_ack": {"version": int},
@@ -82,7 +84,7 @@ SCHEMA: dict[str, dict[str, object]] = {
     "ctl": {"cmd": str, "args": dict},
     "ctl_reply": {"ok": bool, "result": (dict, list, str, NONE), "code": int},
 }
-KINDS = ("repl", "config", "join", "ctl", "ping", "failback")
+KINDS = ("repl", "config", "join", "ctl", "ping", "failback", "status")
 
 
 def _no_ext(code, data):

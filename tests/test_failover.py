@@ -29,7 +29,7 @@ def write(path, data: bytes) -> None:
 
 
 def status(node: Node) -> dict:
-    return json.loads(node.ctl("status").stdout)
+    return json.loads(node.ctl("status", "--local").stdout)
 
 
 def fo(node: Node) -> dict:
@@ -144,6 +144,14 @@ def test_primary_killed_secondary_takes_over_and_fails_back(fcluster):
     assert read_tree(c.live) == at_point  # the image at the last consistent point, not the unpointed head
     wait_for(lambda: web_get(c, "index.html") == b"<h1>shop v1</h1>", 20, "the service on r1")
     assert open(f"{c.tmp}/hooks/r1/log").read().split() == ["takeover", str(st["token"])]
+
+    from test_status import SCHEMA
+    import jsonschema
+
+    cs = json.loads(r2.ctl("status", "--json").stdout)  # the cluster view with the old primary dead
+    jsonschema.validate(cs, SCHEMA)
+    assert cs["leader"] == "r1" and cs["token"] == st["token"] and "error" in cs["nodes"]["primary"]
+    assert cs["nodes"]["r1"]["roles"][0] == "primary master"
 
     # r2 follows the new primary (it checked the token against etcd)
     write(f"{c.live}/after-failover.txt", b"written on r1")

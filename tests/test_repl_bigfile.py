@@ -43,7 +43,7 @@ def cluster(tmp_path):
 
 
 def sent(c) -> int:
-    return json.loads(c.primary.ctl("status").stdout)["sets"]["web"]["replicas"]["r1"]["bytes_sent"]
+    return json.loads(c.primary.ctl("status", "--local").stdout)["sets"]["web"]["replicas"]["r1"]["bytes_sent"]
 
 
 def replica_entry(repo_path: str, path: str):

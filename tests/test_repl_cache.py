@@ -39,7 +39,7 @@ def write(path, data, mode="wb"):
 
 
 def stats(node):
-    return json.loads(node.ctl("status").stdout)["sets"]["web"]["stats"]
+    return json.loads(node.ctl("status", "--local").stdout)["sets"]["web"]["stats"]
 
 
 def test_restart_and_rescans_read_nothing_unchanged(cluster):

@@ -39,7 +39,7 @@ def write(path, data, mode="wb"):
 
 
 def status(node):
-    return json.loads(node.ctl("status").stdout)
+    return json.loads(node.ctl("status", "--local").stdout)
 
 
 def test_mirror_end_to_end(cluster):

@@ -71,7 +71,7 @@ def write(path, data, mode="wb"):
 
 
 def status(node):
-    return json.loads(node.ctl("status").stdout)
+    return json.loads(node.ctl("status", "--local").stdout)
 
 
 @pytest.fixture

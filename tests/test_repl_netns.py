@@ -81,7 +81,7 @@ def write(path, data, mode="wb"):
 
 
 def status(node):
-    return json.loads(node.ctl("status").stdout)
+    return json.loads(node.ctl("status", "--local").stdout)
 
 
 def sender(c, r):

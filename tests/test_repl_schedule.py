@@ -86,7 +86,7 @@ def write(path, data):
 
 
 def status(node):
-    return json.loads(node.ctl("status").stdout)
+    return json.loads(node.ctl("status", "--local").stdout)
 
 
 def test_daily_schedule_sends_nothing_until_due_or_asked(cluster):

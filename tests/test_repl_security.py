@@ -157,7 +157,7 @@ def test_removed_node_is_refused(running):
         W.hello(conn, "r1", "config")
     # ... and the master stops sending to it, while r2 carries on.
     import json
-    wait_for(lambda: not json.loads(c.primary.ctl("status").stdout)["sets"]["web"]["replicas"]["r1"]["connected"],
+    wait_for(lambda: not json.loads(c.primary.ctl("status", "--local").stdout)["sets"]["web"]["replicas"]["r1"]["connected"],
              10, "the master to drop r1")
     with open(os.path.join(c.src, "after-removal.txt"), "wb") as f:
         f.write(b"r1 must not get this")
