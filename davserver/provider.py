@@ -307,6 +307,12 @@ def render_listing(node: Node, parts: list[str], kids: list[Node]) -> str:
             detail = f" ({e(str(k.status.get('depth') or ''))}, {e(str(k.status.get('time') or ''))})" \
                 if st != "unverified" else ""
             extra = f'<span class="v-{e(st)}">{e(STATUS_LABEL.get(st, st))}{detail}</span>'
+            app, img = k.status.get("app_check"), k.status.get("image")
+            if app:
+                extra += (f'; <span class="v-{"good" if app["result"] == "good" else "damaged"}">'
+                          f'{e(app.get("template") or "application")} check {e(app["result"])}</span>')
+            if img:
+                extra += f"; failover image: {e(img['status'])}" + (f" ({e(img['reason'])})" if img.get("reason") else "")
             if k.name == LATEST:
                 extra += " &rarr; newest snapshot"
         elif k.kind == "version":

@@ -141,8 +141,9 @@ class Node:
 
 
 def verification(repo, txn, snap: Snapshot) -> dict:
-    """{'result': 'good'|'damaged'|'unverified', 'depth', 'time', 'pinned'}; tolerant of
-    whatever the verifier stored (absent = unverified)."""
+    """{'result': 'good'|'damaged'|'unverified', 'depth', 'time', 'pinned'} plus, when image
+    selection examined the snapshot, 'app_check' {result, template, time, message} and 'image'
+    {status, reason, time}; tolerant of whatever was stored (absent = unverified)."""
     try:
         meta = get_meta(repo, txn, snap.id)
     except Exception:  # a malformed record must not hide the snapshot
@@ -152,6 +153,15 @@ def verification(repo, txn, snap: Snapshot) -> dict:
                                                                              and meta.get("pinned"))}
     if isinstance(v, dict) and v.get("result") in ("good", "damaged"):
         out.update(result=v["result"], depth=v.get("depth"), time=v.get("time"))
+    if isinstance(meta, dict):
+        # what failover image selection found (replicator/select.py records it next to `verify`):
+        # the operator sees on the mapped drive which image a failover would take, and why not the others
+        a, i = meta.get("app_check"), meta.get("image")
+        if isinstance(a, dict) and a.get("result") in ("good", "failed"):
+            out["app_check"] = {"result": a["result"], "template": a.get("template"), "time": a.get("time"),
+                                "message": a.get("message")}
+        if isinstance(i, dict) and isinstance(i.get("status"), str):
+            out["image"] = {"status": i["status"], "reason": i.get("reason"), "time": i.get("time")}
     return out
 
 

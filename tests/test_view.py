@@ -99,6 +99,28 @@ def test_verification_status(repo2):
     assert by[s2.name]["result"] == "unverified"
 
 
+def test_failover_selection_status_shows_in_the_view_and_listing(repo2):
+    """What image selection recorded (replicator/select.py) is shown next to the verification."""
+    from davserver.provider import render_listing
+
+    repo, s1, s2, src = repo2
+    with repo.writer() as w:
+        update_meta(w, s2.id, verify={"time": "t", "depth": "deep", "result": "damaged"},
+                    image={"time": "t", "status": "skipped", "reason": "damage found at data/x"})
+        update_meta(w, s1.id, verify={"time": "t", "depth": "deep", "result": "good"},
+                    app_check={"time": "t", "template": "sqlite", "result": "good", "message": "ok"},
+                    image={"time": "t", "status": "chosen", "reason": None})
+    v = View(repo)
+    node = v.resolve("office")
+    kids = v.listdir(node)
+    by = {n.name: n.status for n in kids if n.status}
+    assert by[s1.name]["app_check"]["result"] == "good" and by[s1.name]["image"]["status"] == "chosen"
+    assert by[s2.name]["image"] == {"status": "skipped", "reason": "damage found at data/x", "time": "t"}
+    page = render_listing(node, ["office"], kids)
+    assert "sqlite check good" in page and "failover image: chosen" in page
+    assert "failover image: skipped (damage found at data/x)" in page
+
+
 def test_gmt_names(repo2):
     repo, s1, s2, src = repo2
     v = View(repo, gmt_names=True)
