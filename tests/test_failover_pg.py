@@ -292,9 +292,9 @@ def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
             return int(prim.psql("SELECT count(*) FROM pgbench_history"))
 
         points = []
-        for _ in range(3):
+        for _ in range(2):
             have, h = writer.count(), history()
-            wait_for(lambda: writer.count() >= have + 200 and history() >= h + 200, 120, "writes between points")
+            wait_for(lambda: writer.count() >= have + 150 and history() >= h + 150, 120, "writes between points")
             assert bench.poll() is None and writer.is_alive(), writer.error
             seen = {}
 
