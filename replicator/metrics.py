@@ -496,6 +496,20 @@ def parse_listen(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def validate_metrics_address(value) -> str:
+    """The agent config's `metrics` value checked; ConfigError (one line naming the key) when bad."""
+    from .errors import ConfigError
+
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        parse_listen(value)
+    except ValueError:
+        raise ConfigError(f"`metrics`: {value!r} is not an address to serve metrics on "
+                          '("127.0.0.1:9474", "0.0.0.0:9474", "[::]:9474" or ":9474")') from None
+    return value
+
+
 class MetricsServer:
     """The running HTTP server (a daemon thread); `stop()` closes it. `port` is the bound port."""
 

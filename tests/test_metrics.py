@@ -296,3 +296,45 @@ def test_metrics_of_a_real_running_cluster(tmp_path):
         for s in servers:
             s.stop()
         c.stop()
+
+
+RULES_DIR = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "prometheus")
+
+
+def test_every_metric_the_example_rules_use_is_exported(tmp_path):
+    import re
+
+    st = copy.deepcopy(STATUS)
+    st["sets"]["web"]["replicas"]["r2"].update(runs=3, due=False, last_run=None)  # a scheduled sender
+    st["failover"]["link"] = [{"check": "nic eth0", "ok": True, "failures": 0, "detail": ""}]
+    st["failover"]["last_promotion"] = {"node": "r1", "started": time.time(), "token": 57, "sets": {}, "seconds": 1}
+    os.makedirs(tmp_path / "state")
+    srv = M.start_metrics_server(FakeAgent(st, {"state": str(tmp_path / "state")}), "127.0.0.1:0")
+    try:
+        exported = {name for name, _ in scrape(srv.url)}
+    finally:
+        srv.stop()
+    rules = open(os.path.join(RULES_DIR, "pit-alerts.yml")).read()
+    used = set(re.findall(r"\b(pit_[a-z_]+)", rules))
+    assert used, "no pit_ metric found in the rules"
+    assert used <= exported, f"used by the rules but not exported: {sorted(used - exported)}"
+
+
+@pytest.mark.skipif(not __import__("shutil").which("promtool"), reason="promtool (Debian package prometheus) missing")
+def test_example_rules_pass_promtool():
+    import subprocess
+
+    for args in (["check", "rules", "pit-alerts.yml"], ["test", "rules", "pit-alerts.test.yml"],
+                 ["check", "config", "prometheus.yml"]):
+        r = subprocess.run(["promtool", *args], cwd=RULES_DIR, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_metrics_address_validation():
+    from replicator.errors import ConfigError
+
+    assert M.validate_metrics_address("127.0.0.1:9474") == "127.0.0.1:9474"
+    for bad in ("localhost", 9474, "x:y"):
+        with pytest.raises(ConfigError) as e:
+            M.validate_metrics_address(bad)
+        assert str(e.value).startswith("`metrics`:") and "\n" not in str(e.value)
