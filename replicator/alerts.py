@@ -495,3 +495,18 @@ def classify(text: str) -> tuple[str, str]:
     if "vanished" in t or "is empty" in t:
         return "source_missing", "critical"
     return "set_alert", "warning"
+
+
+def start_alerting(agent, raw: dict | None) -> tuple[Alerter, AlertWatcher] | None:
+    """From the agent config's [alerts] table (None: no alerts): an Alerter named after the node and
+    a started AlertWatcher. Stop with `watcher.stop(); alerter.close()`."""
+    if raw is None:
+        return None
+    node = getattr(getattr(agent, "state", None), "node", None)
+    alerter = Alerter(raw, node=node)
+    watcher = AlertWatcher(agent, alerter).start()
+    log.info("alerts: %s; watching the status every %gs",
+             ", ".join(filter(None, ["command" if alerter.cfg["command"] else "",
+                                     "mail to " + ", ".join(alerter.cfg["smtp"]["to"]) if alerter.cfg["smtp"] else ""]))
+             or "log only", watcher.interval)
+    return alerter, watcher

@@ -11,8 +11,10 @@ library's global one), served by `prometheus_client`'s HTTP server:
 
 Durations of work the agent drives (a snapshot, a prune, a verify) are
 reported through a small process-wide registry, `observe(name, seconds,
-**labels)`, so that the code measuring them (the agent, around calls into
-`store`) needs no metric objects and `store` imports nothing from here.
+**labels)` (or `with timed(name, **labels):`), and events through
+`inc(name, **labels)`, so that the code measuring them (the agent, around
+calls into `store`) needs no metric objects and `store` imports nothing
+from here.
 
 Replication lag: the status has no lag figure of its own yet, so
 `pit_replication_lag_seconds` is an estimate kept by the collector
@@ -96,6 +98,39 @@ class Durations:
             yield last
 
 
+class Counts:
+    """Counters of events by name and labels, fed by `inc` (e.g. failed point hooks), thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.data: dict[str, dict[tuple, float]] = {}
+
+    def inc(self, name: str, amount: float = 1.0, **labels) -> None:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"counter name {name!r} is not a metric name ([a-zA-Z_][a-zA-Z0-9_]*)")
+        for k in labels:
+            if not _NAME.fullmatch(k) or k.startswith("__"):
+                raise ValueError(f"label {k!r} is not a label name")
+        if amount < 0:
+            raise ValueError("counters only go up")
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        with self.lock:
+            rows = self.data.setdefault(name, {})
+            rows[key] = rows.get(key, 0.0) + float(amount)
+
+    def collect(self):
+        with self.lock:
+            data = {name: dict(rows) for name, rows in self.data.items()}
+        for name, rows in sorted(data.items()):
+            labelnames = sorted({k for key in rows for k, _ in key})
+            c = CounterMetricFamily(f"pit_{name}", f"{name.replace('_', ' ')} (events counted by the agent)",
+                                    labels=labelnames)
+            for key, v in sorted(rows.items()):
+                d = dict(key)
+                c.add_metric([d.get(k, "") for k in labelnames], v)
+            yield c
+
+
 def _fmt_le(b: float) -> str:
     return repr(float(b))
 
@@ -107,6 +142,15 @@ def observe(name: str, seconds: float, **labels) -> None:
     """Record one duration, e.g. `observe("snapshot", 0.42, set="web")`: exported as the histogram
     `pit_snapshot_duration_seconds{set="web"}` and the gauge `pit_snapshot_last_duration_seconds`."""
     DURATIONS.observe(name, seconds, **labels)
+
+
+COUNTS = Counts()
+
+
+def inc(name: str, amount: float = 1.0, **labels) -> None:
+    """Count an event, e.g. `inc("point_hook_failures", set="web")`: exported as the counter
+    `pit_point_hook_failures_total{set="web"}`."""
+    COUNTS.inc(name, amount, **labels)
 
 
 class timed:
@@ -192,9 +236,11 @@ def watched_paths(agent) -> dict[str, str]:
 class StatusCollector(Collector):
     """Metric families from `agent.status()`, computed at each scrape."""
 
-    def __init__(self, agent, durations: Durations | None = None, clock=time.monotonic) -> None:
+    def __init__(self, agent, durations: Durations | None = None, clock=time.monotonic,
+                 counts: Counts | None = None) -> None:
         self.agent = agent
         self.durations = durations if durations is not None else DURATIONS
+        self.counts = counts if counts is not None else COUNTS
         self.lag = LagTracker(clock)
         self.lock = threading.Lock()
         self.promotions = 0
@@ -228,6 +274,7 @@ class StatusCollector(Collector):
                 yield from self._failover(st["failover"])
         yield from self._disk()
         yield from self.durations.collect()
+        yield from self.counts.collect()
         g = GaugeMetricFamily("pit_scrape_duration_seconds", "Time to read the agent's status and build the metrics")
         g.add_metric([], time.monotonic() - t0)
         yield g

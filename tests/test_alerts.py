@@ -396,3 +396,24 @@ def test_validation_fills_defaults():
     assert cfg["smtp"]["port"] == 587 and cfg["smtp"]["to"] == ["it@x.example"]
     assert validate_alerts(None)["command"] is None
     assert validate_alerts({"smtp": {"host": "m", "from": "a@b", "to": ["c@d"], "ssl": True}})["smtp"]["port"] == 465
+
+
+def test_start_alerting_from_the_config_table(tmp_path):
+    from replicator.alerts import start_alerting
+
+    out = tmp_path / "alerts.txt"
+
+    class State:
+        node = "archive-1"
+
+    agent = Agent(copy.deepcopy(HEALTHY))
+    agent.state = State()
+    assert start_alerting(agent, None) is None
+    al, w = start_alerting(agent, {"command": LINE + str(out), "interval": 0.05})
+    try:
+        agent.st["sets"]["db"]["held_deletes"] = 7
+        wait_for(lambda: recorded(out), 20, "the breaker alert")
+        assert recorded(out)[0][:4] == ["breaker", "critical", "archive-1", "db"]
+    finally:
+        w.stop()
+        al.close()

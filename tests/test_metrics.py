@@ -338,3 +338,18 @@ def test_metrics_address_validation():
         with pytest.raises(ConfigError) as e:
             M.validate_metrics_address(bad)
         assert str(e.value).startswith("`metrics`:") and "\n" not in str(e.value)
+
+
+def test_event_counters(server):
+    cnt = M.Counts()
+    server.collector.counts = cnt
+    cnt.inc("point_hook_failures", set="web")
+    cnt.inc("point_hook_failures", set="web")
+    cnt.inc("point_hook_failures", set="db")
+    s = scrape(server.url)
+    assert val(s, "pit_point_hook_failures_total", set="web") == 2
+    assert val(s, "pit_point_hook_failures_total", set="db") == 1
+    with pytest.raises(ValueError):
+        cnt.inc("x", -1)
+    M.inc("testonly_events", kind="a")  # the process-wide one
+    assert M.COUNTS.data["testonly_events"][(("kind", "a"),)] >= 1
