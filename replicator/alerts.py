@@ -414,17 +414,14 @@ class AlertWatcher:
                     raise_("replica_lag", key, f"set {name}: replica {r} behind for {lag:.0f} s "
                            f"({rs.get('queued', 0)} paths queued{', catch-up pending' if rs.get('catchup') else ''})",
                            "warning", set=name, replica=r, lag_seconds=int(lag))
-                if rs.get("held_deletes"):
-                    raise_("breaker", f"{name}@{r}", f"set {name}: replica {r}'s mass-delete breaker holds "
-                           f"{rs['held_deletes']} deletions (check, then `pit release-deletes --set {name}` on {r})",
-                           "critical", set=name, replica=r)
+                # held deletions are alerted by the replica that holds them (one page, where to act)
         if s.get("role") == "replica" or "snapshots" in s:
             held = s.get("held_deletes") or 0
             texts = [a for a in s.get("alerts") or [] if classify(a)[0] == "breaker"]
             if held or texts:
-                raise_("breaker", name, f"set {name}: the mass-delete breaker holds {held} deletions"
-                       + (f": {texts[-1]}" if texts else "")
-                       + f" (check, then `pit release-deletes --set {name}` here)", "critical", set=name)
+                raise_("breaker", name, f"set {name}: the mass-delete breaker holds {held} deletions: "
+                       + (texts[-1] if texts else f"check the master, then `pit release-deletes --set {name}` here"),
+                       "critical", set=name)
             v = s.get("verified")
             if isinstance(v, dict) and v.get("result") == "damaged":
                 raise_("verify_damaged", f"{name}@{s.get('latest')}",

@@ -590,9 +590,14 @@ def make_registry(agent, durations: Durations | None = None) -> tuple[CollectorR
 
 def start_metrics_server(agent, address: str) -> MetricsServer:
     """Serve `agent`'s metrics at http://ADDRESS/metrics (a daemon thread); returns a stoppable server."""
+    from .errors import ConfigError
+
     host, port = parse_listen(address)
     reg, col = make_registry(agent)
-    httpd, thread = start_http_server(port, addr=host, registry=reg)
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=reg)
+    except OSError as exc:
+        raise ConfigError(f"`metrics`: cannot serve metrics on {address}: {exc.strerror or exc}") from None
     srv = MetricsServer(httpd, thread, reg, col)
     log.info("metrics on %s", srv.url)
     return srv

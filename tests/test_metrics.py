@@ -353,3 +353,64 @@ def test_event_counters(server):
         cnt.inc("x", -1)
     M.inc("testonly_events", kind="a")  # the process-wide one
     assert M.COUNTS.data["testonly_events"][(("kind", "a"),)] >= 1
+
+
+def test_a_port_in_use_is_a_one_line_error():
+    from replicator.errors import ConfigError
+
+    srv = M.start_metrics_server(FakeAgent({"node": "n", "primary": "n", "sets": {}, "roles": []}), "127.0.0.1:0")
+    try:
+        with pytest.raises(ConfigError, match=r"^`metrics`: cannot serve metrics on 127\.0\.0\.1:\d+: "):
+            M.start_metrics_server(FakeAgent({}), f"127.0.0.1:{srv.port}")
+    finally:
+        srv.stop()
+
+
+def _wired() -> bool:
+    """Does this checkout's agent config take `metrics` and [alerts] (the agent's wiring)?"""
+    import tempfile
+
+    from replicator import config as C
+    from replicator.errors import ConfigError
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write('state = "/nonexistent"\nmetrics = "127.0.0.1:1"\n[alerts]\nlag_seconds = 300\n')
+        f.flush()
+        try:
+            C.load_agent_config(f.name)
+        except ConfigError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not _wired(), reason="the agent does not take `metrics` / [alerts] in its config yet")
+def test_running_agents_serve_metrics_and_page_on_the_breaker(tmp_path):
+    from test_repl_helpers import Node, free_port
+
+    c = Cluster(str(tmp_path), replicas=1)
+    c.sets["web"]["delete_count"] = 5
+    out = tmp_path / "pages.txt"
+    ports = {}
+    for n in c.nodes():
+        ports[n.name] = free_port()
+        block = (f'metrics = "127.0.0.1:{ports[n.name]}"\n[alerts]\ninterval = 0.2\n'
+                 f'command = \'echo "$PIT_ALERT_NODE $PIT_ALERT_KIND $PIT_ALERT_SEVERITY" >> {out}\'\n')
+        n.write_config = (lambda n=n, block=block: lambda extra="": Node.write_config(n, extra + "\n" + block))()
+    for i in range(30):
+        with open(os.path.join(c.src, f"f{i}"), "wb") as f:
+            f.write(b"%d" % i)
+    c.start()
+    try:
+        r1 = c.replicas[0]
+        wait_for(lambda: c.converged(r1), 30, "seeding")
+        url = {n: f"http://127.0.0.1:{p}/metrics" for n, p in ports.items()}
+        wait_for(lambda: val(scrape(url["primary"]), "pit_replication_connected", set="web", replica="r1") == 1,
+                 30, "the primary's metrics")
+        assert val(scrape(url["primary"]), "pit_master_files_read_total", set="web") == 30
+        for i in range(20):
+            os.remove(os.path.join(c.src, f"f{i}"))
+        wait_for(lambda: val(scrape(url["r1"]), "pit_replica_breaker_holding", set="web") == 1, 30, "the breaker")
+        wait_for(lambda: out.exists() and "r1 breaker critical" in out.read_text(), 30, "the breaker's page")
+    finally:
+        c.stop()
+    assert "Traceback" not in c.logs()
