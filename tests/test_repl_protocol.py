@@ -90,3 +90,40 @@ def test_error_codes_distinct_and_one_line(tmp_path):
     assert r.returncode == E.ConfigError.exit_code and r.stderr.count("\n") == 1
     r = subprocess.run([PIT, "cluster", "token", "--state", str(tmp_path / "s")], capture_output=True, text=True)
     assert r.returncode == E.NotInCluster.exit_code and r.stderr.count("\n") == 1
+
+
+def test_compact_chunk_lists_and_their_deltas():
+    """Chunks (ids as one bytes, lengths as an array) behave as the list of pairs they replace, and
+    delta_ops on them (block-wise prefix/suffix) rebuilds the new list from the old one."""
+    import random
+    from array import array
+
+    from replicator.master import Chunks
+
+    rng = random.Random(7)
+
+    def mk(pairs):
+        return Chunks(b"".join(c for c, _ in pairs), array("I", [n for _, n in pairs]))
+
+    for trial in range(80):
+        n = rng.choice([0, 1, 3, 100, 5000, 12000])
+        old = [(rng.randbytes(32), rng.randint(1, 65536)) for _ in range(n)]
+        new = list(old)
+        for _ in range(rng.randint(0, 3)):
+            pos = rng.randint(0, len(new))
+            r = rng.random()
+            if r < 0.4:
+                new[pos:pos] = [(rng.randbytes(32), rng.randint(1, 9)) for _ in range(rng.randint(1, 5))]
+            elif r < 0.7:
+                del new[pos:pos + rng.randint(1, 6000)]
+            elif new:
+                i = min(pos, len(new) - 1)
+                new[i] = (new[i][0], new[i][1] + 1)  # same id, another length: not the same chunk
+        a, b = mk(old), mk(new)
+        assert list(b) == new and len(b) == len(new) and b == new
+        ops = delta_ops(a, b)
+        assert ops == delta_ops(old, new), trial
+        out = []
+        for op in ops:
+            out += old[op[1]:op[1] + op[2]] if op[0] == 0 else [tuple(x) for x in op[1]]
+        assert out == new, trial
