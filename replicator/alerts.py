@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import smtplib
 import socket
 import ssl
@@ -258,18 +259,25 @@ class Alerter:
             if _FIELD.fullmatch(k):
                 env[f"PIT_ALERT_{k.upper()}"] = str(v)
         try:
-            r = subprocess.run(argv, input=message + "\n", env=env, capture_output=True, text=True,
-                               timeout=self.cfg["command_timeout"], start_new_session=True)
-        except subprocess.TimeoutExpired:
-            log.error("alert command %r timed out after %gs (alert %s)", _show(cmd), self.cfg["command_timeout"], kind)
-            return
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=env, text=True, start_new_session=True)
         except OSError as exc:
             log.error("alert command %r could not run: %s (alert %s)", _show(cmd), exc, kind)
             return
-        if r.returncode != 0:
-            lines = (r.stderr or r.stdout or "").strip().splitlines()
+        try:
+            out, err = proc.communicate(message + "\n", timeout=self.cfg["command_timeout"])
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the command and whatever it started
+            except OSError:
+                pass
+            proc.communicate()
+            log.error("alert command %r killed after %gs (alert %s)", _show(cmd), self.cfg["command_timeout"], kind)
+            return
+        if proc.returncode != 0:
+            lines = (err or out or "").strip().splitlines()
             tail = one_line(lines[-1]) if lines else ""
-            log.error("alert command %r exited %d (alert %s)%s", _show(cmd), r.returncode, kind,
+            log.error("alert command %r exited %d (alert %s)%s", _show(cmd), proc.returncode, kind,
                       f": {tail}" if tail else "")
 
     def _mail(self, kind: str, severity: str, message: str, fields: dict) -> None:

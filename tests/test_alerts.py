@@ -417,3 +417,25 @@ def test_start_alerting_from_the_config_table(tmp_path):
     finally:
         w.stop()
         al.close()
+
+
+def test_a_hanging_command_is_killed_with_its_children(tmp_path, caplog):
+    pidfile = tmp_path / "child.pid"
+    al = Alerter({"command": f"sleep 600 & echo $! > {pidfile}; wait", "command_timeout": 0.5}, node="n")
+    try:
+        with caplog.at_level("INFO", logger="pit.alerts"):
+            al.notify("k", "m")
+            assert al.flush(60)
+    finally:
+        al.close()
+    assert any("killed after" in r.getMessage() for r in caplog.records)
+    pid = int(pidfile.read_text())
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ", 1)[1].startswith("Z")  # a zombie until init reaps it
+        except FileNotFoundError:
+            return True
+
+    wait_for(gone, 10, "the hook's child to be killed")
