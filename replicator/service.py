@@ -191,7 +191,7 @@ KillSignal=SIGTERM
 TimeoutStopSec=30
 LimitNOFILE=65536
 ProtectSystem=strict
-ReadWritePaths={state}/etcd
+ReadWritePaths={state_etcd}
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
@@ -266,6 +266,7 @@ def render(unit: str, params: dict | None = None) -> dict[str, str]:
         p[k] = _check_path(k, p[k])
     words = {k: _quote(p[k]) for k in ("pit", "agent_config", "serve_config", "repo")}
     words["state"] = p["state"]
+    words["state_etcd"] = _quote(os.path.join(p["state"], "etcd"))
     words["etcd_name"] = p["etcd_name"]
     if unit == "etcd":
         argv = etcd_argv(p["etcd"], p["state"], p["etcd_name"], p["etcd_client"], p["etcd_peer"],
@@ -289,9 +290,11 @@ def default_pit() -> str:
     return os.path.abspath(found) if found else DEFAULTS["pit"]
 
 
-def install(root: str, units: list[str], params: dict, enable: bool = True, echo=print) -> dict:
+def install(root: str, units: list[str], params: dict, enable: bool = True, echo=print,
+            live: bool | None = None) -> dict:
     """Write the units under ROOT/etc/systemd/system; reload and enable them when systemd runs here
-    (and ROOT is /), else say so and print the commands. Returns what was written and run."""
+    (and ROOT is /), else say so and print the commands. `live` overrides that test (tests run a fake
+    systemctl). Returns what was written and the commands run."""
     out_dir = os.path.join(root, UNIT_DIR)
     os.makedirs(out_dir, mode=0o755, exist_ok=True)
     written, enables = [], []
@@ -322,7 +325,8 @@ def install(root: str, units: list[str], params: dict, enable: bool = True, echo
         if "pit-etcd.service" in enables:  # waits for a quorum: do not block on it
             cmds.append(["systemctl", "enable", "--now", "--no-block", "pit-etcd.service"])
     ran = []
-    live = os.path.realpath(root) == "/" and systemd_running()
+    if live is None:
+        live = os.path.realpath(root) == "/" and systemd_running()
     if live:
         for c in cmds:
             r = subprocess.run(c, capture_output=True, text=True)
