@@ -49,6 +49,8 @@ class Agent:
         self.point_seq = 0
         self._roster_cache = (0.0, {})
         self.failover = None  # failover.Failover when the cluster file has [failover]
+        self.metrics_server = None
+        self.alerting = None  # (Alerter, AlertWatcher)
         self._applied: dict = {}  # the effective sets last applied
 
     # ----------------------------------------------------------------- cluster view
@@ -400,6 +402,12 @@ class Agent:
                 if bad:
                     raise PointFailed("no consistent point on " + ", ".join(f"{r} ({e})" for r, e in bad.items()))
         except HookFailed as exc:
+            from . import metrics
+
+            metrics.inc("point_hook_failures", set=ms.name)
+            if self.alerting is not None:
+                self.alerting[0].notify("hook_failed", f"set {ms.name}: {exc}", "critical",
+                                        key=f"{ms.name}:point", set=ms.name)
             made = ", ".join(f"{r}: {v['snapshot']}" for r, v in out.items() if v.get("snapshot"))
             raise PointFailed(f"set {ms.name}: {exc}" + (f" (snapshots made before the failure: {made}; do not "
                                                            "trust them as consistent)" if made else "")) from None
@@ -443,7 +451,7 @@ class Agent:
     def status(self) -> dict:
         out = {"node": self.state.node, "primary": self.state.primary, "config_version": self.config.get("version"),
                "sets": {}}
-        for name, ms in self.masters.items():
+        for name, ms in list(self.masters.items()):  # a scrape may race with apply_config
             out["sets"][name] = ms.status()
         if self.replica is not None:
             for name, st in self.replica.status().items():
@@ -516,6 +524,13 @@ class Agent:
             threading.Thread(target=self._config_loop, daemon=True, name="pit-config").start()
         elif self.config:
             self.apply_config(self.config)
+        if self.cfg.get("metrics"):
+            from .metrics import start_metrics_server
+
+            self.metrics_server = start_metrics_server(self, self.cfg["metrics"])
+        from .alerts import start_alerting
+
+        self.alerting = start_alerting(self, self.cfg.get("alerts"))
         log.info("node %s listening on %s", self.state.node, self.listen)
         print(f"pit agent: node {self.state.node} listening on {self.listen}", flush=True)
         try:
@@ -528,6 +543,11 @@ class Agent:
             for ms in self.masters.values():
                 ms.stop()
             self.watcher.stop()
+            if self.alerting is not None:
+                self.alerting[1].stop()
+                self.alerting[0].close(timeout=10)
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             try:
                 os.unlink(ctl_path)
             except OSError:

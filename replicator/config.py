@@ -10,6 +10,9 @@ as a replica, and, on the primary only, the cluster file:
     cluster = "/etc/pit/cluster.toml"   # primary only
     live = {web = ["/srv/www"]}         # secondary only: where a promotion materialises each set
                                         # (default: the set's paths; base names must match them)
+    metrics = "0.0.0.0:9474"            # Prometheus metrics (docs/metrics-alerts.md)
+    [alerts]                            # alerts that reach a person: command and/or SMTP
+    command = "/usr/local/bin/page-me"
 
 The cluster file defines the replication sets:
 
@@ -155,7 +158,7 @@ def _load_toml(path: str) -> dict:
 def load_agent_config(path: str) -> dict:
     raw = _load_toml(path)
     base = os.path.dirname(os.path.abspath(path))
-    unknown = set(raw) - {"state", "repo", "listen", "cluster", "control", "log", "live"}
+    unknown = set(raw) - {"state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "state" not in raw:
@@ -169,6 +172,17 @@ def load_agent_config(path: str) -> dict:
                                                                                  for p in v) for v in live.values()):
         raise ConfigError(f"{path}: `live` maps set names to lists of absolute paths (where a promoted "
                           "secondary materialises each set)")
+    try:
+        if "metrics" in cfg:
+            from .metrics import validate_metrics_address
+
+            validate_metrics_address(cfg["metrics"])
+        if "alerts" in cfg:
+            from .alerts import validate_alerts
+
+            cfg["alerts"] = validate_alerts(cfg["alerts"])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return cfg
 
 
