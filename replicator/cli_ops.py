@@ -244,8 +244,11 @@ def locate(msg: str, raw: dict, lines: dict[tuple, int]) -> tuple[tuple, int]:
     top = set(raw)
 
     def resolve(ref: tuple) -> tuple:
-        if ref and ref[0] in top | CLUSTER_KEYS | SERVE_KEYS and not (base and ref[0] in _get(raw, base)
-                                                                   if isinstance(_get(raw, base), dict) else False):
+        """A key named in the message: absolute when it starts at the top level (`failover.ttl`),
+        else relative to the table the message is about (`mode` in set 'web')."""
+        here = _get(raw, base)
+        inside = isinstance(here, dict) and ref[:1] and ref[0] in here
+        if base and not inside and ref[:1] and ref[0] in top | CLUSTER_KEYS | SERVE_KEYS:
             return ref
         return base + ref
 
