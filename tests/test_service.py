@@ -182,3 +182,28 @@ def test_units_quote_what_systemd_would_split():
         service.render("agent", {"agent_config": "/etc/pit/a\nExecStartPre=/bin/evil"})
     # the default pit is the one next to this interpreter (the venv's)
     assert service.default_pit() == os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "pit")
+
+
+@pytest.mark.skipif(not shutil.which("etcd"), reason="etcd is not installed (Debian: etcd-server)")
+def test_the_etcd_units_command_runs_a_member_in_the_foreground_and_restarts(tmp_path):
+    """The unit's argv, run as systemd would (foreground, SIGTERM to stop), serves; run again on its
+    data with the same argv (`--initial-cluster-state new` as written at install) it serves again."""
+    import signal
+    import time
+
+    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    argv = service.etcd_argv(shutil.which("etcd"), str(tmp_path / "state"), "t1", client, peer)
+    assert argv[argv.index("--initial-cluster-state") + 1] == "new"
+    for _ in range(2):
+        with open(tmp_path / "etcd.log", "ab") as log:
+            p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            for _ in range(300):
+                if etcd_members.health(client)[0] or p.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert etcd_members.health(client)[0], (tmp_path / "etcd.log").read_text()[-2000:]
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
+    assert os.path.isdir(tmp_path / "state" / "etcd" / "data" / "member")
