@@ -21,7 +21,7 @@ from store.errors import InvalidArgument, StoreError
 from .errors import ClusterError, ConfigError
 
 KINDS = ("agent", "cluster", "serve")
-AGENT_KEYS = {"state", "repo", "listen", "cluster", "control", "log", "live", "alerts"}
+AGENT_KEYS = {"state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts"}
 CLUSTER_KEYS = {"sets", "failover"}
 SERVE_KEYS = {"server", "users", "anonymous"}
 SERVE_SCHEMA = {"server": {"listen", "port", "certificate", "private_key", "anonymous"}}
@@ -236,9 +236,6 @@ def locate(msg: str, raw: dict, lines: dict[tuple, int]) -> tuple[tuple, int]:
         base = ("sets", m.group(1)) if m.group(1) is not None else (
             ("users", m.group(2)) if m.group(2) else (m.group(3),))
         rest = msg[m.end():]
-        m2 = re.match(r"set '([^']*)':\s*", rest)  # "failover: set 'x'" does not occur; nested user scope does not
-        if m2:
-            base, rest = ("sets", m2.group(1)), rest[m2.end():]
     else:
         rest = msg
     top = set(raw)
@@ -309,10 +306,6 @@ def _check_agent(path: str, raw: dict) -> str:
         if k in raw and not isinstance(raw[k], str):
             raise ConfigError(f"`{k}` must be a string")
     cfg = load_agent_config(path)
-    if "alerts" in raw:  # the [alerts] table (replicator/alerts.py), once the agent's loader accepts it
-        from .alerts import validate_alerts
-
-        validate_alerts(raw["alerts"])
     role = f"the primary (cluster file {cfg['cluster']})" if cfg.get("cluster") else "a node"
     return f"agent configuration of {role}, state {cfg['state']}"
 

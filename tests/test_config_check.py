@@ -20,6 +20,12 @@ repo = "/var/lib/pit/repo"
 
 listen = "0.0.0.0:7400"
 live = {web = ["/srv/www"]}
+metrics = "127.0.0.1:9474"
+
+[alerts]
+command = "/usr/local/bin/page-me"
+smtp = {host = "mail.example.com", port = 587, starttls = true, from = "pit@example.com", to = ["it@example.com"]}
+lag_seconds = 300
 """
 
 CLUSTER = """\
@@ -102,6 +108,9 @@ BAD = [
     ("agent", AGENT, '"0.0.0.0:7400"', '"nowhere"', "listen", "listen =", ConfigError),
     ("agent", AGENT, '"0.0.0.0:7400"', "7400", "listen", "listen =", ConfigError),
     ("agent", AGENT, '["/srv/www"]', '["srv/www"]', "live", "live =", ConfigError),
+    ("agent", AGENT, '"127.0.0.1:9474"', '"everywhere"', "metrics", "metrics =", ConfigError),
+    ("agent", AGENT, "port = 587", 'port = "smtp"', "alerts.smtp.port", "port =", ConfigError),
+    ("agent", AGENT, "lag_seconds = 300", "lag_secs = 300", "alerts.lag_secs", "lag_secs", ConfigError),
     ("cluster", CLUSTER, 'mode = "mirror"', 'mode = "mirorr"', "sets.web.mode", "mode =", ConfigError),
     ("cluster", CLUSTER, "point_quiet = 0", "point_qiuet = 0", "sets.sales-db.point_qiuet", "point_qiuet",
      ConfigError),
