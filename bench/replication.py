@@ -245,6 +245,9 @@ def idle_part(a, work: str) -> dict:
             res[f"{label}_files_read_inside"] = st2["files_read"] - st["files_read"]
             return used / a.idle_s
 
+        # the windows start right after a scan has finished, so none falls inside (`rescan` > idle-s + a scan)
+        scans = master_stats(c)["scans"]
+        wait_for(lambda: master_stats(c)["scans"] > scans, a.rescan + 120, "a reconcile scan", interval=0.2)
         rate_before = quiet_window("idle_before_rescan")
         # up to and through the first reconcile scan (stat of every file, nothing read)
         st0, c0, t0 = master_stats(c), cpu_seconds(pid), time.monotonic()
