@@ -805,6 +805,25 @@ class MasterSet:
                 self.alert(f"cannot save the files cache: {exc}")
 
     # ------------------------------------------------------------- chunk data for senders
+    def cache_put(self, cid: bytes, val: tuple[int, bytes]) -> None:
+        with self.cache_lock:
+            self.cache.put(cid, val)
+
+    def read_range(self, path: bytes, off: int, n: int, cctx) -> tuple[bytes, tuple[int, bytes]] | None:
+        """(id, (flags, stored bytes)) of a file's range as it is now; None if it cannot be read whole."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, n, off)
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        if len(data) != n:
+            return None
+        c = cctx.compress(data)
+        return blake3.blake3(data).digest(), ((P.ZSTD, c) if len(c) < len(data) else (0, data))
+
     def chunk_payload(self, cid: bytes, where: tuple[bytes, int, int], cctx) -> tuple[int, bytes] | None:
         """(flags, stored bytes) of a chunk, compressed once and shared by all senders."""
         with self.cache_lock:
@@ -1141,6 +1160,75 @@ class Sender:
         return out
 
     # ----------------------------------------------------------------- sending
+    def _offer_and_send(self, conn: protocol.Conn, ids: list[bytes], wanted: dict, stale: set,
+                        fixed: dict | None) -> None:
+        """OFFER ids, send the chunks the replica NEEDs. A range that changed since it was chunked
+        (a file written in place while it is sent, like a database's log) is read as it is now and
+        noted in `fixed` (path -> {offset: (new id, payload, length)}) to go out under its new id, so a point
+        never leaves such a file out; a range that can no longer be read whole makes its path stale."""
+        ms = self.ms
+        for i in range(0, len(ids), OFFER_IDS):
+            conn.send({"t": "offer", "ids": ids[i:i + OFFER_IDS]})
+            need = conn.recv("need")["ids"]
+            buf, size = [], 0
+            for cid in need:
+                where = wanted.get(cid)
+                if where is None:
+                    raise ProtocolError(f"{self.replica} asked for a chunk that was not offered")
+                got = ms.chunk_payload(cid, where, self.cctx)
+                if got is None:
+                    now = ms.read_range(*where, self.cctx) if fixed is not None else None
+                    if now is None:
+                        stale.add(where[0])
+                    else:
+                        fixed.setdefault(where[0], {})[where[1]] = (*now, where[2])
+                    continue
+                if buf and size + len(got[1]) + 64 > CHUNKS_FRAME:
+                    conn.send({"t": "chunks", "chunks": buf})
+                    buf, size = [], 0
+                buf.append([cid, got[0], where[2], got[1]])
+                size += len(got[1]) + 64
+            if buf:
+                conn.send({"t": "chunks", "chunks": buf})
+
+    def _send_rewritten(self, conn: protocol.Conn, changes: list, fixed: dict, stale: set) -> list:
+        """Files with ranges read anew: their chunk lists get the new ids at those offsets (the other
+        ranges keep the ids they had when chunked), the new chunks are offered and sent, and the
+        master's tree takes the list the replica will hold, so later deltas start from it."""
+        ms = self.ms
+        out = []
+        for c in changes:
+            path = ms.abs_path(c["p"]) if c.get("e") is not None and "ops" in c else None
+            if path is None or path not in fixed or path in stale:
+                out.append(c)
+                continue
+            with ms.lock:
+                node = ms.lookup(c["p"])
+                if not isinstance(node, FNode) or node.type != FILE:
+                    stale.add(path)
+                    continue
+                ids, lens, off, wanted = bytearray(), array("I"), 0, {}
+                for cid, n in node.chunks:
+                    new = fixed[path].get(off)
+                    if new is not None and new[2] == n:  # the same range (the node was not re-chunked)
+                        cid = new[0]
+                        ms.cache_put(cid, new[1])
+                    ids += cid
+                    lens.append(n)
+                    wanted.setdefault(cid, (path, off, n))
+                    off += n
+                chunks = Chunks(bytes(ids), lens)
+                base = c["base"] and node.prev
+                ops = delta_ops(node.prev if base else None, chunks)
+                repl = FNode(FILE, node.mode, node.uid, node.gid, node.mtime_ns, node.size, content_id(chunks),
+                             chunks, node.skey, node.prev, node.prev_content)
+                ms._set(c["p"], repl)
+            new_ids = [cid for op in ops if op[0] == 1 for cid, _ in op[1]]
+            self._offer_and_send(conn, list(dict.fromkeys(new_ids)), wanted, stale, None)
+            if path not in stale:
+                out.append(dict(c, ops=ops))
+        return out
+
     def _send_paths(self, conn: protocol.Conn, rels: list[bytes], full: set | None = None) -> None:
         ms = self.ms
         mirror = ms.cfg["mode"] == "mirror"
@@ -1174,27 +1262,11 @@ class Sender:
                             for cid, n in op[1]:
                                 wanted.setdefault(cid, offsets[cid])
         # Offer the ids of new ranges; send only what the replica lacks.
-        ids = list(wanted)
         stale: set[bytes] = set()
-        for i in range(0, len(ids), OFFER_IDS):
-            conn.send({"t": "offer", "ids": ids[i:i + OFFER_IDS]})
-            need = conn.recv("need")["ids"]
-            buf, size = [], 0
-            for cid in need:
-                where = wanted.get(cid)
-                if where is None:
-                    raise ProtocolError(f"{self.replica} asked for a chunk that was not offered")
-                got = ms.chunk_payload(cid, where, self.cctx)
-                if got is None:
-                    stale.add(where[0])
-                    continue
-                if buf and size + len(got[1]) + 64 > CHUNKS_FRAME:
-                    conn.send({"t": "chunks", "chunks": buf})
-                    buf, size = [], 0
-                buf.append([cid, got[0], where[2], got[1]])
-                size += len(got[1]) + 64
-            if buf:
-                conn.send({"t": "chunks", "chunks": buf})
+        fixed: dict[bytes, dict[int, tuple[bytes, tuple[int, bytes], int]]] = {}
+        self._offer_and_send(conn, list(wanted), wanted, stale, fixed)
+        if fixed:
+            changes = self._send_rewritten(conn, changes, fixed, stale)
         if stale:
             # Changed since chunked: leave them out; the watcher (or the next scan) brings the new version.
             changes = [c for c in changes if c["e"] is None or ms.abs_path(c["p"]) not in stale]
@@ -1240,6 +1312,6 @@ class Sender:
             self.held = ack["held"]
             retry.extend(ack["retry"])
         log.debug("set %s -> %s: %d changes, %d ids offered, %d retried, %d bytes so far",
-                  ms.name, self.replica, len(changes), len(ids), len(retry), conn.bytes_sent)
+                  ms.name, self.replica, len(changes), len(wanted), len(retry), conn.bytes_sent)
         if retry and full is None:
             self._send_paths(conn, [protocol.check_path(r) for r in retry], full=set(retry))

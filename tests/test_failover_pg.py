@@ -25,17 +25,15 @@ nothing asserts timings.
 
 Two point modes of the template:
 
-* `basebackup` (`pg_basebackup` into a side directory, which is the set):
-  runs in CI;
+* `basebackup` (`pg_basebackup` into a side directory, which is the set);
 * `backup` (the template's default: `pg_backup_start`/`pg_backup_stop`
-  around a capture of the live data directory): xfail, see FLUSH_RACE. The
-  master does not wait for a file that changed between being chunked and
-  being sent (a WAL segment being written): the point is made without it,
-  the image's pg_control names a checkpoint its WAL does not have, and every
-  image made under load fails the check (PANIC: could not locate a valid
-  checkpoint record); failover falls back to the image made before the load.
-  `test_point_holds_writes_made_before_it[realtime-in-place]` is the same
-  failure without PostgreSQL.
+  around a capture of the live data directory). This one used to fail: a
+  file that changed between being chunked and being sent (a WAL segment
+  being written) was left out of the point, so the image's pg_control named a
+  checkpoint its WAL did not have (PANIC: could not locate a valid checkpoint
+  record). The master now sends such a range as it is at send time, under
+  its new id. `test_point_holds_writes_made_before_it[realtime-in-place]` is
+  the same case without PostgreSQL.
 """
 from __future__ import annotations
 
@@ -221,16 +219,10 @@ def point(c: PgFailoverCluster, cfg: dict, mark) -> dict[str, str]:
     return dict(line.split("\t") for line in out.splitlines())
 
 
-FLUSH_RACE = ("master.py Sender._send_paths: a file that changed between being chunked and being sent "
-              "(chunk_payload: hash mismatch) is left out of the batch and re-marked, and the point is made "
-              "without it; a WAL segment being written always is: the image keeps an older copy of it, "
-              "pg_control names a checkpoint the WAL lacks, the image does not start "
-              "(PANIC: could not locate a valid checkpoint record)")
-
 
 @pytest.mark.parametrize("mode", [
     "basebackup",
-    pytest.param("backup", marks=[pytest.mark.slow, pytest.mark.xfail(reason=FLUSH_RACE, strict=False)]),
+    "backup",
 ])
 def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
     base = tempfile.mkdtemp(prefix="pit-pgfo-", dir="/tmp")  # reachable by the postgres user
@@ -393,7 +385,7 @@ def _last_record(data: bytes, upto: int) -> int:
 
 
 @pytest.mark.parametrize("schedule,in_place", [
-    pytest.param(None, True, id="realtime-in-place", marks=pytest.mark.xfail(strict=True, reason=FLUSH_RACE)),
+    pytest.param(None, True, id="realtime-in-place"),
     pytest.param({"every": "15m"}, False, id="scheduled-append"),
 ])
 def test_point_holds_writes_made_before_it(tmp_path, schedule, in_place):
