@@ -88,6 +88,9 @@ def serve(ctx, config_path, listen, port, self_signed, scratch_dir, verbose):
         click.echo(f"DIAGNOSTIC: {os.path.abspath(scratch_dir)} is served WRITABLE at /litmus-scratch/", err=True)
     refresh_versions_index(repo, lambda m: click.echo(m, err=True))
     server = make_server(repo, cfg, verbose=1 + verbose * 2, scratch_dir=scratch_dir)
+    from store.logsetup import setup_logging  # after make_server: it replaces wsgidav's own handler
+
+    setup_logging("DEBUG" if verbose > 1 else "INFO")
     scheme = "https" if cfg.tls else "http"
     click.echo(f"serving {repo.path} read-only at {scheme}://{cfg.listen}:{cfg.port}/ "
                f"({len(cfg.users)} users{', anonymous allowed' if cfg.anonymous else ''})", err=True)

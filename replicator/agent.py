@@ -587,8 +587,9 @@ def control_request(state_dir: str | None, cfg_path: str | None, cmd: str, args:
 
 
 def run_agent(cfg_path: str) -> None:
-    logging.basicConfig(level=os.environ.get("PIT_LOG", "INFO"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from store.logsetup import setup_logging
+
+    setup_logging(os.environ.get("PIT_LOG", "INFO"))
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack to the log

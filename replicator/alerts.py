@@ -4,15 +4,20 @@ The node's agent config has an optional table:
 
     [alerts]
     command = "/usr/local/bin/page-me"      # a shell line, or an argv list
-    smtp = {host = "mail.example.com", port = 587, from = "pit@example.com",
-            to = ["it@example.com"], starttls = true, user = "pit",
-            password_file = "/etc/pit/smtp-password"}   # also: ssl = true (SMTPS),
-                                                        # cafile = "/etc/pit/mail-ca.pem", timeout = 30
     lag_seconds = 300          # a replica behind for longer than this
     repeat_minutes = 60        # the same alert again only after this long
     disconnect_seconds = 60    # a replica disconnected for longer than this
     disk_free_percent = 10     # the repository's / state directory's filesystem
     interval = 5               # seconds between looks at the status
+
+    [alerts.smtp]              # (one line per key: TOML inline tables cannot span lines)
+    host = "mail.example.com"
+    port = 587                 # also: ssl = true (SMTPS), cafile = "/etc/pit/mail-ca.pem", timeout = 30
+    from = "pit@example.com"
+    to = ["it@example.com"]
+    starttls = true
+    user = "pit"
+    password_file = "/etc/pit/smtp-password"
 
 `Alerter.notify()` never blocks the caller: alerts go through a bounded
 queue to one worker thread, which logs each one as one line, runs the

@@ -396,11 +396,17 @@ class ReplicaSide:
     def point(self, set_name: str, cfg: dict) -> str | None:
         """Make the head a snapshot now; returns the newest snapshot's name (None if there is none)."""
         st = self.set_state(set_name)
+        from .metrics import observe
+
         with self.lock:
             with self.repo.writer(lock_wait=60) as w:
+                t0 = time.monotonic()
                 snap = snapshot_head(w, set_name, cfg["paths"], cfg["master"])
                 if snap is not None:
-                    apply_retention(w, set_name)
+                    t1 = time.monotonic()
+                    observe("snapshot", t1 - t0, set=set_name)
+                    apply_retention(w, set_name)  # drops beyond the cap: the prune of the oldest
+                    observe("retention", time.monotonic() - t1, set=set_name)
             with self.repo.reading() as txn:
                 snaps = list_snapshots(self.repo, txn, set_name)
         st.last_point = time.monotonic()

@@ -1,4 +1,4 @@
-"""replicator/logsetup.py: one line per event; under systemd (JOURNAL_STREAM naming stderr) a `<N>`
+"""store/logsetup.py: one line per event; under systemd (JOURNAL_STREAM naming stderr) a `<N>`
 syslog priority prefix per line and no timestamp, else timestamped lines. Each mode in a real
 subprocess whose stderr is a file, with and without JOURNAL_STREAM."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from conftest import ROOT
 
 PROGRAM = r"""
 import logging, sys
-from replicator.logsetup import setup_logging
+from store.logsetup import setup_logging
 from wsgidav import util
 util.init_logging({"verbose": 4, "logging": {"enable": True}})   # wsgidav's own stdout handler
 journal = setup_logging(sys.argv[1])
@@ -80,7 +80,7 @@ def test_plain_mode_keeps_timestamps_without_prefixes(tmp_path, journal_stream):
 def test_priorities_and_bad_levels():
     import logging
 
-    from replicator.logsetup import priority, setup_logging
+    from store.logsetup import priority, setup_logging
 
     assert [priority(lv) for lv in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR,
                                     logging.CRITICAL, 5, 25, 35, 45)] == [7, 6, 4, 3, 2, 7, 6, 4, 3]
