@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PKGS ?=
 
-.PHONY: demo test test-slow bench venv deps clean-demo
+.PHONY: demo test test-slow bench venv deps clean-demo install
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-slow: venv deps
 
 bench: venv deps
 	$(BIN)/python bench/ingest.py
+
+# A node of a real cluster (docs/quickstart.md): the venv, the Debian packages, `pit` on the PATH.
+install: venv deps
+	ln -sf $(abspath $(BIN))/pit /usr/local/bin/pit
+	@echo "pit installed: $$(command -v pit)"
 
 clean-demo:
 	@test -x $(BIN)/pit && $(BIN)/pit demo down || rm -rf demo-data
