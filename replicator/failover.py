@@ -404,36 +404,36 @@ class Failover:
         return out
 
     def _refresh_mirror(self) -> None:
-        """The secondary keeps its live paths at the newest consistent point while it waits, so a
-        promotion rewrites only what changed since (and the services could be started at once)."""
+        """Mirror mode on the secondary station: its live paths follow what it has received (the set's
+        head), each file replaced atomically and deletions applied, so a promotion only rewrites what
+        differs between that and the chosen consistent image (and services could start at once)."""
+        from store.apply import head_root
         from store.objects import ObjectReader
-        from store.snapshots import list_snapshots
 
         if self.agent.replica is None or time.monotonic() < self._mirror_next:
             return
-        self._mirror_next = time.monotonic() + max(5.0, self.cfg["heartbeat"])
+        self._mirror_next = time.monotonic() + max(2.0, self.cfg["heartbeat"])
         repo = self.agent.replica.repo
         mirrored = self.saved.setdefault("mirrored", {})
         sets = self.agent.config.get("sets", {})
         for name in self.protected(sets):
             with repo.reading() as txn:
-                snaps = list_snapshots(repo, txn, name)
-                if not snaps or mirrored.get(name) == snaps[-1].hex:
+                root = head_root(repo, txn, name)
+                if root is None or mirrored.get(name) == root.hex():
                     continue
-                snap = snaps[-1]
                 r = ObjectReader(repo, txn)
-                by_name = {e.name: e for e in r.tree(snap.root)}
+                by_name = {e.name: e for e in r.tree(root)}
                 try:
                     for path in self.live_paths(name, sets[name]):
                         e = by_name.get(os.fsencode(os.path.basename(path)))
                         if e is not None:
                             self._sync(r, e, path)
                 except Exception as exc:  # a damaged chunk, a full disk: promotion will choose anew
-                    log.error("set %s: live mirror not refreshed to %s: %s", name, snap.name, exc)
+                    log.error("set %s: live mirror not refreshed: %s", name, exc)
                     continue
-            mirrored[name] = snap.hex
+            mirrored[name] = root.hex()
             self._save()
-            log.info("set %s: live mirror at %s", name, snap.name)
+            log.debug("set %s: live mirror at head %s", name, root.hex()[:12])
 
     @staticmethod
     def _sync(reader, entry, path: str):
