@@ -797,8 +797,16 @@ class MasterSet:
                 log.exception("set %s: scheduled scan failed", self.name)
             self.runs += 1
             log.info("set %s: scheduled reconcile %d", self.name, self.runs)
-            for s in list(self.senders.values()):
-                s.trigger()
+            app = self.cfg.get("app") or {}
+            if app.get("pre") or app.get("post"):
+                # an application set (a database): its consistent point needs its hooks around it
+                try:
+                    self.agent._master_point(self, 600.0)
+                except ReplError as exc:
+                    self.alert(f"scheduled point failed: {exc}")
+            else:
+                for s in list(self.senders.values()):
+                    s.trigger()
             try:
                 self.save()
             except Exception as exc:

@@ -43,3 +43,20 @@ def test_point_hooks_wrap_the_point_and_a_failure_is_never_silent(cluster, tmp_p
     res = pit("point", "--set", "web", "--config", c.primary.config, check=False)
     assert res.returncode == 55 and "pre hook failed" in res.stderr, res.stderr
     assert len(replica_snapshots(r.repo, "web")) == 1
+
+
+def test_scheduled_points_of_an_application_set_run_its_hooks(cluster, tmp_path):
+    """A database set is scheduled (its template says so): every scheduled point runs pre/post hooks."""
+    c = cluster
+    trace = tmp_path / "trace"
+    c.sets["web"]["schedule"] = {"every": "2s"}
+    c.sets["web"]["app"] = {"pre": [f"echo pre $PIT_POINT_ID >> {trace}"],
+                            "post": [f"echo post $PIT_POINT_ID $PIT_POINT_RESULT >> {trace}"]}
+    with open(os.path.join(c.src, "a.txt"), "wb") as f:
+        f.write(b"one")
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: trace.exists() and trace.read_text().count("post ") >= 2, 60, "two scheduled points")
+    lines = trace.read_text().split("\n")
+    assert lines[0].startswith("pre ") and lines[1].startswith("post ") and lines[1].endswith(" ok")
+    wait_for(lambda: replica_snapshots(r.repo, "web"), 30, "the scheduled point's snapshot")
