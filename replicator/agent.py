@@ -408,6 +408,10 @@ class Agent:
             if self.alerting is not None:
                 self.alerting[0].notify("hook_failed", f"set {ms.name}: {exc}", "critical",
                                         key=f"{ms.name}:point", set=ms.name)
+            marks = [ms.senders[r].request_mark(v["snapshot"], False, str(exc), time.monotonic() + 60)
+                     for r, v in out.items() if v.get("snapshot") and r in ms.senders]
+            for slot in marks:  # the images are marked failed before the command returns
+                slot["done"].wait(65)
             made = ", ".join(f"{r}: {v['snapshot']}" for r, v in out.items() if v.get("snapshot"))
             raise PointFailed(f"set {ms.name}: {exc}" + (f" (snapshots made before the failure: {made}; do not "
                                                            "trust them as consistent)" if made else "")) from None

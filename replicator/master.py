@@ -945,6 +945,23 @@ class Sender:
                 self.need_catchup = True
             self.cond.notify()
 
+    def request_mark(self, snapshot: str, ok: bool, error: str | None, deadline: float) -> dict:
+        """Record a point's hook outcome on the replica's snapshot (a failed post hook: image selection
+        then skips that image). Queued like a point, so it follows it on the same stream."""
+        slot = self.request_point(0, deadline)
+        slot["mark"] = {"snapshot": snapshot, "ok": ok, "error": error or ""}
+        return slot
+
+    def _serve_slot(self, conn: protocol.Conn, slot: dict) -> None:
+        if "mark" in slot:
+            conn.send({"t": "mark", **slot["mark"]})
+            conn.recv("marked")
+            slot["result"] = {"marked": slot["mark"]["snapshot"]}
+        else:
+            conn.send({"t": "point", "id": slot["id"]})
+            slot["result"] = {"snapshot": conn.recv("pointed")["snapshot"]}
+        slot["done"].set()
+
     def request_point(self, pid: int, deadline: float | None = None) -> dict:
         """Ask for a consistent point; `deadline` (monotonic) is when whoever asked stops waiting, so a
         scheduled sender keeps retrying a transient failure (replica restarting, configuration not yet
@@ -1048,9 +1065,7 @@ class Sender:
                         conn.send({"t": "point", "id": self.ms.agent.point_seq})
                         conn.recv("pointed")
                     for slot in points:
-                        conn.send({"t": "point", "id": slot["id"]})
-                        slot["result"] = {"snapshot": conn.recv("pointed")["snapshot"]}
-                        slot["done"].set()
+                        self._serve_slot(conn, slot)
                 except BaseException:
                     with self.cond:
                         self.due = self.due or scheduled
@@ -1104,10 +1119,7 @@ class Sender:
                 self._send_paths(conn, batch)
             self.inflight = points
             for slot in points:
-                conn.send({"t": "point", "id": slot["id"]})
-                r = conn.recv("pointed")
-                slot["result"] = {"snapshot": r["snapshot"]}
-                slot["done"].set()
+                self._serve_slot(conn, slot)
             self.inflight = []
 
     # ----------------------------------------------------------------- catch-up

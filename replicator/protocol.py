@@ -70,6 +70,9 @@ SCHEMA: dict[str, dict[str, object]] = {
     "ack": {"seq": int, "applied": int, "held": int, "retry": list},
     "point": {"id": int},
     "pointed": {"id": int, "snapshot": (str, NONE)},
+    # a point's hook outcome, recorded on the replica's snapshot (image selection skips failed ones)
+    "mark": {"snapshot": str, "ok": bool, "error": str},
+    "marked": {},
     # `pit status`: one node asks another for its own status (mTLS, any cluster member)
     "status_reply": {"status": dict},
     # cluster configuration pushed by the primary

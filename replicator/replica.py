@@ -38,7 +38,7 @@ from store.snapshots import list_snapshots
 from store.trees import DIR, FILE, SYMLINK, Entry
 
 from . import protocol
-from .errors import ChunkRejected, NotAuthorised, ProtocolError, ReplError
+from .errors import ChunkRejected, NotAuthorised, ProtocolError
 from .merkle import TreeDigests
 
 log = logging.getLogger("pit.replica")
@@ -253,6 +253,9 @@ class ReplicaSide:
                 elif t == "point":
                     name = self.point(set_name, cfg)
                     conn.send({"t": "pointed", "id": msg["id"], "snapshot": name})
+                elif t == "mark":
+                    self.mark(set_name, msg["snapshot"], msg["ok"], msg["error"])
+                    conn.send({"t": "marked"})
                 else:
                     raise ProtocolError(f"unexpected {t!r} on a replication connection")
         finally:
@@ -412,6 +415,22 @@ class ReplicaSide:
         st.last_point = time.monotonic()
         st.last_snapshot = snaps[-1].name if snaps else None
         return st.last_snapshot
+
+    def mark(self, set_name: str, snap_name: str, ok: bool, error: str) -> None:
+        """The master's word on a point's hooks, kept on the snapshot (snapmeta `point`)."""
+        from store.snapshots import resolve
+
+        from .hooks import mark_point
+
+        with self.lock:
+            with self.repo.reading() as txn:
+                try:
+                    snap = resolve(self.repo, txn, f"{set_name}@{snap_name}")
+                except Exception:
+                    raise ProtocolError(f"mark: set {set_name!r} has no snapshot {snap_name!r}") from None
+            mark_point(self.repo, snap.id, {"ok": ok, "error": error or None}, lock_wait=60)
+        if not ok:
+            self.alert(set_name, f"point {snap_name}: hooks failed ({error}); image selection skips it")
 
     def release(self, set_name: str) -> None:
         st = self.set_state(set_name)

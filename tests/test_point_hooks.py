@@ -60,3 +60,30 @@ def test_scheduled_points_of_an_application_set_run_its_hooks(cluster, tmp_path)
     lines = trace.read_text().split("\n")
     assert lines[0].startswith("pre ") and lines[1].startswith("post ") and lines[1].endswith(" ok")
     wait_for(lambda: replica_snapshots(r.repo, "web"), 30, "the scheduled point's snapshot")
+
+
+def test_failed_post_hook_marks_the_replicas_image_and_selection_skips_it(cluster, tmp_path):
+    from replicator.select import select_image
+    from store.repository import Repository
+
+    c = cluster
+    gate = tmp_path / "post-fails"
+    c.sets["web"]["app"] = {"post": [f"test ! -e {gate}"]}
+    with open(os.path.join(c.src, "a.txt"), "wb") as f:
+        f.write(b"one")
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 30, "seeding")
+    c.primary.ctl("point", "--set", "web")  # a good point
+    with open(os.path.join(c.src, "a.txt"), "wb") as f:
+        f.write(b"two")
+    wait_for(lambda: c.converged(r), 30, "the change")
+    gate.write_text("")
+    res = pit("point", "--set", "web", "--config", c.primary.config, check=False)
+    assert res.returncode == 55 and "post hook failed" in res.stderr and "do not trust them" in res.stderr
+    snaps = replica_snapshots(r.repo, "web")
+    assert len(snaps) == 2
+    c.stop()  # the replica's repository to ourselves
+    sel = select_image(r.repo, "web")
+    assert sel.images[0].status == "skipped" and "hooks failed" in sel.images[0].reason
+    assert sel.chosen.name == snaps[0][0].name
