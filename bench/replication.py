@@ -15,6 +15,7 @@ Parts can be combined; `--work DIR` keeps the data (default: a temporary directo
 from __future__ import annotations
 
 import argparse
+import threading
 import json
 import os
 import shutil
@@ -278,6 +279,30 @@ def idle_part(a, work: str) -> dict:
     return res
 
 
+def steady_load(src: str, kib_s: int, stop: threading.Event) -> None:
+    """Write `kib_s` KiB a second, in 10 steps a second: half appended to a log, half as random 8 KiB
+    pages rewritten in place in a 64 MiB database file (the shape of a database under load)."""
+    import random
+
+    rng = random.Random(1)
+    db = os.path.join(src, "load", "db.pages")
+    log_path = os.path.join(src, "load", "app.log")
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    with open(db, "wb") as f:
+        f.truncate(64 << 20)
+    step = kib_s * 1024 // 10
+    with open(db, "r+b") as dbf, open(log_path, "ab") as logf:
+        while not stop.is_set():
+            t = time.monotonic()
+            logf.write(os.urandom(step // 2))
+            logf.flush()
+            for _ in range(max(1, step // 2 // 8192)):
+                dbf.seek(rng.randrange(0, (64 << 20) // 8192) * 8192)
+                dbf.write(os.urandom(8192))
+            dbf.flush()
+            stop.wait(max(0.0, 0.1 - (time.monotonic() - t)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--big-mib", type=int, default=128)
@@ -287,6 +312,9 @@ def main() -> None:
     ap.add_argument("--idle-s", type=int, default=60)
     ap.add_argument("--rescan", type=int, default=150, help="reconcile scan interval for the idle part")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--load-kib-s", type=int, default=0,
+                    help="steady write load during the latency part: KiB/s appended to a log and rewritten "
+                         "as 8 KiB pages of a 64 MiB database file")
     a = ap.parse_args()
     if a.seed_scale or a.idle_files:
         work = a.work or tempfile.mkdtemp(prefix="pit-bench-repl-")
@@ -335,7 +363,14 @@ def main() -> None:
         res["wire_64k_change"] = bytes_sent(c) - before
         res["rsync_64k_change"] = rsync_delta(old_copy, big)
 
-        # latency: small files written one at a time, each polled until committed
+        # latency: small files written one at a time, each polled until committed, optionally while a
+        # steady load writes elsewhere in the set (a log appended, database pages rewritten)
+        stop_load = threading.Event()
+        loader = None
+        if a.load_kib_s:
+            loader = threading.Thread(target=steady_load, args=(c.src, a.load_kib_s, stop_load), daemon=True)
+            loader.start()
+            time.sleep(2.0)  # the load is under way before the first measured change
         lat = []
         for i in range(a.changes):
             p = os.path.join(c.src, "lat", f"f{i}")
@@ -346,6 +381,10 @@ def main() -> None:
                 f.write(data)
             wait_for(lambda: committed(repo, f"data/lat/f{i}", 4096), 30, "commit", interval=0.005)
             lat.append(time.monotonic() - t)
+        stop_load.set()
+        if loader is not None:
+            loader.join(10)
+            res["load_kib_s"] = a.load_kib_s
         lat.sort()
         res["latency_p50_s"] = statistics.median(lat)
         res["latency_p99_s"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
