@@ -24,7 +24,7 @@ demo: venv deps
 	$(BIN)/pit demo
 
 test: venv deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: venv deps
 	$(BIN)/python -m pytest -q -m slow

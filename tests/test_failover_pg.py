@@ -221,7 +221,7 @@ def point(c: PgFailoverCluster, cfg: dict, mark) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("mode", [
-    "basebackup",
+    pytest.param("basebackup", marks=pytest.mark.slow),  # CI runs the template's default mode
     "backup",
 ])
 def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811

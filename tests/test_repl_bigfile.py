@@ -79,7 +79,9 @@ def same_file(r, rel: str, chunks: list) -> bool:
     return list(zip(cl.ids, cl.lengths)) == chunks
 
 
-@pytest.mark.parametrize("kind", ["repeating", pytest.param("random", marks=pytest.mark.slow)])
+# CI keeps the 32 MiB variant (tests/test_repl_e2e.py); both 512 MiB ones run under -m slow
+@pytest.mark.parametrize("kind", [pytest.param("repeating", marks=pytest.mark.slow),
+                                  pytest.param("random", marks=pytest.mark.slow)])
 def test_64k_change_in_512m_file(cluster, kind):
     c = cluster(replicas=1)
     big = f"{c.src}/vm.img"

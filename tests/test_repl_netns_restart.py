@@ -60,6 +60,7 @@ def test_master_killed_mid_transfer(make_cluster):  # noqa: F811
     point_equals_master(c, [r])
 
 
+@pytest.mark.slow  # CI runs the master's kill here; replica restarts are covered on loopback
 def test_replica_killed_mid_transfer(make_cluster):  # noqa: F811
     c = make_cluster(replicas=1, nft=True)
     seed(c, 10)

@@ -370,6 +370,7 @@ def pg():
 
 
 @needs_pg
+@pytest.mark.slow  # CI runs PostgreSQL end to end in tests/test_failover_pg.py
 def test_postgresql_images_under_writes(pg, tmp_path):
     repo = init_repo(str(tmp_path / "repo"), pack_mib=8, avg_chunk=16384)
     opts = {"socket_dir": pg.sock, "port": 5432, "amcheck": True, "check_timeout": 300, "bindir": PG_BIN}
