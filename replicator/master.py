@@ -260,19 +260,19 @@ class FilesCache:
     def __init__(self, path: str, set_name: str, signature: bytes) -> None:
         import lmdb
 
-        with _ENVS_LOCK:
+        with _ENVS_LOCK:  # held through the first write: sets' masters start in parallel threads
             env = _ENVS.get(path)
             if env is None:
                 os.makedirs(path, mode=0o700, exist_ok=True)
                 env = lmdb.open(path, map_size=64 << 30, max_dbs=1024, subdir=True, metasync=False,
                                 readahead=False, max_readers=64)
                 _ENVS[path] = env
-        self.env = env
-        self.db = env.open_db(b"set:" + set_name.encode("utf-8", "surrogateescape"))
-        with env.begin(write=True, db=self.db) as txn:
-            if txn.get(self.SIG) != signature:
-                txn.drop(self.db, delete=False)
-                txn.put(self.SIG, signature)
+            self.env = env
+            with env.begin(write=True) as txn:
+                self.db = env.open_db(b"set:" + set_name.encode("utf-8", "surrogateescape"), txn=txn)
+                if txn.get(self.SIG, db=self.db) != signature:
+                    txn.drop(self.db, delete=False)
+                    txn.put(self.SIG, signature, db=self.db)
         self.rows = self._count()
 
     def _count(self) -> int:
@@ -838,22 +838,11 @@ class MasterSet:
             hit = self.cache.get(cid)
         if hit is not None:
             return hit
-        path, off, n = where
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                data = os.pread(fd, n, off)
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
-        if len(data) != n or blake3.blake3(data).digest() != cid:
-            return None  # the file changed since it was chunked: the watcher brings the new version
-        c = cctx.compress(data)
-        val = (P.ZSTD, c) if len(c) < len(data) else (0, data)
-        with self.cache_lock:
-            self.cache.put(cid, val)
-        return val
+        now = self.read_range(*where, cctx)
+        if now is None or now[0] != cid:
+            return None  # the file changed since it was chunked (the sender reads the range anew)
+        self.cache_put(cid, now[1])
+        return now[1]
 
     def status(self) -> dict:
         out = {"role": "master", "set": self.name, "mode": self.cfg["mode"], "alerts": list(self.alerts),

@@ -214,8 +214,9 @@ def point(c: PgFailoverCluster, cfg: dict, mark) -> dict[str, str]:
     pre, post = hook_lines(c, "pre"), hook_lines(c, "post")
     mark()
     out = c.primary.ctl("point", "--set", "db", "--timeout", "240").stdout
-    assert hook_lines(c, "pre") == pre + len(cfg["app"]["pre"]), c.primary.logtext()
-    assert hook_lines(c, "post") == post + len(cfg["app"]["post"]), c.primary.logtext()
+    # at least this point's hooks (the set's scheduled runs make points with their hooks too)
+    assert hook_lines(c, "pre") >= pre + len(cfg["app"]["pre"]), c.primary.logtext()
+    assert hook_lines(c, "post") >= post + len(cfg["app"]["post"]), c.primary.logtext()
     return dict(line.split("\t") for line in out.splitlines())
 
 
@@ -386,7 +387,7 @@ def _last_record(data: bytes, upto: int) -> int:
 
 @pytest.mark.parametrize("schedule,in_place", [
     pytest.param(None, True, id="realtime-in-place"),
-    pytest.param({"every": "15m"}, False, id="scheduled-append"),
+    pytest.param({"every": "15m"}, False, id="scheduled-append", marks=pytest.mark.slow),
 ])
 def test_point_holds_writes_made_before_it(tmp_path, schedule, in_place):
     """Every record written before `pit point` was asked for is in the point's snapshot."""

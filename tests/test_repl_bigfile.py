@@ -19,27 +19,13 @@ import os
 
 import pytest
 
-from test_repl_helpers import Cluster, wait_for
+from test_repl_helpers import cluster, wait_for  # noqa: F401  (cluster: the fixture)
 from store.apply import head_root
 from store.objects import ObjectReader
 from store.repository import Repository
 
 MIB = 1024 * 1024
 SIZE = 512 * MIB
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(**kw):
-        c = Cluster(str(tmp_path), **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def sent(c) -> int:

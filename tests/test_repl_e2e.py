@@ -13,29 +13,8 @@ import signal
 import threading
 import time
 
-import pytest
 
-from test_repl_helpers import Cluster, pit, read_tree, replica_head, replica_snapshots, wait_for
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(**kw):
-        c = Cluster(str(tmp_path), **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
-
-
-def write(path, data, mode="wb"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, mode) as f:
-        f.write(data)
+from test_repl_helpers import cluster, pit, read_tree, replica_head, replica_snapshots, wait_for, write  # noqa: F401  (cluster: the fixture)
 
 
 def status(node):

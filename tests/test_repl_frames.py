@@ -23,7 +23,7 @@ from replicator import master as M
 from replicator import protocol as W
 from replicator.errors import FrameTooLarge, ProtocolError
 from replicator.replica import check_ops, parse_change
-from test_repl_helpers import Cluster, read_tree, replica_snapshots, wait_for
+from test_repl_helpers import Cluster, read_tree, replica_snapshots, wait_for, write
 
 
 def refs(n: int, seed: int = 0) -> list:
@@ -64,12 +64,6 @@ def test_keep_op_without_base_is_refused_even_when_split():
         check_ops([[1, [[b"x" * 31, 10]]]], True)
 
 
-def write(path, data, mode="wb"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, mode) as f:
-        f.write(data)
-
-
 def status(node):
     return json.loads(node.ctl("status", "--local").stdout)
 
@@ -89,6 +83,7 @@ def small_frames(tmp_path, monkeypatch):
         c.stop()
 
 
+@pytest.mark.slow  # ~60 s end to end; the splitting and joining are unit-tested above
 def test_big_chunk_list_and_big_directory_in_small_frames(small_frames):
     c = small_frames(replicas=1)
     big = f"{c.src}/vm.img"

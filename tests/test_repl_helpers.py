@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from store.apply import head_root
 from store.objects import ObjectReader, iter_file_chunks
 from store.repository import Repository
@@ -250,3 +252,24 @@ class Cluster:
         want = read_tree(src)
         got = replica_head(r.repo, set_name)
         return got == want
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """`cluster(replicas=2, ...)` makes a Cluster in the test's tmp dir; all are stopped afterwards."""
+    made = []
+
+    def make(**kw):
+        c = Cluster(str(tmp_path), **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def write(path, data, mode="wb"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, mode) as f:
+        f.write(data)

@@ -145,6 +145,7 @@ def test_link_cut_and_restore(make_cluster):
     point_equals_master(c, [r])
 
 
+@pytest.mark.slow  # CI keeps the link cut, the loss test and the failover partition test
 def test_partition_one_replica_others_unaffected(make_cluster):
     c = make_cluster(replicas=2, nft=True)
     seed(c)

@@ -13,7 +13,7 @@ import pytest
 
 from replicator.config import next_due, normalise_sets
 from replicator.errors import ConfigError
-from test_repl_helpers import Cluster, read_tree, replica_head, replica_snapshots, wait_for
+from test_repl_helpers import cluster, read_tree, replica_head, replica_snapshots, wait_for  # noqa: F401  (cluster: the fixture)
 
 BASE = {"master": "p", "replicas": ["r"], "paths": ["/srv/www"]}
 
@@ -63,20 +63,6 @@ def test_next_due():
     assert next_due(daily, now) == at(2026, 3, 10, 13, 0)
     assert next_due(daily, at(2026, 3, 10, 13, 0)) == at(2026, 3, 11, 2, 0)  # strictly after
     assert next_due(daily, at(2026, 3, 10, 23, 59)) == at(2026, 3, 11, 2, 0)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(**kw):
-        c = Cluster(str(tmp_path), **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def write(path, data):

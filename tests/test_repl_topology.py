@@ -9,29 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
 
-from test_repl_helpers import Cluster, read_tree, replica_snapshots, wait_for
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(**kw):
-        c = Cluster(str(tmp_path), **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
-
-
-def write(path, data, mode="wb"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, mode) as f:
-        f.write(data)
+from test_repl_helpers import cluster, read_tree, replica_snapshots, wait_for, write  # noqa: F401  (cluster: the fixture)
 
 
 def assert_point(master, set_name, src, replicas):
