@@ -379,9 +379,11 @@ class Agent:
             return "released"
         raise ConfigError(f"unknown control command {cmd!r}")
 
-    def _master_point(self, ms: MasterSet, timeout: float) -> dict:
+    def _master_point(self, ms: MasterSet, timeout: float, scheduled: bool = False) -> dict:
         """A consistent point on every replica, inside the set's point hooks (`app.pre`/`app.post`:
-        e.g. pg_backup_start/stop); a failing hook fails the point, it never passes silently."""
+        e.g. pg_backup_start/stop); a failing hook fails the point, it never passes silently. A
+        scheduled point whose pre hook fails is still made, and marked failed on every replica (the
+        schedule keeps its rhythm; image selection skips that image)."""
         from .errors import PointFailed
         from .failover_errors import HookFailed
         from .hooks import around_point
@@ -389,18 +391,22 @@ class Agent:
         self.point_seq += 1
         seq = self.point_seq
         out: dict = {}
+
+        def make_points() -> None:
+            ms.flush()
+            deadline = time.monotonic() + timeout
+            slots = {r: s.request_point(seq, deadline - 1.0) for r, s in ms.senders.items()}
+            for r, slot in slots.items():
+                slot["done"].wait(max(0.0, deadline - time.monotonic()))
+                last = ms.senders[r].last_error
+                out[r] = slot["result"] or {"error": "timed out" + (f"; last error: {last}" if last else "")}
+            bad = {r: v["error"] for r, v in out.items() if "error" in v}
+            if bad:
+                raise PointFailed("no consistent point on " + ", ".join(f"{r} ({e})" for r, e in bad.items()))
+
         try:
             with around_point(ms.cfg, seq, set_name=ms.name):
-                ms.flush()
-                deadline = time.monotonic() + timeout
-                slots = {r: s.request_point(seq, deadline - 1.0) for r, s in ms.senders.items()}
-                for r, slot in slots.items():
-                    slot["done"].wait(max(0.0, deadline - time.monotonic()))
-                    last = ms.senders[r].last_error
-                    out[r] = slot["result"] or {"error": "timed out" + (f"; last error: {last}" if last else "")}
-                bad = {r: v["error"] for r, v in out.items() if "error" in v}
-                if bad:
-                    raise PointFailed("no consistent point on " + ", ".join(f"{r} ({e})" for r, e in bad.items()))
+                make_points()
         except HookFailed as exc:
             from . import metrics
 
@@ -408,12 +414,14 @@ class Agent:
             if self.alerting is not None:
                 self.alerting[0].notify("hook_failed", f"set {ms.name}: {exc}", "critical",
                                         key=f"{ms.name}:point", set=ms.name)
+            if scheduled and not out:
+                make_points()
             marks = [ms.senders[r].request_mark(v["snapshot"], False, str(exc), time.monotonic() + 60)
                      for r, v in out.items() if v.get("snapshot") and r in ms.senders]
             for slot in marks:  # the images are marked failed before the command returns
                 slot["done"].wait(65)
             made = ", ".join(f"{r}: {v['snapshot']}" for r, v in out.items() if v.get("snapshot"))
-            raise PointFailed(f"set {ms.name}: {exc}" + (f" (snapshots made before the failure: {made}; do not "
+            raise PointFailed(f"set {ms.name}: {exc}" + (f" (snapshots made: {made}; marked failed, do not "
                                                            "trust them as consistent)" if made else "")) from None
         return out
 

@@ -801,7 +801,7 @@ class MasterSet:
             if app.get("pre") or app.get("post"):
                 # an application set (a database): its consistent point needs its hooks around it
                 try:
-                    self.agent._master_point(self, 600.0)
+                    self.agent._master_point(self, 600.0, scheduled=True)
                 except ReplError as exc:
                     self.alert(f"scheduled point failed: {exc}")
             else:

@@ -80,7 +80,7 @@ def test_failed_post_hook_marks_the_replicas_image_and_selection_skips_it(cluste
     wait_for(lambda: c.converged(r), 30, "the change")
     gate.write_text("")
     res = pit("point", "--set", "web", "--config", c.primary.config, check=False)
-    assert res.returncode == 55 and "post hook failed" in res.stderr and "do not trust them" in res.stderr
+    assert res.returncode == 55 and "post hook failed" in res.stderr and "marked failed" in res.stderr
     snaps = replica_snapshots(r.repo, "web")
     assert len(snaps) == 2
     c.stop()  # the replica's repository to ourselves
