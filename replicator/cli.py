@@ -37,11 +37,15 @@ def cluster_init(state, node, address, join_address):
 @cluster.command("token")
 @STATE
 @click.option("--ttl", default=24 * 3600, show_default=True, type=int, help="Seconds the token stays valid.")
-def cluster_token(state, ttl):
-    """Print a one-time join token (address, secret, CA fingerprint, expiry)."""
+@click.option("--uses", default=1, show_default=True, type=int, help="How many nodes may join with it (one join each).")
+@click.option("--nodes", default=None, metavar="N1,N2", help="Only these node ids may join with it, each once.")
+def cluster_token(state, ttl, uses, nodes):
+    """Print a join token (address, secret, CA fingerprint, expiry), good for one join,
+    or one per joining node with --uses N or --nodes b,c."""
     from .membership import NodeState, make_token
 
-    click.echo(make_token(NodeState(state), ttl))
+    names = [n.strip() for n in nodes.split(",") if n.strip()] if nodes is not None else None
+    click.echo(make_token(NodeState(state), ttl, uses=uses, nodes=names))
 
 
 @cluster.command("remove")

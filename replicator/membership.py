@@ -2,9 +2,11 @@
 
 - `pit cluster init` (on the primary) makes the cluster CA (ECDSA P-256) and
   the primary's own key and certificate, and starts the roster with it.
-- `pit cluster token` prints a one-time token: the primary's join address,
+- `pit cluster token` prints a join token: the primary's join address,
   a random secret (only its SHA-256 is kept), the CA's SHA-256 fingerprint
-  and an expiry.
+  and an expiry. It is good for one join, or for N (`--uses N`, or
+  `--nodes b,c`: only those node ids, each once); every join spends one use
+  under the tokens file's lock, and a spent or expired token is refused.
 - `pit join TOKEN` makes the node's key locally (it never leaves the node),
   connects to the join address, fetches the CA certificate and checks it
   against the pinned fingerprint *and* that the primary's TLS certificate was
@@ -46,6 +48,7 @@ from . import protocol
 NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 TOKEN_PREFIX = "PIT1."
 DEFAULT_TTL = 24 * 3600
+MAX_TOKEN_USES = 1000
 
 
 def check_node_id(node: str) -> str:
@@ -264,9 +267,25 @@ def ca_fingerprint(state: NodeState) -> str:
     return fingerprint(ca.public_bytes(serialization.Encoding.DER))
 
 
-def make_token(state: NodeState, ttl: int = DEFAULT_TTL) -> str:
+def make_token(state: NodeState, ttl: int = DEFAULT_TTL, uses: int = 1, nodes: list[str] | None = None) -> str:
+    """A join token good for `uses` joins (one per joining node) until `ttl` seconds from now.
+
+    With `nodes`, only those node ids may join with it, each once, and `uses` is their number.
+    Only the secret's SHA-256 is kept; each join spends one use under the tokens file's lock.
+    """
     if not state.is_primary:
         raise ClusterError("join tokens are made on the primary master")
+    if nodes is not None:
+        nodes = [check_node_id(n) for n in nodes]
+        if not nodes or len(set(nodes)) != len(nodes):
+            raise ClusterError("--nodes must name each joining node once")
+        if uses not in (1, len(nodes)):
+            raise ClusterError(f"--uses {uses} does not match the {len(nodes)} nodes named")
+        uses = len(nodes)
+    if not isinstance(uses, int) or not 1 <= uses <= MAX_TOKEN_USES:
+        raise ClusterError(f"a join token has 1 to {MAX_TOKEN_USES} uses")
+    if not isinstance(ttl, int) or ttl < 1:
+        raise ClusterError("a join token's TTL is a positive number of seconds")
     tid = secrets.token_hex(6)
     secret = secrets.token_bytes(24)
     expires = int(time.time()) + ttl
@@ -274,12 +293,35 @@ def make_token(state: NodeState, ttl: int = DEFAULT_TTL) -> str:
     with _locked(path):
         toks = _read_json(path)
         now = time.time()
-        toks = {k: v for k, v in toks.items() if v["expires"] > now and not v["used"]}
-        toks[tid] = {"hash": hashlib.sha256(secret).hexdigest(), "expires": expires, "used": False}
+        toks = {k: v for k, v in toks.items() if v["expires"] > now and _uses_left(v) > 0}
+        toks[tid] = {"hash": hashlib.sha256(secret).hexdigest(), "expires": expires, "uses": uses,
+                     "joined": [], "nodes": nodes, "used": False}
         _write_json(path, toks, 0o600)
     blob = msgpack.packb([state.info["join_address"], tid, secret, bytes.fromhex(ca_fingerprint(state)), expires],
                          use_bin_type=True)
     return TOKEN_PREFIX + base64.urlsafe_b64encode(blob).decode().rstrip("=")
+
+
+def _uses_left(t: dict) -> int:
+    """Joins a tokens.json entry still allows (entries from before multi-use tokens: one, or none once used)."""
+    if "uses" not in t:
+        return 0 if t.get("used") else 1
+    return max(0, int(t["uses"]) - len(t.get("joined", [])))
+
+
+def _spend(t: dict, node: str) -> None:
+    """Check that `node` may join with the token entry `t` (secret already checked) and spend one use."""
+    if t["expires"] < time.time():
+        raise TokenInvalid("the join token has expired; make a new one with `pit cluster token`")
+    if _uses_left(t) <= 0:
+        who = ", ".join(t.get("joined", [])) or "earlier joins"
+        raise TokenInvalid(f"the join token is spent (its {t.get('uses', 1)} use(s) went to {who}); "
+                           "make a new one with `pit cluster token`")
+    if t.get("nodes") is not None and node not in t["nodes"]:
+        raise TokenInvalid(f"the join token is for node(s) {', '.join(t['nodes'])}, not {node!r}")
+    t.setdefault("joined", []).append(node)
+    t.setdefault("uses", 1)
+    t["used"] = _uses_left(t) == 0
 
 
 def parse_token(token: str) -> tuple[str, str, bytes, str, int]:
@@ -381,9 +423,9 @@ def serve_join(conn: protocol.Conn, state: NodeState, sslsock: ssl.SSLSocket) ->
         with _locked(path):
             toks = _read_json(path)
             t = toks.get(req["token"])
-            if t is None or t["used"] or t["expires"] < time.time() or not hmac.compare_digest(
+            if t is None or not isinstance(req["secret"], bytes) or not hmac.compare_digest(
                     t["hash"], hashlib.sha256(req["secret"]).hexdigest()):
-                raise TokenInvalid("unknown, used or expired join token")
+                raise TokenInvalid("unknown join token (or a wrong secret)")
             with _locked(state.file("roster.json")):
                 roster = _read_json(state.file("roster.json"))
                 if node in roster.get("nodes", {}):
@@ -394,8 +436,8 @@ def serve_join(conn: protocol.Conn, state: NodeState, sslsock: ssl.SSLSocket) ->
                     ca_cert = x509.load_pem_x509_certificate(f.read())
                 cert = _sign(ca_key, ca_cert, node, csr.public_key())
                 der = cert.public_bytes(serialization.Encoding.DER)
-                t["used"] = True
-                _write_json(path, toks, 0o600)  # spent before the node exists: one-time even on a crash
+                _spend(t, node)
+                _write_json(path, toks, 0o600)  # spent before the node exists: counted even on a crash
                 roster.setdefault("nodes", {})[node] = {"address": req["address"], "fp": fingerprint(der),
                                                         "joined": int(time.time())}
                 _write_json(state.file("roster.json"), roster)

@@ -147,6 +147,86 @@ def test_token_is_one_time(running, tmp_path):
     assert not os.path.exists(tmp_path / "n2" / "node.json")
 
 
+def _join(c, tmp_path, token, node, port):
+    return subprocess.run([PIT, "join", "--state", str(tmp_path / node), token, "--node", node,
+                           "--address", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+
+
+def _roster(c):
+    import json
+    with open(os.path.join(c.primary.state, "roster.json")) as f:
+        return json.load(f)["nodes"]
+
+
+def test_token_with_uses_is_spent_once_per_join(running, tmp_path):
+    """`--uses 2`: two nodes join with the same token, the third is refused (spent, typed error, one line)."""
+    token = pit("cluster", "token", "--state", running.primary.state, "--uses", "2", "--ttl", "600").stdout.strip()
+    for i, node in enumerate(("u1", "u2")):
+        r = _join(running, tmp_path, token, node, 10 + i)
+        assert r.returncode == 0, r.stderr
+        assert os.path.exists(tmp_path / node / "node.json")
+    r = _join(running, tmp_path, token, "u3", 12)
+    assert r.returncode == E.TokenInvalid.exit_code, r.stderr
+    assert "spent" in r.stderr and "u1, u2" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not os.path.exists(tmp_path / "u3" / "node.json")
+    roster = _roster(running)
+    assert {"u1", "u2"} <= set(roster) and "u3" not in roster
+
+
+def test_token_for_named_nodes(running, tmp_path):
+    """`--nodes v1,v2`: another node id is refused without spending a use; a member joining again
+    is refused without spending one either; each named node joins once."""
+    token = pit("cluster", "token", "--state", running.primary.state, "--nodes", "v1,v2").stdout.strip()
+    r = _join(running, tmp_path, token, "intruder", 20)
+    assert r.returncode == E.TokenInvalid.exit_code and "not 'intruder'" in r.stderr, r.stderr
+    assert _join(running, tmp_path, token, "v1", 21).returncode == 0
+    r = subprocess.run([PIT, "join", "--state", str(tmp_path / "v1-again"), token, "--node", "v1",
+                        "--address", "127.0.0.1:22"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "already a member" in r.stderr, r.stderr
+    assert _join(running, tmp_path, token, "v2", 23).returncode == 0, "v2's use must still be there"
+    r = _join(running, tmp_path, token, "v3", 24)
+    assert r.returncode == E.TokenInvalid.exit_code and "spent" in r.stderr, r.stderr
+    roster = _roster(running)
+    assert {"v1", "v2"} <= set(roster) and not {"intruder", "v3"} & set(roster)
+
+
+def test_token_uses_hold_under_concurrent_joins(running, tmp_path):
+    """Three nodes race for a two-use token: exactly two get in (the use is spent under the file lock)."""
+    token = pit("cluster", "token", "--state", running.primary.state, "--uses", "2").stdout.strip()
+    procs = [subprocess.Popen([PIT, "join", "--state", str(tmp_path / f"w{i}"), token, "--node", f"w{i}",
+                               "--address", f"127.0.0.1:{30 + i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    codes = sorted(p.wait(60) for p in procs)
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert codes == [0, 0, E.TokenInvalid.exit_code], codes
+    assert len({"w0", "w1", "w2"} & set(_roster(running))) == 2
+
+
+def test_token_arguments_and_expiry(running, tmp_path):
+    """Bad --uses/--nodes are refused with one line; an entry past its expiry is refused on the primary
+    even when the token's own expiry was forged; a tokens.json entry from before multi-use counts once."""
+    import time
+
+    from replicator.membership import _spend, _uses_left
+
+    state = running.primary.state
+    for args in (["--uses", "0"], ["--nodes", "b,b"], ["--nodes", "b,c", "--uses", "3"], ["--nodes", "Bad!"],
+                 ["--ttl", "0"]):
+        r = pit("cluster", "token", "--state", state, *args, check=False)
+        assert r.returncode == E.ClusterError.exit_code and r.stderr.count("\n") == 1, (args, r.stderr)
+    with pytest.raises(E.TokenInvalid, match="expired"):
+        _spend({"hash": "", "expires": int(time.time()) - 1, "uses": 3, "joined": [], "nodes": None}, "x")
+    legacy = {"hash": "", "expires": int(time.time()) + 60, "used": False}
+    assert _uses_left(legacy) == 1
+    _spend(legacy, "x")
+    assert legacy["used"] and _uses_left(legacy) == 0
+    with pytest.raises(E.TokenInvalid, match="spent"):
+        _spend(legacy, "y")
+    assert _uses_left({"hash": "", "expires": 0, "used": True}) == 0
+
+
 def test_removed_node_is_refused(running):
     c, r1, r2 = running, *running.replicas
     pit("cluster", "remove", "--state", c.primary.state, "r1")
