@@ -49,7 +49,8 @@ def refresh_versions_index(repo, echo=lambda m: None) -> None:
 @click.option("--listen", default=None, help="Address to listen on (default 127.0.0.1, or the config's).")
 @click.option("--port", "-p", default=None, type=int, help="Port (default 8080, or the config's).")
 @click.option("--self-signed", is_flag=True,
-              help="Serve HTTPS with a self-signed certificate kept in REPO/serve-tls/ (made on first use).")
+              help="Serve HTTPS with a self-signed certificate kept in REPO/serve-tls/ (made on first use); "
+                   "the same as `self_signed = true` in the config's [server].")
 @click.option("--litmus-scratch", "scratch_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="DIAGNOSTIC ONLY, loopback only: also serve DIR writable at /litmus-scratch "
                    "for the litmus conformance suite (see docs/restore.md).")
@@ -69,7 +70,7 @@ def serve(ctx, config_path, listen, port, self_signed, scratch_dir, verbose):
     if not cfg.users and not cfg.anonymous:
         raise InvalidArgument("no users configured: give --config FILE with [users.NAME] entries "
                               "(make password hashes with `pit passwd`)")
-    if self_signed and not cfg.tls:
+    if (self_signed or cfg.self_signed) and not cfg.tls:
         hosts = [cfg.listen] if cfg.listen not in ("0.0.0.0", "::") else []
         hosts += ["localhost", "127.0.0.1"]
         import socket

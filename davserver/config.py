@@ -5,6 +5,7 @@
     port = 8080
     certificate = "/etc/pit/cert.pem"   # TLS when both are given
     private_key = "/etc/pit/key.pem"
+    self_signed = true          # or: HTTPS with a self-signed certificate kept in REPO/serve-tls/
     anonymous = false           # true: no login; then [anonymous] gives the scope
 
     [users.alice]
@@ -64,6 +65,7 @@ class ServerConfig:
     port: int = 8080
     certificate: str | None = None
     private_key: str | None = None
+    self_signed: bool = False
     anonymous: bool = False
     anonymous_scope: Scope | None = None
     users: dict[str, User] = field(default_factory=dict)
@@ -103,6 +105,9 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
     srv = d.get("server", {})
     cfg = ServerConfig(listen=str(srv.get("listen", "127.0.0.1")), port=int(srv.get("port", 8080)),
                        anonymous=bool(srv.get("anonymous", False)))
+    if not isinstance(srv.get("self_signed", False), bool):
+        raise InvalidArgument("server.self_signed must be true or false")
+    cfg.self_signed = srv.get("self_signed", False)
     for k in ("certificate", "private_key"):
         if srv.get(k):
             setattr(cfg, k, os.path.join(base, srv[k]))

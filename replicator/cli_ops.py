@@ -24,7 +24,7 @@ KINDS = ("agent", "cluster", "serve")
 AGENT_KEYS = {"state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts"}
 CLUSTER_KEYS = {"sets", "failover"}
 SERVE_KEYS = {"server", "users", "anonymous"}
-SERVE_SCHEMA = {"server": {"listen", "port", "certificate", "private_key", "anonymous"}}
+SERVE_SCHEMA = {"server": {"listen", "port", "certificate", "private_key", "self_signed", "anonymous"}}
 SERVE_USER = {"password", "sets", "scope"}
 SERVE_ANON = {"sets", "scope"}
 

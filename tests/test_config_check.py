@@ -130,6 +130,8 @@ BAD = [
     ("serve", SERVE, 'sets = ["web"]', 'sets = "web"', "users.alice.sets", 'sets = "web"', InvalidArgument),
     ("serve", SERVE, 'port = 8080', 'port = 8080\ncertificate = "cert.pem"', "server.certificate", "certificate",
      InvalidArgument),
+    ("serve", SERVE, 'port = 8080', 'port = 8080\nself_signed = "yes"', "server.self_signed", "self_signed",
+     InvalidArgument),
 ]
 
 

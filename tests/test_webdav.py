@@ -174,6 +174,29 @@ def test_tls_needs_trusted_cert(share):
     assert r.returncode == 60  # self-signed, not trusted without --cacert
 
 
+def test_self_signed_from_the_config(share):
+    """`self_signed = true` in [server] does what --self-signed does (the pit-serve unit passes no flag)."""
+    h = hash_password("s3cret")
+    cfg = share["tmp"] / "serve-self-signed.toml"
+    port = free_port()
+    cfg.write_text(f'[server]\nport = {port}\nself_signed = true\n\n[users.alice]\npassword = "{h}"\nsets = ["*"]\n')
+    proc = subprocess.Popen([PIT, "-r", str(share["tmp"] / "repo"), "serve", "-c", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, proc)
+        r = subprocess.run(["curl", "-s", "--cacert", share["cert"], "-u", "alice:s3cret", "-o", "/dev/null",
+                            "-w", "%{http_code}", f"https://127.0.0.1:{port}/office/"], capture_output=True,
+                           text=True, timeout=30)
+        assert r.stdout == "200", r
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
 @pytest.mark.skipif(not shutil.which("rclone"), reason="rclone not installed (.ci/apt-deps installs it)")
 def test_rclone_lists_and_copies(share, tmp_path):
     obscured = subprocess.run(["rclone", "obscure", "s3cret"], capture_output=True, text=True).stdout.strip()
