@@ -569,16 +569,21 @@ class Agent:
         self.stopped.set()
 
 
+DEFAULT_AGENT_CONFIG = "/etc/pit/agent.toml"
+
+
 def control_request(state_dir: str | None, cfg_path: str | None, cmd: str, args: dict, timeout: float = 120):
     from .errors import AgentUnreachable
 
+    if not cfg_path and not state_dir and os.path.exists(DEFAULT_AGENT_CONFIG):
+        cfg_path = DEFAULT_AGENT_CONFIG  # the file `pit install-service` runs the agent with
     if cfg_path:
         cfg = C.load_agent_config(cfg_path)
         path = cfg.get("control") or os.path.join(cfg["state"], "agent.sock")
     elif state_dir:
         path = os.path.join(state_dir, "agent.sock")
     else:
-        raise ConfigError("give --config FILE (the agent's) or --state DIR")
+        raise ConfigError(f"give --config FILE (the agent's) or --state DIR (there is no {DEFAULT_AGENT_CONFIG})")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(path)

@@ -158,9 +158,15 @@ def status(config, state, as_json, local):
             continue
         click.echo(f"{node:12} {'; '.join(n.get('roles') or ['(no role yet)'])}")
         for name, s in sorted(n.get("sets", {}).items()):
+            sched = s.get("schedule")
             for r, rs in sorted((s.get("replicas") or {}).items()):
                 link = "connected" if rs.get("connected") else f"DISCONNECTED ({rs.get('last_error') or '?'})"
                 lag = f"{rs.get('queued', 0)} paths queued" + (", catching up" if rs.get("catchup") else "")
+                if sched and not rs.get("connected") and not rs.get("last_error"):
+                    # a scheduled set connects for its runs only: between them the link is idle, not broken
+                    link = (f"scheduled, last run {rs.get('last_run') or 'none yet'}, "
+                            f"next {sched.get('next_run') or '?'}")
+                    lag = f"{rs.get('queued', 0)} paths queued"
                 click.echo(f"  {name} -> {r}: {link}, {lag}, {rs.get('bytes_sent', 0)} bytes sent")
             if s.get("role") == "replica":
                 v = s.get("verified") or {}

@@ -90,6 +90,8 @@ def test_daily_schedule_sends_nothing_until_due_or_asked(cluster):
     time.sleep(1.0)  # several debounce periods: a real-time set would have streamed by now
     assert replica_head(r.repo, "web") == {}
     assert not status(c.primary)["sets"]["web"]["replicas"]["r1"]["connected"]
+    human = c.primary.ctl("status").stdout  # idle between runs is not a broken link
+    assert "web -> r1: scheduled, last run none yet, next " in human and "DISCONNECTED" not in human, human
 
     # on demand: a full scan, a reconcile and a consistent point
     out = c.primary.ctl("point", "--set", "web").stdout
