@@ -50,8 +50,7 @@ def _write_tree(w: Writer, entries: list[Entry]) -> bytes:
     payload = encode_tree(entries)
     tid = object_id(P.TREE, payload)
     if w.put(P.TREE, tid, payload):
-        for child in tree_children(entries):
-            w.incref(child)
+        w.link(tid, tree_children(entries))
     return tid
 
 

@@ -1,6 +1,14 @@
 """The LMDB index: where each blob lives, how many parents reference it, and
 the catalogue (snapshots, sets, files cache).
 
+Reference counts are not kept with the blob records (keyed by a random hash)
+but in `refs`, keyed by a sequence number each blob gets when it is first
+indexed, and each tree and filelist lists its children's numbers in `kids`.
+Blobs written together get neighbouring numbers, so the decrements of
+dropping an old chunk list (its ~64 chunks, written together) land on one or
+two pages instead of on 64 pages scattered over the whole index, and no
+pack is read to learn what a dropped object referenced.
+
 It is derived data. Every fact in it either comes from the packs (blob
 places, snapshot records, tombstones) or can be recomputed from them
 (reference counts, pack usage), which is what `pit repair` does. The one
@@ -20,7 +28,9 @@ from .errors import IndexMissing, IntegrityError
 MAP_SIZE = 1 << 40  # virtual; the file grows only as pages are written
 DB_NAMES = (
     b"meta",       # key -> value: format, repo id, next pack number, open pack
-    b"blobs",      # blob id (32) -> BlobEntry
+    b"blobs",      # blob id (32) -> BlobEntry (where it lives, and its sequence number)
+    b"refs",       # sequence number (u64 BE) -> reference count and blob id
+    b"kids",       # sequence number of a tree or filelist (u64 BE) -> its children's sequence numbers
     b"packs",      # pack number (u64 BE) -> msgpack PackEntry
     b"snapshots",  # snapshot id (32) -> msgpack record
     b"bytime",     # set \0 time_ns (u64 BE) snapshot id -> b""
@@ -31,8 +41,22 @@ DB_NAMES = (
     b"quarantine", # blob id -> msgpack {pack, offset, reason, time}: found corrupt, kept out of use
 )
 
-BLOB = struct.Struct("<BBQQIII")  # kind, flags, pack, frame offset, stored_len, raw_len, refs
+BLOB = struct.Struct("<BBQQIIQ")  # kind, flags, pack, frame offset, stored_len, raw_len, seq
+REF = struct.Struct("<I32s")      # reference count, blob id
 U64 = struct.Struct(">Q")
+SEQ_LE = struct.Struct("<Q")
+SEQ_AT = BLOB.size - 8            # the sequence number ends a blob record
+
+
+def pack_seqs(seqs: list[int]) -> bytes:
+    """A `kids` value: u64 little-endian sequence numbers, in the parent's order."""
+    return struct.pack(f"<{len(seqs)}Q", *seqs)
+
+
+def unpack_seqs(raw: bytes) -> tuple[int, ...]:
+    if len(raw) % 8:
+        raise IntegrityError("corrupt children record in the index")
+    return struct.unpack(f"<{len(raw) // 8}Q", raw)
 
 
 @dataclass
@@ -43,10 +67,10 @@ class BlobEntry:
     offset: int
     stored_len: int
     raw_len: int
-    refs: int
+    seq: int  # key of its reference count in `refs` and of its children in `kids`
 
     def encode(self) -> bytes:
-        return BLOB.pack(self.kind, self.flags, self.pack, self.offset, self.stored_len, self.raw_len, self.refs)
+        return BLOB.pack(self.kind, self.flags, self.pack, self.offset, self.stored_len, self.raw_len, self.seq)
 
     @classmethod
     def decode(cls, b: bytes) -> "BlobEntry":
@@ -121,3 +145,22 @@ class Index:
 
     def write(self) -> lmdb.Transaction:
         return self.env.begin(write=True)
+
+
+def ref_of(txn: lmdb.Transaction, db: dict, seq: int) -> tuple[int, bytes] | None:
+    """(reference count, blob id) of sequence number `seq`, or None."""
+    raw = txn.get(U64.pack(seq), db=db["refs"])
+    if raw is None:
+        return None
+    if len(raw) != REF.size:
+        raise IntegrityError(f"corrupt reference count record {seq} in the index")
+    return REF.unpack(raw)
+
+
+def refcount(txn: lmdb.Transaction, db: dict, bid: bytes) -> int | None:
+    """The committed reference count of blob `bid` (None when it is not indexed)."""
+    raw = txn.get(bid, db=db["blobs"])
+    if raw is None:
+        return None
+    r = ref_of(txn, db, BlobEntry.decode(raw).seq)
+    return r[0] if r is not None and r[1] == bid else None

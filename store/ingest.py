@@ -245,8 +245,7 @@ class Ingester:
         payload = encode_tree(entries)
         tid = object_id(P.TREE, payload)
         if self.w.put(P.TREE, tid, payload):
-            for child in tree_children(entries):
-                self.w.incref(child)
+            self.w.link(tid, tree_children(entries))
         if node.entry is None:
             self.root_tree = tid
             self.totals = node.totals

@@ -8,8 +8,10 @@ so a crash during repair leaves the old index (or none) exactly as it was.
    frame's CRC is checked; a damaged stretch is skipped to the next frame).
 2. Snapshot frames minus tombstones are the live snapshots.
 3. Reference counts are recounted from the live roots (each distinct tree
-   and filelist counts its children once). Frames nothing reaches are
-   garbage (counted as dead bytes, compacted later).
+   and filelist counts its children once per mention). Frames nothing
+   reaches are garbage (counted as dead bytes, compacted later). Live blobs
+   are numbered in pack order (the order they were first written, so the
+   chunks of one chunk list stay neighbours in `refs`).
 4. Referenced blobs that no pack holds intact are *quarantined*: recorded
    with what was found; the snapshots they break are marked damaged with the
    paths lost, never silently dropped.
@@ -29,7 +31,7 @@ from . import packs as P
 from .backend import fsync_dir
 from .errors import IntegrityError, StoreError
 from .files import decode_filelist
-from .index import U64, BlobEntry, Index, PackEntry, bytime_key
+from .index import REF, U64, BlobEntry, Index, PackEntry, bytime_key, pack_seqs
 from .repository import FORMAT_VERSION, _acquire_lock, _release_lock
 from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree
@@ -140,6 +142,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
             return repo.read_entry(bid, e)
 
         refs: Counter = Counter()
+        children: dict[bytes, bytes] = {}  # tree or filelist -> its children's ids, joined
         seen: set[bytes] = set()
         missing: dict[bytes, str] = {}
         live = [Snapshot.decode(data, sid) for sid, data in snap_records.items() if sid not in tombs]
@@ -181,7 +184,10 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
                 if bid in seen:
                     continue
                 seen.add(bid)
-                for child, ckind in visit(bid, kind):
+                kids = visit(bid, kind)
+                if bid in places and places[bid][1].kind in (P.TREE, P.FILELIST):
+                    children[bid] = b"".join(c for c, _ in kids)
+                for child, ckind in kids:
                     refs[child] += 1
                     stack.append((child, ckind))
 
@@ -191,16 +197,24 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
             top = max(packinfo, default=0)
             txn.put(b"next_pack", U64.pack(top + 1), db=db["meta"])
             usage = {num: [0, 0] for num in packinfo}  # live, dead
-            for bid, (num, f) in places.items():
+            seqs: dict[bytes, int] = {}
+            for bid, (num, f) in sorted(places.items(), key=lambda it: (it[1][0], it[1][1].offset)):
                 size = P.FRAME_OVERHEAD + f.stored_len
                 if refs.get(bid):
+                    seq = seqs[bid] = len(seqs) + 1
                     txn.put(bid, BlobEntry(f.kind, f.flags, num, f.offset, f.stored_len, f.raw_len,
-                                           refs[bid]).encode(), db=db["blobs"])
+                                           seq).encode(), db=db["blobs"])
+                    txn.put(U64.pack(seq), REF.pack(refs[bid], bid), db=db["refs"])
                     usage[num][0] += size
                     report.blobs_indexed += 1
                 else:
                     usage[num][1] += size
                     report.garbage_frames += 1
+            txn.put(b"next_seq", U64.pack(len(seqs) + 1), db=db["meta"])
+            for bid, joined in children.items():
+                if bid in seqs:  # not quarantined while walking
+                    kid_seqs = [seqs[c] for c in (joined[i:i + 32] for i in range(0, len(joined), 32)) if c in seqs]
+                    txn.put(U64.pack(seqs[bid]), pack_seqs(kid_seqs), db=db["kids"])
             live_ids = {s.id for s in live}
             for num, info in packinfo.items():
                 live_b, dead_b = usage[num]

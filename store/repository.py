@@ -37,7 +37,7 @@ from .errors import (
     BlobMissing, DiskFull, FormatVersionError, IndexMissing, IntegrityError,
     RepositoryExists, RepositoryLocked, RepositoryNotFound, StoreError,
 )
-from .index import U64, BlobEntry, Index, PackEntry
+from .index import REF, SEQ_AT, SEQ_LE, U64, BlobEntry, Index, PackEntry, pack_seqs
 
 FORMAT = "pitstore"
 FORMAT_VERSION = 2  # 2: per-kind ids for trees and filelists, two-level chunk lists
@@ -119,8 +119,12 @@ class Repository:
                 _release_lock(fd)
         with self.index.read() as txn:
             fmt = txn.get(b"format", db=self.index.db["meta"])
+            seq = txn.get(b"next_seq", db=self.index.db["meta"])
         if fmt is None:
             raise IndexMissing(f"the index of {self.path} is empty; run `pit repair` to rebuild it from the packs")
+        if seq is None:
+            raise IndexMissing(f"the index of {self.path} predates reference counts by sequence number "
+                               f"(index layout 3); run `pit repair` to rebuild it from the packs")
         # The write session open in this process, if any: reads through its
         # transaction must also see the blobs it has not flushed yet.
         self.active_writer: "Writer | None" = None
@@ -164,6 +168,7 @@ class Repository:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=idx.db["meta"])
                 txn.put(b"repo_id", cfg["id"].encode(), db=idx.db["meta"])
                 txn.put(b"next_pack", U64.pack(1), db=idx.db["meta"])
+                txn.put(b"next_seq", U64.pack(1), db=idx.db["meta"])
             idx.close()
             # The config is written last: its presence means "a complete repository".
             _atomic_write(os.path.join(path, "config"), json.dumps(cfg, indent=2).encode() + b"\n")
@@ -283,6 +288,9 @@ class Writer:
             # are many): a chunk is written once with its final reference
             # count instead of put, read back and put again per reference.
             self._pending: dict[bytes, BlobEntry] = {}
+            self._pending_refs: dict[bytes, int] = {}
+            self._pending_seq: dict[int, bytes] = {}
+            self._next_seq = U64.unpack(self.txn.get(b"next_seq", db=self.db["meta"]))[0]
             self._zero_flushed: list[bytes] = []  # flushed early with refs 0: sweep them at commit
             self.session_ids: set[bytes] | None = set()  # every blob new in this session (None when too many)
             self.stats = {"new_blobs": 0, "new_stored": 0, "new_raw": 0}
@@ -378,18 +386,25 @@ class Writer:
         else:
             self.txn.put(bid, e.encode(), db=self.db["blobs"])
 
-    def delete_entry(self, bid: bytes) -> None:
-        if self._pending.pop(bid, None) is None:
-            self.txn.delete(bid, db=self.db["blobs"])
+    def drop_pending(self, bid: bytes) -> BlobEntry:
+        """Forget a blob new in this session whose last reference went (its frame is garbage)."""
+        e = self._pending.pop(bid)
+        del self._pending_refs[bid]
+        del self._pending_seq[e.seq]
+        return e
 
     def _flush_pending(self) -> None:
-        blobs = self.db["blobs"]
+        blobs, refs = self.db["blobs"], self.db["refs"]
         put = self.txn.put
         for bid, e in self._pending.items():
-            if e.refs == 0:
+            n = self._pending_refs[bid]
+            if n == 0:
                 self._zero_flushed.append(bid)
             put(bid, e.encode(), db=blobs)
+            put(U64.pack(e.seq), REF.pack(n, bid), db=refs)
         self._pending.clear()
+        self._pending_refs.clear()
+        self._pending_seq.clear()
 
     def compress(self, data: bytes | memoryview) -> tuple[int, bytes]:
         c = self._cctx.compress(data)
@@ -408,7 +423,7 @@ class Writer:
     def put_stored(self, kind: int, bid: bytes, flags: int, payload: bytes, raw_len: int) -> None:
         """Append an already-compressed blob and index it. Caller has checked it is new."""
         num, info = self.append_frame(kind, flags, bid, payload, raw_len)
-        self._index_new(bid, BlobEntry(kind, flags, num, info.offset, len(payload), raw_len, 0))
+        self._index_new(bid, BlobEntry(kind, flags, num, info.offset, len(payload), raw_len, -1))
 
     def put_encoded(self, kind: int, bid: bytes, flags: int, frame: bytes, stored_len: int, raw_len: int) -> None:
         """Like put_stored, for a frame a worker thread already encoded."""
@@ -418,10 +433,14 @@ class Writer:
         self._pack_entry.live += len(frame)
         if pack.size >= self.repo.pack_size:
             self._seal_pack()
-        self._index_new(bid, BlobEntry(kind, flags, num, info.offset, stored_len, raw_len, 0))
+        self._index_new(bid, BlobEntry(kind, flags, num, info.offset, stored_len, raw_len, -1))
 
     def _index_new(self, bid: bytes, e: BlobEntry) -> None:
+        e.seq = self._next_seq
+        self._next_seq += 1
         self._pending[bid] = e
+        self._pending_refs[bid] = 0
+        self._pending_seq[e.seq] = bid
         if self.session_ids is not None:
             self.session_ids.add(bid)
             if len(self.session_ids) > self.SESSION_IDS_MAX:
@@ -448,18 +467,36 @@ class Writer:
             self._seal_pack()
         return num, info
 
-    def incref(self, bid: bytes, n: int = 1) -> None:
+    def incref(self, bid: bytes, n: int = 1) -> int:
+        """Add `n` references to `bid`; returns its sequence number."""
         e = self._pending.get(bid)
         if e is not None:
-            e.refs += n
-            return
-        blobs = self.db["blobs"]
-        raw = self.txn.get(bid, db=blobs)
+            self._pending_refs[bid] += n
+            return e.seq
+        raw = self.txn.get(bid, db=self.db["blobs"])
         if raw is None:
             raise BlobMissing(f"cannot reference blob {bid.hex()[:16]}: not in the index")
-        e = BlobEntry.decode(raw)
-        e.refs += n
-        self.txn.put(bid, e.encode(), db=blobs)
+        if len(raw) != SEQ_AT + 8:
+            BlobEntry.decode(raw)  # raises: a corrupt record
+        seq = SEQ_LE.unpack_from(raw, SEQ_AT)[0]
+        key = U64.pack(seq)
+        refs = self.db["refs"]
+        cur = self.txn.get(key, db=refs)
+        if cur is None or len(cur) != REF.size or cur[4:] != bid:
+            raise IntegrityError(f"the reference count of blob {bid.hex()[:16]} is missing or corrupt; "
+                                 f"run `pit repair`")
+        self.txn.put(key, REF.pack(REF.unpack(cur)[0] + n, bid), db=refs)
+        return seq
+
+    def link(self, parent: bytes, children: list[bytes]) -> None:
+        """A new tree or filelist references each of its children once per
+        mention; its children's sequence numbers are kept under its own so
+        that dropping it needs neither its frame nor a lookup per child."""
+        seqs = [self.incref(c) for c in children]
+        e = self.entry(parent)
+        if e is None:
+            raise BlobMissing(f"cannot link blob {parent.hex()[:16]}: not in the index")
+        self.txn.put(U64.pack(e.seq), pack_seqs(seqs), db=self.db["kids"])
 
     def read_entry(self, bid: bytes, e: BlobEntry) -> bytes:
         """Read a blob that may sit in this session's unflushed pack buffer."""
@@ -481,23 +518,34 @@ class Writer:
     def _sweep_unreferenced(self) -> None:
         """Write the pending index entries. Blobs written this session that
         nothing ended up referencing (a file that vanished mid-read) are
-        garbage at birth: they are not indexed, so every indexed blob keeps
-        refs > 0."""
-        blobs = self.db["blobs"]
-        for bid, e in self._pending.items():
-            if e.refs == 0:
-                self._account_dead(e)
-            else:
-                self.txn.put(bid, e.encode(), db=blobs)
-        self._pending.clear()
-        for bid in self._zero_flushed:
-            raw = self.txn.get(bid, db=blobs)
-            if raw is None:
-                continue
-            e = BlobEntry.decode(raw)
-            if e.refs == 0:
-                self.txn.delete(bid, db=blobs)
-                self._account_dead(e)
+        garbage at birth: they are not indexed (and what they referenced
+        loses that reference), so every indexed blob keeps refs > 0."""
+        from .prune import DropStats, release
+
+        zero = [s for bid, s in ((b, e.seq) for b, e in self._pending.items()) if self._pending_refs[bid] == 0]
+        for bid in self._zero_flushed:  # still unreferenced at the end of the session?
+            e = self.entry(bid)
+            if e is not None and e.seq not in self._pending_seq and REF.unpack(
+                    self.txn.get(U64.pack(e.seq), db=self.db["refs"]))[0] == 0:
+                zero.append(e.seq)
+        self._zero_flushed = []
+        if zero:
+            # Each has no reference to take off: give it one, then release it.
+            for seq in zero:
+                bid = self._pending_seq.get(seq)
+                if bid is not None:
+                    self._pending_refs[bid] = 1
+                else:
+                    self.txn.put(U64.pack(seq), REF.pack(1, self._ref_id(seq)), db=self.db["refs"])
+            release(self, {s: 1 for s in zero}, DropStats())
+        self._flush_pending()
+        self._zero_flushed = []
+
+    def _ref_id(self, seq: int) -> bytes:
+        raw = self.txn.get(U64.pack(seq), db=self.db["refs"])
+        if raw is None or len(raw) != REF.size:
+            raise IntegrityError(f"reference count record {seq} is missing or corrupt; run `pit repair`")
+        return raw[4:]
 
     def _account_dead(self, e: BlobEntry) -> None:
         size = e.stored_len + P.FRAME_OVERHEAD
@@ -521,6 +569,7 @@ class Writer:
                 self.pack.sync()  # 2. pack bytes durable ...
                 self._pack_entry.size = self.pack.size
                 self.txn.put(U64.pack(self._pack_num), self._pack_entry.encode(), db=self.db["packs"])
+            self.txn.put(b"next_seq", U64.pack(self._next_seq), db=self.db["meta"])
             self.txn.commit()  # 3. ... before the index that points at them
         except lmdb.MapFullError as exc:
             self.abort()
@@ -629,6 +678,5 @@ def write_filelist(w: "Writer", ids: list[bytes], lengths: list[int]) -> bytes:
     for payload, children in plan.blobs:
         fid = object_id(P.FILELIST, payload)
         if w.put(P.FILELIST, fid, payload):
-            for c in children:
-                w.incref(c)
+            w.link(fid, children)
     return plan.top

@@ -22,7 +22,7 @@ import zstandard
 from . import packs as P
 from .errors import BlobMissing, IntegrityError, StoreError
 from .files import INDEX_VERSION, decode_filelist_level
-from .index import U64, BlobEntry, PackEntry
+from .index import REF, U64, BlobEntry, PackEntry, unpack_seqs
 from .snapmeta import get_meta, update_meta
 from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree
@@ -88,6 +88,7 @@ class _Walker:
         self.seen: set[bytes] = set()
         self.chunks: set[bytes] = set()
         self.expected: Counter = Counter()
+        self.roots: Counter = Counter()  # references from snapshots and heads, not from a parent object
         self.recount = recount
         self.bad: dict[bytes, Damage] = {}
 
@@ -121,6 +122,7 @@ class _Walker:
 
     def snapshot(self, s: Snapshot) -> None:
         self.expected[s.root] += 1
+        self.roots[s.root] += 1
         self.tree(s.root)
 
     def tree(self, tid: bytes) -> None:
@@ -230,6 +232,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
     # the next writer deletes them. They are not damage.
     for num in sorted(n for n in on_disk - set(packs) - doomed if n < nxt):
         report.problems.append(f"pack {P.pack_name(num)} is on disk but not in the index (run `pit repair`)")
+    by_seq: dict[int, tuple[bytes, int]] = {}  # seq -> (blob id, kind)
     with txn.cursor(db=repo.index.db["blobs"]) as cur:
         for k, v in cur:
             try:
@@ -237,14 +240,14 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             except IntegrityError:
                 w._damage(k, "?", "the index", "its index record is corrupt")
                 continue
+            if e.seq in by_seq:
+                report.problems.append(f"blobs {k.hex()[:16]} and {by_seq[e.seq][0].hex()[:16]} share sequence "
+                                       f"number {e.seq} (run `pit repair`)")
+            by_seq[e.seq] = (k, e.kind)
             foot = footers.get(e.pack)
             if foot is not None and foot.get(k) != e.offset:
                 report.problems.append(f"blob {k.hex()[:16]}: pack {P.pack_name(e.pack)}'s footer does not list it "
                                        f"at offset {e.offset}")
-            want = w.expected.get(k, 0)
-            if e.refs != want:
-                report.problems.append(
-                    f"blob {k.hex()[:16]} ({P.KIND_NAMES.get(e.kind)}) has reference count {e.refs}, recount says {want}")
             size = sizes.get(e.pack, -1)
             if size == -1:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is not in the index")
@@ -252,6 +255,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is truncated")
             elif size is None:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is missing")
+    _check_counts(txn, repo.index.db, w, report, by_seq)
     snapdb, timedb = repo.index.db["snapshots"], repo.index.db["bytime"]
     with txn.cursor(db=timedb) as cur:
         for k in cur.iternext(keys=True, values=False):
@@ -261,6 +265,55 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
     for k, n in w.expected.items():
         if n and txn.get(k, db=repo.index.db["blobs"]) is None and k not in w.bad:
             w._damage(k, "?", "not in the index", "referenced but missing")
+
+
+def _check_counts(txn, db, w: _Walker, report: VerifyReport, by_seq: dict[int, tuple[bytes, int]]) -> None:
+    """Reference counts (`refs`) against the recount, and children lists
+    (`kids`) against what the objects say: each blob is mentioned by the
+    `kids` of its parents as often as the recount found it in them."""
+    counted: set[int] = set()
+    with txn.cursor(db=db["refs"]) as cur:
+        for k, v in cur:
+            seq = U64.unpack(k)[0] if len(k) == 8 else -1
+            if len(v) != REF.size or seq < 0:
+                report.problems.append(f"reference count record {k.hex()} is corrupt (run `pit repair`)")
+                continue
+            count, bid = REF.unpack(v)
+            owner = by_seq.get(seq)
+            if owner is None or owner[0] != bid:
+                report.problems.append(f"reference count record {seq} names blob {bid.hex()[:16]}, which the "
+                                       f"index does not number {seq} (run `pit repair`)")
+                continue
+            counted.add(seq)
+            want = w.expected.get(bid, 0)
+            if count != want:
+                report.problems.append(f"blob {bid.hex()[:16]} ({P.KIND_NAMES.get(owner[1])}) has reference "
+                                       f"count {count}, recount says {want}")
+    for seq, (bid, kind) in by_seq.items():
+        if seq not in counted:
+            report.problems.append(f"blob {bid.hex()[:16]} ({P.KIND_NAMES.get(kind)}) has no reference count "
+                                   f"record (run `pit repair`)")
+    mentions: Counter = Counter()
+    with txn.cursor(db=db["kids"]) as cur:
+        for k, v in cur:
+            parent = by_seq.get(U64.unpack(k)[0]) if len(k) == 8 else None
+            if parent is None or parent[1] not in (P.TREE, P.FILELIST):
+                report.problems.append(f"children record {k.hex()} belongs to no tree or filelist (run `pit repair`)")
+                continue
+            if parent[0] in w.bad:
+                continue  # unreadable: the recount could not see its children either
+            try:
+                for s in unpack_seqs(v):
+                    child = by_seq.get(s)
+                    mentions[child[0] if child else s] += 1
+            except IntegrityError:
+                report.problems.append(f"the children record of {parent[0].hex()[:16]} is corrupt (run `pit repair`)")
+    for seq, (bid, kind) in by_seq.items():
+        want = w.expected.get(bid, 0) - w.roots.get(bid, 0)
+        if mentions.get(bid, 0) != want and bid not in w.bad:
+            report.problems.append(f"blob {bid.hex()[:16]} ({P.KIND_NAMES.get(kind)}) is listed {mentions.get(bid, 0)} "
+                                   f"times as a child in the index, its parents mention it {want} times "
+                                   f"(run `pit repair`)")
 
 
 def _deep(repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int, recheck_after: float
@@ -469,6 +522,7 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
 
             for head in set_heads(repo, txn).values():
                 w.expected[head] += 1
+                w.roots[head] += 1
                 w.tree(head)
         if whole:
             _check_index(repo, txn, w, report)

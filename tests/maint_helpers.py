@@ -18,7 +18,7 @@ import tempfile
 from contextlib import contextmanager
 
 from store import packs as P
-from store.index import BlobEntry, PackEntry, U64
+from store.index import REF, BlobEntry, PackEntry, U64
 from store.objects import ObjectReader
 from store.repository import Repository
 from store.restore import Restorer
@@ -265,6 +265,19 @@ def all_blobs(path: str) -> dict[bytes, BlobEntry]:
     with opened(path) as repo, repo.reading() as txn:
         with txn.cursor(db=repo.index.db["blobs"]) as cur:
             return {bytes(k): BlobEntry.decode(v) for k, v in cur}
+
+
+def all_refs(path: str) -> dict[bytes, int]:
+    """Blob id -> its reference count, as the index keeps it."""
+    with opened(path) as repo, repo.reading() as txn:
+        with txn.cursor(db=repo.index.db["refs"]) as cur:
+            return {bid: n for n, bid in (REF.unpack(v) for v in cur.iternext(keys=False, values=True))}
+
+
+def set_refcount(path: str, bid: bytes, count: int) -> None:
+    """Overwrite one blob's reference count in the index (to corrupt it)."""
+    e = all_blobs(path)[bid]
+    lmdb_put(path, "refs", U64.pack(e.seq), REF.pack(count, bid))
 
 
 def pack_entries(path: str) -> dict[int, PackEntry]:

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from maint_helpers import (
-    all_blobs, file_chunks, flip_byte, init_repo, lmdb_put, make_tree, opened, pack_entries, pack_path,
+    all_blobs, all_refs, file_chunks, flip_byte, init_repo, lmdb_put, make_tree, opened, pack_entries, pack_path, set_refcount,
     pit, pit_json, reachable, restore_digest, snap, source_digest, write_file,
 )
 from store import packs as P
@@ -291,7 +291,7 @@ def test_index_points_at_wrong_offset(env):
     s2 = snaps["s2"]
     cid = file_chunks(repo, s2.hex, VICTIM)[0]
     e = all_blobs(repo)[cid]
-    bad = BlobEntry(e.kind, e.flags, e.pack, e.offset + 1, e.stored_len, e.raw_len, e.refs)
+    bad = BlobEntry(e.kind, e.flags, e.pack, e.offset + 1, e.stored_len, e.raw_len, e.seq)
     lmdb_put(repo, "blobs", cid, bad.encode())
     out = verify_json(repo, "--deep")
     d = one_damage(out, cid)
@@ -347,9 +347,7 @@ def test_index_loses_a_pack_record(env, base):
 def test_index_refcount_off_by_one(env):
     repo, snaps, digests = env
     cid = file_chunks(repo, snaps["s1"].hex, "src/f008.bin")[0]
-    e = all_blobs(repo)[cid]
-    e.refs += 1
-    lmdb_put(repo, "blobs", cid, e.encode())
+    set_refcount(repo, cid, all_refs(repo)[cid] + 1)
     out = verify_json(repo)
     assert any(cid.hex()[:16] in p and "reference count" in p for p in out["problems"])
     # a snapshot-scoped verify cannot recount, but the deep read is still good

@@ -11,7 +11,7 @@ import pytest
 from store import packs as P
 
 from maint_helpers import (
-    all_blobs, assert_verify_clean, init_repo, make_tree, mutate_tree, pit, pit_json, reachable,
+    all_blobs, all_refs, assert_verify_clean, init_repo, make_tree, mutate_tree, pit, pit_json, reachable,
     restore_digest, snap, snapshot_ids, source_digest, write_file,
 )
 
@@ -75,7 +75,7 @@ def check_refcounts_against_own_recount(repo):
                                 want[ch] += 1
                                 if level == 2:
                                     lists.append(ch)
-    have = {k: e.refs for k, e in all_blobs(repo).items()}
+    have = all_refs(repo)
     assert have == dict(want)
 
 

@@ -12,12 +12,13 @@ import shutil
 import pytest
 
 from maint_helpers import (
-    all_blobs, assert_verify_clean, file_chunks, flip_byte, get_snapmeta, init_repo, lmdb_put, make_tree,
+    all_blobs, all_refs, assert_verify_clean, file_chunks, flip_byte, get_snapmeta, init_repo, lmdb_put, make_tree, set_refcount,
     mutate_tree, opened, pack_entries, pack_path, pit, pit_json, restore_digest, snap, snapshot_ids,
     source_digest, structural_verify, write_file,
 )
 from store import packs as P
 from store.errors import IndexMissing, StoreError
+from store.index import U64
 
 DAMAGE = 3
 VICTIM = "src/d1/victim.bin"
@@ -112,23 +113,50 @@ def test_dropped_snapshot_stays_dropped(env):
 
 def test_repair_over_a_healthy_index_changes_nothing_visible(env):
     repo, a, b, digests = env
-    blobs = {k: (e.kind, e.refs) for k, e in all_blobs(repo).items()}
+    refs = all_refs(repo)
+    blobs = {k: (e.kind, refs[k]) for k, e in all_blobs(repo).items()}
     ids = snapshot_ids(repo)
     pit(repo, "repair")
     assert snapshot_ids(repo) == ids
-    assert {k: (e.kind, e.refs) for k, e in all_blobs(repo).items()} == blobs
+    refs = all_refs(repo)
+    assert {k: (e.kind, refs[k]) for k, e in all_blobs(repo).items()} == blobs
     assert_verify_clean(repo)
     assert not [n for n in os.listdir(repo) if n.startswith("index.")], "repair left an old or new index behind"
 
 
 def test_repair_recounts_wrong_refcounts(env):
     repo, a, b, digests = env
-    cid, e = next(iter(all_blobs(repo).items()))
-    e.refs += 3
-    lmdb_put(repo, "blobs", cid, e.encode())
+    cid, n = next(iter(all_refs(repo).items()))
+    set_refcount(repo, cid, n + 3)
     assert not structural_verify(repo).clean
     pit(repo, "repair")
     assert_verify_clean(repo)
+
+
+def test_corrupt_children_record_is_found_and_repaired(env):
+    """A filelist's `kids` record (what dropping it decrements) that no longer
+    matches the object: structural verify names it, repair rebuilds it."""
+    repo, a, b, digests = env
+    lists = [e for e in all_blobs(repo).values() if e.kind == P.FILELIST]
+    lmdb_put(repo, "kids", U64.pack(lists[0].seq), b"")
+    out = structural_verify(repo)
+    assert any("as a child in the index" in p for p in out.problems), out.problems
+    pit(repo, "repair")
+    assert_verify_clean(repo)
+
+
+def test_index_of_an_older_layout_asks_for_repair(env):
+    """An index without sequence-numbered counts (layout 3's `next_seq`) is
+    refused with a one-line error that says what to run; repair upgrades it."""
+    repo, a, b, digests = env
+    lmdb_put(repo, "meta", b"next_seq", None)
+    p = pit(repo, "snapshots", expect=None)
+    assert p.returncode != 0
+    err = p.stderr.decode()
+    assert "pit repair" in err and len(err.strip().splitlines()) == 1, err
+    pit(repo, "repair")
+    assert_verify_clean(repo)
+    assert restore_digest(repo, a[-1]) == digests[a[-1]]
 
 
 def test_repair_after_crash_in_index_swap(env):
