@@ -1,0 +1,144 @@
+"""docs/quickstart.md stays what bench/quickstart.py runs: its blocks extract, each node types at most six
+lines and the page says how many, the lab's substitutions leave no 10.0.0.x behind; the page's commands
+find the agent without --config; and the whole page runs on network namespaces (bench/quickstart.py: in CI
+without the failover, under -m slow with it). The lab removes what it made; the test checks that too."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from replicator import agent as A
+from replicator import errors as E
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench", "quickstart.py")
+_spec = importlib.util.spec_from_file_location("bench_quickstart", BENCH)
+qs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(qs)
+
+
+@pytest.fixture(scope="module")
+def text():
+    with open(qs.DOC) as f:
+        return f.read()
+
+
+def test_blocks_extract_and_each_node_types_at_most_six_lines(text):
+    blocks = qs.doc_blocks(text)
+    counted = qs.count(blocks)
+    assert counted["install"] == {"entries": 1, "commands": 1}
+    for node in "ABC":
+        assert 1 <= counted[node]["entries"] <= qs.MAX_ENTRIES, (node, counted[node])
+        # the page says how many lines each node types, in its heading and in its introduction
+        n = counted[node]["entries"]
+        assert re.search(rf"^### {node}, .*\({n} lines\)$", text, re.M), (node, n)
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+    intro = " ".join(text.split("\n\n")[1].split())
+    assert (f"{words[counted['A']['entries']]} lines to type on A, {words[counted['B']['entries']]} on B, "
+            f"{words[counted['C']['entries']]} on C") in intro, intro
+    # A's last line makes one token for both joining nodes; B and C use it
+    assert "--nodes b,c" in qs.entries(blocks["A"])[-1]
+    assert all("TOKEN-FROM-A" in blocks[n] for n in "BC")
+
+
+def test_entries_and_commands_are_counted_as_typed():
+    block = ("# a comment\n"
+             "pit etcd start --name a \\\n    --peer http://10.0.0.1:2380\n"
+             "\n"
+             "mkdir -p /etc/pit && cat > /etc/pit/x.toml <<'EOT'\n"
+             "a = 1   # && not a command\n"
+             "EOT\n"
+             "printf 'x; y && z\\n' > f   # quoted separators do not count; nor do these: && ;\n"
+             "ps | grep pit; true\n")
+    es = qs.entries(block)
+    assert len(es) == 4
+    assert es[0].startswith("pit etcd start") and es[0].endswith("2380")
+    assert es[1].splitlines()[-1] == "EOT"
+    assert [qs.commands_in(e) for e in es] == [1, 2, 1, 2]
+    with pytest.raises(ValueError, match="not closed"):
+        qs.entries("cat > f <<'EOT'\nno end\n")
+
+
+def test_substitutions_leave_no_page_address(text):
+    blocks = qs.doc_blocks(text)
+    for node in "ABC":
+        out, subs = qs.adapt(blocks[node], token="PIT1.abc", sqlite=True)
+        assert "10.0.0." not in out and f"{qs.NET}.1" in out
+        assert "TOKEN-FROM-A" not in out
+    a, subs = qs.adapt(blocks["A"], sqlite=True)
+    assert "--template sqlite --path /var/lib/shop/sales.db" in a and any("sqlite" in s for s in subs)
+    with pytest.raises(ValueError):
+        qs.adapt(blocks["B"])  # B's block needs the token
+    checks = qs.check_lines(blocks["check"])
+    assert [w for w, _ in checks] == [["a", "b", "c"], ["b"], ["a"]]
+
+
+def test_agent_commands_default_to_the_installed_config(tmp_path, monkeypatch):
+    """`pit status` with neither --config nor --state reads /etc/pit/agent.toml (install-service's file)."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state = "{tmp_path / "state"}"\n')
+    monkeypatch.setattr(A, "DEFAULT_AGENT_CONFIG", str(cfg))
+    with pytest.raises(E.AgentUnreachable, match=re.escape(str(tmp_path / "state" / "agent.sock"))):
+        A.control_request(None, None, "status", {})
+    monkeypatch.setattr(A, "DEFAULT_AGENT_CONFIG", str(tmp_path / "absent.toml"))
+    with pytest.raises(E.ConfigError, match="absent.toml"):
+        A.control_request(None, None, "status", {})
+
+
+def _leftovers() -> list[str]:
+    mine = f"{qs.PREFIX}"
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+    return [n.split()[0] for n in names if n.startswith(mine)]
+
+
+def _run_lab(tmp_path, *extra: str) -> dict:
+    why = qs.unavailable()
+    if why:
+        pytest.skip(why)
+    before = _leftovers()
+    out = tmp_path / "report.json"
+    p = subprocess.Popen([sys.executable, BENCH, "--json", str(out), *extra], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.terminate()  # the lab's own finally removes what it made
+            try:
+                p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+        qs.down_stale(log=lambda m: None)  # whatever a killed lab left (its process is gone)
+    assert p.returncode == 0, log[-6000:]
+    assert _leftovers() == before, "the lab left namespaces behind"
+    assert not [d for d in os.listdir("/tmp") if d.startswith(f"{qs.DIR_PREFIX}{p.pid}-")]
+    return json.loads(out.read_text())
+
+
+def _check_report(rep: dict) -> None:
+    assert rep["sets"] == ["sales", "www"]
+    assert all(rep["snapshots"][n][s] >= 1 for n in ("b", "c") for s in rep["sets"])
+    assert rep["checks"] == 5 and "TLS" in rep["webdav"]
+    assert 0 < rep["protected_seconds"] < 120
+
+
+def test_the_page_runs_on_namespaces(tmp_path):
+    rep = _run_lab(tmp_path, "--no-failover")
+    _check_report(rep)
+    assert "failover" not in rep
+
+
+@pytest.mark.slow
+def test_the_page_runs_on_namespaces_and_b_takes_over(tmp_path):
+    rep = _run_lab(tmp_path)
+    _check_report(rep)
+    fo = rep["failover"]
+    assert fo["token"] > fo["previous_token"] and set(fo["images"]) == {"sales", "www"}
+    assert fo["database_on_b"].startswith(("PostgreSQL started", "sqlite"))
