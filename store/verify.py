@@ -22,10 +22,10 @@ import zstandard
 from . import packs as P
 from .errors import BlobMissing, IntegrityError, StoreError
 from .files import INDEX_VERSION, decode_filelist_level
-from .index import REF, U64, BlobEntry, PackEntry, unpack_seqs
+from .index import BLOB, SEQ_AT, SEQ_LE, U64, BlobEntry, PackEntry, ref_of, unpack_seqs
 from .snapmeta import get_meta, update_meta
 from .snapshots import Snapshot
-from .trees import DIR, FILE, decode_tree
+from .trees import DIR, FILE, decode_tree, tree_children
 
 T64 = struct.Struct(">Q")
 BATCH = 8 * 1024 * 1024
@@ -88,7 +88,6 @@ class _Walker:
         self.seen: set[bytes] = set()
         self.chunks: set[bytes] = set()
         self.expected: Counter = Counter()
-        self.roots: Counter = Counter()  # references from snapshots and heads, not from a parent object
         self.recount = recount
         self.bad: dict[bytes, Damage] = {}
 
@@ -122,7 +121,6 @@ class _Walker:
 
     def snapshot(self, s: Snapshot) -> None:
         self.expected[s.root] += 1
-        self.roots[s.root] += 1
         self.tree(s.root)
 
     def tree(self, tid: bytes) -> None:
@@ -141,6 +139,8 @@ class _Walker:
                 self._damage(t, "tree", self._where(self.entry(t)), str(exc))
                 continue
             self.r.trees += 1
+            if self.recount:
+                self.check_kids(t, "tree", tree_children(entries))
             for e in entries:
                 if e.type == DIR:
                     self.expected[e.content] += 1
@@ -172,12 +172,33 @@ class _Walker:
         except IntegrityError as exc:
             self._damage(cid, "filelist", self._where(self.entry(cid)), str(exc))
             return
+        if self.recount:
+            self.check_kids(cid, "filelist", ids)
         for c in ids:
             self.expected[c] += 1
             if level == INDEX_VERSION:
                 self.filelist(c)
             else:
                 self.chunk(c)
+
+    def check_kids(self, bid: bytes, kind: str, children: list[bytes]) -> None:
+        """The object's `kids` record (what dropping it decrements) must list
+        its children's sequence numbers in its order."""
+        e = self.entry(bid)
+        db = self.repo.index.db
+        raw = self.txn.get(U64.pack(e.seq), db=db["kids"]) if e is not None else None
+        try:
+            have = list(unpack_seqs(raw)) if raw is not None else None
+        except IntegrityError:
+            have = None
+        want = []
+        for c in children:
+            craw = self.txn.get(c, db=self.blobs)
+            if craw is not None and len(craw) == BLOB.size:
+                want.append(SEQ_LE.unpack_from(craw, SEQ_AT)[0])
+        if have != want:
+            self.r.problems.append(f"{kind} {bid.hex()[:16]}: its children record in the index does not match its "
+                                   f"content (run `pit repair`)")
 
     def chunk(self, cid: bytes) -> None:
         if cid in self.chunks:
@@ -232,7 +253,8 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
     # the next writer deletes them. They are not damage.
     for num in sorted(n for n in on_disk - set(packs) - doomed if n < nxt):
         report.problems.append(f"pack {P.pack_name(num)} is on disk but not in the index (run `pit repair`)")
-    by_seq: dict[int, tuple[bytes, int]] = {}  # seq -> (blob id, kind)
+    db = repo.index.db
+    nblobs = nparents = 0
     with txn.cursor(db=repo.index.db["blobs"]) as cur:
         for k, v in cur:
             try:
@@ -240,10 +262,9 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             except IntegrityError:
                 w._damage(k, "?", "the index", "its index record is corrupt")
                 continue
-            if e.seq in by_seq:
-                report.problems.append(f"blobs {k.hex()[:16]} and {by_seq[e.seq][0].hex()[:16]} share sequence "
-                                       f"number {e.seq} (run `pit repair`)")
-            by_seq[e.seq] = (k, e.kind)
+            nblobs += 1
+            nparents += e.kind in (P.TREE, P.FILELIST)
+            _check_count(txn, db, w, report, k, e)
             foot = footers.get(e.pack)
             if foot is not None and foot.get(k) != e.offset:
                 report.problems.append(f"blob {k.hex()[:16]}: pack {P.pack_name(e.pack)}'s footer does not list it "
@@ -255,7 +276,10 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is truncated")
             elif size is None:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is missing")
-    _check_counts(txn, repo.index.db, w, report, by_seq)
+    for name, want, what in (("refs", nblobs, "reference count records"), ("kids", nparents, "children records")):
+        have = txn.stat(db[name])["entries"]
+        if have != want:
+            report.problems.append(f"the index holds {have} {what} for {want} blobs that need one (run `pit repair`)")
     snapdb, timedb = repo.index.db["snapshots"], repo.index.db["bytime"]
     with txn.cursor(db=timedb) as cur:
         for k in cur.iternext(keys=True, values=False):
@@ -267,53 +291,20 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             w._damage(k, "?", "not in the index", "referenced but missing")
 
 
-def _check_counts(txn, db, w: _Walker, report: VerifyReport, by_seq: dict[int, tuple[bytes, int]]) -> None:
-    """Reference counts (`refs`) against the recount, and children lists
-    (`kids`) against what the objects say: each blob is mentioned by the
-    `kids` of its parents as often as the recount found it in them."""
-    counted: set[int] = set()
-    with txn.cursor(db=db["refs"]) as cur:
-        for k, v in cur:
-            seq = U64.unpack(k)[0] if len(k) == 8 else -1
-            if len(v) != REF.size or seq < 0:
-                report.problems.append(f"reference count record {k.hex()} is corrupt (run `pit repair`)")
-                continue
-            count, bid = REF.unpack(v)
-            owner = by_seq.get(seq)
-            if owner is None or owner[0] != bid:
-                report.problems.append(f"reference count record {seq} names blob {bid.hex()[:16]}, which the "
-                                       f"index does not number {seq} (run `pit repair`)")
-                continue
-            counted.add(seq)
-            want = w.expected.get(bid, 0)
-            if count != want:
-                report.problems.append(f"blob {bid.hex()[:16]} ({P.KIND_NAMES.get(owner[1])}) has reference "
-                                       f"count {count}, recount says {want}")
-    for seq, (bid, kind) in by_seq.items():
-        if seq not in counted:
-            report.problems.append(f"blob {bid.hex()[:16]} ({P.KIND_NAMES.get(kind)}) has no reference count "
-                                   f"record (run `pit repair`)")
-    mentions: Counter = Counter()
-    with txn.cursor(db=db["kids"]) as cur:
-        for k, v in cur:
-            parent = by_seq.get(U64.unpack(k)[0]) if len(k) == 8 else None
-            if parent is None or parent[1] not in (P.TREE, P.FILELIST):
-                report.problems.append(f"children record {k.hex()} belongs to no tree or filelist (run `pit repair`)")
-                continue
-            if parent[0] in w.bad:
-                continue  # unreadable: the recount could not see its children either
-            try:
-                for s in unpack_seqs(v):
-                    child = by_seq.get(s)
-                    mentions[child[0] if child else s] += 1
-            except IntegrityError:
-                report.problems.append(f"the children record of {parent[0].hex()[:16]} is corrupt (run `pit repair`)")
-    for seq, (bid, kind) in by_seq.items():
-        want = w.expected.get(bid, 0) - w.roots.get(bid, 0)
-        if mentions.get(bid, 0) != want and bid not in w.bad:
-            report.problems.append(f"blob {bid.hex()[:16]} ({P.KIND_NAMES.get(kind)}) is listed {mentions.get(bid, 0)} "
-                                   f"times as a child in the index, its parents mention it {want} times "
-                                   f"(run `pit repair`)")
+def _check_count(txn, db, w: "_Walker", report: VerifyReport, bid: bytes, e: BlobEntry) -> None:
+    """A blob's reference count (in `refs`, under its sequence number) against the recount."""
+    try:
+        r = ref_of(txn, db, e.seq)
+    except IntegrityError:
+        r = None
+    if r is None or r[1] != bid:
+        report.problems.append(f"blob {bid.hex()[:16]} ({P.KIND_NAMES.get(e.kind)}) has no reference count "
+                               f"record under its number {e.seq} (run `pit repair`)")
+        return
+    want = w.expected.get(bid, 0)
+    if r[0] != want:
+        report.problems.append(f"blob {bid.hex()[:16]} ({P.KIND_NAMES.get(e.kind)}) has reference count {r[0]}, "
+                               f"recount says {want}")
 
 
 def _deep(repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int, recheck_after: float
@@ -522,7 +513,6 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
 
             for head in set_heads(repo, txn).values():
                 w.expected[head] += 1
-                w.roots[head] += 1
                 w.tree(head)
         if whole:
             _check_index(repo, txn, w, report)

@@ -140,7 +140,7 @@ def test_corrupt_children_record_is_found_and_repaired(env):
     lists = [e for e in all_blobs(repo).values() if e.kind == P.FILELIST]
     lmdb_put(repo, "kids", U64.pack(lists[0].seq), b"")
     out = structural_verify(repo)
-    assert any("as a child in the index" in p for p in out.problems), out.problems
+    assert any("children record in the index does not match" in p for p in out.problems), out.problems
     pit(repo, "repair")
     assert_verify_clean(repo)
 
