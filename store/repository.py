@@ -522,7 +522,7 @@ class Writer:
         loses that reference), so every indexed blob keeps refs > 0."""
         from .prune import DropStats, release
 
-        zero = [s for bid, s in ((b, e.seq) for b, e in self._pending.items()) if self._pending_refs[bid] == 0]
+        zero = [e.seq for bid, e in self._pending.items() if self._pending_refs[bid] == 0]
         for bid in self._zero_flushed:  # still unreferenced at the end of the session?
             e = self.entry(bid)
             if e is not None and e.seq not in self._pending_seq and REF.unpack(

@@ -243,3 +243,34 @@ def snapshots_of(r, txn):
     from store.snapshots import list_snapshots
 
     return list_snapshots(r, txn)
+
+
+@pytest.mark.parametrize("flush_early", [False, True])
+def test_blobs_nothing_referenced_are_swept_and_release_their_children(repo, tmp_path, monkeypatch, flush_early):
+    """A chunk list written in a session but referenced by nothing at its end
+    (the file vanished before its tree entry was made) is not indexed, and
+    the chunks it linked lose that reference: counts still equal a recount."""
+    from maint_helpers import opened, pack_entries
+    from store.repository import Writer, object_id, write_filelist
+
+    src = str(tmp_path / "src")
+    make_tree(src, random.Random(5), nfiles=4, size_range=(30_000, 90_000))
+    s = snap(repo, "s", [src])
+    refs_before, dead_before = all_refs(repo), sum(p.dead for p in pack_entries(repo).values())
+    if flush_early:  # the pending entries reach LMDB before the sweep
+        monkeypatch.setattr(Writer, "PENDING_MAX", 1)
+    old_chunk, old = next((k, e) for k, e in all_blobs(repo).items() if e.kind == P.CHUNK)
+    with opened(repo, readonly=False) as r, r.writer() as w:
+        new_chunks = []
+        for i in range(3):
+            data = random.Random(i).randbytes(5000)
+            cid = object_id(P.CHUNK, data)
+            w.put(P.CHUNK, cid, data)
+            new_chunks.append(cid)
+        orphan = write_filelist(w, new_chunks + [old_chunk], [5000, 5000, 5000, old.raw_len])
+    assert orphan not in all_blobs(repo)
+    assert not set(new_chunks) & set(all_blobs(repo))
+    assert all_refs(repo) == refs_before  # the old chunk's extra reference went with the orphan list
+    assert sum(p.dead for p in pack_entries(repo).values()) > dead_before
+    assert_verify_clean(repo)
+    assert restore_digest(repo, s.hex) == source_digest(src)
