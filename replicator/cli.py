@@ -6,9 +6,12 @@ line and exits with its code.
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import click
+
+from .errors import ClusterExists, ConfigError
 
 STATE = click.option("--state", "state", envvar="PIT_STATE", required=True, metavar="DIR",
                      help="The node's state directory (or set PIT_STATE).")
@@ -19,19 +22,68 @@ def cluster():
     """Cluster membership on the primary master: init, tokens, roster."""
 
 
+AGENT_CONFIG = click.option(
+    "--agent-config", default=None, metavar="FILE",
+    help="Also write this node's agent configuration to FILE (e.g. /etc/pit/agent.toml, what `pit install-service` "
+         "and `pit status` use): creates its directory; a different file already there is refused unless --force.")
+METRICS = click.option("--metrics", default=None, metavar="HOST:PORT",
+                       help="With --agent-config: the agent serves Prometheus metrics there (the file's `metrics`).")
+FORCE = click.option("--force", is_flag=True, help="With --agent-config: replace a different file at FILE.")
+
+
+def _needs_agent_config(agent_config, **given) -> None:
+    for opt, v in given.items():
+        if v and not agent_config:
+            raise ConfigError(f"--{opt.replace('_', '-')} goes into the agent configuration: give --agent-config FILE "
+                              "too")
+    if given.get("metrics"):
+        from .metrics import validate_metrics_address
+
+        try:
+            validate_metrics_address(given["metrics"])
+        except ConfigError as exc:
+            raise ConfigError(f"--metrics{str(exc).removeprefix('`metrics`')}") from None
+
+
+def _wrote(plan: dict, done: str) -> None:
+    keys = ", ".join(ln.split(" = ")[0] for ln in plan["text"].splitlines() if not ln.startswith("#"))
+    if done == "unchanged":
+        click.echo(f"agent configuration {plan['path']} already says this ({keys}): left as it is")
+    else:
+        click.echo(f"{done} agent configuration {plan['path']} ({keys})")
+
+
 @cluster.command("init")
 @STATE
 @click.option("--node", default=None, help="This node's id (default: the host name).")
 @click.option("--address", required=True, metavar="HOST:PORT", help="Where this node's agent listens (mTLS).")
 @click.option("--join-address", default=None, metavar="HOST:PORT", help="Where joining nodes connect (default: port+1).")
-def cluster_init(state, node, address, join_address):
-    """Create the cluster CA and this primary's certificate."""
-    from .membership import ca_fingerprint, init_cluster
+@AGENT_CONFIG
+@click.option("--cluster", "cluster_file", default=None, metavar="FILE",
+              help="With --agent-config: the cluster file the primary's agent reads (the file's `cluster`; "
+                   "default: cluster.toml beside the agent configuration).")
+@METRICS
+@FORCE
+def cluster_init(state, node, address, join_address, agent_config, cluster_file, metrics, force):
+    """Create the cluster CA and this primary's certificate; with --agent-config, also its agent configuration
+    (state, cluster file, metrics)."""
+    from .config import plan_agent_config, write_agent_config
+    from .membership import ca_fingerprint, check_node_id, init_cluster, parse_address
 
     node = node or socket.gethostname().split(".")[0].lower()
+    _needs_agent_config(agent_config, cluster=cluster_file, metrics=metrics, force=force)
+    plan = None
+    if agent_config:
+        check_node_id(node)
+        parse_address(address)
+        cfile = cluster_file or os.path.join(os.path.dirname(os.path.abspath(agent_config)), "cluster.toml")
+        plan = plan_agent_config(agent_config, {"state": os.path.abspath(state), "cluster": os.path.abspath(cfile),
+                                                "metrics": metrics}, "pit cluster init", force)
     st = init_cluster(state, node, address, join_address)
     click.echo(f"cluster created: primary {st.node} at {address}, joins at {st.info['join_address']}")
     click.echo(f"CA fingerprint sha256:{ca_fingerprint(st)}")
+    if plan:
+        _wrote(plan, write_agent_config(plan))
 
 
 @cluster.command("token")
@@ -88,18 +140,62 @@ def cluster_secondary(node, cluster_file):
     click.echo(f"secondary station: {before['secondary']} -> {node} (the running primary pushes it now)")
 
 
+def _ensure_repo(path: str) -> str:
+    """The replica repository at PATH, made as `pit --repo PATH init` makes it when there is none."""
+    from store.repository import Repository
+
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, "config")):
+        Repository(path, readonly=True).close()  # a repository this pit reads (else its one-line error)
+        return f"repository {path} is already there: kept"
+    repo = Repository.init(path)
+    try:
+        p = repo.params
+        return (f"created repository {repo.id[:12]} at {repo.path} "
+                f"(chunks {p.min_size}/{p.avg_size}/{p.max_size} bytes, zstd {repo.level})")
+    finally:
+        repo.close()
+
+
 @click.command("join")
 @STATE
 @click.argument("token")
 @click.option("--node", default=None, help="This node's id (default: the host name).")
 @click.option("--address", required=True, metavar="HOST:PORT", help="Where this node's agent will listen.")
-def join(state, token, node, address):
-    """Join the cluster named by TOKEN (from `pit cluster token`)."""
-    from .membership import join as do_join
+@click.option("--repo", default=None, metavar="DIR",
+              help="The repository this node keeps its replicas in: created when absent (as `pit --repo DIR "
+                   "init`); with --agent-config, the file's `repo`.")
+@AGENT_CONFIG
+@METRICS
+@FORCE
+def join(state, token, node, address, repo, agent_config, metrics, force):
+    """Join the cluster named by TOKEN (from `pit cluster token`); with --repo and --agent-config, also make
+    the node's repository and write its agent configuration."""
+    from .membership import check_node_id, join as do_join, parse_address, parse_token
 
     node = node or socket.gethostname().split(".")[0].lower()
+    _needs_agent_config(agent_config, metrics=metrics, force=force)
+    # everything that can be checked here is, before the join spends a use of the token
+    check_node_id(node)
+    parse_address(address)
+    parse_token(token)
+    if os.path.exists(os.path.join(state, "node.json")):
+        raise ClusterExists(f"{os.path.abspath(state)} already holds a cluster membership")
+    plan = None
+    if agent_config:
+        from .config import plan_agent_config
+
+        plan = plan_agent_config(agent_config, {"state": os.path.abspath(state),
+                                                "repo": os.path.abspath(repo) if repo else None,
+                                                "metrics": metrics}, "pit join", force)
+    if repo:
+        click.echo(_ensure_repo(repo))
     st = do_join(token, state, node, address)
     click.echo(f"joined as {st.node}; primary is {st.primary}")
+    if plan:
+        from .config import write_agent_config
+
+        _wrote(plan, write_agent_config(plan))
 
 
 @click.command("agent")

@@ -155,10 +155,18 @@ def _load_toml(path: str) -> dict:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+AGENT_KEYS = ("state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts")
+
+
 def load_agent_config(path: str) -> dict:
-    raw = _load_toml(path)
+    return check_agent_config(_load_toml(path), path)
+
+
+def check_agent_config(raw: dict, path: str) -> dict:
+    """The agent file's values as `load_agent_config` returns them (paths made absolute against the file's
+    directory); ConfigError naming `path` when one is bad."""
     base = os.path.dirname(os.path.abspath(path))
-    unknown = set(raw) - {"state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts"}
+    unknown = set(raw) - set(AGENT_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "state" not in raw:
@@ -184,6 +192,122 @@ def load_agent_config(path: str) -> dict:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return cfg
+
+
+# ------------------------------------------------------------------ the agent file `pit cluster init`/`pit join` write
+AGENT_FILE_KEYS = ("state", "repo", "cluster", "metrics")  # what --agent-config writes, in this order
+
+
+def _toml_string(v: str) -> str:
+    """A TOML basic string (control characters, DEL, quote and backslash escaped)."""
+    out = []
+    for c in v:
+        if c in "\"\\":
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def render_agent_config(values: dict, written_by: str) -> str:
+    """The agent file for `values` (keys of AGENT_FILE_KEYS; paths absolute), with a header naming the command."""
+    lines = [f"# this node's agent configuration (pit agent --config), written by `{written_by}`;",
+             "# check it after an edit with `pit config check FILE` (keys: docs/replication.md)"]
+    for k in AGENT_FILE_KEYS:
+        if values.get(k) is not None:
+            lines.append(f"{k} = {_toml_string(values[k])}")
+    return "\n".join(lines) + "\n"
+
+
+def _not_a_directory(path: str) -> str:
+    """The ancestor of `path` nearest the root that exists and is not a directory (else `path`'s parent)."""
+    found = os.path.dirname(path)
+    d = found
+    while d != os.path.dirname(d):
+        if os.path.lexists(d) and not os.path.isdir(d):
+            found = d
+        d = os.path.dirname(d)
+    return found
+
+
+def plan_agent_config(path: str, values: dict, written_by: str, force: bool = False,
+                      option: str = "--agent-config") -> dict:
+    """What `pit cluster init` / `pit join` check before they change anything: the file they would write
+    loads as the agent loads it, PATH's directory exists (it is created) and is writable, and a file already
+    at PATH either says the same (it is left alone) or is replaced only with `force`.
+
+    Returns {"path", "text", "action"}: action "write" (no file yet), "replace" (force) or "unchanged".
+    Every refusal is one ConfigError line naming `option` and the path."""
+    if not path or not path.strip():
+        raise ConfigError(f"{option}: give the file's path (e.g. /etc/pit/agent.toml)")
+    path = os.path.abspath(path)
+    if "\n" in path or "\r" in path or "\0" in path:
+        raise ConfigError(f"{option} {path!r}: a path with a line break or NUL")
+    text = render_agent_config(values, written_by)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"{option} {path}: a path in it is not UTF-8 text") from None
+    new = tomllib.loads(text)
+    try:
+        check_agent_config(new, path)
+    except ConfigError as exc:
+        raise ConfigError(f"{option} {path}: {str(exc).removeprefix(path + ': ')}") from None
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {path}: is a directory (give the file's path, e.g. {path}/agent.toml)")
+    d = os.path.dirname(path)
+    try:
+        os.makedirs(d, mode=0o755, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{option} {path}: {_not_a_directory(path)} is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create the directory {d}: {exc.strerror}") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot write in {d} (permission denied)")
+    try:
+        with open(path, "rb") as f:
+            existing = f.read()
+    except FileNotFoundError:
+        return {"path": path, "text": text, "action": "write"}
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read the file already there: {exc.strerror}") from None
+    try:
+        old = tomllib.loads(existing.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        old = None
+    if old == new:
+        return {"path": path, "text": text, "action": "unchanged"}
+    if not force:
+        what = "not TOML" if old is None else \
+            "differs in " + ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
+        raise ConfigError(f"{option} {path}: a different file is already there ({what}); "
+                          "give --force to replace it")
+    return {"path": path, "text": text, "action": "replace"}
+
+
+def write_agent_config(plan: dict) -> str:
+    """Write what `plan_agent_config` planned (atomically, mode 0644); returns "wrote", "replaced" or
+    "unchanged"."""
+    if plan["action"] == "unchanged":
+        return "unchanged"
+    path = plan["path"]
+    tmp = path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(plan["text"])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise ConfigError(f"cannot write the agent configuration {path}: {exc.strerror}") from None
+    return "replaced" if plan["action"] == "replace" else "wrote"
 
 
 def normalise_sets(raw: dict, where: str = "cluster config") -> dict:

@@ -204,6 +204,63 @@ def test_token_uses_hold_under_concurrent_joins(running, tmp_path):
     assert len({"w0", "w1", "w2"} & set(_roster(running))) == 2
 
 
+def test_join_makes_the_repository_and_writes_the_agent_config(running, tmp_path):
+    """`pit join --repo DIR --agent-config FILE --metrics HOST:PORT`: the repository is created (as `pit --repo
+    DIR init`), the agent file says state, repo and metrics, and `pit config check` passes it."""
+    import tomllib
+
+    token = pit("cluster", "token", "--state", running.primary.state, "--nodes", "j1").stdout.strip()
+    cfg = tmp_path / "etc" / "pit" / "agent.toml"  # etc/pit does not exist yet: join makes it
+    r = pit("join", "--state", str(tmp_path / "st"), token, "--node", "j1", "--address", "127.0.0.1:40",
+            "--repo", str(tmp_path / "repo"), "--agent-config", str(cfg), "--metrics", "127.0.0.1:9474")
+    assert "created repository" in r.stdout and "joined as j1" in r.stdout, r.stdout
+    assert f"wrote agent configuration {cfg} (state, repo, metrics)" in r.stdout, r.stdout
+    Repository(str(tmp_path / "repo"), readonly=True).close()
+    assert tomllib.loads(cfg.read_text()) == {"state": str(tmp_path / "st"), "repo": str(tmp_path / "repo"),
+                                              "metrics": "127.0.0.1:9474"}
+    r = pit("config", "check", str(cfg))
+    assert ": ok: agent configuration of a node" in r.stdout, r.stdout
+    assert "j1" in _roster(running)
+
+
+def test_join_refuses_a_bad_agent_config_before_spending_the_token(running, tmp_path):
+    """A different file at --agent-config, a path under a file, a non-repository at --repo: refused with one
+    typed line before anything is joined or created, and the token's one use is still there. --force replaces
+    the file; an existing repository is kept."""
+    token = pit("cluster", "token", "--state", running.primary.state, "--nodes", "k1").stdout.strip()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('state = "/somewhere/else"\n')
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-a-repo").mkdir()
+    (tmp_path / "not-a-repo" / "data").write_text("x")
+
+    def attempt(*extra):
+        return subprocess.run([PIT, "join", "--state", str(tmp_path / "st"), token, "--node", "k1",
+                               "--address", "127.0.0.1:41", *extra], capture_output=True, text=True, timeout=60)
+
+    for extra, code, needle in (
+            (["--agent-config", str(cfg)], E.ConfigError.exit_code, "a different file is already there (differs in "
+                                                                    "state); give --force to replace it"),
+            (["--agent-config", str(tmp_path / "a-file" / "agent.toml")], E.ConfigError.exit_code,
+             f"{tmp_path / 'a-file'} is not a directory"),
+            (["--agent-config", str(tmp_path)], E.ConfigError.exit_code, "is a directory"),
+            (["--metrics", "127.0.0.1:9474"], E.ConfigError.exit_code, "give --agent-config FILE too"),
+            (["--repo", str(tmp_path / "not-a-repo")], 11, "exists and is not empty")):
+        r = attempt(*extra)
+        assert r.returncode == code and needle in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
+        assert r.stderr.startswith("pit: error: ") and "Traceback" not in r.stderr
+        assert not (tmp_path / "st" / "node.json").exists()
+    assert cfg.read_text() == 'state = "/somewhere/else"\n'
+    assert "k1" not in _roster(running)
+    pit("--repo", str(tmp_path / "repo"), "init")
+    r = attempt("--repo", str(tmp_path / "repo"), "--agent-config", str(cfg), "--force")
+    assert r.returncode == 0, r.stderr  # the use was not spent by the refusals
+    assert "repository" in r.stdout and "already there: kept" in r.stdout, r.stdout
+    assert f"replaced agent configuration {cfg} (state, repo)" in r.stdout, r.stdout
+    assert "k1" in _roster(running)
+    assert pit("config", "check", str(cfg)).returncode == 0
+
+
 def test_token_arguments_and_expiry(running, tmp_path):
     """Bad --uses/--nodes are refused with one line; an entry past its expiry is refused on the primary
     even when the token's own expiry was forged; a tokens.json entry from before multi-use counts once."""
