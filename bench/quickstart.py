@@ -86,7 +86,7 @@ HOSTS = {"a": 1, "b": 2, "c": 3, "pc": 10}
 NODES = ("a", "b", "c")
 PREFIX = "pitqs"
 DIR_PREFIX = "pit-quickstart-"
-MAX_ENTRIES = 6
+MAX_COMMANDS = 6  # issue 8: shell commands per node after the install
 
 
 # =============================================================================== the page
