@@ -366,24 +366,6 @@ def test_a_port_in_use_is_a_one_line_error():
         srv.stop()
 
 
-def _wired() -> bool:
-    """Does this checkout's agent config take `metrics` and [alerts] (the agent's wiring)?"""
-    import tempfile
-
-    from replicator import config as C
-    from replicator.errors import ConfigError
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
-        f.write('state = "/nonexistent"\nmetrics = "127.0.0.1:1"\n[alerts]\nlag_seconds = 300\n')
-        f.flush()
-        try:
-            C.load_agent_config(f.name)
-        except ConfigError:
-            return False
-    return True
-
-
-@pytest.mark.skipif(not _wired(), reason="the agent does not take `metrics` / [alerts] in its config yet")
 def test_running_agents_serve_metrics_and_page_on_the_breaker(tmp_path):
     from test_repl_helpers import Node, free_port
 

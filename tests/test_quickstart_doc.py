@@ -102,8 +102,9 @@ def test_agent_commands_default_to_the_installed_config(tmp_path, monkeypatch):
         A.control_request(None, None, "status", {})
 
 
-def _leftovers() -> list[str]:
-    mine = f"{qs.PREFIX}"
+def _leftovers(pid: int) -> list[str]:
+    """Namespaces of the lab run by process `pid` (others' labs may run beside this test)."""
+    mine = f"{qs.PREFIX}{pid}-"
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
     return [n.split()[0] for n in names if n.startswith(mine)]
 
@@ -112,7 +113,6 @@ def _run_lab(tmp_path, *extra: str) -> dict:
     why = qs.unavailable()
     if why:
         pytest.skip(why)
-    before = _leftovers()
     out = tmp_path / "report.json"
     p = subprocess.Popen([sys.executable, BENCH, "--json", str(out), *extra], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
@@ -126,9 +126,9 @@ def _run_lab(tmp_path, *extra: str) -> dict:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.communicate()
-        qs.down_stale(log=lambda m: None)  # whatever a killed lab left (its process is gone)
+            qs.down_stale(log=lambda m: None)  # whatever the killed lab left (its process is gone)
     assert p.returncode == 0, log[-6000:]
-    assert _leftovers() == before, "the lab left namespaces behind"
+    assert _leftovers(p.pid) == [], "the lab left namespaces behind"
     assert not [d for d in os.listdir("/tmp") if d.startswith(f"{qs.DIR_PREFIX}{p.pid}-")]
     return json.loads(out.read_text())
 
