@@ -62,9 +62,13 @@ class Agent:
             return self._roster_cache[1]
         return self.config.get("roster", {})
 
+    def configured_sets(self) -> dict:
+        """The cluster's sets with this node's own application settings (its `app`) over theirs."""
+        return C.with_local_app(self.config.get("sets", {}), self.cfg.get("app"))
+
     def sets(self) -> dict:
         """The sets as they stand now (after a failover the protected sets have another master)."""
-        sets = self.config.get("sets", {})
+        sets = self.configured_sets()
         return self.failover.effective(sets) if self.failover is not None else sets
 
     def fencing_token(self) -> int:

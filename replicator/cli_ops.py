@@ -21,7 +21,9 @@ from store.errors import InvalidArgument, StoreError
 from .errors import ClusterError, ConfigError
 
 KINDS = ("agent", "cluster", "serve")
-AGENT_KEYS = {"state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts"}
+from .config import AGENT_KEYS as _AGENT_KEYS
+
+AGENT_KEYS = set(_AGENT_KEYS)
 CLUSTER_KEYS = {"sets", "failover"}
 SERVE_KEYS = {"server", "users", "anonymous"}
 SERVE_SCHEMA = {"server": {"listen", "port", "certificate", "private_key", "self_signed", "anonymous"}}

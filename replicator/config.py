@@ -11,6 +11,8 @@ as a replica, and, on the primary only, the cluster file:
     live = {web = ["/srv/www"]}         # secondary only: where a promotion materialises each set
                                         # (default: the set's paths; base names must match them)
     metrics = "0.0.0.0:9474"            # Prometheus metrics (docs/metrics-alerts.md)
+    app = {sales = {port = 5433}}       # this node's own application settings, over the set's
+                                        # [sets.NAME.app] (a socket, port or client that differs here)
     [alerts]                            # alerts that reach a person: command and/or SMTP
     command = "/usr/local/bin/page-me"
 
@@ -155,7 +157,20 @@ def _load_toml(path: str) -> dict:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-AGENT_KEYS = ("state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts")
+AGENT_KEYS = ("state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts", "app")
+def with_local_app(sets: dict, local: dict | None) -> dict:
+    """The sets with this node's `app` settings over each set's application
+    table: the cluster file is one for all nodes, but after a failover the
+    new primary's database may listen on another socket or port, and its
+    hooks must reach the database that runs here."""
+    if not local:
+        return sets
+    out = dict(sets)
+    for name, over in local.items():
+        s = out.get(name)
+        if isinstance(s, dict) and isinstance(s.get("app"), dict):
+            out[name] = {**s, "app": {**s["app"], **over}}
+    return out
 
 
 def load_agent_config(path: str) -> dict:
@@ -180,6 +195,17 @@ def check_agent_config(raw: dict, path: str) -> dict:
                                                                                  for p in v) for v in live.values()):
         raise ConfigError(f"{path}: `live` maps set names to lists of absolute paths (where a promoted "
                           "secondary materialises each set)")
+    app = cfg.get("app", {})
+    if not isinstance(app, dict) or not all(isinstance(v, dict) for v in app.values()):
+        raise ConfigError(f"{path}: `app` maps set names to tables of application settings (app = {{NAME = {{...}}}})")
+    for name, over in app.items():
+        from .failover_errors import TemplateError
+        from .templates import check_app_override
+
+        try:
+            check_app_override(over, f"app.{name}")
+        except TemplateError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     try:
         if "metrics" in cfg:
             from .metrics import validate_metrics_address

@@ -317,7 +317,7 @@ class Failover:
             report["detect_to_key"] = round(time.monotonic() - t0, 3)
             try:
                 t1 = time.monotonic()
-                sets = self.agent.config.get("sets", {})
+                sets = self.agent.configured_sets()
                 failed = set()
                 for name in self.protected(sets):
                     try:

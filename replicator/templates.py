@@ -720,9 +720,7 @@ def validate_app(app, paths: list[str], where: str = "app") -> dict:
         if k not in known:
             raise TemplateError(f"{where}: unknown key {k!r}")
         typ = known[k]
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) if typ is float else \
-            isinstance(v, int) and not isinstance(v, bool) if typ is int else isinstance(v, typ)
-        if not ok:
+        if not _type_ok(v, typ):
             raise TemplateError(f"{where}: `{k}` must be a {typ.__name__}")
     for phase in HOOK_KEYS:
         for i, h in enumerate(app.get(phase, [])):
@@ -738,6 +736,42 @@ def validate_app(app, paths: list[str], where: str = "app") -> dict:
     if t.name == "sqlite":
         image_path(paths, "/", app["side_dir"])
     return app
+
+
+# What a node's own `app` settings (its agent file) may not change in a set's
+# application table: what the set is (its template) and where its files are in
+# the image (its paths). Connection details, clients and hooks may differ.
+APP_SET_ONLY = ("template", "data", "databases", "docroot", "config", "side_dir")
+
+
+def _type_ok(v, typ) -> bool:
+    if typ is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if typ is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, typ)
+
+
+def check_app_override(over, where: str) -> dict:
+    """A node's settings over a set's `app` table: known keys of some
+    template, of the right type, hooks well formed, nothing that is the
+    set's own. One-line TemplateError naming the key."""
+    if not isinstance(over, dict):
+        raise TemplateError(f"{where} must be a table")
+    known = {**COMMON_KEYS, **{k: v for t in TEMPLATES.values() for k, v in t.options.items()},
+             **{k: v for keys in TEMPLATE_KEYS.values() for k, v in keys.items()}}
+    for k, v in over.items():
+        if k in APP_SET_ONLY:
+            raise TemplateError(f"`{where}.{k}` is the set's own (its [sets.NAME.app] in the cluster file), "
+                                f"not a node's")
+        if k not in known:
+            raise TemplateError(f"`{where}.{k}` is not an application setting")
+        if not _type_ok(v, known[k]):
+            raise TemplateError(f"`{where}.{k}` must be a {known[k].__name__}")
+    for phase in HOOK_KEYS:
+        for i, h in enumerate(over.get(phase, [])):
+            check_hook(h, f"{where}.{phase}[{i}]")
+    return over
 
 
 def check_hook(h, where: str = "hook") -> None:

@@ -26,6 +26,10 @@ metrics = "127.0.0.1:9474"
 command = "/usr/local/bin/page-me"
 smtp = {host = "mail.example.com", port = 587, starttls = true, from = "pit@example.com", to = ["it@example.com"]}
 lag_seconds = 300
+
+[app."sales-db"]
+port=5433
+socket_dir = "/run/postgresql"
 """
 
 CLUSTER = """\
@@ -111,6 +115,10 @@ BAD = [
     ("agent", AGENT, '"127.0.0.1:9474"', '"everywhere"', "metrics", "metrics =", ConfigError),
     ("agent", AGENT, "port = 587", 'port = "smtp"', "alerts.smtp.port", "port =", ConfigError),
     ("agent", AGENT, "lag_seconds = 300", "lag_secs = 300", "alerts.lag_secs", "lag_secs", ConfigError),
+    ("agent", AGENT, "port=5433", 'port="5433"', "app.sales-db.port", 'port="5433"', ConfigError),
+    ("agent", AGENT, 'socket_dir = "/run/postgresql"', 'data = "/srv/pg"', "app.sales-db.data", "data =", ConfigError),
+    ("agent", AGENT, 'socket_dir = "/run/postgresql"', 'sockdir = "/run"', "app.sales-db.sockdir", "sockdir =",
+     ConfigError),
     ("cluster", CLUSTER, 'mode = "mirror"', 'mode = "mirorr"', "sets.web.mode", "mode =", ConfigError),
     ("cluster", CLUSTER, "point_quiet = 0", "point_qiuet = 0", "sets.sales-db.point_qiuet", "point_qiuet",
      ConfigError),

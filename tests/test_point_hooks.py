@@ -87,3 +87,26 @@ def test_failed_post_hook_marks_the_replicas_image_and_selection_skips_it(cluste
     sel = select_image(r.repo, "web")
     assert sel.images[0].status == "skipped" and "hooks failed" in sel.images[0].reason
     assert sel.chosen.name == snaps[0][0].name
+
+
+def test_a_nodes_own_app_settings_override_the_sets(cluster, tmp_path):
+    """The cluster file's hooks name the configured primary's database; a node
+    whose database differs (after a failover: another socket or port) gives
+    its own in its agent file (`[app.NAME]`), and its points use those."""
+    from test_repl_helpers import Node
+
+    c = cluster
+    trace = tmp_path / "trace"
+    c.sets["web"]["app"] = {"pre": ["false"], "post": [f"echo post-cluster >> {trace}"], "hook_timeout": 10}
+    n = c.primary
+    block = f'[app.web]\npre = ["echo pre-here $PIT_POINT_ID >> {trace}"]\n'
+    n.write_config = lambda extra="": Node.write_config(n, extra + "\n" + block)
+    with open(os.path.join(c.src, "a.txt"), "wb") as f:
+        f.write(b"one")
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 30, "seeding")
+    c.primary.ctl("point", "--set", "web")  # the cluster's `false` would refuse the point
+    lines = trace.read_text().split("\n")
+    assert lines[0].startswith("pre-here ") and lines[1] == "post-cluster", lines
+    assert len(replica_snapshots(r.repo, "web")) == 1
