@@ -76,6 +76,10 @@ class Failover:
         self.failed_sets: set[str] = set()  # protected sets a promotion could not bring up
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
+        # The secondary's probes of the primary run in their own thread (see _probe_loop).
+        self._probe_want: tuple[str, float] | None = None   # (holder, when the loop last asked)
+        self._probed: tuple[str, bool, list[str]] | None = None  # (holder, agent answers, failing checks)
+        self._probe_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ persistence and status
     def _save(self) -> None:
@@ -267,14 +271,41 @@ class Failover:
         self.agent.reconfigure()
         self.run_hooks("takeover", token)  # idempotent: services start, or are confirmed running
 
+    def _probe_loop(self) -> None:
+        """Probe the primary (its agent's ping and the service checks, at once) every heartbeat while
+        the loop wants it. In their own thread: against a dead primary each probe waits out its
+        timeout (seconds), and the loop that sees the lease expire must not wait behind them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="pit-ping") as pool:
+            while not self.stopped.is_set():
+                want = self._probe_want
+                if want is not None and time.monotonic() - want[1] < max(5.0, 4 * self.cfg["heartbeat"]):
+                    holder = want[0]
+                    try:
+                        ping = pool.submit(self.agent.ping, holder, max(1.0, self.ttl / 2))
+                        failed = self.checks.run() if self.cfg["checks"] else []
+                        reachable = bool(ping.result())
+                        self.primary_reachable = reachable
+                        self._probed = (holder, reachable, failed)
+                    except Exception:
+                        log.exception("probing %s", holder)
+                self.stopped.wait(self.cfg["heartbeat"])
+
     def _watch_primary(self, holder: str) -> None:
-        self.primary_reachable = self.agent.ping(holder, timeout=max(1.0, self.ttl / 2))
-        failed = self.checks.run() if self.cfg["checks"] else []
+        self._probe_want = (holder, time.monotonic())
+        if self._probe_thread is None:
+            self._probe_thread = threading.Thread(target=self._probe_loop, daemon=True, name="pit-probe")
+            self._probe_thread.start()
+        probed = self._probed
+        if probed is None or probed[0] != holder:
+            return  # nothing probed of this holder yet
+        _, reachable, failed = probed
         if not failed:
-            self._set_note("" if self.primary_reachable else
+            self._set_note("" if reachable else
                            f"{holder} does not answer here but renews its lease: no failover (a partition)")
             return
-        if not self.primary_reachable:
+        if not reachable:
             self._set_note(f"{holder}'s checks fail here ({'; '.join(failed)}) and it does not answer here, "
                            "but it renews its lease in etcd: a partition between us, not a failure; no failover")
             return
