@@ -275,7 +275,12 @@ def pg_basebackup_command(app: dict) -> str:
     bb = shlex.join([os.path.join(bindir, "pg_basebackup"), "-D", os.path.join(side, "base.new"), "-X", "fetch",
                      "-c", "fast", "--no-password", "-h", str(app["socket_dir"]), "-p", str(app["port"]),
                      "-U", app["superuser"]])
-    inner = f"rm -rf {new} && {bb} && rm -rf {cur} && mv {new} {cur}"
+    # A promoted node that started its server on side_dir/base itself would lose its live data
+    # directory to the next point: a running server's directory (postmaster.pid) is never replaced.
+    guard = (f"if [ -e {shlex.quote(os.path.join(side, 'base', 'postmaster.pid'))} ]; then "
+             f"echo {shlex.quote(f'{cur} holds a running server (postmaster.pid): not replacing it; start a promoted server from a copy')} >&2; "
+             f"exit 1; fi; ")
+    inner = f"{guard}rm -rf {new} && {bb} && rm -rf {cur} && mv {new} {cur}"
     if os.geteuid() == 0 and app["os_user"] != "root":
         return f"runuser -u {shlex.quote(app['os_user'])} -- sh -c {shlex.quote(inner)}"
     return inner

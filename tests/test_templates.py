@@ -348,3 +348,31 @@ def test_postgresql_check_unavailable_without_the_image_version(tmp_path):
     with pytest.raises(CheckUnavailable, match="PostgreSQL 99 binaries are not installed") as ei:
         check_image(table, str(tmp_path / "img"))
     assert ei.value.exit_code == 64
+
+
+def _fake_basebackup_app(tmp_path):
+    """The basebackup point hook with a stand-in pg_basebackup that writes a data directory."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "pg_basebackup"
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "-D" ]; do shift; done\nmkdir -p "$2" && echo new > "$2/PG_VERSION"\n')
+    fake.chmod(0o755)
+    side = tmp_path / "side"
+    table = build_set("postgresql", "sales", [str(tmp_path / "data")], ["b"], "a",
+                      {"point": "basebackup", "side_dir": str(side), "bindir": str(bindir), "os_user": "root"})
+    return table["app"], side
+
+
+def test_basebackup_point_replaces_the_copy_but_never_a_running_servers_directory(tmp_path):
+    app, side = _fake_basebackup_app(tmp_path)
+    (side / "base").mkdir(parents=True)
+    (side / "base" / "PG_VERSION").write_text("old\n")
+    run = lambda: subprocess.run(["sh", "-c", app["pre"][0]], capture_output=True, text=True)  # noqa: E731
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert (side / "base" / "PG_VERSION").read_text() == "new\n" and not (side / "base.new").exists()
+    # a promoted node started its server on the image's own directory: the next point must not delete it
+    (side / "base" / "postmaster.pid").write_text("4242\n")
+    r = run()
+    assert r.returncode == 1 and "postmaster.pid" in r.stderr, r.stderr
+    assert (side / "base" / "postmaster.pid").exists() and (side / "base" / "PG_VERSION").read_text() == "new\n"
