@@ -340,17 +340,12 @@ class Lab:
         return os.path.join(self.dir, node, "up", path.lstrip("/"))
 
     def wait(self, what: str, pred, timeout: float, interval: float = 0.25):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = pred()
-                if last:
-                    return last
-            except Exception as exc:  # noqa: BLE001 -- a node still starting; look again
-                last = exc
-            time.sleep(interval)
-        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+        from replicator.waiting import WaitTimeout, poll_until
+
+        try:
+            return poll_until(pred, timeout, what, interval)
+        except WaitTimeout as exc:
+            raise RuntimeError(str(exc)) from None
 
     def kill_host(self, host: str) -> None:
         """Every process in the host's network namespace, at once (the machine loses power)."""

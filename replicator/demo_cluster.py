@@ -27,6 +27,8 @@ import click
 
 from store.demo import DEMO_DIR, _make_site
 
+from .waiting import WaitTimeout, poll_until
+
 PREFIX = "pitdemo"
 NET = "10.251.0"
 NODES = {"primary": 1, "secondary": 2, "archive": 3}
@@ -91,17 +93,10 @@ class Demo:
         self.save()
 
     def wait(self, what: str, pred, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = pred()
-                if last:
-                    return last
-            except Exception as exc:  # a node still starting
-                last = exc
-            time.sleep(0.2)
-        raise click.ClickException(f"timed out waiting for {what} (last: {last!r}); logs in {self.p('logs')}")
+        try:
+            return poll_until(pred, timeout, what, 0.2)
+        except WaitTimeout as exc:
+            raise click.ClickException(f"{exc}; logs in {self.p('logs')}") from None
 
     def status(self, node: str) -> dict:
         r = subprocess.run([PIT, "failover", "status", "--json", "--config", self.p(node, "agent.toml")],

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -21,6 +20,8 @@ from store.objects import ObjectReader, iter_file_chunks
 from store.repository import Repository
 from store.snapshots import list_snapshots
 from store.trees import DIR, FILE, SYMLINK
+
+from replicator.waiting import WaitTimeout, poll_until
 
 PIT = os.path.join(os.path.dirname(sys.executable), "pit")
 
@@ -55,17 +56,10 @@ def pit(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 
 def wait_for(pred, timeout: float = 30.0, what: str = "condition", interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-            if last:
-                return last
-        except Exception as exc:  # the replica may be mid-commit; look again
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    try:
+        return poll_until(pred, timeout, what, interval)
+    except WaitTimeout as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def read_tree(path: str) -> dict:
