@@ -48,29 +48,37 @@ def health(endpoint: str, timeout: float = 1.0) -> tuple[bool, str]:
         conn.close()
 
 
+def member_argv(exe: str, state: str, name: str, client_url: str, peer_url: str,
+                initial_cluster: str | None = None, token: str = "pit") -> list[str]:
+    """The etcd command line of this node's member: `pit etcd start` runs it in the background,
+    the pit-etcd unit in the foreground (replicator/service.py)."""
+    for u in (client_url, peer_url):
+        p = urllib.parse.urlsplit(u)
+        if p.scheme not in ("http", "https") or not p.hostname or not p.port:
+            raise ConfigError(f"{u!r} is not a URL like http://10.0.0.1:2379")
+    d = _dir(state)
+    fresh = not os.path.isdir(os.path.join(d, "data", "member"))
+    return [exe, "--name", name, "--data-dir", os.path.join(d, "data"),
+            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", initial_cluster or f"{name}={peer_url}", "--initial-cluster-token", token,
+            "--initial-cluster-state", "new" if fresh else "existing",
+            "--pre-vote", "--heartbeat-interval", "100", "--election-timeout", "1000"]
+
+
 def start(state: str, name: str, client_url: str, peer_url: str, initial_cluster: str | None = None,
           token: str = "pit", wait: float = 20.0) -> dict:
     """Start one member in the background (idempotent: a running member is left alone)."""
     exe = shutil.which("etcd")
     if not exe:
         raise ConfigError("etcd is not installed (Debian: apt-get install etcd-server)")
-    for u in (client_url, peer_url):
-        p = urllib.parse.urlsplit(u)
-        if p.scheme not in ("http", "https") or not p.hostname or not p.port:
-            raise ConfigError(f"{u!r} is not a URL like http://10.0.0.1:2379")
+    cmd = member_argv(exe, state, name, client_url, peer_url, initial_cluster, token)
+    cluster = initial_cluster or f"{name}={peer_url}"
     d = _dir(state)
     pid = _pid(state)
     if pid:
         return {"name": name, "pid": pid, "client": client_url, "started": False}
     os.makedirs(d, mode=0o700, exist_ok=True)
-    cluster = initial_cluster or f"{name}={peer_url}"
-    fresh = not os.path.isdir(os.path.join(d, "data", "member"))
-    cmd = [exe, "--name", name, "--data-dir", os.path.join(d, "data"),
-           "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-           "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-           "--initial-cluster", cluster, "--initial-cluster-token", token,
-           "--initial-cluster-state", "new" if fresh else "existing",
-           "--pre-vote", "--heartbeat-interval", "100", "--election-timeout", "1000"]
     log = open(os.path.join(d, "etcd.log"), "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)

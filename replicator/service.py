@@ -18,7 +18,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import urllib.parse
 
 from .errors import ConfigError
 
@@ -225,22 +224,10 @@ UNITS = {
 
 def etcd_argv(exe: str, state: str, name: str, client_url: str, peer_url: str,
               initial_cluster: str | None = None, token: str = "pit") -> list[str]:
-    """The argv `replicator.etcd_members.start` runs, for a foreground member.
+    """The argv of `pit etcd start`'s member, for the unit to run in the foreground."""
+    from .etcd_members import member_argv
 
-    A copy of the list built inside start() (which cannot be reused without
-    editing that module; tests/test_service.py checks the two stay equal)."""
-    for u in (client_url, peer_url):
-        p = urllib.parse.urlsplit(u)
-        if p.scheme not in ("http", "https") or not p.hostname or not p.port:
-            raise ConfigError(f"{u!r} is not a URL like http://10.0.0.1:2379")
-    d = os.path.join(state, "etcd")
-    fresh = not os.path.isdir(os.path.join(d, "data", "member"))
-    return [exe, "--name", name, "--data-dir", os.path.join(d, "data"),
-            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", initial_cluster or f"{name}={peer_url}", "--initial-cluster-token", token,
-            "--initial-cluster-state", "new" if fresh else "existing",
-            "--pre-vote", "--heartbeat-interval", "100", "--election-timeout", "1000"]
+    return member_argv(exe, state, name, client_url, peer_url, initial_cluster, token)
 
 
 def _quote(arg: str) -> str:

@@ -146,8 +146,8 @@ def _free_port() -> int:
 
 
 def test_the_etcd_unit_runs_what_pit_etcd_start_runs(tmp_path, monkeypatch):
-    """service.etcd_argv copies the argv built inside etcd_members.start: run start() against a
-    fake etcd that records its argv, and compare."""
+    """The pit-etcd unit's argv is the one `pit etcd start` runs (both from etcd_members.member_argv):
+    run start() against a fake etcd that records its argv, and compare."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     rec = tmp_path / "argv"
