@@ -37,7 +37,7 @@ from .errors import (
     BlobMissing, DiskFull, FormatVersionError, IndexMissing, IntegrityError,
     RepositoryExists, RepositoryLocked, RepositoryNotFound, StoreError,
 )
-from .index import REF, SEQ_AT, SEQ_LE, U64, BlobEntry, Index, PackEntry, pack_seqs
+from .index import REF, SEQ_AT, SEQ_LE, U64, BlobEntry, Index, PackEntry, pack_seqs, ref_of
 
 FORMAT = "pitstore"
 FORMAT_VERSION = 2  # 2: per-kind ids for trees and filelists, two-level chunk lists
@@ -525,8 +525,7 @@ class Writer:
         zero = [e.seq for bid, e in self._pending.items() if self._pending_refs[bid] == 0]
         for bid in self._zero_flushed:  # still unreferenced at the end of the session?
             e = self.entry(bid)
-            if e is not None and e.seq not in self._pending_seq and REF.unpack(
-                    self.txn.get(U64.pack(e.seq), db=self.db["refs"]))[0] == 0:
+            if e is not None and e.seq not in self._pending_seq and ref_of(self.txn, self.db, e.seq) == (0, bid):
                 zero.append(e.seq)
         self._zero_flushed = []
         if zero:
