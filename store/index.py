@@ -134,8 +134,8 @@ class Index:
                 self.db[name.decode()] = self.env.open_db(name, create=not self.readonly)
             except lmdb.NotFoundError:
                 self.env.close()
-                raise IndexMissing(f"the index at {path} lacks its {name.decode()} database; "
-                                   f"open it read-write once (any writing command) or run `pit repair`") from None
+                raise IndexMissing(f"the index at {path} lacks its {name.decode()} database (an older layout, "
+                                   f"or damage): run `pit repair` to rebuild it from the packs") from None
 
     def close(self) -> None:
         self.env.close()
@@ -157,10 +157,18 @@ def ref_of(txn: lmdb.Transaction, db: dict, seq: int) -> tuple[int, bytes] | Non
     return REF.unpack(raw)
 
 
-def refcount(txn: lmdb.Transaction, db: dict, bid: bytes) -> int | None:
-    """The committed reference count of blob `bid` (None when it is not indexed)."""
-    raw = txn.get(bid, db=db["blobs"])
+def next_seq_problem(txn: lmdb.Transaction, db: dict) -> str | None:
+    """What is wrong with `meta/next_seq`, or None. It must be above every
+    number in `refs`: a lower one (an index restored from an older copy, a bad
+    page) would hand new blobs the numbers of live ones, and a later drop would
+    unindex the wrong blobs."""
+    raw = txn.get(b"next_seq", db=db["meta"])
     if raw is None:
-        return None
-    r = ref_of(txn, db, BlobEntry.decode(raw).seq)
-    return r[0] if r is not None and r[1] == bid else None
+        return "the index predates reference counts by sequence number (index layout 3)"
+    if len(raw) != 8:
+        return "the index's next sequence number is corrupt"
+    with txn.cursor(db=db["refs"]) as cur:
+        last = cur.key() if cur.last() else None
+    if last is not None and (len(last) != 8 or U64.unpack(last)[0] >= U64.unpack(raw)[0]):
+        return f"the index's next sequence number {U64.unpack(raw)[0]} is not above its highest one"
+    return None

@@ -81,7 +81,9 @@ def release(writer, level: dict[int, int], stats: DropStats) -> None:
             # A missing record is damage that verify reports: nothing to free.
             for key, raw in cur.getmulti([U64.pack(s) for s in sorted(level)]):
                 if len(raw) != _REF_SIZE:
-                    raise IntegrityError(f"corrupt reference count record {key.hex()} in the index; run `pit repair`")
+                    # Its blob keeps its references (space leaks, data is never lost): repair recounts.
+                    stats.leaked.append(f"reference count record {key.hex()} is corrupt")
+                    continue
                 count, bid = REF.unpack(raw)
                 n = level[U64.unpack(key)[0]]
                 if count > n:
@@ -92,11 +94,17 @@ def release(writer, level: dict[int, int], stats: DropStats) -> None:
         for key, bid in gone:
             txn.delete(key, db=refs)
             raw = txn.get(bid, db=blobs)
-            if raw is None:
-                stats.leaked.append(f"{bid.hex()[:16]}: its count reached zero but it is not in the index")
+            try:
+                e = BlobEntry.decode(raw) if raw is not None else None
+            except IntegrityError:
+                e = None
+            if e is None or U64.pack(e.seq) != key:
+                # A damaged index: never unindex a blob that this count does not belong to.
+                stats.leaked.append(f"{bid.hex()[:16]}: its count {key.hex()} reached zero but its index "
+                                    f"record is missing or numbered otherwise")
                 continue
             txn.delete(bid, db=blobs)
-            freed.append((bid, BlobEntry.decode(raw)))
+            freed.append((bid, e))
         level = {}
         for bid, e in freed:
             if e.kind in (P.TREE, P.FILELIST):
@@ -108,8 +116,11 @@ def release(writer, level: dict[int, int], stats: DropStats) -> None:
                     stats.leaked.append(f"{bid.hex()[:16]}: its children are not in the index")
                 else:
                     txn.delete(key, db=kids)
-                    for k in unpack_seqs(raw):
-                        level[k] = level.get(k, 0) + 1
+                    try:
+                        for k in unpack_seqs(raw):
+                            level[k] = level.get(k, 0) + 1
+                    except IntegrityError:
+                        stats.leaked.append(f"{bid.hex()[:16]}: its children record is corrupt")
             writer._account_dead(e)
             stats.blobs_freed += 1
             stats.bytes_freed += e.stored_len + P.FRAME_OVERHEAD

@@ -37,7 +37,7 @@ from .errors import (
     BlobMissing, DiskFull, FormatVersionError, IndexMissing, IntegrityError,
     RepositoryExists, RepositoryLocked, RepositoryNotFound, StoreError,
 )
-from .index import REF, SEQ_AT, SEQ_LE, U64, BlobEntry, Index, PackEntry, pack_seqs, ref_of
+from .index import REF, SEQ_AT, SEQ_LE, U64, BlobEntry, Index, PackEntry, next_seq_problem, pack_seqs, ref_of
 
 FORMAT = "pitstore"
 FORMAT_VERSION = 2  # 2: per-kind ids for trees and filelists, two-level chunk lists
@@ -119,12 +119,11 @@ class Repository:
                 _release_lock(fd)
         with self.index.read() as txn:
             fmt = txn.get(b"format", db=self.index.db["meta"])
-            seq = txn.get(b"next_seq", db=self.index.db["meta"])
+            seq_problem = next_seq_problem(txn, self.index.db) if fmt is not None else None
         if fmt is None:
             raise IndexMissing(f"the index of {self.path} is empty; run `pit repair` to rebuild it from the packs")
-        if seq is None:
-            raise IndexMissing(f"the index of {self.path} predates reference counts by sequence number "
-                               f"(index layout 3); run `pit repair` to rebuild it from the packs")
+        if seq_problem:
+            raise IndexMissing(f"{self.path}: {seq_problem}; run `pit repair` to rebuild the index from the packs")
         # The write session open in this process, if any: reads through its
         # transaction must also see the blobs it has not flushed yet.
         self.active_writer: "Writer | None" = None
@@ -401,7 +400,8 @@ class Writer:
             if n == 0:
                 self._zero_flushed.append(bid)
             put(bid, e.encode(), db=blobs)
-            put(U64.pack(e.seq), REF.pack(n, bid), db=refs)
+            if not put(U64.pack(e.seq), REF.pack(n, bid), db=refs, overwrite=False):
+                raise IntegrityError(f"sequence number {e.seq} is already taken in the index; run `pit repair`")
         self._pending.clear()
         self._pending_refs.clear()
         self._pending_seq.clear()
@@ -496,7 +496,8 @@ class Writer:
         e = self.entry(parent)
         if e is None:
             raise BlobMissing(f"cannot link blob {parent.hex()[:16]}: not in the index")
-        self.txn.put(U64.pack(e.seq), pack_seqs(seqs), db=self.db["kids"])
+        if not self.txn.put(U64.pack(e.seq), pack_seqs(seqs), db=self.db["kids"], overwrite=False):
+            raise IntegrityError(f"sequence number {e.seq} already has children in the index; run `pit repair`")
 
     def read_entry(self, bid: bytes, e: BlobEntry) -> bytes:
         """Read a blob that may sit in this session's unflushed pack buffer."""

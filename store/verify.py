@@ -217,7 +217,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                 packs[U64.unpack(k)[0]] = PackEntry.decode(v)
             except (IntegrityError, struct.error):
                 report.problems.append(f"the index record of pack key {k.hex()} is corrupt (run `pit repair`)")
-    footers: dict[int, dict[bytes, int] | None] = {}
+    footers: dict[int, dict[bytes, set[int]] | None] = {}
     sizes: dict[int, int | None] = {}
     for num in packs:
         name = P.pack_name(num)
@@ -241,7 +241,12 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                     report.problems.append(f"pack {name}: its footer is damaged (repair can still walk its frames)")
                 footers[num] = None
             else:
-                footers[num] = {f.id: f.offset for f in frames}
+                # An id may have several frames in one pack (a blob dropped, then stored again
+                # before the pack sealed); the index may point at any of them.
+                where: dict[bytes, set[int]] = {}
+                for f in frames:
+                    where.setdefault(f.id, set()).add(f.offset)
+                footers[num] = where
     on_disk = {P.pack_number(n) for n in repo.backend.list()}
     doomed_raw = txn.get(b"doomed", db=repo.index.db["meta"])
     import msgpack
@@ -266,7 +271,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             nparents += e.kind in (P.TREE, P.FILELIST)
             _check_count(txn, db, w, report, k, e)
             foot = footers.get(e.pack)
-            if foot is not None and foot.get(k) != e.offset:
+            if foot is not None and e.offset not in foot.get(k, ()):
                 report.problems.append(f"blob {k.hex()[:16]}: pack {P.pack_name(e.pack)}'s footer does not list it "
                                        f"at offset {e.offset}")
             size = sizes.get(e.pack, -1)

@@ -145,11 +145,15 @@ def test_corrupt_children_record_is_found_and_repaired(env):
     assert_verify_clean(repo)
 
 
-def test_index_of_an_older_layout_asks_for_repair(env):
-    """An index without sequence-numbered counts (layout 3's `next_seq`) is
-    refused with a one-line error that says what to run; repair upgrades it."""
+@pytest.mark.parametrize("bad", [None, b"xx", U64.pack(1)], ids=["absent", "corrupt", "too-low"])
+def test_index_of_an_older_layout_or_a_bad_next_number_asks_for_repair(env, bad):
+    """An index without sequence-numbered counts (layout 3's `next_seq`), or
+    whose next number is unreadable or not above every number in use (new
+    blobs would take live blobs' numbers, and a later drop would unindex the
+    wrong ones), is refused with one line that says what to run; repair
+    rebuilds it."""
     repo, a, b, digests = env
-    lmdb_put(repo, "meta", b"next_seq", None)
+    lmdb_put(repo, "meta", b"next_seq", bad)
     p = pit(repo, "snapshots", expect=None)
     assert p.returncode != 0
     err = p.stderr.decode()
@@ -157,6 +161,23 @@ def test_index_of_an_older_layout_asks_for_repair(env):
     pit(repo, "repair")
     assert_verify_clean(repo)
     assert restore_digest(repo, a[-1]) == digests[a[-1]]
+
+
+def test_repair_then_verify_agree_on_a_blob_stored_twice_in_one_pack(tmp_path):
+    """Dropped, then stored again before its pack sealed: the pack holds two
+    frames with one id; the rebuilt index may point at either (repair keeps the
+    first), and verify must not call that a footer mismatch."""
+    repo = init_repo(str(tmp_path / "repo"), pack_mib=1)
+    src = str(tmp_path / "src")
+    make_tree(src, random.Random(3), nfiles=3, size_range=(20_000, 40_000))
+    first = snap(repo, "a", [src])
+    pit(repo, "forget", "--set", "a", first.hex)
+    snap(repo, "a", [src])
+    write_file(os.path.join(src, "big.bin"), random.Random(4).randbytes(1_200_000))  # seals the pack
+    s = snap(repo, "a", [src])
+    pit(repo, "repair")
+    assert_verify_clean(repo)
+    assert restore_digest(repo, s.hex) == source_digest(src)
 
 
 def test_repair_after_crash_in_index_swap(env):
