@@ -25,7 +25,7 @@ import pytest
 from store.repository import Repository
 from davserver.config import hash_password
 
-from test_view_support import free_port, snap, wait_port, write
+from test_view_support import free_port, snap, stop, wait_port, write
 
 PIT = os.path.join(os.path.dirname(sys.executable), "pit")
 pytestmark = pytest.mark.skipif(not shutil.which("litmus") or not shutil.which("curl"),
@@ -56,12 +56,7 @@ def server(tmp_path_factory):
         yield {"url": f"https://127.0.0.1:{port}", "cert": str(tmp / "repo" / "serve-tls" / "cert.pem"),
                "tmp": tmp, "scratch": scratch, "s1": s1}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def curl(server, *args, path="/", user="alice:s3cret"):

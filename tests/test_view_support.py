@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 
 from store.ingest import create_snapshot
@@ -41,6 +42,16 @@ def wait_port(port: int, proc=None, timeout: float = 20.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {port}")
+
+
+def stop(proc, timeout: float = 10.0) -> None:
+    """Stop a server the test started: SIGTERM, then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def test_support_helpers_work(tmp_path):

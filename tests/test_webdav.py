@@ -16,7 +16,7 @@ import pytest
 from store.repository import Repository
 from davserver.config import hash_password
 
-from test_view_support import free_port, snap, wait_port, write
+from test_view_support import free_port, snap, stop, wait_port, write
 
 PIT = os.path.join(os.path.dirname(sys.executable), "pit")
 
@@ -46,12 +46,7 @@ def share(tmp_path_factory):
         yield {"url": f"https://127.0.0.1:{port}", "cert": str(tmp / "repo" / "serve-tls" / "cert.pem"),
                "src": src, "s1": s1, "s2": s2, "tmp": tmp, "port": port}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def curl(share, *args, user="alice:s3cret", path="/"):
@@ -189,12 +184,7 @@ def test_self_signed_from_the_config(share):
                            text=True, timeout=30)
         assert r.stdout == "200", r
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         proc.stderr.close()
 
 @pytest.mark.skipif(not shutil.which("rclone"), reason="rclone not installed (.ci/apt-deps installs it)")
