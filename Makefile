@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PKGS ?=
 
-.PHONY: demo test test-slow bench venv deps clean-demo install
+.PHONY: demo test test-slow bench venv deps bytecode clean-demo install
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,23 +17,28 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Every `pit` run imports the CLI and its packages; with PYTHONDONTWRITEBYTECODE
+# set (CI images often do) Python would compile them from source each time.
+bytecode: venv
+	@$(BIN)/python -m compileall -q store replicator davserver >/dev/null
+
 deps:
 	@./.ci/apt-deps
 
-demo: venv deps
+demo: venv deps bytecode
 	$(BIN)/pit demo
 
-test: venv deps
+test: venv deps bytecode
 	$(BIN)/python -m pytest -q --durations=15
 
-test-slow: venv deps
+test-slow: venv deps bytecode
 	$(BIN)/python -m pytest -q -m slow
 
-bench: venv deps
+bench: venv deps bytecode
 	$(BIN)/python bench/ingest.py
 
 # A node of a real cluster (docs/quickstart.md): the venv, the Debian packages, `pit` on the PATH.
-install: venv deps
+install: venv deps bytecode
 	ln -sf $(abspath $(BIN))/pit /usr/local/bin/pit
 	@echo "pit installed: $$(command -v pit)"
 

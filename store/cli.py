@@ -49,7 +49,11 @@ class PitGroup(click.Group):
         return super().list_commands(ctx)
 
     def get_command(self, ctx, name):
-        self._load_plugins()
+        # Only the package that provides the command is imported: a store
+        # command does not pay for importing the replicator and the views.
+        if not self._plugins_loaded:
+            for ep in entry_points(group="pit.commands", name=name):
+                self.add_command(ep.load(), ep.name)
         return super().get_command(ctx, name)
 
     _plugins_loaded = False
@@ -59,8 +63,7 @@ class PitGroup(click.Group):
             return
         self._plugins_loaded = True
         for ep in entry_points(group="pit.commands"):
-            cmd = ep.load()
-            self.add_command(cmd, ep.name)
+            self.add_command(ep.load(), ep.name)
 
 
 def _one_line(msg: str) -> str:

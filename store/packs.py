@@ -101,6 +101,13 @@ Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes
 
 def read_footer(read: Reader, size: int) -> list[FrameInfo] | None:
     """The frame list of a sealed pack, or None when there is no valid footer."""
+    rows = read_footer_rows(read, size)
+    return None if rows is None else [FrameInfo(k, fl, o, s, r, i) for k, fl, o, s, r, i in rows]
+
+
+def read_footer_rows(read: Reader, size: int) -> list[tuple[int, int, int, int, int, bytes]] | None:
+    """read_footer as plain (kind, flags, offset, stored, raw, id) tuples, for
+    checks that look at every frame of every pack."""
     if size < PACK_HEADER.size + TRAILER.size:
         return None
     flen, fcrc, magic = TRAILER.unpack(read(size - TRAILER.size, TRAILER.size))
@@ -110,8 +117,11 @@ def read_footer(read: Reader, size: int) -> list[FrameInfo] | None:
     if zlib.crc32(body) != fcrc:
         return None
     try:
-        rows = msgpack.unpackb(body)
-        return [FrameInfo(int(k), int(fl), int(o), int(s), int(r), bytes(i)) for k, fl, o, s, r, i in rows]
+        rows = msgpack.unpackb(body, use_list=False)
+        for k, fl, o, s, r, i in rows:
+            if not (type(k) is type(fl) is type(o) is type(s) is type(r) is int and type(i) is bytes):
+                return None
+        return list(rows)
     except (ValueError, TypeError, msgpack.UnpackException):
         return None
 

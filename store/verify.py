@@ -10,10 +10,15 @@ was not read recently. Failover image selection builds on this.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import struct
+import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Iterator
 from dataclasses import dataclass, field
 
 import blake3
@@ -28,7 +33,6 @@ from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree, tree_children
 
 T64 = struct.Struct(">Q")
-BATCH = 8 * 1024 * 1024
 
 
 @dataclass
@@ -86,7 +90,7 @@ class _Walker:
         self.repo, self.txn, self.r = repo, txn, report
         self.blobs = repo.index.db["blobs"]
         self.seen: set[bytes] = set()
-        self.chunks: set[bytes] = set()
+        self.chunks: dict[bytes, BlobEntry | None] = {}  # id -> its index entry
         self.expected: Counter = Counter()
         self.recount = recount
         self.bad: dict[bytes, Damage] = {}
@@ -108,94 +112,96 @@ class _Walker:
     def _where(self, e: BlobEntry | None) -> str:
         return f"pack {P.pack_name(e.pack)} offset {e.offset}" if e else "not in the index"
 
-    def read_object(self, bid: bytes, kind: str) -> bytes | None:
-        e = self.entry(bid)
-        if e is None:
-            self._damage(bid, kind, "not in the index", "referenced but missing")
-            return None
+    def walk(self, roots: list[bytes]) -> None:
+        """Breadth first, one level of trees and file lists at a time, each
+        level read in pack order after telling the kernel what comes: on a
+        cold cache the reads overlap instead of waiting one after another."""
+        level = []
+        for r in roots:
+            self.expected[r] += 1
+            if r not in self.seen:
+                self.seen.add(r)
+                level.append((r, "tree"))
+        while level:
+            todo = []
+            for bid, kind in level:
+                e = self.entry(bid)
+                if e is None:
+                    self._damage(bid, kind, "not in the index", "referenced but missing")
+                else:
+                    todo.append((e.pack, e.offset, bid, kind, e))
+            todo.sort(key=lambda t: (t[0], t[1]))
+            for num, off, _bid, _kind, e in todo:
+                self.repo.backend.will_need(P.pack_name(num), off, P.FRAME_HEADER.size + e.stored_len)
+            level = []
+            for _num, _off, bid, kind, e in todo:
+                try:
+                    data = self.repo.read_entry(bid, e)
+                except (IntegrityError, BlobMissing) as exc:
+                    self._damage(bid, kind, self._where(e), str(exc))
+                    continue
+                (self.tree if kind == "tree" else self.filelist)(bid, e, data, level)
+
+    def _queue(self, bid: bytes, kind: str, level: list) -> None:
+        if bid not in self.seen:
+            self.seen.add(bid)
+            level.append((bid, kind))
+
+    def tree(self, tid: bytes, e: BlobEntry, data: bytes, level: list) -> None:
         try:
-            return self.repo.read_entry(bid, e)
-        except (IntegrityError, BlobMissing) as exc:
-            self._damage(bid, kind, self._where(e), str(exc))
-            return None
-
-    def snapshot(self, s: Snapshot) -> None:
-        self.expected[s.root] += 1
-        self.tree(s.root)
-
-    def tree(self, tid: bytes) -> None:
-        stack = [tid]
-        while stack:
-            t = stack.pop()
-            if t in self.seen:
-                continue
-            self.seen.add(t)
-            data = self.read_object(t, "tree")
-            if data is None:
-                continue
-            try:
-                entries = decode_tree(data)
-            except IntegrityError as exc:
-                self._damage(t, "tree", self._where(self.entry(t)), str(exc))
-                continue
-            self.r.trees += 1
-            if self.recount:
-                self.check_kids(t, "tree", tree_children(entries))
-            for e in entries:
-                if e.type == DIR:
-                    self.expected[e.content] += 1
-                    stack.append(e.content)
-                elif e.type == FILE and e.nchunks:
-                    self.expected[e.content] += 1
-                    self.file(e.content, e.nchunks)
-
-    def file(self, cid: bytes, nchunks: int) -> None:
-        if cid in self.seen:
-            return
-        self.r.files += 1
-        if nchunks == 1:
-            self.seen.add(cid)
-            self.chunk(cid)
-            return
-        self.filelist(cid)
-
-    def filelist(self, cid: bytes) -> None:
-        """A filelist: a leaf (entries are chunks) or an index (entries are leaves)."""
-        if cid in self.seen:
-            return
-        self.seen.add(cid)
-        data = self.read_object(cid, "filelist")
-        if data is None:
-            return
-        try:
-            level, ids, _ = decode_filelist_level(data)
+            entries = decode_tree(data)
         except IntegrityError as exc:
-            self._damage(cid, "filelist", self._where(self.entry(cid)), str(exc))
+            self._damage(tid, "tree", self._where(e), str(exc))
             return
+        self.r.trees += 1
+        for x in entries:
+            if x.type == DIR:
+                self.expected[x.content] += 1
+                self._queue(x.content, "tree", level)
+            elif x.type == FILE and x.nchunks:
+                self.expected[x.content] += 1
+                if x.content in self.seen or x.content in self.chunks:
+                    continue
+                self.r.files += 1
+                if x.nchunks == 1:
+                    self.chunk(x.content)
+                else:
+                    self._queue(x.content, "filelist", level)
         if self.recount:
-            self.check_kids(cid, "filelist", ids)
+            self.check_kids(tid, e, "tree", tree_children(entries))
+
+    def filelist(self, cid: bytes, e: BlobEntry, data: bytes, level: list) -> None:
+        """A file list: a leaf (entries are chunks) or an index (entries are leaves)."""
+        try:
+            index, ids, _ = decode_filelist_level(data)
+        except IntegrityError as exc:
+            self._damage(cid, "filelist", self._where(e), str(exc))
+            return
         for c in ids:
             self.expected[c] += 1
-            if level == INDEX_VERSION:
-                self.filelist(c)
+            if index == INDEX_VERSION:
+                self._queue(c, "filelist", level)
             else:
                 self.chunk(c)
+        if self.recount:
+            self.check_kids(cid, e, "filelist", ids)
 
-    def check_kids(self, bid: bytes, kind: str, children: list[bytes]) -> None:
+    def _seq(self, bid: bytes) -> int | None:
+        if bid in self.chunks:
+            e = self.chunks[bid]
+            return e.seq if e is not None else None
+        raw = self.txn.get(bid, db=self.blobs)
+        return SEQ_LE.unpack_from(raw, SEQ_AT)[0] if raw is not None and len(raw) == BLOB.size else None
+
+    def check_kids(self, bid: bytes, e: BlobEntry, kind: str, children: list[bytes]) -> None:
         """The object's `kids` record (what dropping it decrements) must list
         its children's sequence numbers in its order."""
-        e = self.entry(bid)
-        db = self.repo.index.db
-        raw = self.txn.get(U64.pack(e.seq), db=db["kids"]) if e is not None else None
+        raw = self.txn.get(U64.pack(e.seq), db=self.repo.index.db["kids"])
         try:
             have = list(unpack_seqs(raw)) if raw is not None else None
         except IntegrityError:
             have = None
-        want = []
-        for c in children:
-            craw = self.txn.get(c, db=self.blobs)
-            if craw is not None and len(craw) == BLOB.size:
-                want.append(SEQ_LE.unpack_from(craw, SEQ_AT)[0])
+        want = [q for q in map(self._seq, children) if q is not None]
         if have != want:
             self.r.problems.append(f"{kind} {bid.hex()[:16]}: its children record in the index does not match its "
                                    f"content (run `pit repair`)")
@@ -203,8 +209,8 @@ class _Walker:
     def chunk(self, cid: bytes) -> None:
         if cid in self.chunks:
             return
-        self.chunks.add(cid)
-        if self.entry(cid) is None:
+        e = self.chunks[cid] = self.entry(cid)
+        if e is None:
             self._damage(cid, "chunk", "not in the index", "referenced but missing")
 
 
@@ -217,7 +223,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                 packs[U64.unpack(k)[0]] = PackEntry.decode(v)
             except (IntegrityError, struct.error):
                 report.problems.append(f"the index record of pack key {k.hex()} is corrupt (run `pit repair`)")
-    footers: dict[int, dict[bytes, set[int]] | None] = {}
+    footers: dict[int, dict[bytes, int | set[int]] | None] = {}
     sizes: dict[int, int | None] = {}
     for num in packs:
         name = P.pack_name(num)
@@ -232,7 +238,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
         if sizes.get(num) is not None and packs[num].sealed:
             rd = lambda o, n, name=name: repo.backend.read(name, o, n)  # noqa: E731
             try:
-                frames = P.read_footer(rd, sizes[num])
+                frames = P.read_footer_rows(rd, sizes[num])
             except (BlobMissing, IntegrityError):
                 frames = None
             if frames is None:
@@ -243,9 +249,11 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             else:
                 # An id may have several frames in one pack (a blob dropped, then stored again
                 # before the pack sealed); the index may point at any of them.
-                where: dict[bytes, set[int]] = {}
-                for f in frames:
-                    where.setdefault(f.id, set()).add(f.offset)
+                where: dict[bytes, int | set[int]] = {}  # a set only for the rare id with several
+                for _k, _fl, off, _s, _r, fid in frames:
+                    first = where.setdefault(fid, off)
+                    if first != off:
+                        where[fid] = (first if isinstance(first, set) else {first}) | {off}
                 footers[num] = where
     on_disk = {P.pack_number(n) for n in repo.backend.list()}
     doomed_raw = txn.get(b"doomed", db=repo.index.db["meta"])
@@ -271,7 +279,8 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             nparents += e.kind in (P.TREE, P.FILELIST)
             _check_count(txn, db, w, report, k, e)
             foot = footers.get(e.pack)
-            if foot is not None and e.offset not in foot.get(k, ()):
+            at = foot.get(k) if foot is not None else None
+            if foot is not None and at != e.offset and not (isinstance(at, set) and e.offset in at):
                 report.problems.append(f"blob {k.hex()[:16]}: pack {P.pack_name(e.pack)}'s footer does not list it "
                                        f"at offset {e.offset}")
             size = sizes.get(e.pack, -1)
@@ -312,74 +321,64 @@ def _check_count(txn, db, w: "_Walker", report: VerifyReport, bid: bytes, e: Blo
                                f"recount says {want}")
 
 
-def _deep(repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int, recheck_after: float
-          ) -> list[bytes]:
-    """Read, decompress and hash chunks, in pack order, hashing on worker threads."""
-    now = int(time.time())
-    vdb = repo.index.db["verified"]
-    todo = []
-    for cid in w.chunks:
-        if cid in w.bad or not in_sample(cid, percent, seed):
-            continue
-        if recheck_after > 0:
-            t = txn.get(cid, db=vdb)
-            if t is not None and now - T64.unpack(t)[0] < recheck_after:
-                report.chunks_skipped_recent += 1
+class _DeepCheck:
+    """Read, decompress and hash chunks in pack order. Big checks start in
+    worker processes at once, so the caller's own checks of the index run
+    meanwhile; finish() gathers the results."""
+
+    def __init__(self, repo, txn, w: _Walker, report: VerifyReport, percent: float, seed: int,
+                 recheck_after: float) -> None:
+        self.w, self.report, self.pool = w, report, None
+        now = int(time.time())
+        vdb = repo.index.db["verified"]
+        todo = []
+        for cid, e in w.chunks.items():
+            if e is None or cid in w.bad or not in_sample(cid, percent, seed):
                 continue
-        e = w.entry(cid)
-        if e is not None:
+            if recheck_after > 0:
+                t = txn.get(cid, db=vdb)
+                if t is not None and now - T64.unpack(t)[0] < recheck_after:
+                    report.chunks_skipped_recent += 1
+                    continue
             todo.append((e.pack, e.offset, cid, e))
-    todo.sort()
-    good: list[bytes] = []
-    local = {}
+        todo.sort()
+        self.jobs = list(_spans(todo))
+        if sum(j[2] - j[1] for j in self.jobs) < PARALLEL_MIN:
+            self.results = (check_span(repo.backend, j) for j in self.jobs)
+            return
+        # Processes, not threads: decompressing and hashing small chunks from
+        # threads spends much of its time handing the GIL around.
+        try:
+            self.pool = ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("forkserver"),
+                                            initializer=_worker_init, initargs=(repo.backend,))
+            self.results = self.pool.map(_worker_check, self.jobs, chunksize=4)
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"cannot start verify workers: {exc}") from exc
 
-    def check(batch):
-        import threading
+    def finish(self) -> list[bytes]:
+        """The ids of the chunks that checked good; damage goes to the walker."""
+        w, report, good = self.w, self.report, []
+        try:
+            for (_num, _start, _end, items), errors in zip(self.jobs, self.results):
+                bad = dict(errors)
+                for i, (_off, cid, stored, _kind) in enumerate(items):
+                    if cid in w.bad:  # the index checks found it first (its pack is gone)
+                        continue
+                    report.chunks_read += 1
+                    report.bytes_read += stored
+                    if i in bad:
+                        w._damage(cid, "chunk", w._where(w.chunks[cid]), bad[i])
+                    else:
+                        good.append(cid)
+        except BrokenProcessPool as exc:
+            raise StoreError(f"a verify worker died: {exc}") from exc
+        return good
 
-        d = local.setdefault(threading.get_ident(), zstandard.ZstdDecompressor())
-        out = []
-        for cid, e, frame in batch:
-            try:
-                if frame is None:
-                    raise BlobMissing("pack missing or truncated")
-                magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
-                if magic != P.FRAME_MAGIC or fid != cid or stored != e.stored_len or _r != 0 or kind != e.kind:
-                    raise IntegrityError("frame header does not match the index")
-                P.decode_frame(frame, e.offset)  # the CRC repair relies on
-                payload = memoryview(frame)[P.FRAME_HEADER.size:P.FRAME_HEADER.size + stored]
-                data = d.decompress(payload, max_output_size=raw_len) if flags & P.ZSTD else payload
-                if len(data) != raw_len or blake3.blake3(data).digest() != cid:
-                    raise IntegrityError("content does not match its id")
-                out.append((cid, e, None))
-            except (IntegrityError, BlobMissing, zstandard.ZstdError) as exc:
-                out.append((cid, e, str(exc)))
-        return out
-
-    def results(fut):
-        for cid, e, err in fut.result():
-            report.chunks_read += 1
-            report.bytes_read += e.stored_len
-            if err is None:
-                good.append(cid)
-            else:
-                w._damage(cid, "chunk", w._where(e), err)
-
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pit-verify") as pool:
-        futs = []
-        batch, size = [], 0
-        for num, off, cid, e, frame in _read_spans(repo, todo):
-            batch.append((cid, e, frame))
-            size += e.stored_len
-            if size >= BATCH:
-                futs.append(pool.submit(check, batch))
-                batch, size = [], 0
-                while len(futs) > 3:
-                    results(futs.pop(0))
-        if batch:
-            futs.append(pool.submit(check, batch))
-        for f in futs:
-            results(f)
-    return good
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
 
 
 def _has_trailer(read, size: int) -> bool:
@@ -393,12 +392,19 @@ def _has_trailer(read, size: int) -> bool:
 
 
 SPAN_GAP = 64 * 1024
-SPAN_MAX = 8 * 1024 * 1024
+SPAN_MAX = 4 * 1024 * 1024
+# Below this many stored bytes the check runs in this process: starting
+# worker processes costs more than it saves (failover's selection re-reads
+# only what was not verified recently, usually little).
+PARALLEL_MIN = 64 * 1024 * 1024
+WORKERS = max(2, min(4, os.cpu_count() or 2))
+
+Job = tuple[int, int, int, list[tuple[int, bytes, int, int]]]  # pack, start, end, [(offset, id, stored, kind)]
 
 
-def _read_spans(repo, todo):
-    """Yield (pack, offset, id, entry, frame bytes or None) in pack order, reading
-    runs of nearby frames with one read each (not one system call per chunk)."""
+def _spans(todo) -> Iterator[Job]:
+    """Group sorted (pack, offset, id, entry) rows into runs of nearby frames
+    that one read fetches (not one system call per chunk)."""
     i, n = 0, len(todo)
     while i < n:
         num, start = todo[i][0], todo[i][1]
@@ -410,20 +416,54 @@ def _read_spans(repo, todo):
         if j == i:  # one frame bigger than a span
             end = start + P.FRAME_OVERHEAD + todo[i][3].stored_len
             j = i + 1
-        try:
-            span = memoryview(repo.backend.read(P.pack_name(num), start, end - start))
-        except BlobMissing:
-            span = None  # missing or truncated: read what we can one by one
-        for num_, off, cid, e in todo[i:j]:
-            length = P.FRAME_OVERHEAD + e.stored_len
-            if span is not None:
-                yield num_, off, cid, e, bytes(span[off - start:off - start + length])
-                continue
-            try:
-                yield num_, off, cid, e, repo.backend.read(P.pack_name(num_), off, length)
-            except BlobMissing:
-                yield num_, off, cid, e, None
+        yield num, start, end, [(off, cid, e.stored_len, e.kind) for _n, off, cid, e in todo[i:j]]
         i = j
+
+
+_worker_backend = None
+
+
+def _worker_init(backend) -> None:
+    global _worker_backend
+    _worker_backend = backend
+
+
+def _worker_check(job: Job) -> list[tuple[int, str]]:
+    return check_span(_worker_backend, job)
+
+
+_zstd = threading.local()
+
+
+def check_span(backend, job: Job) -> list[tuple[int, str]]:
+    """Check every frame of one span as repair would read it (header matches
+    the index, CRC, content hashes to its id); (item index, reason) per bad one."""
+    num, start, end, items = job
+    name = P.pack_name(num)
+    try:
+        span = memoryview(backend.read(name, start, end - start))
+    except BlobMissing:
+        span = None  # missing or truncated: read what we can frame by frame
+    d = getattr(_zstd, "d", None)
+    if d is None:
+        d = _zstd.d = zstandard.ZstdDecompressor()
+    errors = []
+    for i, (off, cid, stored_len, want_kind) in enumerate(items):
+        try:
+            if span is not None:
+                frame = span[off - start:off - start + P.FRAME_OVERHEAD + stored_len]
+            else:
+                frame = backend.read(name, off, P.FRAME_OVERHEAD + stored_len)
+            magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
+            if magic != P.FRAME_MAGIC or fid != cid or stored != stored_len or _r != 0 or kind != want_kind:
+                raise IntegrityError("frame header does not match the index")
+            _info, payload = P.decode_frame(frame, off)  # the CRC repair relies on
+            data = d.decompress(payload, max_output_size=raw_len) if flags & P.ZSTD else payload
+            if len(data) != raw_len or blake3.blake3(data).digest() != cid:
+                raise IntegrityError("content does not match its id")
+        except (IntegrityError, BlobMissing, zstandard.ZstdError, struct.error) as exc:
+            errors.append((i, str(exc) if not isinstance(exc, BlobMissing) else "pack missing or truncated"))
+    return errors
 
 
 def locate_damage(repo, txn, bad: dict[bytes, Damage], snaps: list[Snapshot]) -> None:
@@ -511,20 +551,23 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
         report.snapshots = [f"{s.set}@{s.name}" for s in chosen]
         w = _Walker(repo, txn, report, recount=whole)
         # Refcounts can only be recounted against every snapshot.
-        for s in (all_snaps if whole else chosen):
-            w.snapshot(s)
+        roots = [s.root for s in (all_snaps if whole else chosen)]
         if whole:  # received state not yet snapshotted holds references too
             from .apply import set_heads
 
-            for head in set_heads(repo, txn).values():
-                w.expected[head] += 1
-                w.tree(head)
-        if whole:
-            _check_index(repo, txn, w, report)
+            roots += set_heads(repo, txn).values()
+        w.walk(roots)
         report.chunks = len(w.chunks)
-        good: list[bytes] = []
+        deep = None
         if depth != "structural":
-            good = _deep(repo, txn, w, report, percent if depth == "sample" else 100.0, seed, recheck_after)
+            deep = _DeepCheck(repo, txn, w, report, percent if depth == "sample" else 100.0, seed, recheck_after)
+        try:
+            if whole:
+                _check_index(repo, txn, w, report)
+            good = deep.finish() if deep is not None else []
+        finally:
+            if deep is not None:
+                deep.close()
         locate_damage(repo, txn, w.bad, all_snaps)
         report.damage = list(w.bad.values())
     report.seconds = round(time.monotonic() - t0, 3)

@@ -376,3 +376,41 @@ def test_unreadable_index_record_named_without_traceback(env, case):
     p = pit(repo, "verify", expect=None)  # pit() itself fails on a traceback
     assert p.returncode == DAMAGE, f"{case}: verify exit {p.returncode}: {p.stderr.decode()[-500:]}"
     assert name in p.stdout.decode()
+
+
+# ------------------------------------------------------- the parallel deep check
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_worker_processes_find_what_the_inline_check_finds(env, monkeypatch, damage):
+    """Big deep checks run in worker processes (store.verify.PARALLEL_MIN): they
+    must name the same blobs, places and reasons as the check run in-process."""
+    from store import verify as V
+
+    repo, snaps, _digests = env
+    cid = file_chunks(repo, snaps["s2"].hex, VICTIM)[1]
+    e = all_blobs(repo)[cid]
+    path = pack_path(repo, e.pack)
+    if damage == "flip":
+        flip_byte(path, e.offset + P.FRAME_HEADER.size + 3)
+    elif damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(e.offset + 10)
+    else:
+        os.unlink(path)
+
+    def run():
+        with opened(repo) as r:
+            rep = V.verify(r, depth="deep", record=False)
+        return (sorted((d.blob, d.kind, d.where, d.reason, tuple(d.snapshots)) for d in rep.damage),
+                rep.chunks_read, rep.bytes_read)
+
+    here = []  # spans checked in this process
+    real = V.check_span
+    monkeypatch.setattr(V, "check_span", lambda *a: here.append(a) or real(*a))
+    inline = run()
+    assert cid.hex() in {d[0] for d in inline[0]} and here
+    here.clear()
+    monkeypatch.setattr(V, "PARALLEL_MIN", 0)
+    assert run() == inline
+    assert not here, "the workers should have checked every span"
