@@ -10,13 +10,11 @@ was not read recently. Failover image selection builds on this.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import struct
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from .index import BLOB, SEQ_AT, SEQ_LE, U64, BlobEntry, PackEntry, ref_of, unpa
 from .snapmeta import get_meta, update_meta
 from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree, tree_children
+from .workers import process_pool
 
 T64 = struct.Struct(">Q")
 
@@ -346,13 +345,10 @@ class _DeepCheck:
         if sum(j[2] - j[1] for j in self.jobs) < PARALLEL_MIN:
             self.results = (check_span(repo.backend, j) for j in self.jobs)
             return
-        # Processes, not threads: decompressing and hashing small chunks from
-        # threads spends much of its time handing the GIL around.
+        self.pool = process_pool(WORKERS, _worker_init, (repo.backend,))
         try:
-            self.pool = ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("forkserver"),
-                                            initializer=_worker_init, initargs=(repo.backend,))
             self.results = self.pool.map(_worker_check, self.jobs, chunksize=4)
-        except OSError as exc:
+        except (OSError, BrokenProcessPool) as exc:
             self.close()
             raise StoreError(f"cannot start verify workers: {exc}") from exc
 

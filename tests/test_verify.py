@@ -185,3 +185,60 @@ def test_locked_repository_is_not_reported_as_damage(repo):
     assert p.returncode == 0 or p.returncode >= 10, (
         f"verify of a healthy but locked repository exited {p.returncode}: "
         f"{json.loads(p.stdout).get('problems') if p.stdout.strip() else p.stderr.decode()}")
+
+
+def _descendants(pid: int) -> set[int]:
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for c, pp in parent.items():
+            if pp == p and c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkilled_verify_leaves_no_worker_processes(repo):
+    """The deep check's worker processes die with the verify that started them."""
+    import signal
+    import subprocess
+    import sys
+
+    from replicator.waiting import poll_until
+
+    script = (
+        "import sys, time\n"
+        "import store.verify as V\n"
+        "from store.repository import Repository\n"
+        "V.PARALLEL_MIN = 0\n"
+        "finish = V._DeepCheck.finish\n"
+        "def slow(self):\n"
+        "    print('workers started', flush=True); time.sleep(60); return finish(self)\n"
+        "V._DeepCheck.finish = slow\n"
+        "V.verify(Repository(sys.argv[1]), depth='deep')\n"
+    )
+    path, _ids = repo
+    p = subprocess.Popen([sys.executable, "-c", script, path], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"workers started\n"
+        kids = poll_until(lambda: (k := _descendants(p.pid)) and len(k) >= 2 and k, 30, "worker processes")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    poll_until(lambda: not any(map(_alive, kids)), 30, "the workers to exit")

@@ -1,0 +1,52 @@
+"""Worker processes for CPU-bound work (decompressing and hashing chunks).
+
+Threads cannot share that work well in CPython: each chunk is a few C calls
+that release and retake the GIL, and with small chunks the hand-overs cost
+more than they save. Processes share nothing, so they scale with the cores.
+
+The workers are started with `spawn` (a fresh interpreter), because the
+caller may be a threaded agent where `fork` can copy a held lock, and they
+die with the process that started them: a SIGKILLed `pit verify` must not
+leave workers behind waiting for work that never comes.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable
+
+from .errors import StoreError
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # it died before we asked to follow it
+        os._exit(1)
+
+
+def _start(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    _die_with_parent(parent)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def process_pool(workers: int, initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()
+                 ) -> ProcessPoolExecutor:
+    """A pool whose processes exit when this process dies. The thread that
+    creates the pool must outlive it (Linux ties the death signal to it)."""
+    try:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start, initargs=(os.getpid(), initializer, initargs))
+    except OSError as exc:
+        raise StoreError(f"cannot start worker processes: {exc}") from exc
