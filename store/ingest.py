@@ -7,11 +7,13 @@ Two ways in, one machine underneath:
   start from the parent snapshot's trees and rebuild only those paths and
   their ancestors, so the cost is O(changed paths), not O(tree).
 
-The pipeline uses both cores: the main thread reads and chunks (FastCDC) and
-owns the LMDB write transaction; worker threads hash (BLAKE3) and compress
-(zstd), both of which release the GIL. Chunks from many small files travel
-in one batch, and a directory's tree is written as soon as its last file
-is done, so the pipeline never drains at a directory boundary.
+The pipeline uses every core: the main thread walks the sources, owns the
+LMDB write transaction and appends to packs; files are read, chunked, hashed
+and compressed segment by segment (store/segments.py) in worker processes
+once the snapshot has read enough to pay for starting them, and on the main
+thread before that. Many small files travel in one task, a big file goes
+segment after segment, and a directory's tree is written as soon as its last
+file is done, so the pipeline never drains at a directory boundary.
 """
 from __future__ import annotations
 
@@ -21,27 +23,29 @@ import stat
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import blake3
 import msgpack
 import zstandard
 
 from . import packs as P
-from .chunker import chunk_stream
 from .errors import InvalidArgument, SourceMissing, StoreError
 from .index import filecache_key
 from .objects import ObjectReader
 from .repository import Repository, Writer, object_id, write_filelist
 from .retention import apply_retention
+from .segments import SEGMENT_BYTES, Segment, read_segment, worker_init, worker_run
 from .snapshots import Snapshot, printable, add_snapshot, check_set_name, list_snapshots, unique_name
 from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, subtree_totals, tree_children
+from .workers import default_workers, process_pool
 
-BATCH_BYTES = 4 * 1024 * 1024
-BATCH_CHUNKS = 1024
-MAX_INFLIGHT = 3
+TASK_BYTES = 4 * 1024 * 1024  # one worker task: small files up to this much, or one segment
+TASK_FILES = 256
+POOL_AFTER = 32 * 1024 * 1024  # bytes read on the main thread before worker processes start
+READY_MAX = 8  # tasks the walk may build ahead of the workers
 RACY_NS = 1_000_000_000  # files modified this close to the scan start are re-read next time
 MAX_WARNINGS = 100
 PREFETCH_BYTES = 256 * 1024 * 1024  # per directory: what we ask the kernel to read ahead
@@ -62,14 +66,35 @@ class DirNode:
 
 @dataclass
 class FileJob:
+    path: bytes
     entry: Entry
     node: DirNode
     cache_key: bytes | None
     cache_stat: tuple | None
     ids: list[bytes] = field(default_factory=list)
     lens: list[int] = field(default_factory=list)
-    queued: int = 0
-    done_reading: bool = False
+
+
+def _read_ahead_metadata(sources: list[bytes], stop: threading.Event) -> None:
+    """Walk the sources ahead of the scan, in its order, listing directories
+    and lstat-ing their entries: on a cold cache the scan then finds the
+    directory and inode blocks in memory instead of waiting for each."""
+    todo = list(reversed(sources))
+    while todo and not stop.is_set():
+        d = todo.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name, reverse=True)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+                else:
+                    e.stat(follow_symlinks=False)
+            except OSError:
+                pass
 
 
 def _willneed(path: bytes) -> None:
@@ -85,53 +110,33 @@ def _willneed(path: bytes) -> None:
         os.close(fd)
 
 
-class _Hasher:
-    """Worker side: hash every chunk, compress only those the repository lacks."""
+Task = list[tuple["FileJob", Segment]]
 
-    def __init__(self, repo: Repository) -> None:
-        self.repo = repo
-        self.local = threading.local()
-        self.level = repo.level
 
-    def __call__(self, views: list[memoryview]) -> list[tuple[bytes, int, bytes | None, int]]:
-        """-> (id, flags, encoded frame or None when already stored, stored length) per chunk."""
-        loc = self.local
-        if not hasattr(loc, "cctx"):
-            loc.cctx = zstandard.ZstdCompressor(level=self.level)
-        cctx = loc.cctx
-        blobs = self.repo.index.db["blobs"]
-        encode = P.encode_frame
-        out = []
-        # A read view of what is committed; chunks new in this session are
-        # caught again by the main thread against the session's own ids.
-        with self.repo.index.env.begin(db=blobs) as txn:
-            get = txn.get
-            for v in views:
-                h = blake3.blake3(v).digest()
-                if get(h) is not None:
-                    out.append((h, 0, None, 0))
-                    continue
-                c = cctx.compress(v)
-                if len(c) < len(v):
-                    out.append((h, P.ZSTD, encode(P.CHUNK, P.ZSTD, h, c, len(v)), len(c)))
-                else:
-                    out.append((h, 0, encode(P.CHUNK, 0, h, v, len(v)), len(v)))
-        return out
+class _Done(Future):
+    """A task run on the main thread: its result is there at once."""
+
+    def __init__(self, result) -> None:
+        super().__init__()
+        self.set_result(result)
 
 
 class Ingester:
-    def __init__(self, writer: Writer, set_name: str, workers: int = 2,
+    def __init__(self, writer: Writer, set_name: str, workers: int | None = None,
                  progress: Callable[[dict], None] | None = None) -> None:
         self.w = writer
         self.repo = writer.repo
         self.set = set_name
         self.params = self.repo.params
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pit-hash")
+        self.workers = workers or default_workers()
+        self.pool: ProcessPoolExecutor | None = None  # started once POOL_AFTER bytes were read here
+        self.read_here = 0
+        self.cctx = zstandard.ZstdCompressor(level=self.repo.level)
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pit-prefetch")
-        self.hasher = _Hasher(self.repo)
-        self.batch: list[tuple[FileJob, memoryview]] = []
-        self.batch_bytes = 0
-        self.inflight: deque[tuple[list[tuple[FileJob, memoryview]], Future]] = deque()
+        self.task: Task = []  # being filled by the walk
+        self.task_bytes = 0
+        self.ready: deque[Task] = deque()  # built, waiting for a worker
+        self.running: dict[Future, Task] = {}
         self.start_ns = time.time_ns()
         # "examined" counts what this run looked at; the snapshot's totals come from the root tree.
         self.stats = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0, "files_read": 0,
@@ -152,35 +157,81 @@ class Ingester:
             self.warnings.append(msg)
 
     # ------------------------------------------------------------ pipeline
-    def _submit(self) -> None:
-        if not self.batch:
+    def _queue(self, job: FileJob, start: int) -> None:
+        seg = Segment(job.path, start, max(0, job.entry.size - start))
+        if start:  # the rest of a big file: the longest chain of work, so it goes first
+            self.ready.appendleft([(job, seg)])
             return
-        batch = self.batch
-        fut = self.pool.submit(self.hasher, [v for _, v in batch])
-        self.inflight.append((batch, fut))
-        self.batch, self.batch_bytes = [], 0
-        while len(self.inflight) > MAX_INFLIGHT:
-            self._drain_one()
+        self.task.append((job, seg))
+        self.task_bytes += min(seg.size_hint, SEGMENT_BYTES)
+        if self.task_bytes >= TASK_BYTES or len(self.task) >= TASK_FILES:
+            self._close_task()
 
-    def _drain_one(self) -> None:
-        batch, fut = self.inflight.popleft()
-        results = fut.result()
+    def _close_task(self) -> None:
+        if self.task:
+            self.ready.append(self.task)
+            self.task, self.task_bytes = [], 0
+        self._pump()
+
+    def _pump(self, block: bool = False) -> None:
+        """Hand ready tasks to free workers and gather finished ones. The walk
+        runs at most READY_MAX tasks ahead; `block` waits for one to finish."""
+        while True:
+            while self.ready and len(self.running) < 2 * self.workers:
+                self._start(self.ready.popleft())
+            done = [f for f in self.running if f.done()]
+            if not done and self.running and (block or len(self.ready) > READY_MAX):
+                done = list(wait(self.running, return_when=FIRST_COMPLETED)[0])
+            if not done:
+                return
+            for f in done:
+                self._gather(self.running.pop(f), f)
+            block = False  # one round done; loop on only while there is more to start or gather
+
+    def _start(self, task: Task) -> None:
+        segs = [seg for _, seg in task]
+        if self.pool is None and self.read_here >= POOL_AFTER:
+            self.pool = process_pool(self.workers, worker_init,
+                                     (self.repo.index_dir, self.params, self.repo.level, SEGMENT_BYTES))
+        if self.pool is not None:
+            self.running[self.pool.submit(worker_run, segs)] = task
+            return
+        self.read_here += sum(min(s.size_hint, SEGMENT_BYTES) for s in segs)
+        # here, the writer's own transaction also knows what this session stored
+        self._gather(task, _Done([read_segment(sg, self.params, self.cctx, self.w.has, SEGMENT_BYTES)
+                                  for sg in segs]))
+
+    def _gather(self, task: Task, fut: Future) -> None:
+        try:
+            results = fut.result()
+        except BrokenProcessPool as exc:
+            raise StoreError(f"a snapshot worker process died: {exc}") from exc
         w = self.w
-        for (job, view), (h, flags, frame, stored) in zip(batch, results):
-            if frame is not None:
-                known = w.new_in_session(h)
-                if not (known if known is not None else w.has(h)):
-                    w.put_encoded(P.CHUNK, h, flags, frame, stored, len(view))
-            job.ids.append(h)
-            job.lens.append(len(view))
-            if job.done_reading and len(job.ids) == job.queued:
-                self._finish_file(job)
+        for (job, seg), res in zip(task, results):
+            if res.error is not None:
+                self._drop(job, res.error)
+                continue
+            frames = res.frames
+            for i, (h, n) in enumerate(zip(res.ids, res.lens)):
+                enc = frames.get(i)
+                if enc is not None:
+                    known = w.new_in_session(h)
+                    if not (known if known is not None else w.has(h)):
+                        w.put_encoded(P.CHUNK, h, enc[0], enc[1], enc[2], n)
+            job.ids += res.ids
+            job.lens += res.lens
+            if res.end is not None:
+                self._queue(job, res.end)
+                continue
+            self.stats["files_read"] += 1
+            self.stats["bytes_read"] += sum(job.lens)
+            self._finish_file(job)
         self._report()
 
     def _drain_all(self) -> None:
-        self._submit()
-        while self.inflight:
-            self._drain_one()
+        self._close_task()
+        while self.ready or self.running:
+            self._pump(block=True)
 
     def _report(self) -> None:
         if self.progress is None:
@@ -192,30 +243,15 @@ class Ingester:
 
     # --------------------------------------------------------------- files
     def _ingest_file(self, path: bytes, entry: Entry, node: DirNode, ckey: bytes | None, cstat: tuple | None) -> None:
-        job = FileJob(entry, node, ckey, cstat)
         node.pending += 1
-        try:
-            with open(path, "rb", buffering=0) as f:
-                for view in chunk_stream(f, self.params, size_hint=entry.size):
-                    self.batch.append((job, view))
-                    job.queued += 1
-                    self.batch_bytes += len(view)
-                    if self.batch_bytes >= BATCH_BYTES or len(self.batch) >= BATCH_CHUNKS:
-                        self._submit()
-        except OSError as exc:
-            # The file vanished or became unreadable mid-read: drop what we queued for it.
-            self.batch = [(j, v) for j, v in self.batch if j is not job]
-            self.batch_bytes = sum(len(v) for _, v in self.batch)
-            job.queued = -1  # never completes; its chunks were queued only
-            node.pending -= 1
-            node.entries.pop(entry.name, None)
-            self.warn(f"{os.fsdecode(path)}: {exc.strerror or exc}")
-            return
-        self.stats["files_read"] += 1
-        self.stats["bytes_read"] += entry.size
-        job.done_reading = True
-        if len(job.ids) == job.queued:
-            self._finish_file(job)
+        self._queue(FileJob(path, entry, node, ckey, cstat), 0)
+
+    def _drop(self, job: FileJob, why: str) -> None:
+        """The file vanished or became unreadable while read: leave it out
+        (what of it was stored already is unreferenced and swept at commit)."""
+        job.node.entries.pop(job.entry.name, None)
+        self.warn(f"{os.fsdecode(job.path)}: {why}")
+        self._child_done(job.node)
 
     def _finish_file(self, job: FileJob) -> None:
         e = job.entry
@@ -367,6 +403,10 @@ class Ingester:
             reader: ObjectReader) -> bytes:
         """Build the new root tree. `changes` maps each source basename to RESCAN or a trie."""
         root = DirNode(reader.tree_dict(parent_root) if changes is not None else {}, None, None)
+        stop = threading.Event()
+        if changes is None:
+            threading.Thread(target=_read_ahead_metadata, args=(list(sources), stop), daemon=True,
+                             name="pit-readahead").start()
         try:
             for src in sources:
                 name = os.path.basename(src)
@@ -381,7 +421,9 @@ class Ingester:
             if root.pending == 0 and self.root_tree is None:
                 self._finish_dir(root)
         finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            stop.set()
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
             self.prefetch.shutdown(wait=False, cancel_futures=True)
         if self.root_tree is None:  # pragma: no cover - would be a bookkeeping bug
             raise StoreError("internal error: the snapshot root was not completed")

@@ -101,7 +101,7 @@ class Repository:
         self.level = int(cfg["compression"]["level"])
         self.pack_size = int(cfg["pack_size"])
         self.backend = LocalBackend(os.path.join(self.path, "packs"))
-        index_dir = os.path.join(self.path, "index")
+        self.index_dir = index_dir = os.path.join(self.path, "index")
         if not os.path.exists(os.path.join(index_dir, "data.mdb")):
             raise IndexMissing(f"the index of {self.path} is missing; run `pit repair` to rebuild it from the packs")
         if readonly:

@@ -10,7 +10,6 @@ was not read recently. Failover image selection builds on this.
 """
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import time
@@ -29,7 +28,7 @@ from .index import BLOB, SEQ_AT, SEQ_LE, U64, BlobEntry, PackEntry, ref_of, unpa
 from .snapmeta import get_meta, update_meta
 from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree, tree_children
-from .workers import process_pool
+from .workers import default_workers, process_pool
 
 T64 = struct.Struct(">Q")
 
@@ -345,7 +344,7 @@ class _DeepCheck:
         if sum(j[2] - j[1] for j in self.jobs) < PARALLEL_MIN:
             self.results = (check_span(repo.backend, j) for j in self.jobs)
             return
-        self.pool = process_pool(WORKERS, _worker_init, (repo.backend,))
+        self.pool = process_pool(default_workers(), _worker_init, (repo.backend,))
         try:
             self.results = self.pool.map(_worker_check, self.jobs, chunksize=4)
         except (OSError, BrokenProcessPool) as exc:
@@ -393,7 +392,6 @@ SPAN_MAX = 4 * 1024 * 1024
 # worker processes costs more than it saves (failover's selection re-reads
 # only what was not verified recently, usually little).
 PARALLEL_MIN = 64 * 1024 * 1024
-WORKERS = max(2, min(4, os.cpu_count() or 2))
 
 Job = tuple[int, int, int, list[tuple[int, bytes, int, int]]]  # pack, start, end, [(offset, id, stored, kind)]
 

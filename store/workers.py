@@ -41,6 +41,12 @@ def _start(parent: int, initializer: Callable[..., None] | None, initargs: tuple
         initializer(*initargs)
 
 
+def default_workers() -> int:
+    """One per core, at least two (one core still gains from overlapping
+    reads), at most eight (past that the single writer is the limit)."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 def process_pool(workers: int, initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()
                  ) -> ProcessPoolExecutor:
     """A pool whose processes exit when this process dies. The thread that

@@ -1,0 +1,97 @@
+"""The CPU-heavy half of making a snapshot: read a file, cut it into chunks
+(FastCDC), name them (BLAKE3) and compress (zstd) the ones the repository
+lacks, ready to append to a pack.
+
+It works on a *segment*: from an offset that is a cut point to the first cut
+at or past SEGMENT_BYTES further on (or the end of the file). Chunking
+starts afresh at every cut, so a file cut segment by segment gets exactly
+the chunks it would get in one pass, and a big file never has to travel
+whole between processes. The ingester runs segments in worker processes
+(store/workers.py) once a snapshot is big enough to pay for starting them,
+and in its own thread before that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import blake3
+import zstandard
+
+from . import packs as P
+from .chunker import ChunkerParams, chunk_stream
+
+SEGMENT_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Segment:
+    path: bytes
+    start: int      # a cut point: 0, or where the previous segment ended
+    size_hint: int  # bytes expected from `start` on (the stat size), to size the first read
+
+
+@dataclass
+class SegmentResult:
+    ids: list[bytes] = field(default_factory=list)
+    lens: list[int] = field(default_factory=list)
+    # chunk index -> (flags, encoded frame, stored length), for chunks the
+    # repository's committed index did not have when the worker looked
+    frames: dict[int, tuple[int, bytes, int]] = field(default_factory=dict)
+    end: int | None = None    # where the next segment starts; None at the end of the file
+    error: str | None = None  # the file could not be read (vanished, unreadable)
+
+
+def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompressor,
+                 known: Callable[[bytes], bool], limit: int = SEGMENT_BYTES) -> SegmentResult:
+    out = SegmentResult()
+    ids, lens, frames = out.ids, out.lens, out.frames
+    encode = P.encode_frame
+    done = 0
+    try:
+        with open(seg.path, "rb", buffering=0) as f:
+            if seg.start:
+                f.seek(seg.start)
+            for view in chunk_stream(f, params, size_hint=seg.size_hint):
+                h = blake3.blake3(view).digest()
+                n = len(view)
+                if not known(h):
+                    c = cctx.compress(view)
+                    if len(c) < n:
+                        frames[len(ids)] = (P.ZSTD, encode(P.CHUNK, P.ZSTD, h, c, n), len(c))
+                    else:
+                        frames[len(ids)] = (0, encode(P.CHUNK, 0, h, view, n), n)
+                ids.append(h)
+                lens.append(n)
+                done += n
+                if done >= limit:
+                    out.end = seg.start + done  # every chunk but a file's last ends at a cut
+                    return out
+    except OSError as exc:
+        return SegmentResult(error=exc.strerror or str(exc))
+    return out
+
+
+# ------------------------------------------------------- in a worker process
+
+_state: dict = {}
+
+
+def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = SEGMENT_BYTES) -> None:
+    """Each worker reads the committed index itself (LMDB readers may live
+    in any process) to skip compressing chunks the repository has."""
+    from .index import Index
+
+    _state["index"] = Index(index_dir, readonly=True)
+    _state["params"] = params
+    _state["cctx"] = zstandard.ZstdCompressor(level=level)
+    _state["limit"] = limit
+
+
+def worker_run(segs: list[Segment]) -> list[SegmentResult]:
+    idx = _state["index"]
+    with idx.env.begin(db=idx.db["blobs"], buffers=True) as txn:
+        get = txn.get
+        known = lambda h: get(h) is not None  # noqa: E731
+        return [read_segment(s, _state["params"], _state["cctx"], known, _state["limit"]) for s in segs]
+

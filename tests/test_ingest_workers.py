@@ -1,0 +1,198 @@
+"""Snapshots made in worker processes (store/segments.py, store/workers.py).
+
+A big snapshot reads, chunks, hashes and compresses files segment by segment
+in worker processes. These tests force that path on small data (the
+threshold and the segment size are lowered) and hold it to the result of the
+in-process path: the same chunks, the same trees, so the same root tree id,
+and byte-identical restores; plus SIGKILL mid-snapshot with workers running.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import (init_repo, list_snaps, make_tree, opened, pit_env, rand_bytes, restore, run_pit, snapshot,
+                      tree_digest)
+from replicator.waiting import poll_until
+from store import ingest
+from store.chunker import ChunkerParams, chunk_stream
+from store.segments import Segment, read_segment
+
+KiB = 1024
+
+
+@pytest.fixture
+def in_workers(monkeypatch):
+    """Call it to run every later snapshot of the test in worker processes,
+    with 256 KiB segments; it returns the segments read in this process."""
+    def enable() -> list:
+        here: list = []
+        real = ingest.read_segment
+        monkeypatch.setattr(ingest, "read_segment", lambda *a: here.append(a) or real(*a))
+        monkeypatch.setattr(ingest, "POOL_AFTER", 0)
+        monkeypatch.setattr(ingest, "SEGMENT_BYTES", 256 * KiB)
+        return here
+    return enable
+
+
+def tree(root, rnd: random.Random) -> None:
+    base = rand_bytes(3_000_000, "big")
+    make_tree(root, {
+        "big.bin": base,
+        "big-copy.bin": base,  # the same chunks again: stored once
+        "db.pages": b"".join(rand_bytes(8192, f"page{i % 40}") for i in range(300)),  # repeating pages
+        "text": {f"f{i:03}.txt": b"line of file %d\n" % i * rnd.randint(0, 400) for i in range(60)},
+        "empty": b"",
+    })
+
+
+def test_segments_cut_like_one_pass(tmp_path):
+    """Chunking restarts at every cut, so a file read segment by segment gets
+    exactly the chunks of one pass, whatever the segment size."""
+    import zstandard
+
+    p = tmp_path / "f"
+    data = rand_bytes(2_000_000, "seg") + b"\0" * 300_000 + rand_bytes(700_000, "seg2")
+    p.write_bytes(data)
+    params = ChunkerParams.for_average(16 * KiB)
+    with open(p, "rb") as f:
+        want = [bytes(v) for v in chunk_stream(f, params)]
+    cctx = zstandard.ZstdCompressor(level=3)
+    for limit in (1, 50 * KiB, 256 * KiB, 10 * 1024 * KiB):
+        got_lens, start, hops = [], 0, 0
+        while True:
+            res = read_segment(Segment(os.fsencode(p), start, len(data) - start), params, cctx, lambda h: False, limit)
+            assert res.error is None
+            got_lens += res.lens
+            hops += 1
+            if res.end is None:
+                break
+            start = res.end
+        assert got_lens == [len(c) for c in want], f"segments of {limit} bytes cut elsewhere"
+        assert (hops > 1) == (limit < len(data))
+
+
+def test_snapshot_in_workers_is_the_snapshot_made_here(tmp_path, in_workers):
+    src = tmp_path / "src"
+    tree(src, random.Random(3))
+    here_repo = init_repo(tmp_path / "here")
+    a = snapshot(here_repo, "s", src)
+
+    here = in_workers()
+    pool_repo = init_repo(tmp_path / "pool")
+    b = snapshot(pool_repo, "s", src)
+    assert not here, "every segment should have been read by a worker process"
+
+    assert b.root == a.root  # content addressed: the same chunks, lists and trees
+    for k in ("new_chunks", "new_bytes", "new_stored", "files", "bytes", "files_read"):
+        assert b.stats[k] == a.stats[k], k
+    restore(pool_repo, b.hex, tmp_path / "out")
+    assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
+    assert run_pit(pool_repo, "verify", "--deep").returncode == 0
+
+
+def test_second_snapshot_in_workers_stores_only_the_change(tmp_path, in_workers):
+    """Workers look chunks up in the committed index: what the repository has
+    is neither compressed nor shipped back, and the change costs one chunk or two."""
+    src = tmp_path / "src"
+    tree(src, random.Random(4))
+    repo = init_repo(tmp_path / "repo")
+    here = in_workers()
+    snapshot(repo, "s", src)
+    with open(src / "big.bin", "r+b") as f:
+        f.seek(1_500_000)
+        f.write(b"x" * 8192)
+    s2 = snapshot(repo, "s", src)
+    assert 1 <= s2.stats["new_chunks"] <= 4
+    assert s2.stats["files_read"] == 1
+    assert not here
+    restore(repo, s2.hex, tmp_path / "out")
+    assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
+
+
+def test_unreadable_file_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    """A file that vanishes or cannot be read between the scan and its read is
+    left out of the snapshot with a warning; the rest completes."""
+    from store.segments import SegmentResult
+
+    src = tmp_path / "src"
+    make_tree(src, {"a": {"ok.txt": b"fine\n", "gone.bin": rand_bytes(400_000, "g")}, "b.txt": b"b\n"})
+    real = ingest.read_segment
+
+    def failing(seg, *a):
+        return SegmentResult(error="Input/output error") if seg.path.endswith(b"gone.bin") else real(seg, *a)
+
+    monkeypatch.setattr(ingest, "read_segment", failing)
+    repo = init_repo(tmp_path / "repo")
+    s = snapshot(repo, "s", src)
+    assert s.stats["skipped"] == 1
+    assert any("gone.bin" in w and "Input/output error" in w for w in s.stats["warnings"])
+    restore(repo, s.hex, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out" / "src" / "a")) == ["ok.txt"]
+    assert run_pit(repo, "verify").returncode == 0
+
+
+LAUNCH = (
+    "import sys\n"
+    "import store.ingest as I\n"
+    "I.POOL_AFTER = 0\n"
+    "I.SEGMENT_BYTES = 128 * 1024\n"
+    "from store.cli import main\n"
+    "sys.argv = ['pit'] + sys.argv[1:]\n"
+    "main()\n"
+)
+
+
+def test_sigkill_while_workers_run_keeps_every_committed_snapshot(tmp_path):
+    """SIGKILL of a snapshot whose files are being read by worker processes:
+    earlier snapshots restore identically, no worker is left behind, and the
+    next snapshot (in workers again) succeeds."""
+    from test_crash import wait_for_lock
+    from test_verify import _alive, _descendants
+
+    rnd = random.Random(9)
+    repo = init_repo(tmp_path / "repo", pack_size=1024 * 1024)
+    src = tmp_path / "src"
+    taken: dict[str, dict] = {}
+
+    def pit_in_workers(*args):
+        return subprocess.Popen([sys.executable, "-c", LAUNCH, "--repo", repo, *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=pit_env())
+
+    kills = with_workers = 0
+    for t in range(8):
+        make_tree(src, {f"gen{t}.bin": rand_bytes(rnd.randint(1_000_000, 3_000_000), f"g{t}"),
+                        f"small{t}": {f"f{i}": rand_bytes(rnd.randint(0, 9000), f"s{t}{i}") for i in range(30)}},
+                  mtime=None)
+        p = pit_in_workers("snapshot", "--set", "s", str(src))
+        if wait_for_lock(repo, p):
+            time.sleep(rnd.uniform(0.1, 0.6))  # start-up of the workers and their reads
+            kids = _descendants(p.pid)
+            p.send_signal(signal.SIGKILL)
+            with_workers += len(kids) >= 2
+            kills += p.wait() == -signal.SIGKILL
+            poll_until(lambda: not any(map(_alive, kids)), 30, "the snapshot's workers to exit")
+        else:
+            p.wait()
+        p = pit_in_workers("snapshot", "--set", "s", "--json", str(src))
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+        assert b"Traceback" not in err
+        taken[json.loads(out)["id"]] = tree_digest(src)
+        listed = {s.hex for s in list_snaps(repo, "s")}
+        assert set(taken) <= listed, "a committed snapshot was lost"
+    assert kills >= 1 and with_workers >= 1, (kills, with_workers)
+    for sid, digest in taken.items():
+        out = tmp_path / "out" / sid
+        restore(repo, sid, out)
+        assert tree_digest(out / "src") == digest
+    with opened(repo) as r:
+        assert r.id
+    assert run_pit(repo, "verify", "--deep").returncode == 0
