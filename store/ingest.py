@@ -131,6 +131,7 @@ class Ingester:
         self.workers = workers or default_workers()
         self.pool: ProcessPoolExecutor | None = None  # started once POOL_AFTER bytes were read here
         self.read_here = 0
+        self.pool_failed = False
         self.cctx = zstandard.ZstdCompressor(level=self.repo.level)
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pit-prefetch")
         self.task: Task = []  # being filled by the walk
@@ -177,7 +178,7 @@ class Ingester:
         """Hand ready tasks to free workers and gather finished ones. The walk
         runs at most READY_MAX tasks ahead; `block` waits for one to finish."""
         while True:
-            while self.ready and len(self.running) < 2 * self.workers:
+            while self.ready and len(self.running) < self.workers + 1:
                 self._start(self.ready.popleft())
             done = [f for f in self.running if f.done()]
             if not done and self.running and (block or len(self.ready) > READY_MAX):
@@ -190,9 +191,13 @@ class Ingester:
 
     def _start(self, task: Task) -> None:
         segs = [seg for _, seg in task]
-        if self.pool is None and self.read_here >= POOL_AFTER:
-            self.pool = process_pool(self.workers, worker_init,
-                                     (self.repo.index_dir, self.params, self.repo.level, SEGMENT_BYTES))
+        if self.pool is None and self.read_here >= POOL_AFTER and not self.pool_failed:
+            try:
+                self.pool = process_pool(self.workers, worker_init,
+                                         (self.repo.index_dir, self.params, self.repo.level, SEGMENT_BYTES))
+            except StoreError as exc:  # slower here, but the snapshot is still taken
+                self.pool_failed = True
+                self.warnings.append(f"{exc}; reading every file in this process")
         if self.pool is not None:
             self.running[self.pool.submit(worker_run, segs)] = task
             return

@@ -341,10 +341,14 @@ class _DeepCheck:
             todo.append((e.pack, e.offset, cid, e))
         todo.sort()
         self.jobs = list(_spans(todo))
+        self.results = (check_span(repo.backend, j) for j in self.jobs)
         if sum(j[2] - j[1] for j in self.jobs) < PARALLEL_MIN:
-            self.results = (check_span(repo.backend, j) for j in self.jobs)
             return
-        self.pool = process_pool(default_workers(), _worker_init, (repo.backend,))
+        try:
+            self.pool = process_pool(default_workers(), _worker_init, (repo.backend,))
+        except StoreError as exc:  # slower here, but checked all the same
+            report.notes.append(f"{exc}; checking in this process")
+            return
         try:
             self.results = self.pool.map(_worker_check, self.jobs, chunksize=4)
         except (OSError, BrokenProcessPool) as exc:

@@ -54,5 +54,5 @@ def process_pool(workers: int, initializer: Callable[..., None] | None = None, i
     try:
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start, initargs=(os.getpid(), initializer, initargs))
-    except OSError as exc:
+    except (OSError, ImportError, NotImplementedError) as exc:  # no /dev/shm, no sem_open
         raise StoreError(f"cannot start worker processes: {exc}") from exc

@@ -196,3 +196,23 @@ def test_sigkill_while_workers_run_keeps_every_committed_snapshot(tmp_path):
     with opened(repo) as r:
         assert r.id
     assert run_pit(repo, "verify", "--deep").returncode == 0
+
+
+def test_no_worker_processes_still_makes_the_snapshot(tmp_path, in_workers, monkeypatch):
+    """Where processes cannot start (no /dev/shm, no sem_open) the snapshot is
+    taken in this process, with a warning that says so."""
+    from store.errors import StoreError
+
+    src = tmp_path / "src"
+    tree(src, random.Random(5))
+    a = snapshot(init_repo(tmp_path / "a"), "s", src)
+    here = in_workers()
+
+    def refuse(*_a, **_k):
+        raise StoreError("cannot start worker processes: [Errno 38] Function not implemented")
+
+    monkeypatch.setattr(ingest, "process_pool", refuse)
+    b = snapshot(init_repo(tmp_path / "b"), "s", src)
+    assert b.root == a.root and here
+    assert any("cannot start worker processes" in w for w in b.stats["warnings"])
+    assert b.stats["skipped"] == 0

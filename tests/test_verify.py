@@ -242,3 +242,19 @@ def test_sigkilled_verify_leaves_no_worker_processes(repo):
         p.send_signal(signal.SIGKILL)
         p.wait()
     poll_until(lambda: not any(map(_alive, kids)), 30, "the workers to exit")
+
+
+def test_no_worker_processes_still_verifies(repo, monkeypatch):
+    from store import verify as V
+    from store.errors import StoreError
+
+    def refuse(*_a, **_k):
+        raise StoreError("cannot start worker processes: [Errno 38] Function not implemented")
+
+    monkeypatch.setattr(V, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(V, "process_pool", refuse)
+    path, _ids = repo
+    with opened(path) as r:
+        rep = V.verify(r, depth="deep", record=False)
+    assert rep.clean and rep.chunks_read == rep.chunks > 0
+    assert any("checking in this process" in n for n in rep.notes)
