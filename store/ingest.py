@@ -199,7 +199,10 @@ class Ingester:
                 self.pool_failed = True
                 self.warnings.append(f"{exc}; reading every file in this process")
         if self.pool is not None:
-            self.running[self.pool.submit(worker_run, segs)] = task
+            try:
+                self.running[self.pool.submit(worker_run, segs)] = task
+            except BrokenProcessPool as exc:
+                raise StoreError(f"a snapshot worker process died: {exc}") from exc
             return
         self.read_here += sum(min(s.size_hint, SEGMENT_BYTES) for s in segs)
         # here, the writer's own transaction also knows what this session stored

@@ -216,3 +216,50 @@ def test_no_worker_processes_still_makes_the_snapshot(tmp_path, in_workers, monk
     assert b.root == a.root and here
     assert any("cannot start worker processes" in w for w in b.stats["warnings"])
     assert b.stats["skipped"] == 0
+
+
+def test_a_worker_killed_mid_snapshot_fails_it_cleanly(tmp_path, in_workers):
+    """A worker process that dies (OOM killer, SIGKILL) fails the snapshot with
+    a one-line error; nothing is committed, earlier snapshots are intact and
+    the next snapshot succeeds."""
+    import threading
+
+    from store.errors import StoreError
+    from test_verify import _descendants
+
+    src = tmp_path / "src"
+    make_tree(src, {"first.txt": b"first\n"})
+    repo = init_repo(tmp_path / "repo")
+    first = snapshot(repo, "s", src)
+    make_tree(src, {f"big{i}.bin": rand_bytes(16_000_000, f"b{i}") for i in range(4)})
+    in_workers()
+
+    killed = []
+
+    def is_worker(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"spawn_main" in f.read()
+        except OSError:
+            return False
+
+    def kill_a_worker():
+        for _ in range(6000):
+            kids = [k for k in _descendants(os.getpid()) if is_worker(k)]
+            if kids:
+                os.kill(kids[0], signal.SIGKILL)
+                killed.append(kids[0])
+                return
+            time.sleep(0.005)
+
+    t = threading.Thread(target=kill_a_worker)
+    t.start()
+    with pytest.raises(StoreError, match="worker process died"):
+        snapshot(repo, "s", src)
+    t.join()
+    assert killed
+    assert [s.hex for s in list_snaps(repo, "s")] == [first.hex]
+    assert run_pit(repo, "verify").returncode == 0
+    s2 = snapshot(repo, "s", src)
+    restore(repo, s2.hex, tmp_path / "out")
+    assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
