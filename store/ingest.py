@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -73,28 +72,6 @@ class FileJob:
     cache_stat: tuple | None
     ids: list[bytes] = field(default_factory=list)
     lens: list[int] = field(default_factory=list)
-
-
-def _read_ahead_metadata(sources: list[bytes], stop: threading.Event) -> None:
-    """Walk the sources ahead of the scan, in its order, listing directories
-    and lstat-ing their entries: on a cold cache the scan then finds the
-    directory and inode blocks in memory instead of waiting for each."""
-    todo = list(reversed(sources))
-    while todo and not stop.is_set():
-        d = todo.pop()
-        try:
-            with os.scandir(d) as it:
-                entries = sorted(it, key=lambda e: e.name, reverse=True)
-        except OSError:
-            continue
-        for e in entries:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    todo.append(e.path)
-                else:
-                    e.stat(follow_symlinks=False)
-            except OSError:
-                pass
 
 
 def _willneed(path: bytes) -> None:
@@ -411,10 +388,6 @@ class Ingester:
             reader: ObjectReader) -> bytes:
         """Build the new root tree. `changes` maps each source basename to RESCAN or a trie."""
         root = DirNode(reader.tree_dict(parent_root) if changes is not None else {}, None, None)
-        stop = threading.Event()
-        if changes is None:
-            threading.Thread(target=_read_ahead_metadata, args=(list(sources), stop), daemon=True,
-                             name="pit-readahead").start()
         try:
             for src in sources:
                 name = os.path.basename(src)
@@ -429,7 +402,6 @@ class Ingester:
             if root.pending == 0 and self.root_tree is None:
                 self._finish_dir(root)
         finally:
-            stop.set()
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self.prefetch.shutdown(wait=False, cancel_futures=True)
