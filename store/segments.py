@@ -21,7 +21,7 @@ import zstandard
 from . import packs as P
 from .chunker import ChunkerParams, chunk_stream
 
-SEGMENT_BYTES = 16 * 1024 * 1024
+SEGMENT_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
