@@ -45,6 +45,7 @@ TASK_BYTES = 4 * 1024 * 1024  # one worker task: small files up to this much, or
 TASK_FILES = 256
 POOL_AFTER = 32 * 1024 * 1024  # bytes read on the main thread before worker processes start
 READY_MAX = 8  # tasks the walk may build ahead of the workers
+MAX_RESTARTS = 3  # a file replaced while read is read again from its start this often
 RACY_NS = 1_000_000_000  # files modified this close to the scan start are re-read next time
 MAX_WARNINGS = 100
 PREFETCH_BYTES = 256 * 1024 * 1024  # per directory: what we ask the kernel to read ahead
@@ -72,6 +73,8 @@ class FileJob:
     cache_stat: tuple | None
     ids: list[bytes] = field(default_factory=list)
     lens: list[int] = field(default_factory=list)
+    ident: tuple[int, int] | None = None  # the file its first segment read
+    restarts: int = 0
 
 
 def _willneed(path: bytes) -> None:
@@ -136,8 +139,8 @@ class Ingester:
 
     # ------------------------------------------------------------ pipeline
     def _queue(self, job: FileJob, start: int) -> None:
-        seg = Segment(job.path, start, max(0, job.entry.size - start))
-        if start:  # the rest of a big file: the longest chain of work, so it goes first
+        seg = Segment(job.path, start, max(0, job.entry.size - start), job.ident if start else None)
+        if start or job.restarts:  # the rest (or a new start) of a file under way: the longest chain goes first
             self.ready.appendleft([(job, seg)])
             return
         self.task.append((job, seg))
@@ -178,9 +181,16 @@ class Ingester:
         if self.pool is not None:
             try:
                 self.running[self.pool.submit(worker_run, segs)] = task
+                return
             except BrokenProcessPool as exc:
+                self.repo.index.env.reader_check()  # the dead worker's LMDB reader slot
                 raise StoreError(f"a snapshot worker process died: {exc}") from exc
-            return
+            except OSError as exc:  # the processes start here (EAGAIN, ENOMEM): go on in this one
+                if self.running:
+                    raise StoreError(f"cannot start more worker processes: {exc}") from exc
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool, self.pool_failed = None, True
+                self.warnings.append(f"cannot start worker processes: {exc}; reading every file in this process")
         self.read_here += sum(min(s.size_hint, SEGMENT_BYTES) for s in segs)
         # here, the writer's own transaction also knows what this session stored
         self._gather(task, _Done([read_segment(sg, self.params, self.cctx, self.w.has, SEGMENT_BYTES)
@@ -190,12 +200,22 @@ class Ingester:
         try:
             results = fut.result()
         except BrokenProcessPool as exc:
+            self.repo.index.env.reader_check()  # the dead worker's LMDB reader slot
             raise StoreError(f"a snapshot worker process died: {exc}") from exc
         w = self.w
         for (job, seg), res in zip(task, results):
             if res.error is not None:
                 self._drop(job, res.error)
                 continue
+            if res.replaced:  # renamed over while read: read the new file from its start
+                job.restarts += 1
+                if job.restarts > MAX_RESTARTS:
+                    self._drop(job, "replaced again and again while being read")
+                else:
+                    job.ids, job.lens, job.ident = [], [], None
+                    self._queue(job, 0)
+                continue
+            job.ident = res.ident
             frames = res.frames
             for i, (h, n) in enumerate(zip(res.ids, res.lens)):
                 enc = frames.get(i)
@@ -362,6 +382,8 @@ class Ingester:
 
     def _dir(self, path: bytes, entry: Entry | None, parent: DirNode | None, change, base: bytes | None,
              reader: ObjectReader) -> DirNode:
+        if self.running:  # a long stretch of unchanged files: keep the workers fed meanwhile
+            self._pump()
         old = reader.tree_dict(base)
         node = DirNode(dict(old) if change is not RESCAN else {}, parent, entry)
         if parent is not None:

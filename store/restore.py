@@ -150,7 +150,18 @@ class Restorer:
                 self._write_here(job)
                 self._done(job)
             return
-        fut = self.pool.submit(_worker_write, os.getpid(), [(j.fd, j.chunks) for j in task])
+        try:
+            fut = self.pool.submit(_worker_write, os.getpid(), [(j.fd, j.chunks) for j in task])
+        except BrokenProcessPool as exc:
+            raise StoreError(f"a restore worker process died: {exc}") from exc
+        except OSError as exc:  # the processes start here (EAGAIN, ENOMEM)
+            if self.running:
+                raise StoreError(f"cannot start more worker processes: {exc}") from exc
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool, self.pool_failed = None, True
+            self.task = task
+            self._submit()  # now written here
+            return
         self.running[fut] = task
         while len(self.running) > self.workers + 1:
             self._gather(wait(self.running, return_when=FIRST_COMPLETED)[0])

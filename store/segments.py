@@ -12,6 +12,8 @@ and in its own thread before that.
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +31,7 @@ class Segment:
     path: bytes
     start: int      # a cut point: 0, or where the previous segment ended
     size_hint: int  # bytes expected from `start` on (the stat size), to size the first read
+    ident: tuple[int, int] | None = None  # (st_dev, st_ino) the earlier segments read
 
 
 @dataclass
@@ -40,6 +43,8 @@ class SegmentResult:
     frames: dict[int, tuple[int, bytes, int]] = field(default_factory=dict)
     end: int | None = None    # where the next segment starts; None at the end of the file
     error: str | None = None  # the file could not be read (vanished, unreadable)
+    ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the file read
+    replaced: bool = False    # another file has the name now: the earlier segments are not its start
 
 
 def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompressor,
@@ -49,7 +54,18 @@ def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompre
     encode = P.encode_frame
     done = 0
     try:
-        with open(seg.path, "rb", buffering=0) as f:
+        # Each segment opens the file again: never through a symlink, never
+        # blocking on a FIFO swapped in, and only the file the earlier
+        # segments read (an editor's save-by-rename or a log rotation in
+        # between would otherwise splice two files into one).
+        fd = os.open(seg.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with open(fd, "rb", buffering=0) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return SegmentResult(error="is no longer a regular file")
+            out.ident = (st.st_dev, st.st_ino)
+            if seg.ident is not None and out.ident != seg.ident:
+                return SegmentResult(replaced=True)
             if seg.start:
                 f.seek(seg.start)
             for view in chunk_stream(f, params, size_hint=seg.size_hint):

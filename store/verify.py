@@ -351,9 +351,13 @@ class _DeepCheck:
             return
         try:
             self.results = self.pool.map(_worker_check, self.jobs, chunksize=4)
-        except (OSError, BrokenProcessPool) as exc:
+        except (OSError, BrokenProcessPool) as exc:  # the processes start here (EAGAIN, ENOMEM)
             self.close()
-            raise StoreError(f"cannot start verify workers: {exc}") from exc
+            self.results = (check_span(repo.backend, j) for j in self.jobs)
+            report.notes.append(f"cannot start worker processes: {exc}; checking in this process")
+        except BaseException:
+            self.close()
+            raise
 
     def finish(self) -> list[bytes]:
         """The ids of the chunks that checked good; damage goes to the walker."""

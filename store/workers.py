@@ -37,6 +37,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _start(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
     _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
     if initializer is not None:
         initializer(*initargs)
 
@@ -49,8 +50,9 @@ def default_workers() -> int:
 
 def process_pool(workers: int, initializer: Callable[..., None] | None = None, initargs: tuple[Any, ...] = ()
                  ) -> ProcessPoolExecutor:
-    """A pool whose processes exit when this process dies. The thread that
-    creates the pool must outlive it (Linux ties the death signal to it)."""
+    """A pool whose processes exit when this process dies. The processes
+    start on the first submits, in the submitting thread, which must outlive
+    the pool (Linux ties the death signal to the thread that forked)."""
     try:
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start, initargs=(os.getpid(), initializer, initargs))

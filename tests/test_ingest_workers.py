@@ -263,3 +263,67 @@ def test_a_worker_killed_mid_snapshot_fails_it_cleanly(tmp_path, in_workers):
     s2 = snapshot(repo, "s", src)
     restore(repo, s2.hex, tmp_path / "out")
     assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
+
+
+def test_a_segment_reads_only_the_file_the_earlier_ones_read(tmp_path):
+    """Each segment reopens the file by name: a file renamed over it in between
+    (an editor's save, a log rotation) is noticed, a symlink is never followed."""
+    import zstandard
+
+    params = ChunkerParams.for_average(16 * KiB)
+    cctx = zstandard.ZstdCompressor(level=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(rand_bytes(1_000_000, "A"))
+    b.write_bytes(rand_bytes(1_000_000, "B"))
+    first = read_segment(Segment(os.fsencode(a), 0, 1_000_000), params, cctx, lambda h: False, 100 * KiB)
+    assert first.end and first.ident == (os.stat(a).st_dev, os.stat(a).st_ino)
+    same = read_segment(Segment(os.fsencode(a), first.end, 0, first.ident), params, cctx, lambda h: False, 100 * KiB)
+    assert not same.replaced and same.ids
+    os.replace(b, a)
+    other = read_segment(Segment(os.fsencode(a), first.end, 0, first.ident), params, cctx, lambda h: False)
+    assert other.replaced and not other.ids
+    os.symlink(a, tmp_path / "link")
+    link = read_segment(Segment(os.fsencode(tmp_path / "link"), 0, 0), params, cctx, lambda h: False)
+    assert link.error and not link.ids
+
+
+def test_a_file_renamed_over_while_read_is_stored_whole_as_the_new_file(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_tree(src, {"log": rand_bytes(2_000_000, "old"), "other.txt": b"x\n"})
+    new = tmp_path / "new-log"
+    new.write_bytes(rand_bytes(1_500_000, "new"))
+    monkeypatch.setattr(ingest, "SEGMENT_BYTES", 256 * KiB)
+    real = ingest.read_segment
+
+    def rotate_after_first(seg, *a):
+        res = real(seg, *a)
+        if seg.path.endswith(b"/log") and seg.start == 0 and new.exists():
+            os.replace(new, src / "log")  # rotated between two segments of the file
+        return res
+
+    monkeypatch.setattr(ingest, "read_segment", rotate_after_first)
+    repo = init_repo(tmp_path / "repo")
+    s = snapshot(repo, "s", src)
+    restore(repo, s.hex, tmp_path / "out")
+    assert (tmp_path / "out" / "src" / "log").read_bytes() == rand_bytes(1_500_000, "new")
+    assert run_pit(repo, "verify").returncode == 0
+
+
+def test_worker_processes_that_cannot_start_mid_call(tmp_path, in_workers, monkeypatch):
+    """On Python 3.11 the processes start in submit(): EAGAIN there (pids.max,
+    RLIMIT_NPROC) means the snapshot goes on in this process."""
+    class NoProcesses:
+        def submit(self, *_a, **_k):
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+        def shutdown(self, **_k):
+            pass
+
+    src = tmp_path / "src"
+    tree(src, random.Random(6))
+    a = snapshot(init_repo(tmp_path / "a"), "s", src)
+    here = in_workers()
+    monkeypatch.setattr(ingest, "process_pool", lambda *a, **k: NoProcesses())
+    b = snapshot(init_repo(tmp_path / "b"), "s", src)
+    assert b.root == a.root and here
+    assert any("Resource temporarily unavailable" in w for w in b.stats["warnings"])
