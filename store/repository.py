@@ -74,28 +74,6 @@ def _atomic_write(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-def read_blob_at(backend, dctx: zstandard.ZstdDecompressor, bid: bytes, e: BlobEntry, verify: bool = True) -> bytes:
-    """A blob's plain bytes from where its index entry says, checked against
-    its id. Needs only the packs: restore's worker processes call it too."""
-    name = P.pack_name(e.pack)
-    frame = backend.read(name, e.offset, P.FRAME_HEADER.size + e.stored_len)
-    magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
-    where = f"blob {bid.hex()[:16]} (pack {name} offset {e.offset})"
-    if magic != P.FRAME_MAGIC or fid != bid or stored != e.stored_len:
-        raise IntegrityError(f"{where}: frame header does not match the index")
-    payload = memoryview(frame)[P.FRAME_HEADER.size:]
-    if flags & P.ZSTD:
-        try:
-            data = dctx.decompress(payload, max_output_size=raw_len)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"{where}: cannot decompress: {exc}") from None
-    else:
-        data = bytes(payload)
-    if len(data) != raw_len or (verify and object_id(kind, data) != bid):
-        raise IntegrityError(f"{where}: content does not match its id")
-    return data
-
-
 class Repository:
     """An open repository. Cheap to open; safe to share between reader threads."""
 
@@ -251,7 +229,23 @@ class Repository:
         return data
 
     def read_entry(self, bid: bytes, e: BlobEntry, verify: bool = True) -> bytes:
-        return read_blob_at(self.backend, self.dctx(), bid, e, verify)
+        name = P.pack_name(e.pack)
+        frame = self.backend.read(name, e.offset, P.FRAME_HEADER.size + e.stored_len)
+        magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
+        where = f"blob {bid.hex()[:16]} (pack {name} offset {e.offset})"
+        if magic != P.FRAME_MAGIC or fid != bid or stored != e.stored_len:
+            raise IntegrityError(f"{where}: frame header does not match the index")
+        payload = memoryview(frame)[P.FRAME_HEADER.size:]
+        if flags & P.ZSTD:
+            try:
+                data = self.dctx().decompress(payload, max_output_size=raw_len)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(f"{where}: cannot decompress: {exc}") from None
+        else:
+            data = bytes(payload)
+        if len(data) != raw_len or (verify and object_id(kind, data) != bid):
+            raise IntegrityError(f"{where}: content does not match its id")
+        return data
 
     def dctx(self) -> zstandard.ZstdDecompressor:
         """This thread's decompressor (FUSE and WebDAV read on many threads)."""

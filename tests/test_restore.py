@@ -148,3 +148,21 @@ def test_file_where_target_has_a_directory(repo_path, snap, tmp_path):
     assert p.returncode != 0
     assert p.stderr.decode().startswith("pit: error: ") and p.stderr.count(b"\n") == 1
     assert (target / "src" / "top.txt" / "blocker").read_bytes() == b"b"
+
+
+def test_a_directory_in_the_way_fails_cleanly(tmp_path):
+    """A directory where the snapshot has a file: a one-line error, and no
+    temporary file or open descriptor left behind."""
+    from conftest import init_repo
+
+    src = tmp_path / "src"
+    make_tree(src, {"d": {f"f{i}.txt": b"%d\n" % i for i in range(10)}})
+    repo = init_repo(tmp_path / "repo")
+    snapshot(repo, "s", src)
+    out = tmp_path / "out"
+    os.makedirs(out / "src" / "d" / "f5.txt")
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(StoreError, match="directory is in the way"):
+        restore(repo, "s@latest", out)
+    assert not [n for _, _, fs in os.walk(out) for n in fs if n.startswith(".pit-")]
+    assert len(os.listdir("/proc/self/fd")) == fds
