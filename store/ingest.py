@@ -39,7 +39,7 @@ from .retention import apply_retention
 from .segments import SEGMENT_BYTES, Segment, read_segment, worker_init, worker_run
 from .snapshots import Snapshot, printable, add_snapshot, check_set_name, list_snapshots, unique_name
 from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, subtree_totals, tree_children
-from .workers import default_workers, process_pool
+from .workers import default_workers, process_pool, stop_pool
 
 TASK_BYTES = 4 * 1024 * 1024  # one worker task: small files up to this much, or one segment
 TASK_FILES = 256
@@ -188,7 +188,7 @@ class Ingester:
             except OSError as exc:  # the processes start here (EAGAIN, ENOMEM): go on in this one
                 if self.running:
                     raise StoreError(f"cannot start more worker processes: {exc}") from exc
-                self.pool.shutdown(wait=True, cancel_futures=True)
+                stop_pool(self.pool, kill=True)
                 self.pool, self.pool_failed = None, True
                 self.warnings.append(f"cannot start worker processes: {exc}; reading every file in this process")
         self.read_here += sum(min(s.size_hint, SEGMENT_BYTES) for s in segs)
@@ -410,6 +410,7 @@ class Ingester:
             reader: ObjectReader) -> bytes:
         """Build the new root tree. `changes` maps each source basename to RESCAN or a trie."""
         root = DirNode(reader.tree_dict(parent_root) if changes is not None else {}, None, None)
+        failed = True
         try:
             for src in sources:
                 name = os.path.basename(src)
@@ -423,9 +424,10 @@ class Ingester:
             self._drain_all()
             if root.pending == 0 and self.root_tree is None:
                 self._finish_dir(root)
+            failed = False
         finally:
             if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
+                stop_pool(self.pool, kill=failed)
             self.prefetch.shutdown(wait=False, cancel_futures=True)
         if self.root_tree is None:  # pragma: no cover - would be a bookkeeping bug
             raise StoreError("internal error: the snapshot root was not completed")

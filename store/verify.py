@@ -28,7 +28,7 @@ from .index import BLOB, SEQ_AT, SEQ_LE, U64, BlobEntry, PackEntry, ref_of, unpa
 from .snapmeta import get_meta, update_meta
 from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree, tree_children
-from .workers import default_workers, process_pool
+from .workers import default_workers, process_pool, stop_pool
 
 T64 = struct.Struct(">Q")
 
@@ -350,13 +350,13 @@ class _DeepCheck:
             report.notes.append(f"{exc}; checking in this process")
             return
         try:
-            self.results = self.pool.map(_worker_check, self.jobs, chunksize=4)
+            self.results = self.pool.map(_worker_check, self.jobs)
         except (OSError, BrokenProcessPool) as exc:  # the processes start here (EAGAIN, ENOMEM)
-            self.close()
+            self.close(failed=True)
             self.results = (check_span(repo.backend, j) for j in self.jobs)
             report.notes.append(f"cannot start worker processes: {exc}; checking in this process")
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
     def finish(self) -> list[bytes]:
@@ -378,9 +378,9 @@ class _DeepCheck:
             raise StoreError(f"a verify worker died: {exc}") from exc
         return good
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+            stop_pool(self.pool, kill=failed)
             self.pool = None
 
 
@@ -563,13 +563,15 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
         deep = None
         if depth != "structural":
             deep = _DeepCheck(repo, txn, w, report, percent if depth == "sample" else 100.0, seed, recheck_after)
+        failed = True
         try:
             if whole:
                 _check_index(repo, txn, w, report)
             good = deep.finish() if deep is not None else []
+            failed = False
         finally:
             if deep is not None:
-                deep.close()
+                deep.close(failed)
         locate_damage(repo, txn, w.bad, all_snaps)
         report.damage = list(w.bad.values())
     report.seconds = round(time.monotonic() - t0, 3)

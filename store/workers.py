@@ -58,3 +58,17 @@ def process_pool(workers: int, initializer: Callable[..., None] | None = None, i
                                    initializer=_start, initargs=(os.getpid(), initializer, initargs))
     except (OSError, ImportError, NotImplementedError) as exc:  # no /dev/shm, no sem_open
         raise StoreError(f"cannot start worker processes: {exc}") from exc
+
+
+def stop_pool(pool: ProcessPoolExecutor, kill: bool) -> None:
+    """Shut a pool down; with `kill` (after an error, a worker gone) SIGKILL its
+    processes first. The pool's own clean-up only sends SIGTERM and then waits
+    for each process, and a process caught in the middle of starting was seen
+    to outlive that, leaving the wait (and the caller) hanging."""
+    if kill:
+        for p in list((getattr(pool, "_processes", None) or {}).values()):
+            try:
+                p.kill()
+            except (OSError, ValueError, AttributeError):
+                pass
+    pool.shutdown(wait=True, cancel_futures=True)

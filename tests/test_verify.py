@@ -258,3 +258,48 @@ def test_no_worker_processes_still_verifies(repo, monkeypatch):
         rep = V.verify(r, depth="deep", record=False)
     assert rep.clean and rep.chunks_read == rep.chunks > 0
     assert any("checking in this process" in n for n in rep.notes)
+
+
+def test_a_killed_verify_worker_is_a_one_line_error(tmp_path, monkeypatch):
+    """A deep-check worker that dies (OOM killer) makes verify report that it
+    could not run, promptly, rather than hang or report damage."""
+    import signal
+    import threading
+    import time
+
+    from store import verify as V
+    from store.errors import StoreError
+
+    rng = random.Random(8)
+    repo = init_repo(str(tmp_path / "repo"))
+    src = str(tmp_path / "src")
+    make_tree(src, rng, nfiles=60, size_range=(200_000, 400_000))
+    snap(repo, "a", [src])
+    monkeypatch.setattr(V, "PARALLEL_MIN", 0)
+    killed = []
+
+    def kill_a_worker():
+        for _ in range(6000):
+            for k in _descendants(os.getpid()):
+                try:
+                    with open(f"/proc/{k}/cmdline", "rb") as f:
+                        if b"spawn_main" not in f.read():
+                            continue
+                except OSError:
+                    continue
+                os.kill(k, signal.SIGKILL)
+                killed.append(k)
+                return
+            time.sleep(0.002)
+
+    t = threading.Thread(target=kill_a_worker)
+    t.start()
+    with opened(repo) as r:
+        try:
+            rep = V.verify(r, depth="deep", record=False)
+        except StoreError as exc:  # killed while checking
+            assert "verify worker died" in str(exc)
+        else:  # killed while starting: checked in this process instead
+            assert rep.clean and any("checking in this process" in n for n in rep.notes), rep.notes
+    t.join()
+    assert killed
