@@ -110,4 +110,3 @@ def worker_run(segs: list[Segment]) -> list[SegmentResult]:
         get = txn.get
         known = lambda h: get(h) is not None  # noqa: E731
         return [read_segment(s, _state["params"], _state["cctx"], known, _state["limit"]) for s in segs]
-

@@ -1,4 +1,5 @@
-"""Worker processes for CPU-bound work (decompressing and hashing chunks).
+"""Worker processes for CPU-bound work: a snapshot's reading, chunking,
+hashing and compressing, a deep verify's decompressing and hashing.
 
 Threads cannot share that work well in CPython: each chunk is a few C calls
 that release and retake the GIL, and with small chunks the hand-overs cost
