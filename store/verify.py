@@ -221,7 +221,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                 packs[U64.unpack(k)[0]] = PackEntry.decode(v)
             except (IntegrityError, struct.error):
                 report.problems.append(f"the index record of pack key {k.hex()} is corrupt (run `pit repair`)")
-    footers: dict[int, dict[bytes, int | set[int]] | None] = {}
+    footers: dict[int, dict[bytes, set[int]] | None] = {}
     sizes: dict[int, int | None] = {}
     for num in packs:
         name = P.pack_name(num)
@@ -247,11 +247,9 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             else:
                 # An id may have several frames in one pack (a blob dropped, then stored again
                 # before the pack sealed); the index may point at any of them.
-                where: dict[bytes, int | set[int]] = {}  # a set only for the rare id with several
+                where: dict[bytes, set[int]] = {}
                 for _k, _fl, off, _s, _r, fid in frames:
-                    first = where.setdefault(fid, off)
-                    if first != off:
-                        where[fid] = (first if isinstance(first, set) else {first}) | {off}
+                    where.setdefault(fid, set()).add(off)
                 footers[num] = where
     on_disk = {P.pack_number(n) for n in repo.backend.list()}
     doomed_raw = txn.get(b"doomed", db=repo.index.db["meta"])
@@ -277,8 +275,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             nparents += e.kind in (P.TREE, P.FILELIST)
             _check_count(txn, db, w, report, k, e)
             foot = footers.get(e.pack)
-            at = foot.get(k) if foot is not None else None
-            if foot is not None and at != e.offset and not (isinstance(at, set) and e.offset in at):
+            if foot is not None and e.offset not in foot.get(k, ()):
                 report.problems.append(f"blob {k.hex()[:16]}: pack {P.pack_name(e.pack)}'s footer does not list it "
                                        f"at offset {e.offset}")
             size = sizes.get(e.pack, -1)

@@ -222,10 +222,8 @@ def test_a_worker_killed_mid_snapshot_fails_it_cleanly(tmp_path, in_workers):
     """A worker process that dies (OOM killer, SIGKILL) fails the snapshot with
     a one-line error; nothing is committed, earlier snapshots are intact and
     the next snapshot succeeds."""
-    import threading
-
     from store.errors import StoreError
-    from test_verify import _descendants
+    from test_verify import kill_a_worker_soon
 
     src = tmp_path / "src"
     make_tree(src, {"first.txt": b"first\n"})
@@ -234,26 +232,7 @@ def test_a_worker_killed_mid_snapshot_fails_it_cleanly(tmp_path, in_workers):
     make_tree(src, {f"big{i}.bin": rand_bytes(16_000_000, f"b{i}") for i in range(4)})
     in_workers()
 
-    killed = []
-
-    def is_worker(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return b"spawn_main" in f.read()
-        except OSError:
-            return False
-
-    def kill_a_worker():
-        for _ in range(6000):
-            kids = [k for k in _descendants(os.getpid()) if is_worker(k)]
-            if kids:
-                os.kill(kids[0], signal.SIGKILL)
-                killed.append(kids[0])
-                return
-            time.sleep(0.005)
-
-    t = threading.Thread(target=kill_a_worker)
-    t.start()
+    t, killed = kill_a_worker_soon()
     with pytest.raises(StoreError, match="worker process died"):
         snapshot(repo, "s", src)
     t.join()

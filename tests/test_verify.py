@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 
 import pytest
 
@@ -214,6 +215,35 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def kill_a_worker_soon() -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs the first worker process (spawned by
+    store.workers) of this process as soon as one appears; the list gets its pid."""
+    import signal
+    import time
+
+    killed: list[int] = []
+
+    def is_worker(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"spawn_main" in f.read()
+        except OSError:
+            return False
+
+    def run() -> None:
+        for _ in range(6000):
+            kids = [k for k in _descendants(os.getpid()) if is_worker(k)]
+            if kids:
+                os.kill(kids[0], signal.SIGKILL)
+                killed.append(kids[0])
+                return
+            time.sleep(0.002)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, killed
+
+
 def test_sigkilled_verify_leaves_no_worker_processes(repo):
     """The deep check's worker processes die with the verify that started them."""
     import signal
@@ -263,10 +293,6 @@ def test_no_worker_processes_still_verifies(repo, monkeypatch):
 def test_a_killed_verify_worker_is_a_one_line_error(tmp_path, monkeypatch):
     """A deep-check worker that dies (OOM killer) makes verify report that it
     could not run, promptly, rather than hang or report damage."""
-    import signal
-    import threading
-    import time
-
     from store import verify as V
     from store.errors import StoreError
 
@@ -276,24 +302,7 @@ def test_a_killed_verify_worker_is_a_one_line_error(tmp_path, monkeypatch):
     make_tree(src, rng, nfiles=60, size_range=(200_000, 400_000))
     snap(repo, "a", [src])
     monkeypatch.setattr(V, "PARALLEL_MIN", 0)
-    killed = []
-
-    def kill_a_worker():
-        for _ in range(6000):
-            for k in _descendants(os.getpid()):
-                try:
-                    with open(f"/proc/{k}/cmdline", "rb") as f:
-                        if b"spawn_main" not in f.read():
-                            continue
-                except OSError:
-                    continue
-                os.kill(k, signal.SIGKILL)
-                killed.append(k)
-                return
-            time.sleep(0.002)
-
-    t = threading.Thread(target=kill_a_worker)
-    t.start()
+    t, killed = kill_a_worker_soon()
     with opened(repo) as r:
         try:
             rep = V.verify(r, depth="deep", record=False)
