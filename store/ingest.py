@@ -280,7 +280,9 @@ class Ingester:
             self._finish_dir(node)
 
     def _finish_dir(self, node: DirNode) -> None:
-        entries = list(node.entries.values())
+        # Sorted as the tree is encoded: the children record in the index must
+        # list them in the order a reader of the tree finds them.
+        entries = sorted(node.entries.values(), key=lambda e: e.name)
         totals = subtree_totals(entries)
         node.totals = (totals["f"], totals["d"], totals["b"])
         payload = encode_tree(entries)
