@@ -108,17 +108,44 @@ class ChunkList:
 
 
 class FileReader:
-    """Random-access reads over a chunk list; only the chunks touched are read."""
+    """Random-access reads over a chunk list; only the chunks touched are read.
 
-    def __init__(self, chunks: ChunkList, read_chunk: Callable[[bytes], bytes]) -> None:
+    A sparse file's chunk list holds only its data extents, back to back;
+    `extents` maps them to their places in the file and everything else
+    reads as zeros, so a 1 GiB file with 1 MiB of data costs 1 MiB to read."""
+
+    def __init__(self, chunks: ChunkList, read_chunk: Callable[[bytes], bytes],
+                 extents: list[tuple[int, int]] | None = None, size: int | None = None) -> None:
         self.chunks = chunks
         self.read_chunk = read_chunk
-        self.size = chunks.size
+        self.extents = extents
+        self.size = chunks.size if size is None else size
+        if extents is not None:
+            # extent i starts at file offset ext_off[i] and data offset ext_data[i]
+            self.ext_off = [o for o, _ in extents]
+            self.ext_data = [0, *itertools.accumulate(n for _, n in extents)]
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:
             return b""
         end = min(self.size, offset + length)
+        if self.extents is None:
+            return self._read_data(offset, end)
+        out = bytearray(end - offset)  # holes are zeros
+        i = max(0, bisect.bisect_right(self.ext_off, offset) - 1)
+        while i < len(self.extents):
+            off, n = self.extents[i]
+            if off >= end:
+                break
+            lo, hi = max(off, offset), min(off + n, end)
+            if lo < hi:
+                d = self.ext_data[i] + lo - off
+                out[lo - offset:hi - offset] = self._read_data(d, d + hi - lo)
+            i += 1
+        return bytes(out)
+
+    def _read_data(self, offset: int, end: int) -> bytes:
+        """Bytes [offset, end) of the chunk list's data."""
         starts = self.chunks.starts
         i = bisect.bisect_right(starts, offset) - 1
         parts = []
@@ -135,6 +162,7 @@ class FileReader:
         return b"".join(parts)
 
     def iter_chunks(self) -> Iterator[bytes]:
+        """The data chunks in order (a sparse file's holes are not in them)."""
         for cid, n in zip(self.chunks.ids, self.chunks.lengths):
             data = self.read_chunk(cid)
             if len(data) != n:
@@ -142,3 +170,12 @@ class FileReader:
             yield data
 
 
+def data_places(extents: list[tuple[int, int]] | None, size: int) -> Iterator[tuple[int, int]]:
+    """(file offset, length) of each run of stored data, in order: the whole
+    file for a dense one. A writer walks the chunks against these to put each
+    byte at its place and leave the holes unwritten."""
+    if extents is None:
+        if size:
+            yield 0, size
+        return
+    yield from extents

@@ -41,7 +41,7 @@ class ObjectReader:
         if entry.nchunks == 0:
             return ChunkList([], [])
         if entry.nchunks == 1:
-            return ChunkList([entry.content], [entry.size])
+            return ChunkList([entry.content], [entry.data_size])
         key = (P.FILELIST, entry.content)
         cached = self.repo.object_cache.get(key)
         if cached is None:
@@ -58,12 +58,12 @@ class ObjectReader:
                 ids, lens = all_ids, all_lens
             cached = ChunkList(ids, lens)
             self.repo.object_cache.put(key, cached)
-        if len(cached.ids) != entry.nchunks or cached.size != entry.size:
+        if len(cached.ids) != entry.nchunks or cached.size != entry.data_size:
             raise IntegrityError(f"chunk list of {entry.name!r} does not match its tree entry")
         return cached
 
     def open_file(self, entry: Entry) -> FileReader:
-        return FileReader(self.chunk_list(entry), self.blob)
+        return FileReader(self.chunk_list(entry), self.blob, entry.extents, entry.size)
 
     def lookup(self, root: bytes, path: str | bytes) -> Entry:
         """The entry at `path` (relative, '/'-separated) below tree `root`.

@@ -20,6 +20,15 @@ SYMLINK = 3
 TYPE_NAMES = {FILE: "file", DIR: "dir", SYMLINK: "symlink"}
 TREE_VERSION = 1
 
+# Keys of an entry's `extra` map (docs/format.md 6.1). Each is absent when it
+# would be empty, so a tree of plain files encodes as it always did.
+X_FILES, X_DIRS, X_BYTES = "f", "d", "b"  # a directory's subtree totals
+X_ATTRS = "x"   # extended attributes: [[name, value], ...], bin, sorted by name
+X_DATA = "s"    # a sparse file's data extents: [[offset, length], ...], increasing;
+                # its chunk list holds their bytes back to back, the rest reads as zeros
+X_INODE = "i"   # a file with hard links: [st_dev, st_ino]; equal values in one
+                # snapshot are one inode, restored as links to one file
+
 
 @dataclass
 class Entry:
@@ -58,6 +67,27 @@ class Entry:
                 self.size, self.content, self.nchunks, self.extra or None]
 
     @property
+    def xattrs(self) -> list[tuple[bytes, bytes]]:
+        return [(bytes(k), bytes(v)) for k, v in self.extra.get(X_ATTRS) or ()]
+
+    @property
+    def extents(self) -> list[tuple[int, int]] | None:
+        """The data extents of a sparse file, or None for a dense one."""
+        ext = self.extra.get(X_DATA)
+        return [(int(o), int(n)) for o, n in ext] if ext is not None else None
+
+    @property
+    def data_size(self) -> int:
+        """Bytes the chunk list holds: the size, less a sparse file's holes."""
+        ext = self.extents
+        return self.size if ext is None else sum(n for _, n in ext)
+
+    @property
+    def inode_key(self) -> tuple[int, int] | None:
+        key = self.extra.get(X_INODE)
+        return (int(key[0]), int(key[1])) if key else None
+
+    @property
     def st_mode(self) -> int:
         kind = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}[self.type]
         return kind | (self.mode & 0o7777)
@@ -89,10 +119,26 @@ def decode_tree(data: bytes) -> list[Entry]:
             if not isinstance(name, bytes) or typ not in TYPE_NAMES:
                 raise IntegrityError("malformed tree entry")
             check_name(name)
+            if extra is not None and not isinstance(extra, dict):
+                raise IntegrityError("malformed tree entry")
+            if extra and X_DATA in extra:
+                check_extents(extra[X_DATA], size)
             out.append(Entry(name, typ, mode, uid, gid, mtime, size, content, n, extra or {}))
         return out
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise IntegrityError(f"malformed tree: {exc}") from None
+
+
+def check_extents(extents, size: int) -> None:
+    """Data extents must be increasing, non-overlapping and inside the file."""
+    end = 0
+    try:
+        for off, n in extents:
+            if not (isinstance(off, int) and isinstance(n, int)) or off < end or n <= 0 or off + n > size:
+                raise IntegrityError("malformed sparse-file extents in tree")
+            end = off + n
+    except (TypeError, ValueError):
+        raise IntegrityError("malformed sparse-file extents in tree") from None
 
 
 def tree_children(entries: list[Entry]) -> list[bytes]:
