@@ -266,9 +266,14 @@ def ls(ctx, spec, recursive, as_json):
 @click.argument("spec", metavar="SNAP:PATH")
 @click.pass_context
 def cat(ctx, spec):
-    """Write one file of a snapshot to standard output."""
-    from .errors import PathNotFound
-    from .objects import ObjectReader, iter_file_chunks
+    """Write one file of a snapshot to standard output.
+
+    Before the first byte, every chunk of the file is looked up in the index
+    (no reads): a file with a missing chunk writes nothing. A chunk found
+    corrupt while reading is an error naming its offset in the file."""
+    from .errors import IntegrityError, PathNotFound
+    from .objects import ObjectReader
+    from .restore import check_file_present, file_pieces
     from .snapshots import resolve
 
     repo = _open(ctx, readonly=True)
@@ -279,9 +284,26 @@ def cat(ctx, spec):
         e = r.lookup(snap.root, path)
         if e.type != 1:
             raise PathNotFound(f"{path or '/'} is not a file")
+        name = path.strip("/")
+        try:
+            cl = r.chunk_list(e)
+        except IntegrityError as exc:
+            raise type(exc)(f"{name}: its chunk list cannot be read: {exc} (nothing written)") from None
+        check_file_present(r, e, cl, name)
         out = sys.stdout.buffer
-        for data in iter_file_chunks(r, e):
-            out.write(data)
+        pos = 0
+        zeros = bytes(1 << 20)
+        try:
+            for off, data in file_pieces(r, e, cl):
+                while pos < off:  # a sparse file's hole
+                    pos += out.write(zeros[:min(len(zeros), off - pos)])
+                out.write(data)
+                pos = off + len(data)
+        except IntegrityError as exc:
+            out.flush()
+            raise type(exc)(f"{name}: {exc} ({pos} bytes written)") from None
+        while pos < e.size:
+            pos += out.write(zeros[:min(len(zeros), e.size - pos)])
         out.flush()
 
 
@@ -318,12 +340,21 @@ def diff(ctx, old, new, as_json):
 @main.command()
 @click.argument("spec", metavar="SNAP[:PATH]")
 @click.option("--target", "-t", required=True, type=click.Path(file_okay=False), help="Directory to restore into.")
+@click.option("--fail-fast", is_flag=True,
+              help="Stop at the first file that cannot be restored because of damage (default: restore every "
+                   "other file, then name the damaged ones and exit 3).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def restore(ctx, spec, target, as_json):
-    """Restore a snapshot, or one file or directory of it, into TARGET."""
+def restore(ctx, spec, target, fail_fast, as_json):
+    """Restore a snapshot, or one file or directory of it, into TARGET.
+
+    A file whose data is damaged in the repository is not restored (nothing
+    of it is left in TARGET); every other file is. Each damaged file (or
+    subtree whose listing is unreadable) is named on stderr and the exit
+    code is 3."""
+    from .errors import DamageFound
     from .objects import ObjectReader
-    from .restore import Restorer
+    from .restore import Restorer, count_failures
     from .snapshots import resolve
 
     repo = _open(ctx, readonly=True)
@@ -342,16 +373,50 @@ def restore(ctx, spec, target, as_json):
                 last[0] = now
                 status.show(f"restored {st.files} files, {_mib(st.bytes)}")
 
-        st = Restorer(r, progress=progress).restore(e, target)
+        rs = Restorer(r, progress=progress, fail_fast=fail_fast)
+        try:
+            st = rs.restore(e, target, path=path)
+        except DamageFound as exc:
+            if getattr(exc, "failures", None) is None:
+                raise
+            st = exc.stats
+        except StoreError:
+            status.done()
+            _restore_failures(rs.failures)  # what was found before the error that stopped it
+            raise
     status.done()
     dt = time.monotonic() - t0
     if as_json:
         click.echo(json.dumps({"snapshot": snap.hex, "target": os.path.abspath(target), "files": st.files,
-                               "dirs": st.dirs, "symlinks": st.symlinks, "bytes": st.bytes,
-                               "seconds": round(dt, 3)}))
+                               "dirs": st.dirs, "symlinks": st.symlinks, "bytes": st.bytes, "links": st.links,
+                               "xattrs": st.xattrs, "xattrs_not_set": st.xattr_failed, "warnings": st.warnings,
+                               "failed": [f.to_json() for f in rs.failures], "seconds": round(dt, 3)}))
     else:
+        extra = f", {st.links} hard links" if st.links else ""
         click.echo(f"restored {snap.set}@{snap.name}{':' + path if path else ''} to {target}: "
-                   f"{st.files} files, {st.dirs} dirs, {st.symlinks} symlinks, {_mib(st.bytes)} in {dt:.2f} s")
+                   f"{st.files} files, {st.dirs} dirs, {st.symlinks} symlinks{extra}, {_mib(st.bytes)} in {dt:.2f} s"
+                   + (f"; {st.failed} not restored (damaged)" if st.failed else ""))
+        for w in st.warnings[:20]:
+            click.echo(f"pit: warning: {_one_line(w)}", err=True)
+        if st.xattr_failed > min(len(st.warnings), 20):
+            click.echo(f"pit: warning: {st.xattr_failed} extended attributes could not be set in all "
+                       f"(--json lists the first {len(st.warnings)} warnings)", err=True)
+    if rs.failures:
+        if not as_json:
+            _restore_failures(rs.failures)
+        _fail(f"{count_failures(rs.failures)} not restored: the repository's data for them is damaged "
+              f"(`pit verify --deep` names it); everything else was restored", DamageFound.exit_code)
+
+
+MAX_FAILED_LINES = 50  # `pit restore` names at most this many damaged files, then counts the rest
+
+
+def _restore_failures(failures) -> None:
+    for f in failures[:MAX_FAILED_LINES]:
+        click.echo(f"pit: error: not restored: {_one_line(f.line())}", err=True)
+    if len(failures) > MAX_FAILED_LINES:
+        click.echo(f"pit: error: ... and {len(failures) - MAX_FAILED_LINES} more not restored "
+                   f"(--json lists them all)", err=True)
 
 
 @main.command()

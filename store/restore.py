@@ -6,9 +6,28 @@ descriptors with O_NOFOLLOW: a symlink inside the target (restored, or
 planted there beforehand) is never followed, so a restore cannot write
 outside its target.
 
+Damage: a file whose chunk is missing or corrupt (or whose chunk list cannot
+be read), and a directory whose tree cannot be read, are *not restored* and
+collected in `Restorer.failures` with the reason; everything else is
+restored, and `restore` then raises a `DamageFound` (exit code 3) carrying
+the stats and the failures (`RestoreIncomplete`). A damaged file leaves
+nothing behind (its temporary file is removed), a damaged subtree is named
+once as a whole. With `fail_fast=True` the first damage error is raised as
+it is (the old behaviour). Errors that are not damage (disk full, a symlink
+or a file in the way in the target) stop the restore at once.
+
+Metadata: owner (as root), mode, mtime, extended attributes (every
+namespace the snapshot holds; one that cannot be set, e.g. `security.*`
+without privilege or a file system without xattrs, is a warning counted in
+the stats), holes of sparse files (each data extent is written at its
+offset and the file is truncated to its size, so the holes stay
+unallocated), and hard links (names of one inode in the snapshot become
+links to the first one restored).
+
 With `sync=True` the target is made equal to the tree, touching only what
 differs: a file whose size and mtime already match is left alone (rsync's
-quick check), and names the tree does not have are removed. That is how a
+quick check; its owner, mode and extended attributes are still brought in
+line), and names the tree does not have are removed. That is how a
 promoted secondary turns its live paths into the chosen image without
 rewriting the data it already has.
 """
@@ -19,14 +38,47 @@ import os
 import secrets
 import shutil
 import stat
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
-from .errors import DiskFull, StoreError, UnsafePath
-from .objects import ObjectReader, iter_file_chunks
+from . import packs as P
+from .errors import BlobMissing, DamageFound, DiskFull, IntegrityError, StoreError, UnsafePath
+from .files import ChunkList, data_places
+from .objects import ObjectReader
 from .trees import DIR, FILE, SYMLINK, Entry
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+MAX_WARNINGS = 100
+# I/O errors reading the repository that mean its medium is damaged (EIO, and
+# a checksumming file system's EBADMSG/EUCLEAN), not that the restore cannot go on
+READ_DAMAGE_ERRNOS = {errno.EIO, errno.EBADMSG, getattr(errno, "EUCLEAN", errno.EIO)}
+# Extended-attribute namespaces a sync restore removes from a directory when
+# the snapshot does not have them (never security.*: a label the target's
+# own policy gives is not ours to take away)
+SYNC_XATTR_PREFIXES = (b"user.", b"trusted.", b"system.posix_acl_")
+
+MISSING_CHUNK = "missing chunk"
+CORRUPT_CHUNK = "corrupt chunk"
+MISSING_LIST = "missing chunk list"
+CORRUPT_LIST = "corrupt chunk list"
+BAD_TREE = "unreadable tree"
+
+
+@dataclass
+class Failure:
+    """One file (or, for an unreadable tree, a whole subtree) not restored."""
+
+    path: str     # its path in the snapshot ('/'-separated)
+    type: str     # 'file' or 'dir'
+    reason: str   # MISSING_CHUNK, CORRUPT_CHUNK, MISSING_LIST, CORRUPT_LIST or BAD_TREE
+    detail: str   # the error, one line
+
+    def line(self) -> str:
+        what = f"{self.path}/ (the whole directory)" if self.type == "dir" else self.path
+        return f"{what}: {self.reason}: {self.detail}"
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "type": self.type, "reason": self.reason, "detail": self.detail}
 
 
 @dataclass
@@ -37,30 +89,174 @@ class RestoreStats:
     bytes: int = 0
     unchanged: int = 0  # sync: files already equal (size and mtime), not rewritten
     removed: int = 0    # sync: names the tree does not have, removed
+    links: int = 0      # names restored as hard links to a file restored before them
+    xattrs: int = 0     # extended attributes set
+    xattr_failed: int = 0  # extended attributes that could not be set (warnings)
+    failed: int = 0     # files and subtrees not restored because of damage
+    warnings: list[str] = field(default_factory=list)  # the first MAX_WARNINGS
+
+
+def RestoreIncomplete(stats: RestoreStats, failures: list["Failure"]) -> DamageFound:
+    """What `Restorer.restore` raises when some files could not be restored
+    because of damage (after restoring everything else): a DamageFound (exit
+    code 3) carrying `.stats` and `.failures`. Not a class of its own: every
+    StoreError class has an exit code of its own, and this is damage."""
+    first = failures[0].line() if failures else ""
+    exc = DamageFound(f"{count_failures(failures)} could not be restored (damaged data in the repository), "
+                      f"first: {first}")
+    exc.stats = stats
+    exc.failures = failures
+    return exc
+
+
+def damage_reason(exc: Exception, chunk: bool = True) -> str:
+    missing = isinstance(exc, BlobMissing)
+    if chunk:
+        return MISSING_CHUNK if missing else CORRUPT_CHUNK
+    return MISSING_LIST if missing else CORRUPT_LIST
+
+
+def count_failures(failures: list["Failure"]) -> str:
+    """'3 files', '1 directory', '2 files and 1 directory'."""
+    nf = sum(1 for f in failures if f.type != "dir")
+    nd = len(failures) - nf
+    parts = ([f"{nf} file{'s' if nf != 1 else ''}"] if nf else []) + \
+        ([f"{nd} director{'ies' if nd != 1 else 'y'}"] if nd else [])
+    return " and ".join(parts) or "nothing"
+
+
+def _text(path: bytes) -> str:
+    return path.decode("utf-8", "surrogateescape")
+
+
+def read_chunk(reader: ObjectReader, cid: bytes, length: int) -> bytes:
+    """One chunk, checked, without filling the shared chunk cache (a restore
+    reads each chunk once; caching it would only evict useful ones). An I/O
+    error of the repository's medium is reported as damage."""
+    repo, txn = reader.repo, reader.txn
+    e = repo.blob_entry(txn, cid)
+    if e is None:
+        raise BlobMissing("not in the index")
+    try:
+        data = repo.read_entry(cid, e)
+    except OSError as exc:
+        if exc.errno in READ_DAMAGE_ERRNOS:
+            raise IntegrityError(f"pack {P.pack_name(e.pack)} offset {e.offset}: {exc.strerror}") from None
+        raise
+    if len(data) != length:
+        raise IntegrityError("its length differs from the file's chunk list")
+    return data
+
+
+def file_offset(entry: Entry, data_offset: int) -> int:
+    """Where byte `data_offset` of a file's chunk data lies in the file."""
+    ext = entry.extents
+    if ext is None:
+        return data_offset
+    for off, n in ext:
+        if data_offset < n:
+            return off + data_offset
+        data_offset -= n
+    return entry.size
+
+
+def file_pieces(reader: ObjectReader, entry: Entry, cl: ChunkList | None = None) -> Iterator[tuple[int, memoryview]]:
+    """(file offset, bytes) of a file's stored data, in order: each chunk
+    placed at its offset (a sparse file's holes lie between the pieces). A
+    damaged chunk raises its error (IntegrityError, BlobMissing) naming the
+    chunk and the file offset it was for."""
+    cl = reader.chunk_list(entry) if cl is None else cl
+    places = data_places(entry.extents, entry.size)
+    off = left = 0
+    for cid, n in zip(cl.ids, cl.lengths):
+        if not left:
+            off, left = next(places)
+        try:
+            data = read_chunk(reader, cid, n)
+        except IntegrityError as exc:  # BlobMissing included
+            raise type(exc)(f"chunk {cid.hex()[:16]} at offset {off}: {exc}") from None
+        view = memoryview(data)
+        while view:
+            if not left:
+                off, left = next(places)
+            k = min(left, len(view))
+            yield off, view[:k]
+            off, left, view = off + k, left - k, view[k:]
+
+
+def check_file_present(reader: ObjectReader, entry: Entry, cl: ChunkList, name: str) -> None:
+    """Index lookups only, no reads: every chunk of the file is in the index,
+    and every pack holding one is there and long enough. Raises BlobMissing
+    naming the first chunk that is not (with its offset in the file)."""
+    repo, txn = reader.repo, reader.txn
+    ends: dict[int, int] = {}
+    for i, cid in enumerate(cl.ids):
+        e = repo.blob_entry(txn, cid)
+        if e is None:
+            raise BlobMissing(f"{name}: chunk {cid.hex()[:16]} at offset {file_offset(entry, cl.starts[i])} "
+                              f"is not in the index (nothing written)")
+        ends[e.pack] = max(ends.get(e.pack, 0), e.offset + P.FRAME_HEADER.size + e.stored_len)
+    for num, end in sorted(ends.items()):
+        pack = P.pack_name(num)
+        try:
+            size = repo.backend.size(pack)
+        except BlobMissing as exc:
+            raise BlobMissing(f"{name}: {exc} (nothing written)") from None
+        if size < end:
+            raise BlobMissing(f"{name}: pack {pack} is truncated ({size} bytes, a chunk of the file ends at "
+                              f"{end}) (nothing written)")
+
+
+@dataclass
+class _LinkSource:
+    parts: tuple[bytes, ...]  # its path below the target
+    ino: int
+    sig: tuple
+
+
+def _link_sig(e: Entry) -> tuple:
+    return (e.content, e.nchunks, e.size, e.extra.get("s"))
 
 
 class Restorer:
     def __init__(self, reader: ObjectReader, owners: bool | None = None,
-                 progress: Callable[[RestoreStats], None] | None = None, sync: bool = False) -> None:
+                 progress: Callable[[RestoreStats], None] | None = None, sync: bool = False,
+                 fail_fast: bool = False) -> None:
         self.reader = reader
         self.sync = sync
+        self.fail_fast = fail_fast
         self.owners = os.geteuid() == 0 if owners is None else owners
         self.stats = RestoreStats()
         self.progress = progress
+        self.failures: list[Failure] = []
+        self._links: dict[tuple[int, int], _LinkSource] = {}
+        self._prefix = b""
+        self._tfd = -1
 
-    def restore(self, entry: Entry, target: str) -> RestoreStats:
+    def restore(self, entry: Entry, target: str, path: str | bytes | None = None) -> RestoreStats:
         """Restore `entry` into `target`: a directory's contents go into target
-        itself when the entry is the snapshot root (name ''), else into target/name."""
+        itself when the entry is the snapshot root (name ''), else into target/name.
+
+        `path`, the entry's path in the snapshot, only names what could not be
+        restored (default: names relative to the target). Raises
+        RestoreIncomplete after restoring everything else when some files
+        could not be restored because of damage."""
+        p = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else (path or b"")
+        p = p.strip(b"/")
+        self._prefix = p if entry.name == b"" else p.rpartition(b"/")[0]
         try:
             os.makedirs(target, exist_ok=True)
             tfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise StoreError(f"cannot use restore target {target}: {exc.strerror}") from None
+        self._tfd = tfd
         try:
             if entry.name == b"":
-                self._fill_dir(tfd, entry.content)
+                entries = self._tree(entry.content, ())
+                if entries is not None:
+                    self._fill_dir(tfd, entries, ())
             else:
-                self._entry(tfd, entry)
+                self._entry(tfd, entry, (entry.name,))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull("no space left on device during restore") from None
@@ -68,13 +264,38 @@ class Restorer:
                 raise UnsafePath(f"restore refused to follow a symlink in the target: {exc.filename}") from None
             raise StoreError(f"restore failed: {exc}") from None
         finally:
+            self._tfd = -1
             os.close(tfd)
+        if self.failures:
+            raise RestoreIncomplete(self.stats, self.failures)  # a DamageFound
         return self.stats
 
-    def _fill_dir(self, dfd: int, tree_id: bytes) -> None:
-        entries = self.reader.tree(tree_id)
+    # ------------------------------------------------------------- damage
+    def _name(self, parts: tuple[bytes, ...]) -> str:
+        return _text(b"/".join((self._prefix, *parts) if self._prefix else parts) or b"/")
+
+    def _damaged(self, parts: tuple[bytes, ...], typ: str, reason: str, exc: IntegrityError) -> None:
+        """Record a file or subtree not restored; with fail_fast, stop here."""
+        if self.fail_fast:
+            raise exc
+        self.failures.append(Failure(self._name(parts), typ, reason, str(exc)))
+        self.stats.failed += 1
+
+    def _warn(self, parts: tuple[bytes, ...], msg: str) -> None:
+        if len(self.stats.warnings) < MAX_WARNINGS:
+            self.stats.warnings.append(f"{self._name(parts)}: {msg}")
+
+    def _tree(self, tree_id: bytes, parts: tuple[bytes, ...]) -> list[Entry] | None:
+        try:
+            return self.reader.tree(tree_id)
+        except IntegrityError as exc:  # BlobMissing included
+            self._damaged(parts, "dir", BAD_TREE, exc)
+            return None
+
+    # -------------------------------------------------------------- walk
+    def _fill_dir(self, dfd: int, entries: list[Entry], parts: tuple[bytes, ...]) -> None:
         for e in entries:
-            self._entry(dfd, e)
+            self._entry(dfd, e, parts + (e.name,))
         if self.sync:
             keep = {e.name for e in entries}
             for name in os.listdir(dfd):
@@ -102,15 +323,18 @@ class Restorer:
         self._remove(dfd, name)
         return True
 
-    def _entry(self, dfd: int, e: Entry) -> None:
+    def _entry(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> None:
         if e.type == DIR:
-            self._dir(dfd, e)
+            self._dir(dfd, e, parts)
         elif e.type == FILE:
-            self._file(dfd, e)
+            self._file(dfd, e, parts)
         elif e.type == SYMLINK:
-            self._symlink(dfd, e)
+            self._symlink(dfd, e, parts)
 
-    def _dir(self, dfd: int, e: Entry) -> None:
+    def _dir(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> None:
+        entries = self._tree(e.content, parts)
+        if entries is None:
+            return  # named as a whole; nothing made for it (sync: what is there stays)
         if self.sync:
             self._in_the_way(dfd, e.name, want_dir=True)
         try:
@@ -122,75 +346,232 @@ class Restorer:
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 st = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
-                name = e.name.decode(errors="replace")
+                name = _text(e.name)
                 if stat.S_ISLNK(st.st_mode):
                     raise UnsafePath(f"restore refused to write through the symlink {name} in the target") from None
                 raise StoreError(f"cannot restore directory {name}: a file is in the way") from None
             raise
         try:
-            self._fill_dir(sub, e.content)
-            self._meta_fd(sub, e)  # after the children, or their creation bumps mtime
+            self._fill_dir(sub, entries, parts)
+            self._meta_fd(sub, e, parts, prune_xattrs=self.sync)  # after the children, or their creation bumps mtime
         finally:
             os.close(sub)
         self.stats.dirs += 1
 
-    def _file(self, dfd: int, e: Entry) -> None:
+    # ------------------------------------------------------------- files
+    def _file(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> None:
+        key = e.inode_key
+        src = self._links.get(key) if key is not None else None
+        if src is not None and src.sig != _link_sig(e):
+            src = None  # same inode key, other content: not one file (a snapshot made across devices?)
+        st = None
         if self.sync and not self._in_the_way(dfd, e.name, want_dir=False):
             try:
                 st = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 st = None
-            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
-                self.stats.unchanged += 1
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                st = None
+        if src is not None:
+            if st is not None and st.st_ino == src.ino:
+                self.stats.unchanged += 1  # sync: already that link
                 return
+            if self._link(dfd, e, src):
+                return
+        if st is not None and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+            if self._meta_in_place(dfd, e, parts):
+                self.stats.unchanged += 1
+                if key is not None and key not in self._links:
+                    self._links[key] = _LinkSource(parts, st.st_ino, _link_sig(e))
+                return
+        try:
+            cl = self.reader.chunk_list(e)
+        except IntegrityError as exc:
+            self._damaged(parts, "file", damage_reason(exc, chunk=False), exc)
+            return
         tmp = b".pit-" + secrets.token_hex(6).encode() + b".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
         try:
             try:
-                for data in iter_file_chunks(self.reader, e):
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    self.stats.bytes += len(data)
-                    if self.progress:
-                        self.progress(self.stats)
-                self._meta_fd(fd, e)
+                self._write(fd, e, cl)
+                self._meta_fd(fd, e, parts)
+                ino = os.fstat(fd).st_ino
             finally:
                 os.close(fd)
             self._replace(dfd, tmp, e.name)
+        except IntegrityError as exc:  # a damaged chunk: nothing of the file is left
+            self._unlink_quietly(dfd, tmp)
+            self._damaged(parts, "file", damage_reason(exc), exc)
+            return
         except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
+            self._unlink_quietly(dfd, tmp)
             raise
+        if key is not None and key not in self._links:
+            self._links[key] = _LinkSource(parts, ino, _link_sig(e))
         self.stats.files += 1
+
+    def _write(self, fd: int, e: Entry, cl: ChunkList) -> None:
+        """Each piece of data at its offset; a sparse file's holes are never
+        written, only the final size set, so they stay unallocated."""
+        for off, view in file_pieces(self.reader, e, cl):
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+                self.stats.bytes += n
+            if self.progress:
+                self.progress(self.stats)
+        if e.extents is not None:
+            os.ftruncate(fd, e.size)
+
+    @staticmethod
+    def _unlink_quietly(dfd: int, name: bytes) -> None:
+        try:
+            os.unlink(name, dir_fd=dfd)
+        except OSError:
+            pass
+
+    def _link(self, dfd: int, e: Entry, src: _LinkSource) -> bool:
+        """Make `e` a hard link to the file restored first for its inode;
+        False (restore it as a file of its own) when that cannot be done."""
+        pfd = self._open_parent(src.parts)
+        if pfd is None:
+            return False
+        tmp = b".pit-" + secrets.token_hex(6).encode() + b".lnk"
+        try:
+            try:
+                st = os.stat(src.parts[-1], dir_fd=pfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or st.st_ino != src.ino:
+                    return False  # not the file we restored any more
+                os.link(src.parts[-1], tmp, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise
+                return False  # EMLINK, EXDEV, a file system without links: a copy will do
+        finally:
+            os.close(pfd)
+        try:
+            self._replace(dfd, tmp, e.name)
+        except BaseException:
+            self._unlink_quietly(dfd, tmp)
+            raise
+        self.stats.links += 1
+        return True
+
+    def _open_parent(self, parts: tuple[bytes, ...]) -> int | None:
+        """The directory holding target/parts, opened component by component
+        with O_NOFOLLOW from the target (never through a symlink)."""
+        fd = os.dup(self._tfd)
+        try:
+            for name in parts[:-1]:
+                nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
 
     def _replace(self, dfd: int, tmp: bytes, name: bytes) -> None:
         try:
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except IsADirectoryError:
-            raise StoreError(f"cannot restore file {name.decode(errors='replace')}: a directory is in the way") from None
+            raise StoreError(f"cannot restore file {_text(name)}: a directory is in the way") from None
 
-    def _symlink(self, dfd: int, e: Entry) -> None:
+    def _symlink(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> None:
         if self.sync:
             self._in_the_way(dfd, e.name, want_dir=False)
         tmp = b".pit-" + secrets.token_hex(6).encode() + b".lnk"
         os.symlink(e.content, tmp, dir_fd=dfd)
-        if self.owners:
-            try:
-                os.chown(tmp, e.uid, e.gid, dir_fd=dfd, follow_symlinks=False)
-            except OSError:
-                pass
-        os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
-        self._replace(dfd, tmp, e.name)
+        try:
+            if self.owners:
+                try:
+                    os.chown(tmp, e.uid, e.gid, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    pass
+            if e.xattrs:
+                # the link's own attributes (never its target's): the path
+                # runs through our directory descriptor, the last part unfollowed
+                self._set_xattrs(b"/proc/self/fd/%d/%s" % (dfd, tmp), e, parts, follow=False)
+            os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            self._replace(dfd, tmp, e.name)
+        except BaseException:
+            self._unlink_quietly(dfd, tmp)
+            raise
         self.stats.symlinks += 1
 
-    def _meta_fd(self, fd: int, e: Entry) -> None:
+    # ---------------------------------------------------------- metadata
+    def _meta_fd(self, fd: int, e: Entry, parts: tuple[bytes, ...], prune_xattrs: bool = False) -> None:
+        # owner first (a chown clears file capabilities), then the extended
+        # attributes (ACLs included), then the mode (which keeps an ACL's
+        # mask in line with the group bits), then the times
         if self.owners:
             try:
                 os.fchown(fd, e.uid, e.gid)
             except OSError:
                 pass
+        if prune_xattrs:
+            self._prune_xattrs(fd, e, parts)
+        if e.xattrs:
+            self._set_xattrs(fd, e, parts)
         os.fchmod(fd, e.mode & 0o7777)
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+
+    def _meta_in_place(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> bool:
+        """sync: owner, mode and extended attributes of a file whose data is
+        already right (size and mtime match); False when it cannot be opened
+        as the regular file it was (then it is rewritten)."""
+        try:
+            fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dfd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
+                return False
+            if (self.owners and (st.st_uid, st.st_gid) != (e.uid, e.gid)) or \
+                    stat.S_IMODE(st.st_mode) != e.mode & 0o7777 or self._xattrs_differ(fd, e):
+                self._meta_fd(fd, e, parts, prune_xattrs=True)
+        finally:
+            os.close(fd)
+        return True
+
+    def _xattrs_differ(self, fd: int, e: Entry) -> bool:
+        try:
+            have = {os.fsencode(n) for n in os.listxattr(fd)}
+        except OSError:
+            return bool(e.xattrs)
+        want = dict(e.xattrs)
+        if {n for n in have if n.startswith(SYNC_XATTR_PREFIXES)} - set(want):
+            return True
+        for name, value in want.items():
+            try:
+                if os.getxattr(fd, name) != value:
+                    return True
+            except OSError:
+                return True
+        return False
+
+    def _set_xattrs(self, target, e: Entry, parts: tuple[bytes, ...], follow: bool = True) -> None:
+        for name, value in e.xattrs:
+            try:
+                os.setxattr(target, name, value, follow_symlinks=follow)
+                self.stats.xattrs += 1
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise
+                self.stats.xattr_failed += 1
+                self._warn(parts, f"extended attribute {_text(name)} not set: {exc.strerror}")
+
+    def _prune_xattrs(self, fd: int, e: Entry, parts: tuple[bytes, ...]) -> None:
+        """sync: remove the attributes (ours to manage) the snapshot does not have."""
+        try:
+            have = [os.fsencode(n) for n in os.listxattr(fd)]
+        except OSError:
+            return
+        want = {n for n, _ in e.xattrs}
+        for name in have:
+            if name not in want and name.startswith(SYNC_XATTR_PREFIXES):
+                try:
+                    os.removexattr(fd, name)
+                except OSError as exc:
+                    self._warn(parts, f"extended attribute {_text(name)} not removed: {exc.strerror}")

@@ -131,6 +131,9 @@ def test_flipped_chunk_byte_named_with_pack_offset_snapshot_path(env, base):
     for k in ("b1", "s1", "c1"):
         assert restore_digest(repo, snaps[k].hex) == digests[snaps[k].hex]
     p = pit(repo, "restore", s2.hex, "--target", os.path.join(os.path.dirname(repo), "out"),
+            expect=DAMAGE)  # the rest restored, the victim named (tests/test_restore_damage.py)
+    assert p.stderr.decode().startswith("pit: error:") and VICTIM in p.stderr.decode()
+    p = pit(repo, "restore", s2.hex, "--target", os.path.join(os.path.dirname(repo), "out2"), "--fail-fast",
             expect=IntegrityError.exit_code)
     assert p.stderr.decode().startswith("pit: error:")
     # the rest of the damaged snapshot is still readable
