@@ -16,7 +16,7 @@ from .errors import IntegrityError, InvalidArgument
 from .objects import ObjectReader, split_path
 from .repository import Writer, object_id, write_filelist
 from .snapshots import Snapshot, add_snapshot, check_set_name, list_snapshots, unique_name
-from .trees import DIR, FILE, Entry, encode_tree, subtree_totals, tree_children
+from .trees import DIR, FILE, X_BYTES, X_DIRS, X_FILES, Entry, encode_tree, subtree_totals, tree_children
 
 _LEAF = object()
 
@@ -32,11 +32,19 @@ class Change:
 
 
 def store_file_content(w: Writer, entry: Entry, chunks: list[tuple[bytes, int]]) -> None:
-    """Point a file entry at its chunks (storing the filelist blob when it has more than one)."""
+    """Point a file entry at its chunks (storing the filelist blob when it has more than one).
+
+    A dense file's size is the sum of its chunks; a sparse file (data
+    extents in `extra`) keeps its logical size, and its chunks must hold
+    exactly its extents' bytes."""
     for cid, _ in chunks:
         if not w.has(cid):
             raise IntegrityError(f"chunk {cid.hex()[:16]} of {entry.name!r} has not been received")
-    entry.size = sum(n for _, n in chunks)
+    total = sum(n for _, n in chunks)
+    if entry.extents is None:
+        entry.size = total
+    elif total != entry.data_size:
+        raise IntegrityError(f"the chunks of sparse file {entry.name!r} do not add up to its data extents")
     entry.nchunks = len(chunks)
     if not chunks:
         entry.content = None
@@ -101,8 +109,10 @@ def apply_to_tree(w: Writer, reader: ObjectReader, root: bytes | None, changes: 
                 meta = Entry(name, DIR, 0o755, 0, 0, now, 0)
             base = old.content if old is not None and old.type == DIR else None
             tid, kids = build(base, deeper or {})
+            # the directory's own facts (extended attributes, ...) with its new subtree totals
+            extra = {k: v for k, v in (meta.extra or {}).items() if k not in (X_FILES, X_DIRS, X_BYTES)}
             cur[name] = Entry(name, DIR, meta.mode, meta.uid, meta.gid, meta.mtime_ns, len(kids), tid, 0,
-                              subtree_totals(kids))
+                              {**extra, **subtree_totals(kids)})
         entries = list(cur.values())
         return _write_tree(w, entries), entries
 
