@@ -2,7 +2,9 @@
 
 Same layout as the WebDAV share (see `store.view`). Mounted `ro`, and every
 write operation answers EROFS. Reads go through the chunk offset table, so
-reading byte N of a big file reads one chunk.
+reading byte N of a big file reads one chunk; a sparse file's holes read as
+zeros and take no blocks. `getxattr`/`listxattr` show the extended
+attributes the snapshot recorded.
 
 Nodes are cached by path: those below a named snapshot folder never change
 (snapshots are immutable) and stay in a bounded LRU; those that can change
@@ -69,8 +71,13 @@ class ViewFS(fuse.Operations):
             mode, nlink, size = stat.S_IFLNK | 0o777, 1, n.size
         else:
             mode, nlink, size = stat.S_IFREG | ((n.mode & 0o555) or 0o444), 1, n.size
+        # A file's blocks are its data: a sparse file's holes take none (du
+        # shows what a restore will allocate). Names of one inode in the
+        # snapshot are separate files here (nlink 1): each has its own inode
+        # number, so claiming more links would only mislead tools that count them.
+        data = n.entry.data_size if (n.entry is not None and not n.is_dir and n.kind != "symlink") else size
         return {"st_mode": mode, "st_nlink": nlink, "st_size": size, "st_mtime": t, "st_ctime": t,
-                "st_atime": t, "st_uid": self.uid, "st_gid": self.gid, "st_blocks": (size + 511) // 512}
+                "st_atime": t, "st_uid": self.uid, "st_gid": self.gid, "st_blocks": (data + 511) // 512}
 
     # ------------------------------------------------------- operations
     def getattr(self, path, fh=None):
@@ -126,6 +133,24 @@ class ViewFS(fuse.Operations):
         with self._lock:
             self.files.pop(fh, None)
         return 0
+
+    # The extended attributes the snapshot recorded (user.*, security.*, ACLs
+    # as system.posix_acl_*: the kernel may keep the latter to itself on a
+    # FUSE mount), of files, directories and symlinks inside snapshots.
+    def _xattrs(self, path) -> dict[bytes, bytes]:
+        n = self._node(path)
+        if n.entry is None or n.kind not in ("snapdir", "file", "symlink"):
+            return {}
+        return dict(n.entry.xattrs)
+
+    def listxattr(self, path):
+        return [name.decode("utf-8", "surrogateescape") for name in self._xattrs(path)]
+
+    def getxattr(self, path, name, position=0):
+        value = self._xattrs(path).get(name.encode("utf-8", "surrogateescape"))
+        if value is None:
+            raise fuse.FuseOSError(errno.ENODATA)
+        return value
 
     def statfs(self, path):
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0,

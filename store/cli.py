@@ -313,7 +313,11 @@ def cat(ctx, spec):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def diff(ctx, old, new, as_json):
-    """Show what changed between two snapshots (+ added, - removed, M modified, m metadata, T type)."""
+    """Show what changed between two snapshots (+ added, - removed, M modified, m metadata, T type).
+
+    A metadata change names what changed: mode, owner, mtime, xattrs
+    (extended attributes and ACLs), hardlinks; --json lists them as
+    `metadata`."""
     from .diff import diff_trees
     from .objects import ObjectReader
     from .snapshots import resolve
@@ -331,6 +335,8 @@ def diff(ctx, old, new, as_json):
         if c.status == "M":
             delta = c.new.size - c.old.size
             extra = f"  ({c.old.size} -> {c.new.size} bytes, {delta:+d})"
+        elif c.status == "m":
+            extra = f"  ({', '.join(c.metadata)})"
         click.echo(f"{c.status} {c.path.decode(errors='replace')}{'/' if (c.new or c.old).type == 2 else ''}{extra}")
     counts = {s: sum(1 for c in changes if c.status == s) for s in "+-MmT"}
     click.echo(f"{counts['+']} added, {counts['-']} removed, {counts['M']} modified, "

@@ -8,32 +8,39 @@ snapshots between one event and the next. The *base* of a set is the state
 of every path present in its oldest indexed snapshot: those first events
 belong to no snapshot.
 
-Layout (2), three named LMDB databases beside the index's own:
+Layout (3), three named LMDB databases beside the index's own:
 
-- ``versions_v2``: ``set \\0 parent \\0 name \\0 time_ns(u64 BE) sid(32)`` ->
-  msgpack state (``nil`` = absent). A base entry has the suffix ``BASE`` (40
+- ``versions_v3``: ``set \\0 parent \\0 name \\0 time_ns(u64 BE) sid(32)`` ->
+  msgpack state (``nil`` = absent): ``[type, content, nchunks, size,
+  mtime_ns, mode]``, and for a sparse file a seventh element, its data
+  extents (docs/format.md 6.1 ``"s"``), without which its chunks could not
+  be put in place. A base entry has the suffix ``BASE`` (40
   zero bytes, before every snapshot's) and only present states. Keying by
   (parent, name) lets a directory's children be listed by one prefix scan
   with a skip per name, and the versions of one path by one prefix scan:
   O(entries shown), never a walk of every snapshot's tree (what makes
   restic/borg/kopia mounts slow).
-- ``versions_v2_bysnap``: ``sid + set \\0 parent \\0 name \\0`` -> ``b""``: the
+- ``versions_v3_bysnap``: ``sid + set \\0 parent \\0 name \\0`` -> ``b""``: the
   events of one snapshot other than the oldest (base entries have none), so
   dropping a snapshot costs O(what it, or for the oldest the next one,
   changed).
-- ``versions_v2_marks``: ``set \\0 time_ns sid`` -> ``b""``: which snapshots the
+- ``versions_v3_marks``: ``set \\0 time_ns sid`` -> ``b""``: which snapshots the
   index covers. A reader compares the marks with the catalogue; any
   difference (a snapshot dropped by a process that did not run our hook, an
   index rebuilt by `pit repair`) shows the index as stale instead of wrong,
   and the next snapshot commit rebuilds the set.
 
-Layout 1 (``versions``, ``versions_bysnap``, ``versions_marks``) keyed the
+Older layouts: layout 2 (``versions_v2*``) is layout 3 without the extents
+of sparse files (a version of one could not be read); layout 1
+(``versions``, ``versions_bysnap``, ``versions_marks``) also keyed the
 oldest snapshot's events like any other's, so dropping the oldest re-keyed
-one event per path: O(files). A writer that finds layout 1 and no layout 2
-converts it in its transaction (O(events), once) and empties the old
-databases; readers query layout 1 until then (the queries are the same).
-A pit of layout 1 that runs later sees empty layout-1 marks and rebuilds its
-own; this code then finds its marks differ from the catalogue and rebuilds.
+one event per path: O(files). Readers query the newest layout present
+(the queries are the same for all three). A writer that finds no layout 3
+rebuilds every set's index from its snapshots in its transaction (once;
+O(the oldest snapshot's paths + each later snapshot's changes) per set) and
+empties the old databases: a pit of an older layout that runs later sees
+its marks gone and rebuilds its own, and this code then finds its marks
+differ from the catalogue and rebuilds.
 
 Maintenance, all inside the writer's transaction:
 
@@ -59,10 +66,12 @@ import msgpack
 
 from .diff import ADDED, MODIFIED, REMOVED, TYPE, diff_trees
 from .objects import ObjectReader
-from .trees import DIR, Entry
+from .trees import DIR, FILE, X_DATA, Entry
 
-DB_NAMES = (b"versions_v2", b"versions_v2_bysnap", b"versions_v2_marks")
+DB_NAMES = (b"versions_v3", b"versions_v3_bysnap", b"versions_v3_marks")
+DB_NAMES_V2 = (b"versions_v2", b"versions_v2_bysnap", b"versions_v2_marks")
 DB_NAMES_V1 = (b"versions", b"versions_bysnap", b"versions_marks")
+OLD_LAYOUTS = (DB_NAMES_V2, DB_NAMES_V1)  # newest first
 TS = struct.Struct(">Q")
 SUFFIX = 8 + 32  # time_ns + snapshot id
 BASE = bytes(SUFFIX)  # the suffix of a base entry: before every snapshot's
@@ -72,12 +81,16 @@ BASE = bytes(SUFFIX)  # the suffix of a base entry: before every snapshot's
 def encode_state(e: Entry | None) -> bytes:
     if e is None:
         return msgpack.packb(None)
-    return msgpack.packb([e.type, e.content, e.nchunks, e.size, e.mtime_ns, e.mode], use_bin_type=True)
+    row = [e.type, e.content, e.nchunks, e.size, e.mtime_ns, e.mode]
+    ext = e.extents if e.type == FILE else None
+    if ext is not None:
+        row.append([list(x) for x in ext])
+    return msgpack.packb(row, use_bin_type=True)
 
 
 def decode_state(raw: bytes) -> "State | None":
     v = msgpack.unpackb(raw)
-    return None if v is None else State(*v)
+    return None if v is None else State(*v[:7])
 
 
 @dataclass
@@ -88,19 +101,26 @@ class State:
     size: int
     mtime_ns: int
     mode: int
+    extents: list | None = None  # a sparse file's data extents (layout 3)
 
     def entry(self, name: bytes) -> Entry:
-        return Entry(name, self.type, self.mode, 0, 0, self.mtime_ns, self.size, self.content, self.nchunks)
+        extra = {X_DATA: self.extents} if self.extents is not None else {}
+        return Entry(name, self.type, self.mode, 0, 0, self.mtime_ns, self.size, self.content, self.nchunks, extra)
 
 
 def _sig(raw: bytes | None):
-    """What makes two states the same version: type and content (not mtime/mode)."""
+    """What makes two states the same version: type and content (not mtime/mode);
+    for a sparse file also where its data lies."""
     if raw is None:
         return None
     st = decode_state(raw)
     if st is None:
         return None
-    return (DIR,) if st.type == DIR else (st.type, st.content, st.nchunks)
+    if st.type == DIR:
+        return (DIR,)
+    if st.extents is not None:
+        return (st.type, st.content, st.nchunks, st.size, tuple(tuple(x) for x in st.extents))
+    return (st.type, st.content, st.nchunks)
 
 
 # ------------------------------------------------------------------ keys
@@ -143,48 +163,40 @@ class Dbs:
 def writer_dbs(writer) -> Dbs:
     """Open (creating on first use) inside the writer's transaction. The handles
     are kept on the writer only: a handle opened in a transaction that later
-    aborts must not outlive it. The first writer to find a layout-1 index
-    converts it here."""
+    aborts must not outlive it. The first writer to find an index of an older
+    layout rebuilds it in layout 3."""
     dbs = getattr(writer, "_versions_dbs", None)
     if dbs is None:
         env, txn = writer.repo.index.env, writer.txn
         try:
             dbs = Dbs(*(env.open_db(n, txn=txn, create=False) for n in DB_NAMES))
+            writer._versions_dbs = dbs
         except lmdb.NotFoundError:
             dbs = Dbs(*(env.open_db(n, txn=txn, create=True) for n in DB_NAMES))
-            _convert_v1(env, txn, dbs)
-        writer._versions_dbs = dbs
+            writer._versions_dbs = dbs
+            _replace_old_layouts(writer)
     return dbs
 
 
-def _convert_v1(env, txn, dbs: Dbs) -> int:
-    """Copy a layout-1 index into the (new, empty) layout-2 databases, the
-    oldest marked snapshot of each set becoming its base, and empty the old
-    databases. O(events), once per repository. Returns the events copied."""
-    try:
-        old = Dbs(*(env.open_db(n, txn=txn, create=False) for n in DB_NAMES_V1))
-    except lmdb.NotFoundError:
+def _replace_old_layouts(writer) -> int:
+    """Layout 3 is new here: if an older layout's databases exist, rebuild
+    every set's index from its snapshots and empty the old databases (their
+    states lack what layout 3 adds). Returns the events written."""
+    from .snapshots import list_sets
+
+    env, txn = writer.repo.index.env, writer.txn
+    found = []
+    for names in OLD_LAYOUTS:
+        try:
+            found.append([env.open_db(n, txn=txn, create=False) for n in names])
+        except lmdb.NotFoundError:
+            continue
+    if not found:
         return 0
-    oldest: dict[bytes, bytes] = {}  # set -> sid of its oldest marked snapshot
-    with txn.cursor(db=old.marks) as cur:
-        for k in cur.iternext(values=False):
-            oldest.setdefault(k[:-SUFFIX - 1], k[-32:])
-            txn.put(k, b"", db=dbs.marks)
-    n = 0
-    with txn.cursor(db=old.events) as cur:
-        for k, v in cur:
-            if len(k) <= SUFFIX:
-                continue
-            pk, sid = k[:-SUFFIX], k[-32:]
-            if oldest.get(pk.split(b"\0", 1)[0]) == sid:
-                if _sig(v) is not None:
-                    txn.put(pk + BASE, v, db=dbs.events)
-            else:
-                txn.put(k, v, db=dbs.events)
-                txn.put(sid + pk, b"", db=dbs.bysnap)
-            n += 1
-    for db in (old.events, old.bysnap, old.marks):
-        txn.drop(db, delete=False)
+    n = sum(reindex_set(writer, s) for s in list_sets(writer.repo, txn))
+    for dbs in found:
+        for db in dbs:
+            txn.drop(db, delete=False)
     return n
 
 
@@ -192,8 +204,8 @@ def _convert_v1(env, txn, dbs: Dbs) -> int:
 def _query(repo, txn=None):
     """(handles, transaction) for a query: always a read transaction of our
     own, with the handles opened inside it and the transaction committed.
-    Before any writer has converted a layout-1 index, the queries read it
-    (they are the same for both layouts).
+    Before any writer has rebuilt an older layout, the queries read it
+    (they are the same for every layout).
 
     Measured with py-lmdb 3.0 / LMDB 0.9.36: a handle opened in one read
     transaction and committed is *not* usable in read transactions begun
@@ -205,7 +217,7 @@ def _query(repo, txn=None):
     own = env.begin()
     try:
         dbs = None
-        for names in (DB_NAMES, DB_NAMES_V1):
+        for names in (DB_NAMES, *OLD_LAYOUTS):
             try:
                 dbs = Dbs(*(env.open_db(n, txn=own, create=False) for n in names))
                 break
@@ -345,6 +357,8 @@ def record_snapshot(writer, snap) -> int:
     for a new oldest, since the next one)."""
     repo, txn = writer.repo, writer.txn
     dbs = writer_dbs(writer)
+    if txn.get(_mark_key(snap), db=dbs.marks) is not None:
+        return 0  # indexed already (opening the databases rebuilt an older layout, this snapshot included)
     if not _marks_match(repo, txn, dbs, snap.set, skip=snap.id):
         return reindex_set(writer, snap.set)
     before, after = _neighbours(repo, txn, snap)

@@ -122,3 +122,25 @@ def test_diff_of_identical_snapshots_is_empty(repo_path, tmp_path):
     b = snapshot(repo_path, "e", tmp_path / "src")
     assert a.id != b.id and a.root == b.root
     assert cli_json(repo_path, "diff", a.hex, b.hex)["changes"] == []
+
+
+def test_metadata_changes_are_named(repo_path, tmp_path):
+    """xattrs only is `m`, and says so; the same data at other places of a
+    sparse file is `M` (other bytes); a file gaining a hard link is `m`."""
+    from meta_support import CD, CF, craft
+
+    data = rand_bytes(50_000, "diff-sparse")
+    tree = {"x.txt": CF(b"same", xattrs={b"user.a": b"1"}), "d": CD({"k": CF(b"k")}, xattrs={b"user.d": b"1"}),
+            "sp": CF(size=1 << 20, pieces=[(0, data)]), "mode.txt": CF(b"m"), "ln": CF(b"linked")}
+    a = craft(repo_path, "x", tree)
+    tree.update({"x.txt": CF(b"same", xattrs={b"user.a": b"2"}), "d": CD({"k": CF(b"k")}),
+                 "sp": CF(size=1 << 20, pieces=[(4096, data)]), "mode.txt": CF(b"m", mode=0o600, xattrs={b"user.q": b""}),
+                 "ln": CF(b"linked", inode=(1, 2))})
+    b = craft(repo_path, "x", tree)
+    out = cli_json(repo_path, "diff", a.hex, b.hex)
+    got = {c["path"]: (c["status"], c.get("metadata")) for c in out["changes"]}
+    assert got == {"src/x.txt": ("metadata", ["xattrs"]), "src/d": ("metadata", ["xattrs"]),
+                   "src/sp": ("modified", None), "src/mode.txt": ("metadata", ["mode", "xattrs"]),
+                   "src/ln": ("metadata", ["hardlinks"])}
+    lines = set(cli(repo_path, "diff", a.hex, b.hex).stdout.splitlines())
+    assert "m src/x.txt  (xattrs)" in lines and "m src/mode.txt  (mode, xattrs)" in lines and "m src/d/  (xattrs)" in lines

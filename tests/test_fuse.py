@@ -2,11 +2,13 @@
 snapshot appearing while mounted, clean unmount."""
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -24,6 +26,28 @@ def _mounted(mnt) -> bool:
         return any(line.split()[1] == str(mnt) for line in f)
 
 
+@contextmanager
+def serving(repo_path, mnt):
+    """`pit mount REPO MNT` until the block ends, then unmounted and reaped."""
+    mnt.mkdir()
+    proc = subprocess.Popen([PIT, "mount", str(repo_path), str(mnt)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mount failed: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
 @pytest.fixture
 def mounted(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"))
@@ -33,23 +57,10 @@ def mounted(tmp_path):
     os.symlink("docs/a.txt", os.path.join(src, "link"))
     s1 = snap(repo, "files", src)
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.Popen([PIT, "mount", str(tmp_path / "repo"), str(mnt)], stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not _mounted(mnt):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mount failed: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        yield {"repo": repo, "src": src, "mnt": mnt, "s1": s1, "proc": proc}
+        with serving(tmp_path / "repo", mnt) as proc:
+            yield {"repo": repo, "src": src, "mnt": mnt, "s1": s1, "proc": proc}
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         repo.close()
 
 
@@ -94,3 +105,42 @@ def test_sigterm_unmounts(mounted):
     mounted["proc"].terminate()
     mounted["proc"].wait(15)
     assert not _mounted(mounted["mnt"])
+
+
+def test_xattrs_holes_and_blocks(tmp_path):
+    """Extended attributes served by getxattr/listxattr; a sparse file reads
+    its zeros and counts only its data in st_blocks (issue 12)."""
+    from conftest import rand_bytes
+    from meta_support import CD, CF, CL, craft, file_bytes
+
+    Repository.init(str(tmp_path / "repo")).close()
+    mib = 1 << 20
+    disk = CF(size=256 * mib, pieces=[(100 * mib, rand_bytes(mib, "fuse-sparse"))])
+    s = craft(tmp_path / "repo", "m", {
+        "f": CF(b"attrs", xattrs={b"user.color": b"blue", b"user.bin": b"\x00\xff"}),
+        "d": CD({"x": CF(b"x")}, xattrs={b"user.dir": b"yes"}),
+        "l": CL("f", xattrs={b"trusted.own": b"link's own"}),
+        "disk.img": disk,
+    })
+    mnt = tmp_path / "mnt"
+    with serving(tmp_path / "repo", mnt):
+        base = mnt / "m" / s.name / "src"
+        assert sorted(os.listxattr(base / "f")) == ["user.bin", "user.color"]
+        assert os.getxattr(base / "f", "user.color") == b"blue"
+        assert os.getxattr(base / "f", "user.bin") == b"\x00\xff"
+        with pytest.raises(OSError) as ei:
+            os.getxattr(base / "f", "user.nothing")
+        assert ei.value.errno == errno.ENODATA
+        assert os.getxattr(base / "d", "user.dir") == b"yes"
+        assert os.listxattr(base / "l", follow_symlinks=False) == ["trusted.own"]
+        assert os.listxattr(mnt / "m") == []  # a set's folder has none
+        st = os.stat(base / "disk.img")
+        assert st.st_size == 256 * mib and st.st_blocks * 512 == mib
+        want = file_bytes(disk)
+        with open(base / "disk.img", "rb") as f:
+            for off, n in [(0, 4096), (100 * mib - 7, 20), (100 * mib + 12345, 200_000), (256 * mib - 9, 9)]:
+                f.seek(off)
+                assert f.read(n) == want[off:off + n]
+        with pytest.raises(OSError) as ei:
+            os.setxattr(base / "f", "user.new", b"x")
+        assert ei.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
