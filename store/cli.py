@@ -256,10 +256,24 @@ def ls(ctx, spec, recursive, as_json):
         else:
             rows = [((base + b"/" + c.name) if base else c.name, c) for c in r.tree(e.content)]
     if as_json:
-        click.echo(json.dumps([_entry_json(p, c) for p, c in rows], indent=2))
+        click.echo(json.dumps([{**_entry_json(p, c), **_ls_meta_json(c)} for p, c in rows], indent=2))
     else:
         for p, c in rows:
             click.echo(_ls_line(p, c))
+
+
+def _ls_meta_json(e) -> dict:
+    """What `ls --json` adds for metadata beside the bytes (docs/format.md 6.1):
+    extended attribute names, a sparse file's data bytes and extents, the
+    inode key of a hard-linked file."""
+    d = {}
+    if e.xattrs:
+        d["xattrs"] = [n.decode(errors="surrogateescape") for n, _ in e.xattrs]
+    if e.type == 1 and e.extents is not None:
+        d["sparse"] = {"data_bytes": e.data_size, "extents": [list(x) for x in e.extents]}
+    if e.inode_key is not None:
+        d["inode"] = list(e.inode_key)
+    return d
 
 
 @main.command()

@@ -220,3 +220,12 @@ def test_real_snapshot_round_trip(repo_path, tmp_path):
             if not x:
                 break
     assert os.stat(o / "two").st_ino == os.stat(o / "d" / "one").st_ino
+
+
+def test_ls_json_shows_the_metadata(repo_path, tmp_path):
+    s = craft(repo_path, "ls", {"f": CF(b"f", xattrs={b"user.a": b"1"}, inode=(3, 9)),
+                                "sp": CF(size=MiB, pieces=[(4096, b"x" * 10)]), "plain": CF(b"p")})
+    rows = {r["name"]: r for r in json.loads(cli(repo_path, "ls", f"{s.hex}:src", "--json").stdout)}
+    assert rows["f"]["xattrs"] == ["user.a"] and rows["f"]["inode"] == [3, 9]
+    assert rows["sp"]["size"] == MiB and rows["sp"]["sparse"] == {"data_bytes": 10, "extents": [[4096, 10]]}
+    assert not {"xattrs", "sparse", "inode"} & set(rows["plain"])
