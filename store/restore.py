@@ -379,7 +379,7 @@ class Restorer:
             if self._link(dfd, e, src):
                 return
         if st is not None and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
-            if self._meta_in_place(dfd, e, parts):
+            if not self._meta_differs(dfd, e, st) or self._meta_in_place(dfd, e, parts):
                 self.stats.unchanged += 1
                 if key is not None and key not in self._links:
                     self._links[key] = _LinkSource(parts, st.st_ino, _link_sig(e))
@@ -516,10 +516,19 @@ class Restorer:
         os.fchmod(fd, e.mode & 0o7777)
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
+    def _meta_differs(self, dfd: int, e: Entry, st: os.stat_result) -> bool:
+        """sync: does an unchanged file's owner, mode or set of extended
+        attributes differ from the entry's? From its stat and, for the
+        attributes, a listxattr by name (no open): two system calls for a
+        file that is already right."""
+        if (self.owners and (st.st_uid, st.st_gid) != (e.uid, e.gid)) or stat.S_IMODE(st.st_mode) != e.mode & 0o7777:
+            return True
+        return self._xattrs_differ(b"/proc/self/fd/%d/%s" % (dfd, e.name), e)
+
     def _meta_in_place(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> bool:
-        """sync: owner, mode and extended attributes of a file whose data is
-        already right (size and mtime match); False when it cannot be opened
-        as the regular file it was (then it is rewritten)."""
+        """sync: bring owner, mode and extended attributes of a file whose data
+        is already right (size and mtime match) in line; False when it cannot
+        be opened as the regular file it was (then it is rewritten)."""
         try:
             fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dfd)
         except OSError:
@@ -528,16 +537,17 @@ class Restorer:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
                 return False
-            if (self.owners and (st.st_uid, st.st_gid) != (e.uid, e.gid)) or \
-                    stat.S_IMODE(st.st_mode) != e.mode & 0o7777 or self._xattrs_differ(fd, e):
-                self._meta_fd(fd, e, parts, prune_xattrs=True)
+            self._meta_fd(fd, e, parts, prune_xattrs=True)
         finally:
             os.close(fd)
         return True
 
-    def _xattrs_differ(self, fd: int, e: Entry) -> bool:
+    @staticmethod
+    def _xattrs_differ(path: bytes, e: Entry) -> bool:
+        """The attributes at `path` (never following a symlink there) that we
+        manage differ from the entry's."""
         try:
-            have = {os.fsencode(n) for n in os.listxattr(fd)}
+            have = {os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)}
         except OSError:
             return bool(e.xattrs)
         want = dict(e.xattrs)
@@ -545,7 +555,7 @@ class Restorer:
             return True
         for name, value in want.items():
             try:
-                if os.getxattr(fd, name) != value:
+                if os.getxattr(path, name, follow_symlinks=False) != value:
                     return True
             except OSError:
                 return True
