@@ -16,6 +16,7 @@ import click
 from .errors import DiskFull, InvalidArgument, StoreError
 
 EXIT_INTERRUPTED = 130
+EXIT_CHANGED_WHILE_READ = 4  # the snapshot was saved, but some files changed while being read
 EXIT_INTERNAL = 70
 
 
@@ -174,17 +175,29 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
 
     snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait)
     status.done()
+    s = snap.stats
     if as_json:
         click.echo(json.dumps(snap.to_json(), indent=2))
+        _exit_if_changed_while_read(s)
         return
-    s = snap.stats
     click.echo(f"snapshot {snap.short} saved as {snap.set}@{snap.name}")
     click.echo(f"  {s['files']} files, {s['dirs']} dirs, {_mib(s['bytes'])}; examined {s['examined_files']} files "
                f"({'change set' if s['mode'] == 'changes' else 'full scan'}), read {s['files_read']}")
     click.echo(f"  new: {s['new_chunks']} blobs, {_mib(s['new_bytes'])} raw, {_mib(s['new_stored'])} stored, "
                f"in {s['duration']:.2f} s")
     for w in s.get("warnings", [])[:20]:
-        click.echo(f"  warning: {w}", err=True)
+        click.echo(f"  warning: {_one_line(w)}", err=True)
+    _exit_if_changed_while_read(s)
+
+
+def _exit_if_changed_while_read(stats: dict) -> None:
+    """A snapshot holding files that were written to while read is saved
+    (the rest of it is good) but is not a copy of one moment: never exit 0."""
+    n = stats.get("changed_while_read_count", 0)
+    if n:
+        click.echo(f"pit: warning: {n} file(s) changed while being read and were stored as read "
+                   f"(see docs/store.md, \"Live files\")", err=True)
+        sys.exit(EXIT_CHANGED_WHILE_READ)
 
 
 @main.command()
@@ -207,8 +220,9 @@ def snapshots(ctx, set_name, as_json):
     click.echo(f"{'ID':12}  {'SET':12}  {'NAME':22}  {'HOST':12}  {'FILES':>7}  {'NEW':>10}  PATHS")
     for s in snaps:
         st = s.stats
+        mark = f"  [{st['changed_while_read_count']} changed while read]" if st.get("changed_while_read_count") else ""
         click.echo(f"{s.short:12}  {s.set:12}  {s.name:22}  {s.host[:12]:12}  {st.get('files', 0):>7}  "
-                   f"{_mib(st.get('new_stored', 0)):>10}  {' '.join(s.paths)}")
+                   f"{_mib(st.get('new_stored', 0)):>10}  {' '.join(s.paths)}{mark}")
 
 
 def _entry_json(path: bytes, e) -> dict:

@@ -17,6 +17,7 @@ file is done, so the pipeline never drains at a directory boundary.
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -38,7 +39,7 @@ from .repository import Repository, Writer, object_id, write_filelist
 from .retention import apply_retention
 from .segments import SEGMENT_BYTES, Segment, read_segment, worker_init, worker_run
 from .snapshots import Snapshot, printable, add_snapshot, check_set_name, list_snapshots, unique_name
-from .trees import DIR, FILE, SYMLINK, Entry, encode_tree, subtree_totals, tree_children
+from .trees import DIR, FILE, SYMLINK, X_ATTRS, X_DATA, X_INODE, Entry, encode_tree, subtree_totals, tree_children
 from .workers import default_workers, process_pool, stop_pool
 
 TASK_BYTES = 4 * 1024 * 1024  # one worker task: small files up to this much, or one segment
@@ -46,6 +47,10 @@ TASK_FILES = 256
 POOL_AFTER = 32 * 1024 * 1024  # bytes read on the main thread before worker processes start
 READY_MAX = 8  # tasks the walk may build ahead of the workers
 MAX_RESTARTS = 3  # a file replaced while read is read again from its start this often
+MAX_REREADS = 3   # a file written to while read is read again this often, then stored as read and named
+HOLE_MIN = 64 * 1024  # smaller holes of a sparse file are stored as the zeros they read as
+MAX_EXTENTS = 4096    # a sparse file's data extents kept in its tree entry at most
+MAX_CHANGED_LISTED = 1000
 RACY_NS = 1_000_000_000  # files modified this close to the scan start are re-read next time
 MAX_WARNINGS = 100
 PREFETCH_BYTES = 256 * 1024 * 1024  # per directory: what we ask the kernel to read ahead
@@ -75,6 +80,68 @@ class FileJob:
     lens: list[int] = field(default_factory=list)
     ident: tuple[int, int] | None = None  # the file its first segment read
     restarts: int = 0
+    rereads: int = 0  # times read again because it changed while read
+    extents: list[tuple[int, int]] | None = None  # a sparse file's data extents (None: dense)
+    ext_i: int = 0    # the extent being read
+    ext_read: list[int] = field(default_factory=list)  # bytes read of each extent so far
+
+
+def _xattrs(path: bytes) -> list[list[bytes]] | None:
+    """Every extended attribute this process may read (user.*, ACLs in
+    system.posix_acl_*, security.* labels), never through a symlink."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return None  # no xattr support here, or gone: the walk reports a vanished file
+    out = []
+    for name in sorted(os.fsencode(n) for n in names):
+        try:
+            out.append([name, os.getxattr(path, name, follow_symlinks=False)])
+        except OSError:
+            continue  # removed meanwhile, or not readable by us
+    return out or None
+
+
+def _data_extents(path: bytes, size: int) -> list[tuple[int, int]] | None:
+    """A sparse file's data extents (SEEK_DATA/SEEK_HOLE), holes below
+    HOLE_MIN counted as data; None when the file has no hole worth keeping."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        runs: list[list[int]] = []
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole from here on
+                    break
+                return None  # SEEK_DATA unsupported: read it whole
+            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+            if start >= size:
+                break
+            runs.append([start, end - start])
+            pos = end
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    gap = HOLE_MIN
+    while True:
+        merged: list[list[int]] = []
+        for off, n in runs:
+            if merged and off - (merged[-1][0] + merged[-1][1]) < gap:
+                merged[-1][1] = off + n - merged[-1][0]
+            else:
+                merged.append([off, n])
+        if len(merged) <= MAX_EXTENTS:
+            break
+        gap *= 2
+    if merged == [[0, size]] or (merged and sum(n for _, n in merged) >= size):
+        return None
+    return [(o, n) for o, n in merged]
 
 
 def _willneed(path: bytes) -> None:
@@ -124,9 +191,12 @@ class Ingester:
                       "bytes_read": 0, "skipped": 0}
         self.totals = (0, 0, 0)
         self.warnings: list[str] = []
+        self.changed_while_read: list[str] = []  # stored as read after MAX_REREADS: not one moment's content
+        self.changed_count = 0
         self.progress = progress
         self._last_progress = 0.0
         self.root_tree: bytes | None = None
+        self.xattrs_here = hasattr(os, "listxattr")
         fc = self.w.db["filecache"]
         self._fc_get = lambda k: self.w.txn.get(k, db=fc)
         self._fc_put = lambda k, v: self.w.txn.put(k, v, db=fc)
@@ -139,8 +209,12 @@ class Ingester:
 
     # ------------------------------------------------------------ pipeline
     def _queue(self, job: FileJob, start: int) -> None:
-        seg = Segment(job.path, start, max(0, job.entry.size - start), job.ident if start else None)
-        if start or job.restarts:  # the rest (or a new start) of a file under way: the longest chain goes first
+        if job.extents is None:
+            seg = Segment(job.path, start, max(0, job.entry.size - start), job.ident)
+        else:
+            off, n = job.extents[job.ext_i]
+            seg = Segment(job.path, start, off + n - start, job.ident, off + n)
+        if start or job.restarts or job.rereads:  # the rest (or a new start) of a file under way: the longest chain goes first
             self.ready.appendleft([(job, seg)])
             return
         self.task.append((job, seg))
@@ -212,8 +286,7 @@ class Ingester:
                 if job.restarts > MAX_RESTARTS:
                     self._drop(job, "replaced again and again while being read")
                 else:
-                    job.ids, job.lens, job.ident = [], [], None
-                    self._queue(job, 0)
+                    self._read_again(job)
                 continue
             job.ident = res.ident
             frames = res.frames
@@ -228,10 +301,57 @@ class Ingester:
             if res.end is not None:
                 self._queue(job, res.end)
                 continue
+            if job.extents is not None:
+                job.ext_read.append(sum(job.lens) - sum(job.ext_read))
+                if job.ext_i + 1 < len(job.extents):
+                    job.ext_i += 1
+                    self._queue(job, job.extents[job.ext_i][0])
+                    continue
+            if res.after is not None and res.after[:3] != job.cache_stat[:3]:
+                # Written to while we read it: what we have may mix two versions.
+                if job.rereads < MAX_REREADS:
+                    job.rereads += 1
+                    job.cache_stat = res.after
+                    job.entry.mtime_ns = res.after[1]
+                    job.entry.size = res.after[0]
+                    self._read_again(job)
+                    continue
+                self._changed_while_read(job)
             self.stats["files_read"] += 1
             self.stats["bytes_read"] += sum(job.lens)
             self._finish_file(job)
         self._report()
+
+    def _read_again(self, job: FileJob) -> None:
+        """Start a file over: the bytes read so far are dropped (stored chunks
+        nothing references are swept at commit)."""
+        job.ids, job.lens, job.ident = [], [], None
+        job.ext_i, job.ext_read = 0, []
+        if job.extents is not None or job.entry.extra.get(X_DATA) is not None:
+            job.extents = _data_extents(job.path, job.entry.size)
+            self._set_extents(job)
+        if job.extents == []:
+            self._finish_file(job)
+            return
+        self._queue(job, job.extents[0][0] if job.extents else 0)
+
+    def _set_extents(self, job: FileJob) -> None:
+        if job.extents is None:
+            job.entry.extra.pop(X_DATA, None)
+        else:
+            job.entry.extra[X_DATA] = [list(x) for x in job.extents]
+
+    def _changed_while_read(self, job: FileJob) -> None:
+        """Still changing after MAX_REREADS reads: keep what the last read got,
+        and say so (borg: "file changed while we backed it up")."""
+        path = os.fsdecode(job.path)
+        self.changed_count += 1
+        if len(self.changed_while_read) < MAX_CHANGED_LISTED:
+            self.changed_while_read.append(path)
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(f"{path}: changed while being read ({MAX_REREADS + 1} reads); "
+                                 f"stored as last read")
+        job.cache_key = None  # never let the files cache vouch for it
 
     def _drain_all(self) -> None:
         self._close_task()
@@ -247,9 +367,17 @@ class Ingester:
             self.progress(self.stats)
 
     # --------------------------------------------------------------- files
-    def _ingest_file(self, path: bytes, entry: Entry, node: DirNode, ckey: bytes | None, cstat: tuple | None) -> None:
+    def _ingest_file(self, path: bytes, entry: Entry, node: DirNode, ckey: bytes | None, cstat: tuple,
+                     st: os.stat_result) -> None:
         node.pending += 1
-        self._queue(FileJob(path, entry, node, ckey, cstat), 0)
+        job = FileJob(path, entry, node, ckey, cstat)
+        if st.st_blocks * 512 + HOLE_MIN <= st.st_size:  # fewer blocks than bytes: maybe holes
+            job.extents = _data_extents(path, st.st_size)
+            self._set_extents(job)
+            if job.extents == []:  # all hole
+                self._finish_file(job)
+                return
+        self._queue(job, job.extents[0][0] if job.extents else 0)
 
     def _drop(self, job: FileJob, why: str) -> None:
         """The file vanished or became unreadable while read: leave it out
@@ -261,7 +389,15 @@ class Ingester:
     def _finish_file(self, job: FileJob) -> None:
         e = job.entry
         size = sum(job.lens)
-        e.size = size
+        if job.extents is not None:
+            # the extents as read (a file that changed under us may have given
+            # fewer bytes than planned): the chunk list must hold exactly them
+            ext = [(off, n) for (off, _), n in zip(job.extents, job.ext_read) if n > 0]
+            job.extents = ext
+            self._set_extents(job)
+            e.size = max(e.size, ext[-1][0] + ext[-1][1]) if ext else e.size
+        else:
+            e.size = size
         e.nchunks = len(job.ids)
         if e.nchunks == 0:
             e.content = None
@@ -295,7 +431,7 @@ class Ingester:
         else:
             node.entry.content = tid
             node.entry.size = len(entries)
-            node.entry.extra = totals
+            node.entry.extra.update(totals)
             self._child_done(node.parent)
 
     # ---------------------------------------------------------------- walk
@@ -319,8 +455,15 @@ class Ingester:
                 self.prefetch.submit(_willneed, p)
         return out
 
-    def _entry_from_stat(self, name: bytes, st: os.stat_result, typ: int) -> Entry:
-        return Entry(name, typ, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size)
+    def _entry_from_stat(self, name: bytes, st: os.stat_result, typ: int, path: bytes) -> Entry:
+        e = Entry(name, typ, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size)
+        if self.xattrs_here:
+            attrs = _xattrs(path)
+            if attrs:
+                e.extra[X_ATTRS] = attrs
+        if typ == FILE and st.st_nlink > 1:
+            e.extra[X_INODE] = [st.st_dev, st.st_ino]
+        return e
 
     def _visit(self, path: bytes, name: bytes, node: DirNode, change, old: Entry | None, reader: ObjectReader,
                st: os.stat_result | None = None) -> None:
@@ -336,7 +479,7 @@ class Ingester:
             return
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            e = self._entry_from_stat(name, st, DIR)
+            e = self._entry_from_stat(name, st, DIR, path)
             node.entries[name] = e
             self.stats["dirs"] += 1
             base = old.content if (change is not RESCAN and old is not None and old.type == DIR) else None
@@ -351,7 +494,7 @@ class Ingester:
             except OSError as exc:
                 self.warn(f"{os.fsdecode(path)}: {exc.strerror}")
                 return
-            e = self._entry_from_stat(name, st, SYMLINK)
+            e = self._entry_from_stat(name, st, SYMLINK, path)
             e.content, e.size = target, len(target)
             node.entries[name] = e
             self.stats["symlinks"] += 1
@@ -371,16 +514,19 @@ class Ingester:
         return None
 
     def _file(self, path: bytes, name: bytes, st: os.stat_result, node: DirNode) -> None:
-        e = self._entry_from_stat(name, st, FILE)
+        e = self._entry_from_stat(name, st, FILE, path)
         node.entries[name] = e
         ckey = filecache_key(self.set, path)
         cstat = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         cached = self._cached(path, st)
         if cached is not None:
             e.content, e.nchunks = cached[7], cached[8]
+            ext = (cached[9] or {}).get(X_DATA)
+            if ext is not None:
+                e.extra[X_DATA] = ext
             return
         racy = st.st_mtime_ns >= self.start_ns - RACY_NS
-        self._ingest_file(path, e, node, None if racy else ckey, cstat)
+        self._ingest_file(path, e, node, None if racy else ckey, cstat, st)
 
     def _dir(self, path: bytes, entry: Entry | None, parent: DirNode | None, change, base: bytes | None,
              reader: ObjectReader) -> DirNode:
@@ -500,6 +646,9 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
         stats.update(new_chunks=w.stats["new_blobs"], new_bytes=w.stats["new_raw"],
                      new_stored=w.stats["new_stored"], duration=round(time.monotonic() - t0, 3),
                      mode="changes" if trie is not None else "scan", warnings=ing.warnings)
+        if ing.changed_count:
+            stats["changed_while_read"] = ing.changed_while_read
+            stats["changed_while_read_count"] = ing.changed_count
         snap = Snapshot(set_name, unique_name(repo, w.txn, set_name, now), now, host or socket.gethostname(),
                         [os.fsdecode(s) for s in sources], root, parent.id if parent else None, stats)
         add_snapshot(w, snap)

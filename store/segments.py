@@ -32,6 +32,7 @@ class Segment:
     start: int      # a cut point: 0, or where the previous segment ended
     size_hint: int  # bytes expected from `start` on (the stat size), to size the first read
     ident: tuple[int, int] | None = None  # (st_dev, st_ino) the earlier segments read
+    stop: int | None = None  # a sparse file's data extent ends here; None: read to the end of the file
 
 
 @dataclass
@@ -45,6 +46,24 @@ class SegmentResult:
     error: str | None = None  # the file could not be read (vanished, unreadable)
     ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the file read
     replaced: bool = False    # another file has the name now: the earlier segments are not its start
+    # (size, mtime_ns, ctime_ns, ino) once the last segment of a file (or of a
+    # data extent) is read: compared with the stat taken before the first,
+    # it tells a file written to while it was read
+    after: tuple[int, int, int, int] | None = None
+
+
+class _Window:
+    """At most `left` bytes of a file: one data extent of a sparse file."""
+
+    def __init__(self, f, left: int) -> None:
+        self.f, self.left = f, left
+
+    def read(self, n: int) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.f.read(min(n, self.left))
+        self.left -= len(data)
+        return data
 
 
 def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompressor,
@@ -68,7 +87,8 @@ def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompre
                 return SegmentResult(replaced=True)
             if seg.start:
                 f.seek(seg.start)
-            for view in chunk_stream(f, params, size_hint=seg.size_hint):
+            src = f if seg.stop is None else _Window(f, seg.stop - seg.start)
+            for view in chunk_stream(src, params, size_hint=seg.size_hint):
                 h = blake3.blake3(view).digest()
                 n = len(view)
                 if not known(h):
@@ -83,6 +103,8 @@ def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompre
                 if done >= limit:
                     out.end = seg.start + done  # every chunk but a file's last ends at a cut
                     return out
+            st = os.fstat(fd)
+            out.after = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     except OSError as exc:
         return SegmentResult(error=exc.strerror or str(exc))
     return out
