@@ -34,13 +34,24 @@ class PitGroup(click.Group):
             sys.stderr.close()
             sys.exit(0)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                _fail(str(DiskFull()), DiskFull.exit_code)
+            from .errors import translate
+
+            # ENOSPC (DiskFull), a permission problem, a read-only file system: each its own error and code
+            typed = translate(exc)
+            if typed is not None:
+                _fail(str(typed), typed.exit_code)
             _fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", 1)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except Exception as exc:  # a bug, not a condition we anticipated: still one line
-            if os.environ.get("PIT_DEBUG"):
+        except Exception as exc:
+            from .errors import translate
+
+            # LMDB's errors for a damaged index (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ...),
+            # wherever they surface, are index damage that `pit repair` rebuilds.
+            typed = translate(exc)
+            if typed is not None:
+                _fail(str(typed), typed.exit_code)
+            if os.environ.get("PIT_DEBUG"):  # a bug, not a condition we anticipated: still one line
                 raise
             _fail(f"internal error: {type(exc).__name__}: {exc} (set PIT_DEBUG=1 for the traceback; please report it)",
                   EXIT_INTERNAL)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import DamageFound, InvalidArgument
+from .errors import DamageFound, InvalidArgument, PermissionDenied, ReadOnlyRepository
 
 
 def _open(ctx):
@@ -206,7 +206,14 @@ def verify(ctx, set_name, specs, deep, sample, seed, recheck_after, as_json):
 
     if deep and sample is not None:
         raise InvalidArgument("use --deep or --sample, not both")
-    repo = _open(ctx)
+    try:
+        repo = _open(ctx)
+    except (ReadOnlyRepository, PermissionDenied):
+        # Checking needs only reading: on a read-only file system (or without
+        # write permission) verify runs all the same and records nothing.
+        from .cli import _open as open_repo
+
+        repo = open_repo(ctx, readonly=True)
     snaps = None
     if specs:
         with repo.reading() as txn:

@@ -116,3 +116,71 @@ class DamageFound(StoreError):
     """Verification found damage (see the report)."""
 
     exit_code = 3
+
+
+class IndexDamaged(IndexMissing):
+    """The LMDB index is damaged (truncated, or pages overwritten); run `pit repair` to rebuild it from the packs."""
+
+    exit_code = 26
+
+
+class PermissionDenied(StoreError):
+    """Permission denied on a repository file (not damage: fix its owner or mode, `pit repair` would not help)."""
+
+    exit_code = 27
+
+
+class ReadOnlyRepository(StoreError):
+    """The repository is on a read-only file system: only reading commands (and `pit verify`) work there."""
+
+    exit_code = 28
+
+
+# LMDB's codes for a damaged environment (MDB_CORRUPTED, MDB_PAGE_NOTFOUND,
+# MDB_INVALID, ...), by py-lmdb class name: a damaged index, which the
+# packs can rebuild. Other LMDB errors are not damage.
+_LMDB_DAMAGE = ("CorruptedError", "PageNotFoundError", "BadRslotError", "InvalidError", "VersionMismatchError",
+                "PanicError", "IncompatibleError", "BadTxnError")
+
+
+def translate(exc: BaseException, path: str | None = None) -> StoreError | None:
+    """The typed error for a foreign exception we anticipate (an LMDB error
+    from a damaged index, a permission or read-only-file-system error), or
+    None. `path` names the file or directory involved when the exception
+    does not."""
+    import errno
+
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, OSError):
+        where = exc.filename or path
+        suffix = f": {where}" if where else ""
+        if exc.errno == errno.ENOSPC:
+            return DiskFull()
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return PermissionDenied(f"permission denied{suffix} (fix its owner or mode; this is not damage)")
+        if exc.errno == errno.EROFS:
+            return ReadOnlyRepository(f"read-only file system{suffix}: only reading commands (and `pit verify`, "
+                                      f"which then records nothing) work there")
+        return None
+    try:
+        import lmdb
+    except ImportError:  # pragma: no cover - lmdb is a dependency
+        return None
+    if not isinstance(exc, lmdb.Error):
+        return None
+    where = f" at {path}" if path else ""
+    text = str(exc)
+    if type(exc).__name__ in _LMDB_DAMAGE:
+        return IndexDamaged(f"the index{where} is damaged ({text}); run `pit repair` to rebuild it from the packs")
+    if isinstance(exc, lmdb.MapFullError):
+        return DiskFull("the index is full")
+    if "Permission denied" in text:
+        return PermissionDenied(f"permission denied on the index{where or ' ' + text.split(':')[0]} "
+                                f"(fix its owner or mode; this is not damage)")
+    if "Read-only file system" in text:
+        return ReadOnlyRepository(f"read-only file system{where}: only reading commands (and `pit verify`, which "
+                                  f"then records nothing) work there")
+    if "No space left" in text:
+        return DiskFull(f"no space left on device ({text})")
+    return None

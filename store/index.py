@@ -17,13 +17,14 @@ transaction that points at them commits.
 """
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
 import lmdb
 import msgpack
 
-from .errors import IndexMissing, IntegrityError
+from .errors import IndexDamaged, IndexMissing, IntegrityError, PermissionDenied, ReadOnlyRepository, translate
 
 MAP_SIZE = 1 << 40  # virtual; the file grows only as pages are written
 DB_NAMES = (
@@ -119,15 +120,22 @@ class Index:
         """A reader opens the environment read-only: then py-lmdb opens the
         named databases in a read transaction, and a reader never waits behind
         a writer's long transaction (a read-write environment would need a
-        write transaction just to open the handles)."""
+        write transaction just to open the handles).
+
+        An existing environment is checked before LMDB maps it: a data file
+        shorter than its meta page says would be a SIGBUS at the first read
+        of a page past its end, not an error."""
         self.readonly = readonly and not create
+        if not create:
+            check_access(path, self.readonly)
+            check_data_file(path)
         try:
             self.env = lmdb.open(
                 path, map_size=MAP_SIZE, max_dbs=len(DB_NAMES) + 8, max_readers=1024,
                 subdir=True, create=create, readahead=False, readonly=self.readonly,
             )
         except lmdb.Error as exc:
-            raise IndexMissing(f"cannot open the index at {path}: {exc}; run `pit repair`") from exc
+            raise open_error(path, exc, self.readonly) from exc
         self.db = {}
         for name in DB_NAMES:
             try:
@@ -136,6 +144,9 @@ class Index:
                 self.env.close()
                 raise IndexMissing(f"the index at {path} lacks its {name.decode()} database (an older layout, "
                                    f"or damage): run `pit repair` to rebuild it from the packs") from None
+            except lmdb.Error as exc:
+                self.env.close()
+                raise open_error(path, exc, self.readonly) from exc
 
     def close(self) -> None:
         self.env.close()
@@ -172,3 +183,151 @@ def next_seq_problem(txn: lmdb.Transaction, db: dict) -> str | None:
     if last is not None and (len(last) != 8 or U64.unpack(last)[0] >= U64.unpack(raw)[0]):
         return f"the index's next sequence number {U64.unpack(raw)[0]} is not above its highest one"
     return None
+
+
+# ---------------------------------------------------------------- checks
+# An LMDB data file starts with two meta pages (the newer, by transaction id,
+# is current). Each is a 16-byte page header, then MDB_meta: magic, version,
+# address, map size, the free and main databases' MDB_db records (the free
+# one's first field holds the page size), the last page used and the txn id.
+# LMDB only ever writes whole pages and never shrinks the file.
+_META_MAGIC = 0xBEEFC0DE
+_META_BYTES = 152
+_NO_PAGE = (1 << 64) - 1  # P_INVALID: the root of an empty database
+# The last page counted used may be one a commit allocated and freed again
+# without writing it (we saw one): a file may end that many pages early.
+_UNWRITTEN_SLACK = 64
+
+
+def _read_meta(buf: bytes) -> tuple[int, int, int, int, int] | None:
+    """(page size, last page used, txn id, free db root, main db root) of one meta page, or None."""
+    if len(buf) < _META_BYTES:
+        return None
+    magic, version = struct.unpack_from("<II", buf, 16)
+    psize = struct.unpack_from("<I", buf, 40)[0]
+    if magic != _META_MAGIC or version != 1 or psize < 512 or psize > 65536 or psize & (psize - 1):
+        return None
+    free_root = struct.unpack_from("<Q", buf, 40 + 40)[0]
+    main_root = struct.unpack_from("<Q", buf, 88 + 40)[0]
+    last, txnid = struct.unpack_from("<QQ", buf, 136)
+    return psize, last, txnid, free_root, main_root
+
+
+def _named_roots(page: bytes) -> list[int]:
+    """Root pages of the named databases, from the main database's root when
+    it is a leaf page (it is: a dozen records); [] otherwise."""
+    if len(page) < 16:
+        return []
+    flags, lower = struct.unpack_from("<HH", page, 10)
+    if not flags & 0x02:  # P_LEAF
+        return []
+    roots = []
+    for i in range(max(0, (lower - 16) // 2)):
+        off = struct.unpack_from("<H", page, 16 + 2 * i)[0]
+        if off + 8 > len(page):
+            return []
+        lo, hi, nflags, ksize = struct.unpack_from("<HHHH", page, off)
+        dsize = lo | hi << 16
+        at = off + 8 + ksize
+        if nflags & 0x02 and dsize == 48 and at + 48 <= len(page):  # F_SUBDATA: an MDB_db record
+            roots.append(struct.unpack_from("<Q", page, at + 40)[0])
+    return roots
+
+
+def data_file_problem(path: str) -> str | None:
+    """What is wrong with `<path>/data.mdb` as LMDB would map it, or None:
+    not an LMDB file, or truncated (a file that ends before pages its meta
+    page counts, or before a database's root: LMDB would die of SIGBUS
+    reading past the end). The meta pages are read before the size: a
+    writer writes its pages before the meta page that counts them."""
+    data = os.path.join(path, "data.mdb")
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        problem = None
+        for _attempt in range(3):  # a meta page read while a writer rewrites it may be torn: look again
+            first = os.pread(fd, _META_BYTES, 0)
+            metas = [_read_meta(first)]
+            if metas[0] is not None:
+                metas.append(_read_meta(os.pread(fd, _META_BYTES, metas[0][0])))
+            good = [m for m in metas if m is not None]
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return None  # LMDB's own "new environment": the caller finds no format record
+            if not good:
+                problem = "it is not an LMDB data file (no valid meta page)"
+                continue
+            psize, last, _txnid, free_root, main_root = max(good, key=lambda m: m[2])
+            pages = size // psize
+            if size % psize or pages < 2:
+                problem = f"it is truncated ({size} bytes, not a whole number of {psize}-byte pages)"
+                continue
+            if pages + _UNWRITTEN_SLACK < last + 1:
+                problem = f"it is truncated ({pages} pages; its last commit counts {last + 1})"
+                continue
+            roots = [r for r in (free_root, main_root) if r != _NO_PAGE]
+            if main_root != _NO_PAGE and main_root < pages:
+                roots += _named_roots(os.pread(fd, psize, main_root * psize))
+            beyond = [r for r in roots if r != _NO_PAGE and r >= pages]
+            if beyond:
+                problem = f"it is truncated ({pages} pages; a database's root is page {beyond[0]})"
+                continue
+            return None
+        return problem
+    finally:
+        os.close(fd)
+
+
+def check_data_file(path: str) -> None:
+    try:
+        problem = data_file_problem(path)
+    except FileNotFoundError:
+        return  # LMDB reports it (a missing index is the caller's to name)
+    except OSError as exc:
+        raise translate(exc, os.path.join(path, "data.mdb")) or IndexMissing(
+            f"cannot read the index at {path}: {exc}; run `pit repair`") from exc
+    if problem:
+        raise IndexDamaged(f"the index is damaged: {os.path.join(path, 'data.mdb')}: {problem}; "
+                           f"run `pit repair` to rebuild it from the packs")
+
+
+def _unwritable(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def access_problem(path: str, readonly: bool) -> str | None:
+    """The first index path this user may not use as needed, or None.
+    (Root passes every check: permissions do not apply to it.)"""
+    need = [(path, os.R_OK | os.X_OK, "read and search")]
+    need.append((os.path.join(path, "data.mdb"), os.R_OK if readonly else os.R_OK | os.W_OK,
+                 "read" if readonly else "read and write"))
+    if not (readonly and _unwritable(path)):  # LMDB skips the lock file of a read-only file system
+        need.append((os.path.join(path, "lock.mdb"), os.R_OK | os.W_OK, "read and write"))
+    for p, mode, what in need:
+        if os.path.lexists(p) and not os.access(p, mode):
+            return f"this user may not {what} {p}"
+    return None
+
+
+def check_access(path: str, readonly: bool) -> None:
+    if not readonly and _unwritable(path):
+        raise ReadOnlyRepository(f"read-only file system: {path}: only reading commands (and `pit verify`, "
+                                 f"which then records nothing) work there")
+    problem = access_problem(path, readonly)
+    if problem:
+        raise PermissionDenied(f"permission denied on the index: {problem} (fix the owner or mode; "
+                               f"this is not damage, `pit repair` would not help)")
+
+
+def open_error(path: str, exc: lmdb.Error, readonly: bool) -> Exception:
+    """The typed error for LMDB failing to open the index at `path`."""
+    problem = access_problem(path, readonly)
+    if problem:
+        return PermissionDenied(f"permission denied on the index: {problem} (fix the owner or mode; "
+                                f"this is not damage, `pit repair` would not help)")
+    typed = translate(exc, path)
+    if typed is not None:
+        return typed
+    return IndexMissing(f"cannot open the index at {path}: {exc}; run `pit repair`")

@@ -35,7 +35,7 @@ from .cache import LRU
 from .chunker import DEFAULT_AVG, ChunkerParams
 from .errors import (
     BlobMissing, DiskFull, FormatVersionError, IndexMissing, IntegrityError,
-    RepositoryExists, RepositoryLocked, RepositoryNotFound, StoreError,
+    RepositoryExists, RepositoryLocked, RepositoryNotFound, StoreError, translate,
 )
 from .index import REF, SEQ_AT, SEQ_LE, U64, BlobEntry, Index, PackEntry, next_seq_problem, pack_seqs, ref_of
 
@@ -102,8 +102,14 @@ class Repository:
         self.pack_size = int(cfg["pack_size"])
         self.backend = LocalBackend(os.path.join(self.path, "packs"))
         self.index_dir = index_dir = os.path.join(self.path, "index")
-        if not os.path.exists(os.path.join(index_dir, "data.mdb")):
-            raise IndexMissing(f"the index of {self.path} is missing; run `pit repair` to rebuild it from the packs")
+        try:
+            os.stat(os.path.join(index_dir, "data.mdb"))
+        except FileNotFoundError:
+            raise IndexMissing(f"the index of {self.path} is missing; run `pit repair` to rebuild it from the packs"
+                               ) from None
+        except OSError as exc:  # not "missing": say what it is (a permission problem is not repair's to fix)
+            raise translate(exc, os.path.join(index_dir, "data.mdb")) or IndexMissing(
+                f"cannot reach the index of {self.path}: {exc}") from None
         if readonly:
             self.index = Index(index_dir, readonly=True)
         else:
@@ -117,9 +123,14 @@ class Repository:
                 self.index = Index(index_dir)
             finally:
                 _release_lock(fd)
-        with self.index.read() as txn:
-            fmt = txn.get(b"format", db=self.index.db["meta"])
-            seq_problem = next_seq_problem(txn, self.index.db) if fmt is not None else None
+        try:
+            with self.index.read() as txn:
+                fmt = txn.get(b"format", db=self.index.db["meta"])
+                seq_problem = next_seq_problem(txn, self.index.db) if fmt is not None else None
+        except lmdb.Error as exc:
+            self.index.close()
+            raise translate(exc, index_dir) or IndexMissing(
+                f"cannot read the index of {self.path}: {exc}; run `pit repair`") from exc
         if fmt is None:
             raise IndexMissing(f"the index of {self.path} is empty; run `pit repair` to rebuild it from the packs")
         if seq_problem:
@@ -627,7 +638,10 @@ def _nearly_full(path: str) -> bool:
 
 
 def _acquire_lock(path: str, wait: float) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only file system, or not ours to write: say which
+        raise translate(exc, path) or exc
     deadline = time.monotonic() + wait
     while True:
         try:

@@ -572,13 +572,16 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
         locate_damage(repo, txn, w.bad, all_snaps)
         report.damage = list(w.bad.values())
     report.seconds = round(time.monotonic() - t0, 3)
-    if record:
+    if record and repo.readonly:
+        report.notes.append("results not recorded: the repository is open read-only (a read-only file system, "
+                            "or no write permission)")
+    elif record:
         _record(repo, report, chosen, good, lock_wait)
     return report
 
 
 def _record(repo, report: VerifyReport, chosen: list[Snapshot], good: list[bytes], lock_wait: float) -> None:
-    from .errors import RepositoryLocked
+    from .errors import PermissionDenied, ReadOnlyRepository, RepositoryLocked
 
     now = int(time.time())
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
