@@ -10,7 +10,7 @@ Damage: a file whose chunk is missing or corrupt (or whose chunk list cannot
 be read), and a directory whose tree cannot be read, are *not restored* and
 collected in `Restorer.failures` with the reason; everything else is
 restored, and `restore` then raises a `DamageFound` (exit code 3) carrying
-the stats and the failures (`RestoreIncomplete`). A damaged file leaves
+the stats and the failures (`restore_incomplete`). A damaged file leaves
 nothing behind (its temporary file is removed), a damaged subtree is named
 once as a whole. With `fail_fast=True` the first damage error is raised as
 it is (the old behaviour). Errors that are not damage (disk full, a symlink
@@ -52,9 +52,9 @@ MAX_WARNINGS = 100
 # I/O errors reading the repository that mean its medium is damaged (EIO, and
 # a checksumming file system's EBADMSG/EUCLEAN), not that the restore cannot go on
 READ_DAMAGE_ERRNOS = {errno.EIO, errno.EBADMSG, getattr(errno, "EUCLEAN", errno.EIO)}
-# Extended-attribute namespaces a sync restore removes from a directory when
-# the snapshot does not have them (never security.*: a label the target's
-# own policy gives is not ours to take away)
+# Extended-attribute namespaces a sync restore removes from a directory or an
+# unchanged file when the snapshot does not have them (never security.*: a
+# label the target's own policy gives is not ours to take away)
 SYNC_XATTR_PREFIXES = (b"user.", b"trusted.", b"system.posix_acl_")
 
 MISSING_CHUNK = "missing chunk"
@@ -96,7 +96,7 @@ class RestoreStats:
     warnings: list[str] = field(default_factory=list)  # the first MAX_WARNINGS
 
 
-def RestoreIncomplete(stats: RestoreStats, failures: list["Failure"]) -> DamageFound:
+def restore_incomplete(stats: RestoreStats, failures: list["Failure"]) -> DamageFound:
     """What `Restorer.restore` raises when some files could not be restored
     because of damage (after restoring everything else): a DamageFound (exit
     code 3) carrying `.stats` and `.failures`. Not a class of its own: every
@@ -238,9 +238,9 @@ class Restorer:
         itself when the entry is the snapshot root (name ''), else into target/name.
 
         `path`, the entry's path in the snapshot, only names what could not be
-        restored (default: names relative to the target). Raises
-        RestoreIncomplete after restoring everything else when some files
-        could not be restored because of damage."""
+        restored (default: names relative to the target). When some files
+        could not be restored because of damage, raises DamageFound (with
+        `.stats` and `.failures`) after restoring everything else."""
         p = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else (path or b"")
         p = p.strip(b"/")
         self._prefix = p if entry.name == b"" else p.rpartition(b"/")[0]
@@ -267,7 +267,7 @@ class Restorer:
             self._tfd = -1
             os.close(tfd)
         if self.failures:
-            raise RestoreIncomplete(self.stats, self.failures)  # a DamageFound
+            raise restore_incomplete(self.stats, self.failures)  # a DamageFound
         return self.stats
 
     # ------------------------------------------------------------- damage

@@ -195,10 +195,11 @@ def test_real_snapshot_round_trip(repo_path, tmp_path):
     os.setxattr(src / "f", "user.color", b"blue")
     subprocess.run(["setfacl", "-m", "u:12345:r", str(src / "f")], check=True)
     os.setxattr(src / "d", "user.dir", b"yes")
-    with open(src / "vm.img", "wb") as f:
-        f.truncate(256 * MiB)
-        f.seek(100 * MiB)
-        f.write(rand_bytes(MiB, "vm"))
+    (src / "vm.img").touch()
+    os.truncate(src / "vm.img", 256 * MiB)  # all hole, then 1 MiB of data in the middle
+    fd = os.open(src / "vm.img", os.O_WRONLY)
+    os.pwrite(fd, rand_bytes(MiB, "vm"), 100 * MiB)
+    os.close(fd)
     (src / "d" / "one").write_bytes(rand_bytes(50_000, "one"))
     os.link(src / "d" / "one", src / "two")
     s = snapshot(repo_path, "real", src)
