@@ -241,6 +241,10 @@ def verify(ctx, set_name, specs, deep, sample, seed, recheck_after, as_json):
         ctx.exit(DamageFound.exit_code)
 
 
+LINES_PER_PACK = 5
+QUARANTINED_LINES = 20
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -259,12 +263,27 @@ def repair(ctx, as_json):
         return
     click.echo(f"rebuilt the index from {rep.packs} packs ({rep.frames} frames): {rep.snapshots} snapshots, "
                f"{rep.blobs_indexed} blobs, {rep.garbage_frames} garbage frames; {rep.seconds:.2f} s")
-    for p in rep.packs_damaged:
-        click.echo(f"damaged: {p}")
-    for q in rep.quarantined:
+    per_pack: dict[str, int] = {}
+    for p in dict.fromkeys(rep.packs_damaged):
+        pack = p.split(" ", 1)[0].rstrip(":")
+        per_pack[pack] = per_pack.get(pack, 0) + 1
+        if per_pack[pack] <= LINES_PER_PACK:
+            click.echo(f"damaged: {p}")
+    for pack, n in per_pack.items():
+        if n > LINES_PER_PACK:
+            click.echo(f"damaged: {pack}: ... and {n - LINES_PER_PACK} more damaged stretches")
+    quarantined = list({q["blob"]: q for q in rep.quarantined}.values())
+    for q in quarantined[:QUARANTINED_LINES]:
         click.echo(f"quarantined {q.get('kind', '?')} {q['blob'][:16]}: {q['reason']}")
+    if len(quarantined) > QUARANTINED_LINES:
+        click.echo(f"quarantined ... and {len(quarantined) - QUARANTINED_LINES} more blobs (`--json` lists them all)")
     for label, paths in rep.damaged_snapshots.items():
-        click.echo(f"snapshot {label} is DAMAGED; lost: {', '.join(paths[:10])}{' ...' if len(paths) > 10 else ''}")
+        paths = list(dict.fromkeys(paths))
+        click.echo(f"snapshot {label} is DAMAGED; lost: {', '.join(paths[:10])}"
+                   f"{f' ... and {len(paths) - 10} more' if len(paths) > 10 else ''}")
+    if rep.blobs_quarantined:
+        click.echo(f"{rep.blobs_quarantined} lost blobs keep their place in the index: the next snapshot of "
+                   f"intact data that holds them heals the damaged snapshots (`pit verify` confirms)")
     if rep.damaged_snapshots or rep.quarantined:
         sys.exit(DamageFound.exit_code)
 

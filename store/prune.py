@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgpack
+
 from . import packs as P
 from . import versions
 from .errors import IntegrityError
@@ -32,10 +34,12 @@ class DropStats:
     blobs_freed: int = 0
     bytes_freed: int = 0  # stored bytes that became garbage in packs
     leaked: list[str] = field(default_factory=list)  # children we could not read to decrement
+    quarantine_released: int = 0  # lost blobs (quarantined by repair) nothing references any more
 
     def to_json(self) -> dict:
         return {"snapshots": self.snapshots, "blobs_freed": self.blobs_freed,
-                "bytes_freed": self.bytes_freed, "leaked": self.leaked}
+                "bytes_freed": self.bytes_freed, "leaked": self.leaked,
+                "quarantine_released": self.quarantine_released}
 
 
 _REF_SIZE = REF.size
@@ -44,9 +48,29 @@ _REF_SIZE = REF.size
 def decref(writer, root: bytes, stats: DropStats) -> None:
     """Take one reference off blob `root` (a snapshot's root tree, a set's head)."""
     e = writer.entry(root)
-    if e is None:
+    seq = e.seq if e is not None else reserved_seq(writer.txn, writer.db, root)
+    if seq is None:
         return  # damage verify reports: nothing to free
-    release(writer, {e.seq: 1}, stats)
+    release(writer, {seq: 1}, stats)
+
+
+def quarantine_record(txn, db: dict, bid: bytes) -> dict | None:
+    raw = txn.get(bid, db=db["quarantine"])
+    if raw is None:
+        return None
+    try:
+        rec = msgpack.unpackb(raw)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def reserved_seq(txn, db: dict, bid: bytes) -> int | None:
+    """The sequence number a repair reserved for a referenced blob it found
+    lost (its quarantine record's `seq`), or None."""
+    rec = quarantine_record(txn, db, bid)
+    seq = rec.get("seq") if rec else None
+    return seq if type(seq) is int else None
 
 
 def release(writer, level: dict[int, int], stats: DropStats) -> None:
@@ -98,6 +122,12 @@ def release(writer, level: dict[int, int], stats: DropStats) -> None:
                 e = BlobEntry.decode(raw) if raw is not None else None
             except IntegrityError:
                 e = None
+            if e is None and reserved_seq(txn, db, bid) == U64.unpack(key)[0]:
+                # A blob repair found lost, that nothing references any more:
+                # its number and its quarantine record go (no frame to free).
+                txn.delete(bid, db=db["quarantine"])
+                stats.quarantine_released += 1
+                continue
             if e is None or U64.pack(e.seq) != key:
                 # A damaged index: never unindex a blob that this count does not belong to.
                 stats.leaked.append(f"{bid.hex()[:16]}: its count {key.hex()} reached zero but its index "

@@ -47,6 +47,7 @@ class RepairReport:
     snapshots: int = 0
     snapshots_dropped: int = 0  # tombstoned
     quarantined: list[dict] = field(default_factory=list)
+    blobs_quarantined: int = 0  # referenced blobs lost: numbered, not indexed, healed when stored again
     damaged_snapshots: dict = field(default_factory=dict)  # label -> [paths lost]
     seconds: float = 0.0
 
@@ -145,6 +146,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
         children: dict[bytes, bytes] = {}  # tree or filelist -> its children's ids, joined
         seen: set[bytes] = set()
         missing: dict[bytes, str] = {}
+        missing_kind: dict[bytes, str] = {}
         live = [Snapshot.decode(data, sid) for sid, data in snap_records.items() if sid not in tombs]
         report.snapshots_dropped = sum(1 for sid in snap_records if sid in tombs)
 
@@ -152,6 +154,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
             """Count children of a distinct object; return them for the walk."""
             if bid not in places:
                 missing.setdefault(bid, f"{kind} not found intact in any pack")
+                missing_kind.setdefault(bid, kind)
                 return []
             num, f = places[bid]
             if f.kind == P.CHUNK:
@@ -171,6 +174,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
                 return [(c, "chunk") for c in decode_filelist(data)[0]]
             except StoreError as exc:
                 missing.setdefault(bid, str(exc))
+                missing_kind.setdefault(bid, kind)
                 report.quarantined.append({"blob": bid.hex(), "kind": kind, "pack": P.pack_name(num),
                                            "offset": f.offset, "reason": str(exc)})
                 places.pop(bid, None)
@@ -198,7 +202,22 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
             txn.put(b"next_pack", U64.pack(top + 1), db=db["meta"])
             usage = {num: [0, 0] for num in packinfo}  # live, dead
             seqs: dict[bytes, int] = {}
-            for bid, (num, f) in sorted(places.items(), key=lambda it: (it[1][0], it[1][1].offset)):
+            # Where each quarantined frame was, so a lost blob's number is
+            # reserved beside its neighbours (its chunk list's other chunks).
+            was_at = {bytes.fromhex(q["blob"]): (P.pack_number(q["pack"]), q["offset"])
+                      for q in report.quarantined if "pack" in q}
+            never = (1 << 64, 0)
+            order = [(num, f.offset, bid, f) for bid, (num, f) in places.items()]
+            order += [(*was_at.get(bid, never), bid, None) for bid in missing if refs.get(bid)]
+            order.sort(key=lambda t: (t[0], t[1], t[2]))
+            for num, _off, bid, f in order:
+                if f is None:
+                    # Referenced but lost: a number and a count like any live blob,
+                    # no `blobs` record (reads fail, `has` is false, so a writer that
+                    # meets the bytes again stores them and takes this number).
+                    seq = seqs[bid] = len(seqs) + 1
+                    txn.put(U64.pack(seq), REF.pack(refs[bid], bid), db=db["refs"])
+                    continue
                 size = P.FRAME_OVERHEAD + f.stored_len
                 if refs.get(bid):
                     seq = seqs[bid] = len(seqs) + 1
@@ -212,7 +231,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
                     report.garbage_frames += 1
             txn.put(b"next_seq", U64.pack(len(seqs) + 1), db=db["meta"])
             for bid, joined in children.items():
-                if bid in seqs:  # not quarantined while walking
+                if bid in places:  # not quarantined while walking
                     kid_seqs = [seqs[c] for c in (joined[i:i + 32] for i in range(0, len(joined), 32)) if c in seqs]
                     txn.put(U64.pack(seqs[bid]), pack_seqs(kid_seqs), db=db["kids"])
             live_ids = {s.id for s in live}
@@ -231,11 +250,26 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
                 txn.put(s.id, data, db=db["snapshots"])
                 txn.put(bytime_key(s.set, s.time_ns, s.id), b"", db=db["bytime"])
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            # One quarantine record per blob not indexed: a damaged frame
+            # (without `seq` when nothing references it) or a referenced blob
+            # no pack holds intact (with its reserved `seq`). A damaged copy of
+            # a blob indexed from an intact one needs none: the report names it.
+            quarantine: dict[bytes, dict] = {}
             for q in report.quarantined:
-                txn.put(bytes.fromhex(q["blob"]), msgpack.packb({**q, "time": now}), db=db["quarantine"])
+                bid = bytes.fromhex(q["blob"])
+                if bid not in places:
+                    quarantine.setdefault(bid, {**q, "time": now})
             for bid, why in missing.items():
-                if txn.get(bid, db=db["quarantine"]) is None:
-                    txn.put(bid, msgpack.packb({"blob": bid.hex(), "reason": why, "time": now}), db=db["quarantine"])
+                rec = quarantine.get(bid)
+                if rec is None:
+                    rec = quarantine[bid] = {"blob": bid.hex(), "kind": missing_kind.get(bid, "?"), "reason": why,
+                                             "time": now}
+                    report.quarantined.append({"blob": bid.hex(), "kind": rec["kind"], "reason": why})
+                if bid in seqs:
+                    rec["seq"] = seqs[bid]
+            for bid, rec in quarantine.items():
+                txn.put(bid, msgpack.packb(rec), db=db["quarantine"])
+            report.blobs_quarantined = sum(1 for r in quarantine.values() if "seq" in r)
             for (what, key), rec in settings.items():
                 if what == "pin" and key in live_ids:
                     txn.put(key, msgpack.packb({"pinned": bool(rec["value"])}), db=db["snapmeta"])
@@ -244,6 +278,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
             report.snapshots = len(live)
         idx.close()
         report.damaged_snapshots = _mark_damaged(repo, new_dir, live, set(missing))
+        report.packs_damaged = list(dict.fromkeys(report.packs_damaged))
         _swap_in(repo.path, new_dir)
     finally:
         _release_lock(lock)
@@ -263,11 +298,11 @@ def _mark_damaged(repo, index_dir: str, live: list[Snapshot], bad_ids: set[bytes
         bad = {b: Damage(b.hex(), "?", "", "lost") for b in bad_ids}
         with repo.reading() as txn:
             locate_damage(repo, txn, bad, live)
-        out: dict[str, list[str]] = {}
+        out: dict[str, dict[str, None]] = {}  # label -> its lost paths, each once, in the order found
         for d in bad.values():
             for p in d.paths:
-                label = p.split(":", 1)[0]
-                out.setdefault(label, []).append(p.split(":", 1)[1])
+                label, path = p.split(":", 1)
+                out.setdefault(label, {})[path] = None
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with repo.index.write() as txn:
             for s in live:
@@ -276,9 +311,9 @@ def _mark_damaged(repo, index_dir: str, live: list[Snapshot], bad_ids: set[bytes
                     raw = txn.get(s.id, db=repo.index.db["snapmeta"])
                     meta = msgpack.unpackb(raw) if raw else {}
                     meta.update(verify={"time": now, "depth": "repair", "result": "damaged"},
-                                lost=out[label][:1000])
+                                lost=list(out[label])[:1000])
                     txn.put(s.id, msgpack.packb(meta), db=repo.index.db["snapmeta"])
-        return out
+        return {label: list(paths) for label, paths in out.items()}
     finally:
         repo.index.close()
 

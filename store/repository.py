@@ -27,6 +27,7 @@ from typing import Iterator
 
 import blake3
 import lmdb
+import msgpack
 import zstandard
 
 from . import packs as P
@@ -301,9 +302,12 @@ class Writer:
             self._pending_refs: dict[bytes, int] = {}
             self._pending_seq: dict[int, bytes] = {}
             self._next_seq = U64.unpack(self.txn.get(b"next_seq", db=self.db["meta"]))[0]
+            # Blobs a repair found referenced but lost (docs/format.md, `quarantine`):
+            # looked up by id only while there are any, one stat per session.
+            self._quarantined = self.txn.stat(self.db["quarantine"])["entries"] > 0
             self._zero_flushed: list[bytes] = []  # flushed early with refs 0: sweep them at commit
             self.session_ids: set[bytes] | None = set()  # every blob new in this session (None when too many)
-            self.stats = {"new_blobs": 0, "new_stored": 0, "new_raw": 0}
+            self.stats = {"new_blobs": 0, "new_stored": 0, "new_raw": 0, "healed": 0}
             self._clean_leftover_packs()
             repo.active_writer = self
         except BaseException:
@@ -447,11 +451,12 @@ class Writer:
         self._index_new(bid, BlobEntry(kind, flags, num, info.offset, stored_len, raw_len, -1))
 
     def _index_new(self, bid: bytes, e: BlobEntry) -> None:
-        e.seq = self._next_seq
-        self._next_seq += 1
-        self._pending[bid] = e
-        self._pending_refs[bid] = 0
-        self._pending_seq[e.seq] = bid
+        if not (self._quarantined and self._heal(bid, e)):
+            e.seq = self._next_seq
+            self._next_seq += 1
+            self._pending[bid] = e
+            self._pending_refs[bid] = 0
+            self._pending_seq[e.seq] = bid
         if self.session_ids is not None:
             self.session_ids.add(bid)
             if len(self.session_ids) > self.SESSION_IDS_MAX:
@@ -461,6 +466,34 @@ class Writer:
         self.stats["new_blobs"] += 1
         self.stats["new_stored"] += e.stored_len
         self.stats["new_raw"] += e.raw_len
+
+    def _heal(self, bid: bytes, e: BlobEntry) -> bool:
+        """A blob stored again that a repair quarantined. With a reserved
+        sequence number (it was referenced: its `refs` record holds the
+        recounted count and the parents' `kids` name that number) it takes
+        that number and its index record is written now, so the snapshots it
+        broke are whole again; True. Its quarantine record goes either way.
+        A tree or filelist healed here gets its `kids` record from `link`,
+        like a new one: the repair could not read it, so it has none."""
+        qdb = self.db["quarantine"]
+        raw = self.txn.get(bid, db=qdb)
+        if raw is None:
+            return False
+        self.txn.delete(bid, db=qdb)
+        try:
+            rec = msgpack.unpackb(raw)
+            seq = rec.get("seq") if isinstance(rec, dict) else None
+        except (ValueError, TypeError, msgpack.UnpackException):
+            seq = None
+        if type(seq) is not int or not 0 < seq < self._next_seq:
+            return False  # a damaged frame nothing referenced: the blob is simply new
+        ref = self.txn.get(U64.pack(seq), db=self.db["refs"])
+        if ref is None or len(ref) != REF.size or ref[4:] != bid or self.txn.get(bid, db=self.db["blobs"]):
+            return False  # not what repair left (verify names it): index the blob as new, under a new number
+        e.seq = seq
+        self.txn.put(bid, e.encode(), db=self.db["blobs"])
+        self.stats["healed"] += 1
+        return True
 
     def put_record(self, kind: int, bid: bytes, data: bytes) -> None:
         """Append a record frame (snapshot, tombstone) that the blob index does not hold."""

@@ -25,7 +25,7 @@ from . import packs as P
 from .errors import BlobMissing, IntegrityError, StoreError
 from .files import INDEX_VERSION, decode_filelist_level
 from .index import BLOB, SEQ_AT, SEQ_LE, U64, BlobEntry, PackEntry, ref_of, unpack_seqs
-from .snapmeta import get_meta, update_meta
+from .snapmeta import get_meta, put_meta
 from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree, tree_children
 from .workers import default_workers, process_pool, stop_pool
@@ -92,6 +92,7 @@ class _Walker:
         self.expected: Counter = Counter()
         self.recount = recount
         self.bad: dict[bytes, Damage] = {}
+        self.quarantine = _quarantine(repo, txn)  # blob id -> its record (repair found it damaged or lost)
 
     def entry(self, bid: bytes) -> BlobEntry | None:
         raw = self.txn.get(bid, db=self.blobs)
@@ -110,6 +111,18 @@ class _Walker:
     def _where(self, e: BlobEntry | None) -> str:
         return f"pack {P.pack_name(e.pack)} offset {e.offset}" if e else "not in the index"
 
+    def missing(self, bid: bytes, kind: str) -> None:
+        """A referenced blob with no index record: lost, and quarantined by a
+        repair (which says where it was and why) until stored again, or gone
+        for no recorded reason."""
+        q = self.quarantine.get(bid)
+        if q is None:
+            self._damage(bid, kind, "not in the index", "referenced but missing")
+            return
+        where = f"pack {q['pack']} offset {q['offset']}" if "pack" in q and "offset" in q else "not in the index"
+        self._damage(bid, kind if kind != "?" else str(q.get("kind", "?")), where,
+                     f"quarantined by repair: {q.get('reason', '?')}")
+
     def walk(self, roots: list[bytes]) -> None:
         """Breadth first, one level of trees and file lists at a time, each
         level read in pack order after telling the kernel what comes: on a
@@ -125,7 +138,7 @@ class _Walker:
             for bid, kind in level:
                 e = self.entry(bid)
                 if e is None:
-                    self._damage(bid, kind, "not in the index", "referenced but missing")
+                    self.missing(bid, kind)
                 else:
                     todo.append((e.pack, e.offset, bid, kind, e))
             todo.sort(key=lambda t: (t[0], t[1]))
@@ -185,11 +198,13 @@ class _Walker:
             self.check_kids(cid, e, "filelist", ids)
 
     def _seq(self, bid: bytes) -> int | None:
-        if bid in self.chunks:
-            e = self.chunks[bid]
-            return e.seq if e is not None else None
+        if bid in self.chunks and self.chunks[bid] is not None:
+            return self.chunks[bid].seq
         raw = self.txn.get(bid, db=self.blobs)
-        return SEQ_LE.unpack_from(raw, SEQ_AT)[0] if raw is not None and len(raw) == BLOB.size else None
+        if raw is None:  # lost: a repair reserved its number (parents' `kids` name it)
+            seq = self.quarantine.get(bid, {}).get("seq")
+            return seq if type(seq) is int else None
+        return SEQ_LE.unpack_from(raw, SEQ_AT)[0] if len(raw) == BLOB.size else None
 
     def check_kids(self, bid: bytes, e: BlobEntry, kind: str, children: list[bytes]) -> None:
         """The object's `kids` record (what dropping it decrements) must list
@@ -209,7 +224,7 @@ class _Walker:
             return
         e = self.chunks[cid] = self.entry(cid)
         if e is None:
-            self._damage(cid, "chunk", "not in the index", "referenced but missing")
+            self.missing(cid, "chunk")
 
 
 def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
@@ -285,7 +300,9 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is truncated")
             elif size is None:
                 w._damage(k, P.KIND_NAMES.get(e.kind, "?"), w._where(e), "its pack is missing")
-    for name, want, what in (("refs", nblobs, "reference count records"), ("kids", nparents, "children records")):
+    nreserved = _check_quarantine(txn, db, w, report)
+    for name, want, what in (("refs", nblobs + nreserved, "reference count records"),
+                             ("kids", nparents, "children records")):
         have = txn.stat(db[name])["entries"]
         if have != want:
             report.problems.append(f"the index holds {have} {what} for {want} blobs that need one (run `pit repair`)")
@@ -297,7 +314,50 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
                 report.problems.append(f"catalogue entry {set_name} {k[-32:].hex()[:12]} points at no snapshot record")
     for k, n in w.expected.items():
         if n and txn.get(k, db=repo.index.db["blobs"]) is None and k not in w.bad:
-            w._damage(k, "?", "not in the index", "referenced but missing")
+            w.missing(k, "?")
+
+
+def _quarantine(repo, txn) -> dict[bytes, dict]:
+    import msgpack
+
+    out = {}
+    with txn.cursor(db=repo.index.db["quarantine"]) as cur:
+        for k, v in cur:
+            try:
+                rec = msgpack.unpackb(v)
+            except (ValueError, TypeError, msgpack.UnpackException):
+                rec = None
+            out[bytes(k)] = rec if isinstance(rec, dict) else {"reason": "its quarantine record is corrupt"}
+    return out
+
+
+def _check_quarantine(txn, db, w: "_Walker", report: VerifyReport) -> int:
+    """The numbers a repair reserved for lost blobs: each has a reference
+    count (what would be freed if the snapshots needing it went) that must
+    match the recount, and no index record (a blob stored again takes the
+    number and drops the quarantine record). Returns how many there are."""
+    n = 0
+    for bid, q in w.quarantine.items():
+        seq = q.get("seq")
+        if seq is None:
+            continue  # a damaged frame nothing referenced when repair ran: not a finding
+        if type(seq) is not int or txn.get(bid, db=db["blobs"]) is not None:
+            report.problems.append(f"blob {bid.hex()[:16]}: its quarantine record does not fit the index "
+                                   f"(run `pit repair`)")
+            continue
+        n += 1
+        try:
+            r = ref_of(txn, db, seq)
+        except IntegrityError:
+            r = None
+        if r is None or r[1] != bid:
+            report.problems.append(f"lost blob {bid.hex()[:16]} has no reference count record under its "
+                                   f"reserved number {seq} (run `pit repair`)")
+            continue
+        want = w.expected.get(bid, 0)
+        if r[0] != want:
+            report.problems.append(f"lost blob {bid.hex()[:16]} has reference count {r[0]}, recount says {want}")
+    return n
 
 
 def _check_count(txn, db, w: "_Walker", report: VerifyReport, bid: bytes, e: BlobEntry) -> None:
@@ -597,10 +657,16 @@ def _record(repo, report: VerifyReport, chosen: list[Snapshot], good: list[bytes
                     continue  # dropped meanwhile
                 label = f"{s.set}@{s.name}"
                 result = "damaged" if label in broken else "good"
-                update_meta(w, s.id, verify={"time": stamp, "depth": report.depth, "result": result})
+                meta = get_meta(repo, w.txn, s.id)
+                meta["verify"] = {"time": stamp, "depth": report.depth, "result": result}
+                if result == "good":
+                    meta.pop("lost", None)  # a repair's finding, healed since (docs/format.md, `quarantine`)
+                put_meta(w, s.id, meta)
         report.recorded = True
     except RepositoryLocked:
         report.notes.append("results not recorded: the repository was locked by a writer")
+    except (ReadOnlyRepository, PermissionDenied) as exc:
+        report.notes.append(f"results not recorded: {exc}")
 
 
 def snapshot_status(repo, txn, sid: bytes) -> dict | None:
