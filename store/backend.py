@@ -25,6 +25,7 @@ class AppendHandle(Protocol):
 class PackBackend(Protocol):
     def create(self, name: str) -> AppendHandle: ...
     def open_append(self, name: str, truncate_to: int) -> AppendHandle: ...
+    def truncate(self, name: str, size: int) -> None: ...
     def read(self, name: str, offset: int, length: int) -> bytes: ...
     def will_need(self, name: str, offset: int, length: int) -> None: ...
     def size(self, name: str) -> int: ...
@@ -118,6 +119,14 @@ class LocalBackend:
             os.close(fd)
             raise
         return _LocalAppend(fd, truncate_to)
+
+    def truncate(self, name: str, size: int) -> None:
+        """Cut an unsealed pack back to `size` (an aborted session's bytes). No fsync:
+        the bytes past `size` were never committed, and the next writer truncates too."""
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+        os.truncate(self._path(name), size)
 
     def _reader(self, name: str) -> int:
         fd = self._fds.get(name)

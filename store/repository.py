@@ -291,10 +291,14 @@ class Writer:
         self._cctx = zstandard.ZstdCompressor(level=repo.level)
         try:
             self.txn = repo.index.write()
+            self._txn_id = self.txn.id()
             self.pack: P.PackWriter | None = None
             self._pack_entry: PackEntry | None = None
             self._prior_end = 0  # frames before this offset were written by earlier sessions
-            self._pack_created = False
+            # What an abort must undo on disk: packs this session created, and
+            # the committed size of the open pack it reopened.
+            self._created_packs: list[str] = []
+            self._reopened: tuple[str, int] | None = None
             # New blobs' index entries wait here until commit (or until there
             # are many): a chunk is written once with its final reference
             # count instead of put, read back and put again per reference.
@@ -344,10 +348,13 @@ class Writer:
             handle = self.repo.backend.open_append(P.pack_name(num), entry.size)
             self.pack = P.PackWriter(P.pack_name(num), handle, [])
             self._prior_end = entry.size
+            if self._reopened is None:
+                self._reopened = (P.pack_name(num), entry.size)
         else:
             num = U64.unpack(self.txn.get(b"next_pack", db=meta))[0]
             self.txn.put(b"next_pack", U64.pack(num + 1), db=meta)
             self.txn.put(b"open_pack", U64.pack(num), db=meta)
+            self._created_packs.append(P.pack_name(num))
             self.pack = P.PackWriter.create(self.repo.backend, P.pack_name(num))
             entry = PackEntry(size=P.PACK_HEADER.size, sealed=False, live=0, dead=0)
             self._prior_end = P.PACK_HEADER.size
@@ -638,16 +645,42 @@ class Writer:
         except lmdb.Error:
             pass
         if self.pack is not None:
-            # Bytes past the committed size are garbage: the next writer
-            # truncates the pack to its committed size before appending.
             try:
                 self.pack.close()
             except OSError:
                 pass
             self.pack = None
+        self._undo_packs()
         self.repo.chunk_cache.clear()
         self.repo.object_cache.clear()
         self._finish()
+
+    def _undo_packs(self) -> None:
+        """Give back the disk space of what this session wrote: delete the
+        packs it created and cut the pack it reopened back to its committed
+        size (a failed snapshot on a full disk must not keep 100 MB of
+        uncommitted bytes until the next writer). Best effort and unsynced:
+        the next writer does the same (section 9.3 of docs/format.md), and
+        nothing committed names these bytes. We still hold the lock."""
+        backend = self.repo.backend
+        try:  # a commit that failed after all (it never should: LMDB restores its old meta page) keeps its packs
+            if self.repo.index.env.info()["last_txnid"] >= self._txn_id:
+                return
+        except lmdb.Error:
+            return
+        for name in self._created_packs:
+            try:
+                backend.delete(name)
+            except OSError:
+                pass
+        if self._reopened is not None:
+            name, size = self._reopened
+            try:
+                if backend.size(name) > size:
+                    backend.truncate(name, size)
+            except (OSError, StoreError):
+                pass
+        self._created_packs, self._reopened = [], None
 
     def _finish(self) -> None:
         self._ended = True
