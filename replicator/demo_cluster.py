@@ -8,8 +8,15 @@ template: a consistent copy at each point), makes changes, shows them arriving
 as versions and prints the WebDAV URL with its credentials.
 `pit demo failover` kills the primary (its agent, and its cable) and shows
 the secondary taking over with the image it chose and why. `pit demo status`
-shows the cluster; `pit demo down` removes everything it made (processes,
-namespaces, ./demo-data). Every step prints the `pit` command it runs.
+shows the cluster; `pit demo store` runs the single-repository tour in
+./demo-data/store (never over the cluster's state). `pit demo down` removes
+everything any of them made: the processes the demo recorded and every
+process that is one of the demo's by what it is (inside a demo namespace, or
+etcd, a `pit` or a web server whose command line names the demo directory),
+the namespaces by name, and the directory; it then checks they are gone and
+says only what it did, or what survived (exit 1). Every step prints the `pit`
+command it runs, as the user must type it (`.venv/bin/pit` when the `pit` on
+the PATH is not this one).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import time
 
 import click
 
-from store.demo import DEMO_DIR, _make_site
+from store.demo import _OLD_STORE_TOUR, DEMO_DIR, STORE_MARK, _make_site, pit_command, run_demo
 
 from .waiting import WaitTimeout, poll_until
 
@@ -35,6 +42,107 @@ NODES = {"primary": 1, "secondary": 2, "archive": 3}
 ETCD_HOST = 9
 PIT = os.path.join(os.path.dirname(sys.executable), "pit")
 DEMO_USER, DEMO_PASSWORD = "demo", "pitstore-demo"
+# what a demo directory may hold: `pit demo down` removes a directory with anything else in it only when
+# it has the cluster demo's demo.json
+DEMO_ENTRIES = {"demo.json", "logs", "primary", "secondary", "archive", "etcd", "hooks", "cluster.toml",
+                "serve.toml", "restored", "store", STORE_MARK} | _OLD_STORE_TOUR
+DOWN_TIMEOUT = 20.0   # seconds `pit demo down` keeps killing and looking before it names what survived
+PIT_SUBCOMMANDS = ("agent", "serve", "etcd", "join", "demo", "mount", "point", "failover", "status")
+
+
+# ---------------------------------------------------------------------- finding the demo's processes
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def _stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, parent, process group, session) of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(")") + 2:].split()
+    return rest[0], int(rest[1]), int(rest[2]), int(rest[3])
+
+
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"   # a zombie has stopped; its parent has not reaped it yet
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents (`pit demo --dir X down` names X too: it is not a demo process)."""
+    out, pid = set(), os.getpid()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        st = _stat(pid)
+        pid = st[1] if st else 0
+    return out
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def demo_namespaces() -> list[str]:
+    """The demo's network namespaces on this machine, by name (pitdemo-*)."""
+    r = _ip("netns", "list")
+    if r is None or r.returncode != 0:
+        return []
+    return [ln.split()[0] for ln in r.stdout.splitlines() if ln.startswith(PREFIX + "-")]
+
+
+def _ns_pids(ns: str) -> list[int]:
+    r = _ip("netns", "pids", ns)
+    return [int(x) for x in r.stdout.split() if x.isdigit()] if r is not None else []
+
+
+def _mentions(args: list[str], roots: set[str]) -> bool:
+    return any(a == r or r + "/" in a for a in args for r in roots)
+
+
+def _demo_program(args: list[str]) -> bool:
+    """etcd, a Python (`pit`, the web server), a shell (a hook) or `ip netns exec`: what the demo runs.
+    Anything else naming the directory (an editor, `tail -f` on a log) is the user's."""
+    if not args:
+        return False
+    prog = os.path.basename(args[0])
+    return prog in ("etcd", "pit", "sh", "dash", "bash", "ip") or prog.startswith("python")
+
+
+def _roots_in(args: list[str]) -> set[str]:
+    """The demo directory a process in a demo namespace belongs to (its agent.toml, etcd's data)."""
+    out = set()
+    for i, a in enumerate(args):
+        if a.endswith("/agent.toml") and os.path.isabs(a):
+            out.add(os.path.dirname(os.path.dirname(a)))                  # ROOT/<node>/agent.toml
+        if a == "--data-dir" and i + 1 < len(args) and args[i + 1].endswith("/etcd/etcd/data"):
+            out.add(args[i + 1][:-len("/etcd/etcd/data")])                # ROOT/etcd/etcd/data
+    return out
+
+
+def _describe(args: list[str]) -> str:
+    if not args:
+        return "?"
+    prog = os.path.basename(args[0])
+    if prog == "etcd":
+        return "etcd"
+    if "http.server" in args:
+        return "web server"
+    for i, a in enumerate(args[:2]):
+        if os.path.basename(a) == "pit":
+            sub = next((x for x in args[i + 1:] if x in PIT_SUBCOMMANDS), None)
+            return f"pit {sub}" if sub else "pit"
+    return prog
 
 
 class Demo:
@@ -46,6 +154,10 @@ class Demo:
                 self.meta = json.load(f)
         except (OSError, ValueError):
             self.meta = {}
+        # the commands as the user types them
+        self.cmd = pit_command()
+        self.demo_cmd = f"{self.cmd} demo" + ("" if self.root == os.path.abspath(DEMO_DIR)
+                                              else f" --dir {shlex.quote(self.root)}")
 
     # ------------------------------------------------------------------ places
     def p(self, *parts: str) -> str:
@@ -76,12 +188,12 @@ class Demo:
         cmd = self.wrap(node, [PIT, *args])
         if show:
             where = f"[{node}] " if node else ""
-            click.secho(f"{where}$ pit " + " ".join(shlex.quote(a) for a in args), fg="cyan", bold=True)
+            click.secho(f"{where}$ {self.cmd} " + " ".join(shlex.quote(a) for a in args), fg="cyan", bold=True)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if show and r.stdout.strip():
             click.echo(r.stdout.rstrip())
         if check and r.returncode != 0:
-            raise click.ClickException(f"pit {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+            raise click.ClickException(f"{self.cmd} {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r.stdout
 
     def daemon(self, name: str, node: str | None, cmd: list[str]) -> None:
@@ -149,8 +261,12 @@ class Demo:
 
     # ------------------------------------------------------------------ up
     def up(self) -> None:
-        if os.path.exists(self.root):
-            Demo(self.root).down(quiet=True)
+        others = self._survey()[2]
+        if others:
+            raise click.ClickException(
+                f"a cluster demo from {', '.join(sorted(others))} runs on this machine (namespaces "
+                f"{PREFIX}-*): `{self.cmd} demo --dir {shlex.quote(sorted(others)[0])} down` removes it")
+        Demo(self.root).down(quiet=True)   # an earlier demo here, or what is left of one
         os.makedirs(self.root)
         self.meta = {}
         self.meta["netns"] = self.net_up()
@@ -183,7 +299,7 @@ class Demo:
             self.wait("the primary's join listener", lambda: subprocess.run(
                 self.wrap(n, [PIT, "join", "--state", self.p(n, "state"), token, "--node", n, "--address", addr[n]]),
                 capture_output=True, timeout=60).returncode == 0, 30)
-            click.secho(f"[{n}] $ pit join --state {self.p(n, 'state')} <token> --node {n} --address {addr[n]}",
+            click.secho(f"[{n}] $ {self.cmd} join --state {self.p(n, 'state')} <token> --node {n} --address {addr[n]}",
                         fg="cyan", bold=True)
             self.pit("--repo", self.p(n, "repo"), "init", show=False)
             self.daemon(f"agent-{n}", n, [PIT, "agent", "--config", self.p(n, "agent.toml")])
@@ -226,9 +342,9 @@ class Demo:
         click.echo(f"  the shop's web site is served by the primary at {web}"
                    + (f" (from a namespace: ip netns exec {self.ns('archive')} curl {web})" if self.netns else ""))
         click.secho("What to type next:", bold=True)
-        click.echo("  pit demo status      # roles, fencing token, replicas")
-        click.echo("  pit demo failover    # kill the primary: the secondary takes over")
-        click.echo("  pit demo down        # remove everything the demo made")
+        click.echo(f"  {self.demo_cmd} status      # roles, fencing token, replicas")
+        click.echo(f"  {self.demo_cmd} failover    # kill the primary: the secondary takes over")
+        click.echo(f"  {self.demo_cmd} down        # remove everything the demo made")
 
     def _working_day(self) -> None:
         site = self.p("primary", "site")
@@ -297,7 +413,7 @@ esac
     # ------------------------------------------------------------------ failover
     def failover(self) -> None:
         if not self.meta:
-            raise click.ClickException("no demo is running here: run `pit demo` first")
+            raise click.ClickException(f"no cluster demo is running in {self.root}: run `{self.demo_cmd}` first")
         click.secho("The primary dies: its agent is killed and its cable pulled.\n", bold=True)
         t0 = time.monotonic()
         pid = self.meta.get("pids", {}).get("agent-primary")
@@ -330,36 +446,167 @@ esac
             self.wrap("archive", ["curl", "-sf", web]), capture_output=True, text=True).stdout, 30)
         click.echo(f"  the shop's web site answers on the secondary at {web}: {body.strip()[:60]}")
         self.pit("failover", "status", "--config", self.p("secondary", "agent.toml"))
-        click.echo("\n`pit demo down` removes everything.")
+        click.echo(f"\n`{self.demo_cmd} down` removes everything.")
 
     # ------------------------------------------------------------------ status and down
     def show(self) -> None:
         if not self.meta:
-            raise click.ClickException("no demo is running here: run `pit demo` first")
+            raise click.ClickException(f"no cluster demo is running in {self.root}: run `{self.demo_cmd}` first")
         for n in NODES:
             st = self.status(n)
-            click.echo(f"{n:10} {st.get('phase', 'down'):9} leader {st.get('leader')} token {st.get('token')}")
+            if not st:
+                click.echo(f"{n:10} down      (its agent does not answer)")
+                continue
+            leader, token = st.get("leader"), st.get("token")
+            click.echo(f"{n:10} {st.get('phase') or '?':9} leader {leader or 'none'}"
+                       + (f", fencing token {token}" if token is not None else ""))
         if self.meta.get("webdav"):
             click.echo(f"WebDAV: {self.meta['webdav']}  user {DEMO_USER}, password {DEMO_PASSWORD}")
 
-    def down(self, quiet: bool = False) -> None:
-        for name, pid in self.meta.get("pids", {}).items():
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for f in os.listdir(self.p("hooks")) if os.path.isdir(self.p("hooks")) else []:
-            if f.endswith(".pid"):
+    def recorded(self) -> dict[str, int]:
+        """The pids the demo wrote down: its daemons (demo.json) and the hooks' web servers (pid files)."""
+        out = {name: pid for name, pid in self.meta.get("pids", {}).items() if isinstance(pid, int)}
+        hooks = self.p("hooks")
+        for f in sorted(os.listdir(hooks)) if os.path.isdir(hooks) else []:
+            if f.startswith("web-") and f.endswith(".pid"):
                 try:
-                    os.kill(int(open(self.p("hooks", f)).read()), signal.SIGKILL)
+                    with open(os.path.join(hooks, f)) as fh:
+                        out[f"web server ({f[4:-4]})"] = int(fh.read().strip())
                 except (OSError, ValueError):
                     pass
-        if self.netns:
-            self.net_down()
-        if os.path.exists(self.root):
-            shutil.rmtree(self.root)
+        return out
+
+    def _survey(self) -> tuple[dict[int, list[str]], list[str], set[str], dict[int, str]]:
+        """What of a demo runs on this machine now: {pid: command line} of its processes, its namespaces,
+        other demo directories those namespaces serve, and recorded pids that are now something else."""
+        roots = {self.root, os.path.realpath(self.root)}
+        skip = _ancestors()
+        namespaces = demo_namespaces()
+        procs: dict[int, list[str]] = {}
+        others: set[str] = set()
+        for ns in namespaces:                       # everything inside a demo namespace is the demo's
+            for pid in _ns_pids(ns):
+                args = _cmdline(pid)
+                if pid not in skip and args is not None:
+                    procs[pid] = args
+                    others |= {r for r in _roots_in(args) if r not in roots}
+        roots |= others
+        table: dict[int, tuple[list[str], tuple]] = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) in skip:
+                continue
+            pid = int(d)
+            args, st = _cmdline(pid), _stat(pid)
+            if args is None or st is None or st[0] == "Z":
+                continue
+            table[pid] = (args, st)
+            if _demo_program(args) and _mentions(args, roots):
+                procs[pid] = args
+        strangers = {}
+        for name, pid in self.recorded().items():
+            if pid in table and pid not in procs:
+                if _mentions(table[pid][0], roots):
+                    procs[pid] = table[pid][0]
+                else:                               # the pid went to another program since
+                    strangers[pid] = f"{name}'s pid {pid} is now {' '.join(table[pid][0])[:80]!r}: left alone"
+        leaders = set(procs)                        # what they started: an agent's workers, a hook's children
+        for pid, (args, st) in table.items():
+            if pid not in procs and (st[2] in leaders or st[3] in leaders):
+                procs[pid] = args
+        return {p: a for p, a in procs.items() if _alive(p)}, namespaces, others, strangers
+
+    def down(self, quiet: bool = False) -> None:
+        """Remove everything a demo made, check it is gone, and say only that; what survives is an error."""
+        names = {pid: name for name, pid in self.recorded().items()}
+        stopped: dict[int, str] = {}
+        others: set[str] = set()
+        notes: list[str] = []
+        alive: dict[int, list[str]] = {}
+        deadline = time.monotonic() + DOWN_TIMEOUT
+        while True:                                 # a dying agent may still have started a hook: look again
+            procs, _, found, strangers = self._survey()
+            others |= found
+            notes += [n for n in strangers.values() if n not in notes]
+            if not procs:
+                alive = {}
+                break
+            for pid, args in procs.items():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:                     # gone already, or not ours to kill: the check below says
+                    pass
+                stopped.setdefault(pid, names.get(pid) or _describe(args))
+            try:
+                poll_until(lambda: not any(_alive(p) for p in procs), max(0.5, deadline - time.monotonic()),
+                           "the demo's processes to stop", 0.05)
+            except WaitTimeout:
+                pass
+            alive = {p: a for p, a in procs.items() if _alive(p)}
+            if time.monotonic() >= deadline:
+                break
+        problems = [f"still running: pid {p} ({' '.join(a)[:120]})" for p, a in sorted(alive.items())]
+        try:   # dead already; a moment for their new parent (init) to reap them, so that `pgrep` shows none
+            poll_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in stopped if p not in alive), 5,
+                       "the stopped processes to be reaped", 0.1)
+        except WaitTimeout:
+            pass
+
+        deleted = []
+        for ns in demo_namespaces():                # by name: whatever demo made them
+            r = _ip("netns", "del", ns)
+            if r is not None and r.returncode == 0:
+                deleted.append(ns)
+        left_ns = demo_namespaces()
+        deleted = [ns for ns in deleted if ns not in left_ns]
+        if left_ns:
+            problems.append(f"namespaces still there: {', '.join(left_ns)}")
+
+        removed = False
+        if os.path.lexists(self.root):
+            unknown = set(os.listdir(self.root)) - DEMO_ENTRIES if os.path.isdir(self.root) else {"?"}
+            if unknown and not self.meta:
+                problems.append(f"{self.root} left in place: it holds what no demo makes "
+                                f"({', '.join(sorted(unknown)[:5])})")
+            else:
+                try:
+                    if os.path.isdir(self.root) and not os.path.islink(self.root):
+                        shutil.rmtree(self.root)
+                    else:
+                        os.unlink(self.root)
+                    removed = not os.path.lexists(self.root)
+                    if not removed:
+                        problems.append(f"{self.root} is still there")
+                except OSError as exc:
+                    problems.append(f"{self.root} not removed: {exc}")
+
         if not quiet:
-            click.echo(f"demo removed: processes stopped, namespaces deleted, {self.root} gone")
+            if stopped:
+                gone = [f"{name} {pid}" for pid, name in sorted(stopped.items(), key=lambda x: (x[1], x[0]))
+                        if pid not in alive]
+                if gone:
+                    click.echo(f"stopped {len(gone)} process{'es' if len(gone) > 1 else ''} (checked gone): "
+                               f"{', '.join(gone)}")
+            else:
+                click.echo("no demo processes were running")
+            if others:
+                click.echo(f"(they include the cluster demo of {', '.join(sorted(others))}, whose namespaces "
+                           f"have the same names; its directory is left: `{self.cmd} demo --dir "
+                           f"{shlex.quote(sorted(others)[0])} down` removes it)")
+            if deleted:
+                click.echo(f"deleted namespaces (checked gone): {', '.join(deleted)}")
+            elif not left_ns:
+                click.echo("no demo namespaces existed")
+            if removed:
+                click.echo(f"removed {self.root} (checked gone)")
+            elif not os.path.lexists(self.root):
+                click.echo(f"{self.root} did not exist")
+            for n in notes:
+                click.echo(n)
+        if problems:
+            raise click.ClickException("the demo is NOT completely removed: " + "; ".join(problems))
+        if not quiet:
+            click.echo("demo removed: nothing of it is left" if stopped or deleted or removed
+                       else "there was no demo to remove")
 
 
 @click.group("demo", invoke_without_command=True)
@@ -396,7 +643,5 @@ def demo_down(d: Demo):
 @demo.command("store")
 @click.pass_obj
 def demo_store(d: Demo):
-    """The single-repository demo (no cluster): snapshots, diff, restore."""
-    from store.demo import run_demo
-
-    run_demo(d.root)
+    """The single-repository demo (no cluster): snapshots, diff, restore, in DIR/store."""
+    run_demo(d.p("store"), down_hint=f"{d.demo_cmd} down")

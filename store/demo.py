@@ -1,10 +1,13 @@
 """`pit demo` / `make demo`: the main job on an embedded default, end to end.
 
-It builds a small shop's data under ./demo-data (a web root and a SQLite
-sales database), snapshots it, changes it the way a working day would,
-snapshots again from the change set (as the replicator will), then shows
-the snapshot list, the diff, and takes back yesterday's page. Every step is
-printed as the `pit` command a user would type, and run exactly so.
+It builds a small shop's data in its own directory (`pit demo store` uses
+./demo-data/store, beside the cluster demo's state, which it never touches):
+a web root and a SQLite sales database, snapshots it, changes it the way a
+working day would, snapshots again from the change set (as the replicator
+will), then shows the snapshot list, the diff, and takes back yesterday's
+page. Every step is printed as the `pit` command a user would type (with the
+path of this `pit` when the `pit` on the PATH is another one, or none), and
+run exactly so.
 """
 from __future__ import annotations
 
@@ -18,6 +21,23 @@ import sys
 import click
 
 DEMO_DIR = "demo-data"
+STORE_MARK = ".pit-demo-store"   # in a directory the store tour made (and may replace)
+# what a store tour made before it had its marker (it then wrote straight into ./demo-data)
+_OLD_STORE_TOUR = {"repo", "site", "db", "changes.txt", "restored"}
+SERVE_PORT = 8444                # the cluster demo's WebDAV view is on 8443
+DEMO_USER, DEMO_PASSWORD = "demo", "pitstore-demo"
+
+
+def pit_command() -> str:
+    """`pit` as the user must type it: plain `pit` when the `pit` on the PATH is this one, else the
+    path of this one (relative to the working directory when it is below it, e.g. `.venv/bin/pit`)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "pit")
+    on_path = shutil.which("pit")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(exe):
+        return "pit"
+    rel = os.path.relpath(exe)
+    shown = exe if rel.startswith("..") else (rel if "/" in rel else "./" + rel)
+    return shlex.quote(shown)
 
 
 def _make_site(root: str) -> None:
@@ -62,7 +82,7 @@ def _change_day(root: str) -> list[str]:
 def _run(args: list[str]) -> None:
     from .cli import main
 
-    click.secho("$ pit " + " ".join(shlex.quote(a) for a in args), fg="cyan", bold=True)
+    click.secho(f"$ {pit_command()} " + " ".join(shlex.quote(a) for a in args), fg="cyan", bold=True)
     try:
         main.main(args, prog_name="pit", standalone_mode=False)
     except SystemExit as exc:  # an error already printed its one line
@@ -71,11 +91,44 @@ def _run(args: list[str]) -> None:
     click.echo()
 
 
-def run_demo(base: str = DEMO_DIR) -> None:
-    root = os.path.abspath(base)
-    if os.path.exists(root):
+def _prepare(root: str) -> None:
+    """An empty `root` for the tour. Only an earlier tour's directory is replaced: a cluster demo's
+    state (its demo.json) or anything else is refused, never removed."""
+    if os.path.lexists(root):
+        if not os.path.isdir(root) or os.path.islink(root):
+            raise click.ClickException(f"{root} exists and is not a directory: choose another --dir")
+        entries = set(os.listdir(root))
+        if "demo.json" in entries:
+            raise click.ClickException(
+                f"{root} holds a cluster demo (its demo.json): the store tour would overwrite the state "
+                f"`{pit_command()} demo down` needs; `{pit_command()} demo store` builds the tour in {root}/store")
+        if entries and STORE_MARK not in entries and not entries <= _OLD_STORE_TOUR:
+            raise click.ClickException(f"{root} exists and is not a store tour's directory: "
+                                       "remove it or choose another --dir")
         shutil.rmtree(root)
     os.makedirs(root)
+    open(os.path.join(root, STORE_MARK), "w").close()
+
+
+def _serve_config(root: str) -> str | None:
+    """A `pit serve` config for the tour (user demo, HTTPS with a self-signed certificate), or None
+    when the restore views are not installed."""
+    try:
+        from davserver.config import hash_password
+    except ImportError:
+        return None
+    path = os.path.join(root, "serve.toml")
+    with open(path, "w") as f:
+        f.write(f'[server]\nlisten = "127.0.0.1"\nport = {SERVE_PORT}\nself_signed = true\n\n'
+                f'[users.{DEMO_USER}]\npassword = "{hash_password(DEMO_PASSWORD)}"\nsets = ["*"]\n')
+    return path
+
+
+def run_demo(base: str = DEMO_DIR, down_hint: str | None = None) -> None:
+    """The tour in `base` (replaced when it is an earlier tour's, refused otherwise). `down_hint`:
+    the command that removes it, when one does (`pit demo down` for the tour in demo-data/store)."""
+    root = os.path.abspath(base)
+    _prepare(root)
     repo = os.path.join(root, "repo")
     os.environ["PIT_REPO"] = repo
     site, db = os.path.join(root, "site"), os.path.join(root, "db")
@@ -97,26 +150,32 @@ def run_demo(base: str = DEMO_DIR) -> None:
     _run(["verify", "--deep"])
     from .cli import main
 
-    if main.get_command(click.Context(main), "versions") is not None:  # the restore views are installed
+    views = main.get_command(click.Context(main), "versions") is not None  # the restore views are installed
+    if views:
         _run(["versions", "shop", "site/prices.html"])
     _run(["stats"])
+    serve_toml = _serve_config(root) if views else None
+    pit = pit_command()
     click.secho("What to type next:", bold=True)
-    click.echo(f"  export PIT_REPO={repo}")
-    click.echo("  pit snapshots --json              # the catalogue, machine-readable")
-    click.echo("  pit ls shop@latest:site           # browse a snapshot")
-    click.echo("  pit restore shop@-1 --target /tmp/yesterday   # take a whole day back")
-    click.echo("  pit serve --self-signed           # the mapped network drive (users: docs/restore.md)")
-    click.echo("  pit mount /mnt/pit                # the same views as a FUSE mount")
-    click.echo("  pit snapshot --set shop " + " ".join(shlex.quote(p) for p in (site, db)) + "   # another point in time")
-    click.echo(f"Everything lives in {root}; `make clean-demo` removes it.")
+    click.echo(f"  export PIT_REPO={shlex.quote(repo)}")
+    click.echo(f"  {pit} snapshots --json              # the catalogue, machine-readable")
+    click.echo(f"  {pit} ls shop@latest:site           # browse a snapshot")
+    click.echo(f"  {pit} restore shop@-1 --target /tmp/yesterday   # take a whole day back")
+    if serve_toml:
+        click.echo(f"  {pit} serve -c {shlex.quote(serve_toml)}   # the mapped network drive: "
+                   f"https://127.0.0.1:{SERVE_PORT}/ user {DEMO_USER}, password {DEMO_PASSWORD}")
+        click.echo(f"  mkdir -p /tmp/pit-view && {pit} mount /tmp/pit-view   # the same views as a FUSE mount")
+    click.echo(f"  {pit} snapshot --set shop " + " ".join(shlex.quote(p) for p in (site, db))
+               + "   # another point in time")
+    click.echo(f"Everything lives in {root}" + (f"; `{down_hint}` removes it." if down_hint else "."))
 
 
 @click.command("demo")
 @click.option("--dir", "base", default=DEMO_DIR, show_default=True, help="Where to build the demo.")
 def demo_command(base: str) -> None:
     """Run the demo: a sample shop protected, changed, and restored."""
-    run_demo(base)
+    run_demo(base, down_hint=f"rm -r {shlex.quote(os.path.abspath(base))}")
 
 
-if __name__ == "__main__":
-    run_demo(sys.argv[1] if len(sys.argv) > 1 else DEMO_DIR)
+if __name__ == "__main__":   # python -m store.demo [DIR]
+    demo_command.main(["--dir", sys.argv[1]] if len(sys.argv) > 1 else [], prog_name="python -m store.demo")

@@ -1,7 +1,10 @@
-"""`pit demo` up, failover and down, as `make demo` runs it: real agents, etcd, namespaces (as root)
-or loopback ports, the WebDAV view; afterwards nothing is left behind."""
+"""`pit demo` up, failover, status, store and down, as `make demo` runs it: real agents, etcd, namespaces
+(as root) or loopback ports, the WebDAV view; afterwards nothing is left behind, also after `pit demo store`
+(issue 12: the store tour replaced the demo directory, and `down` then found nothing to stop but said it had).
+tests/test_demo_down.py checks `down` without a cluster."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,7 +23,7 @@ def namespaces() -> list[str]:
 
 
 @pytest.mark.skipif(not ETCD, reason="etcd is not installed (make deps installs etcd-server)")
-def test_demo_up_failover_down_twice(tmp_path):
+def test_demo_up_twice_failover_store_down(tmp_path):
     if namespaces():
         pytest.skip("a `pit demo` is running on this machine (pit demo down removes it)")
     base = str(tmp_path / "demo")
@@ -49,10 +52,34 @@ def test_demo_up_failover_down_twice(tmp_path):
         assert "secondary is the primary master now" in fo.stdout
         assert "set site: image" in fo.stdout and "set db: image" in fo.stdout
         assert "answers on the secondary" in fo.stdout
+        st = run("status")
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert "None" not in st.stdout and "secondary  active" in st.stdout
+        # the single-repository tour beside the running cluster: in its own directory, the cluster's state kept
+        with open(os.path.join(base, "demo.json")) as f:
+            meta = json.load(f)
+        store = run("store")
+        assert store.returncode == 0, store.stdout[-3000:] + store.stderr
+        assert f"pitstore demo in {base}/store" in store.stdout
+        assert f"serve -c {base}/store/serve.toml" in store.stdout and "--self-signed" not in store.stdout
+        with open(os.path.join(base, "demo.json")) as f:
+            assert json.load(f) == meta
+        assert "secondary  active" in run("status").stdout
     finally:
         down = run("down")
-    assert down.returncode == 0 and "demo removed" in down.stdout
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "demo removed" in down.stdout
+    if meta["netns"]:
+        assert "deleted namespaces (checked gone): " in down.stdout
+    for name in ("etcd", "agent-secondary", "agent-archive", "serve"):
+        assert f"{name} {meta['pids'][name]}" in down.stdout, down.stdout
     assert not os.path.exists(base)
     assert namespaces() == []
+    for pid in meta["pids"].values():   # gone, or a zombie its new parent has not reaped yet
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                assert f.read().rsplit(")", 1)[1].split()[0] == "Z", pid
+        except FileNotFoundError:
+            pass
     left = subprocess.run(["pgrep", "-f", base], capture_output=True, text=True).stdout.split()
     assert left == [], left
