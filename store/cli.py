@@ -196,6 +196,9 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
                f"({'change set' if s['mode'] == 'changes' else 'full scan'}), read {s['files_read']}")
     click.echo(f"  new: {s['new_chunks']} blobs, {_mib(s['new_bytes'])} raw, {_mib(s['new_stored'])} stored, "
                f"in {s['duration']:.2f} s")
+    if s.get("healed"):
+        click.echo(f"  healed: {s['healed']} blobs that `pit repair` had found lost are stored again "
+                   f"(the snapshots they broke restore again)")
     for w in s.get("warnings", [])[:20]:
         click.echo(f"  warning: {_one_line(w)}", err=True)
     _exit_if_changed_while_read(s)

@@ -646,6 +646,8 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
         stats.update(new_chunks=w.stats["new_blobs"], new_bytes=w.stats["new_raw"],
                      new_stored=w.stats["new_stored"], duration=round(time.monotonic() - t0, 3),
                      mode="changes" if trie is not None else "scan", warnings=ing.warnings)
+        if w.stats.get("healed"):  # blobs a repair had lost, stored again from intact source data
+            stats["healed"] = w.stats["healed"]
         if ing.changed_count:
             stats["changed_while_read"] = ing.changed_while_read
             stats["changed_while_read_count"] = ing.changed_count
