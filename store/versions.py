@@ -8,34 +8,39 @@ snapshots between one event and the next. The *base* of a set is the state
 of every path present in its oldest indexed snapshot: those first events
 belong to no snapshot.
 
-Layout (3), three named LMDB databases beside the index's own:
+Layout (4), three named LMDB databases beside the index's own:
 
-- ``versions_v3``: ``set \\0 parent \\0 name \\0 time_ns(u64 BE) sid(32)`` ->
+- ``versions_v4``: ``set \\0 parent \\0 name \\0 time_ns(u64 BE) sid(32)`` ->
   msgpack state (``nil`` = absent): ``[type, content, nchunks, size,
   mtime_ns, mode]``, and for a sparse file a seventh element, its data
   extents (docs/format.md 6.1 ``"s"``), without which its chunks could not
-  be put in place. A base entry has the suffix ``BASE`` (40
+  be put in place. ``parent`` is the parent's path, or ``\\x01`` + its
+  BLAKE3 hex when set and parent together exceed ``PARENT_ROOM`` (213
+  bytes), so that a key with a name of 255 bytes still fits LMDB's 511. A
+  base entry has the suffix ``BASE`` (40
   zero bytes, before every snapshot's) and only present states. Keying by
   (parent, name) lets a directory's children be listed by one prefix scan
   with a skip per name, and the versions of one path by one prefix scan:
   O(entries shown), never a walk of every snapshot's tree (what makes
   restic/borg/kopia mounts slow).
-- ``versions_v3_bysnap``: ``sid + set \\0 parent \\0 name \\0`` -> ``b""``: the
+- ``versions_v4_bysnap``: ``sid + set \\0 parent \\0 name \\0`` -> ``b""``: the
   events of one snapshot other than the oldest (base entries have none), so
   dropping a snapshot costs O(what it, or for the oldest the next one,
   changed).
-- ``versions_v3_marks``: ``set \\0 time_ns sid`` -> ``b""``: which snapshots the
+- ``versions_v4_marks``: ``set \\0 time_ns sid`` -> ``b""``: which snapshots the
   index covers. A reader compares the marks with the catalogue; any
   difference (a snapshot dropped by a process that did not run our hook, an
   index rebuilt by `pit repair`) shows the index as stale instead of wrong,
   and the next snapshot commit rebuilds the set.
 
-Older layouts: layout 2 (``versions_v2*``) is layout 3 without the extents
-of sparse files (a version of one could not be read); layout 1
+Older layouts: layout 3 (``versions_v3*``) hashed parents only past 300
+bytes, so a long name under a long parent made a key LMDB refuses (the
+snapshot's commit failed); layout 2 (``versions_v2*``) is layout 3 without
+the extents of sparse files (a version of one could not be read); layout 1
 (``versions``, ``versions_bysnap``, ``versions_marks``) also keyed the
 oldest snapshot's events like any other's, so dropping the oldest re-keyed
 one event per path: O(files). Readers query the newest layout present
-(the queries are the same for all three). A writer that finds no layout 3
+(the queries are the same for all of them). A writer that finds no layout 4
 rebuilds every set's index from its snapshots in its transaction (once;
 O(the oldest snapshot's paths + each later snapshot's changes) per set) and
 empties the old databases: a pit of an older layout that runs later sees
@@ -68,10 +73,11 @@ from .diff import ADDED, MODIFIED, REMOVED, TYPE, diff_trees
 from .objects import ObjectReader
 from .trees import DIR, FILE, X_DATA, Entry
 
-DB_NAMES = (b"versions_v3", b"versions_v3_bysnap", b"versions_v3_marks")
+DB_NAMES = (b"versions_v4", b"versions_v4_bysnap", b"versions_v4_marks")
+DB_NAMES_V3 = (b"versions_v3", b"versions_v3_bysnap", b"versions_v3_marks")
 DB_NAMES_V2 = (b"versions_v2", b"versions_v2_bysnap", b"versions_v2_marks")
 DB_NAMES_V1 = (b"versions", b"versions_bysnap", b"versions_marks")
-OLD_LAYOUTS = (DB_NAMES_V2, DB_NAMES_V1)  # newest first
+OLD_LAYOUTS = (DB_NAMES_V3, DB_NAMES_V2, DB_NAMES_V1)  # newest first
 TS = struct.Struct(">Q")
 SUFFIX = 8 + 32  # time_ns + snapshot id
 BASE = bytes(SUFFIX)  # the suffix of a base entry: before every snapshot's
@@ -101,7 +107,7 @@ class State:
     size: int
     mtime_ns: int
     mode: int
-    extents: list | None = None  # a sparse file's data extents (layout 3)
+    extents: list | None = None  # a sparse file's data extents (layout 3 on)
 
     def entry(self, name: bytes) -> Entry:
         extra = {X_DATA: self.extents} if self.extents is not None else {}
@@ -124,11 +130,16 @@ def _sig(raw: bytes | None):
 
 
 # ------------------------------------------------------------------ keys
-LONG_PARENT = 300  # LMDB keys stop at 511 bytes; a longer parent is keyed by its hash
+MAX_KEY = 511    # LMDB's key limit
+NAME_MAX = 255   # the longest name a Linux file system has
+# Room for set + parent in an event key that must fit a name of NAME_MAX bytes:
+# set \0 parent \0 name \0 time_ns sid. A longer parent is keyed by its hash
+# (65 bytes), the same for all its children, so a directory is still one prefix.
+PARENT_ROOM = MAX_KEY - SUFFIX - 3 - NAME_MAX
 
 
-def _parent_key(parent: bytes) -> bytes:
-    if len(parent) <= LONG_PARENT:
+def _parent_key(set_b: bytes, parent: bytes) -> bytes:
+    if len(set_b) + len(parent) <= PARENT_ROOM:
         return parent
     import blake3
 
@@ -137,11 +148,20 @@ def _parent_key(parent: bytes) -> bytes:
 
 def path_key(set_name: str, path: bytes) -> bytes:
     parent, _, name = path.rpartition(b"/")
-    return set_name.encode() + b"\0" + _parent_key(parent) + b"\0" + name + b"\0"
+    set_b = set_name.encode()
+    return set_b + b"\0" + _parent_key(set_b, parent) + b"\0" + name + b"\0"
 
 
 def dir_prefix(set_name: str, dirpath: bytes) -> bytes:
-    return set_name.encode() + b"\0" + _parent_key(dirpath) + b"\0"
+    set_b = set_name.encode()
+    return set_b + b"\0" + _parent_key(set_b, dirpath) + b"\0"
+
+
+def _fits(pk: bytes) -> bool:
+    """A name longer than NAME_MAX (possible only in a tree made elsewhere)
+    would overflow the key: such a path is left out of the index rather
+    than failing the snapshot's commit."""
+    return len(pk) + SUFFIX <= MAX_KEY
 
 
 def snap_suffix(time_ns: int, sid: bytes) -> bytes:
@@ -164,7 +184,7 @@ def writer_dbs(writer) -> Dbs:
     """Open (creating on first use) inside the writer's transaction. The handles
     are kept on the writer only: a handle opened in a transaction that later
     aborts must not outlive it. The first writer to find an index of an older
-    layout rebuilds it in layout 3."""
+    layout rebuilds it in layout 4."""
     dbs = getattr(writer, "_versions_dbs", None)
     if dbs is None:
         env, txn = writer.repo.index.env, writer.txn
@@ -179,9 +199,9 @@ def writer_dbs(writer) -> Dbs:
 
 
 def _replace_old_layouts(writer) -> int:
-    """Layout 3 is new here: if an older layout's databases exist, rebuild
+    """Layout 4 is new here: if an older layout's databases exist, rebuild
     every set's index from its snapshots and empty the old databases (their
-    states lack what layout 3 adds). Returns the events written."""
+    keys or states differ from layout 4's). Returns the events written."""
     from .snapshots import list_sets
 
     env, txn = writer.repo.index.env, writer.txn
@@ -269,23 +289,35 @@ def _event_before(txn, dbs: Dbs, pk: bytes, suffix: bytes) -> bytes | None:
 
 class _WriterReader(ObjectReader):
     """Reads trees through the writer session, which sees its own new blobs
-    (their index entries may still wait in memory until commit)."""
+    (their index entries may still wait in memory until commit).
+
+    A tree that cannot be read (damage: an older snapshot's tree lost by a
+    repair) reads as an empty directory here, so the index records what
+    is known: that snapshot's paths below it are absent from it. The index
+    is kept inside a snapshot's commit, and damage in an old snapshot must
+    not stop every later snapshot of the set (verify and repair name it)."""
 
     def __init__(self, writer) -> None:
         super().__init__(writer.repo, writer.txn)
         self.writer = writer
+        self.unreadable = 0  # trees read as empty because of damage
 
     def blob(self, bid: bytes) -> bytes:
         return self.writer.read_blob(bid)
 
     def tree(self, tree_id: bytes):
         from . import packs as P
+        from .errors import IntegrityError
         from .trees import decode_tree
 
         key = (P.TREE, tree_id)
         cached = self.repo.object_cache.get(key)
         if cached is None:
-            cached = decode_tree(self.writer.read_blob(tree_id))
+            try:
+                cached = decode_tree(self.writer.read_blob(tree_id))
+            except IntegrityError:  # BlobMissing included
+                self.unreadable += 1
+                return []
             self.repo.object_cache.put(key, cached)
         return cached
 
@@ -311,6 +343,8 @@ def state_changes(reader: ObjectReader, old_root: bytes | None, new_root: bytes
 
 
 def _put_event(txn, dbs: Dbs, snap, pk: bytes, state: bytes) -> None:
+    if not _fits(pk):
+        return
     txn.put(pk + snap_suffix(snap.time_ns, snap.id), state, db=dbs.events)
     txn.put(snap.id + pk, b"", db=dbs.bysnap)
 
@@ -322,6 +356,8 @@ def _del_event(txn, dbs: Dbs, snap, pk: bytes) -> None:
 
 def _put_base(txn, dbs: Dbs, pk: bytes, state: bytes | None) -> None:
     """Set a path's base state; an absent state means no base entry."""
+    if not _fits(pk):
+        return
     if _sig(state) is None:
         txn.delete(pk + BASE, db=dbs.events)
     else:

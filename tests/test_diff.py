@@ -144,3 +144,16 @@ def test_metadata_changes_are_named(repo_path, tmp_path):
                    "src/ln": ("metadata", ["hardlinks"])}
     lines = set(cli(repo_path, "diff", a.hex, b.hex).stdout.splitlines())
     assert "m src/x.txt  (xattrs)" in lines and "m src/mode.txt  (mode, xattrs)" in lines and "m src/d/  (xattrs)" in lines
+
+
+def test_real_xattr_change_is_metadata(repo_path, tmp_path):
+    """A real file whose extended attribute changed, snapshot by `pit snapshot`'s ingest."""
+    src = tmp_path / "src"
+    make_tree(src, {"f": b"same bytes", "g": b"other"})
+    os.setxattr(src / "f", "user.tag", b"1")
+    a = snapshot(repo_path, "rx", src)
+    os.setxattr(src / "f", "user.tag", b"2")
+    b = snapshot(repo_path, "rx", src)
+    out = cli_json(repo_path, "diff", a.hex, b.hex)
+    assert [(c["path"], c["status"], c.get("metadata")) for c in out["changes"]] == [
+        ("src/f", "metadata", ["xattrs"])]

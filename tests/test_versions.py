@@ -152,3 +152,55 @@ def test_stale_index_is_detected_and_rebuilt(repo, tmp_path):
     write(src, "a", "3")
     snap(repo, "s", src)  # the next commit rebuilds the set
     check(repo, "s")
+
+
+def test_long_names_under_a_long_parent(repo, tmp_path):
+    """A 255-byte name under a parent path of ~200 bytes: the key still fits
+    LMDB's 511 bytes (the parent is keyed by its hash), the snapshot commits
+    and its versions and the folder's children list right."""
+    import os
+
+    parent = "/".join(["p" * 60] * 3)  # 182 bytes, with the set name past the room left for it
+    name = "n" * 255
+    src = str(tmp_path / "src")
+    write(src, f"{parent}/{name}", "one")
+    write(src, f"{parent}/short", "s")
+    snap(repo, "long-set-name-" + "x" * 40, src)
+    write(src, f"{parent}/{name}", "two")
+    snap(repo, "long-set-name-" + "x" * 40, src)
+    set_name = "long-set-name-" + "x" * 40
+    check(repo, set_name)
+    with repo.reading() as txn:
+        d = b"src/" + parent.encode()
+        assert sorted(c.name for c in versions.list_children(repo, txn, set_name, d)) == [name.encode(), b"short"]
+        assert len(versions.list_versions(repo, txn, set_name, d + b"/" + name.encode())) == 2
+    assert os.path.exists(os.path.join(src, parent, name))
+
+
+def test_a_lost_tree_of_an_old_snapshot_does_not_stop_the_next_commit(repo, tmp_path):
+    """A repair lost a tree only an older snapshot has; the index is rebuilt
+    (here: forced) inside the next snapshot's commit, which must still
+    succeed: the lost directory's paths count as absent from that snapshot."""
+    from store.objects import ObjectReader
+
+    src = str(tmp_path / "src")
+    write(src, "sub/f", "old")
+    write(src, "keep", "k")
+    s1 = snap(repo, "s", src)
+    write(src, "sub/f", "new")
+    s2 = snap(repo, "s", src)
+    with repo.reading() as txn:
+        lost = ObjectReader(repo, txn).lookup(s1.root, "src/sub").content
+    with repo.index.env.begin(write=True) as txn:
+        txn.delete(lost, db=repo.index.db["blobs"])
+    repo.object_cache.clear()
+    with repo.writer() as w:  # what a commit does when it finds the set's index stale
+        versions.reindex_set(w, "s")
+    write(src, "sub/g", "added")
+    s3 = snap(repo, "s", src)
+    with repo.reading() as txn:
+        assert [[x.id for x in v.snapshots] for v in versions.list_versions(repo, txn, "s", b"src/keep")] == [
+            [s1.id, s2.id, s3.id]]
+        assert [[x.id for x in v.snapshots] for v in versions.list_versions(repo, txn, "s", b"src/sub/f")] == [
+            [s2.id, s3.id]]
+        assert versions.is_current(repo, txn, "s")
