@@ -74,7 +74,12 @@ class Failure:
     detail: str   # the error, one line
 
     def line(self) -> str:
-        what = f"{self.path}/ (the whole directory)" if self.type == "dir" else self.path
+        if self.type != "dir":
+            what = self.path
+        elif self.path == "/":
+            what = "/ (everything: the top tree)"
+        else:
+            what = f"{self.path}/ (the whole directory)"
         return f"{what}: {self.reason}: {self.detail}"
 
     def to_json(self) -> dict:

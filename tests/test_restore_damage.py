@@ -283,3 +283,11 @@ def test_cat_of_an_intact_file(env):
     path, _ = multi_chunk_file(repo, s)
     with open(os.path.join(os.path.dirname(src), path), "rb") as f:
         assert pit(repo, "cat", f"{s.hex}:{path}").stdout == f.read()
+
+
+def test_unreadable_root_tree(env, tmp_path):
+    repo, src, s = env
+    lmdb_put(repo, "blobs", s.root, None)
+    p = pit(repo, "restore", s.hex, "--target", tmp_path / "out", expect=DAMAGE)
+    assert "not restored: / (everything: the top tree): unreadable tree: " in p.stderr.decode()
+    assert os.listdir(tmp_path / "out") == []
