@@ -177,6 +177,29 @@ def test_flipped_tree_byte_found_by_structural_verify(env):
         assert restore_digest(repo, snaps[k].hex) == digests[snaps[k].hex]
 
 
+@pytest.mark.parametrize("where", ["crc", "reserved", "flags"])
+def test_deep_verify_checks_tree_frames_as_repair_does(env, where):
+    """A bit flipped in a tree frame's CRC, reserved bytes or unused flag bits
+    reads fine through the index (which checks neither) but makes repair
+    quarantine the frame: deep verify must find it first, with the path."""
+    repo, snaps, digests = env
+    s2 = snaps["s2"]
+    with opened(repo) as r, r.reading() as txn:
+        from store.objects import ObjectReader
+
+        tid = ObjectReader(r, txn).lookup(s2.root, "src/d1").content
+    e = all_blobs(repo)[tid]
+    at = {"crc": P.FRAME_HEADER.size + e.stored_len + 1, "reserved": 6, "flags": 5}[where]
+    with open(pack_path(repo, e.pack), "r+b") as f:
+        f.seek(e.offset + at)
+        b = f.read(1)
+        f.seek(e.offset + at)
+        f.write(bytes([b[0] ^ 0x02]))
+    out = verify_json(repo, "--deep")
+    d = one_damage(out, tid)
+    assert d["kind"] == "tree" and d["paths"] == [f"{label(s2)}:src/d1"]
+
+
 def _region_offset(repo, region: str, snaps) -> tuple[int, int]:
     """(pack number, byte offset) of `region` in the sealed pack that holds the victim."""
     cid = file_chunks(repo, snaps["s2"].hex, VICTIM)[0]
