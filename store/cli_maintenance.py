@@ -274,7 +274,11 @@ def repair(ctx, as_json):
             click.echo(f"damaged: {pack}: ... and {n - LINES_PER_PACK} more damaged stretches")
     quarantined = list({q["blob"]: q for q in rep.quarantined}.values())
     for q in quarantined[:QUARANTINED_LINES]:
-        click.echo(f"quarantined {q.get('kind', '?')} {q['blob'][:16]}: {q['reason']}")
+        if q.get("intact_copy"):
+            click.echo(f"damaged copy of {q.get('kind', '?')} {q['blob'][:16]}: {q['reason']} "
+                       f"(an intact copy is kept: nothing lost)")
+        else:
+            click.echo(f"quarantined {q.get('kind', '?')} {q['blob'][:16]}: {q['reason']}")
     if len(quarantined) > QUARANTINED_LINES:
         click.echo(f"quarantined ... and {len(quarantined) - QUARANTINED_LINES} more blobs (`--json` lists them all)")
     for label, paths in rep.damaged_snapshots.items():

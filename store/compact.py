@@ -72,7 +72,10 @@ def compact_pack(w, num: int, stats: CompactStats) -> None:
     """Copy the live frames of pack `num` forward and retire it (inside writer session `w`)."""
     repo = w.repo
     name = P.pack_name(num)
-    size = repo.backend.size(name)
+    pe = PackEntry.decode(w.txn.get(U64.pack(num), db=w.db["packs"]))
+    # The committed size: a repair ends a pack before a partial last frame
+    # (an interrupted write), which is not damage and holds nothing in use.
+    size = min(repo.backend.size(name), pe.size)
 
     def read(off: int, n: int) -> bytes:
         return repo.backend.read(name, off, n)
@@ -81,7 +84,6 @@ def compact_pack(w, num: int, stats: CompactStats) -> None:
     if frames is None:
         frames = list(P.walk_frames(read, size))
     snaps = w.db["snapshots"]
-    pe = PackEntry.decode(w.txn.get(U64.pack(num), db=w.db["packs"]))
     for f in frames:
         if isinstance(f, IntegrityError):
             raise IntegrityError(f"pack {name}: {f}")

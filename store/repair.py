@@ -93,13 +93,26 @@ def _scan_packs(repo, report: RepairReport):
                     report.packs_damaged.append(f"{name} offset {f.offset}: {exc}")
                     report.quarantined.append({"blob": f.id.hex(), "kind": P.KIND_NAMES.get(f.kind, "?"),
                                                "pack": name, "offset": f.offset, "reason": str(exc)})
-        else:
+        size = rd.size
+        if footer is None:
+            errors: list[tuple[int, IntegrityError]] = []  # (intact frames before it, error)
             for f in P.walk_frames(rd, rd.size):
                 if isinstance(f, IntegrityError):
-                    report.packs_damaged.append(f"{name}: {f}")
+                    errors.append((len(frames), f))
                 else:
                     frames.append(f)
-        packinfo[num] = {"size": rd.size, "sealed": footer is not None, "frames": frames}
+            torn = _torn_tail(rd, frames)
+            if torn is not None and (not errors or errors[-1][0] == len(frames)):
+                # A crash mid-append (or a cut file) leaves a partial last frame:
+                # the pack ends where it starts, so compaction never walks into it.
+                if errors:
+                    errors.pop()
+                size = torn
+            report.packs_damaged.extend(f"{name}: {exc}" for _, exc in errors)
+            if torn is not None:
+                report.packs_damaged.append(f"{name} offset {torn}: a partial frame runs past the end of the file "
+                                            f"(an interrupted write, or a truncated pack); the pack ends there")
+        packinfo[num] = {"size": size, "sealed": footer is not None, "frames": frames}
         for f in frames:
             report.frames += 1
             if f.kind in (P.CHUNK, P.TREE, P.FILELIST):
@@ -118,6 +131,19 @@ def _scan_packs(repo, report: RepairReport):
                 if k not in settings or settings[k]["t"] < rec["t"]:
                     settings[k] = rec
     return places, snaps, tombs, packinfo, settings
+
+
+def _torn_tail(rd: _PackReader, frames: list[P.FrameInfo]) -> int | None:
+    """Where a partial frame at the end of a footerless pack starts (a frame
+    header, or part of one, whose frame runs past the end of the file), or None."""
+    end = frames[-1].end if frames else P.PACK_HEADER.size
+    rest = rd.size - end
+    if rest <= 0:
+        return None
+    if rest < P.FRAME_HEADER.size:
+        return end if rd(end, min(rest, 4)) == P.FRAME_MAGIC[:min(rest, 4)] else None
+    magic, _kind, _fl, _r, stored, _raw, _id = P.FRAME_HEADER.unpack(rd(end, P.FRAME_HEADER.size))
+    return end if magic == P.FRAME_MAGIC and end + P.FRAME_OVERHEAD + stored > rd.size else None
 
 
 def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
@@ -257,7 +283,9 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
             quarantine: dict[bytes, dict] = {}
             for q in report.quarantined:
                 bid = bytes.fromhex(q["blob"])
-                if bid not in places:
+                if bid in places:
+                    q["intact_copy"] = True  # another pack holds it intact: nothing is lost
+                else:
                     quarantine.setdefault(bid, {**q, "time": now})
             for bid, why in missing.items():
                 rec = quarantine.get(bid)

@@ -257,3 +257,24 @@ def test_repair_report_names_each_lost_path_once(tmp_path):
     line = [ln for ln in text.splitlines() if "DAMAGED" in ln][0]
     assert line.count(BIG) == 1, line
     assert len(text.splitlines()) < 40, text  # hundreds of lost chunks are summarised
+
+
+def test_repair_after_healing_uses_the_healed_copy(tmp_path):
+    """The damaged frame stays in its pack after the heal: a later repair takes
+    the intact copy, loses nothing, and says the damaged one is only a copy."""
+    repo = init_repo(str(tmp_path / "repo"), pack_mib=1)
+    src = make_source(str(tmp_path / "a"))
+    s1 = snap(repo, "a", [src]).hex
+    digest = source_digest(src)
+    (cid,) = damage(repo, s1, "chunk-sealed")
+    rebuild_index(repo)
+    s2 = snap(repo, "a", [src]).hex
+    out, _ = pit_json(repo, "repair", expect=DAMAGE)  # the pack still holds a damaged frame
+    assert out["damaged_snapshots"] == {} and out["blobs_quarantined"] == 0
+    assert [q["intact_copy"] for q in out["quarantined"] if q["blob"] == cid.hex()] == [True]
+    assert quarantine(repo) == {}
+    text = pit(repo, "repair", expect=DAMAGE).stdout.decode()
+    assert f"damaged copy of chunk {cid.hex()[:16]}" in text and "DAMAGED" not in text
+    for sid in (s1, s2):
+        assert restore_digest(repo, sid) == digest
+    assert_verify_clean(repo, deep=True)

@@ -331,3 +331,35 @@ def test_leftover_old_index_from_a_killed_repair(env):
     pit(repo, "repair")
     assert snapshot_ids(repo) == ids
     assert_verify_clean(repo)
+
+
+def test_compaction_after_repairing_a_pack_with_a_torn_tail(tmp_path):
+    """A crash mid-append leaves a partial frame past the open pack's committed
+    size (not damage). A repair from the packs alone marks that pack sealed;
+    it must end it before the partial frame, so compaction can still retire
+    it (it refused the whole pack as damaged, and its garbage stayed)."""
+    from store.compact import compact
+    from store.prune import drop_snapshot
+    from store.snapshots import get_snapshot
+
+    repo = init_repo(str(tmp_path / "repo"), pack_mib=32)
+    src = str(tmp_path / "src")
+    rng = random.Random(63)
+    write_file(os.path.join(src, "f"), rng.randbytes(50_000))
+    s1 = snap(repo, "s", [src])
+    write_file(os.path.join(src, "f"), rng.randbytes(50_000))
+    s2 = snap(repo, "s", [src]).hex
+    d2 = source_digest(src)
+    with opened(repo, readonly=False) as r, r.writer() as w:
+        drop_snapshot(w, get_snapshot(r, w.txn, s1.id))
+    (num,) = pack_entries(repo)
+    with open(pack_path(repo, num), "ab") as f:  # the torn frame of a crashed writer
+        f.write(P.FRAME_HEADER.pack(P.FRAME_MAGIC, P.CHUNK, 0, 0, 5000, 5000, b"\1" * 32) + b"x" * 100)
+    shutil.rmtree(os.path.join(repo, "index"))
+    out, _ = pit_json(repo, "repair")
+    assert out["damaged_snapshots"] == {} and out["quarantined"] == []
+    assert any("partial frame" in d for d in out["packs_damaged"]), out["packs_damaged"]
+    cout, _ = pit_json(repo, "compact", "--threshold", "0")
+    assert cout["damaged"] == [] and cout["packs_compacted"] == 1, cout
+    assert restore_digest(repo, s2) == d2
+    assert_verify_clean(repo, deep=True)
