@@ -388,8 +388,7 @@ class Agent:
         e.g. pg_backup_start/stop); a failing hook fails the point, it never passes silently. A
         scheduled point whose pre hook fails is still made, and marked failed on every replica (the
         schedule keeps its rhythm; image selection skips that image)."""
-        from .errors import PointFailed
-        from .failover_errors import HookFailed
+        from .errors import HookFailed, PointFailed
         from .hooks import around_point
 
         self.point_seq += 1

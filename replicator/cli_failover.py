@@ -18,8 +18,7 @@ import tomllib
 
 import click
 
-from .errors import ConfigError
-from .failover_errors import NoGoodImage, PinnedImageBad, SetExists, TemplateError
+from .errors import ConfigError, NoGoodImage, PinnedImageBad, SetExists, TemplateError
 
 DEFAULT_CLUSTER = "/etc/pit/cluster.toml"
 

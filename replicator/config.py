@@ -67,7 +67,7 @@ import tomllib
 
 from store.snapshots import check_set_name
 
-from .errors import ConfigError
+from .errors import ConfigError, TemplateError
 from .membership import _read_json, _write_json, check_node_id, parse_address
 
 SET_DEFAULTS = {
@@ -199,7 +199,6 @@ def check_agent_config(raw: dict, path: str) -> dict:
     if not isinstance(app, dict) or not all(isinstance(v, dict) for v in app.values()):
         raise ConfigError(f"{path}: `app` maps set names to tables of application settings (app = {{NAME = {{...}}}})")
     for name, over in app.items():
-        from .failover_errors import TemplateError
         from .templates import check_app_override
 
         try:

@@ -2,8 +2,10 @@
 
 `ReplError` derives from the store's `StoreError`, so the `pit` group turns
 every one of them into one line and its exit code (no traceback). Codes
-40-55 belong to the replicator, 30-39 to failover coordination (etcd,
-fencing), 56-69 to image selection and application templates.
+40-55 belong to the replicator (protocol, membership, configuration,
+points), 30-39 to failover coordination (etcd, fencing), 56-69 to the
+application layer of failover (`FailoverError`: templates, `pit set add`,
+point hooks, image selection).
 """
 from __future__ import annotations
 
@@ -124,6 +126,78 @@ class FailoverRefused(ReplError):
     exit_code = 32
 
 
+# ------------------------------------------------------------------ the application layer of failover (56-69)
+# Templates, `pit set add`, point hooks and image selection.
+
+class FailoverError(ReplError):
+    """Failover could not proceed."""
+
+    exit_code = 56
+
+
+class TemplateError(FailoverError):
+    """Unknown template or invalid template parameters."""
+
+    exit_code = 57
+
+
+class SetExists(FailoverError):
+    """A set of that name is already in the cluster file."""
+
+    exit_code = 58
+
+
+class HookFailed(FailoverError):
+    """A point hook failed; the point is marked failed."""
+
+    exit_code = 59
+
+    def __init__(self, *args, result=None) -> None:
+        super().__init__(*args)
+        self.result = result
+
+
+class HookTimeout(HookFailed):
+    """A point hook ran past its timeout and was killed; the point is marked failed."""
+
+    exit_code = 60
+
+
+class NoImages(FailoverError):
+    """The set has no snapshots in this repository."""
+
+    exit_code = 61
+
+
+class NoGoodImage(FailoverError):
+    """No image of the set passed deep verify and the application check."""
+
+    exit_code = 62
+
+    def __init__(self, *args, selection=None) -> None:
+        super().__init__(*args)
+        self.selection = selection
+
+
+class PinnedImageBad(FailoverError):
+    """The operator-pinned image failed deep verify or the application check."""
+
+    exit_code = 63
+
+    def __init__(self, *args, selection=None) -> None:
+        super().__init__(*args)
+        self.selection = selection
+
+
+class CheckUnavailable(FailoverError):
+    """The application check cannot run on this node (a tool is missing)."""
+
+    exit_code = 64
+
+
+FAILOVER = [FailoverError, TemplateError, SetExists, HookFailed, HookTimeout, NoImages, NoGoodImage, PinnedImageBad,
+            CheckUnavailable]
+
 ALL = [ReplError, ProtocolError, FrameTooLarge, VersionMismatch, UnsafeWirePath, ChunkRejected,
        ConnectionLost, NotAuthorised, TokenInvalid, ClusterError, ClusterExists, NotInCluster,
-       UnknownNode, ConfigError, AgentUnreachable, PointFailed, EtcdError, Fenced, FailoverRefused]
+       UnknownNode, ConfigError, AgentUnreachable, PointFailed, EtcdError, Fenced, FailoverRefused] + FAILOVER

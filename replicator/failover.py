@@ -396,7 +396,7 @@ class Failover:
         repo = self.agent.replica.repo if self.agent.replica is not None else None
         if repo is None:
             raise FailoverRefused("this node has no repository to promote from (`repo` in its agent config)")
-        from .failover_errors import CheckUnavailable
+        from .errors import CheckUnavailable
 
         check = s if (self.cfg["app_check"] and s.get("app")) else None
         notes = []

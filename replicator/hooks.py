@@ -38,7 +38,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .failover_errors import HookFailed, HookTimeout
+from .errors import HookFailed, HookTimeout
 
 log = logging.getLogger("pit.hooks")
 

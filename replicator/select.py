@@ -27,7 +27,7 @@ from typing import Callable
 
 from store.errors import InvalidArgument, StoreError
 
-from .failover_errors import NoGoodImage, NoImages, PinnedImageBad
+from .errors import NoGoodImage, NoImages, PinnedImageBad
 from .templates import CheckResult, check_image
 
 DEFAULT_RECHECK = 3600.0

@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .failover_errors import CheckUnavailable, HookFailed, TemplateError
+from .errors import CheckUnavailable, HookFailed, TemplateError
 
 log = logging.getLogger("pit.templates")
 

@@ -12,7 +12,7 @@ import pytest
 
 from replicator.waiting import poll_until
 
-from replicator.failover_errors import HookFailed, HookTimeout
+from replicator.errors import HookFailed, HookTimeout
 from replicator.hooks import around_point, run_point_hooks
 
 

@@ -24,7 +24,7 @@ from maint_helpers import (
     all_blobs, flip_byte, get_snapmeta, init_repo, make_tree, opened, pack_path, reachable, snap, write_file,
 )
 from replicator.cli_failover import add_set
-from replicator.failover_errors import HookFailed, NoGoodImage, NoImages, PinnedImageBad
+from replicator.errors import HookFailed, NoGoodImage, NoImages, PinnedImageBad
 from replicator.hooks import around_point, mark_point
 from replicator.select import image_status, select_image
 from replicator.templates import CheckResult, as_user, build_set, pg_bindir

@@ -19,8 +19,7 @@ import tomllib
 import pytest
 
 from replicator.cli_failover import add_set, load_cluster_sets
-from replicator.errors import ConfigError
-from replicator.failover_errors import SetExists, TemplateError
+from replicator.errors import ConfigError, SetExists, TemplateError
 from replicator.hooks import around_point
 from replicator.templates import (
     build_set, check_image, image_path, mysql_session, parse_options, render_set, sqlite_copy_path, validate_app,
@@ -284,7 +283,7 @@ def test_sqlite_check_fails_on_a_damaged_or_missing_copy(tmp_path):
 def test_sqlite_hook_fails_on_a_missing_database(tmp_path):
     cfg = {"name": "s", **build_set("sqlite", "s", [str(tmp_path / "none.db")], ["r1"], "m",
                                     {"side_dir": str(tmp_path / "side")})}
-    from replicator.failover_errors import HookFailed
+    from replicator.errors import HookFailed
 
     with pytest.raises(HookFailed, match="does not exist"):
         with around_point(cfg, 1):
@@ -338,7 +337,7 @@ def test_postgresql_check_fails_without_a_data_directory(tmp_path):
 
 
 def test_postgresql_check_unavailable_without_the_image_version(tmp_path):
-    from replicator.failover_errors import CheckUnavailable
+    from replicator.errors import CheckUnavailable
 
     table = build_set("postgresql", "db", ["/var/lib/postgresql/99/main"], ["r1"], "m")
     data = tmp_path / "img" / "main"
