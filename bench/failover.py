@@ -215,7 +215,7 @@ def selection_bench(work: str, args) -> list[dict]:
     """Each figure is the median of `--repeats` runs, each on a fresh copy of the repository (no
     verify records yet), after one warm-up run; the page cache is warm (the copy was just written)."""
     from replicator.select import select_image
-    from replicator.templates import CheckResult
+    from replicator.apps.templates import CheckResult
 
     repo, snaps = build_images(work, args)
     variants = (("default", {}), ("recheck0", {"recheck_after": 0}),

@@ -389,7 +389,7 @@ class Agent:
         scheduled point whose pre hook fails is still made, and marked failed on every replica (the
         schedule keeps its rhythm; image selection skips that image)."""
         from .errors import HookFailed, PointFailed
-        from .hooks import around_point
+        from .apps.hooks import around_point
 
         self.point_seq += 1
         seq = self.point_seq

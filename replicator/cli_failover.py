@@ -32,7 +32,7 @@ def load_cluster_sets(path: str) -> dict:
     key, the app tables are taken out, the rest goes through the loader, and
     each app table is validated here (`templates.validate_app`)."""
     from .config import _load_toml, load_cluster_file, normalise_sets
-    from .templates import validate_app
+    from .apps.templates import validate_app
 
     raw = _load_toml(path)
     try:
@@ -65,7 +65,7 @@ def add_set(cluster_path: str, name: str, template: str, paths: list[str], repli
     table, the TOML text appended)."""
     from store.snapshots import check_set_name
 
-    from .templates import build_set, render_set
+    from .apps.templates import build_set, render_set
 
     try:
         check_set_name(name)
@@ -136,7 +136,7 @@ def set_group():
 @set_group.command("templates")
 def set_templates():
     """List the application templates."""
-    from .templates import TEMPLATES
+    from .apps.templates import TEMPLATES
 
     for t in TEMPLATES.values():
         click.echo(f"{t.name:11} {t.summary}")

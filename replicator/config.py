@@ -199,7 +199,7 @@ def check_agent_config(raw: dict, path: str) -> dict:
     if not isinstance(app, dict) or not all(isinstance(v, dict) for v in app.values()):
         raise ConfigError(f"{path}: `app` maps set names to tables of application settings (app = {{NAME = {{...}}}})")
     for name, over in app.items():
-        from .templates import check_app_override
+        from .apps.templates import check_app_override
 
         try:
             check_app_override(over, f"app.{name}")

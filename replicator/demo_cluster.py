@@ -357,7 +357,7 @@ class Demo:
         db.close()
 
     def _write_configs(self, etcd: str) -> None:
-        from .templates import build_set, render_set
+        from .apps.templates import build_set, render_set
 
         hook = self.p("hooks", "web.sh")
         os.makedirs(self.p("hooks"))

@@ -481,7 +481,7 @@ class Failover:
     def run_hooks(self, which: str, token: int) -> list[dict]:
         """Takeover or demotion hooks, in order; a failure is reported and alerted, the rest still run
         (a service that fails to start must not keep the others down)."""
-        from .hooks import run_command
+        from .apps.hooks import run_command
 
         out = []
         env = {**os.environ, "PIT_NODE": self.me, "PIT_ROLE": which, "PIT_TOKEN": str(token),

@@ -420,7 +420,7 @@ class ReplicaSide:
         """The master's word on a point's hooks, kept on the snapshot (snapmeta `point`)."""
         from store.snapshots import resolve
 
-        from .hooks import mark_point
+        from .apps.hooks import mark_point
 
         with self.lock:
             with self.repo.reading() as txn:

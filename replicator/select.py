@@ -5,12 +5,12 @@ default). For each: deep-verify it (`store.verify.verify`; chunks read good
 within `recheck_after` seconds are not read again, so the next-older image
 costs only what it does not share with the newer ones), then materialise it
 into a scratch directory (`store.restore.Restorer`) and run the set's
-application check (`replicator.templates.check_image`). The first image that
+application check (`replicator.apps.templates.check_image`). The first image that
 passes both is chosen; every newer image carries the reason it was skipped,
 every older one is "not examined".
 
 An image whose point hooks failed (snapmeta `point` = {ok: false}, written by
-`replicator.hooks.mark_point`) is skipped without being read.
+`replicator.apps.hooks.mark_point`) is skipped without being read.
 
 Outcomes are recorded per snapshot in the store's snapmeta, beside the
 `verify` record the verifier writes: `app_check` = {time, template, result
@@ -28,7 +28,7 @@ from typing import Callable
 from store.errors import InvalidArgument, StoreError
 
 from .errors import NoGoodImage, NoImages, PinnedImageBad
-from .templates import CheckResult, check_image
+from .apps.templates import CheckResult, check_image
 
 DEFAULT_RECHECK = 3600.0
 MAX_IMAGES = 64

@@ -49,7 +49,7 @@ import pytest
 from etcdlab import etcd  # noqa: F401  (the fixture)
 from test_failover import FailoverCluster, fo
 from test_repl_helpers import Cluster, free_port, pit, toml_value, wait_for
-from replicator.templates import SqlSession, as_user, build_set, pg_bindir, pg_client_argv, render_set
+from replicator.apps.templates import SqlSession, as_user, build_set, pg_bindir, pg_client_argv, render_set
 
 PG_BIN = pg_bindir("15") or pg_bindir()
 ROOT = os.geteuid() == 0

@@ -1,4 +1,4 @@
-"""Point hooks (replicator/hooks.py): real commands through /bin/sh and argv lists,
+"""Point hooks (replicator/apps/hooks.py): real commands through /bin/sh and argv lists,
 environment, captured output, failures and timeouts that fail the point, and
 post hooks that always run once a pre hook succeeded."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from replicator.waiting import poll_until
 
 from replicator.errors import HookFailed, HookTimeout
-from replicator.hooks import around_point, run_point_hooks
+from replicator.apps.hooks import around_point, run_point_hooks
 
 
 def cfg(pre=(), post=(), timeout=30.0) -> dict:
@@ -165,7 +165,7 @@ def test_builtin_state_carries_from_pre_to_post_calls(tmp_path):
 
 
 def test_run_command_for_other_hook_kinds(tmp_path):
-    from replicator.hooks import run_command
+    from replicator.apps.hooks import run_command
 
     r = run_command("echo $PIT_ROLE", env={**os.environ, "PIT_ROLE": "takeover"})
     assert r.ok and r.output.strip() == "takeover"

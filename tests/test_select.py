@@ -25,9 +25,9 @@ from maint_helpers import (
 )
 from replicator.cli_failover import add_set
 from replicator.errors import HookFailed, NoGoodImage, NoImages, PinnedImageBad
-from replicator.hooks import around_point, mark_point
+from replicator.apps.hooks import around_point, mark_point
 from replicator.select import image_status, select_image
-from replicator.templates import CheckResult, as_user, build_set, pg_bindir
+from replicator.apps.templates import CheckResult, as_user, build_set, pg_bindir
 from store import packs as P
 from store.errors import InvalidArgument
 

@@ -1,4 +1,4 @@
-"""Application templates (replicator/templates.py) and `pit set add`
+"""Application templates (replicator/apps/templates.py) and `pit set add`
 (replicator/cli_failover.py): what each template writes, that the cluster file
 loads back, one-line errors, the SQLite point hooks against a database being
 written, and the image checks of SQLite and web-site images.
@@ -20,8 +20,8 @@ import pytest
 
 from replicator.cli_failover import add_set, load_cluster_sets
 from replicator.errors import ConfigError, SetExists, TemplateError
-from replicator.hooks import around_point
-from replicator.templates import (
+from replicator.apps.hooks import around_point
+from replicator.apps.templates import (
     build_set, check_image, image_path, mysql_session, parse_options, render_set, sqlite_copy_path, validate_app,
     web_config_test,
 )

@@ -5,7 +5,7 @@ A template fills in three things for a set:
 
 * its **paths** (what the master replicates),
 * a **consistent-point hook pair** (`pre` runs before the point is made,
-  `post` after it; see `replicator/hooks.py`), and
+  `post` after it; see `replicator/apps/hooks.py`), and
 * an **application image check**: run on a materialised image (a snapshot
   restored into a scratch directory) by image selection
   (`replicator/select.py`) to prove the application would start from it.
@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import CheckUnavailable, HookFailed, TemplateError
+from ..errors import CheckUnavailable, HookFailed, TemplateError
 
 log = logging.getLogger("pit.templates")
 

@@ -9,7 +9,7 @@ operator):
     hook_timeout = 120
 
 Each hook is a shell command (string, run with /bin/sh -c), an argv list, or
-`builtin:NAME` (in-process, see `replicator/templates.py`). Commands get the
+`builtin:NAME` (in-process, see `replicator/apps/templates.py`). Commands get the
 environment of the agent plus PIT_SET, PIT_PHASE (`pre`/`post`),
 PIT_POINT_ID, PIT_HOOK_INDEX and, for post hooks, PIT_POINT_RESULT (`ok` or
 `failed`). Their output (stdout and stderr together) goes to the log
@@ -38,7 +38,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .errors import HookFailed, HookTimeout
+from ..errors import HookFailed, HookTimeout
 
 log = logging.getLogger("pit.hooks")
 
