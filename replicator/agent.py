@@ -411,7 +411,7 @@ class Agent:
             with around_point(ms.cfg, seq, set_name=ms.name):
                 make_points()
         except HookFailed as exc:
-            from . import metrics
+            from .ops import metrics
 
             metrics.inc("point_hook_failures", set=ms.name)
             if self.alerting is not None:
@@ -540,10 +540,10 @@ class Agent:
         elif self.config:
             self.apply_config(self.config)
         if self.cfg.get("metrics"):
-            from .metrics import start_metrics_server
+            from .ops.metrics import start_metrics_server
 
             self.metrics_server = start_metrics_server(self, self.cfg["metrics"])
-        from .alerts import start_alerting
+        from .ops.alerts import start_alerting
 
         self.alerting = start_alerting(self, self.cfg.get("alerts"))
         log.info("node %s listening on %s", self.state.node, self.listen)

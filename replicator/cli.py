@@ -37,7 +37,7 @@ def _needs_agent_config(agent_config, **given) -> None:
             raise ConfigError(f"--{opt.replace('_', '-')} goes into the agent configuration: give --agent-config FILE "
                               "too")
     if given.get("metrics"):
-        from .metrics import validate_metrics_address
+        from .ops.metrics import validate_metrics_address
 
         try:
             validate_metrics_address(given["metrics"])
@@ -333,7 +333,7 @@ def etcd():
               help="Every member's peer URL (default: this member alone).")
 def etcd_start(state, name, client_url, peer_url, initial_cluster):
     """Start this node's etcd member in the background (--pre-vote always)."""
-    from .etcd_members import start
+    from .ops.etcd_members import start
 
     r = start(state, name, client_url, peer_url, initial_cluster)
     if not r["started"]:
@@ -348,7 +348,7 @@ def etcd_start(state, name, client_url, peer_url, initial_cluster):
 @STATE
 def etcd_stop(state):
     """Stop this node's etcd member."""
-    from .etcd_members import stop
+    from .ops.etcd_members import stop
 
     click.echo("etcd member stopped" if stop(state) else "no etcd member runs for this state directory")
 
@@ -359,7 +359,7 @@ def etcd_stop(state):
 def etcd_status(endpoints, as_json):
     """Health of each etcd endpoint; exits 30 when any is unhealthy."""
     from .errors import EtcdError
-    from .etcd_members import health
+    from .ops.etcd_members import health
 
     out = {e: dict(zip(("healthy", "detail"), health(e))) for e in endpoints}
     if as_json:

@@ -454,7 +454,7 @@ def install_service(root, units, config_path, serve_config, repo, state, pit_exe
     """Write systemd units for this node (pit-agent, pit-serve, pit-scrub + timer, pit-etcd) and enable them."""
     import socket
 
-    from .service import DEFAULTS, default_pit, install
+    from .ops.service import DEFAULTS, default_pit, install
 
     units = list(units) or ["agent"]
     if config_path and units == ["serve"] and not serve_config:

@@ -207,11 +207,11 @@ def check_agent_config(raw: dict, path: str) -> dict:
             raise ConfigError(f"{path}: {exc}") from None
     try:
         if "metrics" in cfg:
-            from .metrics import validate_metrics_address
+            from .ops.metrics import validate_metrics_address
 
             validate_metrics_address(cfg["metrics"])
         if "alerts" in cfg:
-            from .alerts import validate_alerts
+            from .ops.alerts import validate_alerts
 
             cfg["alerts"] = validate_alerts(cfg["alerts"])
     except ConfigError as exc:

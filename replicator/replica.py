@@ -399,7 +399,7 @@ class ReplicaSide:
     def point(self, set_name: str, cfg: dict) -> str | None:
         """Make the head a snapshot now; returns the newest snapshot's name (None if there is none)."""
         st = self.set_state(set_name)
-        from .metrics import observe
+        from .ops.metrics import observe
 
         with self.lock:
             with self.repo.writer(lock_wait=60) as w:

@@ -1,4 +1,4 @@
-"""Alerts (replicator/alerts.py): a real command writing a file, real mail to an aiosmtpd server on
+"""Alerts (replicator/ops/alerts.py): a real command writing a file, real mail to an aiosmtpd server on
 127.0.0.1 (plain, and STARTTLS with login against a certificate made here), de-duplication, a bounded
 queue that never blocks the caller, the watcher over a changing status, and one-line config errors."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from replicator.alerts import AlertWatcher, Alerter, classify, validate_alerts
+from replicator.ops.alerts import AlertWatcher, Alerter, classify, validate_alerts
 from replicator.errors import ConfigError
 from test_repl_helpers import free_port, wait_for
 
@@ -399,7 +399,7 @@ def test_validation_fills_defaults():
 
 
 def test_start_alerting_from_the_config_table(tmp_path):
-    from replicator.alerts import start_alerting
+    from replicator.ops.alerts import start_alerting
 
     out = tmp_path / "alerts.txt"
 

@@ -15,7 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from replicator import demo_cluster
+from replicator.ops import demo as demo_cluster
 from replicator.waiting import poll_until
 from store import demo as store_demo
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (replicator/metrics.py): scraped with a real HTTP GET on 127.0.0.1 and parsed
+"""Prometheus metrics (replicator/ops/metrics.py): scraped with a real HTTP GET on 127.0.0.1 and parsed
 with prometheus_client's own text parser; against a status of the shape `pit status --local` prints,
 and against a real running cluster (its agents' status read over their control sockets)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from replicator import metrics as M
+from replicator.ops import metrics as M
 from test_repl_helpers import Cluster, wait_for
 
 NOW_ISO = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))

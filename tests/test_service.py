@@ -1,4 +1,4 @@
-"""`pit install-service` and the systemd units (replicator/service.py, docs/examples/systemd/).
+"""`pit install-service` and the systemd units (replicator/ops/service.py, docs/examples/systemd/).
 
 Units are written under a temporary --root; `systemd-analyze verify` checks them when it is installed.
 This machine has no running systemd, so `systemctl` runs only in the test that puts a recording fake
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import PIT, ROOT, run_pit
-from replicator import etcd_members, service
+from replicator.ops import etcd_members, service
 from replicator.errors import ConfigError
 
 UNIT_DIR = "etc/systemd/system"
@@ -116,7 +116,7 @@ def test_the_examples_in_docs_are_the_rendered_defaults():
     assert sorted(os.listdir(d)) == sorted(want)
     for name, text in want.items():
         with open(os.path.join(d, name)) as f:
-            assert f.read() == text, f"docs/examples/systemd/{name} differs from replicator/service.py's"
+            assert f.read() == text, f"docs/examples/systemd/{name} differs from replicator/ops/service.py's"
 
 
 def test_systemctl_runs_when_systemd_does(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ import click
 
 from store.demo import _OLD_STORE_TOUR, DEMO_DIR, STORE_MARK, _make_site, pit_command, run_demo
 
-from .waiting import WaitTimeout, poll_until
+from ..waiting import WaitTimeout, poll_until
 
 PREFIX = "pitdemo"
 NET = "10.251.0"
@@ -357,7 +357,7 @@ class Demo:
         db.close()
 
     def _write_configs(self, etcd: str) -> None:
-        from .apps.templates import build_set, render_set
+        from ..apps.templates import build_set, render_set
 
         hook = self.p("hooks", "web.sh")
         os.makedirs(self.p("hooks"))

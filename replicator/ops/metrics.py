@@ -545,7 +545,7 @@ def parse_listen(address: str) -> tuple[str, int]:
 
 def validate_metrics_address(value) -> str:
     """The agent config's `metrics` value checked; ConfigError (one line naming the key) when bad."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     try:
         if not isinstance(value, str):
@@ -590,7 +590,7 @@ def make_registry(agent, durations: Durations | None = None) -> tuple[CollectorR
 
 def start_metrics_server(agent, address: str) -> MetricsServer:
     """Serve `agent`'s metrics at http://ADDRESS/metrics (a daemon thread); returns a stoppable server."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     host, port = parse_listen(address)
     reg, col = make_registry(agent)

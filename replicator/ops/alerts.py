@@ -48,7 +48,7 @@ import threading
 import time
 from email.message import EmailMessage
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .metrics import LagTracker, disk_usage, watched_paths
 
 log = logging.getLogger("pit.alerts")

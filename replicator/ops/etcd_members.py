@@ -17,7 +17,7 @@ import subprocess
 import time
 import urllib.parse
 
-from .errors import ConfigError, EtcdError
+from ..errors import ConfigError, EtcdError
 
 
 def _dir(state: str) -> str:
@@ -51,7 +51,7 @@ def health(endpoint: str, timeout: float = 1.0) -> tuple[bool, str]:
 def member_argv(exe: str, state: str, name: str, client_url: str, peer_url: str,
                 initial_cluster: str | None = None, token: str = "pit") -> list[str]:
     """The etcd command line of this node's member: `pit etcd start` runs it in the background,
-    the pit-etcd unit in the foreground (replicator/service.py)."""
+    the pit-etcd unit in the foreground (replicator/ops/service.py)."""
     for u in (client_url, peer_url):
         p = urllib.parse.urlsplit(u)
         if p.scheme not in ("http", "https") or not p.hostname or not p.port:

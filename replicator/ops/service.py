@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 UNIT_DIR = "etc/systemd/system"
 
@@ -180,7 +180,7 @@ Conflicts=etcd.service
 Type=notify
 NotifyAccess=main
 TimeoutStartSec=infinity
-# The same flags as `pit etcd start` (replicator/etcd_members.py), in the
+# The same flags as `pit etcd start` (replicator/ops/etcd_members.py), in the
 # foreground. --initial-cluster* only matter at the first start: etcd ignores
 # them once {state}/etcd/data holds a member.
 ExecStart={etcd_argv}
