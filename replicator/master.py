@@ -781,7 +781,7 @@ class MasterSet:
 
     def _run_scheduled(self) -> None:
         """Scheduled replication: at each due time a full scan, then a reconcile on every replica."""
-        from .config import next_due
+        from .stream.schedule import next_due
 
         last = None
         while not self.stopped:

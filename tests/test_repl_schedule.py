@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from replicator.config import next_due, normalise_sets
+from replicator.config import normalise_sets
 from replicator.errors import ConfigError
+from replicator.stream.schedule import next_due
 from test_repl_helpers import cluster, read_tree, replica_head, replica_snapshots, wait_for  # noqa: F401  (cluster: the fixture)
 
 BASE = {"master": "p", "replicas": ["r"], "paths": ["/srv/www"]}
