@@ -18,11 +18,11 @@ import threading
 import time
 
 from . import config as C
-from . import protocol
+from .stream import protocol
 from .errors import ConfigError, NotAuthorised, ReplError
-from .master import MasterSet, Sender
-from .membership import NodeState, connect, parse_address, peer_identity, serve_join
-from .watcher import Watcher
+from .stream.master import MasterSet, Sender
+from .stream.membership import NodeState, connect, parse_address, peer_identity, serve_join
+from .stream.watcher import Watcher
 
 log = logging.getLogger("pit.agent")
 
@@ -126,7 +126,7 @@ class Agent:
                 if not self.cfg.get("repo"):
                     log.error("this node replicates sets but its agent config names no `repo`")
                 else:
-                    from .replica import ReplicaSide
+                    from .stream.replica import ReplicaSide
 
                     self.replica = ReplicaSide(self, self.cfg["repo"])
             self._drop_unauthorised()

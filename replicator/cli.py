@@ -68,7 +68,7 @@ def cluster_init(state, node, address, join_address, agent_config, cluster_file,
     """Create the cluster CA and this primary's certificate; with --agent-config, also its agent configuration
     (state, cluster file, metrics)."""
     from .config import plan_agent_config, write_agent_config
-    from .membership import ca_fingerprint, check_node_id, init_cluster, parse_address
+    from .stream.membership import ca_fingerprint, check_node_id, init_cluster, parse_address
 
     node = node or socket.gethostname().split(".")[0].lower()
     _needs_agent_config(agent_config, cluster=cluster_file, metrics=metrics, force=force)
@@ -94,7 +94,7 @@ def cluster_init(state, node, address, join_address, agent_config, cluster_file,
 def cluster_token(state, ttl, uses, nodes):
     """Print a join token (address, secret, CA fingerprint, expiry), good for one join,
     or one per joining node with --uses N or --nodes b,c."""
-    from .membership import NodeState, make_token
+    from .stream.membership import NodeState, make_token
 
     names = [n.strip() for n in nodes.split(",") if n.strip()] if nodes is not None else None
     click.echo(make_token(NodeState(state), ttl, uses=uses, nodes=names))
@@ -105,7 +105,7 @@ def cluster_token(state, ttl, uses, nodes):
 @click.argument("node")
 def cluster_remove(state, node):
     """Remove NODE from the roster: its connections are refused at once."""
-    from .membership import NodeState, remove_node
+    from .stream.membership import NodeState, remove_node
 
     remove_node(NodeState(state), node)
     click.echo(f"removed {node}")
@@ -116,7 +116,7 @@ def cluster_remove(state, node):
 @click.option("--json", "as_json", is_flag=True)
 def cluster_nodes(state, as_json):
     """List the roster."""
-    from .membership import NodeState
+    from .stream.membership import NodeState
 
     r = NodeState(state).roster()
     if as_json:
@@ -171,7 +171,7 @@ def _ensure_repo(path: str) -> str:
 def join(state, token, node, address, repo, agent_config, metrics, force):
     """Join the cluster named by TOKEN (from `pit cluster token`); with --repo and --agent-config, also make
     the node's repository and write its agent configuration."""
-    from .membership import check_node_id, join as do_join, parse_address, parse_token
+    from .stream.membership import check_node_id, join as do_join, parse_address, parse_token
 
     node = node or socket.gethostname().split(".")[0].lower()
     _needs_agent_config(agent_config, metrics=metrics, force=force)

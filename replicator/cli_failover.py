@@ -160,7 +160,7 @@ def set_add(name, template, paths, replicas, master, cluster, state, options, dr
     if master is None:
         if not state:
             raise ConfigError("give --master NODE (or --state DIR of the primary)")
-        from .membership import NodeState
+        from .stream.membership import NodeState
 
         master = NodeState(state).node
     reps = [r.strip() for r in replicas.split(",") if r.strip()]

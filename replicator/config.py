@@ -68,7 +68,7 @@ import tomllib
 from store.snapshots import check_set_name
 
 from .errors import ConfigError, TemplateError
-from .membership import _read_json, _write_json, check_node_id, parse_address
+from .stream.membership import _read_json, _write_json, check_node_id, parse_address
 from .stream.schedule import normalise_schedule
 
 SET_DEFAULTS = {

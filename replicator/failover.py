@@ -42,7 +42,7 @@ log = logging.getLogger("pit.failover")
 
 class Failover:
     def __init__(self, agent, cfg: dict, primary: str) -> None:
-        from .membership import ca_fingerprint
+        from .stream.membership import ca_fingerprint
 
         self.agent = agent
         self.cfg = cfg
@@ -557,7 +557,7 @@ class Failover:
     def failback(self) -> dict:
         """On the returning old primary: ask the current holder to freeze and hand over, then promote
         with the final point it made on us (every write it acknowledged is in that image)."""
-        from .membership import connect
+        from .stream.membership import connect
 
         if self.me != self.primary:
             raise FailoverRefused(f"run `pit failback` on the configured primary ({self.primary})")
@@ -573,7 +573,7 @@ class Failover:
         addr = self.agent.roster().get(holder, {}).get("address")
         if not addr:
             raise FailoverRefused(f"{holder} (the current primary) is not in the roster")
-        from . import protocol
+        from .stream import protocol
 
         t0 = time.monotonic()
         sock, peer = connect(self.agent.state, addr, timeout=5)

@@ -88,7 +88,7 @@ class _Agent:
 
 def _master(tmp_path, src):
     from replicator.config import normalise_sets
-    from replicator.master import MasterSet
+    from replicator.stream.master import MasterSet
 
     cfg = normalise_sets({"sets": {"web": {"master": "m", "replicas": ["r"], "paths": [src], "settle": 0}}})["web"]
     os.makedirs(tmp_path / "state", exist_ok=True)
@@ -98,7 +98,7 @@ def _master(tmp_path, src):
 
 
 def _tree(ms):
-    from replicator.master import DNode
+    from replicator.stream.master import DNode
 
     out = {}
 

@@ -12,8 +12,8 @@ import pytest
 import zstandard
 
 from replicator import errors as E
-from replicator import protocol as W
-from replicator.membership import NodeState, connect, init_cluster
+from replicator.stream import protocol as W
+from replicator.stream.membership import NodeState, connect, init_cluster
 from store.repository import Repository
 from test_repl_helpers import PIT, Cluster, pit, read_tree, replica_head, wait_for
 
@@ -266,7 +266,7 @@ def test_token_arguments_and_expiry(running, tmp_path):
     even when the token's own expiry was forged; a tokens.json entry from before multi-use counts once."""
     import time
 
-    from replicator.membership import _spend, _uses_left
+    from replicator.stream.membership import _spend, _uses_left
 
     state = running.primary.state
     for args in (["--uses", "0"], ["--nodes", "b,b"], ["--nodes", "b,c", "--uses", "3"], ["--nodes", "Bad!"],

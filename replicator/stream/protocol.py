@@ -25,7 +25,7 @@ import time
 
 import msgpack
 
-from .errors import (
+from ..errors import (
     ConnectionLost, FrameTooLarge, ProtocolError, UnsafeWirePath, VersionMismatch,
 )
 

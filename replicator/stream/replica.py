@@ -37,8 +37,8 @@ from store.retention import apply_retention
 from store.snapshots import list_snapshots
 from store.trees import DIR, FILE, SYMLINK, Entry
 
+from ..errors import ChunkRejected, NotAuthorised, ProtocolError
 from . import protocol
-from .errors import ChunkRejected, NotAuthorised, ProtocolError
 from .merkle import TreeDigests
 
 log = logging.getLogger("pit.replica")
@@ -399,7 +399,7 @@ class ReplicaSide:
     def point(self, set_name: str, cfg: dict) -> str | None:
         """Make the head a snapshot now; returns the newest snapshot's name (None if there is none)."""
         st = self.set_state(set_name)
-        from .ops.metrics import observe
+        from ..ops.metrics import observe
 
         with self.lock:
             with self.repo.writer(lock_wait=60) as w:
@@ -420,7 +420,7 @@ class ReplicaSide:
         """The master's word on a point's hooks, kept on the snapshot (snapmeta `point`)."""
         from store.snapshots import resolve
 
-        from .apps.hooks import mark_point
+        from ..apps.hooks import mark_point
 
         with self.lock:
             with self.repo.reading() as txn:

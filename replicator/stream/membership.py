@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .errors import ClusterExists, ClusterError, NotAuthorised, NotInCluster, TokenInvalid, UnknownNode
+from ..errors import ClusterExists, ClusterError, NotAuthorised, NotInCluster, TokenInvalid, UnknownNode
 from . import protocol
 
 NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")

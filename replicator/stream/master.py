@@ -37,8 +37,8 @@ from store.chunker import ChunkerParams, chunk_stream
 from store.repository import filelist_id
 from store.trees import DIR, FILE, SYMLINK
 
+from ..errors import ConnectionLost, NotAuthorised, ProtocolError, ReplError
 from . import protocol
-from .errors import ConnectionLost, NotAuthorised, ProtocolError, ReplError
 from .merkle import dir_digest, leaf_digest
 
 log = logging.getLogger("pit.master")
@@ -781,7 +781,7 @@ class MasterSet:
 
     def _run_scheduled(self) -> None:
         """Scheduled replication: at each due time a full scan, then a reconcile on every replica."""
-        from .stream.schedule import next_due
+        from .schedule import next_due
 
         last = None
         while not self.stopped:
