@@ -13,7 +13,7 @@ the live files), r1 the secondary station, r2 an archive replica.
 2. selection: a repository with 64 snapshots of one set (a shared base plus a file
    rewritten at every snapshot); the newest N (0, 1, 2, 8) corrupted by flipping a
    byte in a chunk only that image references (as tests/test_select.py does);
-   `replicator.select.select_image` timed with the default recheck window (chunks
+   `replicator.failover.select.select_image` timed with the default recheck window (chunks
    read good once are not read again) and with `recheck_after=0`, verify only and
    verify + materialise (a callable check that passes).
 3. failback: after the takeover, a small change on r1 (64 KiB rewritten in the middle
@@ -214,7 +214,7 @@ def corrupt_newest(repo: str, snaps: list, n: int) -> None:
 def selection_bench(work: str, args) -> list[dict]:
     """Each figure is the median of `--repeats` runs, each on a fresh copy of the repository (no
     verify records yet), after one warm-up run; the page cache is warm (the copy was just written)."""
-    from replicator.select import select_image
+    from replicator.failover.select import select_image
     from replicator.apps.templates import CheckResult
 
     repo, snaps = build_images(work, args)

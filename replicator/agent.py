@@ -140,7 +140,7 @@ class Agent:
             self.failover.stop()
             self.failover = None
         if fcfg is not None and self.failover is None:
-            from .failover import Failover
+            from .failover.controller import Failover
 
             self.failover = Failover(self, fcfg, cfg.get("primary") or self.state.primary)
             self.failover.start()

@@ -208,7 +208,7 @@ def failover_select(ctx, repo_opt, set_name, as_json, check, cluster, state, pin
     """Choose the newest image of SET that deep-verifies and passes its application check."""
     from store.errors import InvalidArgument
 
-    from .select import select_image
+    from .failover.select import select_image
 
     repo = repo_opt or (ctx.obj or {}).get("repo")
     if not repo:

@@ -8,8 +8,8 @@ import pytest
 
 from etcdlab import etcd  # noqa: F401  (the fixture)
 from replicator.errors import EtcdError, Fenced
-from replicator.etcd import Etcd
-from replicator.fencing import Leadership, revoke_holder
+from replicator.failover.etcd import Etcd
+from replicator.failover.fencing import Leadership, revoke_holder
 from test_repl_helpers import wait_for
 
 KEY = "/pit/test/leader"

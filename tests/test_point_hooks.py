@@ -63,7 +63,7 @@ def test_scheduled_points_of_an_application_set_run_its_hooks(cluster, tmp_path)
 
 
 def test_failed_post_hook_marks_the_replicas_image_and_selection_skips_it(cluster, tmp_path):
-    from replicator.select import select_image
+    from replicator.failover.select import select_image
 
     c = cluster
     gate = tmp_path / "post-fails"

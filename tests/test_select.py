@@ -1,4 +1,4 @@
-"""Image selection for failover (replicator/select.py, `pit failover select`).
+"""Image selection for failover (replicator/failover/select.py, `pit failover select`).
 
 Real repositories, corrupted the way test_corruption.py does it (bytes
 flipped in the pack data of chunks only the newest snapshots reference);
@@ -26,7 +26,7 @@ from maint_helpers import (
 from replicator.cli_failover import add_set
 from replicator.errors import HookFailed, NoGoodImage, NoImages, PinnedImageBad
 from replicator.apps.hooks import around_point, mark_point
-from replicator.select import image_status, select_image
+from replicator.failover.select import image_status, select_image
 from replicator.apps.templates import CheckResult, as_user, build_set, pg_bindir
 from store import packs as P
 from store.errors import InvalidArgument

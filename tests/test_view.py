@@ -100,7 +100,7 @@ def test_verification_status(repo2):
 
 
 def test_failover_selection_status_shows_in_the_view_and_listing(repo2):
-    """What image selection recorded (replicator/select.py) is shown next to the verification."""
+    """What image selection recorded (replicator/failover/select.py) is shown next to the verification."""
     from davserver.provider import render_listing
 
     repo, s1, s2, src = repo2

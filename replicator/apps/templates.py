@@ -8,7 +8,7 @@ A template fills in three things for a set:
   `post` after it; see `replicator/apps/hooks.py`), and
 * an **application image check**: run on a materialised image (a snapshot
   restored into a scratch directory) by image selection
-  (`replicator/select.py`) to prove the application would start from it.
+  (`replicator/failover/select.py`) to prove the application would start from it.
 
 Everything a template decides is written into the cluster file under the
 set's `[sets.NAME.app]` table, for the operator to read and adjust:

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable
 
-from .errors import EtcdError, Fenced
+from ..errors import EtcdError, Fenced
 from .etcd import Etcd, KeyValue
 
 log = logging.getLogger("pit.fencing")

@@ -18,7 +18,7 @@ import ssl
 import urllib.parse
 from dataclasses import dataclass
 
-from .errors import EtcdError
+from ..errors import EtcdError
 
 def _b64(v: bytes | str) -> str:
     return base64.b64encode(v.encode() if isinstance(v, str) else v).decode()

@@ -14,7 +14,7 @@ import subprocess
 import urllib.parse
 from dataclasses import dataclass, field
 
-from .stream.membership import parse_address
+from ..stream.membership import parse_address
 
 
 def probe(check: dict) -> tuple[bool, str]:

@@ -32,8 +32,8 @@ import os
 import threading
 import time
 
+from ..errors import EtcdError, FailoverRefused, NotAuthorised, ReplError
 from .detect import Confirmer
-from .errors import EtcdError, FailoverRefused, NotAuthorised, ReplError
 from .etcd import Etcd
 from .fencing import Leadership, revoke_holder
 
@@ -42,7 +42,7 @@ log = logging.getLogger("pit.failover")
 
 class Failover:
     def __init__(self, agent, cfg: dict, primary: str) -> None:
-        from .stream.membership import ca_fingerprint
+        from ..stream.membership import ca_fingerprint
 
         self.agent = agent
         self.cfg = cfg
@@ -396,7 +396,7 @@ class Failover:
         repo = self.agent.replica.repo if self.agent.replica is not None else None
         if repo is None:
             raise FailoverRefused("this node has no repository to promote from (`repo` in its agent config)")
-        from .errors import CheckUnavailable
+        from ..errors import CheckUnavailable
 
         check = s if (self.cfg["app_check"] and s.get("app")) else None
         notes = []
@@ -481,7 +481,7 @@ class Failover:
     def run_hooks(self, which: str, token: int) -> list[dict]:
         """Takeover or demotion hooks, in order; a failure is reported and alerted, the rest still run
         (a service that fails to start must not keep the others down)."""
-        from .apps.hooks import run_command
+        from ..apps.hooks import run_command
 
         out = []
         env = {**os.environ, "PIT_NODE": self.me, "PIT_ROLE": which, "PIT_TOKEN": str(token),
@@ -557,7 +557,7 @@ class Failover:
     def failback(self) -> dict:
         """On the returning old primary: ask the current holder to freeze and hand over, then promote
         with the final point it made on us (every write it acknowledged is in that image)."""
-        from .stream.membership import connect
+        from ..stream.membership import connect
 
         if self.me != self.primary:
             raise FailoverRefused(f"run `pit failback` on the configured primary ({self.primary})")
@@ -573,7 +573,7 @@ class Failover:
         addr = self.agent.roster().get(holder, {}).get("address")
         if not addr:
             raise FailoverRefused(f"{holder} (the current primary) is not in the roster")
-        from .stream import protocol
+        from ..stream import protocol
 
         t0 = time.monotonic()
         sock, peer = connect(self.agent.state, addr, timeout=5)

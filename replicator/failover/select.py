@@ -27,8 +27,8 @@ from typing import Callable
 
 from store.errors import InvalidArgument, StoreError
 
-from .errors import NoGoodImage, NoImages, PinnedImageBad
-from .apps.templates import CheckResult, check_image
+from ..apps.templates import CheckResult, check_image
+from ..errors import NoGoodImage, NoImages, PinnedImageBad
 
 DEFAULT_RECHECK = 3600.0
 MAX_IMAGES = 64
