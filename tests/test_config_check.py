@@ -9,7 +9,7 @@ import re
 import pytest
 
 from conftest import run_pit
-from replicator.cli_ops import key_lines, locate
+from replicator.commands.ops import key_lines, locate
 from replicator.errors import ConfigError
 from store.errors import InvalidArgument
 

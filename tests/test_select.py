@@ -23,7 +23,7 @@ import pytest
 from maint_helpers import (
     all_blobs, flip_byte, get_snapmeta, init_repo, make_tree, opened, pack_path, reachable, snap, write_file,
 )
-from replicator.cli_failover import add_set
+from replicator.commands.failover import add_set
 from replicator.errors import HookFailed, NoGoodImage, NoImages, PinnedImageBad
 from replicator.apps.hooks import around_point, mark_point
 from replicator.failover.select import image_status, select_image

@@ -1,5 +1,5 @@
 """Application templates (replicator/apps/templates.py) and `pit set add`
-(replicator/cli_failover.py): what each template writes, that the cluster file
+(replicator/commands/failover.py): what each template writes, that the cluster file
 loads back, one-line errors, the SQLite point hooks against a database being
 written, and the image checks of SQLite and web-site images.
 
@@ -18,7 +18,7 @@ import tomllib
 
 import pytest
 
-from replicator.cli_failover import add_set, load_cluster_sets
+from replicator.commands.failover import add_set, load_cluster_sets
 from replicator.errors import ConfigError, SetExists, TemplateError
 from replicator.apps.hooks import around_point
 from replicator.apps.templates import (

@@ -18,10 +18,10 @@ import click
 
 from store.errors import InvalidArgument, StoreError
 
-from .errors import ClusterError, ConfigError
+from ..errors import ClusterError, ConfigError
 
 KINDS = ("agent", "cluster", "serve")
-from .config import AGENT_KEYS as _AGENT_KEYS
+from ..config import AGENT_KEYS as _AGENT_KEYS
 
 AGENT_KEYS = set(_AGENT_KEYS)
 CLUSTER_KEYS = {"sets", "failover"}
@@ -302,7 +302,7 @@ def detect_kind(raw: dict, path: str) -> str:
 
 
 def _check_agent(path: str, raw: dict) -> str:
-    from .config import load_agent_config
+    from ..config import load_agent_config
 
     for k in ("state", "repo", "listen", "cluster", "control", "log"):
         if k in raw and not isinstance(raw[k], str):
@@ -313,7 +313,7 @@ def _check_agent(path: str, raw: dict) -> str:
 
 
 def _check_cluster(path: str, raw: dict) -> str:
-    from .config import load_cluster
+    from ..config import load_cluster
 
     c = load_cluster(path)
     fo = c["failover"]
@@ -454,7 +454,7 @@ def install_service(root, units, config_path, serve_config, repo, state, pit_exe
     """Write systemd units for this node (pit-agent, pit-serve, pit-scrub + timer, pit-etcd) and enable them."""
     import socket
 
-    from .ops.service import DEFAULTS, default_pit, install
+    from ..ops.service import DEFAULTS, default_pit, install
 
     units = list(units) or ["agent"]
     if config_path and units == ["serve"] and not serve_config:
@@ -463,7 +463,7 @@ def install_service(root, units, config_path, serve_config, repo, state, pit_exe
     agent_cfg: dict = {}
     if ({"serve", "scrub", "etcd"} & set(units)) and not (repo and state):
         try:
-            from .config import load_agent_config
+            from ..config import load_agent_config
 
             agent_cfg = load_agent_config(agent_config)
         except ConfigError:

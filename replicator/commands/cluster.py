@@ -1,4 +1,6 @@
-"""The replicator's `pit` commands (registered through the `pit.commands` entry points).
+"""Cluster and node commands of `pit` (registered through the `pit.commands` entry points):
+`pit cluster init|token|remove|nodes|secondary`, `pit join`, `pit agent`, `pit point`,
+`pit status`, `pit release-deletes`, `pit failback` and `pit etcd start|stop|status`.
 
 Every `ReplError` is a `StoreError`, so the `pit` group prints it as one
 line and exits with its code.
@@ -11,7 +13,7 @@ import socket
 
 import click
 
-from .errors import ClusterExists, ConfigError
+from ..errors import ClusterExists, ConfigError
 
 STATE = click.option("--state", "state", envvar="PIT_STATE", required=True, metavar="DIR",
                      help="The node's state directory (or set PIT_STATE).")
@@ -37,7 +39,7 @@ def _needs_agent_config(agent_config, **given) -> None:
             raise ConfigError(f"--{opt.replace('_', '-')} goes into the agent configuration: give --agent-config FILE "
                               "too")
     if given.get("metrics"):
-        from .ops.metrics import validate_metrics_address
+        from ..ops.metrics import validate_metrics_address
 
         try:
             validate_metrics_address(given["metrics"])
@@ -67,8 +69,8 @@ def _wrote(plan: dict, done: str) -> None:
 def cluster_init(state, node, address, join_address, agent_config, cluster_file, metrics, force):
     """Create the cluster CA and this primary's certificate; with --agent-config, also its agent configuration
     (state, cluster file, metrics)."""
-    from .config import plan_agent_config, write_agent_config
-    from .stream.membership import ca_fingerprint, check_node_id, init_cluster, parse_address
+    from ..config import plan_agent_config, write_agent_config
+    from ..stream.membership import ca_fingerprint, check_node_id, init_cluster, parse_address
 
     node = node or socket.gethostname().split(".")[0].lower()
     _needs_agent_config(agent_config, cluster=cluster_file, metrics=metrics, force=force)
@@ -94,7 +96,7 @@ def cluster_init(state, node, address, join_address, agent_config, cluster_file,
 def cluster_token(state, ttl, uses, nodes):
     """Print a join token (address, secret, CA fingerprint, expiry), good for one join,
     or one per joining node with --uses N or --nodes b,c."""
-    from .stream.membership import NodeState, make_token
+    from ..stream.membership import NodeState, make_token
 
     names = [n.strip() for n in nodes.split(",") if n.strip()] if nodes is not None else None
     click.echo(make_token(NodeState(state), ttl, uses=uses, nodes=names))
@@ -105,7 +107,7 @@ def cluster_token(state, ttl, uses, nodes):
 @click.argument("node")
 def cluster_remove(state, node):
     """Remove NODE from the roster: its connections are refused at once."""
-    from .stream.membership import NodeState, remove_node
+    from ..stream.membership import NodeState, remove_node
 
     remove_node(NodeState(state), node)
     click.echo(f"removed {node}")
@@ -116,7 +118,7 @@ def cluster_remove(state, node):
 @click.option("--json", "as_json", is_flag=True)
 def cluster_nodes(state, as_json):
     """List the roster."""
-    from .stream.membership import NodeState
+    from ..stream.membership import NodeState
 
     r = NodeState(state).roster()
     if as_json:
@@ -133,7 +135,7 @@ def cluster_nodes(state, as_json):
 def cluster_secondary(node, cluster_file):
     """Make NODE the secondary station (live: pushed to every node at once; NODE starts keeping its live
     mirror from its own repository, so its first promotion is a delta too)."""
-    from .config import load_cluster, set_failover_secondary
+    from ..config import load_cluster, set_failover_secondary
 
     before = load_cluster(cluster_file)["failover"]
     set_failover_secondary(cluster_file, node)
@@ -171,7 +173,7 @@ def _ensure_repo(path: str) -> str:
 def join(state, token, node, address, repo, agent_config, metrics, force):
     """Join the cluster named by TOKEN (from `pit cluster token`); with --repo and --agent-config, also make
     the node's repository and write its agent configuration."""
-    from .stream.membership import check_node_id, join as do_join, parse_address, parse_token
+    from ..stream.membership import check_node_id, join as do_join, parse_address, parse_token
 
     node = node or socket.gethostname().split(".")[0].lower()
     _needs_agent_config(agent_config, metrics=metrics, force=force)
@@ -183,7 +185,7 @@ def join(state, token, node, address, repo, agent_config, metrics, force):
         raise ClusterExists(f"{os.path.abspath(state)} already holds a cluster membership")
     plan = None
     if agent_config:
-        from .config import plan_agent_config
+        from ..config import plan_agent_config
 
         plan = plan_agent_config(agent_config, {"state": os.path.abspath(state),
                                                 "repo": os.path.abspath(repo) if repo else None,
@@ -193,7 +195,7 @@ def join(state, token, node, address, repo, agent_config, metrics, force):
     st = do_join(token, state, node, address)
     click.echo(f"joined as {st.node}; primary is {st.primary}")
     if plan:
-        from .config import write_agent_config
+        from ..config import write_agent_config
 
         _wrote(plan, write_agent_config(plan))
 
@@ -202,7 +204,7 @@ def join(state, token, node, address, repo, agent_config, metrics, force):
 @click.option("--config", "config", required=True, metavar="FILE", help="The agent's TOML file.")
 def agent(config):
     """Run this node: watch and send the sets it masters, receive those it replicates."""
-    from .agent import run_agent
+    from ..agent import run_agent
 
     run_agent(config)
 
@@ -223,7 +225,7 @@ def _ctl(f):
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for every replica.")
 def point(config, state, set_name, timeout):
     """Make a consistent point (a snapshot on every replica) now."""
-    from .agent import control_request
+    from ..agent import control_request
 
     res = control_request(state, config, "point", {"set": set_name, "timeout": timeout}, timeout + 30)
     for node, r in sorted(res.items()):
@@ -237,7 +239,7 @@ def point(config, state, set_name, timeout):
 def status(config, state, as_json, local):
     """Every node of the cluster: role, link, lag, last point and snapshot per set, verification,
     the fencing token holder, open alerts."""
-    from .agent import control_request
+    from ..agent import control_request
 
     if local:
         click.echo(json.dumps(control_request(state, config, "status", {}), indent=2, sort_keys=True))
@@ -284,7 +286,7 @@ def status(config, state, as_json, local):
 @click.option("--set", "set_name", required=True)
 def release_deletes(config, state, set_name):
     """Let deletions held by the mass-delete breaker through (on the replica)."""
-    from .agent import control_request
+    from ..agent import control_request
 
     control_request(state, config, "release-deletes", {"set": set_name})
     click.echo(f"deletions released for {set_name}; the master resends them on reconnect")
@@ -314,7 +316,7 @@ def _show_takeover(rep: dict, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def failback(config, state, as_json):
     """On the returning old primary: freeze the current primary, take its final point, switch back."""
-    from .agent import control_request
+    from ..agent import control_request
 
     _show_takeover(control_request(state, config, "failback", {}, 600), as_json)
 
@@ -333,7 +335,7 @@ def etcd():
               help="Every member's peer URL (default: this member alone).")
 def etcd_start(state, name, client_url, peer_url, initial_cluster):
     """Start this node's etcd member in the background (--pre-vote always)."""
-    from .ops.etcd_members import start
+    from ..ops.etcd_members import start
 
     r = start(state, name, client_url, peer_url, initial_cluster)
     if not r["started"]:
@@ -348,7 +350,7 @@ def etcd_start(state, name, client_url, peer_url, initial_cluster):
 @STATE
 def etcd_stop(state):
     """Stop this node's etcd member."""
-    from .ops.etcd_members import stop
+    from ..ops.etcd_members import stop
 
     click.echo("etcd member stopped" if stop(state) else "no etcd member runs for this state directory")
 
@@ -358,8 +360,8 @@ def etcd_stop(state):
 @click.option("--json", "as_json", is_flag=True)
 def etcd_status(endpoints, as_json):
     """Health of each etcd endpoint; exits 30 when any is unhealthy."""
-    from .errors import EtcdError
-    from .ops.etcd_members import health
+    from ..errors import EtcdError
+    from ..ops.etcd_members import health
 
     out = {e: dict(zip(("healthy", "detail"), health(e))) for e in endpoints}
     if as_json:

@@ -18,7 +18,7 @@ import tomllib
 
 import click
 
-from .errors import ConfigError, NoGoodImage, PinnedImageBad, SetExists, TemplateError
+from ..errors import ConfigError, NoGoodImage, PinnedImageBad, SetExists, TemplateError
 
 DEFAULT_CLUSTER = "/etc/pit/cluster.toml"
 
@@ -31,8 +31,8 @@ def load_cluster_sets(path: str) -> dict:
     The config loader is tried first as is; while it does not know the `app`
     key, the app tables are taken out, the rest goes through the loader, and
     each app table is validated here (`templates.validate_app`)."""
-    from .config import _load_toml, load_cluster_file, normalise_sets
-    from .apps.templates import validate_app
+    from ..apps.templates import validate_app
+    from ..config import _load_toml, load_cluster_file, normalise_sets
 
     raw = _load_toml(path)
     try:
@@ -65,7 +65,7 @@ def add_set(cluster_path: str, name: str, template: str, paths: list[str], repli
     table, the TOML text appended)."""
     from store.snapshots import check_set_name
 
-    from .apps.templates import build_set, render_set
+    from ..apps.templates import build_set, render_set
 
     try:
         check_set_name(name)
@@ -119,7 +119,7 @@ def find_set_config(set_name: str, cluster: str | None = None, state: str | None
             raise ConfigError(f"{cluster}: no set {set_name!r}")
         return {"name": set_name, **sets[set_name]}
     if state:
-        from .config import load_pushed
+        from ..config import load_pushed
 
         s = (load_pushed(state).get("sets") or {}).get(set_name)
         if s is not None:
@@ -136,7 +136,7 @@ def set_group():
 @set_group.command("templates")
 def set_templates():
     """List the application templates."""
-    from .apps.templates import TEMPLATES
+    from ..apps.templates import TEMPLATES
 
     for t in TEMPLATES.values():
         click.echo(f"{t.name:11} {t.summary}")
@@ -160,7 +160,7 @@ def set_add(name, template, paths, replicas, master, cluster, state, options, dr
     if master is None:
         if not state:
             raise ConfigError("give --master NODE (or --state DIR of the primary)")
-        from .stream.membership import NodeState
+        from ..stream.membership import NodeState
 
         master = NodeState(state).node
     reps = [r.strip() for r in replicas.split(",") if r.strip()]
@@ -208,7 +208,7 @@ def failover_select(ctx, repo_opt, set_name, as_json, check, cluster, state, pin
     """Choose the newest image of SET that deep-verifies and passes its application check."""
     from store.errors import InvalidArgument
 
-    from .failover.select import select_image
+    from ..failover.select import select_image
 
     repo = repo_opt or (ctx.obj or {}).get("repo")
     if not repo:
@@ -249,7 +249,7 @@ def failover_select(ctx, repo_opt, set_name, as_json, check, cluster, state, pin
 @click.option("--json", "as_json", is_flag=True)
 def failover_status(config, state, as_json):
     """Who holds the leader key (and its fencing token), this node's role, checks, last promotion."""
-    from .agent import control_request
+    from ..agent import control_request
 
     st = control_request(state, config, "failover", {})
     if as_json:
@@ -277,8 +277,8 @@ def failover_status(config, state, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def failover_promote(config, state, pins, force, as_json):
     """Make this node (the secondary station) the primary master now."""
-    from .agent import control_request
-    from .cli import _show_takeover
+    from ..agent import control_request
+    from .cluster import _show_takeover
 
     by_set = {}
     for p in pins:
