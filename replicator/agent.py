@@ -18,10 +18,11 @@ import threading
 import time
 
 from . import config as C
-from .stream import protocol
 from .errors import ConfigError, NotAuthorised, ReplError
-from .stream.master import MasterSet, Sender
+from .stream import protocol
+from .stream.master import MasterSet
 from .stream.membership import NodeState, connect, parse_address, peer_identity, serve_join
+from .stream.sender import Sender
 from .stream.watcher import Watcher
 
 log = logging.getLogger("pit.agent")

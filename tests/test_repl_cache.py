@@ -98,7 +98,7 @@ def _master(tmp_path, src):
 
 
 def _tree(ms):
-    from replicator.stream.master import DNode
+    from replicator.stream.tree import DNode
 
     out = {}
 

@@ -20,7 +20,7 @@ import msgpack
 import pytest
 
 from replicator.errors import FrameTooLarge, ProtocolError
-from replicator.stream import master as M
+from replicator.stream import changes as M
 from replicator.stream import protocol as W
 from replicator.stream.replica import check_ops, parse_change
 from test_repl_helpers import Cluster, read_tree, replica_snapshots, wait_for, write

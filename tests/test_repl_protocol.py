@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 from replicator import errors as E
 from replicator.stream import protocol as W
-from replicator.stream.master import delta_ops
+from replicator.stream.chunklist import delta_ops
 from test_repl_helpers import PIT
 
 
@@ -98,7 +98,7 @@ def test_compact_chunk_lists_and_their_deltas():
     import random
     from array import array
 
-    from replicator.stream.master import Chunks
+    from replicator.stream.chunklist import Chunks
 
     rng = random.Random(7)
 

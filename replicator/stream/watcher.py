@@ -1,6 +1,6 @@
 """Change detection: watchdog (inotify on Linux) events mapped onto a set's dirty paths.
 
-Events only say *where* to look; `MasterSet.refresh` looks. A file event
+Events only say *where* to look; `MasterSet.refresh` (scan.py) looks. A file event
 marks that file; a new or moved-in directory is marked to be walked whole;
 directory "modified" events are ignored (their children report for
 themselves). What inotify misses (an overflowed queue, a network share)

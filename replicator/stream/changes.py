@@ -1,0 +1,248 @@
+"""A batch of paths on the wire: OFFER/NEED, CHUNKS, OPS and CHANGES frames, acknowledged.
+
+`BatchSender.send_paths` reads the current state of each path from the
+master's tree (a sender's queue holds paths, never data). A file travels as
+its chunk list *relative to the previous version* the master knew (`base` +
+keep/new ranges, `chunklist.delta_ops`), and only the chunk ids in new
+ranges are offered; the replica answers which it lacks (NEED) and gets them
+in CHUNKS frames. If the replica's entry is not that base, it asks for the
+full list (`retry`). A range written in place while it is sent goes out
+under its new id; a file that can no longer be read whole is left out and
+marked dirty for the next round.
+
+Frames stay below `protocol.MAX_FRAME`: changes are grouped into CHANGES
+frames by their estimated size (`change_bytes`), and a chunk list too big
+for one frame goes ahead in OPS frames (`split_ops`).
+"""
+from __future__ import annotations
+
+import logging
+from array import array
+
+import zstandard
+
+from store.trees import FILE, SYMLINK
+
+from ..errors import ProtocolError
+from . import protocol
+from .chunklist import Chunks, content_id, delta_ops
+from .tree import DNode, FNode
+
+log = logging.getLogger("pit.master")
+
+# Every frame is sized from protocol.MAX_FRAME (16 MiB), with room to spare for msgpack overhead.
+CHUNKS_FRAME = min(4 * 1024 * 1024, protocol.MAX_FRAME // 4)  # chunk payload bytes per CHUNKS frame
+OFFER_IDS = min(8192, protocol.MAX_FRAME // 80)                  # ids per OFFER (and so per NEED)
+CHANGES_BYTES = protocol.MAX_FRAME // 2                          # estimated bytes per CHANGES / OPS frame
+REF_BYTES = 48  # an [id, length] pair as msgpack is 38-40 bytes; rounded up
+BATCH_PATHS = 512  # paths per batch (a sender's queue is sent in batches of at most this many)
+
+
+def change_bytes(c: dict) -> int:
+    """An upper estimate of one change's msgpack size."""
+    n = len(c["p"]) + 64 + len(c.get("x") or b"")
+    for op in c.get("ops", ()):
+        n += 16 if op[0] == 0 else 8 + REF_BYTES * len(op[1])
+    return n
+
+
+def split_ops(ops: list, budget: int) -> list[list]:
+    """Cut a file's ops into pieces of at most `budget` estimated bytes (a new-range op is cut
+    between chunk references); concatenated, the pieces are the same ops."""
+    per = max(1, (budget - 64) // REF_BYTES)
+    pieces: list[list] = [[]]
+    room = budget
+    for op in ops:
+        if op[0] == 0:
+            if room < 16:
+                pieces.append([])
+                room = budget
+            pieces[-1].append(op)
+            room -= 16
+            continue
+        refs = op[1]
+        i = 0
+        while i < len(refs):
+            take = min(len(refs) - i, (room - 8) // REF_BYTES)
+            if take <= 0:
+                pieces.append([])
+                room = budget
+                continue
+            take = min(take, per)
+            pieces[-1].append([1, refs[i:i + take]])
+            room -= 8 + REF_BYTES * take
+            i += take
+    return [p for p in pieces if p] or [[]]
+
+
+class BatchSender:
+    """Sends batches of one set's paths to one replica, numbering and counting them (for the sender's status)."""
+
+    def __init__(self, ms, replica: str) -> None:
+        self.ms = ms
+        self.replica = replica
+        self.seq = 0
+        self.acked = 0
+        self.held = 0
+        self.ops_frames = 0  # OPS frames sent: parts of chunk lists too big for one frame
+        self.cctx = zstandard.ZstdCompressor(level=3)
+
+    def _offer_and_send(self, conn: protocol.Conn, ids: list[bytes], wanted: dict, stale: set,
+                        fixed: dict | None) -> None:
+        """OFFER ids, send the chunks the replica NEEDs. A range that changed since it was chunked
+        (a file written in place while it is sent, like a database's log) is read as it is now and
+        noted in `fixed` (path -> {offset: (new id, payload, length)}) to go out under its new id, so a point
+        never leaves such a file out; a range that can no longer be read whole makes its path stale."""
+        ms = self.ms
+        for i in range(0, len(ids), OFFER_IDS):
+            conn.send({"t": "offer", "ids": ids[i:i + OFFER_IDS]})
+            need = conn.recv("need")["ids"]
+            buf, size = [], 0
+            for cid in need:
+                where = wanted.get(cid)
+                if where is None:
+                    raise ProtocolError(f"{self.replica} asked for a chunk that was not offered")
+                got = ms.payloads.get(cid, where, self.cctx)
+                if got is None:
+                    now = ms.payloads.read_range(*where, self.cctx) if fixed is not None else None
+                    if now is None:
+                        stale.add(where[0])
+                    else:
+                        fixed.setdefault(where[0], {})[where[1]] = (*now, where[2])
+                    continue
+                if buf and size + len(got[1]) + 64 > CHUNKS_FRAME:
+                    conn.send({"t": "chunks", "chunks": buf})
+                    buf, size = [], 0
+                buf.append([cid, got[0], where[2], got[1]])
+                size += len(got[1]) + 64
+            if buf:
+                conn.send({"t": "chunks", "chunks": buf})
+
+    def _send_rewritten(self, conn: protocol.Conn, changes: list, fixed: dict, stale: set) -> list:
+        """Files with ranges read anew: their chunk lists get the new ids at those offsets (the other
+        ranges keep the ids they had when chunked), the new chunks are offered and sent, and the
+        master's tree takes the list the replica will hold, so later deltas start from it."""
+        ms = self.ms
+        tree = ms.tree
+        out = []
+        for c in changes:
+            path = tree.abs_path(c["p"]) if c.get("e") is not None and "ops" in c else None
+            if path is None or path not in fixed or path in stale:
+                out.append(c)
+                continue
+            with tree.lock:
+                node = tree.lookup(c["p"])
+                if not isinstance(node, FNode) or node.type != FILE:
+                    stale.add(path)
+                    continue
+                ids, lens, off, wanted = bytearray(), array("I"), 0, {}
+                for cid, n in node.chunks:
+                    new = fixed[path].get(off)
+                    if new is not None and new[2] == n:  # the same range (the node was not re-chunked)
+                        cid = new[0]
+                        ms.payloads.put(cid, new[1])
+                    ids += cid
+                    lens.append(n)
+                    wanted.setdefault(cid, (path, off, n))
+                    off += n
+                chunks = Chunks(bytes(ids), lens)
+                base = c["base"] and node.prev
+                ops = delta_ops(node.prev if base else None, chunks)
+                repl = FNode(FILE, node.mode, node.uid, node.gid, node.mtime_ns, node.size, content_id(chunks),
+                             chunks, node.skey, node.prev, node.prev_content)
+                tree.set(c["p"], repl)
+            new_ids = [cid for op in ops if op[0] == 1 for cid, _ in op[1]]
+            self._offer_and_send(conn, list(dict.fromkeys(new_ids)), wanted, stale, None)
+            if path not in stale:
+                out.append(dict(c, ops=ops))
+        return out
+
+    def send_paths(self, conn: protocol.Conn, rels: list[bytes], full: set | None = None) -> None:
+        """Send the current state of `rels` as one or more CHANGES frames (after their chunks), each
+        acknowledged; a path the replica could not apply against its base is sent again in full."""
+        ms = self.ms
+        tree = ms.tree
+        mirror = ms.cfg["mode"] == "mirror"
+        changes = []
+        wanted: dict[bytes, tuple[bytes, int, int]] = {}
+        with tree.lock:
+            for rel in rels:
+                node = tree.lookup(rel)
+                if node is None:
+                    if mirror:
+                        changes.append({"p": rel, "e": None})
+                    continue
+                e = [node.type, node.mode, node.uid, node.gid, node.mtime_ns]
+                if isinstance(node, DNode):
+                    changes.append({"p": rel, "e": e})
+                elif node.type == SYMLINK:
+                    changes.append({"p": rel, "e": e, "x": node.content})
+                else:
+                    base = node.prev if (node.prev is not None and not (full and rel in full)) else None
+                    ops = delta_ops(base, node.chunks)
+                    changes.append({"p": rel, "e": e, "base": node.prev_content if base is not None else None,
+                                    "ops": ops, "size": node.size})
+                    path = tree.abs_path(rel)
+                    off = 0
+                    offsets = {}
+                    for cid, n in node.chunks:
+                        offsets.setdefault(cid, (path, off, n))
+                        off += n
+                    for op in ops:
+                        if op[0] == 1:
+                            for cid, n in op[1]:
+                                wanted.setdefault(cid, offsets[cid])
+        # Offer the ids of new ranges; send only what the replica lacks.
+        stale: set[bytes] = set()
+        fixed: dict[bytes, dict[int, tuple[bytes, tuple[int, bytes], int]]] = {}
+        self._offer_and_send(conn, list(wanted), wanted, stale, fixed)
+        if fixed:
+            changes = self._send_rewritten(conn, changes, fixed, stale)
+        if stale:
+            # Changed since chunked: leave them out; the watcher (or the next scan) brings the new version.
+            changes = [c for c in changes if c["e"] is None or tree.abs_path(c["p"]) not in stale]
+            for p in stale:
+                ms.mark(p, False)
+        if not changes:
+            return
+        # Frames stay below the limit. Changes are grouped into CHANGES frames by their estimated size;
+        # a file whose chunk list alone is too big for one frame (a seeded file of more than ~170,000
+        # chunks, 2.6 GiB at 16 KiB) sends the leading part of its ops in OPS frames just before the
+        # CHANGES frame that carries its last part: the replica joins them and commits all at once.
+        parts: list[tuple[list, list]] = []  # ([OPS messages], [changes]) per CHANGES frame
+        cur: list = []
+        pre: list = []
+        room = CHANGES_BYTES
+        for c in changes:
+            n = change_bytes(c)
+            if n > CHANGES_BYTES:
+                pieces = split_ops(c["ops"], CHANGES_BYTES - len(c["p"]) - 128)
+                c = dict(c, ops=pieces[-1])
+                n = change_bytes(c)
+                if cur and n > room:
+                    parts.append((pre, cur))
+                    cur, pre, room = [], [], CHANGES_BYTES
+                pre.extend({"t": "ops", "p": c["p"], "ops": piece} for piece in pieces[:-1])
+            elif cur and n > room:
+                parts.append((pre, cur))
+                cur, pre, room = [], [], CHANGES_BYTES
+            cur.append(c)
+            room -= n
+        parts.append((pre, cur))
+        retry: list[bytes] = []
+        for pre, part in parts:
+            for m in pre:
+                conn.send(m)
+                self.ops_frames += 1
+            self.seq += 1
+            conn.send({"t": "changes", "seq": self.seq, "changes": part})
+            ack = conn.recv("ack")
+            if ack["seq"] != self.seq:
+                raise ProtocolError(f"{self.replica} acknowledged batch {ack['seq']}, not {self.seq}")
+            self.acked += 1
+            self.held = ack["held"]
+            retry.extend(ack["retry"])
+        log.debug("set %s -> %s: %d changes, %d ids offered, %d retried, %d bytes so far",
+                  ms.name, self.replica, len(changes), len(wanted), len(retry), conn.bytes_sent)
+        if retry and full is None:
+            self.send_paths(conn, [protocol.check_path(r) for r in retry], full=set(retry))

@@ -1,0 +1,215 @@
+"""Looking at a set's sources afresh: what changed, into the master's tree.
+
+`Scanner.refresh(paths)` looks at changed paths (from the watcher, or a
+reconcile scan), re-chunks files whose (size, mtime, ctime, inode) changed
+(the files-cache rule), puts what changed into the tree and hands the
+changed set-relative paths on (`on_changed`: to every sender) before the
+scan lock is released. A file still being written waits until it has been
+quiet for `settle` seconds (at most `settle_max`); a file that changes while
+it is read is read again. Deletions under a source root that vanished or is
+empty (an unmounted share) are held, with an alert.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from array import array
+from typing import Callable
+
+import blake3
+
+from store.chunker import ChunkerParams, chunk_stream
+from store.trees import FILE, SYMLINK
+
+from .chunklist import Chunks, content_id
+from .tree import DNode, FNode, Tree
+
+
+class Scanner:
+    """Scans one set's sources into its tree; `stats` (shared with the set's status) counts the work."""
+
+    def __init__(self, tree: Tree, cfg: dict, stats: dict, alert: Callable[[str], None],
+                 on_changed: Callable[[list[bytes]], None]) -> None:
+        self.tree = tree
+        self.cfg = cfg
+        self.stats = stats
+        self.alert = alert
+        self.on_changed = on_changed
+        self.params = ChunkerParams.for_average(cfg["avg_chunk"])
+        self.lock = threading.Lock()  # one scan at a time; a point waits for it (MasterSet.flush)
+        self.settle_since: dict[bytes, float] = {}
+
+    def refresh(self, paths: dict[bytes, bool]) -> tuple[list[bytes], dict[bytes, bool]]:
+        """Look at absolute paths afresh (value: recurse into directories). -> (changed rels, deferred)."""
+        changed: list[bytes] = []
+        deferred: dict[bytes, bool] = {}
+        with self.lock:
+            for p, rec in sorted(paths.items()):
+                rel = self.tree.rel_path(p)
+                if rel is None:
+                    continue
+                self._ensure_parents(rel, changed)
+                self._visit(p, rel, rec, changed, deferred)
+            if changed:
+                # Queued before the scan lock is released: a point asked meanwhile (`flush` waits for
+                # this lock) then follows these paths on every sender's stream.
+                self.stats["changes"] += len(changed)
+                self.on_changed(changed)
+        return changed, deferred
+
+    def full_scan(self) -> list[bytes]:
+        out = self.refresh({s: True for s in self.tree.sources})[0]
+        self.stats["scans"] += 1
+        return out
+
+    def _ensure_parents(self, rel: bytes, changed: list) -> None:
+        tree = self.tree
+        parts = rel.split(b"/")
+        for i in range(1, len(parts)):
+            sub = b"/".join(parts[:i])
+            if isinstance(tree.lookup(sub), DNode):
+                continue
+            try:
+                st = os.lstat(tree.abs_path(sub))
+            except OSError:
+                return
+            if stat.S_ISDIR(st.st_mode):
+                with tree.lock:
+                    tree.set(sub, DNode(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns))
+                changed.append(sub)
+
+    def _visit(self, p: bytes, rel: bytes, recurse: bool, changed: list, deferred: dict) -> None:
+        tree = self.tree
+        is_source = b"/" not in rel
+        old = tree.lookup(rel)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            if is_source:
+                if old is not None:
+                    self.alert(f"source path {os.fsdecode(p)} vanished: its files are kept on the replicas")
+                return
+            if self._source_gone(rel):
+                return
+            with tree.lock:
+                if tree.remove(rel):
+                    changed.append(rel)
+            return
+        except OSError as exc:
+            self.alert(f"{os.fsdecode(p)}: {exc.strerror}")
+            return
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            node = old if isinstance(old, DNode) else None
+            meta = (stat.S_IMODE(m), st.st_uid, st.st_gid)
+            if node is None or (node.mode, node.uid, node.gid) != meta:
+                new = DNode(*meta, st.st_mtime_ns, children=node.children if node else {})
+                with tree.lock:
+                    tree.set(rel, new)
+                changed.append(rel)
+                node = new
+                recurse = True if old is None or not isinstance(old, DNode) else recurse
+            if not recurse:
+                return
+            try:
+                names = set(os.listdir(p))
+            except OSError as exc:
+                self.alert(f"{os.fsdecode(p)}: {exc.strerror}")
+                return
+            if is_source and not names and node.children:
+                self.alert(f"source path {os.fsdecode(p)} is empty: deletions held (an unmounted share?)")
+                return
+            for gone in set(node.children) - names:
+                with tree.lock:
+                    if tree.remove(rel + b"/" + gone):
+                        changed.append(rel + b"/" + gone)
+            for n in sorted(names):
+                self._visit(os.path.join(p, n), rel + b"/" + n, True, changed, deferred)
+        elif stat.S_ISREG(m):
+            skey = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            if isinstance(old, FNode) and old.type == FILE and old.skey == skey and \
+                    (old.mode, old.uid, old.gid) == (stat.S_IMODE(m), st.st_uid, st.st_gid):
+                self.stats["unchanged"] += 1
+                return
+            now = time.time()
+            first = self.settle_since.setdefault(p, now)
+            # A file still being written: wait until it has been quiet for `settle`, at most `settle_max`.
+            if now - st.st_mtime_ns / 1e9 < self.cfg["settle"] and now - first < self.cfg["settle_max"]:
+                deferred[p] = False
+                return
+            chunks = self._chunk(p, st)
+            if chunks is None:
+                if now - first < self.cfg["settle_max"]:
+                    deferred[p] = False
+                    return
+                try:  # changing for too long: take it as it is now
+                    st = os.lstat(p)
+                    chunks = self._chunk(p, st, check=False)
+                except OSError:
+                    return
+                if chunks is None:
+                    return
+                skey = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            self.settle_since.pop(p, None)
+            node = FNode(FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                         chunks.total(), content_id(chunks), chunks, skey)
+            if isinstance(old, FNode) and old.type == FILE:
+                if old.content == node.content and (old.mode, old.uid, old.gid, old.mtime_ns) == \
+                        (node.mode, node.uid, node.gid, node.mtime_ns):
+                    with tree.lock:
+                        old.skey = skey  # touched (ctime) but equal: nothing to send
+                        tree.journal.append((rel, False))
+                    return
+                node.prev, node.prev_content = old.chunks, old.content
+            with tree.lock:
+                tree.set(rel, node)
+            changed.append(rel)
+        elif stat.S_ISLNK(m):
+            try:
+                target = os.readlink(p)
+            except OSError:
+                return
+            node = FNode(SYMLINK, stat.S_IMODE(m), st.st_uid, st.st_gid, st.st_mtime_ns, len(target), target)
+            if isinstance(old, FNode) and old.digest() == node.digest():
+                return
+            with tree.lock:
+                tree.set(rel, node)
+            changed.append(rel)
+        # other special files are not replicated
+
+    def _source_gone(self, rel: bytes) -> bool:
+        """True (and an alert) when the source root of `rel` is missing or empty: deletions are held."""
+        src = self.tree.abs_path(rel.split(b"/", 1)[0])
+        try:
+            with os.scandir(src) as it:
+                empty = next(it, None) is None
+        except FileNotFoundError:
+            self.alert(f"source path {os.fsdecode(src)} vanished: deletions held, files kept on the replicas")
+            return True
+        except OSError:
+            return True
+        if empty:
+            self.alert(f"source path {os.fsdecode(src)} is empty: deletions held (an unmounted share?)")
+        return empty
+
+    def _chunk(self, p: bytes, st, check: bool = True) -> Chunks | None:
+        """Chunk ids of a file, or None if it changed while being read."""
+        ids = bytearray()
+        lens = array("I")
+        try:
+            with open(p, "rb", buffering=0) as f:
+                for v in chunk_stream(f, self.params, size_hint=st.st_size):
+                    ids += blake3.blake3(v).digest()
+                    lens.append(len(v))
+                st2 = os.fstat(f.fileno())
+        except OSError:
+            return None
+        out = Chunks(ids, lens)
+        total = out.total()
+        self.stats["files_read"] += 1
+        self.stats["bytes_read"] += total
+        if check and ((st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or total != st2.st_size):
+            return None
+        return out
