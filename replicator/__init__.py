@@ -1,6 +1,6 @@
-"""replicator: change detection, the replication protocol, master and replica agents, cluster membership.
+"""replicator: continuous replication of sets from masters to replicas, failover, and running a node.
 
-Words (docs/replication.md):
+Words (docs/replication.md, docs/failover.md):
 
 - **node**: one `pit agent`, named by the node id in its certificate;
   the **primary** also holds the cluster CA, the roster and the sets file.
@@ -9,11 +9,25 @@ Words (docs/replication.md):
   snapshot; a **consistent point** turns it into a snapshot.
 - **catch-up**: after any (re)connect, master and replica compare Merkle
   digests level by level and only differing subtrees travel.
+- **failover**: the **secondary station** takes over the protected sets
+  when the primary fails, guarded by a leader key in etcd.
 
-Modules, bottom up: `errors` (one hierarchy, exit codes), `protocol`
-(frames, schemas, heartbeats), `membership` (CA, tokens, join, roster, TLS),
-`config` (agent and cluster files, versioned push), `merkle` (the digest
-both sides compare), `watcher` (watchdog events), `master` (tree, scan,
-senders), `replica` (verify, commit, points, delete breaker), `agent`
-(a running node) and `cli` (the `pit` commands).
+Rooms, bottom up; each may import only the rooms below it (and `store`),
+never one above, and no two modules import each other (docs/architecture.md):
+
+1. base: `errors` (one hierarchy, exit codes), `waiting` (polling).
+2. `apps/`: application templates and point hooks.
+3. `ops/`: metrics, alerts, systemd units, a local etcd member, `pit demo`.
+4. `stream/`: replication proper: the wire, membership, the master's tree
+   and senders, the replica side.
+5. `failover/`: the controller, fencing, the etcd client, image selection,
+   failure checks.
+6. `config`: the agent and cluster files, validated.
+7. `agent`: a running node, the one place that composes stream, failover
+   and ops.
+8. `commands/`: the `pit` commands (click), registered through the
+   `pit.commands` entry points.
+
+Package `__init__` modules hold only their docstring: importing one module
+loads what it imports, nothing more.
 """
