@@ -121,3 +121,64 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
     if cfg.anonymous:
         cfg.anonymous_scope = _scope("anonymous", d.get("anonymous") or {})
     return cfg
+
+
+# ----------------------------------------------------------------------------- `pit config check --kind serve`
+FILE_KEYS = {"server", "users", "anonymous"}
+SERVER_KEYS = {"listen", "port", "certificate", "private_key", "self_signed", "anonymous"}
+USER_KEYS = {"password", "sets", "scope"}
+ANONYMOUS_KEYS = {"sets", "scope"}
+
+
+def check_file(path: str, raw: dict) -> str:
+    """`pit config check --kind serve`: FILE (already parsed as RAW) loaded as `pit serve` loads it; a summary
+    line, or InvalidArgument naming the key."""
+    # pit serve's loader ignores keys it does not know and trusts the types: a misspelt key would
+    # silently fall back to its default, so the check names it.
+    for k, v in raw.items():
+        if k not in FILE_KEYS:
+            raise InvalidArgument(f"unknown keys ['{k}']")
+        if not isinstance(v, dict):
+            raise InvalidArgument(f"`{k}` must be a table ([{k}])")
+    srv = raw.get("server", {})
+    for k in srv:
+        if k not in SERVER_KEYS:
+            raise InvalidArgument(f"`server.{k}`: unknown key (one of {', '.join(sorted(SERVER_KEYS))})")
+    if "port" in srv and (isinstance(srv["port"], bool) or not isinstance(srv["port"], int)
+                          or not 0 < srv["port"] < 65536):
+        raise InvalidArgument(f"`server.port` must be a port number (1-65535), got {srv['port']!r}")
+    for k in ("listen", "certificate", "private_key"):
+        if k in srv and not isinstance(srv[k], str):
+            raise InvalidArgument(f"`server.{k}` must be a string")
+    if "anonymous" in srv and not isinstance(srv["anonymous"], bool):
+        raise InvalidArgument("`server.anonymous` must be true or false")
+    for name, u in raw.get("users", {}).items():
+        if not isinstance(u, dict):
+            raise InvalidArgument(f"`users.{name}` must be a table ([users.{name}])")
+        for k in u:
+            if k not in USER_KEYS:
+                raise InvalidArgument(f"`users.{name}.{k}`: unknown key (one of {', '.join(sorted(USER_KEYS))})")
+        if "scope" in u and not isinstance(u["scope"], dict):
+            raise InvalidArgument(f"`users.{name}.scope` must be a table of set = [path prefixes]")
+    for k in raw.get("anonymous", {}):
+        if k not in ANONYMOUS_KEYS:
+            raise InvalidArgument(f"`anonymous.{k}`: unknown key (one of {', '.join(sorted(ANONYMOUS_KEYS))})")
+    cfg = load_config(path)
+    for k in ("certificate", "private_key"):
+        p = getattr(cfg, k)
+        if p and not os.path.isfile(p):
+            raise InvalidArgument(f"`server.{k}`: no file at {p}")
+    who = f"{len(cfg.users)} user(s)" + (", anonymous allowed" if cfg.anonymous else "")
+    return f"pit serve configuration: {cfg.listen}:{cfg.port}, {'TLS' if cfg.tls else 'no TLS'}, {who}"
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """What `pit config check` needs to know of a kind of file (registered as a `pit.config_kinds` entry point)."""
+
+    keys: frozenset
+    check: object
+    error: type
+
+
+CONFIG_KIND = FileKind(frozenset(FILE_KEYS), check_file, InvalidArgument)

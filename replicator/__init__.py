@@ -15,14 +15,17 @@ Words (docs/replication.md, docs/failover.md):
 Rooms, bottom up; each may import only the rooms below it (and `store`),
 never one above, and no two modules import each other (docs/architecture.md):
 
-1. base: `errors` (one hierarchy, exit codes), `waiting` (polling).
+1. base: `errors` (one hierarchy, exit codes), `waiting` (polling), `names`
+   (node ids, addresses), `schedule` (when a scheduled set runs),
+   `settings` (the typed configuration model: every key, its default).
 2. `apps/`: application templates and point hooks.
 3. `ops/`: metrics, alerts, systemd units, a local etcd member, `pit demo`.
 4. `stream/`: replication proper: the wire, membership, the master's tree
    and senders, the replica side.
 5. `failover/`: the controller, fencing, the etcd client, image selection,
    failure checks.
-6. `config`: the agent and cluster files, validated.
+6. `config`: loading the agent and cluster files into `settings`' types;
+   versions and the pushed configuration.
 7. `agent`: a running node, the one place that composes stream, failover
    and ops.
 8. `commands/`: the `pit` commands (click), registered through the

@@ -19,9 +19,11 @@ import time
 
 from . import config as C
 from .errors import ConfigError, NotAuthorised, ReplError
+from .settings import ClusterConfig, SetConfig
 from .stream import protocol
 from .stream.master import MasterSet
-from .stream.membership import NodeState, connect, parse_address, peer_identity, serve_join
+from .names import parse_address
+from .stream.membership import NodeState, connect, peer_identity, serve_join
 from .stream.sender import Sender
 from .stream.watcher import Watcher
 
@@ -31,12 +33,12 @@ log = logging.getLogger("pit.agent")
 class Agent:
     def __init__(self, cfg_path: str) -> None:
         self.cfg = C.load_agent_config(cfg_path)
-        self.state = NodeState(self.cfg["state"])
-        self.listen = self.cfg.get("listen") or self.state.address
-        self.cluster_file = self.cfg.get("cluster")
+        self.state = NodeState(self.cfg.state)
+        self.listen = self.cfg.listen or self.state.address
+        self.cluster_file = self.cfg.cluster
         if self.state.is_primary and not self.cluster_file:
             raise ConfigError("the primary's agent config needs `cluster` (the sets file)")
-        self.config: dict = C.load_pushed(self.state.path) if not self.state.is_primary else {}
+        self.config = C.load_pushed(self.state.path) if not self.state.is_primary else ClusterConfig()
         self.masters: dict[str, MasterSet] = {}
         self.replica = None
         self.watcher = Watcher()
@@ -52,7 +54,7 @@ class Agent:
         self.failover = None  # failover.Failover when the cluster file has [failover]
         self.metrics_server = None
         self.alerting = None  # (Alerter, AlertWatcher)
-        self._applied: dict = {}  # the effective sets last applied
+        self._applied: dict[str, SetConfig] = {}  # the effective sets last applied
 
     # ----------------------------------------------------------------- cluster view
     def roster(self) -> dict:
@@ -61,13 +63,13 @@ class Agent:
             if now - self._roster_cache[0] > 0.2:
                 self._roster_cache = (now, self.state.roster())
             return self._roster_cache[1]
-        return self.config.get("roster", {})
+        return self.config.roster
 
-    def configured_sets(self) -> dict:
+    def configured_sets(self) -> dict[str, SetConfig]:
         """The cluster's sets with this node's own application settings (its `app`) over theirs."""
-        return C.with_local_app(self.config.get("sets", {}), self.cfg.get("app"))
+        return C.with_local_app(self.config.sets, self.cfg.app)
 
-    def sets(self) -> dict:
+    def sets(self) -> dict[str, SetConfig]:
         """The sets as they stand now (after a failover the protected sets have another master)."""
         sets = self.configured_sets()
         return self.failover.effective(sets) if self.failover is not None else sets
@@ -99,11 +101,11 @@ class Agent:
             conn.close()
 
     def authorise(self, node: str, fp: str) -> None:
-        r = self.roster() if (self.state.is_primary or self.config.get("roster")) else None
+        r = self.roster() if (self.state.is_primary or self.config.roster) else None
         self.state.authorise(node, fp, r)
 
     # ----------------------------------------------------------------- config
-    def apply_config(self, cfg: dict) -> None:
+    def apply_config(self, cfg: ClusterConfig) -> None:
         with self.apply_lock:
             old_sets = self._applied
             self.config = cfg
@@ -112,38 +114,38 @@ class Agent:
             sets = self._applied = self.sets()
             # master side
             for name, ms in list(self.masters.items()):
-                if sets.get(name) != old_sets.get(name) or sets.get(name, {}).get("master") != me:
+                if name not in sets or sets[name] != old_sets.get(name) or sets[name].master != me:
                     ms.stop()
                     self.watcher.unwatch(name)
                     del self.masters[name]
             for name, s in sets.items():
-                if s["master"] == me and name not in self.masters:
+                if s.master == me and name not in self.masters:
                     ms = MasterSet(self, name, s)
                     self.masters[name] = ms
                     threading.Thread(target=self._start_master, args=(ms,), daemon=True,
                                      name=f"pit-master-{name}").start()
             # replica side
-            if any(me in s["replicas"] for s in sets.values()) and self.replica is None:
-                if not self.cfg.get("repo"):
+            if any(me in s.replicas for s in sets.values()) and self.replica is None:
+                if not self.cfg.repo:
                     log.error("this node replicates sets but its agent config names no `repo`")
                 else:
                     from .stream.replica import ReplicaSide
 
-                    self.replica = ReplicaSide(self, self.cfg["repo"])
+                    self.replica = ReplicaSide(self, self.cfg.repo)
             self._drop_unauthorised()
-            log.info("configuration version %s applied (%d sets)", cfg.get("version"), len(sets))
+            log.info("configuration version %s applied (%d sets)", cfg.version, len(sets))
 
-    def _failover_config(self, cfg: dict) -> None:
-        fcfg = cfg.get("failover")
+    def _failover_config(self, cfg: ClusterConfig) -> None:
+        fcfg = cfg.failover
         if self.failover is not None and (fcfg is None or fcfg != self.failover.cfg
-                                          or cfg.get("primary") != self.failover.primary):
+                                          or cfg.primary != self.failover.primary):
             log.warning("failover configuration changed: restarting the failover controller")
             self.failover.stop()
             self.failover = None
         if fcfg is not None and self.failover is None:
             from .failover.controller import Failover
 
-            self.failover = Failover(self, fcfg, cfg.get("primary") or self.state.primary)
+            self.failover = Failover(self, fcfg, cfg.primary or self.state.primary)
             self.failover.start()
 
     def _start_master(self, ms: MasterSet) -> None:
@@ -158,7 +160,7 @@ class Agent:
             log.exception("set %s: initial scan failed", ms.name)
         if ms.stopped:
             return
-        for r in ms.cfg["replicas"]:
+        for r in ms.cfg.replicas:
             s = Sender(ms, r)
             ms.senders[r] = s
             s.start()
@@ -181,10 +183,9 @@ class Agent:
             try:
                 cluster = C.load_cluster(self.cluster_file)
                 self._roster_cache = (0.0, {})
-                cfg = C.versioned(self.state.path, cluster["sets"], self.roster(), self.state.node,
-                                  cluster["failover"])
-                if last is None or cfg["version"] != last:
-                    last = cfg["version"]
+                cfg = C.versioned(self.state.path, cluster.sets, self.roster(), self.state.node, cluster.failover)
+                if last is None or cfg.version != last:
+                    last = cfg.version
                     self.apply_config(cfg)
                 self._push(cfg)
             except ReplError as exc:
@@ -193,17 +194,17 @@ class Agent:
                 log.exception("config loop")
             self.stopped.wait(0.5)
 
-    def _push(self, cfg: dict) -> None:
+    def _push(self, cfg: ClusterConfig) -> None:
         now = time.monotonic()
-        for node, ent in cfg["roster"].items():
-            if node == self.state.node or self.pushed.get(node) == cfg["version"] or node in self.pushing:
+        for node, ent in cfg.roster.items():
+            if node == self.state.node or self.pushed.get(node) == cfg.version or node in self.pushing:
                 continue
             if self.next_push.get(node, 0) > now:
                 continue
             self.pushing.add(node)
             threading.Thread(target=self._push_one, args=(node, ent["address"], cfg), daemon=True).start()
 
-    def _push_one(self, node: str, address: str, cfg: dict) -> None:
+    def _push_one(self, node: str, address: str, cfg: ClusterConfig) -> None:
         try:
             sock, peer = connect(self.state, address, timeout=3)
             conn = protocol.Conn(sock, node, heartbeat=False, dead_after=10)
@@ -211,7 +212,7 @@ class Agent:
                 if peer != node:
                     raise NotAuthorised(f"{address} is {peer}, not {node}")
                 protocol.hello(conn, self.state.node, "config")
-                conn.send({"t": "config", "cfg": cfg})
+                conn.send({"t": "config", "cfg": cfg.to_wire()})
                 ack = conn.recv("config_ack")
                 self.pushed[node] = ack["version"]
             finally:
@@ -267,7 +268,7 @@ class Agent:
                 conn.send({"t": "status_reply", "status": self.status()})
             elif msg["kind"] == "repl":
                 fo = self.failover
-                if fo is not None and msg["set"] in fo.protected(self.config.get("sets", {})):
+                if fo is not None and msg["set"] in fo.protected(self.config.sets):
                     try:
                         fo.admit(node, int(msg.get("token") or 0), msg["set"])
                     except NotAuthorised as exc:
@@ -293,10 +294,10 @@ class Agent:
                     raise NotAuthorised(f"{node} tried to push configuration")
                 protocol.welcome(conn, self.state.node)
                 cfg = C.check_pushed(conn.recv("config")["cfg"])
-                if cfg["version"] >= self.config.get("version", 0):
+                if cfg.version >= self.config.version:
                     C.save_pushed(self.state.path, cfg)
                     self.apply_config(cfg)
-                conn.send({"t": "config_ack", "version": cfg["version"]})
+                conn.send({"t": "config_ack", "version": cfg.version})
             else:
                 conn.fail("kind", f"{msg['kind']} is not served on this port")
         except (ReplError, ssl.SSLError, OSError) as exc:
@@ -362,7 +363,7 @@ class Agent:
         if cmd == "point":
             if name in self.masters:
                 return self._master_point(self.masters[name], float(args.get("timeout", 60)))
-            if self.replica is not None and name in self.sets() and self.state.node in self.sets()[name]["replicas"]:
+            if self.replica is not None and name in self.sets() and self.state.node in self.sets()[name].replicas:
                 return {self.state.node: {"snapshot": self.replica.point(name, self.sets()[name])}}
             raise ConfigError(f"this node neither masters nor replicates set {name!r}")
         if cmd == "cluster-status":
@@ -465,7 +466,7 @@ class Agent:
                 "nodes": {n: out.get(n, {"error": "no answer"}) for n in nodes}}
 
     def status(self) -> dict:
-        out = {"node": self.state.node, "primary": self.state.primary, "config_version": self.config.get("version"),
+        out = {"node": self.state.node, "primary": self.state.primary, "config_version": self.config.version or None,
                "sets": {}}
         for name, ms in list(self.masters.items()):  # a scrape may race with apply_config
             out["sets"][name] = ms.status()
@@ -483,7 +484,7 @@ class Agent:
         if self.masters and not roles[:1] == ["primary master"]:
             roles.append("master of " + ", ".join(sorted(self.masters)))
         if self.replica is not None:
-            reps = sorted(n for n, s in self.sets().items() if self.state.node in s["replicas"])
+            reps = sorted(n for n, s in self.sets().items() if self.state.node in s.replicas)
             if reps:
                 roles.append("replica of " + ", ".join(reps))
         out["roles"] = roles
@@ -522,7 +523,7 @@ class Agent:
             jsock = self._listen_socket(self.state.info["join_address"])
             socks.append(jsock)
             threading.Thread(target=self._accept_loop, args=(jsock, self._handle_join), daemon=True).start()
-        ctl_path = self.cfg.get("control") or self.state.file("agent.sock")
+        ctl_path = self.cfg.control or self.state.file("agent.sock")
         try:
             os.unlink(ctl_path)
         except FileNotFoundError:
@@ -540,13 +541,13 @@ class Agent:
             threading.Thread(target=self._config_loop, daemon=True, name="pit-config").start()
         elif self.config:
             self.apply_config(self.config)
-        if self.cfg.get("metrics"):
+        if self.cfg.metrics:
             from .ops.metrics import start_metrics_server
 
-            self.metrics_server = start_metrics_server(self, self.cfg["metrics"])
+            self.metrics_server = start_metrics_server(self, self.cfg.metrics)
         from .ops.alerts import start_alerting
 
-        self.alerting = start_alerting(self, self.cfg.get("alerts"))
+        self.alerting = start_alerting(self, self.cfg.alerts)
         log.info("node %s listening on %s", self.state.node, self.listen)
         print(f"pit agent: node {self.state.node} listening on {self.listen}", flush=True)
         try:
@@ -583,7 +584,7 @@ def control_request(state_dir: str | None, cfg_path: str | None, cmd: str, args:
         cfg_path = DEFAULT_AGENT_CONFIG  # the file `pit install-service` runs the agent with
     if cfg_path:
         cfg = C.load_agent_config(cfg_path)
-        path = cfg.get("control") or os.path.join(cfg["state"], "agent.sock")
+        path = cfg.control or os.path.join(cfg.state, "agent.sock")
     elif state_dir:
         path = os.path.join(state_dir, "agent.sock")
     else:

@@ -61,22 +61,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tomllib
+from dataclasses import dataclass, fields, replace
 
 from store.snapshots import check_set_name
 
 from .errors import ConfigError, TemplateError
-from .stream.membership import _read_json, _write_json, check_node_id, parse_address
-from .stream.schedule import normalise_schedule
+from .names import check_node_id
+from .settings import (AgentConfig, ClusterConfig, FailoverConfig, SetConfig, build, check_protected, key_of)
+from .stream.membership import _read_json, _write_json
 
-SET_DEFAULTS = {
-    "mode": "mirror", "point_quiet": 5.0, "point_every": 0.0, "delete_percent": 50.0, "delete_count": 1000,
-    "delete_min": 10, "debounce": 0.3, "settle": 0.2, "settle_max": 5.0, "rescan": 300.0, "queue": 10000,
-    "avg_chunk": 16384,
-}
-
+log = logging.getLogger("pit.config")
 
 def _load_toml(path: str) -> dict:
     try:
@@ -88,8 +86,15 @@ def _load_toml(path: str) -> dict:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-AGENT_KEYS = ("state", "repo", "listen", "cluster", "control", "log", "live", "metrics", "alerts", "app")
-def with_local_app(sets: dict, local: dict | None) -> dict:
+AGENT_KEYS = tuple(key_of(f) for f in fields(AgentConfig))
+
+
+def _at(path: str, exc: ConfigError) -> ConfigError:
+    """EXC with the file's name in front, keeping the key it is about."""
+    return ConfigError(f"{path}: {exc}", key=exc.key)
+
+
+def with_local_app(sets: dict[str, SetConfig], local: dict | None) -> dict[str, SetConfig]:
     """The sets with this node's `app` settings over each set's application
     table: the cluster file is one for all nodes, but after a failover the
     new primary's database may listen on another socket or port, and its
@@ -99,55 +104,30 @@ def with_local_app(sets: dict, local: dict | None) -> dict:
     out = dict(sets)
     for name, over in local.items():
         s = out.get(name)
-        if isinstance(s, dict) and isinstance(s.get("app"), dict):
-            out[name] = {**s, "app": {**s["app"], **over}}
+        if s is not None and s.app is not None:
+            out[name] = replace(s, app={**s.app, **over})
     return out
 
 
-def load_agent_config(path: str) -> dict:
+def load_agent_config(path: str) -> AgentConfig:
     return check_agent_config(_load_toml(path), path)
 
 
-def check_agent_config(raw: dict, path: str) -> dict:
-    """The agent file's values as `load_agent_config` returns them (paths made absolute against the file's
-    directory); ConfigError naming `path` when one is bad."""
-    base = os.path.dirname(os.path.abspath(path))
-    unknown = set(raw) - set(AGENT_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
-    if "state" not in raw:
-        raise ConfigError(f"{path}: `state` (the node's state directory) is required")
-    cfg = {k: (os.path.join(base, v) if k in ("state", "repo", "cluster", "control", "log") else v)
-           for k, v in raw.items()}
-    if "listen" in cfg:
-        parse_address(cfg["listen"])
-    live = cfg.get("live", {})
-    if not isinstance(live, dict) or not all(isinstance(v, list) and v and all(isinstance(p, str) and os.path.isabs(p)
-                                                                                 for p in v) for v in live.values()):
-        raise ConfigError(f"{path}: `live` maps set names to lists of absolute paths (where a promoted "
-                          "secondary materialises each set)")
-    app = cfg.get("app", {})
-    if not isinstance(app, dict) or not all(isinstance(v, dict) for v in app.values()):
-        raise ConfigError(f"{path}: `app` maps set names to tables of application settings (app = {{NAME = {{...}}}})")
-    for name, over in app.items():
-        from .apps.templates import check_app_override
+def check_agent_config(raw: dict, path: str) -> AgentConfig:
+    """The agent file's values, typed (paths made absolute against the file's directory); ConfigError
+    naming `path` and the key when one is bad."""
+    try:
+        cfg = build(AgentConfig, raw, ())
+    except ConfigError as exc:
+        raise _at(path, exc) from None
+    from .apps.templates import check_app_override
 
+    for name, over in cfg.app.items():
         try:
             check_app_override(over, f"app.{name}")
         except TemplateError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    try:
-        if "metrics" in cfg:
-            from .ops.metrics import validate_metrics_address
-
-            validate_metrics_address(cfg["metrics"])
-        if "alerts" in cfg:
-            from .ops.alerts import validate_alerts
-
-            cfg["alerts"] = validate_alerts(cfg["alerts"])
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return cfg
+    return cfg.with_paths_from(os.path.dirname(os.path.abspath(path)))
 
 
 # ------------------------------------------------------------------ the agent file `pit cluster init`/`pit join` write
@@ -266,175 +246,95 @@ def write_agent_config(plan: dict) -> str:
     return "replaced" if plan["action"] == "replace" else "wrote"
 
 
-def normalise_sets(raw: dict, where: str = "cluster config") -> dict:
+def normalise_sets(raw: dict, where: str = "cluster config") -> dict[str, SetConfig]:
+    """The [sets] of a cluster file (or of a pushed configuration), typed; ConfigError naming WHERE and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
     sets = raw.get("sets", {})
     if not isinstance(sets, dict):
-        raise ConfigError(f"{where}: [sets] must be a table")
+        raise ConfigError(f"{where}: [sets] must be a table", key=("sets",))
     unknown = set(raw) - {"sets", "failover"}
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}", key=(sorted(unknown)[0],))
     out = {}
     for name, s in sets.items():
         try:
             check_set_name(name)
         except Exception as exc:
-            raise ConfigError(f"{where}: set {name!r}: {exc}") from None
-        if not isinstance(s, dict):
-            raise ConfigError(f"{where}: set {name!r} must be a table")
-        bad = set(s) - set(SET_DEFAULTS) - {"master", "replicas", "paths", "schedule", "app"}
-        if bad:
-            raise ConfigError(f"{where}: set {name!r}: unknown keys {sorted(bad)}")
-        d = {**SET_DEFAULTS, **s}
+            raise ConfigError(f"{where}: set {name!r}: {exc}", key=("sets", name)) from None
         try:
-            check_node_id(d.get("master", ""))
-            reps = d.get("replicas", [])
-            if not isinstance(reps, list) or not reps:
-                raise ConfigError("`replicas` must be a non-empty list of node ids")
-            for r in reps:
-                check_node_id(r)
-            if d["master"] in reps:
-                raise ConfigError("a set's master cannot be its own replica")
-            paths = d.get("paths", [])
-            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and os.path.isabs(p)
-                                                                    for p in paths):
-                raise ConfigError("`paths` must be a non-empty list of absolute paths")
-            names = [os.path.basename(os.path.normpath(p)) for p in paths]
-            if len(set(names)) != len(names) or "" in names:
-                raise ConfigError("source paths must have distinct, non-empty base names")
-            if d["mode"] not in ("mirror", "archive"):
-                raise ConfigError("`mode` must be \"mirror\" or \"archive\"")
-            for k in ("point_quiet", "point_every", "delete_percent", "debounce", "settle", "settle_max", "rescan"):
-                d[k] = float(d[k])
-                if d[k] < 0:
-                    raise ConfigError(f"`{k}` must not be negative")
-            for k in ("delete_count", "delete_min", "queue", "avg_chunk"):
-                d[k] = int(d[k])
-            if "app" in d and not isinstance(d["app"], dict):
-                raise ConfigError("`app` (the application template's settings) must be a table")
-            sched = normalise_schedule(d.pop("schedule", None))
-            if sched is not None:  # absent when real-time: configurations without it keep their version
-                d["schedule"] = sched
-        except (ConfigError, Exception) as exc:
-            msg = str(exc)
-            raise ConfigError(f"{where}: set {name!r}: {msg}") from None
-        d["paths"] = [os.path.normpath(p) for p in paths]
-        out[name] = d
+            out[name] = build(SetConfig, s, ("sets", name))
+        except ConfigError as exc:
+            raise _at(where, exc) from None
     return out
 
 
-def load_cluster_file(path: str) -> dict:
-    return normalise_sets(_load_toml(path), path)
+@dataclass(frozen=True)
+class ClusterFile:
+    """The primary's cluster file, typed: its sets and its [failover] table (None: no failover)."""
+
+    sets: dict[str, SetConfig]
+    failover: FailoverConfig | None
 
 
-def load_cluster(path: str) -> dict:
-    """{"sets": ..., "failover": ... or None}: the whole cluster file, validated."""
+def load_cluster(path: str) -> ClusterFile:
+    """The whole cluster file, validated."""
     raw = _load_toml(path)
     sets = normalise_sets(raw, path)
-    return {"sets": sets, "failover": normalise_failover(raw.get("failover"), sets, path)}
+    return ClusterFile(sets, normalise_failover(raw.get("failover"), sets, path))
 
 
-FAILOVER_DEFAULTS = {"ttl": 5, "heartbeat": 0.5, "confirm": 3, "checks": [], "link": [], "takeover": [],
-                     "demote": [], "hook_timeout": 60.0, "auto": True, "rejoin": True, "app_check": True,
-                     "mirror": True, "key": ""}
-CHECK_KINDS = {"tcp", "http", "command", "nic"}
-
-
-def _check_list(v, key: str, kinds: set[str]) -> list[dict]:
-    if not isinstance(v, list):
-        raise ConfigError(f"`failover.{key}` must be a list of tables")
-    out = []
-    for i, c in enumerate(v):
-        if not isinstance(c, dict):
-            raise ConfigError(f"`failover.{key}[{i}]` must be a table such as {{tcp = \"host:port\"}}")
-        kind = [k for k in c if k in kinds]
-        if len(kind) != 1:
-            raise ConfigError(f"`failover.{key}[{i}]` needs exactly one of {sorted(kinds)}")
-        extra = set(c) - kinds - {"status", "text", "timeout", "name"}
-        if extra:
-            raise ConfigError(f"`failover.{key}[{i}]`: unknown keys {sorted(extra)}")
-        if kind[0] == "tcp":
-            parse_address(c["tcp"])
-        if not isinstance(c[kind[0]], str) or not c[kind[0]]:
-            raise ConfigError(f"`failover.{key}[{i}].{kind[0]}` must be a non-empty string")
-        out.append({"timeout": 2.0, **c})
-    return out
-
-
-def normalise_failover(raw, sets: dict, where: str = "cluster config") -> dict | None:
+def normalise_failover(raw, sets: dict[str, SetConfig], where: str = "cluster config") -> FailoverConfig | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: [failover] must be a table")
-    bad = set(raw) - set(FAILOVER_DEFAULTS) - {"secondary", "etcd"}
-    if bad:
-        raise ConfigError(f"{where}: failover: unknown keys {sorted(bad)}")
-    d = {**FAILOVER_DEFAULTS, **raw}
     try:
-        check_node_id(d.get("secondary", ""))
-    except Exception:
-        raise ConfigError(f"{where}: `failover.secondary` must name the node that takes over") from None
-    if not isinstance(d.get("etcd"), list) or not d["etcd"] or not all(isinstance(e, str) for e in d["etcd"]):
-        raise ConfigError(f"{where}: `failover.etcd` must be a non-empty list of endpoints (\"http://host:2379\")")
-    try:
-        d["ttl"] = int(d["ttl"])
-        d["confirm"] = int(d["confirm"])
-        d["heartbeat"] = float(d["heartbeat"])
-        d["hook_timeout"] = float(d["hook_timeout"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: failover: ttl, confirm, heartbeat and hook_timeout must be numbers") from None
-    if d["ttl"] < 2:
-        raise ConfigError(f"{where}: `failover.ttl` must be at least 2 (etcd's smallest lease)")
-    if d["confirm"] < 1 or d["heartbeat"] <= 0 or d["hook_timeout"] <= 0:
-        raise ConfigError(f"{where}: failover: confirm >= 1, heartbeat > 0 and hook_timeout > 0")
-    for k in ("auto", "rejoin", "app_check", "mirror"):
-        if not isinstance(d[k], bool):
-            raise ConfigError(f"{where}: `failover.{k}` must be true or false")
-    for k in ("takeover", "demote"):
-        if isinstance(d[k], str):
-            d[k] = [d[k]]
-        if not isinstance(d[k], list) or not all(isinstance(c, (str, list)) for c in d[k]):
-            raise ConfigError(f"{where}: `failover.{k}` must be a list of commands")
-    try:
-        d["checks"] = _check_list(d["checks"], "checks", {"tcp", "http", "command"})
-        d["link"] = _check_list(d["link"], "link", {"tcp", "nic", "command"})
+        fo = build(FailoverConfig, raw, ("failover",), "table ([failover])")
+        check_protected(fo, sets)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    protected = [n for n, s in sets.items() if s["master"] != d["secondary"]]
-    for n in protected:
-        if d["secondary"] not in sets[n]["replicas"]:
-            raise ConfigError(f"{where}: `failover.secondary` {d['secondary']!r} must be a replica of set {n!r}")
-    return d
+        raise _at(where, exc) from None
+    return fo
 
 
-def versioned(state_dir: str, sets: dict, roster: dict, primary: str, failover: dict | None = None) -> dict:
+def versioned(state_dir: str, sets: dict[str, SetConfig], roster: dict, primary: str,
+              failover: FailoverConfig | None = None) -> ClusterConfig:
     """The pushed form: a new version number whenever sets, failover or roster change."""
-    body = {"sets": sets, "roster": roster, "primary": primary}
-    if failover:  # absent without failover: older configurations keep their version
-        body["failover"] = failover
+    cfg = ClusterConfig(0, primary, roster, sets, failover)
+    body = cfg.to_wire()
+    del body["version"]
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     vpath = os.path.join(state_dir, "config_version.json")
     cur = _read_json(vpath)
     if cur.get("hash") != digest:
         cur = {"version": int(cur.get("version", 0)) + 1, "hash": digest}
         _write_json(vpath, cur)
-    return {"version": cur["version"], **body}
+    return replace(cfg, version=cur["version"])
 
 
-def check_pushed(cfg: dict) -> dict:
-    """Validate a configuration received from the primary before keeping it."""
-    if not isinstance(cfg.get("version"), int) or not isinstance(cfg.get("roster"), dict):
+def check_pushed(cfg: dict) -> ClusterConfig:
+    """A configuration received from the primary (its wire form), validated and typed before it is kept."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("version"), int) or not isinstance(cfg.get("roster"),
+                                                                                               dict):
         raise ConfigError("pushed configuration lacks a version or roster")
     sets = normalise_sets({"sets": cfg.get("sets", {})}, "pushed configuration")
-    normalise_failover(cfg.get("failover"), sets, "pushed configuration")
-    return cfg
+    fo = normalise_failover(cfg.get("failover"), sets, "pushed configuration")
+    return ClusterConfig(cfg["version"], str(cfg.get("primary") or ""), cfg["roster"], sets, fo)
 
 
-def save_pushed(state_dir: str, cfg: dict) -> None:
-    _write_json(os.path.join(state_dir, "cluster.json"), cfg)
+def save_pushed(state_dir: str, cfg: ClusterConfig) -> None:
+    _write_json(os.path.join(state_dir, "cluster.json"), cfg.to_wire())
 
 
-def load_pushed(state_dir: str) -> dict:
-    return _read_json(os.path.join(state_dir, "cluster.json"))
+def load_pushed(state_dir: str) -> ClusterConfig:
+    """The configuration last received (version 0: none yet, or one this version cannot read: the primary
+    pushes it again)."""
+    raw = _read_json(os.path.join(state_dir, "cluster.json"))
+    if not raw:
+        return ClusterConfig()
+    try:
+        return check_pushed(raw)
+    except ConfigError as exc:
+        log.warning("ignoring the kept cluster configuration (%s); waiting for the primary's", exc)
+        return ClusterConfig()
 
 
 def set_failover_secondary(path: str, node: str) -> None:
@@ -442,7 +342,7 @@ def set_failover_secondary(path: str, node: str) -> None:
     the result is validated (NODE must replicate every protected set) before it replaces the file."""
     check_node_id(node)
     cur = load_cluster(path)
-    if cur["failover"] is None:
+    if cur.failover is None:
         raise ConfigError(f"{path}: no [failover] table: failover is not configured")
     with open(path) as f:
         text = f.read()

@@ -91,9 +91,14 @@ class UnknownNode(ClusterError):
 
 
 class ConfigError(ReplError):
-    """The agent or cluster configuration is invalid."""
+    """The agent or cluster configuration is invalid. `key`, when known, is the path of the bad key in
+    the file (("failover", "ttl"), ("sets", "web", "replicas", 0)), for `pit config check` to show its line."""
 
     exit_code = 53
+
+    def __init__(self, *args, key: tuple | None = None) -> None:
+        super().__init__(*args)
+        self.key = key
 
 
 class AgentUnreachable(ReplError):

@@ -4,6 +4,7 @@ queue that never blocks the caller, the watcher over a changing status, and one-
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -16,6 +17,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from replicator.ops.alerts import AlertWatcher, Alerter, classify, validate_alerts
 from replicator.errors import ConfigError
+from replicator.settings import AgentConfig
 from test_repl_helpers import free_port, wait_for
 
 LINE = '{ printf "%s|%s|%s|%s|%s|%s\\n" "$PIT_ALERT_KIND" "$PIT_ALERT_SEVERITY" "$PIT_ALERT_NODE" ' \
@@ -40,7 +42,7 @@ def kinds(path) -> list[str]:
 @pytest.fixture
 def alerter_file(tmp_path):
     out = tmp_path / "alerts.txt"
-    al = Alerter({"command": LINE + str(out)}, node="r1")
+    al = Alerter(validate_alerts({"command": LINE + str(out)}), node="r1")
     yield al, out
     al.close()
 
@@ -52,7 +54,7 @@ def test_command_gets_the_alert_in_its_environment_and_on_stdin(tmp_path):
                       f"{{ echo \"kind=$PIT_ALERT_KIND severity=$PIT_ALERT_SEVERITY node=$PIT_ALERT_NODE "
                       f"set=$PIT_ALERT_SET\"; echo \"env message=$PIT_ALERT_MESSAGE\"; echo stdin:; cat; }} > {out}\n")
     script.chmod(0o755)
-    al = Alerter({"command": [str(script)]}, node="station-2")
+    al = Alerter(validate_alerts({"command": [str(script)]}), node="station-2")
     try:
         assert al.notify("breaker", "set web: mass delete held", "critical", key="web", set="web")
         assert al.flush()
@@ -66,8 +68,8 @@ def test_command_gets_the_alert_in_its_environment_and_on_stdin(tmp_path):
 
 def test_a_failing_command_is_logged_in_one_line_and_the_next_alert_still_goes(tmp_path, caplog):
     out = tmp_path / "after.txt"
-    al = Alerter({"command": f'test "$PIT_ALERT_KIND" != broken || {{ echo "no pager" >&2; exit 3; }}; '
-                             f'echo "$PIT_ALERT_KIND" >> {out}'}, node="n")
+    al = Alerter(validate_alerts({"command": f'test "$PIT_ALERT_KIND" != broken || {{ echo "no pager" >&2; exit 3; }}; '
+                             f'echo "$PIT_ALERT_KIND" >> {out}'}), node="n")
     try:
         with caplog.at_level("INFO", logger="pit.alerts"):
             al.notify("broken", "first")
@@ -103,8 +105,8 @@ def smtpd():
 
 def test_mail_reaches_a_real_smtp_server(smtpd):
     ctl, inbox = smtpd
-    al = Alerter({"smtp": {"host": "127.0.0.1", "port": ctl.port, "from": "pit@shop.example",
-                           "to": ["owner@shop.example", "it@shop.example"]}}, node="r1")
+    al = Alerter(validate_alerts({"smtp": {"host": "127.0.0.1", "port": ctl.port, "from": "pit@shop.example",
+                           "to": ["owner@shop.example", "it@shop.example"]}}), node="r1")
     try:
         al.notify("failover", "failover: r1 is the primary master now (token 57)\nset web: image X", "critical",
                   key="r1:57", promoted="r1", token=57)
@@ -162,9 +164,9 @@ def test_mail_with_starttls_and_login(tmp_path):
     pw = tmp_path / "smtp-password"
     pw.write_text("s3cret pass\n")
     try:
-        al = Alerter({"smtp": {"host": "127.0.0.1", "port": ctl.port, "from": "pit@shop.example",
+        al = Alerter(validate_alerts({"smtp": {"host": "127.0.0.1", "port": ctl.port, "from": "pit@shop.example",
                                "to": "owner@shop.example", "starttls": True, "user": "pit",
-                               "password_file": str(pw), "cafile": crt}}, node="r1")
+                               "password_file": str(pw), "cafile": crt}}), node="r1")
         try:
             al.notify("verify_damaged", "set db: verification found damage", "critical", key="db")
             assert al.flush()
@@ -199,7 +201,7 @@ def test_the_same_alert_is_sent_once_per_repeat_window(alerter_file):
 
 def test_repeat_minutes_zero_sends_every_time(tmp_path):
     out = tmp_path / "a.txt"
-    al = Alerter({"command": LINE + str(out), "repeat_minutes": 0}, node="n")
+    al = Alerter(validate_alerts({"command": LINE + str(out), "repeat_minutes": 0}), node="n")
     try:
         assert al.notify("k", "m", key="x") and al.notify("k", "m", key="x")
         assert al.flush()
@@ -211,7 +213,7 @@ def test_repeat_minutes_zero_sends_every_time(tmp_path):
 def test_notify_never_blocks_a_full_queue_drops(tmp_path):
     started, release, out = tmp_path / "started", tmp_path / "release", tmp_path / "done"
     cmd = f'touch {started}; while [ ! -e {release} ]; do sleep 0.05; done; echo "$PIT_ALERT_KIND" >> {out}'
-    al = Alerter({"command": cmd}, node="n", queue_size=1)
+    al = Alerter(validate_alerts({"command": cmd}), node="n", queue_size=1)
     try:
         assert al.notify("one", "1")
         wait_for(lambda: started.exists(), 20, "the command to start")  # the worker is busy with "one"
@@ -249,7 +251,7 @@ HEALTHY = {
 class Agent:
     def __init__(self, st: dict, cfg: dict | None = None) -> None:
         self.st = st
-        self.cfg = cfg or {}
+        self.cfg = AgentConfig(**cfg) if cfg else None
 
     def status(self) -> dict:
         return copy.deepcopy(self.st)
@@ -264,7 +266,7 @@ class Clock:
 
 def test_watcher_raises_alerts_as_the_status_changes(tmp_path):
     out = tmp_path / "alerts.txt"
-    al = Alerter({"command": LINE + str(out), "lag_seconds": 300, "disconnect_seconds": 60}, node="r1")
+    al = Alerter(validate_alerts({"command": LINE + str(out), "lag_seconds": 300, "disconnect_seconds": 60}), node="r1")
     agent = Agent(copy.deepcopy(HEALTHY))
     clock = Clock()
     w = AlertWatcher(agent, al, clock=clock)
@@ -319,8 +321,8 @@ def test_watcher_raises_alerts_as_the_status_changes(tmp_path):
         assert look() == []  # the same promotion is not announced twice
 
         # the disk: a threshold of 100 % free is always crossed
-        w.cfg = dict(w.cfg, disk_free_percent=100.0)
-        agent.cfg = {"state": str(tmp_path)}
+        w.cfg = dataclasses.replace(w.cfg, disk_free_percent=100.0)
+        agent.cfg = AgentConfig(state=str(tmp_path))
         got = look()
         assert [r[0] for r in got] == ["disk_full"] and str(tmp_path) in got[0][5]
     finally:
@@ -329,7 +331,7 @@ def test_watcher_raises_alerts_as_the_status_changes(tmp_path):
 
 def test_watcher_ignores_the_promotion_it_finds_from_before_it_started(tmp_path):
     out = tmp_path / "alerts.txt"
-    al = Alerter({"command": LINE + str(out)}, node="r1")
+    al = Alerter(validate_alerts({"command": LINE + str(out)}), node="r1")
     st = copy.deepcopy(HEALTHY)
     st["failover"]["last_promotion"] = {"node": "r1", "started": time.time() - 86400, "token": 12, "sets": {},
                                         "reason": "yesterday"}
@@ -343,7 +345,7 @@ def test_watcher_ignores_the_promotion_it_finds_from_before_it_started(tmp_path)
 
 def test_watcher_thread_polls_until_stopped(tmp_path):
     out = tmp_path / "alerts.txt"
-    al = Alerter({"command": LINE + str(out), "interval": 0.05}, node="r1")
+    al = Alerter(validate_alerts({"command": LINE + str(out), "interval": 0.05}), node="r1")
     agent = Agent(copy.deepcopy(HEALTHY))
     w = AlertWatcher(agent, al).start()
     try:
@@ -392,10 +394,10 @@ def test_validation_fills_defaults():
     cfg = validate_alerts({"command": "/usr/local/bin/page-me",
                            "smtp": {"host": "mail", "from": "pit@x.example", "to": "it@x.example",
                                     "starttls": True}})
-    assert cfg["lag_seconds"] == 300 and cfg["repeat_minutes"] == 60 and cfg["disk_free_percent"] == 10
-    assert cfg["smtp"]["port"] == 587 and cfg["smtp"]["to"] == ["it@x.example"]
-    assert validate_alerts(None)["command"] is None
-    assert validate_alerts({"smtp": {"host": "m", "from": "a@b", "to": ["c@d"], "ssl": True}})["smtp"]["port"] == 465
+    assert cfg.lag_seconds == 300 and cfg.repeat_minutes == 60 and cfg.disk_free_percent == 10
+    assert cfg.smtp.port == 587 and cfg.smtp.to == ("it@x.example",)
+    assert validate_alerts(None).command is None
+    assert validate_alerts({"smtp": {"host": "m", "from": "a@b", "to": ["c@d"], "ssl": True}}).smtp.port == 465
 
 
 def test_start_alerting_from_the_config_table(tmp_path):
@@ -409,7 +411,7 @@ def test_start_alerting_from_the_config_table(tmp_path):
     agent = Agent(copy.deepcopy(HEALTHY))
     agent.state = State()
     assert start_alerting(agent, None) is None
-    al, w = start_alerting(agent, {"command": LINE + str(out), "interval": 0.05})
+    al, w = start_alerting(agent, validate_alerts({"command": LINE + str(out), "interval": 0.05}))
     try:
         agent.st["sets"]["db"]["held_deletes"] = 7
         wait_for(lambda: recorded(out), 20, "the breaker alert")
@@ -421,7 +423,7 @@ def test_start_alerting_from_the_config_table(tmp_path):
 
 def test_a_hanging_command_is_killed_with_its_children(tmp_path, caplog):
     pidfile = tmp_path / "child.pid"
-    al = Alerter({"command": f"sleep 600 & echo $! > {pidfile}; wait", "command_timeout": 0.5}, node="n")
+    al = Alerter(validate_alerts({"command": f"sleep 600 & echo $! > {pidfile}; wait", "command_timeout": 0.5}), node="n")
     try:
         with caplog.at_level("INFO", logger="pit.alerts"):
             al.notify("k", "m")

@@ -14,11 +14,12 @@ from replicator.waiting import poll_until
 
 from replicator.errors import HookFailed, HookTimeout
 from replicator.apps.hooks import around_point, run_point_hooks
+from test_repl_helpers import set_config
 
 
-def cfg(pre=(), post=(), timeout=30.0) -> dict:
-    return {"name": "web", "paths": ["/srv/www"],
-            "app": {"template": "website", "pre": list(pre), "post": list(post), "hook_timeout": timeout}}
+def cfg(pre=(), post=(), timeout=30.0):
+    return set_config({"name": "web", "paths": ["/srv/www"],
+            "app": {"template": "website", "pre": list(pre), "post": list(post), "hook_timeout": timeout}})
 
 
 def lines(path) -> list[str]:
@@ -156,10 +157,10 @@ def test_background_child_does_not_make_a_finished_hook_hang(tmp_path):
 
 def test_builtin_state_carries_from_pre_to_post_calls(tmp_path):
     """A builtin post hook without its pre (a new process after a crash) fails loudly."""
-    c = {"name": "db", "paths": ["/var/lib/postgresql/15/main"],
+    c = set_config({"name": "db", "paths": ["/var/lib/postgresql/15/main"],
          "app": {"template": "postgresql", "data": "/var/lib/postgresql/15/main", "port": 5432,
                  "socket_dir": str(tmp_path), "os_user": "postgres", "superuser": "postgres",
-                 "pre": [], "post": ["builtin:postgresql.backup_stop"]}}
+                 "pre": [], "post": ["builtin:postgresql.backup_stop"]}})
     res = run_point_hooks(c, "post", set_name="db", point_id=5)
     assert not res.ok and "no backup was started" in res.error
 

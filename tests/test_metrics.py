@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from replicator.ops import metrics as M
+from replicator.settings import AgentConfig
 from test_repl_helpers import Cluster, wait_for
 
 NOW_ISO = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))
@@ -56,7 +57,7 @@ class FakeAgent:
 
     def __init__(self, status: dict, cfg: dict | None = None) -> None:
         self.st = status
-        self.cfg = cfg or {}
+        self.cfg = AgentConfig(**cfg) if cfg else None
         self.fail = False
 
     def status(self) -> dict:
@@ -141,10 +142,10 @@ def test_scrape_status_of_a_master_replica_and_promoted_secondary(server):
     assert val(s, "pit_failover_check_failures", check="tcp 10.0.0.1:5432") == 4
     assert val(s, "pit_failover_promotions_total") == 0
     # disk of the repository and state directory, as statvfs sees them
-    st = os.statvfs(server.agent.cfg["state"])
-    ratio = val(s, "pit_disk_free_ratio", what="state", path=server.agent.cfg["state"])
+    st = os.statvfs(server.agent.cfg.state)
+    ratio = val(s, "pit_disk_free_ratio", what="state", path=server.agent.cfg.state)
     assert 0 < ratio <= 1
-    assert val(s, "pit_disk_size_bytes", what="state", path=server.agent.cfg["state"]) == st.f_blocks * st.f_frsize
+    assert val(s, "pit_disk_size_bytes", what="state", path=server.agent.cfg.state) == st.f_blocks * st.f_frsize
     # the process itself
     assert any(name == "pit_process_resident_memory_bytes" for name, _ in s)
 
@@ -257,7 +258,7 @@ class ControlSocketAgent:
 
     def __init__(self, node) -> None:
         self.node = node
-        self.cfg = {"state": node.state, **({"repo": node.repo} if node.repo else {})}
+        self.cfg = AgentConfig(state=node.state, repo=node.repo or None)
 
     def status(self) -> dict:
         from replicator.agent import control_request

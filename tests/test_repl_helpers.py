@@ -267,3 +267,13 @@ def write(path, data, mode="wb"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, mode) as f:
         f.write(data)
+
+
+def set_config(table: dict, name: str = "set"):
+    """A set's typed configuration (replicator.settings.SetConfig) from a cluster-file table, as the agent
+    has it after loading; a table's `name` names the set, and a test that gives only paths and an app table
+    gets a master and a replica filled in."""
+    from replicator.settings import SetConfig, build
+
+    t = {"master": "m", "replicas": ["r1"], **{k: v for k, v in table.items() if k != "name"}}
+    return build(SetConfig, t, ("sets", table.get("name", name)))

@@ -13,14 +13,14 @@ import pytest
 
 from replicator.config import normalise_sets
 from replicator.errors import ConfigError
-from replicator.stream.schedule import next_due
+from replicator.schedule import next_due
 from test_repl_helpers import cluster, read_tree, replica_head, replica_snapshots, wait_for  # noqa: F401  (cluster: the fixture)
 
 BASE = {"master": "p", "replicas": ["r"], "paths": ["/srv/www"]}
 
 
 def sched(v):
-    return normalise_sets({"sets": {"web": {**BASE, "schedule": v}}}, "cluster.toml")["web"].get("schedule")
+    return normalise_sets({"sets": {"web": {**BASE, "schedule": v}}}, "cluster.toml")["web"].schedule
 
 
 def test_schedule_config():
@@ -31,9 +31,9 @@ def test_schedule_config():
     assert sched({}) is None
     # normalised sets normalise to themselves (the pushed copy is checked again on every node)
     once = normalise_sets({"sets": {"web": {**BASE, "schedule": {"every": "2s"}}}})
-    assert normalise_sets({"sets": once}) == once
+    assert normalise_sets({"sets": {n: s.to_wire() for n, s in once.items()}}) == once
     # a set without `schedule` is unchanged (real-time, same configuration version as before)
-    assert "schedule" not in normalise_sets({"sets": {"web": BASE}})["web"]
+    assert "schedule" not in normalise_sets({"sets": {"web": BASE}})["web"].to_wire()
 
 
 @pytest.mark.parametrize("value, key", [
@@ -45,13 +45,13 @@ def test_schedule_config():
     ({"daily": []}, "schedule.daily"),
     ({"evry": "1m"}, "'evry'"),
     ({"every": "1m", "daily": ["01:00"]}, "not both"),
-    ("15m", "`schedule` must be a table"),
+    ("15m", "schedule` must be a table"),
 ])
 def test_bad_schedule_is_one_line_naming_the_key(value, key):
     with pytest.raises(ConfigError) as e:
         sched(value)
     msg = str(e.value)
-    assert "\n" not in msg and key in msg and "cluster.toml: set 'web'" in msg, msg
+    assert "\n" not in msg and key in msg and msg.startswith("cluster.toml: `sets.web.schedule"), msg
 
 
 def test_next_due():

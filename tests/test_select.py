@@ -27,6 +27,7 @@ from replicator.commands.failover import add_set
 from replicator.errors import HookFailed, NoGoodImage, NoImages, PinnedImageBad
 from replicator.apps.hooks import around_point, mark_point
 from replicator.failover.select import image_status, select_image
+from test_repl_helpers import set_config
 from replicator.apps.templates import CheckResult, as_user, build_set, pg_bindir
 from store import packs as P
 from store.errors import InvalidArgument
@@ -264,7 +265,7 @@ def test_sqlite_images_integrity_check_decides(tmp_path):
     side = str(tmp_path / "side" / "shop")
     cluster = str(tmp_path / "cluster.toml")
     table, _ = add_set(cluster, "shop", "sqlite", [live], ["r1"], "m", {"side_dir": side})
-    cfg = {"name": "shop", **table}
+    cfg = set_config({"name": "shop", **table})
     sids = []
     for n in (500, 800):
         _db(live, n)
@@ -374,8 +375,8 @@ def pg():
 def test_postgresql_images_under_writes(pg, tmp_path):
     repo = init_repo(str(tmp_path / "repo"), pack_mib=8, avg_chunk=16384)
     opts = {"socket_dir": pg.sock, "port": 5432, "amcheck": True, "check_timeout": 300, "bindir": PG_BIN}
-    cfg = {"name": "pg", **build_set("postgresql", "pg", [pg.data], ["r1"], "m", opts)}
-    assert cfg["app"]["pre"] == ["builtin:postgresql.backup_start"]
+    cfg = set_config({"name": "pg", **build_set("postgresql", "pg", [pg.data], ["r1"], "m", opts)})
+    assert cfg.app["pre"] == ["builtin:postgresql.backup_start"]
     pg.start_bench()
     pg.wait_for_writes(200)
 
@@ -391,7 +392,7 @@ def test_postgresql_images_under_writes(pg, tmp_path):
     assert "backup stopped at " in ph.post.runs[0].output and "START WAL LOCATION" in ph.post.runs[0].output
 
     # point 2: the checkpoint variant (a plain argv hook, as the OS user)
-    cfg2 = {"name": "pg", **build_set("postgresql", "pg", [pg.data], ["r1"], "m", {**opts, "point": "checkpoint"})}
+    cfg2 = set_config({"name": "pg", **build_set("postgresql", "pg", [pg.data], ["r1"], "m", {**opts, "point": "checkpoint"})})
     pg.wait_for_writes(200)
     with around_point(cfg2, 2) as ph2:
         s2 = snap(repo, "pg", [pg.data])
@@ -437,20 +438,20 @@ def test_postgresql_images_under_writes(pg, tmp_path):
     os.mkdir(side)
     if ROOT:
         shutil.chown(side, "postgres", "postgres")
-    cfg3 = {"name": "pgbb", **build_set("postgresql", "pgbb", [pg.data], ["r1"], "m",
-                                        {**opts, "point": "basebackup", "side_dir": side})}
-    assert cfg3["paths"] == [side] and cfg3["app"]["data"] == os.path.join(side, "base")
+    cfg3 = set_config({"name": "pgbb", **build_set("postgresql", "pgbb", [pg.data], ["r1"], "m",
+                                        {**opts, "point": "basebackup", "side_dir": side})})
+    assert cfg3.paths == (side,) and cfg3.app["data"] == os.path.join(side, "base")
     for n in (1, 2):
         pg.wait_for_writes(100)
         with around_point(cfg3, n) as ph3:
-            s5 = snap(repo, "pgbb", cfg3["paths"])
+            s5 = snap(repo, "pgbb", list(cfg3.paths))
         assert ph3.ok, ph3.pre.error
     assert os.path.exists(os.path.join(side, "base", "backup_label"))
     sel = select_image(repo, "pgbb", cfg3)
     assert sel.chosen.id == s5.hex and "throwaway instance started (recovery done)" in sel.chosen.check["details"]
 
     # a hook that cannot reach the server fails the point, with the server's one-line reason
-    cfg4 = {"name": "pg", **build_set("postgresql", "pg", [pg.data], ["r1"], "m", {**opts, "superuser": "nobody"})}
+    cfg4 = set_config({"name": "pg", **build_set("postgresql", "pg", [pg.data], ["r1"], "m", {**opts, "superuser": "nobody"})})
     with pytest.raises(HookFailed, match='role "nobody" does not exist'):
         with around_point(cfg4, 9):
             pytest.fail("the point must not be made")

@@ -21,6 +21,7 @@ import pytest
 from replicator.commands.failover import add_set, load_cluster_sets
 from replicator.errors import ConfigError, SetExists, TemplateError
 from replicator.apps.hooks import around_point
+from test_repl_helpers import set_config
 from replicator.apps.templates import (
     build_set, check_image, image_path, mysql_session, parse_options, render_set, sqlite_copy_path, validate_app,
     web_config_test,
@@ -48,7 +49,7 @@ def test_set_add_writes_each_template_and_loads_back(tmp_path):
     pit("set", "add", "erp", "--template", "mysql", "--replicas", "r2", "--master", "primary", "--cluster", cluster)
     pit("set", "add", "web", "--template", "website", "--path", "/etc/nginx", "--path", www,
         "--replicas", "r1", "--master", "primary", "--cluster", cluster)
-    sets = load_cluster_sets(str(cluster))
+    sets = {n: s.to_wire() for n, s in load_cluster_sets(str(cluster)).items()}  # the tables as pushed
     assert set(sets) == {"files", "sales-db", "shop", "erp", "web"}
     assert "app" not in sets["files"] and sets["files"]["paths"] == ["/srv/files"]
 
@@ -177,7 +178,7 @@ def test_mysql_template_generates_lock_session_commands():
 
 
 def test_mysql_check_looks_at_the_files(tmp_path):
-    cfg = {"paths": ["/var/lib/mysql"], "app": build_set("mysql", "e", [], ["r1"], "m")["app"]}
+    cfg = set_config({"paths": ["/var/lib/mysql"], "app": build_set("mysql", "e", [], ["r1"], "m")["app"]})
     img = tmp_path / "img"
     (img / "mysql" / "mysql").mkdir(parents=True)
     (img / "mysql" / "ibdata1").write_bytes(b"x" * 100)
@@ -213,7 +214,7 @@ def test_sqlite_point_copies_a_consistent_database_while_it_is_written(tmp_path,
     con.close()
     side = str(tmp_path / "side" / "shop")
     table = build_set("sqlite", "shop", [db], ["r1"], "m", {"side_dir": side, "point": point})
-    cfg = {"name": "shop", **table}
+    cfg = set_config({"name": "shop", **table})
     stop, batches = threading.Event(), []
     th = threading.Thread(target=_writer, args=(db, stop, batches))
     th.start()
@@ -223,7 +224,7 @@ def test_sqlite_point_copies_a_consistent_database_while_it_is_written(tmp_path,
         counts = []
         for pid in range(3):
             with around_point(cfg, pid) as ph:
-                copy = sqlite_copy_path(cfg["app"], db)
+                copy = sqlite_copy_path(cfg.app, db)
                 c = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
                 rows, = c.execute("SELECT count(*) FROM t").fetchone()
                 assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -256,8 +257,8 @@ def test_sqlite_check_fails_on_a_damaged_or_missing_copy(tmp_path):
     con.executemany("INSERT INTO t (b) VALUES (?)", [(f"row {i} " + "x" * 300,) for i in range(2000)])
     con.commit()
     con.close()
-    cfg = {"paths": [str(side)], "app": {"template": "sqlite", "databases": ["/srv/app.db"],
-                                         "side_dir": str(side), "pre": [], "post": []}}
+    cfg = set_config({"paths": [str(side)], "app": {"template": "sqlite", "databases": ["/srv/app.db"],
+                                         "side_dir": str(side), "pre": [], "post": []}})
     img = tmp_path / "img"
     shutil.copytree(side, img / "side")
     assert check_image(cfg, str(img)).ok
@@ -281,8 +282,8 @@ def test_sqlite_check_fails_on_a_damaged_or_missing_copy(tmp_path):
 
 
 def test_sqlite_hook_fails_on_a_missing_database(tmp_path):
-    cfg = {"name": "s", **build_set("sqlite", "s", [str(tmp_path / "none.db")], ["r1"], "m",
-                                    {"side_dir": str(tmp_path / "side")})}
+    cfg = set_config({"name": "s", **build_set("sqlite", "s", [str(tmp_path / "none.db")], ["r1"], "m",
+                                    {"side_dir": str(tmp_path / "side")})})
     from replicator.errors import HookFailed
 
     with pytest.raises(HookFailed, match="does not exist"):
@@ -293,7 +294,7 @@ def test_sqlite_hook_fails_on_a_missing_database(tmp_path):
 # ------------------------------------------------------------------ web site
 def test_website_check(tmp_path):
     table = build_set("website", "web", ["/etc/nginx", "/var/www/html"], ["r1"], "m")
-    cfg = {"name": "web", **table}
+    cfg = set_config({"name": "web", **table})
     img = tmp_path / "img"
     (img / "nginx").mkdir(parents=True)
     (img / "nginx" / "nginx.conf").write_text(
@@ -319,20 +320,21 @@ def test_website_check(tmp_path):
 
 
 def test_no_app_table_means_no_check(tmp_path):
-    res = check_image({"paths": ["/x"]}, str(tmp_path))
+    res = check_image(set_config({"paths": ["/x"]}), str(tmp_path))
     assert res.ok and res.notes == ["no application check"]
     app = {"template": "website", "server": "nginx", "config": "/x/n.conf", "docroot": "/x/www", "check": False}
     assert validate_app(app, ["/x"]) is app
-    assert check_image({"paths": ["/x"], "app": app}, str(tmp_path)).message == "no application check configured"
+    res = check_image(set_config({"paths": ["/x"], "app": app}), str(tmp_path))
+    assert res.message == "no application check configured"
 
 
 def test_postgresql_check_fails_without_a_data_directory(tmp_path):
     table = build_set("postgresql", "db", ["/var/lib/postgresql/15/main"], ["r1"], "m")
     img = tmp_path / "img"
     (img / "main" / "global").mkdir(parents=True)
-    res = check_image(table, str(img))
+    res = check_image(set_config(table), str(img))
     assert not res.ok and res.message == "PG_VERSION is missing from the data directory"
-    res = check_image(table, str(tmp_path / "empty"))
+    res = check_image(set_config(table), str(tmp_path / "empty"))
     assert not res.ok and "not in the image" in res.message
 
 
@@ -345,7 +347,7 @@ def test_postgresql_check_unavailable_without_the_image_version(tmp_path):
     (data / "PG_VERSION").write_text("99\n")
     (data / "global" / "pg_control").write_bytes(b"\0" * 8192)
     with pytest.raises(CheckUnavailable, match="PostgreSQL 99 binaries are not installed") as ei:
-        check_image(table, str(tmp_path / "img"))
+        check_image(set_config(table), str(tmp_path / "img"))
     assert ei.value.exit_code == 64
 
 

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import HookFailed, HookTimeout
+from ..settings import SetConfig
 
 log = logging.getLogger("pit.hooks")
 
@@ -107,10 +108,10 @@ class PointHooks:
                 "pre": self.pre.to_json() if self.pre else None, "post": self.post.to_json() if self.post else None}
 
 
-def hooks_of(set_cfg: dict, phase: str) -> list:
+def hooks_of(set_cfg: SetConfig, phase: str) -> list:
     if phase not in ("pre", "post"):
         raise ValueError(f"phase must be 'pre' or 'post', not {phase!r}")
-    app = set_cfg.get("app") or {}
+    app = set_cfg.app or {}
     return list(app.get(phase) or [])
 
 
@@ -120,7 +121,7 @@ def _show(h) -> str:
     return shlex.join(h) if isinstance(h, list) else str(h)
 
 
-def run_point_hooks(set_cfg: dict, phase: str, env: dict | None = None, *, set_name: str | None = None,
+def run_point_hooks(set_cfg: SetConfig, phase: str, env: dict | None = None, *, set_name: str | None = None,
                     point_id: str | None = None, state: dict | None = None) -> HookResult:
     """Run the set's `phase` hooks in order; stop at the first failure.
 
@@ -130,11 +131,11 @@ def run_point_hooks(set_cfg: dict, phase: str, env: dict | None = None, *, set_n
     from .templates import BUILTIN_HOOKS, check_hook
 
     env = dict(env or {})
-    name = set_name or env.get("PIT_SET") or set_cfg.get("name") or "?"
+    name = set_name or env.get("PIT_SET") or set_cfg.name or "?"
     pid = str(point_id if point_id is not None else env.get("PIT_POINT_ID", "?"))
     res = HookResult(name, phase, pid)
     hooks = hooks_of(set_cfg, phase)
-    app = set_cfg.get("app") or {}
+    app = set_cfg.app or {}
     timeout = float(app.get("hook_timeout", DEFAULT_TIMEOUT))
     if state is None:
         with _states_lock:
@@ -226,7 +227,7 @@ def _command(argv: list[str], shown: str, i: int, env: dict, timeout: float) -> 
 
 
 @contextmanager
-def around_point(set_cfg: dict, point_id, *, set_name: str | None = None, env: dict | None = None):
+def around_point(set_cfg: SetConfig, point_id, *, set_name: str | None = None, env: dict | None = None):
     """Run pre hooks, the block (making the point), then post hooks.
 
         with around_point(cfg, seq, set_name="db") as ph:
@@ -238,7 +239,7 @@ def around_point(set_cfg: dict, point_id, *, set_name: str | None = None, env: d
     PIT_POINT_RESULT=failed, the exception propagates. A failing post hook:
     HookFailed is raised after the block (the point exists but is marked failed by
     the caller)."""
-    name = set_name or set_cfg.get("name") or "?"
+    name = set_name or set_cfg.name or "?"
     pid = str(point_id)
     ph = PointHooks(name, pid)
     state: dict = {}

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import CheckUnavailable, HookFailed, TemplateError
+from ..settings import SetConfig
 
 log = logging.getLogger("pit.templates")
 
@@ -312,8 +313,8 @@ def _pg_backup_stop(set_name: str, app: dict, env: dict, state: dict, timeout: f
     return f"backup stopped at {out.strip()}"
 
 
-def _pg_check(set_cfg: dict, app: dict, image_dir: str, may_modify: bool, res: CheckResult) -> None:
-    data = image_path(set_cfg["paths"], image_dir, app["data"])
+def _pg_check(set_cfg: SetConfig, app: dict, image_dir: str, may_modify: bool, res: CheckResult) -> None:
+    data = image_path(set_cfg.paths, image_dir, app["data"])
     if not os.path.isdir(data):
         return _fail(res, f"the data directory {app['data']} is not in the image")
     for need in ("PG_VERSION", "global/pg_control"):
@@ -481,9 +482,9 @@ def _sqlite_point(set_name: str, app: dict, env: dict, state: dict, timeout: flo
     return "; ".join(out)
 
 
-def _sqlite_check(set_cfg: dict, app: dict, image_dir: str, may_modify: bool, res: CheckResult) -> None:
+def _sqlite_check(set_cfg: SetConfig, app: dict, image_dir: str, may_modify: bool, res: CheckResult) -> None:
     for db in app["databases"]:
-        p = image_path(set_cfg["paths"], image_dir, sqlite_copy_path(app, db))
+        p = image_path(set_cfg.paths, image_dir, sqlite_copy_path(app, db))
         if not os.path.isfile(p):
             return _fail(res, f"the consistent copy of {db} is not in the image")
         try:
@@ -547,8 +548,8 @@ def _mysql_unlock(set_name: str, app: dict, env: dict, state: dict, timeout: flo
     return "tables unlocked"
 
 
-def _mysql_check(set_cfg: dict, app: dict, image_dir: str, may_modify: bool, res: CheckResult) -> None:
-    data = image_path(set_cfg["paths"], image_dir, app["data"])
+def _mysql_check(set_cfg: SetConfig, app: dict, image_dir: str, may_modify: bool, res: CheckResult) -> None:
+    data = image_path(set_cfg.paths, image_dir, app["data"])
     if not os.path.isdir(data) or not os.listdir(data):
         return _fail(res, f"the data directory {app['data']} is missing or empty in the image")
     if not (os.path.isdir(os.path.join(data, "mysql")) or os.path.exists(os.path.join(data, "ibdata1"))):
@@ -602,15 +603,15 @@ def web_config_test(app: dict, conf: str) -> list[str] | None:
     return None
 
 
-def _web_check(set_cfg: dict, app: dict, image_dir: str, may_modify: bool, res: CheckResult) -> None:
-    root = image_path(set_cfg["paths"], image_dir, app["docroot"])
+def _web_check(set_cfg: SetConfig, app: dict, image_dir: str, may_modify: bool, res: CheckResult) -> None:
+    root = image_path(set_cfg.paths, image_dir, app["docroot"])
     if not os.path.isdir(root):
         return _fail(res, f"the document root {app['docroot']} is not in the image")
     nfiles = sum(len(fns) for _, _, fns in os.walk(root))
     if not nfiles:
         return _fail(res, f"the document root {app['docroot']} is empty")
     res.details.append(f"document root holds {nfiles} files")
-    conf = image_path(set_cfg["paths"], image_dir, app["config"])
+    conf = image_path(set_cfg.paths, image_dir, app["config"])
     if not os.path.isfile(conf):
         return _fail(res, f"the server configuration {app['config']} is not in the image")
     argv = web_config_test(app, conf)
@@ -792,11 +793,11 @@ def check_hook(h, where: str = "hook") -> None:
         raise TemplateError(f"{where}: a hook is a shell command (string), an argv list, or \"builtin:NAME\"")
 
 
-def app_of(set_cfg: dict) -> dict | None:
-    return set_cfg.get("app") or None
+def app_of(set_cfg: SetConfig) -> dict | None:
+    return set_cfg.app or None
 
 
-def check_image(set_cfg: dict, image_dir: str, may_modify: bool = False) -> CheckResult:
+def check_image(set_cfg: SetConfig, image_dir: str, may_modify: bool = False) -> CheckResult:
     """Run the set's application check on an image materialised at `image_dir`.
 
     `may_modify`: the check may change or move files of the image (it is a scratch

@@ -70,7 +70,8 @@ def cluster_init(state, node, address, join_address, agent_config, cluster_file,
     """Create the cluster CA and this primary's certificate; with --agent-config, also its agent configuration
     (state, cluster file, metrics)."""
     from ..config import plan_agent_config, write_agent_config
-    from ..stream.membership import ca_fingerprint, check_node_id, init_cluster, parse_address
+    from ..names import check_node_id, parse_address
+    from ..stream.membership import ca_fingerprint, init_cluster
 
     node = node or socket.gethostname().split(".")[0].lower()
     _needs_agent_config(agent_config, cluster=cluster_file, metrics=metrics, force=force)
@@ -137,9 +138,9 @@ def cluster_secondary(node, cluster_file):
     mirror from its own repository, so its first promotion is a delta too)."""
     from ..config import load_cluster, set_failover_secondary
 
-    before = load_cluster(cluster_file)["failover"]
+    before = load_cluster(cluster_file).failover
     set_failover_secondary(cluster_file, node)
-    click.echo(f"secondary station: {before['secondary']} -> {node} (the running primary pushes it now)")
+    click.echo(f"secondary station: {before.secondary} -> {node} (the running primary pushes it now)")
 
 
 def _ensure_repo(path: str) -> str:
@@ -173,7 +174,8 @@ def _ensure_repo(path: str) -> str:
 def join(state, token, node, address, repo, agent_config, metrics, force):
     """Join the cluster named by TOKEN (from `pit cluster token`); with --repo and --agent-config, also make
     the node's repository and write its agent configuration."""
-    from ..stream.membership import check_node_id, join as do_join, parse_address, parse_token
+    from ..names import check_node_id, parse_address
+    from ..stream.membership import join as do_join, parse_token
 
     node = node or socket.gethostname().split(".")[0].lower()
     _needs_agent_config(agent_config, metrics=metrics, force=force)

@@ -19,38 +19,22 @@ import tomllib
 import click
 
 from ..errors import ConfigError, NoGoodImage, PinnedImageBad, SetExists, TemplateError
+from ..settings import SetConfig
 
 DEFAULT_CLUSTER = "/etc/pit/cluster.toml"
 
 
 # ------------------------------------------------------------ cluster file
-def load_cluster_sets(path: str) -> dict:
-    """The cluster file's sets, normalised by `replicator.config`, each with its
-    validated `app` table (if any).
-
-    The config loader is tried first as is; while it does not know the `app`
-    key, the app tables are taken out, the rest goes through the loader, and
-    each app table is validated here (`templates.validate_app`)."""
+def load_cluster_sets(path: str) -> dict[str, SetConfig]:
+    """The cluster file's sets, typed (`replicator.config`), each `app` table validated by its template."""
     from ..apps.templates import validate_app
-    from ..config import _load_toml, load_cluster_file, normalise_sets
+    from ..config import _load_toml, normalise_sets
 
-    raw = _load_toml(path)
-    try:
-        sets = load_cluster_file(path)
-    except ConfigError as exc:
-        if "'app'" not in str(exc):
-            raise
-        apps = {}
-        for name, s in (raw.get("sets") or {}).items():
-            if isinstance(s, dict) and "app" in s:
-                apps[name] = s.pop("app")
-        sets = normalise_sets(raw, path)
-        for name, app in apps.items():
-            sets[name]["app"] = app
+    sets = normalise_sets(_load_toml(path), path)
     for name, s in sets.items():
-        if "app" in s:
+        if s.app is not None:
             try:
-                validate_app(s["app"], s["paths"], "app")
+                validate_app(s.app, list(s.paths), "app")
             except TemplateError as exc:
                 raise TemplateError(f"{path}: set {name!r}: {exc}") from None
     return sets
@@ -110,20 +94,18 @@ def add_set(cluster_path: str, name: str, template: str, paths: list[str], repli
     return table, text
 
 
-def find_set_config(set_name: str, cluster: str | None = None, state: str | None = None) -> dict | None:
+def find_set_config(set_name: str, cluster: str | None = None, state: str | None = None) -> SetConfig | None:
     """The set's configuration: from the primary's cluster file, else from the
     configuration pushed to this node (state/cluster.json); None if neither has it."""
     if cluster:
         sets = load_cluster_sets(cluster)
         if set_name not in sets:
             raise ConfigError(f"{cluster}: no set {set_name!r}")
-        return {"name": set_name, **sets[set_name]}
+        return sets[set_name]
     if state:
         from ..config import load_pushed
 
-        s = (load_pushed(state).get("sets") or {}).get(set_name)
-        if s is not None:
-            return {"name": set_name, **s}
+        return load_pushed(state).sets.get(set_name)
     return None
 
 
@@ -214,7 +196,7 @@ def failover_select(ctx, repo_opt, set_name, as_json, check, cluster, state, pin
     if not repo:
         raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
     cfg = find_set_config(set_name, cluster, state) if check else None
-    chk = cfg if cfg and cfg.get("app") else None
+    chk = cfg if cfg and cfg.app else None
     note = None
     if check and chk is None:
         note = ("no application check: " + ("the set has no app table" if cfg else

@@ -16,7 +16,7 @@ import tomllib
 
 import click
 
-from store.errors import InvalidArgument, StoreError
+from store.errors import StoreError
 
 from ..errors import ClusterError, ConfigError
 
@@ -25,10 +25,6 @@ from ..config import AGENT_KEYS as _AGENT_KEYS
 
 AGENT_KEYS = set(_AGENT_KEYS)
 CLUSTER_KEYS = {"sets", "failover"}
-SERVE_KEYS = {"server", "users", "anonymous"}
-SERVE_SCHEMA = {"server": {"listen", "port", "certificate", "private_key", "self_signed", "anonymous"}}
-SERVE_USER = {"password", "sets", "scope"}
-SERVE_ANON = {"sets", "scope"}
 
 
 # ----------------------------------------------------------------------------- where each key is
@@ -229,9 +225,18 @@ def _good(key, v) -> bool:
         return False
 
 
-def locate(msg: str, raw: dict, lines: dict[tuple, int]) -> tuple[tuple, int]:
-    """The key an error message is about, and its line: (path, line). A key that is missing gives
-    the line of its table (1 for the top level)."""
+def line_of(path: tuple, lines: dict[tuple, int]) -> int:
+    """The line of the key at PATH; for a key that is missing, the line of the nearest table that is there."""
+    for n in range(len(path), -1, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return 1
+
+
+def locate(msg: str, raw: dict, lines: dict[tuple, int], tops: set | None = None) -> tuple[tuple, int]:
+    """For errors that carry no key (pit serve's loader, a template's check): the key the message is about,
+    found in its words, and its line: (path, line). A key that is missing gives the line of its table.
+    `tops`: the top-level keys of every kind of file (a key named from the top)."""
     base: tuple = ()
     m = re.match(r"(?:set '([^']*)'|user (\S+?)|(failover|anonymous)):\s*", msg)
     if m:
@@ -247,7 +252,7 @@ def locate(msg: str, raw: dict, lines: dict[tuple, int]) -> tuple[tuple, int]:
         else relative to the table the message is about (`mode` in set 'web')."""
         here = _get(raw, base)
         inside = isinstance(here, dict) and ref[:1] and ref[0] in here
-        if base and not inside and ref[:1] and ref[0] in top | CLUSTER_KEYS | SERVE_KEYS:
+        if base and not inside and ref[:1] and ref[0] in top | CLUSTER_KEYS | (tops or set()):
             return ref
         return base + ref
 
@@ -282,17 +287,13 @@ def locate(msg: str, raw: dict, lines: dict[tuple, int]) -> tuple[tuple, int]:
     if present:
         return present[0], lines[present[0]]
     path = candidates[0] if candidates else base
-    for n in range(len(path), -1, -1):  # missing: the nearest table that is there
-        if path[:n] in lines:
-            return path, lines[path[:n]]
-    return path, 1
+    return path, line_of(path, lines)
 
 
 # ----------------------------------------------------------------------------- checks per kind
-def detect_kind(raw: dict, path: str) -> str:
+def detect_kind(raw: dict, path: str, kinds: dict) -> str:
     keys = set(raw)
-    hits = [k for k, known in (("agent", AGENT_KEYS), ("cluster", CLUSTER_KEYS), ("serve", SERVE_KEYS))
-            if keys & known]
+    hits = [k for k, (known, _check, _err) in kinds.items() if keys & known]
     if len(hits) == 1:
         return hits[0]
     if not hits:
@@ -308,76 +309,46 @@ def _check_agent(path: str, raw: dict) -> str:
         if k in raw and not isinstance(raw[k], str):
             raise ConfigError(f"`{k}` must be a string")
     cfg = load_agent_config(path)
-    role = f"the primary (cluster file {cfg['cluster']})" if cfg.get("cluster") else "a node"
-    return f"agent configuration of {role}, state {cfg['state']}"
+    role = f"the primary (cluster file {cfg.cluster})" if cfg.cluster else "a node"
+    return f"agent configuration of {role}, state {cfg.state}"
 
 
 def _check_cluster(path: str, raw: dict) -> str:
     from ..config import load_cluster
 
     c = load_cluster(path)
-    fo = c["failover"]
-    return (f"cluster file: {len(c['sets'])} set(s) ({', '.join(sorted(c['sets'])) or 'none'}); "
-            + (f"failover to {fo['secondary']} via {len(fo['etcd'])} etcd endpoint(s)" if fo else "no failover"))
+    fo = c.failover
+    return (f"cluster file: {len(c.sets)} set(s) ({', '.join(sorted(c.sets)) or 'none'}); "
+            + (f"failover to {fo.secondary} via {len(fo.etcd)} etcd endpoint(s)" if fo else "no failover"))
 
 
-def _check_serve(path: str, raw: dict) -> str:
-    from davserver.config import load_config
+def config_kinds() -> dict[str, tuple[set, object, type]]:
+    """{kind: (its top-level keys, its check(path, raw) -> summary, its error class)}: the agent and cluster
+    files are the replicator's own; other packages add theirs through the `pit.config_kinds` entry points
+    (`pit serve`'s file: davserver.config), so this package never imports them."""
+    from importlib.metadata import entry_points
 
-    # pit serve's loader ignores keys it does not know and trusts the types: a misspelt key would
-    # silently fall back to its default, so the check names it.
-    for k, v in raw.items():
-        if k not in SERVE_KEYS:
-            raise InvalidArgument(f"unknown keys ['{k}']")
-        if not isinstance(v, dict):
-            raise InvalidArgument(f"`{k}` must be a table ([{k}])")
-    srv = raw.get("server", {})
-    for k in srv:
-        if k not in SERVE_SCHEMA["server"]:
-            raise InvalidArgument(f"`server.{k}`: unknown key (one of {', '.join(sorted(SERVE_SCHEMA['server']))})")
-    if "port" in srv and (isinstance(srv["port"], bool) or not isinstance(srv["port"], int)
-                          or not 0 < srv["port"] < 65536):
-        raise InvalidArgument(f"`server.port` must be a port number (1-65535), got {srv['port']!r}")
-    for k in ("listen", "certificate", "private_key"):
-        if k in srv and not isinstance(srv[k], str):
-            raise InvalidArgument(f"`server.{k}` must be a string")
-    if "anonymous" in srv and not isinstance(srv["anonymous"], bool):
-        raise InvalidArgument("`server.anonymous` must be true or false")
-    for name, u in raw.get("users", {}).items():
-        if not isinstance(u, dict):
-            raise InvalidArgument(f"`users.{name}` must be a table ([users.{name}])")
-        for k in u:
-            if k not in SERVE_USER:
-                raise InvalidArgument(f"`users.{name}.{k}`: unknown key (one of {', '.join(sorted(SERVE_USER))})")
-        if "scope" in u and not isinstance(u["scope"], dict):
-            raise InvalidArgument(f"`users.{name}.scope` must be a table of set = [path prefixes]")
-    for k in raw.get("anonymous", {}):
-        if k not in SERVE_ANON:
-            raise InvalidArgument(f"`anonymous.{k}`: unknown key (one of {', '.join(sorted(SERVE_ANON))})")
-    cfg = load_config(path)
-    for k in ("certificate", "private_key"):
-        p = getattr(cfg, k)
-        if p and not os.path.isfile(p):
-            raise InvalidArgument(f"`server.{k}`: no file at {p}")
-    who = f"{len(cfg.users)} user(s)" + (", anonymous allowed" if cfg.anonymous else "")
-    return f"pit serve configuration: {cfg.listen}:{cfg.port}, {'TLS' if cfg.tls else 'no TLS'}, {who}"
-
-
-CHECKS = {"agent": (_check_agent, ConfigError), "cluster": (_check_cluster, ConfigError),
-          "serve": (_check_serve, InvalidArgument)}
+    kinds = {"agent": (AGENT_KEYS, _check_agent, ConfigError), "cluster": (CLUSTER_KEYS, _check_cluster, ConfigError)}
+    for ep in entry_points(group="pit.config_kinds"):
+        k = ep.load()
+        kinds[ep.name] = (set(k.keys), k.check, k.error)
+    return kinds
 
 
 def check_config(path: str, kind: str | None = None) -> tuple[str, str]:
     """(kind, summary) when FILE is good; else raises the loader's error class with one line
     `FILE:LINE: KEY: message`."""
+    kinds = config_kinds()
+    if kind is not None and kind not in kinds:
+        raise ConfigError(f"no checker for {kind} files here (its package is not installed)")
+    err_cls = kinds[kind][2] if kind else ConfigError
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise (CHECKS[kind][1] if kind else ConfigError)(f"no configuration file at {path}") from None
+        raise err_cls(f"no configuration file at {path}") from None
     except OSError as exc:
-        raise (CHECKS[kind][1] if kind else ConfigError)(f"cannot read {path}: {exc.strerror}") from None
-    err_cls = CHECKS[kind][1] if kind else ConfigError
+        raise err_cls(f"cannot read {path}: {exc.strerror}") from None
     try:
         text = data.decode()
         raw = tomllib.loads(text)
@@ -393,19 +364,21 @@ def check_config(path: str, kind: str | None = None) -> tuple[str, str]:
         km = re.match(r"\s*([A-Za-z0-9_.\-\"' ]+?)\s*=", src) or re.match(r"\s*(\[\[?[^\]]*\]\]?)", src)
         key = f"{km.group(1).strip()}: " if km else ""
         raise err_cls(f"{path}:{line}: {key}TOML syntax: {exc}") from None
-    kind = kind or detect_kind(raw, path)
-    fn, err_cls = CHECKS[kind]
+    kind = kind or detect_kind(raw, path, kinds)
+    _keys, fn, err_cls = kinds[kind]
     lines = key_lines(text)
+    known = None
     try:
         return kind, fn(path, raw)
     except StoreError as exc:
-        msg, cls = str(exc), type(exc)
+        msg, cls, known = str(exc), type(exc), getattr(exc, "key", None)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a loader trusting a type
         msg, cls = f"{type(exc).__name__}: {exc}", err_cls
     for prefix in (f"{path}: ", f"cannot read {path}: "):
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
-    key, line = locate(msg, raw, lines)
+    tops = set().union(*(k[0] for k in kinds.values()))
+    key, line = (known, line_of(known, lines)) if known is not None else locate(msg, raw, lines, tops)
     where = f"{_dotted(key)}: " if key else ""
     if issubclass(cls, ClusterError) and kind in ("agent", "cluster"):
         cls = ConfigError  # check_node_id / parse_address inside a configuration: a configuration error
@@ -460,14 +433,14 @@ def install_service(root, units, config_path, serve_config, repo, state, pit_exe
     if config_path and units == ["serve"] and not serve_config:
         serve_config, config_path = config_path, None
     agent_config = os.path.abspath(config_path) if config_path else DEFAULTS["agent_config"]
-    agent_cfg: dict = {}
+    agent_cfg = None
     if ({"serve", "scrub", "etcd"} & set(units)) and not (repo and state):
         try:
             from ..config import load_agent_config
 
             agent_cfg = load_agent_config(agent_config)
         except ConfigError:
-            agent_cfg = {}  # absent or not readable here: the defaults, or the options
+            agent_cfg = None  # absent or not readable here: the defaults, or the options
     if "etcd" in units:
         missing = [o for o, v in (("--etcd-client", etcd_client), ("--etcd-peer", etcd_peer)) if not v]
         if missing:
@@ -476,8 +449,8 @@ def install_service(root, units, config_path, serve_config, repo, state, pit_exe
         "pit": os.path.abspath(pit_exe) if pit_exe else default_pit(),
         "agent_config": agent_config,
         "serve_config": os.path.abspath(serve_config) if serve_config else None,
-        "repo": os.path.abspath(repo) if repo else agent_cfg.get("repo"),
-        "state": os.path.abspath(state) if state else agent_cfg.get("state"),
+        "repo": os.path.abspath(repo) if repo else (agent_cfg.repo if agent_cfg else None),
+        "state": os.path.abspath(state) if state else (agent_cfg.state if agent_cfg else None),
         "etcd_name": etcd_name or socket.gethostname().split(".")[0].lower(),
         "etcd_client": etcd_client, "etcd_peer": etcd_peer, "etcd_initial_cluster": etcd_initial_cluster,
     }

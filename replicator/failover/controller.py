@@ -31,8 +31,10 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 
 from ..errors import EtcdError, FailoverRefused, NotAuthorised, ReplError
+from ..settings import FailoverConfig, SetConfig
 from .detect import Confirmer
 from .etcd import Etcd
 from .fencing import Leadership, revoke_holder
@@ -41,17 +43,17 @@ log = logging.getLogger("pit.failover")
 
 
 class Failover:
-    def __init__(self, agent, cfg: dict, primary: str) -> None:
+    def __init__(self, agent, cfg: FailoverConfig, primary: str) -> None:
         from ..stream.membership import ca_fingerprint
 
         self.agent = agent
         self.cfg = cfg
         self.me = agent.state.node
         self.primary = primary
-        self.secondary = cfg["secondary"]
-        self.ttl = int(cfg["ttl"])
-        self.etcd = Etcd(cfg["etcd"], timeout=min(1.0, self.ttl / 4))
-        self.key = cfg["key"] or f"/pit/{ca_fingerprint(agent.state)[:16]}/leader"
+        self.secondary = cfg.secondary
+        self.ttl = cfg.ttl
+        self.etcd = Etcd(list(cfg.etcd), timeout=min(1.0, self.ttl / 4))
+        self.key = cfg.key or f"/pit/{ca_fingerprint(agent.state)[:16]}/leader"
         self.lead = Leadership(self.etcd, self.key, self.me, ttl=self.ttl, on_lost=self._lost,
                                log_path=agent.state.file("fencing.log"))
         self.path = agent.state.file("failover.json")
@@ -62,8 +64,8 @@ class Failover:
             self.saved = {}
         self.highest = int(self.saved.get("highest_token", 0))
         self.leader: tuple[str, int] | None = None  # the holder last seen in etcd (node, token)
-        self.checks = Confirmer(cfg["checks"], cfg["confirm"])
-        self.link = Confirmer(cfg["link"], cfg["confirm"])
+        self.checks = Confirmer(list(cfg.checks), cfg.confirm)
+        self.link = Confirmer(list(cfg.link), cfg.confirm)
         self.primary_reachable: bool | None = None
         self.etcd_ok: bool | None = None
         self.phase = "starting"
@@ -105,10 +107,10 @@ class Failover:
             self.note = note
 
     # ------------------------------------------------------------------ who masters what
-    def protected(self, sets: dict) -> list[str]:
-        return [n for n, s in sets.items() if s["master"] == self.primary]
+    def protected(self, sets: dict[str, SetConfig]) -> list[str]:
+        return [n for n, s in sets.items() if s.master == self.primary]
 
-    def effective(self, sets: dict) -> dict:
+    def effective(self, sets: dict[str, SetConfig]) -> dict[str, SetConfig]:
         """The sets as they stand now: after a failover the protected sets are mastered by the
         token holder (on its live paths), and a returning old primary becomes one of their replicas."""
         out = dict(sets)
@@ -118,22 +120,22 @@ class Failover:
             s = sets[name]
             if lead is None or lead[0] == self.primary:
                 if self.me == self.primary and not holding:
-                    out[name] = {**s, "master": ""}  # the configured primary masters only with the key
+                    out[name] = replace(s, master="")  # the configured primary masters only with the key
                 continue
             new = lead[0]
-            reps = [r for r in s["replicas"] if r != new]
-            if self.cfg["rejoin"] and self.primary not in reps:
+            reps = [r for r in s.replicas if r != new]
+            if self.cfg.rejoin and self.primary not in reps:
                 reps.append(self.primary)
-            out[name] = {**s, "master": new, "replicas": reps}
+            out[name] = replace(s, master=new, replicas=tuple(reps))
             if new == self.me:
-                out[name]["paths"] = self.live_paths(name, s)
-                if name in self.failed_sets:
-                    out[name]["master"] = ""  # promoted without a good image: nobody masters it
+                out[name] = replace(out[name], paths=self.live_paths(name, s),
+                                    # promoted without a good image: nobody masters it
+                                    master="" if name in self.failed_sets else new)
         return out
 
-    def live_paths(self, name: str, s: dict) -> list[str]:
-        live = (self.agent.cfg.get("live") or {}).get(name)
-        return [os.path.normpath(p) for p in live] if live else s["paths"]
+    def live_paths(self, name: str, s: SetConfig) -> tuple[str, ...]:
+        live = self.agent.cfg.live.get(name)
+        return tuple(os.path.normpath(p) for p in live) if live else s.paths
 
     def token(self) -> int:
         return self.lead.token if self.lead.is_leader() else 0
@@ -188,7 +190,7 @@ class Failover:
                 self._tick()
             except Exception:
                 log.exception("failover loop")
-            self.stopped.wait(self.cfg["heartbeat"])
+            self.stopped.wait(self.cfg.heartbeat)
 
     def _tick(self) -> None:
         try:
@@ -204,7 +206,7 @@ class Failover:
             self._saw(kv.value.decode(), kv.mod_revision)
         if self.lead.is_leader():
             self.phase = "active"
-            if self.cfg["link"]:
+            if self.cfg.link:
                 failed = self.link.run()
                 if failed:
                     self.lead.resign("public link down: " + "; ".join(failed))
@@ -221,7 +223,7 @@ class Failover:
         self.phase = "fenced" if self.me == self.primary else "standby" if self.me == self.secondary else "replica"
         if self.me == self.secondary:
             self._watch_primary(holder)
-            if self.phase == "standby" and self.cfg["mirror"]:
+            if self.phase == "standby" and self.cfg.mirror:
                 with self.lock:  # never while a promotion writes the same paths
                     self._refresh_mirror()
 
@@ -247,7 +249,7 @@ class Failover:
         elif self.me == self.secondary and time.monotonic() < self.yield_until:
             self.phase = "standby"  # we just handed over (failback): let the primary take the key
         elif self.me == self.secondary:
-            if self.cfg["auto"] and time.monotonic() >= self.retry_after:
+            if self.cfg.auto and time.monotonic() >= self.retry_after:
                 self.promote("the primary's lease expired: it is dead or cut off from etcd")
             else:
                 self.phase = "standby"
@@ -280,17 +282,17 @@ class Failover:
         with ThreadPoolExecutor(1, thread_name_prefix="pit-ping") as pool:
             while not self.stopped.is_set():
                 want = self._probe_want
-                if want is not None and time.monotonic() - want[1] < max(5.0, 4 * self.cfg["heartbeat"]):
+                if want is not None and time.monotonic() - want[1] < max(5.0, 4 * self.cfg.heartbeat):
                     holder = want[0]
                     try:
                         ping = pool.submit(self.agent.ping, holder, max(1.0, self.ttl / 2))
-                        failed = self.checks.run() if self.cfg["checks"] else []
+                        failed = self.checks.run() if self.cfg.checks else []
                         reachable = bool(ping.result())
                         self.primary_reachable = reachable
                         self._probed = (holder, reachable, failed)
                     except Exception:
                         log.exception("probing %s", holder)
-                self.stopped.wait(self.cfg["heartbeat"])
+                self.stopped.wait(self.cfg.heartbeat)
 
     def _watch_primary(self, holder: str) -> None:
         self._probe_want = (holder, time.monotonic())
@@ -309,7 +311,7 @@ class Failover:
             self._set_note(f"{holder}'s checks fail here ({'; '.join(failed)}) and it does not answer here, "
                            "but it renews its lease in etcd: a partition between us, not a failure; no failover")
             return
-        if self.cfg["auto"]:
+        if self.cfg.auto:
             self.promote(f"{holder}'s services fail while its agent answers: {'; '.join(failed)}", force=True)
         else:
             self._set_note(f"{holder}'s services fail: {'; '.join(failed)}; automatic failover is off")
@@ -398,7 +400,7 @@ class Failover:
             raise FailoverRefused("this node has no repository to promote from (`repo` in its agent config)")
         from ..errors import CheckUnavailable
 
-        check = s if (self.cfg["app_check"] and s.get("app")) else None
+        check = s if (self.cfg.app_check and s.app) else None
         notes = []
         with self.agent.replica.lock:
             try:
@@ -443,10 +445,10 @@ class Failover:
 
         if self.agent.replica is None or time.monotonic() < self._mirror_next:
             return
-        self._mirror_next = time.monotonic() + max(2.0, self.cfg["heartbeat"])
+        self._mirror_next = time.monotonic() + max(2.0, self.cfg.heartbeat)
         repo = self.agent.replica.repo
         mirrored = self.saved.setdefault("mirrored", {})
-        sets = self.agent.config.get("sets", {})
+        sets = self.agent.config.sets
         for name in self.protected(sets):
             with repo.reading() as txn:
                 root = head_root(repo, txn, name)
@@ -485,9 +487,9 @@ class Failover:
 
         out = []
         env = {**os.environ, "PIT_NODE": self.me, "PIT_ROLE": which, "PIT_TOKEN": str(token),
-               "PIT_SETS": " ".join(self.protected(self.agent.config.get("sets", {})))}
-        for i, h in enumerate(self.cfg[which]):
-            run = run_command(h, self.cfg["hook_timeout"], env, i)
+               "PIT_SETS": " ".join(self.protected(self.agent.config.sets))}
+        for i, h in enumerate(getattr(self.cfg, which)):
+            run = run_command(h if isinstance(h, str) else list(h), self.cfg.hook_timeout, env, i)
             (log.info if run.ok else log.error)("%s hook %r: %s", which, run.hook,
                                                  "ok" if run.ok else run.error)
             out.append(run.to_json())
@@ -506,10 +508,10 @@ class Failover:
     def _fenced_old_primary(self) -> None:
         """Another node leads: keep what we still have as a snapshot in our repository (never lost,
         and the base the new primary's catch-up compares against: a delta, not a re-seed)."""
-        repo_path = self.agent.cfg.get("repo")
-        if not repo_path or not self.cfg["rejoin"]:
+        repo_path = self.agent.cfg.repo
+        if not repo_path or not self.cfg.rejoin:
             return
-        sets = self.agent.config.get("sets", {})
+        sets = self.agent.config.sets
         if self.agent.replica is not None:
             return  # already receiving
         from store.ingest import create_snapshot
@@ -518,7 +520,7 @@ class Failover:
         repo = Repository(repo_path)
         try:
             for name in self.protected(sets):
-                paths = [p for p in sets[name]["paths"] if os.path.exists(p)]
+                paths = [p for p in sets[name].paths if os.path.exists(p)]
                 if paths:
                     snap = create_snapshot(repo, name, paths, host=self.me, retention=False)
                     log.warning("set %s: kept this node's own state as snapshot %s before rejoining as a replica",
@@ -536,7 +538,7 @@ class Failover:
             hooks = self.run_hooks("demote", token)  # freeze: no new writes from here on
             points = {}
             for name, ms in list(self.agent.masters.items()):
-                if name not in self.protected(self.agent.config.get("sets", {})):
+                if name not in self.protected(self.agent.config.sets):
                     continue
                 ms.flush()
                 self.agent.point_seq += 1

@@ -14,32 +14,32 @@ import subprocess
 import urllib.parse
 from dataclasses import dataclass, field
 
-from ..stream.membership import parse_address
+from ..names import parse_address
+from ..settings import Check
 
 
-def probe(check: dict) -> tuple[bool, str]:
-    timeout = float(check.get("timeout", 2.0))
+def probe(check: Check) -> tuple[bool, str]:
+    timeout = check.timeout
     try:
-        if "tcp" in check:
-            host, port = parse_address(check["tcp"])
+        if check.kind == "tcp":
+            host, port = parse_address(check.target)
             with socket.create_connection((host, port), timeout=timeout):
                 return True, "connected"
-        if "http" in check:
+        if check.kind == "http":
             return _http(check, timeout)
-        if "command" in check:
-            cmd = check["command"]
-            argv = cmd if isinstance(cmd, list) else shlex.split(cmd)
+        if check.kind == "command":
+            argv = shlex.split(check.target)
             r = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
             if r.returncode == 0:
                 return True, "exit 0"
             tail = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()[-1:] or [""]
             return False, f"exit {r.returncode} {tail[0][:120]}".strip()
-        if "nic" in check:
+        if check.kind == "nic":
             try:
-                with open(f"/sys/class/net/{check['nic']}/operstate") as f:
+                with open(f"/sys/class/net/{check.target}/operstate") as f:
                     state = f.read().strip()
             except OSError:
-                return False, f"no interface {check['nic']}"
+                return False, f"no interface {check.target}"
             return state in ("up", "unknown"), f"operstate {state}"
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout:g} s"
@@ -48,8 +48,8 @@ def probe(check: dict) -> tuple[bool, str]:
     raise ValueError(f"unknown check {check!r}")
 
 
-def _http(check: dict, timeout: float) -> tuple[bool, str]:
-    u = urllib.parse.urlsplit(check["http"])
+def _http(check: Check, timeout: float) -> tuple[bool, str]:
+    u = urllib.parse.urlsplit(check.target)
     cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
     conn = cls(u.hostname, u.port, timeout=timeout)
     try:
@@ -60,29 +60,24 @@ def _http(check: dict, timeout: float) -> tuple[bool, str]:
         return False, str(exc) or type(exc).__name__
     finally:
         conn.close()
-    want = int(check.get("status", 200))
+    want = check.status if check.status is not None else 200
     if resp.status != want:
         return False, f"HTTP {resp.status} (want {want})"
-    text = check.get("text")
+    text = check.text
     if text and text.encode() not in body:
         return False, f"HTTP {resp.status} without {text!r}"
     return True, f"HTTP {resp.status}"
 
 
-def describe(check: dict) -> str:
-    if check.get("name"):
-        return check["name"]
-    for k in ("tcp", "http", "command", "nic"):
-        if k in check:
-            return f"{k} {check[k] if isinstance(check[k], str) else ' '.join(check[k])}"
-    return repr(check)
+def describe(check: Check) -> str:
+    return check.name or f"{check.kind} {check.target}"
 
 
 @dataclass
 class Confirmer:
     """Counts consecutive failures per check; `failed()` lists the checks failing `confirm` times in a row."""
 
-    checks: list[dict]
+    checks: list[Check]
     confirm: int = 3
     streak: dict[int, int] = field(default_factory=dict)
     last: dict[int, str] = field(default_factory=dict)

@@ -48,99 +48,19 @@ import threading
 import time
 from email.message import EmailMessage
 
-from ..errors import ConfigError
+from ..settings import AlertsConfig, build
 from .metrics import LagTracker, disk_usage, watched_paths
 
 log = logging.getLogger("pit.alerts")
 
 SEVERITIES = ("info", "warning", "critical")
-DEFAULTS = {"command": None, "smtp": None, "lag_seconds": 300.0, "repeat_minutes": 60.0,
-            "disconnect_seconds": 60.0, "disk_free_percent": 10.0, "interval": 5.0, "command_timeout": 60.0}
-SMTP_KEYS = {"host", "port", "from", "to", "starttls", "ssl", "user", "password_file", "timeout", "cafile"}
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # ----------------------------------------------------------------------------- configuration
-def _number(raw: dict, key: str, minimum: float, above: bool = False) -> float:
-    v = raw[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"`alerts.{key}`: {v!r} is not a number")
-    if v < minimum or (above and v == minimum):
-        raise ConfigError(f"`alerts.{key}`: {v!r} must be {'above' if above else 'at least'} {minimum:g}")
-    return float(v)
-
-
-def validate_alerts(raw) -> dict:
-    """The [alerts] table checked and completed with defaults; ConfigError (one line naming the key)."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError("`alerts` must be a table ([alerts])")
-    bad = sorted(set(raw) - set(DEFAULTS))
-    if bad:
-        raise ConfigError(f"`alerts.{bad[0]}`: unknown key (known: {', '.join(sorted(DEFAULTS))})")
-    out = {**DEFAULTS, **raw}
-    cmd = out["command"]
-    if cmd is not None:
-        if isinstance(cmd, str):
-            if not cmd.strip():
-                raise ConfigError("`alerts.command`: empty command")
-        elif not (isinstance(cmd, list) and cmd and all(isinstance(a, str) and a for a in cmd)):
-            raise ConfigError("`alerts.command` must be a command line or a non-empty list of strings")
-    for key, minimum, above in (("lag_seconds", 0, True), ("repeat_minutes", 0, False),
-                                ("disconnect_seconds", 0, False), ("disk_free_percent", 0, False),
-                                ("interval", 0, True), ("command_timeout", 0, True)):
-        out[key] = _number(out, key, minimum, above)
-    if out["disk_free_percent"] > 100:
-        raise ConfigError(f"`alerts.disk_free_percent`: {raw['disk_free_percent']!r} must be at most 100")
-    if out["smtp"] is not None:
-        out["smtp"] = _validate_smtp(out["smtp"])
-    return out
-
-
-def _validate_smtp(s) -> dict:
-    if not isinstance(s, dict):
-        raise ConfigError("`alerts.smtp` must be a table: {host = ..., from = ..., to = [...]}")
-    bad = sorted(set(s) - SMTP_KEYS)
-    if bad:
-        raise ConfigError(f"`alerts.smtp.{bad[0]}`: unknown key (known: {', '.join(sorted(SMTP_KEYS))})")
-    for k in ("host", "from", "to"):
-        if k not in s:
-            raise ConfigError(f"`alerts.smtp.{k}` is required")
-    out = {"port": None, "starttls": False, "ssl": False, "user": None, "password_file": None, "timeout": 30.0,
-           "cafile": None, **s}
-    if not isinstance(out["host"], str) or not out["host"]:
-        raise ConfigError(f"`alerts.smtp.host`: {out['host']!r} is not a host name")
-    port = out["port"]
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-        raise ConfigError(f"`alerts.smtp.port`: {port!r} is not a port number (1-65535)")
-    for k in ("starttls", "ssl"):
-        if not isinstance(out[k], bool):
-            raise ConfigError(f"`alerts.smtp.{k}` must be true or false")
-    if out["starttls"] and out["ssl"]:
-        raise ConfigError("`alerts.smtp.ssl`: give `ssl` (SMTPS, port 465) or `starttls`, not both")
-    if out["port"] is None:
-        out["port"] = 465 if out["ssl"] else 587 if out["starttls"] else 25
-    if not isinstance(out["from"], str) or "@" not in out["from"]:
-        raise ConfigError(f"`alerts.smtp.from`: {out['from']!r} is not a mail address")
-    to = [out["to"]] if isinstance(out["to"], str) else out["to"]
-    if not isinstance(to, list) or not to or not all(isinstance(a, str) and "@" in a for a in to):
-        raise ConfigError(f"`alerts.smtp.to`: {out['to']!r} must be a list of mail addresses")
-    out["to"] = to
-    if out["user"] is not None and not isinstance(out["user"], str):
-        raise ConfigError("`alerts.smtp.user` must be a string")
-    pf = out["password_file"]
-    if pf is not None and (not isinstance(pf, str) or not os.path.isabs(pf)):
-        raise ConfigError(f"`alerts.smtp.password_file`: {pf!r} must be an absolute path")
-    if (out["user"] is None) != (pf is None):
-        raise ConfigError("`alerts.smtp.user` and `alerts.smtp.password_file` go together")
-    ca = out["cafile"]
-    if ca is not None and (not isinstance(ca, str) or not os.path.isabs(ca)):
-        raise ConfigError(f"`alerts.smtp.cafile`: {ca!r} must be an absolute path (a PEM file of CA certificates)")
-    t = out["timeout"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
-        raise ConfigError(f"`alerts.smtp.timeout`: {t!r} is not a positive number of seconds")
-    return out
+def validate_alerts(raw) -> AlertsConfig:
+    """The [alerts] table checked and completed with defaults (replicator.settings); ConfigError naming the key."""
+    return build(AlertsConfig, {} if raw is None else raw, ("alerts",), "table ([alerts])")
 
 
 def one_line(text: str) -> str:
@@ -151,8 +71,8 @@ def one_line(text: str) -> str:
 class Alerter:
     """Sends alerts (command, mail) from a worker thread; `notify` only queues them."""
 
-    def __init__(self, cfg: dict | None, node: str | None = None, queue_size: int = 100) -> None:
-        self.cfg = validate_alerts(cfg)
+    def __init__(self, cfg: AlertsConfig | None, node: str | None = None, queue_size: int = 100) -> None:
+        self.cfg = cfg if cfg is not None else AlertsConfig()
         self.node = node or socket.gethostname()
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.lock = threading.Lock()
@@ -175,7 +95,7 @@ class Alerter:
         now = time.monotonic()
         with self.lock:
             last = self.sent.get((kind, key))
-            if last is not None and now - last < self.cfg["repeat_minutes"] * 60:
+            if last is not None and now - last < self.cfg.repeat_minutes * 60:
                 log.debug("alert %s (%s) repeated within repeat_minutes: not sent again", kind, key)
                 return False
             if self.closed:
@@ -250,13 +170,13 @@ class Alerter:
         level = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}[severity]
         log.log(level, "ALERT %s %s node=%s%s: %s", severity, kind, self.node, f" {extra}" if extra else "",
                 one_line(message))
-        if self.cfg["command"]:
+        if self.cfg.command:
             self._command(kind, severity, message, fields)
-        if self.cfg["smtp"]:
+        if self.cfg.smtp:
             self._mail(kind, severity, message, fields)
 
     def _command(self, kind: str, severity: str, message: str, fields: dict) -> None:
-        cmd = self.cfg["command"]
+        cmd = self.cfg.command
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         env = {**os.environ, "PIT_ALERT_KIND": kind, "PIT_ALERT_SEVERITY": severity, "PIT_ALERT_MESSAGE": message,
                "PIT_ALERT_NODE": self.node}
@@ -270,14 +190,14 @@ class Alerter:
             log.error("alert command %r could not run: %s (alert %s)", _show(cmd), exc, kind)
             return
         try:
-            out, err = proc.communicate(message + "\n", timeout=self.cfg["command_timeout"])
+            out, err = proc.communicate(message + "\n", timeout=self.cfg.command_timeout)
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the command and whatever it started
             except OSError:
                 pass
             proc.communicate()
-            log.error("alert command %r killed after %gs (alert %s)", _show(cmd), self.cfg["command_timeout"], kind)
+            log.error("alert command %r killed after %gs (alert %s)", _show(cmd), self.cfg.command_timeout, kind)
             return
         if proc.returncode != 0:
             lines = (err or out or "").strip().splitlines()
@@ -286,14 +206,15 @@ class Alerter:
                       f": {tail}" if tail else "")
 
     def _mail(self, kind: str, severity: str, message: str, fields: dict) -> None:
-        s = self.cfg["smtp"]
+        s = self.cfg.smtp
+        assert s is not None
         msg = EmailMessage()
         first = message.strip().splitlines()[0] if message.strip() else kind
         msg["Subject"] = one_line(f"[pit {severity}] {self.node}: {first}")[:200]
-        msg["From"] = s["from"]
-        msg["To"] = ", ".join(s["to"])
+        msg["From"] = s.from_
+        msg["To"] = ", ".join(s.to)
         msg["Date"] = email.utils.formatdate(localtime=True)
-        msg["Message-ID"] = email.utils.make_msgid(domain=s["from"].rpartition("@")[2] or None)
+        msg["Message-ID"] = email.utils.make_msgid(domain=s.from_.rpartition("@")[2] or None)
         msg["X-Pit-Alert-Kind"] = kind
         msg["X-Pit-Node"] = self.node
         body = [message, "", f"node: {self.node}", f"kind: {kind}", f"severity: {severity}"]
@@ -302,22 +223,22 @@ class Alerter:
         msg.set_content("\n".join(body) + "\n")
         try:
             password = None
-            if s["password_file"]:
-                with open(s["password_file"]) as f:
+            if s.password_file:
+                with open(s.password_file) as f:
                     password = f.read().rstrip("\r\n")
-            ctx = ssl.create_default_context(cafile=s["cafile"]) if (s["ssl"] or s["starttls"]) else None
-            if s["ssl"]:
-                smtp = smtplib.SMTP_SSL(s["host"], s["port"], timeout=s["timeout"], context=ctx)
+            ctx = ssl.create_default_context(cafile=s.cafile) if (s.ssl or s.starttls) else None
+            if s.ssl:
+                smtp = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout, context=ctx)
             else:
-                smtp = smtplib.SMTP(s["host"], s["port"], timeout=s["timeout"])
+                smtp = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
             with smtp:
-                if s["starttls"]:
+                if s.starttls:
                     smtp.starttls(context=ctx)
-                if s["user"]:
-                    smtp.login(s["user"], password)
+                if s.user:
+                    smtp.login(s.user, password)
                 smtp.send_message(msg)
         except (OSError, smtplib.SMTPException) as exc:
-            log.error("alert mail to %s via %s:%s failed (alert %s): %s", ", ".join(s["to"]), s["host"], s["port"],
+            log.error("alert mail to %s via %s:%s failed (alert %s): %s", ", ".join(s.to), s.host, s.port,
                       kind, one_line(exc))
 
 
@@ -333,7 +254,7 @@ class AlertWatcher:
         self.agent = agent
         self.alerter = alerter
         self.cfg = alerter.cfg
-        self.interval = float(interval if interval is not None else self.cfg["interval"])
+        self.interval = float(interval if interval is not None else self.cfg.interval)
         self.clock = clock
         self.lag = LagTracker(clock)
         self.started = time.time()
@@ -387,10 +308,10 @@ class AlertWatcher:
             if u is None or not u[1]:
                 continue
             pct = 100.0 * u[0] / u[1]
-            if pct < self.cfg["disk_free_percent"]:
+            if pct < self.cfg.disk_free_percent:
                 raise_("disk_full", path, f"{what} filesystem nearly full: {pct:.1f} % free "
                        f"({u[0] // 2**20} MiB of {u[1] // 2**20} MiB) at {path}",
-                       "critical" if pct < self.cfg["disk_free_percent"] / 3 else "warning", what=what, path=path)
+                       "critical" if pct < self.cfg.disk_free_percent / 3 else "warning", what=what, path=path)
         self._resolve(present)
         self.first = False
 
@@ -419,11 +340,11 @@ class AlertWatcher:
                     self.down_since.pop((name, r), None)
                 else:
                     since = self.down_since.setdefault((name, r), now)
-                    if now - since >= self.cfg["disconnect_seconds"]:
+                    if now - since >= self.cfg.disconnect_seconds:
                         err = rs.get("last_error") or "no error recorded"
                         raise_("replica_disconnected", key, f"set {name}: replica {r} disconnected for "
                                f"{now - since:.0f} s (last error: {err})", "warning", set=name, replica=r)
-                if lag > self.cfg["lag_seconds"]:
+                if lag > self.cfg.lag_seconds:
                     raise_("replica_lag", key, f"set {name}: replica {r} behind for {lag:.0f} s "
                            f"({rs.get('queued', 0)} paths queued{', catch-up pending' if rs.get('catchup') else ''})",
                            "warning", set=name, replica=r, lag_seconds=int(lag))
@@ -507,16 +428,16 @@ def classify(text: str) -> tuple[str, str]:
     return "set_alert", "warning"
 
 
-def start_alerting(agent, raw: dict | None) -> tuple[Alerter, AlertWatcher] | None:
+def start_alerting(agent, cfg: AlertsConfig | None) -> tuple[Alerter, AlertWatcher] | None:
     """From the agent config's [alerts] table (None: no alerts): an Alerter named after the node and
     a started AlertWatcher. Stop with `watcher.stop(); alerter.close()`."""
-    if raw is None:
+    if cfg is None:
         return None
     node = getattr(getattr(agent, "state", None), "node", None)
-    alerter = Alerter(raw, node=node)
+    alerter = Alerter(cfg, node=node)
     watcher = AlertWatcher(agent, alerter).start()
     log.info("alerts: %s; watching the status every %gs",
-             ", ".join(filter(None, ["command" if alerter.cfg["command"] else "",
-                                     "mail to " + ", ".join(alerter.cfg["smtp"]["to"]) if alerter.cfg["smtp"] else ""]))
+             ", ".join(filter(None, ["command" if alerter.cfg.command else "",
+                                     "mail to " + ", ".join(alerter.cfg.smtp.to) if alerter.cfg.smtp else ""]))
              or "log only", watcher.interval)
     return alerter, watcher

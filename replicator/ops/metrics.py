@@ -39,6 +39,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from ..names import parse_listen
+
 log = logging.getLogger("pit.metrics")
 
 PHASES = ("starting", "active", "standby", "replica", "fenced", "waiting", "promoting", "demoted")
@@ -228,8 +230,9 @@ def disk_usage(path: str) -> tuple[int, int] | None:
 
 def watched_paths(agent) -> dict[str, str]:
     """{"repo": path, "state": path} of the agent's own config (what fills up when a disk does)."""
-    cfg = getattr(agent, "cfg", None) or {}
-    return {k: cfg[k] for k in ("repo", "state") if isinstance(cfg.get(k), str) and cfg[k]}
+    cfg = getattr(agent, "cfg", None)
+    paths = {k: getattr(cfg, k, None) for k in ("repo", "state")}
+    return {k: v for k, v in paths.items() if isinstance(v, str) and v}
 
 
 # ----------------------------------------------------------------------------- collector
@@ -528,33 +531,11 @@ class StatusCollector(Collector):
 
 
 # ----------------------------------------------------------------------------- server
-def parse_listen(address: str) -> tuple[str, int]:
-    """"host:port", "[v6]:port", ":port" (all interfaces) or "port" -> (host, port)."""
-    a = str(address).strip()
-    if a.isdigit():
-        host, port = "0.0.0.0", a
-    elif a.startswith("["):
-        host, _, port = a[1:].partition("]:")
-    else:
-        host, _, port = a.rpartition(":")
-        host = host or "0.0.0.0"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics address {address!r} is not host:port")
-    return host, int(port)
-
-
 def validate_metrics_address(value) -> str:
-    """The agent config's `metrics` value checked; ConfigError (one line naming the key) when bad."""
-    from ..errors import ConfigError
+    """The agent config's `metrics` value checked (replicator.settings); ConfigError naming the key when bad."""
+    from ..settings import listen_address
 
-    try:
-        if not isinstance(value, str):
-            raise ValueError
-        parse_listen(value)
-    except ValueError:
-        raise ConfigError(f"`metrics`: {value!r} is not an address to serve metrics on "
-                          '("127.0.0.1:9474", "0.0.0.0:9474", "[::]:9474" or ":9474")') from None
-    return value
+    return listen_address(value, ("metrics",))
 
 
 class MetricsServer:

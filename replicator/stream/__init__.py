@@ -3,7 +3,7 @@
 Owns: the wire (`protocol`: frames, schemas, HELLO, heartbeats), the
 cluster's identities and mTLS links (`membership`: CA, join tokens, roster,
 `connect`), the digest both sides compare (`merkle`), change detection
-(`watcher`), when a scheduled set runs (`schedule`), the master side of a
+(`watcher`), the master side of a
 set (`master`: the set's loop; `tree`: its in-memory Merkle tree; `scan`:
 looking at the sources; `filescache`: the tree kept across restarts;
 `chunklist`: chunk lists and their deltas; `payloads`: compressed chunk
@@ -18,7 +18,8 @@ ranges of a chunk list against its **base**), **mirror**/**archive** mode.
 
 May import: ops (the replica records metrics), apps (a replica marks a
 point's hook outcome on its snapshot), the replicator's base (`errors`,
-`waiting`) and `store`. Never the configuration loader (`replicator.config`),
+`waiting`, `names`, `schedule`, and `settings`, whose typed `SetConfig` each
+set is given) and `store`. Never the configuration loader (`replicator.config`),
 failover/, the agent or the commands: what the master needs of its node it
 gets from the `agent` object handed to it (its state, roster, fencing token).
 """

@@ -162,7 +162,7 @@ class BatchSender:
         acknowledged; a path the replica could not apply against its base is sent again in full."""
         ms = self.ms
         tree = ms.tree
-        mirror = ms.cfg["mode"] == "mirror"
+        mirror = ms.cfg.mode == "mirror"
         changes = []
         wanted: dict[bytes, tuple[bytes, int, int]] = {}
         with tree.lock:

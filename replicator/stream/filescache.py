@@ -19,6 +19,7 @@ from typing import Callable
 
 from store.trees import DIR
 
+from ..settings import SetConfig
 from .chunklist import Chunks
 from .tree import DNode, FNode, Tree
 
@@ -96,7 +97,7 @@ class FilesCache:
 class TreeCache:
     """One set's tree and its rows in the files cache, kept in step: `load` at start, `save` the journal."""
 
-    def __init__(self, tree: Tree, state_path: str, set_name: str, cfg: dict, stats: dict,
+    def __init__(self, tree: Tree, state_path: str, set_name: str, cfg: SetConfig, stats: dict,
                  alert: Callable[[str], None]) -> None:
         self.tree = tree
         self.state_path = state_path
@@ -113,7 +114,7 @@ class TreeCache:
     def _signature(self) -> bytes:
         import msgpack
 
-        return msgpack.packb({"v": 2, "paths": self.cfg["paths"], "avg": self.cfg["avg_chunk"]}, use_bin_type=True)
+        return msgpack.packb({"v": 2, "paths": self.cfg.paths, "avg": self.cfg.avg_chunk}, use_bin_type=True)
 
     @staticmethod
     def _row(node) -> bytes:
@@ -202,7 +203,7 @@ class TreeCache:
         try:
             with open(self._cache_path(), "rb") as f:
                 d = msgpack.unpackb(f.read(), raw=False)
-            if d.get("v") == 1 and d["paths"] == self.cfg["paths"] and d["avg"] == self.cfg["avg_chunk"]:
+            if d.get("v") == 1 and d["paths"] == list(self.cfg.paths) and d["avg"] == self.cfg.avg_chunk:
                 for row in d["rows"]:
                     rel, typ = row[0], row[1]
                     if typ == DIR:

@@ -23,10 +23,12 @@ import threading
 import time
 
 from ..errors import ReplError
+from ..schedule import next_due
+from ..settings import SetConfig
 from .filescache import TreeCache
 from .payloads import Payloads
 from .scan import Scanner
-from .schedule import next_due
+
 from .tree import Tree
 
 log = logging.getLogger("pit.master")
@@ -35,11 +37,11 @@ log = logging.getLogger("pit.master")
 class MasterSet:
     """One set this node owns: its sources, their tree, and the senders."""
 
-    def __init__(self, agent, name: str, cfg: dict) -> None:
+    def __init__(self, agent, name: str, cfg: SetConfig) -> None:
         self.agent = agent
         self.name = name
         self.cfg = cfg
-        self.sources = [os.fsencode(p) for p in cfg["paths"]]
+        self.sources = [os.fsencode(p) for p in cfg.paths]
         self.tree = Tree(self.sources)
         self.payloads = Payloads()
         self.senders: dict = {}  # replica -> Sender (sender.py), added by the agent after the first scan
@@ -57,7 +59,7 @@ class MasterSet:
         self.stopped = False
         # Scheduled replication (`schedule` in the set): no streaming on events; at each due time a
         # full scan, then every sender reconciles by tree comparison and ends with a consistent point.
-        self.schedule: dict | None = cfg.get("schedule")
+        self.schedule: dict | None = cfg.schedule
         self.runs = 0
         self.next_run: float | None = None
         self.wake = threading.Event()
@@ -114,7 +116,7 @@ class MasterSet:
                 todo, self.dirty = self.dirty, {}
             changed, deferred = self.refresh(todo)
         if deferred:  # the point waits for files still being written, bounded by settle_max
-            deadline = time.monotonic() + self.cfg["settle_max"] + 1
+            deadline = time.monotonic() + self.cfg.settle_max + 1
             while deferred and time.monotonic() < deadline:
                 time.sleep(0.1)
                 _, deferred = self.refresh(deferred)
@@ -123,8 +125,8 @@ class MasterSet:
         """Debounce events into refreshes; reconcile scan every `rescan` seconds."""
         if self.schedule:
             return self._run_scheduled()
-        deb = self.cfg["debounce"]
-        next_scan = time.monotonic() + self.cfg["rescan"]
+        deb = self.cfg.debounce
+        next_scan = time.monotonic() + self.cfg.rescan
         next_save = time.monotonic()
         while not self.stopped:
             if self.tree.journal and time.monotonic() >= next_save:
@@ -161,7 +163,7 @@ class MasterSet:
                     self.full_scan()
                 except Exception:
                     log.exception("set %s: reconcile scan failed", self.name)
-                next_scan = time.monotonic() + self.cfg["rescan"]
+                next_scan = time.monotonic() + self.cfg.rescan
 
     def _run_scheduled(self) -> None:
         """Scheduled replication: at each due time a full scan, then a reconcile on every replica."""
@@ -179,7 +181,7 @@ class MasterSet:
                 log.exception("set %s: scheduled scan failed", self.name)
             self.runs += 1
             log.info("set %s: scheduled reconcile %d", self.name, self.runs)
-            app = self.cfg.get("app") or {}
+            app = self.cfg.app or {}
             if app.get("pre") or app.get("post"):
                 # an application set (a database): its consistent point needs its hooks around it
                 try:
@@ -195,7 +197,7 @@ class MasterSet:
                 self.alert(f"cannot save the files cache: {exc}")
 
     def status(self) -> dict:
-        out = {"role": "master", "set": self.name, "mode": self.cfg["mode"], "alerts": list(self.alerts),
+        out = {"role": "master", "set": self.name, "mode": self.cfg.mode, "alerts": list(self.alerts),
                "stats": dict(self.stats),
                "replicas": {r: s.status() for r, s in self.senders.items()}}
         if self.schedule:

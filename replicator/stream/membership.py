@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import secrets
 import socket
 import ssl
@@ -43,25 +42,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..errors import ClusterExists, ClusterError, NotAuthorised, NotInCluster, TokenInvalid, UnknownNode
+from ..names import check_node_id, parse_address
 from . import protocol
 
-NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 TOKEN_PREFIX = "PIT1."
 DEFAULT_TTL = 24 * 3600
 MAX_TOKEN_USES = 1000
-
-
-def check_node_id(node: str) -> str:
-    if not isinstance(node, str) or not NODE_RE.match(node):
-        raise ClusterError(f"node id {node!r} must be 1-63 of a-z, 0-9 and '-', starting with a letter or digit")
-    return node
-
-
-def parse_address(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ClusterError(f"address {addr!r} must be HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 def fingerprint(der: bytes) -> str:

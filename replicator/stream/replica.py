@@ -38,6 +38,7 @@ from store.snapshots import list_snapshots
 from store.trees import DIR, FILE, SYMLINK, Entry
 
 from ..errors import ChunkRejected, NotAuthorised, ProtocolError
+from ..settings import SetConfig
 from . import protocol
 from .merkle import TreeDigests
 
@@ -186,10 +187,10 @@ class ReplicaSide:
     def serve(self, conn: protocol.Conn, peer: str, fp: str, set_name: str | None) -> None:
         cfg = self.agent.sets().get(set_name or "")
         me = self.agent.state.node
-        if cfg is None or me not in cfg["replicas"]:
+        if cfg is None or me not in cfg.replicas:
             conn.fail("set", f"this node does not replicate set {set_name!r}")
             raise NotAuthorised(f"{peer} offered set {set_name!r}, which this node does not replicate")
-        if cfg["master"] != peer:
+        if cfg.master != peer:
             conn.fail("set", f"{peer} is not the master of set {set_name!r}")
             raise NotAuthorised(f"{peer} is not the master of set {set_name!r}")
         protocol.welcome(conn, me)
@@ -290,7 +291,7 @@ class ReplicaSide:
         conn.send({"t": "listing", "dirs": out, "end": True})
 
     # ------------------------------------------------------------- commit
-    def _apply(self, set_name: str, cfg: dict, changes: list[dict], spool: Spool) -> tuple[int, int, list]:
+    def _apply(self, set_name: str, cfg: SetConfig, changes: list[dict], spool: Spool) -> tuple[int, int, list]:
         st = self.set_state(set_name)
         retry: list[bytes] = []
         held = 0
@@ -354,7 +355,7 @@ class ReplicaSide:
                             elif not w.has(cid):
                                 raise ProtocolError(f"chunk {cid.hex()[:16]} was neither sent nor present")
                     out.append(Change(p.decode("utf-8", "surrogateescape"), entry, chunks))
-                if deletes and cfg["mode"] == "mirror":
+                if deletes and cfg.mode == "mirror":
                     held = self._breaker(set_name, cfg, st, reader, root, deletes)
                     if not held:
                         out.extend(deletes)
@@ -388,7 +389,7 @@ class ReplicaSide:
             n += e.extra.get("f", 0) if e.type == DIR else 1
         total = sum(e.extra.get("f", 0) if e.type == DIR else 1 for e in reader.tree(root)) if root else 0
         pct = 100.0 * n / total if total else 0.0
-        if whole_source or n > cfg["delete_count"] or (n >= cfg["delete_min"] and pct > cfg["delete_percent"]):
+        if whole_source or n > cfg.delete_count or (n >= cfg.delete_min and pct > cfg.delete_percent):
             self.alert(set_name, f"mass delete held: {n} of {total} files ({pct:.0f} %) would be deleted"
                        f"{' including a whole source root' if whole_source else ''}; "
                        f"check the master, then `pit release-deletes --set {set_name}`")
@@ -396,7 +397,7 @@ class ReplicaSide:
         return 0
 
     # ------------------------------------------------------------- consistent points
-    def point(self, set_name: str, cfg: dict) -> str | None:
+    def point(self, set_name: str, cfg: SetConfig) -> str | None:
         """Make the head a snapshot now; returns the newest snapshot's name (None if there is none)."""
         st = self.set_state(set_name)
         from ..ops.metrics import observe
@@ -404,7 +405,7 @@ class ReplicaSide:
         with self.lock:
             with self.repo.writer(lock_wait=60) as w:
                 t0 = time.monotonic()
-                snap = snapshot_head(w, set_name, cfg["paths"], cfg["master"])
+                snap = snapshot_head(w, set_name, list(cfg.paths), cfg.master)
                 if snap is not None:
                     t1 = time.monotonic()
                     observe("snapshot", t1 - t0, set=set_name)
@@ -448,11 +449,11 @@ class ReplicaSide:
                     heads = set_heads(self.repo, txn)
                 now = time.monotonic()
                 for name, cfg in sets.items():
-                    if me not in cfg["replicas"] or name not in heads:
+                    if me not in cfg.replicas or name not in heads:
                         continue
                     st = self.set_state(name)
-                    quiet = cfg["point_quiet"] and now - st.last_change >= cfg["point_quiet"]
-                    every = cfg["point_every"] and now - st.last_point >= cfg["point_every"] * 60
+                    quiet = cfg.point_quiet and now - st.last_change >= cfg.point_quiet
+                    every = cfg.point_every and now - st.last_point >= cfg.point_every * 60
                     if quiet or every:
                         self.point(name, cfg)
             except Exception:

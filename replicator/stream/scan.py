@@ -23,6 +23,7 @@ import blake3
 from store.chunker import ChunkerParams, chunk_stream
 from store.trees import FILE, SYMLINK
 
+from ..settings import SetConfig
 from .chunklist import Chunks, content_id
 from .tree import DNode, FNode, Tree
 
@@ -30,14 +31,14 @@ from .tree import DNode, FNode, Tree
 class Scanner:
     """Scans one set's sources into its tree; `stats` (shared with the set's status) counts the work."""
 
-    def __init__(self, tree: Tree, cfg: dict, stats: dict, alert: Callable[[str], None],
+    def __init__(self, tree: Tree, cfg: SetConfig, stats: dict, alert: Callable[[str], None],
                  on_changed: Callable[[list[bytes]], None]) -> None:
         self.tree = tree
         self.cfg = cfg
         self.stats = stats
         self.alert = alert
         self.on_changed = on_changed
-        self.params = ChunkerParams.for_average(cfg["avg_chunk"])
+        self.params = ChunkerParams.for_average(cfg.avg_chunk)
         self.lock = threading.Lock()  # one scan at a time; a point waits for it (MasterSet.flush)
         self.settle_since: dict[bytes, float] = {}
 
@@ -136,12 +137,12 @@ class Scanner:
             now = time.time()
             first = self.settle_since.setdefault(p, now)
             # A file still being written: wait until it has been quiet for `settle`, at most `settle_max`.
-            if now - st.st_mtime_ns / 1e9 < self.cfg["settle"] and now - first < self.cfg["settle_max"]:
+            if now - st.st_mtime_ns / 1e9 < self.cfg.settle and now - first < self.cfg.settle_max:
                 deferred[p] = False
                 return
             chunks = self._chunk(p, st)
             if chunks is None:
-                if now - first < self.cfg["settle_max"]:
+                if now - first < self.cfg.settle_max:
                     deferred[p] = False
                     return
                 try:  # changing for too long: take it as it is now

@@ -89,7 +89,7 @@ class Sender:
             for r in rels:
                 self.queue[r] = None
                 self.queue.move_to_end(r)
-            if len(self.queue) > self.ms.cfg["queue"]:
+            if len(self.queue) > self.ms.cfg.queue:
                 # A slow replica: stop queueing, compare trees when it is ready again.
                 self.queue.clear()
                 self.need_catchup = True
@@ -275,6 +275,6 @@ class Sender:
     def _catchup(self, conn: protocol.Conn) -> None:
         """Compare trees with the replica (catchup.py) and send what differs, in batches."""
         ms = self.ms
-        send = differing_paths(conn, ms.tree, ms.cfg["mode"] == "mirror", ms.alert)
+        send = differing_paths(conn, ms.tree, ms.cfg.mode == "mirror", ms.alert)
         for i in range(0, len(send), BATCH_PATHS):
             self.batches.send_paths(conn, send[i:i + BATCH_PATHS])
