@@ -174,7 +174,7 @@ def head_root(repo, txn, set_name: str) -> bytes | None:
 
 def update_head(w: Writer, set_name: str, changes: list[Change]) -> bytes:
     """Apply received changes to the set's head (inside writer session `w`); returns the new head root."""
-    from .prune import DropStats, decref
+    from .refcounts import DropStats, decref
 
     check_set_name(set_name)
     rec = _set_record(w, set_name)
@@ -192,7 +192,7 @@ def update_head(w: Writer, set_name: str, changes: list[Change]) -> bytes:
 def snapshot_head(w: Writer, set_name: str, paths: list[str], host: str, time_ns: int | None = None,
                   stats: dict | None = None) -> Snapshot | None:
     """Make the head a snapshot (a consistent point). None when nothing changed since the last one."""
-    from .prune import DropStats, decref
+    from .refcounts import DropStats, decref
 
     rec = _set_record(w, set_name)
     head = rec.get("head")

@@ -1,126 +1,27 @@
 """The `pit` command line: a click group. The store contributes its commands
 here; other packages add theirs through the `pit.commands` entry-point group,
-so `store` never imports them."""
+so `store` never imports them.
+
+This module composes the group: its own commands, the maintenance commands
+(`cli_maintenance.py`) and the demo (`demo.py`). What they share (the group
+class, opening the repository, the progress line) is in `cli_support.py`,
+which imports none of them."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat as statmod
 import sys
 import time
-from importlib.metadata import entry_points
 
 import click
 
-from .errors import DiskFull, InvalidArgument, StoreError
+from .cli_maintenance import COMMANDS
+from .cli_support import PitGroup, StatusLine, fail, mib, one_line, open_repo
+from .demo import demo_command
+from .errors import InvalidArgument, StoreError
 
-EXIT_INTERRUPTED = 130
 EXIT_CHANGED_WHILE_READ = 4  # the snapshot was saved, but some files changed while being read
-EXIT_INTERNAL = 70
-
-
-class PitGroup(click.Group):
-    """Turns every anticipated error into one line and its own exit code."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except StoreError as exc:
-            _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED)
-        except BrokenPipeError:
-            sys.stderr.close()
-            sys.exit(0)
-        except OSError as exc:
-            from .errors import translate
-
-            # ENOSPC (DiskFull), a permission problem, a read-only file system: each its own error and code
-            typed = translate(exc)
-            if typed is not None:
-                _fail(str(typed), typed.exit_code)
-            _fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", 1)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except Exception as exc:
-            from .errors import translate
-
-            # LMDB's errors for a damaged index (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ...),
-            # wherever they surface, are index damage that `pit repair` rebuilds.
-            typed = translate(exc)
-            if typed is not None:
-                _fail(str(typed), typed.exit_code)
-            if os.environ.get("PIT_DEBUG"):  # a bug, not a condition we anticipated: still one line
-                raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (set PIT_DEBUG=1 for the traceback; please report it)",
-                  EXIT_INTERNAL)
-
-    def list_commands(self, ctx):
-        self._load_plugins()
-        return super().list_commands(ctx)
-
-    def get_command(self, ctx, name):
-        # Only the package that provides the command is imported: a store
-        # command does not pay for importing the replicator and the views.
-        if not self._plugins_loaded:
-            for ep in entry_points(group="pit.commands", name=name):
-                self.add_command(ep.load(), ep.name)
-        return super().get_command(ctx, name)
-
-    _plugins_loaded = False
-
-    def _load_plugins(self) -> None:
-        if self._plugins_loaded:
-            return
-        self._plugins_loaded = True
-        for ep in entry_points(group="pit.commands"):
-            self.add_command(ep.load(), ep.name)
-
-
-def _one_line(msg: str) -> str:
-    """Control characters (a file name with a newline) are escaped: one line, always."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in msg)
-
-
-def _fail(msg: str, code: int):
-    click.echo(f"pit: error: {_one_line(msg)}", err=True)
-    sys.exit(code)
-
-
-def _progress_enabled() -> bool:
-    return sys.stderr.isatty()
-
-
-class StatusLine:
-    """A one-line progress display on a terminal; silent otherwise."""
-
-    def __init__(self) -> None:
-        self.on = _progress_enabled()
-        self.t0 = time.monotonic()
-
-    def show(self, text: str) -> None:
-        if self.on:
-            click.echo("\r\033[K" + text, nl=False, err=True)
-
-    def done(self) -> None:
-        if self.on:
-            click.echo("\r\033[K", nl=False, err=True)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 1048576:.1f} MiB"
-
-
-def _open(ctx, readonly: bool = False, lock_wait: float = 10.0):
-    from .repository import Repository
-
-    repo_path = ctx.obj["repo"]
-    if not repo_path:
-        raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
-    repo = Repository(repo_path, readonly=readonly, lock_wait=lock_wait)
-    ctx.call_on_close(repo.close)
-    return repo
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
@@ -175,14 +76,14 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
     """Take a snapshot of PATHS as replication set SET."""
     from .ingest import create_snapshot
 
-    repo = _open(ctx, lock_wait=lock_wait)
+    repo = open_repo(ctx, lock_wait=lock_wait)
     changed = None
     if changes is not None:
         changed = [ln.rstrip("\n") for ln in changes if ln.strip()]
     status = StatusLine()
 
     def progress(st):
-        status.show(f"{st['files']} files, {_mib(st['bytes'])} examined, {_mib(st['bytes_read'])} read")
+        status.show(f"{st['files']} files, {mib(st['bytes'])} examined, {mib(st['bytes_read'])} read")
 
     snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait)
     status.done()
@@ -192,15 +93,15 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
         _exit_if_changed_while_read(s)
         return
     click.echo(f"snapshot {snap.short} saved as {snap.set}@{snap.name}")
-    click.echo(f"  {s['files']} files, {s['dirs']} dirs, {_mib(s['bytes'])}; examined {s['examined_files']} files "
+    click.echo(f"  {s['files']} files, {s['dirs']} dirs, {mib(s['bytes'])}; examined {s['examined_files']} files "
                f"({'change set' if s['mode'] == 'changes' else 'full scan'}), read {s['files_read']}")
-    click.echo(f"  new: {s['new_chunks']} blobs, {_mib(s['new_bytes'])} raw, {_mib(s['new_stored'])} stored, "
+    click.echo(f"  new: {s['new_chunks']} blobs, {mib(s['new_bytes'])} raw, {mib(s['new_stored'])} stored, "
                f"in {s['duration']:.2f} s")
     if s.get("healed"):
         click.echo(f"  healed: {s['healed']} blobs that `pit repair` had found lost are stored again "
                    f"(the snapshots they broke restore again)")
     for w in s.get("warnings", [])[:20]:
-        click.echo(f"  warning: {_one_line(w)}", err=True)
+        click.echo(f"  warning: {one_line(w)}", err=True)
     _exit_if_changed_while_read(s)
 
 
@@ -222,7 +123,7 @@ def snapshots(ctx, set_name, as_json):
     """List snapshots, oldest first."""
     from .snapshots import list_snapshots
 
-    repo = _open(ctx, readonly=True)
+    repo = open_repo(ctx, readonly=True)
     with repo.reading() as txn:
         snaps = list_snapshots(repo, txn, set_name)
     if as_json:
@@ -236,7 +137,7 @@ def snapshots(ctx, set_name, as_json):
         st = s.stats
         mark = f"  [{st['changed_while_read_count']} changed while read]" if st.get("changed_while_read_count") else ""
         click.echo(f"{s.short:12}  {s.set:12}  {s.name:22}  {s.host[:12]:12}  {st.get('files', 0):>7}  "
-                   f"{_mib(st.get('new_stored', 0)):>10}  {' '.join(s.paths)}{mark}")
+                   f"{mib(st.get('new_stored', 0)):>10}  {' '.join(s.paths)}{mark}")
 
 
 def _entry_json(path: bytes, e) -> dict:
@@ -270,7 +171,7 @@ def ls(ctx, spec, recursive, as_json):
     from .objects import ObjectReader
     from .snapshots import resolve
 
-    repo = _open(ctx, readonly=True)
+    repo = open_repo(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
     with repo.reading() as txn:
         snap = resolve(repo, txn, snap_spec)
@@ -318,7 +219,7 @@ def cat(ctx, spec):
     from .restore import check_file_present, file_pieces
     from .snapshots import resolve
 
-    repo = _open(ctx, readonly=True)
+    repo = open_repo(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
     with repo.reading() as txn:
         snap = resolve(repo, txn, snap_spec)
@@ -364,7 +265,7 @@ def diff(ctx, old, new, as_json):
     from .objects import ObjectReader
     from .snapshots import resolve
 
-    repo = _open(ctx, readonly=True)
+    repo = open_repo(ctx, readonly=True)
     with repo.reading() as txn:
         a, b = resolve(repo, txn, old), resolve(repo, txn, new)
         r = ObjectReader(repo, txn)
@@ -405,7 +306,7 @@ def restore(ctx, spec, target, fail_fast, as_json):
     from .restore import Restorer, count_failures
     from .snapshots import resolve
 
-    repo = _open(ctx, readonly=True)
+    repo = open_repo(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
     status = StatusLine()
     t0 = time.monotonic()
@@ -419,7 +320,7 @@ def restore(ctx, spec, target, fail_fast, as_json):
             now = time.monotonic()
             if now - last[0] > 0.2:
                 last[0] = now
-                status.show(f"restored {st.files} files, {_mib(st.bytes)}")
+                status.show(f"restored {st.files} files, {mib(st.bytes)}")
 
         rs = Restorer(r, progress=progress, fail_fast=fail_fast)
         try:
@@ -442,18 +343,18 @@ def restore(ctx, spec, target, fail_fast, as_json):
     else:
         extra = f", {st.links} hard links" if st.links else ""
         click.echo(f"restored {snap.set}@{snap.name}{':' + path if path else ''} to {target}: "
-                   f"{st.files} files, {st.dirs} dirs, {st.symlinks} symlinks{extra}, {_mib(st.bytes)} in {dt:.2f} s"
+                   f"{st.files} files, {st.dirs} dirs, {st.symlinks} symlinks{extra}, {mib(st.bytes)} in {dt:.2f} s"
                    + (f"; {st.failed} not restored (damaged)" if st.failed else ""))
         for w in st.warnings[:20]:
-            click.echo(f"pit: warning: {_one_line(w)}", err=True)
+            click.echo(f"pit: warning: {one_line(w)}", err=True)
         if st.xattr_failed > min(len(st.warnings), 20):
             click.echo(f"pit: warning: {st.xattr_failed} extended attributes could not be set in all "
                        f"(--json lists the first {len(st.warnings)} warnings)", err=True)
     if rs.failures:
         if not as_json:
             _restore_failures(rs.failures)
-        _fail(f"{count_failures(rs.failures)} not restored: the repository's data for them is damaged "
-              f"(`pit verify --deep` names it); everything else was restored", DamageFound.exit_code)
+        fail(f"{count_failures(rs.failures)} not restored: the repository's data for them is damaged "
+             f"(`pit verify --deep` names it); everything else was restored", DamageFound.exit_code)
 
 
 MAX_FAILED_LINES = 50  # `pit restore` names at most this many damaged files, then counts the rest
@@ -461,7 +362,7 @@ MAX_FAILED_LINES = 50  # `pit restore` names at most this many damaged files, th
 
 def _restore_failures(failures) -> None:
     for f in failures[:MAX_FAILED_LINES]:
-        click.echo(f"pit: error: not restored: {_one_line(f.line())}", err=True)
+        click.echo(f"pit: error: not restored: {one_line(f.line())}", err=True)
     if len(failures) > MAX_FAILED_LINES:
         click.echo(f"pit: error: ... and {len(failures) - MAX_FAILED_LINES} more not restored "
                    f"(--json lists them all)", err=True)
@@ -474,7 +375,7 @@ def stats(ctx, as_json):
     """Repository totals: snapshots, blobs, stored and logical sizes, dedup ratio."""
     from .repository_stats import repository_stats
 
-    repo = _open(ctx, readonly=True)
+    repo = open_repo(ctx, readonly=True)
     st = repository_stats(repo)
     if as_json:
         click.echo(json.dumps(st, indent=2))
@@ -482,19 +383,15 @@ def stats(ctx, as_json):
     click.echo(f"repository {st['id'][:12]} at {st['path']}")
     click.echo(f"  snapshots: {st['snapshots']} in {len(st['sets'])} sets ({', '.join(st['sets']) or '-'})")
     for kind, d in st["blobs"].items():
-        click.echo(f"  {kind:9}: {d['count']:>9} blobs, {_mib(d['raw']):>12} raw, {_mib(d['stored']):>12} stored")
-    click.echo(f"  packs: {st['packs']} ({st['packs_sealed']} sealed), {_mib(st['pack_bytes'])} on disk, "
-               f"{_mib(st['garbage_bytes'])} garbage")
+        click.echo(f"  {kind:9}: {d['count']:>9} blobs, {mib(d['raw']):>12} raw, {mib(d['stored']):>12} stored")
+    click.echo(f"  packs: {st['packs']} ({st['packs_sealed']} sealed), {mib(st['pack_bytes'])} on disk, "
+               f"{mib(st['garbage_bytes'])} garbage")
     click.echo(f"  compression ratio {st['compression_ratio']:.2f}")
 
 
 def _add_commands() -> None:
-    from .cli_maintenance import COMMANDS
-    from .demo import demo_command
-
-    for cmd in COMMANDS:
+    for cmd in (*COMMANDS, demo_command):
         main.add_command(cmd)
-    main.add_command(demo_command)
 
 
 _add_commands()

@@ -1,5 +1,6 @@
 """`pit` commands that keep a repository healthy: retention, prune, compact,
-verify, repair, pins. Registered on the main group by cli.py."""
+verify, repair, pins. Registered on the main group by cli.py; what they
+share with the other commands comes from cli_support.py."""
 from __future__ import annotations
 
 import json
@@ -7,17 +8,8 @@ import sys
 
 import click
 
+from .cli_support import mib, open_repo
 from .errors import DamageFound, InvalidArgument, PermissionDenied, ReadOnlyRepository
-
-
-def _open(ctx):
-    from .cli import _open as open_repo
-
-    return open_repo(ctx)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 1048576:.1f} MiB"
 
 
 POLICY_FLAGS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly")
@@ -56,7 +48,7 @@ def policy(ctx, set_name, cap, as_json, **flags):
     from .snapshots import check_set_name
 
     check_set_name(set_name)
-    repo = _open(ctx)
+    repo = open_repo(ctx)
     with repo.writer() as w:
         pol = _policy_from(repo, w.txn, set_name, cap, flags)
         if cap is not None or any(v is not None for v in flags.values()):
@@ -82,7 +74,7 @@ def forget(ctx, set_name, cap, dry_run, as_json, snapshots, **flags):
     from .snapmeta import is_pinned
     from .snapshots import resolve
 
-    repo = _open(ctx)
+    repo = open_repo(ctx)
     with repo.writer() as w:
         if snapshots:
             decisions, stats = [], DropStats()
@@ -108,7 +100,7 @@ def forget(ctx, set_name, cap, dry_run, as_json, snapshots, **flags):
         mark = "keep" if d.keep else ("would drop" if dry_run else "drop")
         click.echo(f"{mark:10} {d.snapshot.short}  {d.snapshot.set}@{d.snapshot.name}  ({', '.join(d.reasons)})")
     if not dry_run:
-        click.echo(f"dropped {stats.snapshots} snapshots; {stats.blobs_freed} blobs ({_mib(stats.bytes_freed)}) "
+        click.echo(f"dropped {stats.snapshots} snapshots; {stats.blobs_freed} blobs ({mib(stats.bytes_freed)}) "
                    f"are now garbage; `pit compact` reclaims the space")
 
 
@@ -116,7 +108,7 @@ def _pin(ctx, spec, on):
     from .retention import pin as do_pin
     from .snapshots import resolve
 
-    repo = _open(ctx)
+    repo = open_repo(ctx)
     with repo.writer() as w:
         s = resolve(repo, w.txn, spec)
         do_pin(w, s, on)
@@ -143,8 +135,8 @@ def _compact_report(st, as_json):
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=2))
         return
-    click.echo(f"compacted {st.packs_compacted} packs: copied {_mib(st.bytes_copied)}, reclaimed "
-               f"{_mib(st.bytes_reclaimed)}; deleted {st.packs_deleted} packs, {st.packs_waiting} waiting for "
+    click.echo(f"compacted {st.packs_compacted} packs: copied {mib(st.bytes_copied)}, reclaimed "
+               f"{mib(st.bytes_reclaimed)}; deleted {st.packs_deleted} packs, {st.packs_waiting} waiting for "
                f"older readers; {st.seconds:.2f} s")
     for d in st.damaged:
         click.echo(f"warning: not compacted: {d}", err=True)
@@ -159,7 +151,7 @@ def compact(ctx, threshold, max_seconds, as_json):
     """Rewrite packs whose garbage passes the threshold and delete the old ones."""
     from .compact import compact as run
 
-    repo = _open(ctx)
+    repo = open_repo(ctx)
     _compact_report(run(repo, threshold, max_seconds), as_json)
 
 
@@ -174,7 +166,7 @@ def prune(ctx, threshold, max_seconds, as_json):
     from .retention import apply_retention
     from .snapshots import list_sets
 
-    repo = _open(ctx)
+    repo = open_repo(ctx)
     dropped = 0
     with repo.writer() as w:
         for s in list_sets(repo, w.txn):
@@ -207,12 +199,10 @@ def verify(ctx, set_name, specs, deep, sample, seed, recheck_after, as_json):
     if deep and sample is not None:
         raise InvalidArgument("use --deep or --sample, not both")
     try:
-        repo = _open(ctx)
+        repo = open_repo(ctx)
     except (ReadOnlyRepository, PermissionDenied):
         # Checking needs only reading: on a read-only file system (or without
         # write permission) verify runs all the same and records nothing.
-        from .cli import _open as open_repo
-
         repo = open_repo(ctx, readonly=True)
     snaps = None
     if specs:
@@ -224,7 +214,7 @@ def verify(ctx, set_name, specs, deep, sample, seed, recheck_after, as_json):
         click.echo(json.dumps(rep.to_json(), indent=2))
     else:
         click.echo(f"verified {len(rep.snapshots)} snapshots ({rep.depth}): {rep.trees} trees, {rep.files} files, "
-                   f"{rep.chunks} chunks; read {rep.chunks_read} chunks ({_mib(rep.bytes_read)}), "
+                   f"{rep.chunks} chunks; read {rep.chunks_read} chunks ({mib(rep.bytes_read)}), "
                    f"{rep.chunks_skipped_recent} skipped as recently verified; {rep.seconds:.2f} s")
         for p in rep.problems:
             click.echo(f"problem: {p}")

@@ -17,8 +17,11 @@ import shlex
 import shutil
 import sqlite3
 import sys
+from importlib.metadata import entry_points
 
 import click
+
+from .cli_support import PitGroup
 
 DEMO_DIR = "demo-data"
 STORE_MARK = ".pit-demo-store"   # in a directory the store tour made (and may replace)
@@ -79,12 +82,24 @@ def _change_day(root: str) -> list[str]:
             os.path.join(root, "db", "sales.db")]
 
 
-def _run(args: list[str]) -> None:
-    from .cli import main
+def _pit() -> click.Group:
+    """The `pit` group the tour runs its commands with: the one it runs under
+    (`pit demo store`, `pit demo`), else (`python -m store.demo`, a direct
+    call) the installed `pit` (`store.cli:main`). This module does not import
+    cli.py: cli.py registers the demo."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root().command if ctx is not None else None
+    if isinstance(root, PitGroup):
+        return root
+    for ep in entry_points(group="console_scripts", name="pit"):
+        return ep.load()
+    raise click.ClickException("the `pit` command is not installed (pip install -e .)")
 
+
+def _run(args: list[str]) -> None:
     click.secho(f"$ {pit_command()} " + " ".join(shlex.quote(a) for a in args), fg="cyan", bold=True)
     try:
-        main.main(args, prog_name="pit", standalone_mode=False)
+        _pit().main(args, prog_name="pit", standalone_mode=False)
     except SystemExit as exc:  # an error already printed its one line
         if exc.code:
             raise
@@ -148,9 +163,8 @@ def run_demo(base: str = DEMO_DIR, down_hint: str | None = None) -> None:
     _run(["cat", "shop@-1:site/prices.html"])
     _run(["restore", "shop@-1:site/img/photo2.jpg", "--target", os.path.join(root, "restored")])
     _run(["verify", "--deep"])
-    from .cli import main
-
-    views = main.get_command(click.Context(main), "versions") is not None  # the restore views are installed
+    pit_group = _pit()
+    views = pit_group.get_command(click.Context(pit_group), "versions") is not None  # the restore views are installed
     if views:
         _run(["versions", "shop", "site/prices.html"])
     _run(["stats"])

@@ -572,7 +572,7 @@ class Writer:
         nothing ended up referencing (a file that vanished mid-read) are
         garbage at birth: they are not indexed (and what they referenced
         loses that reference), so every indexed blob keeps refs > 0."""
-        from .prune import DropStats, release
+        from .refcounts import DropStats, release
 
         zero = [e.seq for bid, e in self._pending.items() if self._pending_refs[bid] == 0]
         for bid in self._zero_flushed:  # still unreferenced at the end of the session?

@@ -154,7 +154,7 @@ def verification(repo, txn, snap: Snapshot) -> dict:
     if isinstance(v, dict) and v.get("result") in ("good", "damaged"):
         out.update(result=v["result"], depth=v.get("depth"), time=v.get("time"))
     if isinstance(meta, dict):
-        # what failover image selection found (replicator/select.py records it next to `verify`):
+        # what failover image selection found (replicator/failover/select.py records it next to `verify`):
         # the operator sees on the mapped drive which image a failover would take, and why not the others
         a, i = meta.get("app_check"), meta.get("image")
         if isinstance(a, dict) and a.get("result") in ("good", "failed"):

@@ -1,0 +1,122 @@
+"""What every `pit` command module shares: the group class that turns errors
+into one line and an exit code, opening the repository, the progress line.
+
+It imports no command module: `cli.py` composes the group from its own
+commands, `cli_maintenance.py` and `demo.py`, and those import only this.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from importlib.metadata import entry_points
+
+import click
+
+from .errors import InvalidArgument, StoreError
+
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70
+
+
+class PitGroup(click.Group):
+    """Turns every anticipated error into one line and its own exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(0)
+        except OSError as exc:
+            from .errors import translate
+
+            # ENOSPC (DiskFull), a permission problem, a read-only file system: each its own error and code
+            typed = translate(exc)
+            if typed is not None:
+                fail(str(typed), typed.exit_code)
+            fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", 1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            from .errors import translate
+
+            # LMDB's errors for a damaged index (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ...),
+            # wherever they surface, are index damage that `pit repair` rebuilds.
+            typed = translate(exc)
+            if typed is not None:
+                fail(str(typed), typed.exit_code)
+            if os.environ.get("PIT_DEBUG"):  # a bug, not a condition we anticipated: still one line
+                raise
+            fail(f"internal error: {type(exc).__name__}: {exc} (set PIT_DEBUG=1 for the traceback; please report it)",
+                 EXIT_INTERNAL)
+
+    def list_commands(self, ctx):
+        self._load_plugins()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        # Only the package that provides the command is imported: a store
+        # command does not pay for importing the replicator and the views.
+        if not self._plugins_loaded:
+            for ep in entry_points(group="pit.commands", name=name):
+                self.add_command(ep.load(), ep.name)
+        return super().get_command(ctx, name)
+
+    _plugins_loaded = False
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group="pit.commands"):
+            self.add_command(ep.load(), ep.name)
+
+
+def one_line(msg: str) -> str:
+    """Control characters (a file name with a newline) are escaped: one line, always."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in msg)
+
+
+def fail(msg: str, code: int):
+    click.echo(f"pit: error: {one_line(msg)}", err=True)
+    sys.exit(code)
+
+
+def progress_enabled() -> bool:
+    return sys.stderr.isatty()
+
+
+class StatusLine:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self) -> None:
+        self.on = progress_enabled()
+        self.t0 = time.monotonic()
+
+    def show(self, text: str) -> None:
+        if self.on:
+            click.echo("\r\033[K" + text, nl=False, err=True)
+
+    def done(self) -> None:
+        if self.on:
+            click.echo("\r\033[K", nl=False, err=True)
+
+
+def mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
+
+
+def open_repo(ctx, readonly: bool = False, lock_wait: float = 10.0):
+    from .repository import Repository
+
+    repo_path = ctx.obj["repo"]
+    if not repo_path:
+        raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
+    repo = Repository(repo_path, readonly=readonly, lock_wait=lock_wait)
+    ctx.call_on_close(repo.close)
+    return repo
