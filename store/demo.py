@@ -11,6 +11,8 @@ run exactly so.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import shlex
@@ -128,14 +130,20 @@ def _prepare(root: str) -> None:
 def _serve_config(root: str) -> str | None:
     """A `pit serve` config for the tour (user demo, HTTPS with a self-signed certificate), or None
     when the restore views are not installed."""
-    try:
-        from davserver.config import hash_password
-    except ImportError:
+    grp = _pit()
+    passwd = grp.get_command(click.Context(grp), "passwd")  # davserver's, through its entry point
+    if passwd is None:
         return None
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        old, sys.stdin = sys.stdin, io.StringIO(DEMO_PASSWORD + "\n")
+        try:
+            passwd.main(["--stdin", "--user", DEMO_USER], prog_name="pit passwd", standalone_mode=False)
+        finally:
+            sys.stdin = old
     path = os.path.join(root, "serve.toml")
     with open(path, "w") as f:
-        f.write(f'[server]\nlisten = "127.0.0.1"\nport = {SERVE_PORT}\nself_signed = true\n\n'
-                f'[users.{DEMO_USER}]\npassword = "{hash_password(DEMO_PASSWORD)}"\nsets = ["*"]\n')
+        f.write(f'[server]\nlisten = "127.0.0.1"\nport = {SERVE_PORT}\nself_signed = true\n\n{out.getvalue()}')
     return path
 
 
