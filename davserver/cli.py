@@ -171,12 +171,13 @@ def versions(ctx, set_name, path, as_json, reindex):
 
 @click.command()
 @click.option("--user", "-u", default=None, help="Print a ready [users.NAME] TOML block for this user.")
-@click.option("--stdin", "from_stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--stdin", "from_stdin", is_flag=True,
+              help="Read the password from standard input (also when it is not a terminal).")
 def passwd(user, from_stdin):
     """Make a scrypt password hash for the `pit serve` config."""
     from .config import hash_password
 
-    if from_stdin:
+    if from_stdin or not sys.stdin.isatty():  # piped: no prompt (getpass would warn and echo)
         pw = sys.stdin.readline().rstrip("\n")
     else:
         pw = click.prompt("password", hide_input=True, confirmation_prompt=True)

@@ -28,6 +28,7 @@ from .stream.sender import Sender
 from .stream.watcher import Watcher
 
 log = logging.getLogger("pit.agent")
+POINT_GRACE = 10.0  # seconds a point waits for a replica that was not connected when it was asked
 
 
 class Agent:
@@ -137,10 +138,17 @@ class Agent:
 
     def _failover_config(self, cfg: ClusterConfig) -> None:
         fcfg = cfg.failover
-        if self.failover is not None and (fcfg is None or fcfg != self.failover.cfg
-                                          or cfg.primary != self.failover.primary):
+        fo = self.failover
+        if fo is not None and fcfg is not None and fcfg != fo.cfg and cfg.primary == fo.primary \
+                and fcfg.key == fo.cfg.key:
+            fo.update(fcfg)  # applied in place: a primary keeps its lease, a secondary its watch
+        elif fo is not None and (fcfg is None or fcfg != fo.cfg or cfg.primary != fo.primary):
+            if fo.lead.is_leader():
+                log.error("failover configuration changed its primary, leader key or removed [failover] while "
+                          "this node holds the leader key: kept the running controller (hand over first)")
+                return
             log.warning("failover configuration changed: restarting the failover controller")
-            self.failover.stop()
+            fo.stop()
             self.failover = None
         if fcfg is not None and self.failover is None:
             from .failover.controller import Failover
@@ -399,15 +407,28 @@ class Agent:
 
         def make_points() -> None:
             ms.flush()
-            deadline = time.monotonic() + timeout
-            slots = {r: s.request_point(seq, deadline - 1.0) for r, s in ms.senders.items()}
+            now = time.monotonic()
+            # A replica its sender cannot reach when the point is asked (not connected, and its last try
+            # failed: a dead old primary after a failover, a replica rebooting) gets a short grace to come
+            # back, then is skipped: the point, and the application's backup mode around it, never waits
+            # on an unreachable node. (A scheduled sender between runs is idle, not failing: it connects.)
+            absent = {r for r, s in ms.senders.items() if not s.connected and s.last_error}
+            deadlines = {r: now + (min(timeout, POINT_GRACE) if r in absent else timeout) for r in ms.senders}
+            slots = {r: s.request_point(seq, deadlines[r] - 1.0) for r, s in ms.senders.items()}
             for r, slot in slots.items():
-                slot["done"].wait(max(0.0, deadline - time.monotonic()))
+                slot["done"].wait(max(0.0, deadlines[r] - time.monotonic()))
                 last = ms.senders[r].last_error
-                out[r] = slot["result"] or {"error": "timed out" + (f"; last error: {last}" if last else "")}
+                res = slot["result"] or {"error": "timed out" + (f"; last error: {last}" if last else "")}
+                if "error" in res and r in absent:
+                    res = {"skipped": f"not connected: {res['error']}"}
+                out[r] = res
             bad = {r: v["error"] for r, v in out.items() if "error" in v}
-            if bad:
-                raise PointFailed("no consistent point on " + ", ".join(f"{r} ({e})" for r, e in bad.items()))
+            if bad or (out and not any("snapshot" in v for v in out.values())):
+                raise PointFailed("no consistent point on " + ", ".join(
+                    f"{r} ({v.get('error') or v.get('skipped')})" for r, v in out.items() if "snapshot" not in v))
+            for r, v in out.items():
+                if "skipped" in v:
+                    log.warning("set %s: point %d skipped %s (%s)", ms.name, seq, r, v["skipped"])
 
         try:
             with around_point(ms.cfg, seq, set_name=ms.name):

@@ -4,7 +4,7 @@ The agent file (`pit agent --config node.toml`) says where this node keeps
 its membership (`state`), where it listens, which repository it writes
 as a replica, and, on the primary only, the cluster file:
 
-    state = "/var/lib/pit/state"
+    state = "/var/lib/pit"
     repo = "/var/lib/pit/repo"          # needed when the node replicates any set
     listen = "0.0.0.0:7400"             # default: the address given at init/join
     cluster = "/etc/pit/cluster.toml"   # primary only

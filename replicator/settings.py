@@ -228,9 +228,7 @@ def wire(obj) -> Any:
         to = getattr(obj, "to_wire", None)
         if to is not None:
             return to()
-        return {key_of(f): wire(getattr(obj, f.name)) for f in fields(obj)
-                if not (f.metadata.get("omit_none", True) and getattr(obj, f.name) is None
-                        and f.default is None)}
+        return {key_of(f): wire(getattr(obj, f.name)) for f in fields(obj) if getattr(obj, f.name) is not None}
     if isinstance(obj, (list, tuple)):
         return [wire(v) for v in obj]
     if isinstance(obj, dict):

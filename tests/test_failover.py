@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -215,6 +216,7 @@ def test_failover_skips_corrupt_newest_images_and_says_why(fcluster):
     assert read_tree(c.live) == trees[0]
     out = r1.ctl("failover", "status").stdout
     assert "last promotion: r1" in out
+    assert f"set web: image {snaps[0].name}" in out and "2 newer skipped" in out, out  # not only in --json
 
 
 def test_switch_the_secondary_station_live(fcluster):
@@ -243,3 +245,61 @@ def test_switch_the_secondary_station_live(fcluster):
     wait_for(lambda: fo(r2).get("phase") == "active", 60, "r2 to take over")
     assert fo(r1).get("phase") != "active"
     assert read_tree(live2) == at_point
+
+
+def test_failback_with_service_checks_is_never_undone(fcluster):
+    """Issue 14's sequence: the secondary watches the primary's web service. A [failover] change is applied
+    in place (the primary keeps its lease); after an unplanned failover and a failback, the secondary does
+    not count the returning primary's services while it is still taking over (the failures it saw of the
+    dead primary, and while it was primary itself, belong to other terms), so it never re-promotes its
+    pre-failover image over the writes it acknowledged; and an operator's promotion of that older image is
+    refused as a rollback."""
+    c = fcluster()
+    c.failover["checks"] = [{"http": f"http://127.0.0.1:{c.web_port}/index.html", "status": 200, "timeout": 1}]
+    write(f"{c.src}/index.html", b"<h1>shop</h1>")
+    c.start()
+    p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]
+    wait_for(lambda: fo(p).get("holding"), 30, "the primary to take the leader key")
+    wait_for(lambda: c.converged(r1) and c.converged(r2), 60, "seeding")
+    wait_for(lambda: web_get(c, "index.html") == b"<h1>shop</h1>", 20, "the primary's web service")
+    token1 = fo(p)["token"]
+
+    # a pushed [failover] change: applied in place, the primary keeps its lease and token
+    version = status(r1)["config_version"]
+    c.failover["auto"] = False
+    c.write_sets()
+    wait_for(lambda: status(r1)["config_version"] > version, 30, "the change pushed")
+    time.sleep(3 * c.failover["ttl"])
+    assert fo(p)["holding"] and fo(p)["token"] == token1 and fo(r1)["phase"] == "standby"
+    version = status(r1)["config_version"]
+    c.failover["auto"] = True
+    c.write_sets()
+    wait_for(lambda: status(r1)["config_version"] > version, 30, "the change pushed back")
+    assert fo(p)["holding"] and fo(p)["token"] == token1
+
+    p.ctl("point", "--set", "web")
+    p.kill(signal.SIGKILL)
+    subprocess.run(c.hook("stop"), shell=True, check=True, env=dict(os.environ, PIT_NODE="primary", PIT_ROLE="died"))
+    wait_for(lambda: fo(r1).get("phase") == "active", 60, "r1 to take over")
+    write(f"{c.live}/acked-on-r1.txt", b"acknowledged by r1")
+
+    p.write_config(f'cluster = "{c.cluster_file}"')
+    p.start()
+    wait_for(lambda: fo(p).get("phase") == "fenced", 30, "the old primary fenced")
+    wait_for(lambda: replica_head(p.repo, "web") == read_tree(c.live), 60, "the old primary to catch up")
+    write(f"{c.live}/last-write-on-r1.txt", b"must not be lost")
+    p.ctl("failback", "--json")
+    wait_for(lambda: fo(p).get("phase") == "active" and fo(r1).get("leader") == "primary", 30, "roles swapped back")
+    deadline = time.monotonic() + 4 * c.failover["ttl"] + 3
+    while time.monotonic() < deadline:  # long enough for any stale evidence to have promoted r1 again
+        assert fo(r1).get("phase") != "active", fo(r1)
+        assert fo(p).get("holding"), fo(p)
+        time.sleep(0.3)
+    assert open(f"{c.src}/acked-on-r1.txt", "rb").read() == b"acknowledged by r1"
+    assert open(f"{c.src}/last-write-on-r1.txt", "rb").read() == b"must not be lost"
+    wait_for(lambda: web_get(c, "last-write-on-r1.txt") == b"must not be lost", 20, "the service on the primary")
+
+    # r1's newest image predates what it served: promoting it would roll those writes back
+    out = r1.ctl("failover", "promote", "--force", check=False)
+    assert out.returncode != 0 and "roll back" in out.stderr, out.stderr
+    assert fo(p).get("holding") and fo(p)["leader"] == "primary"

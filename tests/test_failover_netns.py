@@ -126,6 +126,14 @@ def test_partition_between_primary_and_secondary_only_is_not_a_failover(make_clu
         f.write(b"r2 still gets this")
     wait_for(lambda: c.converged(r2), 60, "r2 to keep receiving")
     c.lab.heal(1, 2)
+    # issue 14: the checks that failed during the partition belong to it; after the heal the primary is
+    # healthy and nothing may count them (a promotion 0.5 s after a heal was seen)
+    deadline = time.monotonic() + 4 * TTL
+    while time.monotonic() < deadline:
+        st = fo(r1)
+        assert st["phase"] == "standby" and st["token"] == token, st
+        time.sleep(0.2)
+    assert fo(p)["holding"] and fo(p)["token"] == token and fencing_log(r1) == []
     wait_for(lambda: c.converged(r1), 60, "r1 to catch up after the partition")
 
 

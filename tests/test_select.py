@@ -455,3 +455,14 @@ def test_postgresql_images_under_writes(pg, tmp_path):
     with pytest.raises(HookFailed, match='role "nobody" does not exist'):
         with around_point(cfg4, 9):
             pytest.fail("the point must not be made")
+
+
+def test_one_failover_image_per_set(env):
+    """A later selection's choice supersedes the earlier one: the views show one failover image, not two."""
+    repo, snaps, _ = env
+    select_image(repo, "a", pin=f"a@{snaps[1].name}")
+    select_image(repo, "a")
+    with opened(repo) as r, r.reading() as txn:
+        status = {s.hex: (image_status(r, txn, s.id)["image"] or {}).get("status") for s in snaps}
+    assert status[snaps[-1].hex] == "chosen" and status[snaps[1].hex] == "superseded"
+    assert list(status.values()).count("chosen") + list(status.values()).count("pinned") == 1

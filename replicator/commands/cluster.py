@@ -60,28 +60,37 @@ def _wrote(plan: dict, done: str) -> None:
 @click.option("--node", default=None, help="This node's id (default: the host name).")
 @click.option("--address", required=True, metavar="HOST:PORT", help="Where this node's agent listens (mTLS).")
 @click.option("--join-address", default=None, metavar="HOST:PORT", help="Where joining nodes connect (default: port+1).")
+@click.option("--repo", default=None, metavar="DIR",
+              help="The repository this node receives into once another node has led (rejoin and `pit failback` "
+                   "need it): created when absent; with --agent-config, the file's `repo`.")
 @AGENT_CONFIG
 @click.option("--cluster", "cluster_file", default=None, metavar="FILE",
               help="With --agent-config: the cluster file the primary's agent reads (the file's `cluster`; "
                    "default: cluster.toml beside the agent configuration).")
 @METRICS
 @FORCE
-def cluster_init(state, node, address, join_address, agent_config, cluster_file, metrics, force):
-    """Create the cluster CA and this primary's certificate; with --agent-config, also its agent configuration
-    (state, cluster file, metrics)."""
+def cluster_init(state, node, address, join_address, repo, agent_config, cluster_file, metrics, force):
+    """Create the cluster CA and this primary's certificate; with --repo, the repository it rejoins into after
+    a failover; with --agent-config, also its agent configuration (state, repo, cluster file, metrics)."""
     from ..config import plan_agent_config, write_agent_config
     from ..names import check_node_id, parse_address
     from ..stream.membership import ca_fingerprint, init_cluster
 
     node = node or socket.gethostname().split(".")[0].lower()
     _needs_agent_config(agent_config, cluster=cluster_file, metrics=metrics, force=force)
+    if os.path.exists(os.path.join(state, "node.json")):
+        raise ClusterExists(f"{os.path.abspath(state)} already holds a cluster membership")
     plan = None
     if agent_config:
         check_node_id(node)
         parse_address(address)
         cfile = cluster_file or os.path.join(os.path.dirname(os.path.abspath(agent_config)), "cluster.toml")
-        plan = plan_agent_config(agent_config, {"state": os.path.abspath(state), "cluster": os.path.abspath(cfile),
-                                                "metrics": metrics}, "pit cluster init", force)
+        plan = plan_agent_config(agent_config, {"state": os.path.abspath(state),
+                                                "repo": os.path.abspath(repo) if repo else None,
+                                                "cluster": os.path.abspath(cfile), "metrics": metrics},
+                                 "pit cluster init", force)
+    if repo:
+        click.echo(_ensure_repo(repo))
     st = init_cluster(state, node, address, join_address)
     click.echo(f"cluster created: primary {st.node} at {address}, joins at {st.info['join_address']}")
     click.echo(f"CA fingerprint sha256:{ca_fingerprint(st)}")
@@ -231,7 +240,7 @@ def point(config, state, set_name, timeout):
 
     res = control_request(state, config, "point", {"set": set_name, "timeout": timeout}, timeout + 30)
     for node, r in sorted(res.items()):
-        click.echo(f"{node}\t{r.get('snapshot')}")
+        click.echo(f"{node}\t{r['snapshot']}" if "snapshot" in r else f"{node}\tskipped: {r.get('skipped')}")
 
 
 @click.command("status")

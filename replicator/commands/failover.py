@@ -237,8 +237,9 @@ def failover_status(config, state, as_json):
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    click.echo(f"node {st['me']}: {st['phase']}; primary master: {st['leader'] or 'nobody'} "
-               f"(token {st['token']}); configured primary {st['primary']}, secondary {st['secondary']}")
+    lead = f"{st['leader']} (token {st['token']})" if st["leader"] else "nobody"
+    click.echo(f"node {st['me']}: {st['phase']}; primary master: {lead}; "
+               f"configured primary {st['primary']}, secondary {st['secondary']}")
     click.echo(f"etcd: {'ok' if st['etcd_ok'] else 'UNREACHABLE' if st['etcd_ok'] is False else '?'}")
     for c in st["checks"] + st["link"]:
         click.echo(f"  check {c['check']}: {'ok' if c['ok'] else 'failing'} {c['detail']} ({c['failures']} in a row)")
@@ -248,6 +249,14 @@ def failover_status(config, state, as_json):
     if lp:
         click.echo(f"last promotion: {lp['node']} token {lp.get('token')} in {lp.get('seconds')} s: {lp['reason']}"
                    + (f" (FAILED: {lp['error']})" if lp.get("error") else ""))
+        for name, r in sorted((lp.get("sets") or {}).items()):
+            if "error" in r:
+                click.echo(f"  set {name}: not promoted: {r['error']}")
+                continue
+            skipped = r.get("skipped") or []
+            click.echo(f"  set {name}: image {r.get('snapshot')} ({r.get('time')})"
+                       + (f", {len(skipped)} newer skipped: " + "; ".join(f"{x['snapshot']}: {x['reason']}"
+                                                                         for x in skipped) if skipped else ""))
 
 
 @failover.command("promote")

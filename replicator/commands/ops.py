@@ -414,7 +414,7 @@ def config_check(file, kind):
 @click.option("--repo", default=None, metavar="DIR",
               help="Repository of serve and scrub (default: the agent config's `repo`, else /var/lib/pit/repo).")
 @click.option("--state", default=None, metavar="DIR",
-              help="State directory for etcd's data (default: the agent config's `state`, else /var/lib/pit/state).")
+              help="State directory for etcd's data (default: the agent config's `state`, else /var/lib/pit).")
 @click.option("--pit", "pit_exe", default=None, metavar="PATH", help="The pit executable (default: this one).")
 @click.option("--etcd-name", default=None, help="etcd: this member's name (default: the host name).")
 @click.option("--etcd-client", default=None, metavar="URL", help="etcd: e.g. http://10.0.0.1:2379")

@@ -79,9 +79,14 @@ class Failover:
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
         # The secondary's probes of the primary run in their own thread (see _probe_loop).
-        self._probe_want: tuple[str, float] | None = None   # (holder, when the loop last asked)
-        self._probed: tuple[str, bool, list[str]] | None = None  # (holder, agent answers, failing checks)
+        # Failure evidence belongs to one term: probes are stamped with the (holder, token) they were
+        # made for and when they started; a new term, a role change or an unreachable agent starts afresh.
+        self._probe_want: tuple[str, int, float] | None = None  # (holder, token, when the loop last asked)
+        self._probed: tuple[str, int, float, bool, list[str]] | None = None  # (..., started, answers, failing)
+        self._evidence_for: tuple[str, int] | None = None
+        self._evidence_since = 0.0
         self._probe_thread: threading.Thread | None = None
+        self._served_saved = 0.0
 
     # ------------------------------------------------------------------ persistence and status
     def _save(self) -> None:
@@ -168,6 +173,7 @@ class Failover:
                 self._save()
             if self.leader != (node, token) and token >= self.highest:
                 self.leader = (node, token)
+                self._reset_evidence()
                 changed = True
         if changed:
             log.info("leader of the protected sets: %s (token %d)", node, token)
@@ -179,6 +185,24 @@ class Failover:
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, daemon=True, name="pit-failover")
         self.thread.start()
+
+    def update(self, cfg: FailoverConfig) -> None:
+        """A pushed [failover] change with the same primary and leader key, applied in place: the lease,
+        the fencing token and the phase stay; new checks start counting afresh; a new TTL applies from the
+        next campaign. Not under `self.lock`: the agent calls this holding its apply lock, and a
+        demotion holding `self.lock` calls back into the agent (each assignment here is atomic)."""
+        old, self.cfg = self.cfg, cfg
+        self.secondary = cfg.secondary
+        if (old.checks, old.link, old.confirm) != (cfg.checks, cfg.link, cfg.confirm):
+            self.checks = Confirmer(list(cfg.checks), cfg.confirm)
+            self.link = Confirmer(list(cfg.link), cfg.confirm)
+            self._reset_evidence()
+        if old.etcd != cfg.etcd:
+            self.etcd.endpoints = Etcd(list(cfg.etcd)).endpoints
+        if old.ttl != cfg.ttl:
+            self.ttl = cfg.ttl
+            self.lead.next_ttl = cfg.ttl
+        log.info("failover configuration applied in place (lease kept)")
 
     def stop(self) -> None:
         self.stopped.set()
@@ -206,6 +230,8 @@ class Failover:
             self._saw(kv.value.decode(), kv.mod_revision)
         if self.lead.is_leader():
             self.phase = "active"
+            self._probe_want = None
+            self._note_served(self.lead.token)
             if self.cfg.link:
                 failed = self.link.run()
                 if failed:
@@ -222,7 +248,7 @@ class Failover:
             return
         self.phase = "fenced" if self.me == self.primary else "standby" if self.me == self.secondary else "replica"
         if self.me == self.secondary:
-            self._watch_primary(holder)
+            self._watch_primary(holder, kv.mod_revision)
             if self.phase == "standby" and self.cfg.mirror:
                 with self.lock:  # never while a promotion writes the same paths
                     self._refresh_mirror()
@@ -231,9 +257,84 @@ class Failover:
         kv, _ = self.etcd.get(self.key + "-last")
         return json.loads(kv.value) if kv is not None else {}
 
-    def _record_leader(self, token: int) -> None:
-        """Kept beyond the lease: a returning primary must know whether anyone led after it."""
-        self.etcd.put_if(self.key + "-last", json.dumps({"node": self.me, "token": token}), self.key, token)
+    def _record_leader(self, token: int, ready: bool = False) -> None:
+        """Kept beyond the lease: a returning primary must know whether anyone led after it. `ready`: the
+        takeover is done (image in place, hooks run); until then the secondary does not count this term's
+        failing services, which are still starting."""
+        body = {"node": self.me, "token": token, **({"ready": True} if ready else {})}
+        self.etcd.put_if(self.key + "-last", json.dumps(body), self.key, token)
+
+    def _ready(self, holder: str, token: int) -> bool:
+        """Has the holder of `token` said its takeover is done?"""
+        try:
+            last = self._last_leader()
+        except (EtcdError, ValueError):
+            return False
+        return last.get("node") == holder and last.get("token") == token and bool(last.get("ready"))
+
+    def _reset_evidence(self) -> None:
+        self.checks.reset()
+        self._probed = None
+        self._evidence_for = None
+        self._evidence_since = time.monotonic()
+
+    def _note_served(self, token: int, force: bool = False) -> None:
+        """While holding the key: this node serves writes in term `token` until now (kept every few
+        seconds, and at every hand-over, so a later promotion knows which images are older than data
+        served here)."""
+        now = time.time()
+        if not token or (not force and now - self._served_saved < 5.0):
+            return
+        self._served_saved = now
+        served = self.saved.setdefault("served", {})
+        served[str(token)] = {"until": now, "started": served.get(str(token), {}).get("started", now)}
+        for old in sorted(served, key=int)[:-8]:
+            del served[old]
+        self._save()
+
+    def _check_rollback(self, pins: dict[str, str] | None) -> None:
+        """The invariant: a node never promotes an image older than data it served itself as primary
+        (its live paths hold writes acknowledged after that image; materialising it would roll them
+        back). Checked on the newest image of every protected set before the leader key is touched;
+        an operator's pin for a set takes it anyway, after the live data is kept as a snapshot."""
+        until = self.served_until()
+        if not until or self.agent.replica is None:
+            return
+        from store.snapshots import list_snapshots
+
+        repo = self.agent.replica.repo
+        older = []
+        with repo.reading() as txn:
+            for name in self.protected(self.agent.configured_sets()):
+                if (pins or {}).get(name):
+                    continue
+                snaps = list_snapshots(repo, txn, name)
+                if not snaps or snaps[-1].time_ns / 1e9 < until:
+                    older.append(name)
+        if older:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
+            raise FailoverRefused(
+                f"this node served as primary until {when} and its newest image of set(s) {', '.join(older)} is "
+                "older: promoting it would roll back writes acknowledged here; to take it anyway pin an image "
+                "(pit failover promote --snapshot SET@SNAP), the live data is kept as a snapshot first")
+
+    def _keep_live(self, name: str, s: SetConfig) -> str | None:
+        """A snapshot of this node's live paths of set `name` in its repository (before an older image
+        replaces them); its name, or None when there is nothing live."""
+        from store.ingest import create_snapshot
+
+        paths = [p for p in self.live_paths(name, s) if os.path.exists(p)]
+        if not paths:
+            return None
+        with self.agent.replica.lock:
+            snap = create_snapshot(self.agent.replica.repo, name, paths, host=self.me, retention=False)
+        log.warning("set %s: kept this node's live data as snapshot %s before promoting an older image",
+                    name, snap.name)
+        return snap.name
+
+    def served_until(self) -> float:
+        """When this node last served as primary (0: never)."""
+        return max((t["until"] for t in self.saved.get("served", {}).values()), default=0.0)
 
     def _no_holder(self) -> None:
         if self.me == self.primary:
@@ -272,44 +373,65 @@ class Failover:
         self._set_note("")
         self.agent.reconfigure()
         self.run_hooks("takeover", token)  # idempotent: services start, or are confirmed running
+        self._note_served(token)
+        try:
+            self._record_leader(token, ready=True)
+        except EtcdError as exc:
+            log.error("cannot say the takeover is done in etcd: %s", exc)
 
     def _probe_loop(self) -> None:
-        """Probe the primary (its agent's ping and the service checks, at once) every heartbeat while
-        the loop wants it. In their own thread: against a dead primary each probe waits out its
-        timeout (seconds), and the loop that sees the lease expire must not wait behind them."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1, thread_name_prefix="pit-ping") as pool:
-            while not self.stopped.is_set():
-                want = self._probe_want
-                if want is not None and time.monotonic() - want[1] < max(5.0, 4 * self.cfg.heartbeat):
-                    holder = want[0]
-                    try:
-                        ping = pool.submit(self.agent.ping, holder, max(1.0, self.ttl / 2))
+        """Probe the primary every heartbeat while the loop wants it: first its agent's ping, then, only
+        when the agent answers, the service checks. A failure counts only when the node itself is
+        reachable from here: checks that fail while the agent does not answer (a partition) are not
+        evidence, and an unanswered ping clears what was counted, so a healed partition starts from zero.
+        In their own thread: against a dead primary each probe waits out its timeout (seconds), and the
+        loop that sees the lease expire must not wait behind them."""
+        while not self.stopped.is_set():
+            want = self._probe_want
+            if want is not None and time.monotonic() - want[2] < max(5.0, 4 * self.cfg.heartbeat):
+                holder, token, _ = want
+                started = time.monotonic()
+                try:
+                    reachable = bool(self.agent.ping(holder, max(1.0, self.ttl / 2)))
+                    self.primary_reachable = reachable
+                    if not reachable:
+                        self.checks.reset()
+                        failed: list[str] = []
+                    else:
                         failed = self.checks.run() if self.cfg.checks else []
-                        reachable = bool(ping.result())
-                        self.primary_reachable = reachable
-                        self._probed = (holder, reachable, failed)
-                    except Exception:
-                        log.exception("probing %s", holder)
-                self.stopped.wait(self.cfg.heartbeat)
+                    if self._evidence_for == (holder, token) and started >= self._evidence_since:
+                        self._probed = (holder, token, started, reachable, failed)
+                except Exception:
+                    log.exception("probing %s", holder)
+            self.stopped.wait(self.cfg.heartbeat)
 
-    def _watch_primary(self, holder: str) -> None:
-        self._probe_want = (holder, time.monotonic())
+    def _watch_primary(self, holder: str, token: int) -> None:
+        if self._evidence_for != (holder, token):
+            self._reset_evidence()
+            self._evidence_for = (holder, token)
+        self._probe_want = (holder, token, time.monotonic())
         if self._probe_thread is None:
             self._probe_thread = threading.Thread(target=self._probe_loop, daemon=True, name="pit-probe")
             self._probe_thread.start()
         probed = self._probed
-        if probed is None or probed[0] != holder:
-            return  # nothing probed of this holder yet
-        _, reachable, failed = probed
-        if not failed:
-            self._set_note("" if reachable else
-                           f"{holder} does not answer here but renews its lease: no failover (a partition)")
-            return
+        if probed is None or probed[:2] != (holder, token) or probed[2] < self._evidence_since:
+            return  # nothing probed of this term yet
+        reachable, failed = probed[3], probed[4]
         if not reachable:
-            self._set_note(f"{holder}'s checks fail here ({'; '.join(failed)}) and it does not answer here, "
-                           "but it renews its lease in etcd: a partition between us, not a failure; no failover")
+            self._set_note(f"{holder} does not answer here while its key is in etcd: no failover (a partition, "
+                           "or it died and its lease runs out)")
+            return
+        if not failed:
+            self._set_note("")
+            return
+        if time.monotonic() < self.yield_until:
+            self._set_note(f"{holder}'s services fail ({'; '.join(failed)}), but this node just handed over to "
+                           "it: no automatic failover back")
+            return
+        if not self._ready(holder, token):
+            self.checks.reset()
+            self._set_note(f"{holder} is taking over (token {token}); its services are not counted until it "
+                           "says the takeover is done")
             return
         if self.cfg.auto:
             self.promote(f"{holder}'s services fail while its agent answers: {'; '.join(failed)}", force=True)
@@ -325,6 +447,8 @@ class Failover:
             report: dict = {"reason": reason, "node": self.me, "started": time.time(), "sets": {}}
             self.phase = "promoting"
             log.warning("promoting %s: %s", self.me, reason)
+            self._reset_evidence()
+            self._check_rollback(pins)
             kv, _ = self.etcd.get(self.key)
             if kv is not None and kv.value.decode() != self.me:
                 if not force:
@@ -371,6 +495,8 @@ class Failover:
                 report["takeover_hooks"] = self.run_hooks("takeover", token)
                 report["hooks_seconds"] = round(time.monotonic() - t2, 3)
                 self.lead.check()
+                self._note_served(token)
+                self._record_leader(token, ready=True)
             except BaseException as exc:
                 report["error"] = str(exc)
                 self.last_promotion = report
@@ -388,7 +514,7 @@ class Failover:
         log.warning("%s is the primary master now (token %d) in %.2f s", self.me, token, report["seconds"])
         return report
 
-    def _take_set(self, name: str, s: dict, pin: str | None) -> dict:
+    def _take_set(self, name: str, s: SetConfig, pin: str | None) -> dict:
         from store.objects import ObjectReader
         from store.restore import RestoreStats
         from store.snapshots import resolve
@@ -416,6 +542,16 @@ class Failover:
                "skipped": [{"snapshot": o.name, "reason": o.reason} for o in sel.images if o.status == "skipped"],
                "selection_seconds": sel.seconds, "notes": notes + sel.notes}
         live = self.live_paths(name, s)
+        until = self.served_until()
+        if until:
+            with repo.reading() as txn:
+                older = resolve(repo, txn, chosen.id).time_ns / 1e9 < until
+            if older and not pin:
+                raise FailoverRefused(f"image {chosen.name} is older than the data this node served as primary "
+                                      "(until " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
+                                      + "): not rolling it back")
+            if older:
+                out["kept_live"] = self._keep_live(name, s)
         total = RestoreStats()
         with repo.reading() as txn:
             r = ObjectReader(repo, txn)
@@ -500,6 +636,8 @@ class Failover:
         """Leadership lost (own clock, revoked lease, resignation): stop acting at once."""
         self.phase = "demoted"
         self._set_note(f"stopped acting as primary: {reason}")
+        self._note_served(int(self.saved.get("my_token", 0)), force=True)
+        self._reset_evidence()
         try:
             self.agent.reconfigure()  # stops the masters of the protected sets
         finally:
@@ -552,7 +690,9 @@ class Failover:
                     self.run_hooks("takeover", token)  # thaw: we stay primary
                     raise FailoverRefused(f"final point on {to} for set {name!r} failed: {res['error']}")
                 points[name] = res["snapshot"]
-            self.yield_until = time.monotonic() + 60
+            self.yield_until = time.monotonic() + 60 + 2 * self.cfg.hook_timeout
+            self._note_served(token, force=True)
+            self._reset_evidence()
             self.lead.resign(f"failback to {to}")
             return {"points": points, "freeze_seconds": round(time.monotonic() - t0, 3), "demote_hooks": hooks}
 

@@ -81,13 +81,22 @@ class Confirmer:
     confirm: int = 3
     streak: dict[int, int] = field(default_factory=dict)
     last: dict[int, str] = field(default_factory=dict)
+    generation: int = 0  # a reset during a probe discards that probe's results
 
     def run(self) -> list[str]:
-        for i, c in enumerate(self.checks):
-            ok, detail = probe(c)
-            self.streak[i] = 0 if ok else self.streak.get(i, 0) + 1
-            self.last[i] = detail
+        gen = self.generation
+        results = [probe(c) for c in self.checks]
+        if gen == self.generation:
+            for i, (ok, detail) in enumerate(results):
+                self.streak[i] = 0 if ok else self.streak.get(i, 0) + 1
+                self.last[i] = detail
         return self.failed()
+
+    def reset(self) -> None:
+        """Forget what was counted: evidence belongs to one holder's term, and to probes that reached it."""
+        self.generation += 1
+        self.streak.clear()
+        self.last.clear()
 
     def failed(self) -> list[str]:
         return [f"{describe(c)}: {self.last.get(i, '')} ({self.streak[i]}x)"

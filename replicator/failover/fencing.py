@@ -50,6 +50,7 @@ class Leadership:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error = ""
+        self.next_ttl: int | None = None  # a changed TTL: granted from the next campaign (this lease keeps its own)
 
     # ------------------------------------------------------------------ state
     def is_leader(self) -> bool:
@@ -81,6 +82,9 @@ class Leadership:
         with self.lock:
             if self.token and time.monotonic() < self.deadline:
                 return self.token
+            if self.next_ttl is not None:
+                self.ttl, self.next_ttl = max(2, int(self.next_ttl)), None
+                self.margin = min(1.0, self.ttl / 3)
         sent = time.monotonic()
         lease = self.etcd.grant(self.ttl)
         try:

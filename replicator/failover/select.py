@@ -234,10 +234,26 @@ def _record(repo, s, o: ImageOutcome, lock_wait: float, sel: Selection) -> None:
         with repo.writer(lock_wait=lock_wait) as w:
             if w.txn.get(s.id, db=w.db["snapshots"]) is not None:
                 update_meta(w, s.id, **changes)
+                if o.status in ("chosen", "pinned"):
+                    _supersede(w, s, stamp)
     except RepositoryLocked:
         note = "outcomes not recorded: the repository was locked by a writer"
         if note not in sel.notes:
             sel.notes.append(note)
+
+
+def _supersede(w, s, stamp: str) -> None:
+    """One image of a set is the failover image: an earlier selection's choice says it was superseded."""
+    from store.snapmeta import get_meta, update_meta
+    from store.snapshots import list_snapshots
+
+    for other in list_snapshots(w.repo, w.txn, s.set):
+        if other.id == s.id:
+            continue
+        img = get_meta(w.repo, w.txn, other.id).get("image") or {}
+        if img.get("status") in ("chosen", "pinned"):
+            update_meta(w, other.id, image={**img, "status": "superseded", "time": stamp,
+                                            "reason": f"a later selection chose {s.name}"})
 
 
 def image_status(repo, txn, sid: bytes) -> dict:

@@ -28,7 +28,7 @@ DEFAULTS = {
     "agent_config": "/etc/pit/agent.toml",
     "serve_config": "/etc/pit/serve.toml",
     "repo": "/var/lib/pit/repo",
-    "state": "/var/lib/pit/state",
+    "state": "/var/lib/pit",
     "etcd": "/usr/bin/etcd",
     "etcd_name": "primary",
     "etcd_client": "http://10.0.0.1:2379",

@@ -257,7 +257,9 @@ class Sender:
                     batch = []
                     while self.queue and len(batch) < BATCH_PATHS:
                         batch.append(self.queue.popitem(last=False)[0])
-                    points = list(self.points) if not self.queue else []
+                    # a point follows everything queued before it, and a tree comparison the queue's
+                    # overflow asked for (served first, it would miss all that the overflow dropped)
+                    points = list(self.points) if not self.queue and not self.need_catchup else []
                     if points:
                         self.points.clear()
             if self.replica not in agent.roster():
