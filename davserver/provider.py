@@ -15,6 +15,11 @@ Client quirks handled here (each named):
   4918 9.1): one request must not walk a million-file snapshot.
 - wsgidav streams GET bodies in 8 KiB blocks; we raise that to 256 KiB
   (throughput on a 1 GiB file roughly doubles).
+
+A snapshot folder carries what the HTML listing shows about it (verification,
+application check, failover image status) as read-only live properties in
+our own namespace `PIT_NS`, so a WebDAV client sees it with PROPFIND; both
+come from `snapshot_fields`.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import urllib.parse
 import zipfile
 from typing import Iterator
 
-from wsgidav.dav_error import HTTP_FORBIDDEN, DAVError
+from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_NOT_FOUND, PRECONDITION_CODE_ProtectedProperty, DAVError
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
 
 from store.errors import PathNotFound, StoreError
@@ -33,6 +38,40 @@ from store.view import ALL, LATEST, VERSIONS, Node, Scope, View
 
 BLOCK = 256 * 1024
 AVAILABLE = 1 << 50  # "plenty": a read-only share that Windows must not think is full or FAT
+
+PIT_NS = "https://pitstore.dev/ns"  # the XML namespace of pitstore's own WebDAV properties
+_PIT = "{" + PIT_NS + "}"
+# A snapshot folder's live properties, in the order PROPFIND lists them (docs/restore.md).
+SNAPSHOT_PROPS = ("verification", "verification-depth", "verification-time", "app-check", "app-check-template",
+                  "failover-image", "failover-image-reason")
+
+
+def snapshot_fields(status: dict | None) -> dict[str, str]:
+    """What a snapshot folder says about itself, from its `Node.status`
+    (`store.view.verification`): the one source of both the HTML listing and
+    the `{PIT_NS}` properties. Keys are `SNAPSHOT_PROPS`; a field with no
+    value is absent (a snapshot image selection never examined has no
+    `failover-image`; an unverified one has no depth or time).
+
+    - verification: good | damaged | unverified
+    - verification-depth, verification-time: of the last verification
+    - app-check: good | failed; app-check-template: which check (sqlite, ...)
+    - failover-image: chosen | pinned | skipped | superseded;
+      failover-image-reason: why (for a skipped image)"""
+    if not status:
+        return {}
+    out = {"verification": status.get("result") or "unverified"}
+    if out["verification"] != "unverified":
+        out["verification-depth"] = status.get("depth")
+        out["verification-time"] = status.get("time")
+    app, img = status.get("app_check"), status.get("image")
+    if app:
+        out["app-check"] = app.get("result")
+        out["app-check-template"] = app.get("template")
+    if img:
+        out["failover-image"] = img.get("status")
+        out["failover-image-reason"] = img.get("reason")
+    return {k: str(v) for k, v in out.items() if v not in (None, "")}
 
 
 def _href(parts: list[str], trailing: bool) -> str:
@@ -67,6 +106,7 @@ class NodeFile:
 class _Common:
     def _init(self, provider: "ViewProvider", node: Node, view: View, parts: list[str]) -> None:
         self.provider, self.node, self.view, self.parts = provider, node, view, parts
+        self._fields: dict[str, str] | None = None
 
     def get_display_name(self) -> str:
         return self.node.name
@@ -91,6 +131,31 @@ class _Common:
 
     def get_available_bytes(self):
         return AVAILABLE
+
+    # Live properties in PIT_NS (wsgidav's custom live property hooks, dav_provider.py):
+    # listed for allprop and propname only when the resource has them; an absent one
+    # asked for by name is 404 in its propstat; all are protected.
+    def _pit_fields(self) -> dict[str, str]:
+        if self._fields is None:
+            self._fields = snapshot_fields(self.node.status)
+        return self._fields
+
+    def get_property_names(self, *, is_allprop):
+        names = super().get_property_names(is_allprop=is_allprop)
+        return names + [_PIT + k for k in self._pit_fields()]
+
+    def get_property_value(self, name):
+        if name.startswith(_PIT):
+            value = self._pit_fields().get(name[len(_PIT):])
+            if value is None:
+                raise DAVError(HTTP_NOT_FOUND)
+            return value
+        return super().get_property_value(name)
+
+    def set_property_value(self, name, value, *, dry_run=False):
+        if name.startswith(_PIT):
+            raise DAVError(HTTP_FORBIDDEN, err_condition=PRECONDITION_CODE_ProtectedProperty)
+        return super().set_property_value(name, value, dry_run=dry_run)
 
 
 class FileResource(_Common, DAVNonCollection):
@@ -303,16 +368,17 @@ def render_listing(node: Node, parts: list[str], kids: list[Node]) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(k.mtime)) if k.mtime_ns else ""
         extra = ""
         if show_status and k.status:
-            st = k.status["result"]
-            detail = f" ({e(str(k.status.get('depth') or ''))}, {e(str(k.status.get('time') or ''))})" \
+            fields = snapshot_fields(k.status)  # the same fields PROPFIND gives as properties
+            st = fields["verification"]
+            detail = f" ({e(fields.get('verification-depth', ''))}, {e(fields.get('verification-time', ''))})" \
                 if st != "unverified" else ""
             extra = f'<span class="v-{e(st)}">{e(STATUS_LABEL.get(st, st))}{detail}</span>'
-            app, img = k.status.get("app_check"), k.status.get("image")
-            if app:
-                extra += (f'; <span class="v-{"good" if app["result"] == "good" else "damaged"}">'
-                          f'{e(app.get("template") or "application")} check {e(app["result"])}</span>')
-            if img:
-                extra += f"; failover image: {e(img['status'])}" + (f" ({e(img['reason'])})" if img.get("reason") else "")
+            if "app-check" in fields:
+                extra += (f'; <span class="v-{"good" if fields["app-check"] == "good" else "damaged"}">'
+                          f'{e(fields.get("app-check-template", "application"))} check {e(fields["app-check"])}</span>')
+            if "failover-image" in fields:
+                reason = fields.get("failover-image-reason")
+                extra += f"; failover image: {e(fields['failover-image'])}" + (f" ({e(reason)})" if reason else "")
             if k.name == LATEST:
                 extra += " &rarr; newest snapshot"
         elif k.kind == "version":
