@@ -19,6 +19,7 @@ import time
 
 from . import config as C
 from .errors import ConfigError, NotAuthorised, ReplError
+from .failover import handover
 from .settings import ClusterConfig, SetConfig
 from .stream import protocol
 from .stream.master import MasterSet
@@ -293,9 +294,9 @@ class Agent:
                     raise NotAuthorised(f"{node} asked for a failback")
                 protocol.welcome(conn, self.state.node)
                 try:
-                    conn.send({"t": "released", **fo.freeze_and_release(node)})
+                    handover.serve(fo, conn, node)
                 except ReplError as exc:
-                    conn.fail("failback", str(exc))
+                    log.error("failback to %s: %s", node, exc)
             elif msg["kind"] == "config":
                 if node != self.state.primary:
                     conn.fail("role", "only the primary pushes configuration")

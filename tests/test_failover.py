@@ -303,3 +303,36 @@ def test_failback_with_service_checks_is_never_undone(fcluster):
     out = r1.ctl("failover", "promote", "--force", check=False)
     assert out.returncode != 0 and "roll back" in out.stderr, out.stderr
     assert fo(p).get("holding") and fo(p)["leader"] == "primary"
+
+
+def test_a_failback_that_cannot_take_the_final_point_leaves_the_primary_serving(fcluster):
+    """The hand-over order: the holder freezes and makes the final point, but keeps the key until the
+    returning node has that point in place. Here the returning node cannot materialise it (its live path
+    is not in the image): it aborts, the holder thaws (its services come back) and keeps its token;
+    nobody was without the key, and the write made before the attempt is still served."""
+    c = fcluster(replicas=1)
+    write(f"{c.src}/index.html", b"<h1>shop</h1>")
+    c.start()
+    p, r1 = c.primary, c.replicas[0]
+    wait_for(lambda: fo(p).get("holding"), 30, "the primary to take the leader key")
+    wait_for(lambda: c.converged(r1), 60, "seeding")
+    p.ctl("point", "--set", "web")
+    p.kill(signal.SIGKILL)
+    subprocess.run(c.hook("stop"), shell=True, check=True, env=dict(os.environ, PIT_NODE="primary", PIT_ROLE="died"))
+    wait_for(lambda: fo(r1).get("phase") == "active", 60, "r1 to take over")
+    token = fo(r1)["token"]
+    write(f"{c.live}/acked-on-r1.txt", b"acknowledged by r1")
+
+    elsewhere = os.path.join(c.tmp, "elsewhere", "not-in-the-image")
+    p.write_config(f'cluster = "{c.cluster_file}"\nlive = {{web = ["{elsewhere}"]}}')
+    p.start()
+    wait_for(lambda: fo(p).get("phase") == "fenced", 30, "the old primary fenced")
+    wait_for(lambda: replica_head(p.repo, "web") == read_tree(c.live), 60, "the old primary to catch up")
+    out = p.ctl("failback", check=False)
+    assert out.returncode != 0 and "not-in-the-image" in out.stderr, (out.stdout, out.stderr)
+    st = fo(r1)
+    assert st["holding"] and st["token"] == token and st["phase"] == "active"
+    log = open(f"{c.tmp}/hooks/r1/log").read().split("\n")
+    assert [x.split()[0] for x in log if x][-2:] == ["demote", "takeover"]  # frozen, then thawed
+    wait_for(lambda: web_get(c, "acked-on-r1.txt") == b"acknowledged by r1", 20, "r1's service, thawed")
+    assert fo(p).get("phase") == "fenced" and not os.path.exists(elsewhere)

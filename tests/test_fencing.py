@@ -85,3 +85,33 @@ def test_unreachable_etcd_is_a_typed_error(tmp_path):
     e = Etcd([f"http://127.0.0.1:{free_port()}"], timeout=0.5)
     with pytest.raises(EtcdError, match="unreachable"):
         Leadership(e, KEY, "a").campaign()
+
+
+def test_hand_over_moves_the_key_in_one_fenced_transaction(etcd, tmp_path):
+    """A failback's hand-over: the key goes from b's lease to a's without ever being free; the new token
+    is higher; b stands down without notifying (its caller answers a first), a renews its adopted lease;
+    a holder whose lease was revoked cannot hand anything over."""
+    lost = []
+    a, b = leader(etcd, "a", tmp_path), leader(etcd, "b", tmp_path, on_lost=lost.append)
+    tb = b.campaign()
+    e = Etcd([etcd.endpoint])
+    sent = time.monotonic()
+    lease = e.grant(a.ttl)
+    ta = b.hand_over("a", lease)
+    assert ta > tb and not b.is_leader() and lost == []
+    kv = a.holder()
+    assert kv.value == b"a" and kv.mod_revision == ta and kv.lease == lease
+    a.adopt(lease, ta, sent)
+    time.sleep(2.5)  # longer than the TTL: a's renewals keep the adopted lease
+    assert a.is_leader() and a.check() == ta and a.holder().mod_revision == ta
+    assert [x["event"] for x in events(tmp_path, "b")] == ["active", "inactive"]
+    assert "handed over to a" in events(tmp_path, "b")[-1]["reason"]
+
+    c = leader(etcd, "c", tmp_path)
+    revoke_holder(e, KEY)  # a's lease is gone; a still believes it leads for a moment
+    other = e.grant(2)
+    tc = c.campaign()
+    with pytest.raises(Fenced):
+        a.hand_over("b", other)  # fenced by its old token (or by its own clock): nothing moves
+    assert c.holder().value == b"c" and c.holder().mod_revision == tc
+    c.resign()

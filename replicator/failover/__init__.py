@@ -1,7 +1,10 @@
 """failover: who is the primary master of the protected sets, and the switch.
 
-Owns: the controller (`controller`: campaign, watch, promote, demote,
-failback, the fencing-token check a replica applies to a master), the
+Owns: the decision of each cycle (`decide`: a pure function from what was
+observed to the one action), the controller (`controller`: gathers the
+inputs and carries the action out: campaign, watch, promote, demote, the
+fencing-token check a replica applies to a master), the planned hand-over
+(`handover`: both sides of `pit failback`), the
 split-brain guard (`fencing`: one leader key in etcd under a lease; its
 revision is the fencing token), the etcd v3 JSON-gateway client (`etcd`),
 image selection (`select`: the newest snapshot that deep-verifies and passes

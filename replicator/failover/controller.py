@@ -35,6 +35,7 @@ from dataclasses import replace
 
 from ..errors import EtcdError, FailoverRefused, NotAuthorised, ReplError
 from ..settings import FailoverConfig, SetConfig
+from .decide import CAMPAIGN, PROMOTE, RESIGN, SERVE, TAKE_OVER, Inputs, Probe, decide
 from .detect import Confirmer
 from .etcd import Etcd
 from .fencing import Leadership, revoke_holder
@@ -73,6 +74,7 @@ class Failover:
         self.last_promotion: dict | None = self.saved.get("last_promotion")
         self.lock = threading.RLock()       # one promotion / demotion / failback at a time
         self.yield_until = 0.0              # after handing over (failback): do not promote until then
+        self.frozen: str | None = None      # frozen for a hand-over to this node (failback in progress)
         self._mirror_next = 0.0
         self.retry_after = 0.0              # after a failed promotion
         self.failed_sets: set[str] = set()  # protected sets a promotion could not bring up
@@ -217,41 +219,84 @@ class Failover:
             self.stopped.wait(self.cfg.heartbeat)
 
     def _tick(self) -> None:
+        """One cycle: gather the inputs, let `decide` choose, carry the action out."""
+        act = decide(self._gather())
+        if act.kind not in (PROMOTE, TAKE_OVER):
+            self.phase = act.phase
+        if act.forget:
+            self._reset_evidence()
+        if act.kind == SERVE:
+            self._note_served(self.lead.token)
+        elif act.kind == RESIGN:
+            self.lead.resign(act.reason)
+        elif act.kind == CAMPAIGN:
+            self._campaign_as_primary()
+        elif act.kind in (PROMOTE, TAKE_OVER):
+            self.promote(act.reason, force=act.kind == TAKE_OVER)
+            return
+        if act.kind != RESIGN:
+            self._set_note(act.note)
+        if act.mirror:
+            with self.lock:  # never while a promotion writes the same paths
+                self._refresh_mirror()
+
+    def _gather(self) -> Inputs:
+        """Everything `decide` looks at, read now. The leader key first (a new holder or token resets
+        the evidence before anything counts), then what matters for this node's place."""
+        base = dict(me=self.me, primary=self.primary, secondary=self.secondary, auto=self.cfg.auto,
+                    mirror=bool(self.cfg.mirror), frozen=self.frozen is not None,
+                    yielding=time.monotonic() < self.yield_until, retry_wait=time.monotonic() < self.retry_after)
         try:
             kv, _ = self.etcd.get(self.key)
             self.etcd_ok = True
         except EtcdError as exc:
             self.etcd_ok = False
-            self._set_note(f"etcd unreachable: {exc}")
-            if self.lead.is_leader():
-                self.phase = "active"
-            return
+            leader = self.leader or (None, 0)
+            return Inputs(**base, etcd_ok=False, etcd_error=str(exc), holding=self.lead.is_leader(),
+                          holder=leader[0], token=leader[1])
         if kv is not None:
             self._saw(kv.value.decode(), kv.mod_revision)
-        if self.lead.is_leader():
-            self.phase = "active"
+        holding = self.lead.is_leader()
+        holder, token = (kv.value.decode(), kv.mod_revision) if kv is not None else (None, 0)
+        inputs = Inputs(**base, etcd_ok=True, holding=holding, holder=holder, token=token,
+                        my_token=int(self.saved.get("my_token", 0)), highest=self.highest)
+        if holding:
             self._probe_want = None
-            self._note_served(self.lead.token)
-            if self.cfg.link:
-                failed = self.link.run()
-                if failed:
-                    self.lead.resign("public link down: " + "; ".join(failed))
-            self._set_note("")
-            return
-        if kv is None:
-            self._no_holder()
-            return
-        holder = kv.value.decode()
-        if holder == self.me:  # our own key from before a restart: it expires, then we campaign again
-            self.phase = "waiting"
-            self._set_note("the leader key still carries this node's previous lease; waiting for it to expire")
-            return
-        self.phase = "fenced" if self.me == self.primary else "standby" if self.me == self.secondary else "replica"
-        if self.me == self.secondary:
-            self._watch_primary(holder, kv.mod_revision)
-            if self.phase == "standby" and self.cfg.mirror:
-                with self.lock:  # never while a promotion writes the same paths
-                    self._refresh_mirror()
+            failing = tuple(self.link.run()) if self.cfg.link else ()
+            return replace(inputs, link_failing=failing)
+        probe = None
+        if holder is not None and holder != self.me and self.me == self.secondary:
+            probe = self._evidence(holder, token)
+        if holder is not None and probe is None:
+            return inputs  # nothing below matters for this node now
+        try:
+            last = self._last_leader()
+        except (EtcdError, ValueError):
+            last = {}
+        could_promote = self.me == self.secondary and (holder is None or (probe is not None and probe.failing))
+        lease = None
+        if probe is not None and not probe.reachable and kv.lease:
+            try:
+                lease = self.etcd.time_to_live(kv.lease)
+            except EtcdError:
+                pass
+        return replace(inputs, probe=probe, holder_lease=lease, last_node=last.get("node"), last_token=int(last.get("token") or 0),
+                       last_ready=bool(last.get("ready")),
+                       rollback=tuple(self.rollback_sets()) if could_promote else ())
+
+    def _evidence(self, holder: str, token: int) -> Probe | None:
+        """The probes of `holder` in term `token` (the probe thread runs them; a new term starts afresh)."""
+        if self._evidence_for != (holder, token):
+            self._reset_evidence()
+            self._evidence_for = (holder, token)
+        self._probe_want = (holder, token, time.monotonic())
+        if self._probe_thread is None:
+            self._probe_thread = threading.Thread(target=self._probe_loop, daemon=True, name="pit-probe")
+            self._probe_thread.start()
+        probed = self._probed
+        if probed is None or probed[:2] != (holder, token) or probed[2] < self._evidence_since:
+            return None  # nothing probed of this term yet
+        return Probe(reachable=probed[3], failing=tuple(probed[4]))
 
     def _last_leader(self) -> dict:
         kv, _ = self.etcd.get(self.key + "-last")
@@ -263,14 +308,6 @@ class Failover:
         failing services, which are still starting."""
         body = {"node": self.me, "token": token, **({"ready": True} if ready else {})}
         self.etcd.put_if(self.key + "-last", json.dumps(body), self.key, token)
-
-    def _ready(self, holder: str, token: int) -> bool:
-        """Has the holder of `token` said its takeover is done?"""
-        try:
-            last = self._last_leader()
-        except (EtcdError, ValueError):
-            return False
-        return last.get("node") == holder and last.get("token") == token and bool(last.get("ready"))
 
     def _reset_evidence(self) -> None:
         self.checks.reset()
@@ -292,14 +329,14 @@ class Failover:
             del served[old]
         self._save()
 
-    def _check_rollback(self, pins: dict[str, str] | None) -> None:
-        """The invariant: a node never promotes an image older than data it served itself as primary
-        (its live paths hold writes acknowledged after that image; materialising it would roll them
-        back). Checked on the newest image of every protected set before the leader key is touched;
-        an operator's pin for a set takes it anyway, after the live data is kept as a snapshot."""
+    def rollback_sets(self, pins: dict[str, str] | None = None) -> list[str]:
+        """The protected sets whose newest image here is older than data this node served itself as
+        primary (its live paths hold writes acknowledged after that image: promoting it would roll them
+        back). Sets pinned by an operator are not counted: a pin takes its image after the live data is
+        kept as a snapshot."""
         until = self.served_until()
         if not until or self.agent.replica is None:
-            return
+            return []
         from store.snapshots import list_snapshots
 
         repo = self.agent.replica.repo
@@ -311,8 +348,13 @@ class Failover:
                 snaps = list_snapshots(repo, txn, name)
                 if not snaps or snaps[-1].time_ns / 1e9 < until:
                     older.append(name)
+        return older
+
+    def _check_rollback(self, pins: dict[str, str] | None) -> None:
+        """The same invariant on an operator's or a hand-over's promotion, before the key is touched."""
+        older = self.rollback_sets(pins)
         if older:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.served_until()))
             raise FailoverRefused(
                 f"this node served as primary until {when} and its newest image of set(s) {', '.join(older)} is "
                 "older: promoting it would roll back writes acknowledged here; to take it anyway pin an image "
@@ -335,29 +377,6 @@ class Failover:
     def served_until(self) -> float:
         """When this node last served as primary (0: never)."""
         return max((t["until"] for t in self.saved.get("served", {}).values()), default=0.0)
-
-    def _no_holder(self) -> None:
-        if self.me == self.primary:
-            last = self._last_leader()
-            if last.get("node", self.me) == self.me and self.highest <= int(self.saved.get("my_token", 0)):
-                # nobody has led since we did (or ever): our data is the newest, take the key (back)
-                self._campaign_as_primary()
-            else:
-                self.phase = "fenced"
-                self._set_note(f"{last.get('node', 'another node')} led after this node (token "
-                               f"{last.get('token', self.highest)}): this node's data may be older; "
-                               "take over only with `pit failback` or `pit failover promote`")
-        elif self.me == self.secondary and time.monotonic() < self.yield_until:
-            self.phase = "standby"  # we just handed over (failback): let the primary take the key
-        elif self.me == self.secondary:
-            if self.cfg.auto and time.monotonic() >= self.retry_after:
-                self.promote("the primary's lease expired: it is dead or cut off from etcd")
-            else:
-                self.phase = "standby"
-                self._set_note("no primary holds the leader key; automatic failover is off: "
-                               "run `pit failover promote`")
-        else:
-            self.phase = "waiting"
 
     def _campaign_as_primary(self) -> None:
         with self.lock:
@@ -405,114 +424,106 @@ class Failover:
                     log.exception("probing %s", holder)
             self.stopped.wait(self.cfg.heartbeat)
 
-    def _watch_primary(self, holder: str, token: int) -> None:
-        if self._evidence_for != (holder, token):
-            self._reset_evidence()
-            self._evidence_for = (holder, token)
-        self._probe_want = (holder, token, time.monotonic())
-        if self._probe_thread is None:
-            self._probe_thread = threading.Thread(target=self._probe_loop, daemon=True, name="pit-probe")
-            self._probe_thread.start()
-        probed = self._probed
-        if probed is None or probed[:2] != (holder, token) or probed[2] < self._evidence_since:
-            return  # nothing probed of this term yet
-        reachable, failed = probed[3], probed[4]
-        if not reachable:
-            self._set_note(f"{holder} does not answer here while its key is in etcd: no failover (a partition, "
-                           "or it died and its lease runs out)")
-            return
-        if not failed:
-            self._set_note("")
-            return
-        if time.monotonic() < self.yield_until:
-            self._set_note(f"{holder}'s services fail ({'; '.join(failed)}), but this node just handed over to "
-                           "it: no automatic failover back")
-            return
-        if not self._ready(holder, token):
-            self.checks.reset()
-            self._set_note(f"{holder} is taking over (token {token}); its services are not counted until it "
-                           "says the takeover is done")
-            return
-        if self.cfg.auto:
-            self.promote(f"{holder}'s services fail while its agent answers: {'; '.join(failed)}", force=True)
-        else:
-            self._set_note(f"{holder}'s services fail: {'; '.join(failed)}; automatic failover is off")
-
     # ------------------------------------------------------------------ promotion
     def promote(self, reason: str, force: bool = False, pins: dict[str, str] | None = None) -> dict:
         """Take over the protected sets. `force`: revoke the current holder's lease first (it stops on
         its own clock within a TTL; we wait that long before acting). `pins`: set -> snapshot to use."""
         with self.lock:
-            t0 = time.monotonic()
-            report: dict = {"reason": reason, "node": self.me, "started": time.time(), "sets": {}}
-            self.phase = "promoting"
-            log.warning("promoting %s: %s", self.me, reason)
-            self._reset_evidence()
+            report = self.begin_report(reason)
             self._check_rollback(pins)
-            kv, _ = self.etcd.get(self.key)
-            if kv is not None and kv.value.decode() != self.me:
-                if not force:
-                    raise FailoverRefused(f"{kv.value.decode()} holds the leader key (token {kv.mod_revision}); "
-                                          "use --force to revoke its lease and take over")
-                # first say who takes over (a revoked holder reads this and does not campaign back),
-                # then revoke
-                self.etcd.put(self.key + "-last", json.dumps({"node": self.me, "token": 0, "revoking": kv.mod_revision}))
-                revoke_holder(self.etcd, self.key)
-                report["revoked"] = {"node": kv.value.decode(), "token": kv.mod_revision}
-                self.stopped.wait(self.ttl)  # the old holder may believe it leads for up to TTL - margin
-            token = self.lead.campaign()
-            if not token:
-                kv, _ = self.etcd.get(self.key)
-                self.phase = "standby"
-                raise FailoverRefused(f"another node won the leader key first "
-                                      f"({kv.value.decode() if kv else 'nobody'}); not promoting")
-            self.highest = max(self.highest, token)
-            self.saved["my_token"] = token
-            self._save()
-            self._record_leader(token)
-            report["token"] = token
-            report["detect_to_key"] = round(time.monotonic() - t0, 3)
+            token = self._acquire(force, report)
             try:
-                t1 = time.monotonic()
-                sets = self.agent.configured_sets()
-                failed = set()
-                for name in self.protected(sets):
-                    try:
-                        report["sets"][name] = self._take_set(name, sets[name], (pins or {}).get(name))
-                    except ReplError as exc:
-                        # no good image of this set here: the others still come up; this one is not
-                        # mastered (its live paths would replicate as deletions), and the report says why
-                        report["sets"][name] = {"error": str(exc)}
-                        failed.add(name)
-                        log.error("set %s: not promoted: %s", name, exc)
-                    self.lead.check()  # still ours? (a lost lease aborts before anything else acts)
-                if failed and len(failed) == len(report["sets"]):
-                    raise FailoverRefused("no set could be promoted: " + "; ".join(
-                        f"{n}: {report['sets'][n]['error']}" for n in sorted(failed)))
-                self.failed_sets = failed
-                report["selection_and_materialise"] = round(time.monotonic() - t1, 3)
-                t2 = time.monotonic()
-                report["takeover_hooks"] = self.run_hooks("takeover", token)
-                report["hooks_seconds"] = round(time.monotonic() - t2, 3)
-                self.lead.check()
-                self._note_served(token)
-                self._record_leader(token, ready=True)
+                self.take_sets(pins, report)
+                self.finish_takeover(token, report)
             except BaseException as exc:
-                report["error"] = str(exc)
-                self.last_promotion = report
-                self._save()
+                self._failed(report, exc)
                 self.retry_after = time.monotonic() + 30  # a failed promotion is not retried at once
                 self.lead.resign(f"promotion failed: {exc}")
                 raise
-            self.leader = (self.me, token)
-            report["seconds"] = round(time.monotonic() - t0, 3)
-            self.last_promotion = report
-            self._save()
-            self.phase = "active"
-            self._set_note("")
         self.agent.reconfigure()
         log.warning("%s is the primary master now (token %d) in %.2f s", self.me, token, report["seconds"])
         return report
+
+    def begin_report(self, reason: str) -> dict:
+        self._t0 = time.monotonic()
+        self.phase = "promoting"
+        log.warning("promoting %s: %s", self.me, reason)
+        self._reset_evidence()
+        return {"reason": reason, "node": self.me, "started": time.time(), "sets": {}}
+
+    def _acquire(self, force: bool, report: dict) -> int:
+        """Win the leader key (revoking the holder's lease first when `force`); the new token."""
+        kv, _ = self.etcd.get(self.key)
+        if kv is not None and kv.value.decode() != self.me:
+            if not force:
+                raise FailoverRefused(f"{kv.value.decode()} holds the leader key (token {kv.mod_revision}); "
+                                      "use --force to revoke its lease and take over")
+            # first say who takes over (a revoked holder reads this and does not campaign back), then revoke
+            self.etcd.put(self.key + "-last", json.dumps({"node": self.me, "token": 0, "revoking": kv.mod_revision}))
+            revoke_holder(self.etcd, self.key)
+            report["revoked"] = {"node": kv.value.decode(), "token": kv.mod_revision}
+            self.stopped.wait(self.ttl)  # the old holder may believe it leads for up to TTL - margin
+        token = self.lead.campaign()
+        if not token:
+            kv, _ = self.etcd.get(self.key)
+            self.phase = "standby"
+            raise FailoverRefused(f"another node won the leader key first "
+                                  f"({kv.value.decode() if kv else 'nobody'}); not promoting")
+        self._took_key(token, report)
+        return token
+
+    def _took_key(self, token: int, report: dict) -> None:
+        self.highest = max(self.highest, token)
+        self.saved["my_token"] = token
+        self._save()
+        self._record_leader(token)
+        report["token"] = token
+        report["detect_to_key"] = round(time.monotonic() - self._t0, 3)
+
+    def take_sets(self, pins: dict[str, str] | None, report: dict) -> None:
+        """Choose and materialise each protected set's image on the live paths. Holding the key, each
+        set is followed by a check that it is still ours; in a hand-over the key comes after this."""
+        t1 = time.monotonic()
+        sets = self.agent.configured_sets()
+        failed = set()
+        for name in self.protected(sets):
+            try:
+                report["sets"][name] = self._take_set(name, sets[name], (pins or {}).get(name))
+            except ReplError as exc:
+                # no good image of this set here: the others still come up; this one is not mastered (its
+                # live paths would replicate as deletions), and the report says why
+                report["sets"][name] = {"error": str(exc)}
+                failed.add(name)
+                log.error("set %s: not promoted: %s", name, exc)
+            if self.lead.token:
+                self.lead.check()  # still ours? (a lost lease aborts before anything else acts)
+        if failed and len(failed) == len(report["sets"]):
+            raise FailoverRefused("no set could be promoted: " + "; ".join(
+                f"{n}: {report['sets'][n]['error']}" for n in sorted(failed)))
+        self.failed_sets = failed
+        report["selection_and_materialise"] = round(time.monotonic() - t1, 3)
+
+    def finish_takeover(self, token: int, report: dict) -> None:
+        """Holding the key with the images in place: the takeover hooks, then say so in etcd."""
+        if "token" not in report:
+            self._took_key(token, report)
+        t2 = time.monotonic()
+        report["takeover_hooks"] = self.run_hooks("takeover", token)
+        report["hooks_seconds"] = round(time.monotonic() - t2, 3)
+        self.lead.check()
+        self._note_served(token)
+        self._record_leader(token, ready=True)
+        self.leader = (self.me, token)
+        report["seconds"] = round(time.monotonic() - self._t0, 3)
+        self.last_promotion = report
+        self._save()
+        self.phase = "active"
+        self._set_note("")
+
+    def _failed(self, report: dict, exc: BaseException) -> None:
+        report["error"] = str(exc)
+        self.last_promotion = report
+        self._save()
 
     def _take_set(self, name: str, s: SetConfig, pin: str | None) -> dict:
         from store.objects import ObjectReader
@@ -667,39 +678,9 @@ class Failover:
             repo.close()
 
     # ------------------------------------------------------------------ failback (planned switchback)
-    def freeze_and_release(self, to: str) -> dict:
-        """On the active primary, asked by `to` (the old primary): stop the services, make a final
-        consistent point on every replica (so `to` has every write), give the key up."""
-        with self.lock:
-            token = self.lead.check()
-            t0 = time.monotonic()
-            hooks = self.run_hooks("demote", token)  # freeze: no new writes from here on
-            points = {}
-            for name, ms in list(self.agent.masters.items()):
-                if name not in self.protected(self.agent.config.sets):
-                    continue
-                ms.flush()
-                self.agent.point_seq += 1
-                deadline = time.monotonic() + 120
-                slot = ms.senders[to].request_point(self.agent.point_seq, deadline) if to in ms.senders else None
-                if slot is None:
-                    raise FailoverRefused(f"{to} is not a replica of set {name!r} here")
-                slot["done"].wait(max(0.0, deadline - time.monotonic()))
-                res = slot["result"] or {"error": "timed out"}
-                if "error" in res:
-                    self.run_hooks("takeover", token)  # thaw: we stay primary
-                    raise FailoverRefused(f"final point on {to} for set {name!r} failed: {res['error']}")
-                points[name] = res["snapshot"]
-            self.yield_until = time.monotonic() + 60 + 2 * self.cfg.hook_timeout
-            self._note_served(token, force=True)
-            self._reset_evidence()
-            self.lead.resign(f"failback to {to}")
-            return {"points": points, "freeze_seconds": round(time.monotonic() - t0, 3), "demote_hooks": hooks}
-
     def failback(self) -> dict:
-        """On the returning old primary: ask the current holder to freeze and hand over, then promote
-        with the final point it made on us (every write it acknowledged is in that image)."""
-        from ..stream.membership import connect
+        """On the returning old primary: the planned switch back (handover.py), which loses no write."""
+        from . import handover
 
         if self.me != self.primary:
             raise FailoverRefused(f"run `pit failback` on the configured primary ({self.primary})")
@@ -708,25 +689,4 @@ class Failover:
         if self.agent.replica is None:
             raise FailoverRefused("this node receives nothing yet (it needs `repo` in its agent config and "
                                   "`failover.rejoin`): wait until it has caught up with the current primary")
-        kv, _ = self.etcd.get(self.key)
-        if kv is None:
-            raise FailoverRefused("nobody holds the leader key: use `pit failover promote`")
-        holder = kv.value.decode()
-        addr = self.agent.roster().get(holder, {}).get("address")
-        if not addr:
-            raise FailoverRefused(f"{holder} (the current primary) is not in the roster")
-        from ..stream import protocol
-
-        t0 = time.monotonic()
-        sock, peer = connect(self.agent.state, addr, timeout=5)
-        conn = protocol.Conn(sock, holder, heartbeat=False, dead_after=300)
-        try:
-            protocol.hello(conn, self.me, "failback")
-            released = conn.recv("released")
-        finally:
-            conn.close()
-        pins = {name: f"{name}@{snap}" for name, snap in released["points"].items()}
-        report = self.promote(f"failback from {holder}", pins=pins)
-        report["freeze_seconds"] = released["freeze_seconds"]
-        report["switch_seconds"] = round(time.monotonic() - t0, 3)
-        return report
+        return handover.ask(self)

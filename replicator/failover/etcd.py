@@ -98,6 +98,11 @@ class Etcd:
         out = self.call("lease/keepalive", {"ID": str(lease)}).get("result", {})
         return max(0, int(out.get("TTL", 0)))
 
+    def time_to_live(self, lease: int) -> tuple[int, int]:
+        """(seconds left, seconds granted) of a lease; (-1, 0) when it no longer exists."""
+        out = self.call("kv/lease/timetolive", {"ID": str(lease)})
+        return int(out.get("TTL", -1)), int(out.get("grantedTTL", 0))
+
     def revoke(self, lease: int) -> None:
         self.call("lease/revoke", {"ID": str(lease)})
 
@@ -144,6 +149,15 @@ class Etcd:
             "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}],
         })
         return bool(out.get("succeeded"))
+
+    def transfer(self, key: str, token: int, value: bytes | str, lease: int) -> tuple[bool, int]:
+        """Move `key` to a new value and lease only while its mod revision is still `token` (a leader
+        handing over to the node that owns `lease`): (done, revision); the revision is the new token."""
+        out = self.call("kv/txn", {
+            "compare": [{"target": "MOD", "result": "EQUAL", "key": _b64(key), "mod_revision": str(token)}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease)}}],
+        })
+        return bool(out.get("succeeded")), int(out["header"]["revision"])
 
     def delete_if(self, key: str, token: int) -> bool:
         """Delete `key` only if its mod revision is still `token` (a leader resigning its own key)."""

@@ -90,10 +90,10 @@ class Leadership:
         try:
             won, rev, _ = self.etcd.create(self.key, self.node, lease)
         except EtcdError:
-            self._revoke_quietly(lease)
+            self.revoke_quietly(lease)
             raise
         if not won:
-            self._revoke_quietly(lease)
+            self.revoke_quietly(lease)
             return 0
         with self.lock:
             self.token, self.lease = rev, lease
@@ -103,6 +103,32 @@ class Leadership:
         self._stop = stop = threading.Event()  # one per term: an old renewer never revives
         self._thread = threading.Thread(target=self._renew_loop, args=(stop,), daemon=True, name="pit-lease")
         self._thread.start()
+        return rev
+
+    def adopt(self, lease: int, token: int, sent: float) -> int:
+        """Hold the key a hand-over moved onto `lease` (granted here at monotonic `sent`) as token `token`."""
+        with self.lock:
+            self.token, self.lease = token, lease
+            self.deadline = sent + self.ttl - self.margin
+        self.record("active", token=token, handover=True)
+        log.info("%s holds the leader key by hand-over, fencing token %d", self.node, token)
+        self._stop = stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, args=(stop,), daemon=True, name="pit-lease")
+        self._thread.start()
+        return token
+
+    def hand_over(self, node: str, lease: int) -> int:
+        """Move the key onto `node`'s lease in one transaction fenced by our token; then stand down
+        (without `on_lost`: the new holder's lease runs unrenewed until it hears the token, so the caller
+        answers first and demotes after). The new token, or Fenced when the key is no longer ours."""
+        token = self.check()
+        with self.lock:
+            own = self.lease
+        done, rev = self.etcd.transfer(self.key, token, node, lease)
+        if not done:
+            raise Fenced(f"{self.node} no longer holds the leader key (token {token}): nothing handed over")
+        self._lose(f"handed over to {node} (token {rev})", notify=False)  # the caller demotes after answering
+        self.revoke_quietly(own)
         return rev
 
     def resign(self, reason: str = "resigned") -> None:
@@ -116,19 +142,19 @@ class Leadership:
             self.etcd.delete_if(self.key, token)
         except EtcdError as exc:
             log.warning("could not delete the leader key: %s (it expires with the lease)", exc)
-        self._revoke_quietly(lease)
+        self.revoke_quietly(lease)
 
     def stop(self) -> None:
         self._stop.set()
 
     # ------------------------------------------------------------------ internals
-    def _revoke_quietly(self, lease: int) -> None:
+    def revoke_quietly(self, lease: int) -> None:
         try:
             self.etcd.revoke(lease)
         except EtcdError:
             pass
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, notify: bool = True) -> None:
         with self.lock:
             if not self.token:
                 return
@@ -138,7 +164,7 @@ class Leadership:
         self._stop.set()
         self.record("inactive", token=token, reason=reason)
         log.warning("%s stops acting as primary (token %d): %s", self.node, token, reason)
-        if self.on_lost:
+        if self.on_lost and notify:
             try:
                 self.on_lost(reason)
             except Exception:

@@ -51,8 +51,12 @@ ID = "id"  # a 32-byte blob id
 # type -> {field: allowed type(s)}
 SCHEMA: dict[str, dict[str, object]] = {
     "hello": {"v": int, "node": str, "kind": str, "set": (str, NONE), "token": int},
-    # failback: the current primary froze, made a final point on the asker, and gave the key up
-    "released": {"points": dict, "freeze_seconds": (int, float), "demote_hooks": list},
+    # failback (failover/handover.py): the current primary froze and made a final point on the asker;
+    # the asker materialised it and sends a lease; the holder moves the key onto it in one fenced txn
+    "frozen": {"points": dict, "freeze_seconds": (int, float), "demote_hooks": list},
+    "take": {"lease": int},
+    "abort": {"error": str},
+    "handed": {"token": int},
     "welcome": {"v": int, "node": str},
     "error": {"code": str, "msg": str},
     "ping": {},
