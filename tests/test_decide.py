@@ -69,8 +69,9 @@ SAFETY = {
     "a holder with a good link serves": lambda i, a: not (i.etcd_ok and i.holding and not i.link_failing)
     or a.kind == SERVE,
     "promotion without a holder only": lambda i, a: a.kind != PROMOTE or i.holder is None,
-    "no promotion while auto is off, after a hand-over, or while a failed one is waited out": lambda i, a: (
-        a.kind not in (PROMOTE, TAKE_OVER) or (i.auto and not i.yielding and not i.retry_wait)),
+    "no promotion while auto is off or while a failed one is waited out": lambda i, a: (
+        a.kind not in (PROMOTE, TAKE_OVER) or (i.auto and not i.retry_wait)),
+    "no take-over of the node this one just handed over to": lambda i, a: a.kind != TAKE_OVER or not i.yielding,
     "never roll back data this node served": lambda i, a: a.kind not in (PROMOTE, TAKE_OVER) or not i.rollback,
     "a take-over needs evidence of this term: reached, failing, and after the holder said it is ready":
         lambda i, a: a.kind != TAKE_OVER or (i.holder not in (None, i.me) and _evidence_of_this_term(i)),
@@ -92,7 +93,7 @@ def test_safety(rule):
 
 LIVENESS = {
     "the secondary promotes when the lease is gone": (
-        lambda i: i.me == B and i.etcd_ok and not i.holding and i.holder is None and i.auto and not i.yielding
+        lambda i: i.me == B and i.etcd_ok and not i.holding and i.holder is None and i.auto
         and not i.retry_wait and not i.rollback, PROMOTE),
     "the secondary takes over on confirmed failing services of a ready holder that answers": (
         lambda i: i.me == B and i.etcd_ok and not i.holding and i.holder in (A, C) and _evidence_of_this_term(i)
@@ -170,3 +171,11 @@ def test_an_unanswering_holder_is_named_by_its_lease():
     assert "stopped renewing" in dying.note
     assert "a partition, or it died" in unknown.note
     assert {renewing.kind, dying.kind, unknown.kind} == {NOTHING}
+
+
+def test_a_lease_that_expires_after_a_failback_is_a_failover():
+    """Harness seed 2006: the primary isolated a minute after `pit failback`. The hand-over moved the key in
+    one transaction, so a free key is the new holder's failure: the node that handed over promotes."""
+    i = Inputs(me=B, primary=A, secondary=B, etcd_ok=True, holding=False, holder=None, yielding=True,
+               last_node=A, last_token=41, last_ready=True)
+    assert decide(i).kind == PROMOTE

@@ -6,8 +6,8 @@ per-operation expectations and convergence.
 CI runs one short schedule (a partition of the primary from the secondary with its heal, a configuration
 push, an isolation of the primary with its failback); `-m slow` runs PIT_HARNESS_RUNS schedules (default
 10) from PIT_HARNESS_SEED on (default 2000), PIT_HARNESS_STEPS operations each (default 6). A failing seed
-replays with PIT_HARNESS_SEED=N PIT_HARNESS_RUNS=1 and becomes a case here (the found cases at the end, xfail
-while the product bug stands; the takeover-write case is deterministic and short, so CI runs it too).
+replays with PIT_HARNESS_SEED=N PIT_HARNESS_RUNS=1 and becomes a case here (the found cases at the end; the
+takeover-write case is deterministic and short, so CI runs it too).
 Skipped (with the reason) when network namespaces, nftables or etcd are not available."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 import pytest
 
 from failover_harness import _caught_up, _fo
-from failover_harness_netns import TAKEOVER_WRITE_LOST, netns_cluster, plan, run_netns_schedule, settled, why_not
+from failover_harness_netns import netns_cluster, plan, run_netns_schedule, settled, why_not
 from test_repl_helpers import wait_for
 
 CI_SEED, CI_STEPS = 2, 3  # partition_secondary + heal, push, isolate_primary (cable pulled) + failback
@@ -44,10 +44,6 @@ def test_a_short_schedule_in_namespaces_holds_every_invariant(tmp_path, harness)
     ops = [op for op, _ in plan(CI_SEED, CI_STEPS)]
     assert "partition_secondary" in ops and "isolate_primary" in ops
     out = harness(tmp_path, CI_SEED, CI_STEPS)
-    if out.problems and all(p.startswith(TAKEOVER_WRITE_LOST) for p in out.problems):
-        # the known takeover-write bug (test_a_write_made_at_takeover_survives_the_failback) and nothing else:
-        # it shows in about one run in three here; remove this once that test passes
-        pytest.xfail(f"known product bug, a write at takeover lost by the failback: {out.line()}")
     assert out.acked > 0 and not out.problems, out.line()
     assert len(out.failovers) == 1 and out.failovers[0].op == "isolate_primary", out.line()
 
@@ -72,32 +68,23 @@ def test_many_schedules_in_namespaces(tmp_path_factory, harness):
 
 
 # ------------------------------------------------------------------------------------------------ found cases
-# Seeds the harness found failing, replayed (schedules are timing-dependent: strict=False). Remove the xfail
-# once the product is fixed.
+# Seeds the harness found failing, replayed: 2007 (a point on a replica whose mass-delete breaker held the
+# catch-up; fixed: such a point is refused), 2006 (no failover for a minute after a failback; fixed: the
+# hand-over moves the key, so a free key is a failure), and a write made at takeover (fixed: a full scan's
+# deferred files are looked at again as they settle).
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="product bug (issue 14): the returning old primary's mass-delete breaker "
-                   "holds the catch-up batch that removes its own writes after the last point (46 of 55 files) and "
-                   "`pit failback` goes on: the final point keeps them, so writes the promotion rolled back come "
-                   "back on every node (and an id r1 acknowledged in that batch can be lost)")
 def test_seed_2007_failback_soon_after_an_early_isolation(tmp_path, harness):
     out = harness(tmp_path, 2007, 6)
     assert not out.problems, out.line()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="product bug (issue 14): after `pit failback` the secondary does not promote "
-                   "for 60 + 2 x hook_timeout s (660 s by default) even when the primary's lease expires: a primary "
-                   "isolated in that window is not replaced (no service until it returns)")
 def test_seed_2006_isolation_soon_after_a_failback_fails_over(tmp_path, harness):
     out = harness(tmp_path, 2006, 6)
     assert not out.problems, out.line()
 
 
-@pytest.mark.xfail(strict=False, reason="product bug (issue 14): a new master's first full scan drops the files it "
-                   "defers as still settling (Scanner.full_scan keeps only `changed`); a file the takeover hook's "
-                   "service wrote just before the watch began is shipped only by the next reconcile scan (`rescan`, "
-                   "300 s by default), so a failback before it loses that acknowledged write")
 def test_a_write_made_at_takeover_survives_the_failback(tmp_path, harness):
     def body(c):
         p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]

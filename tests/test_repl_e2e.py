@@ -218,3 +218,27 @@ def test_two_masters_into_one_replica_dedup(cluster, tmp_path):
     repo_stats = json.loads(pit("--repo", r1.repo, "stats", "--json").stdout)
     # the 300 KB file arrived twice (from two masters) but its chunks are stored once
     assert 300_000 <= repo_stats["blobs"]["chunk"]["raw"] < 450_000, repo_stats
+
+
+def test_no_point_while_the_breaker_holds_deletions(cluster):
+    """Harness seed 2007: a replica whose mass-delete breaker holds a batch has a head the master never had
+    (the deleted files still in it); a point there would be an image of that, and a failback that promotes
+    it would bring deleted files back on every node. The point is refused with the reason, not retried,
+    and works again once the deletions are released."""
+    c = cluster(replicas=1)
+    for i in range(30):
+        write(f"{c.src}/f{i:02d}", b"x%d" % i)
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 30, "seeding")
+    before = replica_snapshots(r.repo, "web")
+    for i in range(1, 30):
+        os.remove(f"{c.src}/f{i:02d}")
+    wait_for(lambda: status(r)["sets"]["web"]["held_deletes"], 30, "the breaker to hold the deletions")
+    out = c.primary.ctl("point", "--set", "web", check=False)
+    assert out.returncode != 0 and "held by the mass-delete breaker" in out.stdout + out.stderr, out
+    assert replica_snapshots(r.repo, "web") == before
+    r.ctl("release-deletes", "--set", "web")
+    wait_for(lambda: c.converged(r), 30, "deletions released")
+    c.primary.ctl("point", "--set", "web")
+    assert replica_snapshots(r.repo, "web")[-1][1] == read_tree(c.src)

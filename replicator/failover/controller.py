@@ -180,8 +180,18 @@ class Failover:
         if changed:
             log.info("leader of the protected sets: %s (token %d)", node, token)
             if node != self.me and self.me == self.primary:
-                self._fenced_old_primary()
+                kept = self._fenced_old_primary()
+            else:
+                kept = []
             self.agent.reconfigure()
+            if kept and self.agent.replica is not None:
+                for name in kept:
+                    # the first catch-up deletes what this node wrote after the last point: kept just now
+                    # as a snapshot, so the mass-delete breaker lets it through once (else every point, and
+                    # the failback's final point, would be refused until an operator released it)
+                    self.agent.replica.arm_release(name)
+                    log.warning("set %s: the rejoin's catch-up may delete this node's writes after the last "
+                                "point; they are kept in the snapshot above", name)
 
     # ------------------------------------------------------------------ the loop
     def start(self) -> None:
@@ -654,15 +664,16 @@ class Failover:
         finally:
             self.run_hooks("demote", 0)
 
-    def _fenced_old_primary(self) -> None:
+    def _fenced_old_primary(self) -> list[str]:
         """Another node leads: keep what we still have as a snapshot in our repository (never lost,
-        and the base the new primary's catch-up compares against: a delta, not a re-seed)."""
+        and the base the new primary's catch-up compares against: a delta, not a re-seed). The sets kept."""
         repo_path = self.agent.cfg.repo
+        kept: list[str] = []
         if not repo_path or not self.cfg.rejoin:
-            return
+            return kept
         sets = self.agent.config.sets
         if self.agent.replica is not None:
-            return  # already receiving
+            return kept  # already receiving
         from store.ingest import create_snapshot
         from store.repository import Repository
 
@@ -674,8 +685,10 @@ class Failover:
                     snap = create_snapshot(repo, name, paths, host=self.me, retention=False)
                     log.warning("set %s: kept this node's own state as snapshot %s before rejoining as a replica",
                                 name, snap.name)
+                    kept.append(name)
         finally:
             repo.close()
+        return kept
 
     # ------------------------------------------------------------------ failback (planned switchback)
     def failback(self) -> dict:

@@ -15,9 +15,10 @@ The rules, in the order they apply (docs/failover.md, "Invariants"):
 2. a holder serves; it resigns only when its public link is confirmed down;
    while it is frozen for a hand-over it keeps the key and serves nothing;
 3. with no holder, the configured primary takes the key back only if nobody
-   led after it; the secondary promotes if automatic failover is on, it did
-   not just hand over, a failed promotion is not being waited out, and its
-   newest image is not older than data it served itself as primary;
+   led after it; the secondary promotes if automatic failover is on, a
+   failed promotion is not being waited out, and its newest image is not
+   older than data it served itself as primary (a hand-over moves the key
+   in one transaction, so a free key after one means the new holder failed);
 4. with another holder, the secondary promotes only on evidence of *this*
    term: probes of that holder and token, which reached its agent, after the
    holder said its takeover is done, failing `confirm` times in a row;
@@ -58,7 +59,7 @@ class Inputs:
     frozen: bool = False           # the holder is frozen for a hand-over (failback in progress)
     probe: Probe | None = None     # evidence about the holder, for (holder, token) only
     auto: bool = True              # [failover] auto
-    yielding: bool = False         # this node just handed over: do not take the key back yet
+    yielding: bool = False         # this node just handed over: its failing services are not counted yet
     retry_wait: bool = False       # a promotion failed a moment ago
     rollback: tuple[str, ...] = ()  # sets whose newest image here is older than data this node served
     mirror: bool = False           # [failover] mirror
@@ -114,8 +115,6 @@ def _no_holder(i: Inputs) -> Action:
                       "this node's data may be older; take over only with `pit failback` or `pit failover promote`")
     if i.me != i.secondary:
         return Action(NOTHING, "waiting")
-    if i.yielding:
-        return Action(NOTHING, "standby", "this node just handed over: the primary takes the key")
     if not i.auto:
         return Action(NOTHING, "standby",
                       "no primary holds the leader key; automatic failover is off: run `pit failover promote`")

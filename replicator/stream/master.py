@@ -86,7 +86,14 @@ class MasterSet:
         return self.scanner.refresh(paths)
 
     def full_scan(self) -> list[bytes]:
-        return self.scanner.full_scan()
+        """A whole scan; files it deferred as still being written are marked dirty, so the event loop
+        looks at them again once they settle instead of at the next reconcile scan (`rescan`, minutes
+        later: a write a takeover hook's service made just before the watch began would wait that long)."""
+        changed, deferred = self.scanner.full_scan()
+        if not self.schedule:  # a scheduled set looks at everything at its point (flush)
+            for p, r in deferred.items():
+                self.mark(p, r)
+        return changed
 
     def load(self) -> None:
         """Fill the tree from the files cache (nothing is read from the sources)."""

@@ -252,6 +252,12 @@ class ReplicaSide:
                     requested.clear()
                     conn.send({"t": "ack", "seq": msg["seq"], "applied": applied, "held": held, "retry": retry})
                 elif t == "point":
+                    if st.held:
+                        # the head is not the master's state: a point now would be an image nobody had
+                        # (and a failback would resurrect what the master deleted)
+                        conn.fail("held", f"no point: {st.held} deletion(s) held by the mass-delete breaker "
+                                  f"here; check, then `pit release-deletes --set {set_name}`")
+                        return
                     name = self.point(set_name, cfg)
                     conn.send({"t": "pointed", "id": msg["id"], "snapshot": name})
                 elif t == "mark":
@@ -366,13 +372,15 @@ class ReplicaSide:
         if out:
             st.last_change = time.monotonic()
             st.applied += len(out)
-        st.held = held
+        if held:  # sticky until released: the held files stay in the head whatever later batches carry
+            st.held = held
         return len(out), held, retry
 
     def _breaker(self, set_name, cfg, st: SetState, reader, root, deletes: list[Change]) -> int:
         """Number of deleted files held back (0: let them through)."""
         if st.release:
             st.release = False
+            st.held = 0
             st.alerts = [a for a in st.alerts if "mass delete" not in a]
             return 0
         n = 0
@@ -433,9 +441,14 @@ class ReplicaSide:
         if not ok:
             self.alert(set_name, f"point {snap_name}: hooks failed ({error}); image selection skips it")
 
+    def arm_release(self, set_name: str) -> None:
+        """Let the next batch's deletions through the breaker (what they delete is kept elsewhere)."""
+        self.set_state(set_name).release = True
+
     def release(self, set_name: str) -> None:
         st = self.set_state(set_name)
         st.release = True
+        st.held = 0  # the catch-up on reconnection makes the head equal to the master's
         for c in list(st.conns):  # the master reconnects and its catch-up resends the deletions
             c.close()
 

@@ -60,8 +60,9 @@ class Scanner:
                 self.on_changed(changed)
         return changed, deferred
 
-    def full_scan(self) -> list[bytes]:
-        out = self.refresh({s: True for s in self.tree.sources})[0]
+    def full_scan(self) -> tuple[list[bytes], dict[bytes, bool]]:
+        """Everything afresh -> (changed rels, deferred): files still settling are the caller's to retry."""
+        out = self.refresh({s: True for s in self.tree.sources})
         self.stats["scans"] += 1
         return out
 

@@ -109,7 +109,14 @@ class Sender:
             slot["result"] = {"marked": slot["mark"]["snapshot"]}
         else:
             conn.send({"t": "point", "id": slot["id"]})
-            slot["result"] = {"snapshot": conn.recv("pointed")["snapshot"]}
+            try:
+                slot["result"] = {"snapshot": conn.recv("pointed")["snapshot"]}
+            except ProtocolError as exc:
+                if ": held: " not in str(exc):
+                    raise
+                slot["result"] = {"error": str(exc)}  # a refusal, not a transient failure: not retried
+                slot["done"].set()
+                raise
         slot["done"].set()
 
     def request_point(self, pid: int, deadline: float | None = None) -> dict:
@@ -213,7 +220,13 @@ class Sender:
                     if scheduled and not points:
                         self.ms.agent.point_seq += 1
                         conn.send({"t": "point", "id": self.ms.agent.point_seq})
-                        conn.recv("pointed")
+                        try:
+                            conn.recv("pointed")
+                        except ProtocolError as exc:
+                            if ": held: " not in str(exc):
+                                raise
+                            scheduled = False  # the replica alerted; the next schedule asks again
+                            raise
                     for slot in points:
                         self._serve_slot(conn, slot)
                 except BaseException:
