@@ -27,7 +27,9 @@ names the whole plan and replays it):
 - `kill_secondary_agent`: SIGKILL of r1's agent and restart. Expected: no change of term;
 - `push`: a `[failover]` change (`confirm` toggled) written to the primary's cluster file, which the
   agent pushes to every node. Expected: applied in place, no change of term;
-- after any failover (expected or not): the return of the old primary and `pit failback` once caught up.
+- after any failover (expected or not): the return of the old primary and `pit failback` once caught up (a
+  failback refused because the mass-delete breaker holds deletions on a node gets what the message asks of
+  the operator, `pit release-deletes` there, noted in the outcome, then a retry).
 
 A flap or an etcd outage may end in a failover or in the primary taking the key back (a new term): both are
 allowed and reported as notes; every unplanned failover counts for the RPO and the RTO.
@@ -55,6 +57,7 @@ import ctypes
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -488,6 +491,7 @@ class _State:
                 last = (r.stdout + r.stderr).strip()[-400:]
                 if r.returncode == 0:
                     break
+                self.release_held(op, last)
             except Exception as exc:  # noqa: BLE001 - a deadline or a hung command
                 last = str(exc)
             time.sleep(TTL)
@@ -498,6 +502,17 @@ class _State:
                      60, "the failback")
         except AssertionError as exc:
             raise Aborted(f"{op}: {exc}") from None
+
+    def release_held(self, op: str, message: str) -> None:
+        """What the operator is told to do when the mass-delete breaker holds deletions on a node (a failback
+        or a point refused with `... held ... pit release-deletes`): do it there, and say so in the notes."""
+        if "release-deletes" not in message:
+            return
+        for n in self.c.nodes():
+            if re.search(rf"\b{n.name}: held\b", message):
+                r = n.ctl("release-deletes", "--set", "web", check=False)
+                self.out.notes.append(f"{op}: deletions held by the mass-delete breaker on {n.name} released by "
+                                      f"the operator ({r.returncode})")
 
     def recover(self, op: str) -> None:
         """After an operation failed a deadline: undo every fault, make sure everything runs, get the
