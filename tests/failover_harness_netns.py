@@ -127,6 +127,12 @@ esac
         super().start()
         return self
 
+    def acked_present(self) -> set[str]:
+        """The ack ids (as `%06d` names) in the primary's live data at the end: what the checker reads (the
+        PostgreSQL variant, tests/failover_harness_pg.py, reads its table instead)."""
+        acks_dir = os.path.join(self.src, "acks")
+        return set(os.listdir(acks_dir)) if os.path.isdir(acks_dir) else set()
+
     def web_pid(self, node: str) -> str:
         return os.path.join(self.tmp, "hooks", node, "web.pid")
 
@@ -355,19 +361,23 @@ class Aborted(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def run_netns_schedule(c: HarnessCluster, seed: int, steps: int, log=print) -> NetOutcome:
-    """Drive a started HarnessCluster through the plan of `seed` (`steps` operations), then check."""
+def run_netns_schedule(c: HarnessCluster, seed: int, steps: int, log=print, *, schedule=None, state_cls=None,
+                       client_cls=None) -> NetOutcome:
+    """Drive a started HarnessCluster through the plan of `seed` (`steps` operations), then check. `schedule`,
+    `state_cls` and `client_cls` replace the plan, the nemesis (_State) and the client (NetClient): the
+    PostgreSQL variant (tests/failover_harness_pg.py) passes its own."""
     from replicator.stream.membership import NodeState, ca_fingerprint
 
     t_start = time.time()
     out = NetOutcome(seed)
     p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]
     key = f"/pit/{ca_fingerprint(NodeState(p.state))[:16]}/leader"
-    st = _State(c, out, log, seed)
-    log(f"seed {seed}: plan " + ", ".join(describe(op, prm) for op, prm in plan(seed, steps)))
+    st = (state_cls or _State)(c, out, log, seed)
+    ops = plan(seed, steps) if schedule is None else schedule
+    log(f"seed {seed}: plan " + ", ".join(describe(op, prm) for op, prm in ops))
     wait_for(lambda: settled(c) and settled(c)[0] == "primary", 60, "the primary to hold the key and serve")
     wait_for(lambda: c.converged(r1) and c.converged(r2), 90, "seeding")
-    with NetClient(c, key) as client:
+    with (client_cls or NetClient)(c, key) as client:
         try:
             wait_for(lambda: client.acks or client.error, 30, "the first acknowledged write")
         except AssertionError as exc:
@@ -375,7 +385,7 @@ def run_netns_schedule(c: HarnessCluster, seed: int, steps: int, log=print) -> N
         if client.error:
             out.problems.append(f"the client failed: {client.error}")
         try:
-            for op, prm in plan(seed, steps):
+            for op, prm in ops:
                 out.ops.append(describe(op, prm))
                 log(f"seed {seed}: {describe(op, prm)}")
                 try:
@@ -644,8 +654,7 @@ def _check(c: HarnessCluster, out: NetOutcome, st: _State, client: NetClient, en
     if not _fo(p).get("holding"):
         out.problems.append(f"the primary does not hold the key at the end: {_fo(p).get('phase')}")
 
-    acks_dir = os.path.join(c.src, "acks")
-    present = set(os.listdir(acks_dir)) if os.path.isdir(acks_dir) else set()
+    present = c.acked_present()
     out.acked = len(client.acks)
     kept_times = sorted(a.time for a in client.acks if f"{a.id:06d}" in present)
     lost_by_failover: dict[int, list[Ack]] = {i: [] for i in range(len(out.failovers))}

@@ -1,0 +1,456 @@
+"""The namespace fault harness (tests/failover_harness_netns.py) with a real PostgreSQL as the application
+(issue 14, item 2: "real PostgreSQL under pgbench plus an appender of acknowledged ids").
+
+The same four hosts (host 1 the primary, host 2 r1 the secondary station, host 3 r2 an archive replica, host 4
+a one-member etcd), the same nemesis, plan and checker; what changes:
+
+- the protected set is the primary's live PostgreSQL data directory, made with the postgresql template
+  (`build_set("postgresql", ...)`, what `pit set add --template postgresql` writes: points between
+  `pg_backup_start`/`pg_backup_stop` on one held session, the image check by a throwaway instance). It
+  keeps the set name `web` of the file harness, whose helpers (failover_harness._caught_up, the points, the
+  convergence check) address set `web`. The app table's `socket_dir` is `127.0.0.1`: every node's
+  PostgreSQL listens on 5432 in its own namespace, so the one table fits every node (no per-node override);
+- each node's takeover/demote hooks start/stop PostgreSQL on its live data directory (the primary's own,
+  r1's `r1-live/data`), in the node's own namespace (the agent runs the hooks there), as the postgres user;
+  a marker file says the server runs (its mtime: when it started, for the RTO);
+- r1 checks the service with `{tcp = "<primary>:5432"}`;
+- the workload, from the etcd host's namespace over the lab network: pgbench (`-c 2 -R 10`, in 5 s runs,
+  each against whichever node holds the leader key and serves), and an appender that INSERTs ids into table
+  `acks` there, one session per node, and counts an id acknowledged only when the INSERT committed (psql
+  returned the row) and the node still held the key with the same token afterwards (the file harness'
+  rule). An id whose outcome is unknown is never retried (a new id is drawn each time);
+- one more nemesis operation, `kill_primary`: a consistent point, then the primary host dies (SIGKILL of
+  every process in its namespace: agent, postmaster, backends, hooks); r1 takes over; the host comes back
+  (its agent restarts, fenced, rejoins) and `pit failback` runs while the workload goes on;
+- the checker reads the ids from the final primary's table (`HarnessCluster.acked_present`), then also
+  checks that pg_amcheck (when installed) finds nothing on the final primary, and that pgbench's balance
+  totals agree there (every transaction whole). The convergence check compares r1's and r2's heads with the
+  primary's data directory after quiet (autovacuum is off, so an idle server leaves its files alone).
+
+`FIXED` is the issue's hand scenario: kill the primary, its rejoin and failback while writes continue, a
+partition of the primary from r1 and its heal (no failover), a `[failover]` push (no change of term).
+`pg_plan(seed, steps)` draws a random one: the namespace harness' plan of that seed, with some operations
+replaced by `kill_primary` (a second generator from the same seed draws which, and their parameters).
+`run_pg_schedule(c, seed, steps)` replays a seed. Everything polls with deadlines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+
+import failover_harness_netns as fhn
+from failover_harness import Ack
+from failover_harness_netns import (ETCD_HOST, PRIMARY, R1, Aborted, HarnessCluster, NetClient, NetOutcome,
+                                    _State, enter_netns, plan, run_netns_schedule, settled)
+from netns import NetLab
+from test_failover_netns import TTL
+from test_repl_helpers import wait_for
+
+from replicator.apps.templates import HookFailed, SqlSession, as_user, build_set, pg_bindir
+
+PG_BIN = pg_bindir("15") or pg_bindir()
+PG_PORT = 5432
+SET = "web"  # the file harness' set name: its helpers (and failover_harness._caught_up) address it
+PG_USER = "postgres"
+
+#: the issue's hand scenario (issue 14): kill, rejoin, failback under writes; partition and heal; a push
+FIXED = [
+    ("kill_primary", {"point": True, "before": 1.0, "away": 2.0, "pause": 1.0}),
+    ("partition_secondary", {"point": True, "hold": 3 * TTL, "pause": 1.0}),
+    ("push", {"point": False, "pause": 1.0}),
+]
+
+
+def why_not() -> str | None:
+    """Why the PostgreSQL harness cannot run here, or None."""
+    if not PG_BIN or not all(os.path.exists(os.path.join(PG_BIN, x)) for x in ("initdb", "pg_ctl", "pgbench")):
+        return "PostgreSQL server binaries are not installed (Debian postgresql-15)"
+    if os.geteuid() == 0:
+        try:
+            import pwd
+
+            pwd.getpwnam(PG_USER)
+        except KeyError:
+            return "there is no postgres user to run PostgreSQL as"
+    return fhn.why_not()
+
+
+def _pg(argv: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(as_user(argv, PG_USER if os.geteuid() == 0 else None), capture_output=True, text=True,
+                       timeout=timeout, cwd="/")
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} ({p.returncode}): {(p.stdout + p.stderr).strip()[-600:]}")
+    return p
+
+
+def psql_argv(host: str, *extra: str) -> list[str]:
+    return [f"{PG_BIN}/psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", host, "-p", str(PG_PORT),
+            "-U", "postgres", "-d", "postgres", *extra]
+
+
+# ---------------------------------------------------------------------------------------------- the cluster
+class PgHarnessCluster(HarnessCluster):
+    """HarnessCluster whose application is PostgreSQL on the primary's live data directory (`src`, r1's
+    `live` after a failover), started and stopped by the takeover/demote hooks in each node's namespace."""
+
+    def __init__(self, tmp, lab) -> None:
+        super().__init__(tmp, lab)
+        self.failover["checks"] = [{"tcp": f"{lab.ip(PRIMARY)}:{PG_PORT}", "timeout": 1}]
+        self.failover["hook_timeout"] = 120
+        table = build_set("postgresql", SET, [self.src], [r.name for r in self.replicas], "primary",
+                          {"port": PG_PORT, "socket_dir": "127.0.0.1", "bindir": PG_BIN, "check_timeout": 120,
+                           "hook_timeout": 60})
+        table.pop("schedule")  # points are the nemesis' (`pit point`); a 15-minute run would not come anyway
+        self.sets = {SET: {**table, "mode": "mirror"}}
+
+    def hook(self, what: str) -> str:
+        script = os.path.join(self.tmp, "pg-hook.sh")
+        if not os.path.exists(script):
+            run = f"runuser -u {PG_USER} --" if os.geteuid() == 0 else ""
+            chown = f'chown -R {PG_USER}:{PG_USER} "$data"' if os.geteuid() == 0 else "true"
+            with open(script, "w") as f:
+                f.write(f"""#!/bin/sh
+# PostgreSQL on this node's live data directory, in this node's namespace (the agent's). Idempotent.
+set -e
+dir={self.tmp}/hooks/$PIT_NODE; mkdir -p "$dir"
+echo "$PIT_ROLE $PIT_TOKEN $1" >> "$dir/log"
+case "$PIT_NODE" in primary) data={self.src};; r1) data={self.live};; *) exit 0;; esac
+case "$1" in
+start)
+  if {run} {PG_BIN}/pg_isready -q -h 127.0.0.1 -p {PG_PORT}; then
+    [ -f "$dir/pg.up" ] || date +%s.%N > "$dir/pg.up"; exit 0
+  fi
+  {chown}
+  chmod 700 "$data"
+  rm -f "$data/postmaster.pid"   # a dead server's (an image made while the primary ran has one)
+  {run} {PG_BIN}/pg_ctl start -w -t 100 -D "$data" -l {self.tmp}/logs/$PIT_NODE-postgres.log \\
+      -o "-c listen_addresses='*' -c port={PG_PORT} -c unix_socket_directories='' -c autovacuum=off"
+  date +%s.%N > "$dir/pg.up";;
+stop)
+  rm -f "$dir/pg.up"
+  {run} {PG_BIN}/pg_ctl stop -m fast -w -t 60 -D "$data" >/dev/null 2>&1 || true;;
+esac
+""")
+            os.chmod(script, 0o755)
+        return f"{script} {what}"
+
+    def web_pid(self, node: str) -> str:  # the service marker (the file harness' web server pid file)
+        return os.path.join(self.tmp, "hooks", node, "pg.up")
+
+    def host_of(self, node: str) -> int:
+        return {"primary": PRIMARY, "r1": R1}[node]
+
+    def data_of(self, node: str) -> str:
+        return {"primary": self.src, "r1": self.live}[node]
+
+    def sql(self, node: str, query: str, timeout: float = 60) -> str:
+        """A query on `node`'s server, from its own namespace."""
+        r = self.lab.run(self.host_of(node), psql_argv("127.0.0.1", "-c", query), capture_output=True, text=True,
+                         timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"psql on {node}: {(r.stdout + r.stderr).strip()[-400:]}")
+        return r.stdout.strip()
+
+    def ids(self, node: str) -> set[int]:
+        return {int(x) for x in self.sql(node, "SELECT n FROM acks").split()}
+
+    def acked_present(self) -> set[str]:
+        try:
+            return {f"{i:06d}" for i in self.ids("primary")}
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return set()  # no server answers on the primary: everything is missing (and said so)
+
+    def init_db(self) -> None:
+        """The primary's database, before its agent starts (its first takeover hook starts the server): initdb
+        (1 MB WAL segments: a small data directory), the pgbench tables, the `acks` table, amcheck, and access
+        over the lab network."""
+        data = self.src
+        for d in ("hooks", "logs"):
+            os.makedirs(os.path.join(self.tmp, d), exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(data, PG_USER, PG_USER)
+            shutil.chown(os.path.join(self.tmp, "logs"), PG_USER, PG_USER)  # the servers' logs
+        os.chmod(data, 0o700)
+        _pg([f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--wal-segsize=1"])
+        with open(os.path.join(data, "pg_hba.conf"), "a") as f:
+            f.write("host all all 0.0.0.0/0 trust\n")
+        with open(os.path.join(data, "postgresql.conf"), "a") as f:
+            f.write("shared_buffers = 32MB\nmax_wal_size = 64MB\nmin_wal_size = 4MB\nfsync = on\n")
+        sock = tempfile.mkdtemp(prefix="pit-pgh-init-", dir=self.tmp)
+        if os.geteuid() == 0:
+            shutil.chown(sock, PG_USER, PG_USER)
+        _pg([f"{PG_BIN}/pg_ctl", "start", "-w", "-t", "60", "-D", data, "-l", os.path.join(self.tmp, "logs",
+             "init-postgres.log"), "-o", f"-c listen_addresses='' -c unix_socket_directories={sock}"])
+        try:
+            _pg([f"{PG_BIN}/pgbench", "-h", sock, "-U", "postgres", "-i", "-q", "-s", "1", "postgres"])
+            _pg([f"{PG_BIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", sock, "-U", "postgres", "-d",
+                 "postgres", "-c", "CREATE TABLE acks (n integer PRIMARY KEY, at timestamptz DEFAULT now())",
+                 "-c", "CREATE EXTENSION IF NOT EXISTS amcheck", "-c", "CHECKPOINT"])
+        finally:
+            _pg([f"{PG_BIN}/pg_ctl", "stop", "-m", "fast", "-w", "-t", "60", "-D", data], check=False)
+            shutil.rmtree(sock, ignore_errors=True)
+
+    def start(self) -> "PgHarnessCluster":
+        self.init_db()
+        super().start()
+        return self
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            for d in (self.src, self.live):
+                if os.path.exists(os.path.join(d, "postmaster.pid")):
+                    _pg([f"{PG_BIN}/pg_ctl", "stop", "-m", "immediate", "-w", "-t", "30", "-D", d], 60, check=False)
+
+
+@contextmanager
+def pg_cluster(tmp: str, keep: bool = False):
+    """A started PgHarnessCluster on a fresh 4-host lab; everything stopped and deleted afterwards. The cluster
+    lives in a directory of /tmp the postgres user can reach (`tmp`/cluster links to it); it is kept when
+    `keep` or when a run on it recorded problems (`c.problems`)."""
+    base = tempfile.mkdtemp(prefix="pit-pgh-", dir="/tmp")
+    os.chmod(base, 0o755)
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        os.symlink(base, os.path.join(tmp, "cluster"))
+    except OSError:
+        pass
+    lab = NetLab(4)
+    c = None
+    try:
+        lab.up()
+        c = PgHarnessCluster(base, lab)
+        c.problems = []
+        c.start()
+        yield c
+    finally:
+        try:
+            if c is not None:
+                c.stop()
+        finally:
+            lab.down()
+            if keep or (c is not None and c.problems):
+                print(f"pg harness: kept {base}")
+            else:
+                shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- the workload
+class PgClient(NetClient):
+    """The appender and pgbench, from the etcd host's namespace, against whichever node holds the key and
+    serves (over the lab network, at its address, port 5432)."""
+
+    def __init__(self, c: PgHarnessCluster, key: str) -> None:
+        super().__init__(c, key)
+        self.bench = threading.Thread(target=self._bench_main, daemon=True, name="harness-pgbench")
+        self.bench_runs: list[tuple[str, int, int]] = []  # (node, exit code, transactions)
+        self.attempts = 0
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def _target(self, etcd):
+        h = self._holder(etcd)
+        if h is None or h[0] not in ("primary", "r1") or not self.c.serving(h[0]):
+            return None
+        return h
+
+    def _run(self) -> None:
+        from replicator.failover.etcd import Etcd
+
+        etcd = Etcd([self.c.etcd.endpoint], timeout=0.5)
+        session: tuple[str, SqlSession] | None = None
+        try:
+            while not self.stop.is_set():
+                h = self._target(etcd)
+                if h is None:
+                    self.stop.wait(0.1)
+                    continue
+                if session is None or session[0] != h[0]:
+                    if session is not None:
+                        session[1].kill()
+                    argv = ["env", "PGCONNECT_TIMEOUT=2", *psql_argv(self.c.lab.ip(self.c.host_of(h[0])))]
+                    session = (h[0], SqlSession(argv, f"appender@{h[0]}"))
+                i = self.next_id
+                self.next_id += 1  # an id whose outcome is unknown is never used again
+                self.attempts += 1
+                try:
+                    got = session[1].run(f"INSERT INTO acks (n) VALUES ({i}) RETURNING n", 3)
+                except HookFailed:
+                    session[1].kill()
+                    session = None
+                    self.stop.wait(0.2)
+                    continue
+                if got.strip() == str(i) and self._holder(etcd) == h and self.c.serving(h[0]):
+                    self.acks.append(Ack(i, h[0], h[1], time.time()))
+                self.stop.wait(0.05)
+        finally:
+            if session is not None:
+                session[1].kill()
+
+    def _bench_main(self) -> None:
+        try:
+            enter_netns(self.c.lab.ns(ETCD_HOST))
+            self._bench()
+        except Exception as exc:  # noqa: BLE001 - reported by the harness
+            self.error = self.error or f"pgbench loop: {type(exc).__name__}: {exc}"
+
+    def _bench(self) -> None:
+        from replicator.failover.etcd import Etcd
+
+        etcd = Etcd([self.c.etcd.endpoint], timeout=0.5)
+        while not self.stop.is_set():
+            h = self._target(etcd)
+            if h is None:
+                self.stop.wait(0.2)
+                continue
+            argv = ["env", "PGCONNECT_TIMEOUT=2", f"{PG_BIN}/pgbench", "-h", self.c.lab.ip(self.c.host_of(h[0])),
+                    "-p", str(PG_PORT), "-U", "postgres", "-n", "-c", "2", "-j", "1", "-R", "10", "-T", "5",
+                    "postgres"]
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
+            self._procs["bench"] = p
+            try:
+                out, _ = p.communicate(timeout=20)
+            except subprocess.TimeoutExpired:  # a server that stopped answering (a partition)
+                p.kill()
+                out, _ = p.communicate()
+            done = [int(ln.split(":")[1].split("/")[0]) for ln in out.splitlines()
+                    if "number of transactions actually processed" in ln]
+            self.bench_runs.append((h[0], p.returncode, done[0] if done else 0))
+            if p.returncode != 0:
+                self.stop.wait(0.5)
+
+    def __enter__(self) -> "PgClient":
+        super().__enter__()
+        self.bench.start()
+        return self
+
+    def __exit__(self, *a) -> None:
+        self.stop.set()
+        p = self._procs.get("bench")
+        if p is not None and p.poll() is None:
+            p.kill()
+        self.bench.join(30)
+        super().__exit__(*a)
+        self.c.bench_runs = self.bench_runs
+
+
+# ---------------------------------------------------------------------------------------------- the nemesis
+class PgState(_State):
+    """The namespace harness' operations, with r1's ids read from its table, and the primary host's death."""
+
+    def live_acks(self) -> set[int]:
+        try:
+            return self.c.ids("r1")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return set()
+
+    def host_dies(self, host: int) -> None:
+        """SIGKILL of every process in the host's namespace (its agent, PostgreSQL, any hook): by PID."""
+        pids = subprocess.run(["ip", "netns", "pids", self.lab.ns(host)], capture_output=True, text=True,
+                              timeout=30).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    def kill_primary(self, prm: dict) -> None:
+        tok = self.primary_term()
+        self.point()
+        time.sleep(prm["before"])  # writes after the point: within the RPO
+        t_fault = time.time()
+        self.host_dies(PRIMARY)
+        self.killed.setdefault("primary", []).append(t_fault)
+        try:
+            os.unlink(self.c.web_pid("primary"))  # its server died with it
+        except FileNotFoundError:
+            pass
+        if self.p.proc is not None:
+            self.p.proc.wait(10)
+        try:
+            os.unlink(os.path.join(self.p.state, "agent.sock"))  # as Node.kill does: start() waits for a new one
+        except FileNotFoundError:
+            pass
+        try:
+            try:
+                wait_for(lambda: (settled(self.c) or ("",))[0] == "r1", 90, "r1 to take over")
+                self.r1_live = self.live_acks()
+            except AssertionError as exc:
+                self.out.problems.append(f"kill_primary: {exc} (r1: {fhn._fo(self.r1).get('phase')}, "
+                                         f"{fhn._fo(self.r1).get('note', '')!r})")
+            time.sleep(prm["away"])
+        finally:
+            self.p.start()  # the host is back: its agent finds itself fenced and rejoins; its server stays down
+        self.after("kill_primary", tok, t_fault, failover_ok=True)
+        if not any(f.t_fault == t_fault for f in self.out.failovers):
+            self.out.problems.append("kill_primary: no failover after the primary died")
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def pg_plan(seed: int, steps: int) -> list[tuple[str, dict]]:
+    """The namespace harness' plan of `seed`, with about one operation in five replaced by `kill_primary`
+    (drawn, with its parameters, by a second generator from the same seed): a seed names the whole plan."""
+    rng = random.Random(f"pg-{seed}")
+    out = []
+    for op, prm in plan(seed, steps):
+        if rng.random() < 0.2:
+            op, prm = "kill_primary", {"point": True, "before": rng.uniform(0.0, 1.5), "away": rng.uniform(0.5, 3.0),
+                                       "pause": prm["pause"]}
+        out.append((op, prm))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- run and check
+def run_pg_schedule(c: PgHarnessCluster, seed: int | None, steps: int, log=print,
+                    schedule: list[tuple[str, dict]] | None = None) -> NetOutcome:
+    """Drive a started PgHarnessCluster through `schedule` (default: `pg_plan(seed, steps)`), then check: the
+    namespace harness' checker over the final primary's table, then PostgreSQL's own checks there."""
+    ops = schedule if schedule is not None else pg_plan(seed, steps)
+    out = run_netns_schedule(c, seed if seed is not None else -1, len(ops), log=log, schedule=ops,
+                             state_cls=PgState, client_cls=PgClient)
+    _check_pg(c, out)
+    c.problems = list(out.problems)
+    runs = getattr(c, "bench_runs", [])
+    with open(os.path.join(c.tmp, "pg.json"), "w") as f:
+        json.dump({"seed": seed, "outcome": out.line(), "pgbench_runs": runs}, f)
+    log(f"seed {seed}: pgbench {sum(n for _, _, n in runs)} transactions in {len(runs)} run(s); "
+        + ("OK" if not out.problems else "PROBLEMS: " + "; ".join(out.problems)))
+    return out
+
+
+def _check_pg(c: PgHarnessCluster, out: NetOutcome) -> None:
+    """On the final primary: pg_amcheck (heap and every index, when installed) finds nothing; pgbench's
+    balance totals agree (every transaction whole)."""
+    if not c.serving("primary"):
+        out.problems.append("PostgreSQL does not run on the primary at the end")
+        return
+    try:
+        sums = c.sql("primary", "SELECT (SELECT coalesce(sum(delta), 0) FROM pgbench_history), "
+                                "(SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(bbalance) FROM "
+                                "pgbench_branches), (SELECT sum(tbalance) FROM pgbench_tellers)").split("|")
+        if len(set(sums)) != 1:
+            out.problems.append(f"pgbench's totals disagree on the final primary (history, accounts, branches, "
+                                f"tellers): {sums}")
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        out.problems.append(f"pgbench's totals: {exc}")
+    amcheck = os.path.join(PG_BIN, "pg_amcheck")
+    if os.path.exists(amcheck):
+        r = c.lab.run(PRIMARY, [amcheck, "-h", "127.0.0.1", "-p", str(PG_PORT), "-U", "postgres", "-d", "postgres",
+                                "--heapallindexed"], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            out.problems.append(f"pg_amcheck on the final primary ({r.returncode}): "
+                                f"{(r.stdout + r.stderr).strip()[:400]}")
+    else:
+        out.notes.append("pg_amcheck is not installed: not run")
+
+
+__all__ = ["FIXED", "PgHarnessCluster", "PgState", "PgClient", "pg_cluster", "pg_plan", "run_pg_schedule",
+           "why_not", "Aborted"]
