@@ -8,7 +8,10 @@ Two harnesses:
   (then its return and `pit failback`);
 * `--netns`: the network-namespace harness (tests/failover_harness_netns.py, root, `ip netns`, nftables):
   partitions of the primary from the secondary, isolation of the primary, link flaps, SIGKILL of etcd and of
-  the secondary's agent, configuration pushes, failback.
+  the secondary's agent, configuration pushes, failback;
+* `--pg`: the same in namespaces with PostgreSQL as the application (tests/failover_harness_pg.py: the
+  postgresql template, pgbench plus an appender of acknowledged ids, and SIGKILL of the primary host too);
+  also needs PostgreSQL's server binaries. `--keep` keeps a run's cluster directory (/tmp/pit-pgh-*).
 
 Each run prints one line (seed, operations, acknowledged ids, RPO, RTO, outcome); at the end the RTO (seconds
 from the fault to the secondary serving, over every unplanned failover), the RPO (acknowledged ids lost per
@@ -16,7 +19,7 @@ unplanned failover in namespaces, and the seconds of acknowledged writes they sp
 where the harness counts them per run) as min / median / p90 / max, and how many runs held every
 invariant. A seed replays: `--seed N --runs 1`.
 
-    sudo .venv/bin/python bench/failover_harness.py [--netns] [--seed 1000] [--runs 10] [--steps 6]
+    sudo .venv/bin/python bench/failover_harness.py [--netns | --pg] [--seed 1000] [--runs 10] [--steps 6]
         [--work DIR] [--keep] [--json FILE] [-v]
 
 Figures go to docs/benchmarks.md ("Failover").
@@ -67,9 +70,17 @@ def run_netns(seed: int, steps: int, work: str, log=print):
         return run_netns_schedule(c, seed, steps, log=log)
 
 
+def run_pg(seed: int, steps: int, work: str, keep: bool, log=print):
+    from failover_harness_pg import pg_cluster, run_pg_schedule
+
+    with pg_cluster(work, keep=keep) as c:
+        return run_pg_schedule(c, seed, steps, log=log)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--netns", action="store_true", help="the network-namespace harness (root)")
+    ap.add_argument("--pg", action="store_true", help="the namespace harness with PostgreSQL (root)")
     ap.add_argument("--seed", type=int, default=1000, help="first seed")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--steps", type=int, default=6, help="operations per schedule")
@@ -82,7 +93,14 @@ def main(argv=None) -> int:
     work = a.work or tempfile.mkdtemp(prefix="pit-harness-")
     os.makedirs(work, exist_ok=True)
     etcd = None
-    if a.netns:
+    if a.pg:
+        from failover_harness_pg import why_not
+
+        why = why_not()
+        if why:
+            print(f"cannot run the PostgreSQL harness: {why}", file=sys.stderr)
+            return 2
+    elif a.netns:
         from failover_harness_netns import why_not
 
         why = why_not()
@@ -106,7 +124,8 @@ def main(argv=None) -> int:
             started = time.time()
             try:
                 log = (lambda m: print(m, flush=True)) if a.verbose else (lambda m: None)
-                out = (run_netns(seed, a.steps, d, log) if a.netns
+                out = (run_pg(seed, a.steps, d, a.keep, log) if a.pg
+                       else run_netns(seed, a.steps, d, log) if a.netns
                        else run_loopback(seed, a.steps, d, etcd.endpoint, log))
             except Exception as exc:  # noqa: BLE001 - a run that could not even finish is a failed run
                 traceback.print_exc()
@@ -120,7 +139,7 @@ def main(argv=None) -> int:
             ok = not out.problems
             held += ok
             rto += out.rto
-            if a.netns:
+            if a.netns or a.pg:
                 rpo_ids += [n for n, _ in out.rpo]
                 rpo_s += [s for _, s in out.rpo]
             else:
@@ -138,10 +157,10 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"{'namespaces' if a.netns else 'loopback'} harness: {a.runs} run(s) from seed {a.seed}, "
+    print(f"{'PostgreSQL' if a.pg else 'namespaces' if a.netns else 'loopback'} harness: {a.runs} run(s) from seed {a.seed}, "
           f"{a.steps} operations each, {time.time() - t0:.0f} s")
     print(f"RTO (s, fault to the secondary serving, per unplanned failover): {dist(rto)}")
-    if a.netns:
+    if a.netns or a.pg:
         print(f"RPO (acknowledged ids lost, per unplanned failover):            {dist(rpo_ids)}")
         print(f"RPO (s of acknowledged writes lost, per unplanned failover):     {dist(rpo_s)}")
     else:
@@ -149,7 +168,7 @@ def main(argv=None) -> int:
     print(f"runs that held every invariant: {held}/{a.runs}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"netns": a.netns, "seed": a.seed, "runs": results, "held": held}, f, indent=1)
+            json.dump({"netns": a.netns, "pg": a.pg, "seed": a.seed, "runs": results, "held": held}, f, indent=1)
     return 0 if held == a.runs else 1
 
 

@@ -212,6 +212,10 @@ esac
                     _pg([f"{PG_BIN}/pg_ctl", "stop", "-m", "immediate", "-w", "-t", "30", "-D", d], 60, check=False)
 
 
+class LabUnavailable(RuntimeError):
+    """The namespaces could not be made on this machine."""
+
+
 @contextmanager
 def pg_cluster(tmp: str, keep: bool = False):
     """A started PgHarnessCluster on a fresh 4-host lab; everything stopped and deleted afterwards. The cluster
@@ -227,7 +231,10 @@ def pg_cluster(tmp: str, keep: bool = False):
     lab = NetLab(4)
     c = None
     try:
-        lab.up()
+        try:
+            lab.up()
+        except RuntimeError as exc:  # `ip netns` / veth refused here
+            raise LabUnavailable(f"cannot build network namespaces here: {exc}") from None
         c = PgHarnessCluster(base, lab)
         c.problems = []
         c.start()
@@ -452,5 +459,5 @@ def _check_pg(c: PgHarnessCluster, out: NetOutcome) -> None:
         out.notes.append("pg_amcheck is not installed: not run")
 
 
-__all__ = ["FIXED", "PgHarnessCluster", "PgState", "PgClient", "pg_cluster", "pg_plan", "run_pg_schedule",
+__all__ = ["FIXED", "LabUnavailable", "PgHarnessCluster", "PgState", "PgClient", "pg_cluster", "pg_plan", "run_pg_schedule",
            "why_not", "Aborted"]
