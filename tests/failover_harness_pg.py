@@ -28,7 +28,8 @@ a one-member etcd), the same nemesis, plan and checker; what changes:
   primary's data directory after quiet (autovacuum is off, so an idle server leaves its files alone).
 
 `FIXED` is the issue's hand scenario: kill the primary, its rejoin and failback while writes continue, a
-partition of the primary from r1 and its heal (no failover), a `[failover]` push (no change of term).
+partition of the primary from r1 and its heal (no failover), a `[failover]` push (`auto = false`, then back:
+no change of term).
 `pg_plan(seed, steps)` draws a random one: the namespace harness' plan of that seed, with some operations
 replaced by `kill_primary` (a second generator from the same seed draws which, and their parameters).
 `run_pg_schedule(c, seed, steps)` replays a seed. Everything polls with deadlines.
@@ -65,7 +66,7 @@ PG_USER = "postgres"
 FIXED = [
     ("kill_primary", {"point": True, "before": 1.0, "away": 2.0, "pause": 1.0}),
     ("partition_secondary", {"point": True, "hold": 3 * TTL, "pause": 1.0}),
-    ("push", {"point": False, "pause": 1.0}),
+    ("push", {"point": False, "pause": 1.0, "key": "auto"}),
 ]
 
 
@@ -399,6 +400,35 @@ class PgState(_State):
         self.after("kill_primary", tok, t_fault, failover_ok=True)
         if not any(f.t_fault == t_fault for f in self.out.failovers):
             self.out.problems.append("kill_primary: no failover after the primary died")
+
+
+    @staticmethod
+    def applied(node) -> int:
+        """How many configurations the node's agent has applied (its log)."""
+        try:
+            with open(node.log, errors="replace") as f:
+                return sum(1 for ln in f if "configuration version" in ln and " applied (" in ln)
+        except FileNotFoundError:
+            return 0
+
+    def push(self, prm: dict) -> None:
+        """The namespace harness' push (`confirm` toggled), or with `key = "auto"` the issue's: `auto = false`
+        pushed, then `auto = true` again; neither may end or change the primary's term."""
+        if prm.get("key") != "auto":
+            return super().push(prm)
+        tok = self.primary_term()
+        if prm["point"]:
+            self.point()
+        for auto in (False, True):
+            applied = self.applied(self.r1)
+            self.c.failover["auto"] = auto
+            self.c.write_sets()
+            try:
+                wait_for(lambda: self.applied(self.r1) > applied, 30, "r1 to apply the push")
+            except AssertionError:
+                self.out.notes.append(f"push auto = {str(auto).lower()}: r1's log never said it applied it")
+            self.hold_term(tok, 2 * TTL, f"push auto = {str(auto).lower()}")
+        self.after("push", tok, time.time(), failover_ok=False)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
