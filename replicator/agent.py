@@ -371,7 +371,7 @@ class Agent:
         name = args.get("set")
         if cmd == "point":
             if name in self.masters:
-                return self._master_point(self.masters[name], float(args.get("timeout", 60)))
+                return self.master_point(self.masters[name], float(args.get("timeout", 60)))
             if self.replica is not None and name in self.sets() and self.state.node in self.sets()[name].replicas:
                 return {self.state.node: {"snapshot": self.replica.point(name, self.sets()[name])}}
             raise ConfigError(f"this node neither masters nor replicates set {name!r}")
@@ -394,7 +394,7 @@ class Agent:
             return "released"
         raise ConfigError(f"unknown control command {cmd!r}")
 
-    def _master_point(self, ms: MasterSet, timeout: float, scheduled: bool = False) -> dict:
+    def master_point(self, ms: MasterSet, timeout: float, scheduled: bool = False) -> dict:
         """A consistent point on every replica, inside the set's point hooks (`app.pre`/`app.post`:
         e.g. pg_backup_start/stop); a failing hook fails the point, it never passes silently. A
         scheduled point whose pre hook fails is still made, and marked failed on every replica (the

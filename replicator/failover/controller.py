@@ -452,7 +452,39 @@ class Failover:
                 raise
         self.agent.reconfigure()
         log.warning("%s is the primary master now (token %d) in %.2f s", self.me, token, report["seconds"])
+        self.first_point(token)
         return report
+
+    def first_point(self, token: int) -> None:
+        """A consistent point on every replica as soon as a new term's masters stream (after a failover or
+        a failback), in its own thread. Until a replica has an image newer than what it served itself as
+        primary, the rollback guard keeps it from promoting (rightly: its own newest image predates the
+        writes it handed over), and under steady writes `point_quiet` never comes: without this point a
+        crash soon after a failback would leave no node able to take over."""
+        threading.Thread(target=self._first_point, args=(token,), daemon=True, name="pit-first-point").start()
+
+    def _first_point(self, token: int) -> None:
+        deadline = time.monotonic() + 120
+        for name in self.protected(self.agent.configured_sets()):
+            ms = None
+            # the set's master streams once its first scan is done; each sender has tried its replica once
+            # (a dead old primary is then known to be absent and skipped after a short grace, not waited on)
+            while time.monotonic() < deadline and self.token() == token:
+                ms = self.agent.masters.get(name)
+                if ms is not None and ms.senders and all(s.connected or s.last_error for s in ms.senders.values()):
+                    break
+                ms = None
+                time.sleep(0.2)
+            if ms is None or self.token() != token:
+                log.warning("set %s: no first point of term %d (%s)", name, token,
+                            "the term ended" if self.token() != token else "its master did not start streaming")
+                continue
+            try:
+                out = self.agent.master_point(ms, 60.0)
+                log.info("set %s: first point of term %d: %s", name, token, ", ".join(
+                    f"{r}: {v.get('snapshot') or 'skipped'}" for r, v in out.items()))
+            except ReplError as exc:
+                ms.alert(f"first point of term {token} failed: {exc}")
 
     def begin_report(self, reason: str) -> dict:
         self._t0 = time.monotonic()

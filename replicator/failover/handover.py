@@ -149,5 +149,6 @@ def ask(fo) -> dict:
     report["switch_seconds"] = round(time.monotonic() - t0, 3)
     log.warning("%s is the primary master again (token %d) after a %.2f s switch", fo.me, token,
                 report["switch_seconds"])
+    fo.first_point(token)  # the old holder's own newest image predates what it handed over
     return report
 

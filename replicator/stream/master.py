@@ -195,7 +195,7 @@ class MasterSet:
             if app.get("pre") or app.get("post"):
                 # an application set (a database): its consistent point needs its hooks around it
                 try:
-                    self.agent._master_point(self, 600.0, scheduled=True)
+                    self.agent.master_point(self, 600.0, scheduled=True)
                 except ReplError as exc:
                     self.alert(f"scheduled point failed: {exc}")
             else:
