@@ -19,9 +19,11 @@ a one-member etcd), the same nemesis, plan and checker; what changes:
   `acks` there, one session per node, and counts an id acknowledged only when the INSERT committed (psql
   returned the row) and the node still held the key with the same token afterwards (the file harness'
   rule). An id whose outcome is unknown is never retried (a new id is drawn each time);
-- one more nemesis operation, `kill_primary`: a consistent point, then the primary host dies (SIGKILL of
+- two more nemesis operations: `kill_primary`, a consistent point, then the primary host dies (SIGKILL of
   every process in its namespace: agent, postmaster, backends, hooks); r1 takes over; the host comes back
-  (its agent restarts, fenced, rejoins) and `pit failback` runs while the workload goes on;
+  (its agent restarts, fenced, rejoins) and `pit failback` runs while the workload goes on. `kill_postgres`,
+  a consistent point, then SIGKILL of the primary's postmaster alone: r1's check fails while the primary's
+  agent answers, r1 revokes its lease and takes over; rejoin and failback as above;
 - the checker reads the ids from the final primary's table (`HarnessCluster.acked_present`), then also
   checks that pg_amcheck (when installed) finds nothing on the final primary, and that pgbench's balance
   totals agree there (every transaction whole). The convergence check compares r1's and r2's heads with the
@@ -31,7 +33,8 @@ a one-member etcd), the same nemesis, plan and checker; what changes:
 partition of the primary from r1 and its heal (no failover), a `[failover]` push (`auto = false`, then back:
 no change of term).
 `pg_plan(seed, steps)` draws a random one: the namespace harness' plan of that seed, with some operations
-replaced by `kill_primary` (a second generator from the same seed draws which, and their parameters).
+replaced by `kill_primary` or `kill_postgres` (more generators from the same seed draw which, and their
+parameters).
 `run_pg_schedule(c, seed, steps)` replays a seed. Everything polls with deadlines.
 """
 from __future__ import annotations
@@ -402,6 +405,29 @@ class PgState(_State):
             self.out.problems.append("kill_primary: no failover after the primary died")
 
 
+    def kill_postgres(self, prm: dict) -> None:
+        """A consistent point, then SIGKILL of the primary's postmaster only (its agent lives): r1's tcp check
+        fails `confirm` times while the primary's agent answers, so r1 revokes its lease and takes over. Then
+        the old primary (fenced, its server down) rejoins and fails back, as after any failover."""
+        tok = self.primary_term()
+        self.point()
+        time.sleep(prm["before"])  # writes after the point: within the RPO
+        t_fault = time.time()
+        try:
+            with open(os.path.join(self.c.src, "postmaster.pid")) as f:
+                os.kill(int(f.readline()), signal.SIGKILL)
+        except (OSError, ValueError) as exc:
+            raise Aborted(f"kill_postgres: no server to kill on the primary: {exc}") from None
+        try:
+            wait_for(lambda: (settled(self.c) or ("",))[0] == "r1", 90, "r1 to take over from the dead server")
+            self.r1_live = self.live_acks()
+        except AssertionError as exc:
+            self.out.problems.append(f"kill_postgres: {exc} (r1: {fhn._fo(self.r1).get('phase')}, "
+                                     f"{fhn._fo(self.r1).get('note', '')!r})")
+        self.after("kill_postgres", tok, t_fault, failover_ok=True)
+        if not any(f.t_fault == t_fault for f in self.out.failovers):
+            self.out.problems.append("kill_postgres: no failover after the primary's server died")
+
     @staticmethod
     def applied(node) -> int:
         """How many configurations the node's agent has applied (its log)."""
@@ -433,14 +459,18 @@ class PgState(_State):
 
 # ---------------------------------------------------------------------------------------------- the plan
 def pg_plan(seed: int, steps: int) -> list[tuple[str, dict]]:
-    """The namespace harness' plan of `seed`, with about one operation in five replaced by `kill_primary`
-    (drawn, with its parameters, by a second generator from the same seed): a seed names the whole plan."""
-    rng = random.Random(f"pg-{seed}")
+    """The namespace harness' plan of `seed`, with about one operation in five replaced by `kill_primary` and
+    about one in ten of the others by `kill_postgres` (drawn, with their parameters, by two more generators
+    from the same seed): a seed names the whole plan."""
+    rng, rng2 = random.Random(f"pg-{seed}"), random.Random(f"pg-server-{seed}")
     out = []
     for op, prm in plan(seed, steps):
+        kill_server, server_before = rng2.random() < 0.1, rng2.uniform(0.0, 1.5)
         if rng.random() < 0.2:
             op, prm = "kill_primary", {"point": True, "before": rng.uniform(0.0, 1.5), "away": rng.uniform(0.5, 3.0),
                                        "pause": prm["pause"]}
+        elif kill_server:
+            op, prm = "kill_postgres", {"point": True, "before": server_before, "pause": prm["pause"]}
         out.append((op, prm))
     return out
 
