@@ -52,6 +52,7 @@ class Agent:
         self.pushing: set[str] = set()
         self.next_push: dict[str, float] = {}
         self.point_seq = 0
+        self._point_seq_lock = threading.Lock()
         self._roster_cache = (0.0, {})
         self.failover = None  # failover.Failover when the cluster file has [failover]
         self.metrics_server = None
@@ -394,6 +395,13 @@ class Agent:
             return "released"
         raise ConfigError(f"unknown control command {cmd!r}")
 
+    def next_point_id(self) -> int:
+        """A point id unique in this agent's life (points are asked from several threads: `pit point`, a
+        schedule, a term's first point, a failback's final point)."""
+        with self._point_seq_lock:
+            self.point_seq += 1
+            return self.point_seq
+
     def master_point(self, ms: MasterSet, timeout: float, scheduled: bool = False) -> dict:
         """A consistent point on every replica, inside the set's point hooks (`app.pre`/`app.post`:
         e.g. pg_backup_start/stop); a failing hook fails the point, it never passes silently. A
@@ -402,8 +410,7 @@ class Agent:
         from .errors import HookFailed, PointFailed
         from .apps.hooks import around_point
 
-        self.point_seq += 1
-        seq = self.point_seq
+        seq = self.next_point_id()
         out: dict = {}
 
         def make_points() -> None:

@@ -79,9 +79,8 @@ def _final_points(fo, to: str) -> dict[str, str]:
         if name not in fo.protected(fo.agent.config.sets):
             continue
         ms.flush()
-        fo.agent.point_seq += 1
         deadline = time.monotonic() + 120
-        slot = ms.senders[to].request_point(fo.agent.point_seq, deadline) if to in ms.senders else None
+        slot = ms.senders[to].request_point(fo.agent.next_point_id(), deadline) if to in ms.senders else None
         if slot is None:
             raise FailoverRefused(f"{to} is not a replica of set {name!r} here")
         slot["done"].wait(max(0.0, deadline - time.monotonic()))

@@ -218,8 +218,7 @@ class Sender:
                 try:
                     self._catchup(conn)
                     if scheduled and not points:
-                        self.ms.agent.point_seq += 1
-                        conn.send({"t": "point", "id": self.ms.agent.point_seq})
+                        conn.send({"t": "point", "id": self.ms.agent.next_point_id()})
                         try:
                             conn.recv("pointed")
                         except ProtocolError as exc:
