@@ -7,6 +7,10 @@
     private_key = "/etc/pit/key.pem"
     self_signed = true          # or: HTTPS with a self-signed certificate kept in REPO/serve-tls/
     anonymous = false           # true: no login; then [anonymous] gives the scope
+    threads = 64                # workers: each request being answered (a download) holds one
+    max_connections_per_client = 32     # open connections from one address (more are closed at accept)
+    max_connections = 1000      # open connections in all
+    request_timeout = 20        # seconds for a TLS handshake, and for reading a request's head and body
 
     [users.alice]
     password = "scrypt$16384$8$1$<salt b64>$<hash b64>"   # `pit passwd`
@@ -69,6 +73,10 @@ class ServerConfig:
     anonymous: bool = False
     anonymous_scope: Scope | None = None
     users: dict[str, User] = field(default_factory=dict)
+    threads: int = 64
+    max_connections_per_client: int = 32
+    max_connections: int = 1000
+    request_timeout: int = 20
 
     @property
     def tls(self) -> bool:
@@ -111,6 +119,12 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
     for k in ("certificate", "private_key"):
         if srv.get(k):
             setattr(cfg, k, os.path.join(base, srv[k]))
+    for k in LIMIT_KEYS:
+        if k in srv:
+            v = srv[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidArgument(f"server.{k} must be a whole number of at least 1, got {v!r}")
+            setattr(cfg, k, v)
     if bool(cfg.certificate) != bool(cfg.private_key):
         raise InvalidArgument("give both server.certificate and server.private_key, or neither")
     for name, u in (d.get("users") or {}).items():
@@ -125,7 +139,8 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
 
 # ----------------------------------------------------------------------------- `pit config check --kind serve`
 FILE_KEYS = {"server", "users", "anonymous"}
-SERVER_KEYS = {"listen", "port", "certificate", "private_key", "self_signed", "anonymous"}
+LIMIT_KEYS = ("threads", "max_connections_per_client", "max_connections", "request_timeout")
+SERVER_KEYS = {"listen", "port", "certificate", "private_key", "self_signed", "anonymous", *LIMIT_KEYS}
 USER_KEYS = {"password", "sets", "scope"}
 ANONYMOUS_KEYS = {"sets", "scope"}
 

@@ -391,7 +391,7 @@ def render_listing(node: Node, parts: list[str], kids: list[Node]) -> str:
         rows.append(f'<tr><td><a href="{href}">{e(label)}</a>{z}</td><td class="n">{size}</td>'
                     f"<td>{when}</td><td>{extra}</td></tr>")
     heading = "Previous versions of " + e(node.name) if node.kind == "vfile" else "Index of " + e(title)
-    zip_link = f'<p><a href="?zip">Download this folder as .zip</a></p>' if node.kind == "snapdir" else ""
+    zip_link = '<p><a href="?zip">Download this folder as .zip</a></p>' if node.kind == "snapdir" else ""
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{e(title)} - pitstore</title>
 <style>body{{font-family:sans-serif;margin:2em}}td{{padding:.2em 1em}}.n{{text-align:right}}

@@ -18,11 +18,12 @@ import signal
 import threading
 import time
 
-from cheroot import wsgi
 from wsgidav.dc.base_dc import BaseDomainController
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from .config import ServerConfig, check_password
+from .errors import CertificateError, ListenError
+from .listener import DeferredTLSAdapter, PitServer, request_reading
 from .provider import ViewProvider
 
 REALM = "pitstore"
@@ -148,17 +149,20 @@ def self_signed(directory: str, hosts: list[str]) -> tuple[str, str]:
     return cert_path, key_path
 
 
-def make_server(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None = None) -> wsgi.Server:
+def make_server(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None = None) -> PitServer:
     app = build_app(repo, cfg, verbose, scratch_dir)
-    server = wsgi.Server((cfg.listen, cfg.port), app, numthreads=16, server_name="pitstore")
+    server = PitServer((cfg.listen, cfg.port), request_reading(app), threads=cfg.threads,
+                       max_connections_per_client=cfg.max_connections_per_client,
+                       max_connections=cfg.max_connections, request_timeout=cfg.request_timeout)
     if cfg.tls:
-        from cheroot.ssl.builtin import BuiltinSSLAdapter
-
-        server.ssl_adapter = BuiltinSSLAdapter(cfg.certificate, cfg.private_key)
+        try:
+            server.ssl_adapter = DeferredTLSAdapter(cfg.certificate, cfg.private_key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise CertificateError(f"cannot use {cfg.certificate} / {cfg.private_key}: {exc}") from None
     return server
 
 
-def serve_forever(server: wsgi.Server) -> None:
+def serve_forever(server: PitServer) -> None:
     """Run until SIGINT/SIGTERM, then stop cleanly."""
     def stop(signum, frame):
         threading.Thread(target=server.stop, daemon=True).start()
@@ -166,5 +170,8 @@ def serve_forever(server: wsgi.Server) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     logging.getLogger("wsgidav").setLevel(logging.WARNING)
-    server.prepare()
+    try:
+        server.prepare()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {server.bind_addr}: {exc.strerror or exc}") from None
     server.serve()

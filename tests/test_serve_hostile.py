@@ -1,0 +1,305 @@
+"""`pit serve` against hostile and busy clients (issue 15), with raw sockets
+on 127.0.0.1 against a real server in a subprocess.
+
+Nothing here measures time: each test holds hostile connections open and
+asserts that a normal request still *completes* (with a generous client
+timeout that the unfixed server overran by minutes: cheroot handshook on its
+accept path, 10 s per silent peer, one after the other)."""
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from davserver.config import hash_password
+from store.repository import Repository
+
+from test_view_support import free_port, snap, stop, wait_port, write
+
+PIT = os.path.join(os.path.dirname(sys.executable), "pit")
+AUTH = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+GENEROUS = 60.0  # a client's patience: far above any sane answer, far below the unfixed server's stall
+BIG = 8 * 1024 * 1024
+
+
+class Served:
+    """A `pit serve` subprocess; its stderr goes to a file the tests read."""
+
+    def __init__(self, tmp, repo: str, extra: str = "") -> None:
+        self.port = free_port()
+        h = hash_password("s3cret")
+        cfg = tmp / f"serve-{self.port}.toml"
+        cfg.write_text(f"[server]\nport = {self.port}\nself_signed = true\n{extra}\n"
+                       f'[users.alice]\npassword = "{h}"\nsets = ["office"]\n')
+        self.log = tmp / f"serve-{self.port}.log"
+        self._err = open(self.log, "wb")
+        self.proc = subprocess.Popen([PIT, "-r", repo, "serve", "-c", str(cfg)], stdout=subprocess.DEVNULL,
+                                     stderr=self._err)
+        self.cert = os.path.join(repo, "serve-tls", "cert.pem")
+        try:
+            wait_port(self.port, self.proc)
+        except BaseException:
+            self.close()
+            raise
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cert)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        c = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context(), timeout=GENEROUS)
+        try:
+            c.request(method, path, body=body, headers={"Authorization": AUTH, **(headers or {})})
+            r = c.getresponse()
+            return r.status, r.read()
+        finally:
+            c.close()
+
+    def close(self) -> None:
+        stop(self.proc)
+        self._err.close()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    r = Repository.init(str(tmp / "repo"))
+    src = str(tmp / "data")
+    write(src, "small.txt", "hello")
+    write(src, "big.bin", os.urandom(BIG))
+    snap(r, "office", src)
+    r.close()
+    return tmp, str(tmp / "repo")
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    tmp, path = repo
+    s = Served(tmp, path, "max_connections_per_client = 500\n")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+class Crowd:
+    """Hostile connections held open by the test; all closed on exit."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.socks: list[socket.socket] = []
+        self.downloads: list[ssl.SSLSocket] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def tcp(self, rcvbuf: int | None = None) -> socket.socket:
+        s = socket.socket()
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(GENEROUS)
+        s.connect(("127.0.0.1", self.port))
+        self.socks.append(s)
+        return s
+
+    def silent(self, n: int) -> None:
+        """Peers that connect and never say a word (not even a ClientHello)."""
+        for _ in range(n):
+            self.tcp()
+
+    def _every(self, period: float, step) -> None:
+        def loop():
+            while not self._stop.wait(period):
+                if not step():
+                    return
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def trickle_hello(self, n: int) -> None:
+        """Peers that start a TLS handshake and send its bytes one at a time."""
+        for _ in range(n):
+            s = self.tcp()
+            hello = bytearray(_client_hello(self.port))
+
+            def step(s=s, hello=hello):
+                if not hello:
+                    return False
+                try:
+                    s.send(hello[:1])
+                except OSError:
+                    return False
+                del hello[:1]
+                return True
+            self._every(0.5, step)
+
+    def trickle_request(self, n: int, ctx: ssl.SSLContext) -> None:
+        """Peers that finish the handshake, then send a request head a byte at a time."""
+        for _ in range(n):
+            s = ctx.wrap_socket(self.tcp(), server_hostname="127.0.0.1")
+            self.socks.append(s)
+            head = bytearray(b"PROPFIND /office/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 4000)
+
+            def step(s=s, head=head):
+                try:
+                    s.send(head[:1])
+                except OSError:
+                    return False
+                del head[:1]
+                return bool(head)
+            self._every(0.5, step)
+
+    def slow_downloads(self, n: int, ctx: ssl.SSLContext, path: str) -> None:
+        """Clients that download a big file a few KiB at a time (each holds a worker)."""
+        for _ in range(n):
+            s = ctx.wrap_socket(self.tcp(rcvbuf=4096), server_hostname="127.0.0.1")
+            self.socks.append(s)
+            self.downloads.append(s)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH}\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+
+            def step(s=s):
+                try:
+                    return bool(s.recv(4096))
+                except OSError:
+                    return False
+            self._every(0.2, step)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def _client_hello(port: int) -> bytes:
+    """A real ClientHello's bytes (what a TLS client sends first), from a memory BIO."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
+@pytest.fixture
+def crowd(server):
+    c = Crowd(server.port)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_silent_peers_do_not_stall_accepting(server, crowd):
+    crowd.silent(50)
+    assert server.request("GET", "/office/latest/data/small.txt") == (200, b"hello")
+    status, body = server.request("PROPFIND", "/office/", headers={"Depth": "1"})
+    assert status == 207 and b"latest" in body
+
+
+def test_busy_and_hostile_clients_leave_room_for_a_normal_request(server, crowd):
+    ctx = server.context()
+    crowd.slow_downloads(16, ctx, "/office/latest/data/big.bin")
+    crowd.silent(50)
+    crowd.trickle_hello(10)
+    crowd.trickle_request(10, ctx)
+    assert server.request("GET", "/office/latest/data/small.txt") == (200, b"hello")
+    status, body = server.request("PROPFIND", "/office/latest/data/", headers={"Depth": "1"})
+    assert status == 207 and b"big.bin" in body
+    # the slow downloads were still going all along (each held a connection and a worker)
+    crowd._stop.set()  # (the readers stop; the sockets stay open)
+    for t in crowd._threads:
+        t.join(10)
+    for s in crowd.downloads:
+        s.settimeout(GENEROUS)
+        assert s.recv(4096)
+
+
+def test_no_traceback_from_hostile_clients(server, crowd):
+    crowd.silent(5)
+    for s in crowd.socks:
+        s.close()  # gone before the handshake
+    ctx = server.context()
+    s = ctx.wrap_socket(crowd.tcp(), server_hostname="127.0.0.1")
+    s.sendall(b"GET /office/latest/data/big.bin HTTP/1.1\r\nHost: x\r\nAuthorization: " + AUTH.encode() + b"\r\n\r\n")
+    s.recv(100)
+    s.close()  # gone in the middle of a download (the server sees SSLEOFError or a reset)
+    assert server.request("GET", "/office/latest/data/small.txt") == (200, b"hello")
+    assert b"Traceback" not in server.log.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def strict(repo):
+    tmp, path = repo
+    s = Served(tmp, path, "max_connections_per_client = 4\nrequest_timeout = 2\n")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    s.settimeout(GENEROUS)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_per_client_are_limited(strict):
+    c = Crowd(strict.port)
+    try:
+        c.silent(4)
+        extra = c.tcp()
+        assert _closed_by_server(extra)
+        for s in c.socks[:4]:
+            s.close()
+        deadline = time.monotonic() + GENEROUS  # the server notices the closes on its own schedule
+        while True:
+            try:
+                assert strict.request("GET", "/office/latest/data/small.txt") == (200, b"hello")
+                break
+            except (ConnectionError, ssl.SSLError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        c.close()
+    assert b"max_connections_per_client" in strict.log.read_bytes()
+
+
+def test_trickling_request_gets_408(strict):
+    c = Crowd(strict.port)
+    try:
+        s = strict.context().wrap_socket(c.tcp(), server_hostname="127.0.0.1")
+        c.socks.append(s)
+        s.sendall(b"PROPFIND /office/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        s.settimeout(GENEROUS)
+        assert s.recv(100).startswith(b"HTTP/1.1 408")
+    finally:
+        c.close()
+
+
+def test_handshake_never_finished_is_dropped(strict):
+    c = Crowd(strict.port)
+    try:
+        s = c.tcp()
+        s.sendall(_client_hello(strict.port)[:20])  # half a ClientHello, then nothing
+        assert _closed_by_server(s)
+    finally:
+        c.close()
+    assert b"Traceback" not in strict.log.read_bytes()
