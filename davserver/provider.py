@@ -36,6 +36,8 @@ from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
 from store.errors import PathNotFound, StoreError
 from store.view import ALL, LATEST, VERSIONS, Node, Scope, View
 
+from .safety import listing_headers
+
 BLOCK = 256 * 1024
 AVAILABLE = 1 << 50  # "plenty": a read-only share that Windows must not think is full or FAT
 
@@ -278,7 +280,7 @@ class ViewProvider(DAVProvider):
             return [b""]
         body = render_listing(res.node, res.parts, res._children()).encode("utf-8")
         start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
-                                  ("Cache-Control", "no-cache")])
+                                  ("Cache-Control", "no-cache"), *listing_headers()])
         return [b"" if head else body]
 
     # ---------------------------------------------------------- zip download

@@ -24,6 +24,7 @@ from wsgidav.wsgidav_app import WsgiDAVApp
 from .config import ServerConfig, check_password
 from .errors import CertificateError, ListenError
 from .listener import DeferredTLSAdapter, PitServer, request_reading
+from .safety import safe_responses
 from .provider import ViewProvider
 
 REALM = "pitstore"
@@ -151,7 +152,7 @@ def self_signed(directory: str, hosts: list[str]) -> tuple[str, str]:
 
 def make_server(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None = None) -> PitServer:
     app = build_app(repo, cfg, verbose, scratch_dir)
-    server = PitServer((cfg.listen, cfg.port), request_reading(app), threads=cfg.threads,
+    server = PitServer((cfg.listen, cfg.port), request_reading(safe_responses(app)), threads=cfg.threads,
                        max_connections_per_client=cfg.max_connections_per_client,
                        max_connections=cfg.max_connections, request_timeout=cfg.request_timeout)
     if cfg.tls:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import http.client
 import os
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -303,3 +305,122 @@ def test_handshake_never_finished_is_dropped(strict):
     finally:
         c.close()
     assert b"Traceback" not in strict.log.read_bytes()
+
+
+# ----------------------------------------------------------------------------- active content (stored XSS)
+# A page placed in bob's scope tries to read, with the credentials of whoever opens it, a file only alice
+# may see, and to show it in its own DOM.
+EVIL_JS = ("fetch('/office/latest/data/hr/secret.txt').then(r => r.text())"
+           ".then(t => { document.body.textContent = 'LEAK:' + t; })"
+           ".catch(e => { document.body.textContent = 'RAN:' + e; });"
+           "document.title = 'SCRIPT-RAN';")
+EVIL_HTML = f"<!DOCTYPE html><html><head><title>x</title></head><body>hi<script>{EVIL_JS}</script></body></html>"
+EVIL_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><script>'
+            "fetch('/office/latest/data/hr/secret.txt').then(r => r.text())"
+            ".then(t => { document.documentElement.setAttribute('data-leak', 'LEAK:' + t); });"
+            "</script></svg>")
+
+
+@pytest.fixture(scope="module")
+def two_users(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("xss")
+    r = Repository.init(str(tmp / "repo"))
+    src = str(tmp / "data")
+    write(src, "hr/secret.txt", "salaries")
+    write(src, "sales/evil.html", EVIL_HTML)
+    write(src, "sales/evil.svg", EVIL_SVG)
+    write(src, "sales/evil.txt", EVIL_HTML)  # HTML bytes under a harmless name: must stay text
+    write(src, "sales/photo.png", b"\x89PNG\r\n\x1a\n")
+    snap(r, "office", src)
+    r.close()
+    s = Served(tmp, str(tmp / "repo"),
+               f'\n[users.bob]\npassword = "{hash_password("s3cret")}"\n[users.bob.scope]\noffice = ["data/sales"]\n')
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _head(served: Served, path: str) -> dict[str, str]:
+    c = http.client.HTTPSConnection("127.0.0.1", served.port, context=served.context(), timeout=GENEROUS)
+    try:
+        c.request("GET", path, headers={"Authorization": AUTH})
+        r = c.getresponse()
+        r.read()
+        return {k.lower(): v for k, v in r.getheaders()} | {":status": str(r.status)}
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("name", ["evil.html", "evil.svg", "evil.txt", "photo.png"])
+def test_every_file_is_sandboxed_and_not_sniffed(two_users, name):
+    h = _head(two_users, f"/office/latest/data/sales/{name}")
+    assert h[":status"] == "200"
+    assert h["x-content-type-options"] == "nosniff"
+    assert "sandbox" in h["content-security-policy"]
+    if name in ("evil.html", "evil.svg"):
+        assert h["content-disposition"].startswith("attachment")
+    else:
+        assert "content-disposition" not in h  # images and text still open in the browser
+
+
+def test_listing_allows_no_script(two_users):
+    h = _head(two_users, "/office/latest/data/sales/")
+    assert h[":status"] == "200" and h["content-type"].startswith("text/html")
+    csp = h["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src" not in csp and "sandbox" not in csp
+    assert h["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed (.ci/apt-deps installs it)")
+@pytest.mark.parametrize("name", ["evil.html", "evil.svg", "evil.txt"])
+def test_a_page_in_bobs_scope_cannot_read_as_alice_in_a_browser(two_users, tmp_path, name):
+    url = f"https://alice:s3cret@127.0.0.1:{two_users.port}/office/latest/data/sales/{name}"
+    dom = _chromium_dom(tmp_path, url)
+    assert "LEAK:salaries" not in dom and "<title>SCRIPT-RAN</title>" not in dom
+    if name == "evil.txt":
+        assert "&lt;script&gt;" in dom  # loaded, and shown as the text it is
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed (.ci/apt-deps installs it)")
+def test_the_browser_check_would_see_a_leak(two_users, tmp_path):
+    """The same script, run by the same headless browser from a page without our headers, leaks: so the
+    check above can fail (the page here is a data: URL; its fetch of a file URL stands in for the share)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("salaries")
+    page = tmp_path / "evil.html"
+    page.write_text(EVIL_HTML.replace("/office/latest/data/hr/secret.txt", "secret.txt"))
+    dom = _chromium_dom(tmp_path, page.as_uri(), "--allow-file-access-from-files")
+    assert "SCRIPT-RAN" in dom and "LEAK:salaries" in dom
+
+
+def _chromium_dom(tmp_path, url: str, *extra: str) -> str:
+    """The DOM headless Chromium ends with, or "" when it loads no page (a download: it then says "Page load
+    failed" and never exits by itself, so it is stopped here, with its process group)."""
+    proc = subprocess.Popen(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors",
+                             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", *extra,
+                             "--dump-dom", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    failed = threading.Event()
+    out: list[bytes] = []
+
+    def watch_stderr():
+        for line in proc.stderr:
+            if b"Page load failed" in line:
+                failed.set()
+
+    threads = [threading.Thread(target=watch_stderr, daemon=True),
+               threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not failed.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for t in threads:
+            t.join(10)
+    return b"".join(out).decode("utf-8", "replace")
