@@ -187,6 +187,43 @@ def schedule(v, path):
 schedule.kind = '{every = "15m"} or {daily = ["HH:MM", ...]}'  # type: ignore[attr-defined]
 
 
+def patterns(v, path):
+    """gitignore-style patterns (store/filters.py); absolute ones are checked against the set's paths later."""
+    from store.errors import InvalidArgument
+    from store.filters import check_pattern
+
+    if not isinstance(v, list):
+        raise fail(path, "must be a list of patterns")
+    for i, p in enumerate(v):
+        try:
+            check_pattern(p, what="pattern")
+        except InvalidArgument as exc:
+            raise fail(path + (i,), f": {exc}") from None
+    return tuple(v)
+
+
+patterns.kind = "list of patterns"  # type: ignore[attr-defined]
+
+
+def markers(v, path):
+    from store.errors import InvalidArgument
+    from store.filters import check_marker
+
+    if not isinstance(v, list):
+        raise fail(path, 'must be a list of file names ("NAME" or "NAME:HEADER")')
+    for i, m in enumerate(v):
+        try:
+            check_marker(m, "marker")
+        except InvalidArgument as exc:
+            raise fail(path + (i,), f": {exc}") from None
+    return tuple(v)
+
+
+markers.kind = "list of NAME[:HEADER]"  # type: ignore[attr-defined]
+
+FILTER_KEYS = ("exclude", "iexclude", "exclude_if_present", "exclude_caches", "one_file_system")
+
+
 def setting(doc: str, conv: Conv | None = None, default: Any = MISSING, key: str | None = None,
             shown: str | None = None) -> Any:
     """A dataclass field for one key: its doc line, converter, default (MISSING: required), the TOML key
@@ -263,6 +300,14 @@ class SetConfig:
                                     schedule, None, shown="real-time")
     app: dict | None = setting("the application template's settings (docs/templates.md)", table, None,
                                shown="none")
+    exclude: tuple[str, ...] = setting("gitignore-style patterns of paths never replicated (docs/replication.md, "
+                                       "\"Filters\")", patterns, (), shown="[]")
+    iexclude: tuple[str, ...] = setting("the same, ignoring case", patterns, (), shown="[]")
+    exclude_if_present: tuple[str, ...] = setting("leave out directories holding a file of this name "
+                                                  '("NAME" or "NAME:HEADER")', markers, (), shown="[]")
+    exclude_caches: bool = setting("leave out directories tagged with a CACHEDIR.TAG", boolean, False)
+    one_file_system: bool = setting("do not cross into other file systems (a mount point is kept empty)",
+                                    boolean, False)
     name: str = field(default="", compare=True)  # the set's name (the table's), not a key of its own
 
     def _check(self, path: Path) -> SetConfig:
@@ -276,12 +321,30 @@ class SetConfig:
         names = [os.path.basename(p) for p in norm]
         if len(set(names)) != len(names) or "" in names:
             raise fail(path + ("paths",), "must have distinct, non-empty base names")
+        from store.errors import InvalidArgument
+        from store.filters import check_pattern
+
+        for key in ("exclude", "iexclude"):
+            for i, p in enumerate(getattr(self, key)):
+                try:
+                    check_pattern(p, norm, "pattern")
+                except InvalidArgument as exc:
+                    raise fail(path + (key, i), f": {exc}") from None
         return replace(self, paths=norm, name=str(path[-1]) if path else self.name)
+
+    def filter_rules(self):
+        """The set's filter (store/filters.py): the scanner's and the watcher's."""
+        from store.filters import FilterRules
+
+        return FilterRules(**{k: getattr(self, k) for k in FILTER_KEYS})
 
     def to_wire(self) -> dict:
         out = {key_of(f): wire(getattr(self, f.name)) for f in fields(self) if f.metadata.get("doc")}
         for k in ("schedule", "app"):  # absent when not set: configurations without them keep their version
             if out[k] is None:
+                del out[k]
+        for k in FILTER_KEYS:  # the same for the filter keys
+            if not out[k]:
                 del out[k]
         return out
 

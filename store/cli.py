@@ -63,6 +63,36 @@ def init(ctx, avg_chunk_size, compression_level, pack_size):
     repo.close()
 
 
+def filter_options(f):
+    """restic's exclude flags (store/filters.py; docs/store.md, "Excludes")."""
+    opts = [
+        click.option("--exclude", "-e", "exclude", multiple=True, metavar="PATTERN",
+                     help="Leave out paths matching PATTERN (gitignore style; repeatable)."),
+        click.option("--iexclude", multiple=True, metavar="PATTERN", help="The same, ignoring case."),
+        click.option("--exclude-file", multiple=True, metavar="FILE", help="Read --exclude patterns from FILE."),
+        click.option("--iexclude-file", multiple=True, metavar="FILE", help="Read --iexclude patterns from FILE."),
+        click.option("--exclude-caches", is_flag=True,
+                     help="Leave out directories holding a CACHEDIR.TAG with the standard signature."),
+        click.option("--exclude-if-present", multiple=True, metavar="NAME[:HEADER]",
+                     help="Leave out directories holding a file NAME (starting with HEADER)."),
+        click.option("--one-file-system", "-x", is_flag=True,
+                     help="Do not cross file systems: a mount point is kept as an empty directory."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+FILTER_FLAGS = ("exclude", "iexclude", "exclude_file", "iexclude_file", "exclude_caches", "exclude_if_present",
+                "one_file_system")
+
+
+def _filter_rules(flags: dict):
+    from .filters import rules_from_options
+
+    return rules_from_options(**{k: flags.pop(k) for k in FILTER_FLAGS})
+
+
 @main.command()
 @click.option("--set", "set_name", required=True, help="Replication set name.")
 @click.option("--changes", type=click.File("r"), default=None, metavar="FILE",
@@ -70,12 +100,15 @@ def init(ctx, avg_chunk_size, compression_level, pack_size):
                    "only these are examined (the rest comes from the latest snapshot).")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
 @click.option("--lock-wait", default=10.0, show_default=True, help="Seconds to wait for another writer.")
+@filter_options
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.pass_context
-def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
+def snapshot(ctx, set_name, changes, as_json, lock_wait, paths, **flags):
     """Take a snapshot of PATHS as replication set SET."""
     from .ingest import create_snapshot
 
+    rules = _filter_rules(flags)
+    rules.compile([os.path.abspath(p) for p in paths])  # a bad pattern: one line, before anything is opened
     repo = open_repo(ctx, lock_wait=lock_wait)
     changed = None
     if changes is not None:
@@ -85,7 +118,8 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
     def progress(st):
         status.show(f"{st['files']} files, {mib(st['bytes'])} examined, {mib(st['bytes_read'])} read")
 
-    snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait)
+    snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait,
+                           filters=rules)
     status.done()
     s = snap.stats
     if as_json:
@@ -95,6 +129,8 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths):
     click.echo(f"snapshot {snap.short} saved as {snap.set}@{snap.name}")
     click.echo(f"  {s['files']} files, {s['dirs']} dirs, {mib(s['bytes'])}; examined {s['examined_files']} files "
                f"({'change set' if s['mode'] == 'changes' else 'full scan'}), read {s['files_read']}")
+    if s.get("excluded"):
+        click.echo(f"  excluded: {s['excluded']} paths (filter: {json.dumps(s.get('filter', {}))})")
     click.echo(f"  new: {s['new_chunks']} blobs, {mib(s['new_bytes'])} raw, {mib(s['new_stored'])} stored, "
                f"in {s['duration']:.2f} s")
     if s.get("healed"):

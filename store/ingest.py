@@ -33,6 +33,7 @@ import zstandard
 
 from . import packs as P
 from .errors import InvalidArgument, SourceMissing, StoreError
+from .filters import NO_FILTER, Filter, FilterRules
 from .index import filecache_key
 from .objects import ObjectReader
 from .repository import Repository, Writer, object_id, write_filelist
@@ -170,8 +171,12 @@ class _Done(Future):
 
 class Ingester:
     def __init__(self, writer: Writer, set_name: str, workers: int | None = None,
-                 progress: Callable[[dict], None] | None = None) -> None:
+                 progress: Callable[[dict], None] | None = None, filt: Filter = NO_FILTER) -> None:
         self.w = writer
+        self.filt = filt
+        self._src = b""       # the source being walked, its stored name and its device (one_file_system)
+        self._src_name = b""
+        self._root_dev = 0
         self.repo = writer.repo
         self.set = set_name
         self.params = self.repo.params
@@ -188,7 +193,7 @@ class Ingester:
         self.start_ns = time.time_ns()
         # "examined" counts what this run looked at; the snapshot's totals come from the root tree.
         self.stats = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0, "files_read": 0,
-                      "bytes_read": 0, "skipped": 0}
+                      "bytes_read": 0, "skipped": 0, "excluded": 0}
         self.totals = (0, 0, 0)
         self.warnings: list[str] = []
         self.changed_while_read: list[str] = []  # stored as read after MAX_REREADS: not one moment's content
@@ -478,6 +483,21 @@ class Ingester:
             self.warn(f"{os.fsdecode(path)}: {exc.strerror}")
             return
         mode = st.st_mode
+        if self.filt.active and path != self._src:
+            rel = self._src_name + path[len(self._src):]
+            isdir = stat.S_ISDIR(mode)
+            if self.filt.dir_excluded(rel, path) if isdir else self.filt.match(rel, False):
+                node.entries.pop(name, None)
+                self.stats["excluded"] += 1
+                return
+            if isdir and self.filt.other_device(st, self._root_dev):
+                # another file system (one_file_system): kept as an empty directory, the mount point
+                e = self._entry_from_stat(name, st, DIR, path)
+                node.entries[name] = e
+                self.stats["dirs"] += 1
+                self.stats["excluded"] += 1
+                self._dir(path, e, node, RESCAN, None, reader, empty=True)
+                return
         if stat.S_ISDIR(mode):
             e = self._entry_from_stat(name, st, DIR, path)
             node.entries[name] = e
@@ -529,14 +549,16 @@ class Ingester:
         self._ingest_file(path, e, node, None if racy else ckey, cstat, st)
 
     def _dir(self, path: bytes, entry: Entry | None, parent: DirNode | None, change, base: bytes | None,
-             reader: ObjectReader) -> DirNode:
+             reader: ObjectReader, empty: bool = False) -> DirNode:
         if self.running:  # a long stretch of unchanged files: keep the workers fed meanwhile
             self._pump()
         old = reader.tree_dict(base)
         node = DirNode(dict(old) if change is not RESCAN else {}, parent, entry)
         if parent is not None:
             parent.pending += 1
-        if change is RESCAN:
+        if empty:
+            todo = []
+        elif change is RESCAN:
             try:
                 names = sorted(os.listdir(path))
             except OSError as exc:
@@ -567,6 +589,7 @@ class Ingester:
                     continue
                 if not os.path.lexists(src):
                     raise SourceMissing(f"source path {os.fsdecode(src)} does not exist")
+                self._src, self._src_name, self._root_dev = src, name, os.lstat(src).st_dev
                 self._visit(src, name, root, sub, root.entries.get(name), reader)
             root.listed = True
             self._drain_all()
@@ -612,12 +635,14 @@ def _change_trie(sources: list[bytes], changed: Iterable[str | bytes]) -> dict:
 
 def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: Iterable[str] | None = None,
                     progress: Callable[[dict], None] | None = None, lock_wait: float = 10.0,
-                    host: str | None = None, retention: bool = True) -> Snapshot:
+                    host: str | None = None, retention: bool = True,
+                    filters: FilterRules | None = None) -> Snapshot:
     """Snapshot `paths` as set `set_name`, by full scan or from a known change set.
 
     With `changes`, the parent is the set's latest snapshot; if there is none,
-    or its source paths differ, this falls back to a full scan (correct,
-    only slower).
+    or its source paths or its filter differ, this falls back to a full scan
+    (correct, only slower). `filters` leaves paths out (store/filters.py);
+    the snapshot records them (`stats.filter`).
     """
     check_set_name(set_name)
     if not paths:
@@ -629,15 +654,18 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
     for s in sources:
         if not os.path.lexists(s):
             raise SourceMissing(f"source path {os.fsdecode(s)} does not exist")
+    rules = filters or FilterRules()
+    filt = rules.compile(sources)  # a bad pattern fails here, before the writer lock is taken
     t0 = time.monotonic()
     with repo.writer(lock_wait=lock_wait) as w:
         reader = ObjectReader(repo, w.txn)
         prev = list_snapshots(repo, w.txn, set_name)
         parent = prev[-1] if prev else None
         trie = None
-        if changes is not None and parent is not None and parent.paths == printable([os.fsdecode(s) for s in sources]):
+        if changes is not None and parent is not None and parent.paths == printable([os.fsdecode(s) for s in sources]) \
+                and parent.stats.get("filter", {}) == printable(rules.to_json()):
             trie = _change_trie(sources, changes)
-        ing = Ingester(w, set_name, progress=progress)
+        ing = Ingester(w, set_name, progress=progress, filt=filt)
         root = ing.run(sources, trie, parent.root if (parent and trie is not None) else None, reader)
         now = time.time_ns()
         stats = {f"examined_{k}" if k in ("files", "dirs", "symlinks", "bytes") else k: v
@@ -648,6 +676,8 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
                      mode="changes" if trie is not None else "scan", warnings=ing.warnings)
         if w.stats.get("healed"):  # blobs a repair had lost, stored again from intact source data
             stats["healed"] = w.stats["healed"]
+        if rules:
+            stats["filter"] = rules.to_json()
         if ing.changed_count:
             stats["changed_while_read"] = ing.changed_while_read
             stats["changed_while_read_count"] = ing.changed_count

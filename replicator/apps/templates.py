@@ -259,6 +259,24 @@ def _pg_build(name: str, paths: list[str], opts: dict) -> tuple[list[str], dict]
     return set_paths, app
 
 
+# What pg_basebackup itself leaves out of a data directory (PostgreSQL's "Backup Manifest"/"Making a Base
+# Backup Using the Low Level API": files and directory contents recreated at start-up or meaningless on
+# another server). The directories are kept, empty: the server needs them.
+PG_EXCLUDE = ("postmaster.pid", "postmaster.opts", "pg_stat_tmp/*", "pg_replslot/*", "pg_dynshmem/*",
+              "pg_notify/*", "pg_serial/*", "pg_snapshots/*", "pg_subtrans/*")
+MYSQL_EXCLUDE = ("*.pid", "*.sock", "*.sock.lock")
+
+
+def template_excludes(template: str, app: dict) -> list[str]:
+    """The set's default `exclude` patterns for a template, as absolute paths under its data directory."""
+    if template == "postgresql":
+        data = app["data"]
+        return [f"{data}/{p}" for p in PG_EXCLUDE] + [f"{data}/base/pgsql_tmp*", f"{data}/base/*/pgsql_tmp*"]
+    if template == "mysql":
+        return [f"{app['data']}/{p}" for p in MYSQL_EXCLUDE]
+    return []
+
+
 def pg_client_argv(app: dict, sql: str | None = None) -> list[str]:
     """psql against the live server (as its OS user), one statement with `-c`, or a session without."""
     bindir = app.get("bindir") or pg_bindir() or "/usr/bin"
@@ -711,6 +729,9 @@ def build_set(template: str, name: str, paths: list[str], replicas: list[str], m
         table["point_quiet"] = 0
         table["point_every"] = 0
         table["schedule"] = {"every": "15m"}
+    excludes = template_excludes(template, app)
+    if excludes:  # written into the cluster file, for the operator to read and adjust
+        table["exclude"] = excludes
     table["app"] = app
     validate_app(app, set_paths)
     return table

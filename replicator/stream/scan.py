@@ -8,6 +8,12 @@ scan lock is released. A file still being written waits until it has been
 quiet for `settle` seconds (at most `settle_max`); a file that changes while
 it is read is read again. Deletions under a source root that vanished or is
 empty (an unmounted share) are held, with an alert.
+
+The set's filter (`exclude`, `exclude_if_present`, `exclude_caches`,
+`one_file_system`: store/filters.py) is applied here: an excluded path is
+never read, and one the tree still holds (the filter changed) leaves the
+tree like a deleted file, so in mirror mode the replicas delete it too
+(docs/replication.md, "Filters"). `ignores` answers the watcher.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Callable
 import blake3
 
 from store.chunker import ChunkerParams, chunk_stream
+from store.filters import Filter
 from store.trees import FILE, SYMLINK
 
 from ..settings import SetConfig
@@ -41,6 +48,52 @@ class Scanner:
         self.params = ChunkerParams.for_average(cfg.avg_chunk)
         self.lock = threading.Lock()  # one scan at a time; a point waits for it (MasterSet.flush)
         self.settle_since: dict[bytes, float] = {}
+        self.filt: Filter = cfg.filter_rules().compile(cfg.paths)
+        self._devs: dict[bytes, int] = {}  # source name -> its device (one_file_system)
+
+    # ------------------------------------------------------------- the filter
+    def _root_dev(self, rel: bytes) -> int | None:
+        name = rel.split(b"/", 1)[0]
+        dev = self._devs.get(name)
+        if dev is None:
+            try:
+                dev = self._devs[name] = os.lstat(self.tree.abs_path(name)).st_dev
+            except (OSError, ValueError):
+                return None
+        return dev
+
+    def _skip(self, p: bytes, rel: bytes, st) -> bool:
+        """The filter on one path whose ancestors are in: True when it is left out."""
+        if stat.S_ISDIR(st.st_mode):
+            return self.filt.dir_excluded(rel, p)
+        return self.filt.match(rel, False)
+
+    def ignores(self, p: bytes, is_dir: bool = False) -> bool:
+        """Is this absolute path (or a directory above it) excluded? The watcher asks before marking
+        anything dirty, so excluded paths never trigger work; a path outside the sources is not ours
+        to judge (False)."""
+        if not self.filt.active:
+            return False
+        rel = self.tree.rel_path(p)
+        if rel is None or b"/" not in rel:
+            return False
+        if self.filt.excluded(rel, is_dir):
+            return True
+        if not (self.filt.markers or self.filt.one_file_system):
+            return False
+        parts = rel.split(b"/")
+        dev = self._root_dev(rel) if self.filt.one_file_system else None
+        for i in range(2, len(parts)):  # the directories between the source and the path
+            d = self.tree.abs_path(b"/".join(parts[:i]))
+            if self.filt.markers and self.filt.marked(d) is not None:
+                return True
+            if dev is not None:
+                try:
+                    if os.lstat(d).st_dev != dev:
+                        return True
+                except OSError:
+                    return False
+        return False
 
     def refresh(self, paths: dict[bytes, bool]) -> tuple[list[bytes], dict[bytes, bool]]:
         """Look at absolute paths afresh (value: recurse into directories). -> (changed rels, deferred)."""
@@ -50,6 +103,11 @@ class Scanner:
             for p, rec in sorted(paths.items()):
                 rel = self.tree.rel_path(p)
                 if rel is None:
+                    continue
+                if self.ignores(p):
+                    with self.tree.lock:
+                        if self.tree.remove(rel):  # excluded since it was replicated (the filter changed)
+                            changed.append(rel)
                     continue
                 self._ensure_parents(rel, changed)
                 self._visit(p, rel, rec, changed, deferred)
@@ -103,6 +161,15 @@ class Scanner:
             self.alert(f"{os.fsdecode(p)}: {exc.strerror}")
             return
         m = st.st_mode
+        other_fs = False
+        if self.filt.active and not is_source:
+            if self._skip(p, rel, st):
+                self.settle_since.pop(p, None)
+                with tree.lock:
+                    if tree.remove(rel):  # excluded since it was replicated: it leaves the set
+                        changed.append(rel)
+                return
+            other_fs = stat.S_ISDIR(m) and self.filt.other_device(st, self._root_dev(rel))
         if stat.S_ISDIR(m):
             node = old if isinstance(old, DNode) else None
             meta = (stat.S_IMODE(m), st.st_uid, st.st_gid)
@@ -116,7 +183,7 @@ class Scanner:
             if not recurse:
                 return
             try:
-                names = set(os.listdir(p))
+                names = set() if other_fs else set(os.listdir(p))  # a mount point is kept empty
             except OSError as exc:
                 self.alert(f"{os.fsdecode(p)}: {exc.strerror}")
                 return

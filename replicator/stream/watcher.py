@@ -3,7 +3,9 @@
 Events only say *where* to look; `MasterSet.refresh` (scan.py) looks. A file event
 marks that file; a new or moved-in directory is marked to be walked whole;
 directory "modified" events are ignored (their children report for
-themselves). What inotify misses (an overflowed queue, a network share)
+themselves). A path the set's filter excludes (store/filters.py, asked
+through the scanner's `ignores`) is dropped here: it never triggers work.
+What inotify misses (an overflowed queue, a network share)
 the periodic reconcile scan finds.
 """
 from __future__ import annotations
@@ -29,12 +31,22 @@ class _Handler(FileSystemEventHandler):
         if kind == "modified" and event.is_directory:
             return
         if kind == "moved":
-            self.ms.mark(src, False)
-            self.ms.mark(os.fsencode(event.dest_path), event.is_directory)
+            self._mark(src, False, event.is_directory)
+            self._mark(os.fsencode(event.dest_path), event.is_directory, event.is_directory)
         elif kind == "created":
-            self.ms.mark(src, event.is_directory)
+            self._mark(src, event.is_directory, event.is_directory)
         else:  # modified, closed, deleted
-            self.ms.mark(src, False)
+            self._mark(src, False, event.is_directory)
+
+    def _mark(self, p: bytes, recurse: bool, is_dir: bool) -> None:
+        scanner = getattr(self.ms, "scanner", None)
+        if scanner is not None:
+            try:
+                if scanner.ignores(p, is_dir):
+                    return
+            except Exception:  # a path that vanished meanwhile: let the scan look
+                log.debug("filter check failed for %r", p, exc_info=True)
+        self.ms.mark(p, recurse)
 
 
 class Watcher:
