@@ -12,7 +12,9 @@ Client quirks handled here (each named):
   properties; we report the snapshot's size as used and a large number as
   available, never the host disk.
 - `Depth: infinity` PROPFIND is refused (403 propfind-finite-depth, RFC
-  4918 9.1): one request must not walk a million-file snapshot.
+  4918 9.1): one request must not walk a million-file snapshot. Every other
+  PROPFIND is answered by `propfind.py` (bounded, streamed, propname that
+  works, Win32 properties), not by wsgidav.
 - wsgidav streams GET bodies in 8 KiB blocks; we raise that to 256 KiB
   (throughput on a 1 GiB file roughly doubles).
 
@@ -30,12 +32,14 @@ import urllib.parse
 import zipfile
 from typing import Iterator
 
-from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_NOT_FOUND, PRECONDITION_CODE_ProtectedProperty, DAVError
+from wsgidav.dav_error import (HTTP_BAD_REQUEST, HTTP_FORBIDDEN, HTTP_NOT_FOUND, PRECONDITION_CODE_ProtectedProperty,
+                               DAVError)
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
 
 from store.errors import PathNotFound, StoreError
 from store.view import ALL, LATEST, VERSIONS, Node, Scope, View
 
+from . import propfind
 from .safety import listing_headers
 
 BLOCK = 256 * 1024
@@ -74,6 +78,10 @@ def snapshot_fields(status: dict | None) -> dict[str, str]:
         out["failover-image"] = img.get("status")
         out["failover-image-reason"] = img.get("reason")
     return {k: str(v) for k, v in out.items() if v not in (None, "")}
+
+
+def content_type(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def _href(parts: list[str], trailing: bool) -> str:
@@ -169,7 +177,7 @@ class FileResource(_Common, DAVNonCollection):
         return self.node.size
 
     def get_content_type(self) -> str:
-        return mimetypes.guess_type(self.node.name)[0] or "application/octet-stream"
+        return content_type(self.node.name)
 
     def support_ranges(self) -> bool:
         return True
@@ -262,7 +270,10 @@ class ViewProvider(DAVProvider):
                 raise DAVError(HTTP_FORBIDDEN, err_condition="{DAV:}propfind-finite-depth",
                                context_info="Depth: infinity is not served; use Depth 1")
             if depth == "":
-                environ["HTTP_DEPTH"] = "1"  # RFC default is infinity: bounded instead
+                depth = environ["HTTP_DEPTH"] = "1"  # RFC default is infinity: bounded instead
+            if depth not in ("0", "1"):
+                raise DAVError(HTTP_BAD_REQUEST, context_info=f"invalid Depth header {depth!r}")
+            return self._propfind(environ, start_response, depth == "1")
         if method in ("GET", "HEAD"):
             res = self.get_resource_inst(environ["PATH_INFO"], environ)
             if res is not None and res.is_collection:
@@ -271,6 +282,29 @@ class ViewProvider(DAVProvider):
                     return self._zip(res, environ, start_response, method == "HEAD")
                 return self._html(res, environ, start_response, method == "HEAD")
         return default_handler(environ, start_response)
+
+    # -------------------------------------------------------------- PROPFIND
+    def _propfind(self, environ, start_response, depth1: bool):
+        mode, names = propfind.parse_request(propfind.read_body(environ))
+        res = self.get_resource_inst(environ["PATH_INFO"], environ)
+        if res is None:
+            raise DAVError(HTTP_NOT_FOUND)
+        base = ((self.mount_path or "") + (self.share_path or "")).rstrip("/")
+
+        def entries():
+            yield propfind.href_of(base + (res.path or "/"), res.is_collection), res.node
+            if depth1 and res.is_collection:
+                parent = base + res.path.rstrip("/") + "/"
+                for n in res._children():
+                    yield propfind.href_of(parent + n.name, n.is_dir), n
+
+        def pit_fields(node):
+            return {_PIT + k: v for k, v in snapshot_fields(node.status).items()} if node.status else {}
+
+        def props_of(node):
+            return propfind.live_properties(node, content_type, pit_fields, AVAILABLE)
+
+        return propfind.send(environ, start_response, propfind.answer(entries(), mode, names, props_of, PIT_NS))
 
     # -------------------------------------------------------- HTML listing
     def _html(self, res: DirResource, environ, start_response, head: bool):
