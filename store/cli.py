@@ -405,6 +405,59 @@ def _restore_failures(failures) -> None:
 
 
 @main.command()
+@click.argument("pattern")
+@click.option("--set", "set_name", default=None, help="Only this set.")
+@click.option("--ignore-case", "-i", is_flag=True, help="Match regardless of case.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: every hit with its snapshots.")
+@click.pass_context
+def find(ctx, pattern, set_name, ignore_case, as_json):
+    """Find every path matching PATTERN in every snapshot, newest first.
+
+    PATTERN is a gitignore-style line, as for --exclude, matched at any
+    depth unless it starts with a slash: `report.txt`, `*.xlsx`,
+    `sales/*.xlsx`, `/office/sales/` (from the snapshot's root). Each line is
+    one version of a path: its size, modification time, the newest snapshot
+    holding it (SET@NAME:PATH, ready for `pit restore`) and the snapshots
+    holding that version."""
+    from .find import find as run
+    from .snapshots import list_sets
+    from .versions import is_current
+
+    repo = open_repo(ctx, readonly=True)
+    with repo.reading() as txn:
+        sets = [set_name] if set_name else list_sets(repo, txn)
+        if set_name and set_name not in list_sets(repo, txn):
+            from .errors import SnapshotNotFound
+
+            raise SnapshotNotFound(f"no snapshots in set {set_name}")
+        for s in sets:
+            if not is_current(repo, txn, s):
+                click.echo(f"pit: warning: the versions index of set {s} does not cover all its snapshots "
+                           f"(run `pit versions --reindex {s}`, or take a snapshot): some may be missing", err=True)
+    status = StatusLine("find", json_lines=as_json)
+
+    def progress(seen, found):
+        status.show(f"find: {seen} paths looked at, {found} found", paths=seen, found=found)
+
+    hits = run(repo, pattern, set_name, ignore_case, progress=progress)
+    status.done()
+    if as_json:
+        click.echo(json.dumps({"pattern": pattern, "hits": [h.to_json() for h in hits]}, indent=2))
+        return
+    if not hits:
+        click.echo(f"no path matches {pattern!r}" + (f" in set {set_name}" if set_name else ""), err=True)
+        sys.exit(1)
+    for h in hits:
+        st = h.state
+        mt = time.strftime("%Y-%m-%d %H:%M", time.gmtime(st.mtime_ns // 10**9))
+        path = h.path.decode(errors="replace") + ("/" if st.type == 2 else "")
+        n = len(h.snapshots)
+        span = f"{h.snapshots[0].name} .. {h.newest.name}" if n > 1 else h.newest.name
+        click.echo(one_line(f"{st.size:>12}  {mt}  {h.set}@{h.newest.name}:{path}  "
+                            f"({n} snapshot{'s' if n > 1 else ''}: {span})"))
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def stats(ctx, as_json):

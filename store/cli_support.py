@@ -87,23 +87,60 @@ def fail(msg: str, code: int):
     sys.exit(code)
 
 
+PROGRESS_MODES = ("auto", "text", "json", "none")
+
+
+def progress_mode(json_lines: bool = False) -> str:
+    """How a long command shows progress: "text" (a status line on stderr, when stdout and stderr are
+    a terminal), "json" (one JSON object a line on stderr, for tools: with --json when stderr is not a
+    terminal) or "none". PIT_PROGRESS=text|json|none overrides the choice."""
+    mode = os.environ.get("PIT_PROGRESS", "auto").strip().lower()
+    if mode in ("text", "json", "none"):
+        return mode
+    if sys.stderr.isatty() and sys.stdout.isatty():
+        return "text"
+    if json_lines and not sys.stderr.isatty():
+        return "json"
+    return "none"
+
+
 def progress_enabled() -> bool:
-    return sys.stderr.isatty()
+    return progress_mode() == "text"
 
 
 class StatusLine:
-    """A one-line progress display on a terminal; silent otherwise."""
+    """Progress of a long command: a one-line display on a terminal, JSON lines for tools (`--json`,
+    stderr not a terminal: at most one a second, the first after a second), silent otherwise.
 
-    def __init__(self) -> None:
-        self.on = progress_enabled()
+    `show(text, **fields)`: `text` for people, `fields` (counts, bytes) for the JSON line, which also
+    carries `"progress": OP` and `"elapsed"` seconds. Text updates are drawn at most 5 times a second."""
+
+    def __init__(self, op: str = "", json_lines: bool = False) -> None:
+        self.mode = progress_mode(json_lines)
+        self.on = self.mode == "text"
+        self.op = op
         self.t0 = time.monotonic()
+        self._last = 0.0
+        self._shown = False
 
-    def show(self, text: str) -> None:
-        if self.on:
-            click.echo("\r\033[K" + text, nl=False, err=True)
+    def show(self, text: str, force: bool = False, **fields) -> None:
+        if self.mode == "none":
+            return
+        now = time.monotonic()
+        if self.mode == "text":
+            if force or now - self._last >= 0.2:
+                self._last = now
+                self._shown = True
+                click.echo("\r\033[K" + one_line(text), nl=False, err=True)
+            return
+        if now - self.t0 >= 1.0 and (force or now - self._last >= 1.0):
+            import json
+
+            self._last = now
+            click.echo(json.dumps({"progress": self.op, "elapsed": round(now - self.t0, 1), **fields}), err=True)
 
     def done(self) -> None:
-        if self.on:
+        if self.on and self._shown:
             click.echo("\r\033[K", nl=False, err=True)
 
 

@@ -151,6 +151,37 @@ def _verdict(compiled: list[tuple], s: str) -> bool:
     return verdict
 
 
+class PathMatcher:
+    """One or more patterns (the same language) for finding paths, not leaving them out: `pit find`,
+    `pit restore --include`. `names_only` is True when every pattern matches at any depth, so a
+    name can be tested without its parents' path (what lets `pit find` skip building paths)."""
+
+    def __init__(self, patterns, ignore_case: bool = False, sources=(), what: str = "pattern",
+                 floating: bool = False) -> None:
+        pats = [check_pattern(p, sources, what) for p in patterns]
+        if floating:  # `sub/*.txt` at any depth, as restic's find: only a leading slash anchors
+            pats = [_floating(p) for p in pats]
+        if ignore_case:
+            pats = [p.lower() for p in pats]
+        self.ignore_case = ignore_case
+        self._c = _compiled(pats)
+        self.names_only = all("/" not in p.lstrip("!").rstrip("/") and "**" not in p for p in pats)
+
+    def match(self, path, is_dir: bool) -> bool:
+        s = os.fsdecode(path).strip("/")
+        if self.ignore_case:
+            s = s.lower()
+        return _verdict(self._c, s + "/" if is_dir else s)
+
+
+def _floating(p: str) -> str:
+    neg = p.startswith("!")
+    body = p[1:] if neg else p
+    if "/" in body.rstrip("/") and not body.startswith(("/", "**/")):
+        body = "**/" + body
+    return ("!" if neg else "") + body
+
+
 def check_marker(marker: str, what: str = "exclude-if-present") -> str:
     """`NAME[:HEADER]`: NAME is a plain file name."""
     if not isinstance(marker, str):

@@ -1,0 +1,101 @@
+"""`pit find PATTERN [--set S] [-i] [--json]`: every version of every matching path, newest first,
+from the previous-versions index (store/find.py); real repositories, real snapshots."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import cli, make_tree, remove, snapshot
+from store.find import find, suggest_paths
+from store.repository import Repository
+
+
+@pytest.fixture
+def office(repo_path, tmp_path):
+    src = tmp_path / "office"
+    make_tree(src, {"src": {"report.txt": b"v1"}, "notes.TXT": b"n", "sales": {"q1.xlsx": b"q1"}})
+    s1 = snapshot(repo_path, "office", src)
+    make_tree(src, {"src": {"report.txt": b"v2, longer"}})
+    s2 = snapshot(repo_path, "office", src)
+    remove(src / "src" / "report.txt")
+    make_tree(src, {"report.txt": b"top"})
+    s3 = snapshot(repo_path, "office", src)
+    other = tmp_path / "web"
+    make_tree(other, {"report.txt": b"web"})
+    w = snapshot(repo_path, "web", other)
+    return repo_path, src, (s1, s2, s3, w)
+
+
+def test_find_lists_every_version_newest_first(office):
+    repo_path, _, (s1, s2, s3, w) = office
+    out = cli(repo_path, "find", "report.txt").stdout.splitlines()
+    assert [ln.split()[3] for ln in out] == [f"web@{w.name}:web/report.txt", f"office@{s3.name}:office/report.txt",
+                                             f"office@{s2.name}:office/src/report.txt",
+                                             f"office@{s1.name}:office/src/report.txt"]
+    assert out[2].split()[0] == "10" and "(1 snapshot:" in out[2]
+
+
+def test_find_json_and_set(office):
+    repo_path, _, (s1, s2, s3, w) = office
+    doc = json.loads(cli(repo_path, "find", "report.txt", "--set", "office", "--json").stdout)
+    hits = doc["hits"]
+    assert [(h["path"], h["size"], h["last"]) for h in hits] == [
+        ("office/report.txt", 3, s3.name), ("office/src/report.txt", 10, s2.name), ("office/src/report.txt", 2, s1.name)]
+    assert hits[0]["snapshots"] == [{"id": s3.hex, "name": s3.name, "time": s3.time_iso}]
+    assert hits[0]["type"] == "file" and len(hits[0]["id"]) == 64
+    # a version held by several snapshots lists them all
+    sales = json.loads(cli(repo_path, "find", "q1.xlsx", "--json").stdout)["hits"]
+    assert len(sales) == 1 and [s["name"] for s in sales[0]["snapshots"]] == [s1.name, s2.name, s3.name]
+
+
+def test_find_patterns(office):
+    repo_path, *_ = office
+    paths = lambda *a: {h["path"] for h in json.loads(cli(repo_path, "find", *a, "--json").stdout)["hits"]}  # noqa
+    assert paths("*.txt") == {"office/report.txt", "office/src/report.txt", "web/report.txt"}
+    assert paths("*.txt", "-i") == {"office/report.txt", "office/src/report.txt", "web/report.txt",
+                                    "office/notes.TXT"}
+    assert paths("src/*.txt") == {"office/src/report.txt"}       # at any depth
+    assert paths("/office/*.txt") == {"office/report.txt"}       # a leading slash anchors
+    assert paths("sales/") == {"office/sales"}                    # directories too
+
+
+def test_no_match_and_bad_input(office):
+    repo_path, *_ = office
+    res = cli(repo_path, "find", "nothing-like-it", expect=1)
+    assert "no path matches" in res.stderr
+    for bad in ("../x", "a/../../b", "a\\"):
+        res = cli(repo_path, "find", bad, expect=22)
+        assert res.stderr.startswith("pit: error: ") and res.stderr.count("\n") == 1
+    res = cli(repo_path, "find", "x", "--set", "nosuch", expect=15)
+    assert res.stderr.count("\n") == 1
+
+
+def test_long_parents_and_odd_names(repo_path, tmp_path):
+    """A parent too long for a key is kept by its hash; a name that is not UTF-8 is found as it is."""
+    src = tmp_path / "s"
+    deep = {"a" * 100: {"b" * 100: {"c" * 60: {"deep.txt": b"deep"}}}}
+    make_tree(src, {**deep, b"caf\xe9.tmp": b"latin-1"})
+    snapshot(repo_path, "s", src)
+    repo = Repository(str(repo_path), readonly=True)
+    try:
+        hits = find(repo, "deep.txt")
+        assert [h.path for h in hits] == [b"s/" + b"a" * 100 + b"/" + b"b" * 100 + b"/" + b"c" * 60 + b"/deep.txt"]
+        hits = find(repo, "c*/deep.txt")
+        assert len(hits) == 1
+        assert [h.path for h in find(repo, "*.tmp")] == [b"s/caf\xe9.tmp"]
+    finally:
+        repo.close()
+    doc = json.loads(cli(repo_path, "find", "*.tmp", "--json").stdout)
+    assert doc["hits"][0]["path"].encode("utf-8", "surrogateescape") == b"s/caf\xe9.tmp"
+
+
+def test_suggest_paths_by_base_name(office):
+    repo_path, *_ = office
+    repo = Repository(str(repo_path), readonly=True)
+    try:
+        assert suggest_paths(repo, "office", b"report.txt") == [b"office/report.txt", b"office/src/report.txt"]
+        assert suggest_paths(repo, "office", b"office/report.txt") == [b"office/src/report.txt"]
+        assert suggest_paths(repo, "office", b"missing.txt") == []
+    finally:
+        repo.close()
