@@ -424,3 +424,84 @@ def _chromium_dom(tmp_path, url: str, *extra: str) -> str:
         for t in threads:
             t.join(10)
     return b"".join(out).decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------- path tricks, refusals, logins
+def _raw(served: Served, request: bytes) -> bytes:
+    """One request as raw bytes over TLS (http.client would quote or refuse these paths); the whole answer."""
+    with socket.create_connection(("127.0.0.1", served.port), timeout=GENEROUS) as raw:
+        with served.context().wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(request)
+            out = b""
+            while True:
+                piece = s.recv(65536)
+                if not piece:
+                    return out
+                out += piece
+
+
+def _split(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("path", ["/office/%ff/x", "/%c3%28", "/../../etc/passwd", "/office/../../x",
+                                  "/office/latest/%2e%2e/%2e%2e/%2e%2e/x"])
+def test_bad_paths_get_400_with_a_body(server, path):
+    answer = _raw(server, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {AUTH}\r\n"
+                          "Connection: close\r\n\r\n".encode())
+    status, headers, body = _split(answer)
+    assert status == 400 and body and int(headers["content-length"]) == len(body)
+    assert b"Traceback" not in server.log.read_bytes()
+
+
+@pytest.mark.parametrize("verb", ["PUT", "DELETE", "MKCOL", "PROPPATCH", "LOCK", "MOVE", "COPY", "POST", "PATCH"])
+def test_refused_write_has_allow_and_logs_one_info_line(server, verb):
+    status, headers, body = _split(_raw(server, f"{verb} /office/latest/data/small.txt HTTP/1.1\r\nHost: x\r\n"
+                                                f"Authorization: {AUTH}\r\nContent-Length: 1\r\n"
+                                                "Connection: close\r\n\r\nx".encode()))
+    assert status == 405 and body
+    assert {m.strip() for m in headers["allow"].split(",")} == {"OPTIONS", "HEAD", "GET", "PROPFIND"}
+    lines = [ln for ln in server.log.read_text().splitlines() if f"refused {verb} " in ln]
+    assert len(lines) == 1 and " INFO " in lines[0], lines
+    assert " ERROR " not in server.log.read_text()
+
+
+def test_unknown_users_cost_the_same_scrypt(repo, monkeypatch):
+    """Counted, not timed: one scrypt for an unknown user, one for a wrong password."""
+    import hashlib
+
+    from davserver.config import parse_config
+    from davserver.guard import Lockout
+    from davserver.server import PitDomainController
+
+    cfg = parse_config({"users": {"alice": {"password": hash_password("s3cret"), "sets": ["*"]}}})
+    dc = PitDomainController(None, {"pit_server_config": cfg, "pit_lockout": Lockout()})
+    calls = []
+    real = hashlib.scrypt
+    monkeypatch.setattr(hashlib, "scrypt", lambda *a, **k: calls.append(k.get("n")) or real(*a, **k))
+    env = {"REMOTE_ADDR": "127.0.0.1"}
+    assert not dc.basic_auth_user("pitstore", "mallory", "x", env)
+    assert not dc.basic_auth_user("pitstore", "alice", "x", env)
+    assert dc.basic_auth_user("pitstore", "alice", "s3cret", env)
+    assert len(calls) == 3 and len(set(calls)) == 1  # the same cost parameters each time
+
+
+def test_repeated_failed_logins_are_locked_out(repo):
+    from davserver.guard import MAX_FAILURES
+
+    tmp, path = repo
+    s = Served(tmp, path)
+    try:
+        for i in range(MAX_FAILURES):
+            user = b"mallory" if i % 2 else b"alice"  # unknown users count too
+            bad = "Basic " + base64.b64encode(user + b":guess%d" % i).decode()
+            assert s.request("GET", "/office/", headers={"Authorization": bad})[0] == 401
+        status, headers, body = _split(_raw(s, f"GET /office/ HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH}\r\n"
+                                              "Connection: close\r\n\r\n".encode()))
+        assert status == 429 and int(headers["retry-after"]) > 0 and body  # even the right password, for now
+        assert b"failed to log in" in s.log.read_bytes()
+    finally:
+        s.close()
