@@ -51,7 +51,14 @@ the node its comment names), the WebDAV view on C is read from the office
 PC with curl, alice's password and the certificate C made, and (unless
 --no-failover) A dies (every process in it killed, its cable pulled): B
 must take over, start PostgreSQL on the promoted image and answer with the
-sales table, and serve the shop.
+sales table, and serve the shop. Then issue 14's scenario, as
+docs/operators.md's runbooks say, while a client inserts ids into the
+database of whichever node serves it: A is powered on again (cable back,
+its disks as they were, what `systemctl enable` linked started as at boot,
+its etcd member by the page's own command), comes back fenced and catches
+up; `pit failback` on A; a partition between A and B, healed (no failover
+may follow); `auto = false` and back pushed from A (no new term). Every
+acknowledged id must be in A's database at the end.
 
     .venv/bin/python bench/quickstart.py [--no-failover] [--keep] [--json FILE]   # as root
     .venv/bin/python bench/quickstart.py count     # lines and commands per node, from the page
@@ -293,19 +300,32 @@ class Lab:
             _run("ip", "-n", ns, "link", "set", "eth0", "up")
         for node in NODES:
             os.makedirs(os.path.join(self.dir, node))
-            err = open(os.path.join(self.dir, node, "holder.err"), "w")
-            self.holders[node] = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns(node), "unshare", "--mount", "--uts", "--propagation", "private",
-                 "sh", "-c", HOLDER, "holder", self.dir, node, ROOT],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-            err.close()
+            self._hold(node)
+        for node in NODES:
+            self._held(node)
+
+    def _hold(self, node: str) -> None:
+        """The node's mount namespace (its /etc and /var overlays, kept in the lab directory across a power
+        loss, and a fresh /run)."""
+        try:
+            os.unlink(os.path.join(self.dir, node, "ready"))
+        except FileNotFoundError:
+            pass
+        err = open(os.path.join(self.dir, node, "holder.err"), "w")
+        self.holders[node] = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(node), "unshare", "--mount", "--uts", "--propagation", "private",
+             "sh", "-c", HOLDER, "holder", self.dir, node, ROOT],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        err.close()
+
+    def _held(self, node: str) -> None:
         deadline = time.monotonic() + 20
-        for node, p in self.holders.items():
-            while not os.path.exists(os.path.join(self.dir, node, "ready")):
-                if p.poll() is not None or time.monotonic() > deadline:
-                    with open(os.path.join(self.dir, node, "holder.err")) as f:
-                        raise RuntimeError(f"node {node}'s mount namespace: {f.read().strip() or 'timed out'}")
-                time.sleep(0.02)
+        p = self.holders[node]
+        while not os.path.exists(os.path.join(self.dir, node, "ready")):
+            if p.poll() is not None or time.monotonic() > deadline:
+                with open(os.path.join(self.dir, node, "holder.err")) as f:
+                    raise RuntimeError(f"node {node}'s mount namespace: {f.read().strip() or 'timed out'}")
+            time.sleep(0.02)
 
     def _add_ns(self, name: str) -> None:
         _run("ip", "netns", "add", name)
@@ -362,6 +382,27 @@ class Lab:
 
     def cut(self, host: str) -> None:
         _run("ip", "-n", self.ns("sw"), "link", "set", f"p-{host}", "down")
+
+    def power_on(self, node: str) -> None:
+        """The machine after `kill_host` and `cut`: its cable back, its disks as they were (the overlays), a
+        fresh /run, and what systemd starts at boot (the units `enable` linked)."""
+        _run("ip", "-n", self.ns("sw"), "link", "set", f"p-{node}", "up")
+        self._hold(node)
+        self._held(node)
+        self.run(node, "systemctl lab-boot")
+
+    def partition(self, a: str, b: str) -> None:
+        """nftables in both hosts drops everything between them."""
+        for x, y in ((a, b), (b, a)):
+            _run("ip", "netns", "exec", self.ns(x), "nft", "-f", "-", input=(
+                f"table inet lab_part {{\n"
+                f"  chain out {{ type filter hook output priority 0; policy accept; ip daddr {self.ip(y)} drop; }}\n"
+                f"  chain in {{ type filter hook input priority 0; policy accept; ip saddr {self.ip(y)} drop; }}\n"
+                f"}}\n"))
+
+    def heal(self, a: str, b: str) -> None:
+        for x in (a, b):
+            _run("ip", "netns", "exec", self.ns(x), "nft", "delete", "table", "inet", "lab_part", check=False)
 
     # ------------------------------------------------------------------ down
     def down(self) -> None:
@@ -652,6 +693,7 @@ def main_run(args) -> dict:
 
         if not args.no_failover:
             report["failover"] = failover(lab, pg, log)
+            report["back_home"] = back_home(lab, pg, blocks, log)
     finally:
         report["total_seconds"] = round(time.monotonic() - t_all, 2)
         lab.down()
@@ -701,8 +743,127 @@ def failover(lab: Lab, pg: str | None, log) -> dict:
     return out
 
 
+def back_home(lab: Lab, pg: str | None, blocks: dict[str, str], log) -> dict:
+    """Issue 14's scenario after the failover, done as docs/operators.md's runbooks say, while a client keeps
+    inserting ids into the database of whichever node serves it (an id counts once its INSERT committed):
+    A is powered on again (its cable back, its disks as they were, its agent started at boot, its etcd
+    member by the command that started it), comes back fenced and catches up; `pit failback` on A; then a
+    partition between A and B, healed (no failover may follow), and `[failover]` changes pushed from A
+    (`auto = false`, then back: no new term). Every acknowledged id must be in A's database at the end."""
+    if not pg:
+        return {"skipped": "PostgreSQL is not installed: no database to write to"}
+    out: dict = {}
+
+    def sql(node: str, q: str, **kw) -> subprocess.CompletedProcess:
+        return lab.run(node, f"cd / && runuser -u postgres -- {pg}/psql -X -q -At -h /var/run/postgresql "
+                             f"-v ON_ERROR_STOP=1 -c {shlex.quote(q)}", **kw)
+
+    def fo(node: str) -> dict:
+        r = lab.run(node, "pit failover status --json", check=False, timeout=30)
+        try:
+            return json.loads(r.stdout) if r.returncode == 0 else {}
+        except ValueError:
+            return {}
+
+    sql("b", "create table acks (id int primary key, node text)")
+    acked: list[tuple[int, str]] = []
+    stop = threading.Event()
+    serving = ["b"]
+
+    def client() -> None:
+        i = 0
+        while not stop.is_set():
+            for node in (serving[0], "a" if serving[0] == "b" else "b"):
+                r = sql(node, f"insert into acks values ({i}, '{node}')", check=False, timeout=30)
+                i += 1  # a failed INSERT's id is never reused (it may have committed before the error)
+                if r.returncode == 0:
+                    acked.append((i - 1, node))
+                    serving[0] = node
+                    break
+            else:
+                stop.wait(0.2)
+
+    writer = threading.Thread(target=client, daemon=True)
+    writer.start()
+    try:
+        lab.wait("the client's first acknowledged insert on B", lambda: acked, 30)
+        t = time.monotonic()
+        lab.power_on("a")
+        etcd_cmd = next(e for e in entries(blocks["A"]) if e.startswith("pit etcd start"))
+        lab.run("a", adapt(etcd_cmd)[0])
+        lab.wait("A back, fenced", lambda: fo("a").get("phase") == "fenced", 90)
+        out["fenced_seconds"] = round(time.monotonic() - t, 2)
+
+        def caught_up() -> bool:  # the runbook: `pit status` shows the old primary connected, nothing queued
+            st = status(lab, "b")
+            for s in ((st.get("nodes") or {}).get("b", {}).get("sets") or {}).values():
+                rs = (s.get("replicas") or {}).get("a")
+                if rs is None or rs.get("last_error"):
+                    return False
+                if s.get("schedule"):  # a scheduled set reconciles at each run: one run since A came back
+                    if not rs.get("runs"):
+                        return False
+                elif rs.get("queued") or rs.get("catchup") or not rs.get("connected"):
+                    return False
+            return True
+
+        lab.wait("A caught up (connected, nothing queued)", caught_up, 120)
+        out["caught_up_seconds"] = round(time.monotonic() - t, 2)
+        before = len(acked)
+        t = time.monotonic()
+        r = lab.run("a", "pit failback --json", timeout=300)
+        rep = json.loads(r.stdout)
+        out["failback"] = {"seconds": round(time.monotonic() - t, 2), "token": rep.get("token"),
+                           "freeze_seconds": rep.get("freeze_seconds"), "switch_seconds": rep.get("switch_seconds")}
+        lab.wait("A primary again, B following", lambda: fo("a").get("phase") == "active"
+                 and fo("b").get("leader") == "a", 60)
+        lab.wait("inserts acknowledged by A", lambda: any(n == "a" for _, n in acked[before:]), 60)
+        log(f"failback: A primary again (token {rep.get('token')}) in {out['failback']['seconds']:.1f} s, "
+            f"B frozen {rep.get('freeze_seconds')} s")
+
+        token = fo("a").get("token")
+        ttl = 5  # [failover] ttl as the quickstart leaves it (the default)
+        lab.partition("a", "b")
+        time.sleep(3 * ttl)
+        lab.heal("a", "b")
+        time.sleep(3 * ttl)
+        fa, fb = fo("a"), fo("b")
+        if not (fa.get("holding") and fa.get("token") == token and fb.get("phase") == "standby"):
+            raise RuntimeError(f"a partition between A and B, healed, changed the primary: A {fa}, B {fb}")
+        out["partition"] = f"A and B cut apart for {3 * ttl} s, then healed: A kept token {token}, B standing by"
+        log(out["partition"])
+
+        path = "/etc/pit/cluster.toml"
+        for auto in ("false", "true"):
+            v0 = json.loads(lab.run("b", "pit status --local").stdout).get("config_version")
+            lab.run("a", f"python3 - <<'EOT'\nimport re\np = {path!r}\ns = open(p).read()\n"
+                         f"s = re.sub(r'(?m)^auto = .*\\n', '', s)\n"
+                         f"s = s.replace('[failover]\\n', '[failover]\\nauto = {auto}\\n', 1)\n"
+                         f"open(p, 'w').write(s)\nEOT")
+            lab.wait(f"auto = {auto} pushed to B", lambda: (json.loads(lab.run(
+                "b", "pit status --local").stdout).get("config_version") or 0) > (v0 or 0), 60)
+            time.sleep(3 * ttl)
+            fa, fb = fo("a"), fo("b")
+            if not (fa.get("holding") and fa.get("token") == token and fb.get("phase") == "standby"):
+                raise RuntimeError(f"pushing auto = {auto} changed the primary: A {fa}, B {fb}")
+        out["config_push"] = f"auto = false, then true, pushed from A: A kept token {token}, B standing by"
+        log(out["config_push"])
+    finally:
+        stop.set()
+        writer.join(60)
+    present = {int(x) for x in sql("a", "select id from acks").stdout.split()}
+    lost = [i for i, _ in acked if i not in present]
+    out["acknowledged"] = {"on B": sum(n == "b" for _, n in acked), "on A": sum(n == "a" for _, n in acked),
+                           "lost": len(lost)}
+    log(f"client: {len(acked)} inserts acknowledged ({out['acknowledged']}), {len(lost)} missing on A")
+    if lost:
+        raise RuntimeError(f"{len(lost)} acknowledged ids are missing from A's database: {lost[:20]}")
+    return out
+
+
 # =============================================================================== the systemctl stand-in
 UNIT_DIR = "/etc/systemd/system"
+WANTS_DIR = "/etc/systemd/system/lab-boot.target.wants"  # what `enable` links (the host's own links are not the lab's)
 RUN_DIR = "/run/systemd/lab"
 LOG_DIR = "/var/log/pit-lab"
 
@@ -819,7 +980,16 @@ def systemctl(argv: list[str]) -> int:
     os.makedirs(RUN_DIR, exist_ok=True)
     if cmd == "daemon-reload":
         return 0
+    if cmd == "lab-boot":  # the lab's power-on: what systemd would start (bench/quickstart.py, Lab.power_on)
+        wants = sorted(os.listdir(WANTS_DIR)) if os.path.isdir(WANTS_DIR) else []
+        return max([_start(u) for u in wants], default=0)
     if cmd in ("enable", "start", "restart"):
+        if cmd == "enable":
+            os.makedirs(WANTS_DIR, exist_ok=True)
+            for u in units:
+                link = os.path.join(WANTS_DIR, u)
+                if os.path.exists(os.path.join(UNIT_DIR, u)) and not os.path.lexists(link):
+                    os.symlink(os.path.join(UNIT_DIR, u), link)
         if cmd == "enable" and "--now" not in flags:
             return 0
         rc = 0

@@ -1,7 +1,7 @@
 """docs/quickstart.md stays what bench/quickstart.py runs: its blocks extract, each node runs at most six
 shell commands and the page says how many, the lab's substitutions leave no 10.0.0.x behind; the page's commands
 find the agent without --config; and the whole page runs on network namespaces (bench/quickstart.py: in CI
-without the failover, under -m slow with it). The lab removes what it made; the test checks that too."""
+without the failover, under -m slow with it and issue 14's failback scenario). The lab removes what it made; the test checks that too."""
 from __future__ import annotations
 
 import importlib.util
@@ -148,8 +148,14 @@ def test_the_page_runs_on_namespaces(tmp_path):
 
 @pytest.mark.slow
 def test_the_page_runs_on_namespaces_and_b_takes_over(tmp_path):
+    """And issue 14's scenario from the runbooks: A back (fenced, caught up), `pit failback` while a client
+    inserts, a partition healed and `[failover]` pushes without a new term; no acknowledged insert lost."""
     rep = _run_lab(tmp_path)
     _check_report(rep)
     fo = rep["failover"]
     assert fo["token"] > fo["previous_token"] and set(fo["images"]) == {"sales", "www"}
     assert fo["database_on_b"].startswith(("PostgreSQL started", "sqlite"))
+    back = rep["back_home"]
+    if "skipped" not in back:
+        assert back["failback"]["token"] > fo["token"] and back["acknowledged"]["lost"] == 0
+        assert back["acknowledged"]["on B"] > 0 and back["acknowledged"]["on A"] > 0
