@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import html
 import mimetypes
+import re
 import time
 import urllib.parse
 import zipfile
@@ -35,6 +36,7 @@ from typing import Iterator
 from wsgidav.dav_error import (HTTP_BAD_REQUEST, HTTP_FORBIDDEN, HTTP_NOT_FOUND, PRECONDITION_CODE_ProtectedProperty,
                                DAVError)
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
+from wsgidav.util import parse_time_string
 
 from store.errors import PathNotFound, StoreError
 from store.view import ALL, LATEST, VERSIONS, Node, Scope, View
@@ -43,6 +45,7 @@ from . import propfind
 from .safety import listing_headers
 
 BLOCK = 256 * 1024
+SINGLE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
 AVAILABLE = 1 << 50  # "plenty": a read-only share that Windows must not think is full or FAT
 
 PIT_NS = "https://pitstore.dev/ns"  # the XML namespace of pitstore's own WebDAV properties
@@ -122,10 +125,12 @@ class _Common:
         return self.node.name
 
     def get_creation_date(self):
-        return self.node.mtime
+        return self.node.mtime_ns // 10**9
 
     def get_last_modified(self):
-        return self.node.mtime
+        # whole seconds, as Last-Modified says: wsgidav compares If-Modified-Since with this value, and a
+        # sub-second mtime was always "newer" than the date the client had been given (200, not 304)
+        return self.node.mtime_ns // 10**9
 
     def get_etag(self):
         return self.node.etag or None
@@ -275,12 +280,22 @@ class ViewProvider(DAVProvider):
                 raise DAVError(HTTP_BAD_REQUEST, context_info=f"invalid Depth header {depth!r}")
             return self._propfind(environ, start_response, depth == "1")
         if method in ("GET", "HEAD"):
+            if "HTTP_RANGE" in environ and not SINGLE_RANGE.fullmatch(environ["HTTP_RANGE"].strip()):
+                # wsgidav 4.4 answers `bytes=0-9,20-29` with a 206 of the last range only, and a malformed
+                # Range with 416; RFC 9110 14.2 lets a server ignore Range: the whole body, 200.
+                del environ["HTTP_RANGE"]
             res = self.get_resource_inst(environ["PATH_INFO"], environ)
             if res is not None and res.is_collection:
                 q = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
                 if "zip" in q:
                     return self._zip(res, environ, start_response, method == "HEAD")
                 return self._html(res, environ, start_response, method == "HEAD")
+            if res is not None and not_modified_since(res, environ):
+                # wsgidav 4.4 answers 304 only when If-Modified-Since is *later* than Last-Modified; a
+                # client sends back the very Last-Modified it was given (RFC 9110 13.1.3: not later = 304)
+                start_response("304 Not Modified", [("ETag", propfind.quote_etag(res.node.etag)),
+                                                    ("Last-Modified", propfind.http_date(res.get_last_modified()))])
+                return [b""]
         return default_handler(environ, start_response)
 
     # -------------------------------------------------------------- PROPFIND
@@ -326,6 +341,14 @@ class ViewProvider(DAVProvider):
         if head:
             return [b""]
         return stream_zip(res.view, res.node)
+
+
+def not_modified_since(res, environ) -> bool:
+    ims = environ.get("HTTP_IF_MODIFIED_SINCE")
+    if not ims or "HTTP_IF_NONE_MATCH" in environ or not res.node.etag:  # If-None-Match wins (RFC 9110 13.1.3)
+        return False
+    when = parse_time_string(ims)
+    return when is not None and res.get_last_modified() <= when
 
 
 class _Sink:

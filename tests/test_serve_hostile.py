@@ -505,3 +505,31 @@ def test_repeated_failed_logins_are_locked_out(repo):
         assert b"failed to log in" in s.log.read_bytes()
     finally:
         s.close()
+
+
+# ----------------------------------------------------------------------------- HTTP details clients rely on
+def _get(served: Served, path: str, **headers) -> tuple[int, dict[str, str], bytes]:
+    c = http.client.HTTPSConnection("127.0.0.1", served.port, context=served.context(), timeout=GENEROUS)
+    try:
+        c.request("GET", path, headers={"Authorization": AUTH, **{k.replace("_", "-"): v for k, v in headers.items()}})
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("rng", ["bytes=0-9,20-29", "bytes=abc", "bytes=5-2x", "lines=1-2"])
+def test_multi_or_malformed_range_gets_the_whole_body(server, rng):
+    status, _, body = _get(server, "/office/latest/data/big.bin", Range=rng)
+    assert status == 200 and len(body) == BIG  # never a 206 holding only one of several ranges
+
+
+def test_single_range_still_206(server):
+    status, h, body = _get(server, "/office/latest/data/big.bin", Range="bytes=10-19")
+    assert status == 206 and len(body) == 10 and h["content-range"] == f"bytes 10-19/{BIG}"
+
+
+def test_if_modified_since_equal_to_last_modified_is_304(server):
+    status, h, _ = _get(server, "/office/latest/data/small.txt")
+    assert status == 200
+    assert _get(server, "/office/latest/data/small.txt", If_Modified_Since=h["last-modified"])[0] == 304
