@@ -328,37 +328,52 @@ def diff(ctx, old, new, as_json):
 @click.option("--fail-fast", is_flag=True,
               help="Stop at the first file that cannot be restored because of damage (default: restore every "
                    "other file, then name the damaged ones and exit 3).")
+@click.option("--include", "-i", "include", multiple=True, metavar="PATTERN",
+              help="Restore only paths matching PATTERN (and what is under a matching directory); repeatable.")
+@click.option("--iinclude", multiple=True, metavar="PATTERN", help="The same, ignoring case.")
+@click.option("--exclude", "-e", "exclude", multiple=True, metavar="PATTERN",
+              help="Leave out paths matching PATTERN (gitignore style, as `pit snapshot --exclude`).")
+@click.option("--iexclude", multiple=True, metavar="PATTERN", help="The same, ignoring case.")
+@click.option("--overwrite", type=click.Choice(["always", "if-changed", "if-newer", "never"]), default="if-newer",
+              show_default=True,
+              help="A file already in TARGET that differs from the snapshot's: always replace it; replace it if its "
+                   "content differs; only if the snapshot's copy is newer (a file changed in TARGET since is "
+                   "kept); never.")
+@click.option("--delete", is_flag=True, help="Remove what TARGET holds that the (selected) snapshot does not.")
+@click.option("--dry-run", "-n", is_flag=True, help="Say what would be written, overwritten, kept and deleted.")
+@click.option("--verify", is_flag=True, help="Read every restored file back and compare it with the snapshot.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def restore(ctx, spec, target, fail_fast, as_json):
+def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, overwrite, delete, dry_run, verify,
+            as_json):
     """Restore a snapshot, or one file or directory of it, into TARGET.
 
+    A file already in TARGET is replaced only as --overwrite says (default
+    if-newer: what you changed there since the snapshot is kept, and named).
     A file whose data is damaged in the repository is not restored (nothing
     of it is left in TARGET); every other file is. Each damaged file (or
     subtree whose listing is unreadable) is named on stderr and the exit
     code is 3."""
     from .errors import DamageFound
     from .objects import ObjectReader
-    from .restore import Restorer, count_failures
+    from .restore import Restorer, Selection, count_failures
     from .snapshots import resolve
 
     repo = open_repo(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
-    status = StatusLine()
+    status = StatusLine("restore", json_lines=as_json)
     t0 = time.monotonic()
     with repo.reading() as txn:
         snap = resolve(repo, txn, snap_spec)
+        selection = Selection(include, iinclude, exclude, iexclude, sources=snap.paths)
         r = ObjectReader(repo, txn)
         e = r.lookup(snap.root, path)
-        last = [0.0]
 
         def progress(st):
-            now = time.monotonic()
-            if now - last[0] > 0.2:
-                last[0] = now
-                status.show(f"restored {st.files} files, {mib(st.bytes)}")
+            status.show(f"restored {st.files} files, {mib(st.bytes)}", files=st.files, bytes=st.bytes)
 
-        rs = Restorer(r, progress=progress, fail_fast=fail_fast)
+        rs = Restorer(r, progress=progress, fail_fast=fail_fast, overwrite=overwrite, delete=delete,
+                      dry_run=dry_run, verify=verify, selection=selection)
         try:
             st = rs.restore(e, target, path=path)
         except DamageFound as exc:
@@ -371,16 +386,35 @@ def restore(ctx, spec, target, fail_fast, as_json):
             raise
     status.done()
     dt = time.monotonic() - t0
+    if dry_run:
+        _restore_plan(snap, path, target, rs, st, as_json)
+        return
     if as_json:
         click.echo(json.dumps({"snapshot": snap.hex, "target": os.path.abspath(target), "files": st.files,
                                "dirs": st.dirs, "symlinks": st.symlinks, "bytes": st.bytes, "links": st.links,
                                "xattrs": st.xattrs, "xattrs_not_set": st.xattr_failed, "warnings": st.warnings,
+                               "overwritten": st.overwritten, "unchanged": st.unchanged, "deleted": st.removed,
+                               "kept": [p for a, p in rs.actions if a == "kept"], "verified": st.verified,
                                "failed": [f.to_json() for f in rs.failures], "seconds": round(dt, 3)}))
     else:
         extra = f", {st.links} hard links" if st.links else ""
         click.echo(f"restored {snap.set}@{snap.name}{':' + path if path else ''} to {target}: "
                    f"{st.files} files, {st.dirs} dirs, {st.symlinks} symlinks{extra}, {mib(st.bytes)} in {dt:.2f} s"
                    + (f"; {st.failed} not restored (damaged)" if st.failed else ""))
+        extra = [f"{n} {what}" for n, what in ((st.overwritten, "overwritten"), (st.unchanged, "already equal"),
+                                                (st.removed, "deleted (--delete)"),
+                                                (st.verified, "read back and verified")) if n]
+        if extra:
+            click.echo("  " + ", ".join(extra))
+        kept = [p for a, p in rs.actions if a == "kept"]
+        for p in kept[:20]:
+            click.echo(f"pit: warning: kept {one_line(p)}: it differs from the snapshot's and --overwrite is "
+                       f"{overwrite}", err=True)
+        if len(kept) > 20:
+            click.echo(f"pit: warning: ... and {len(kept) - 20} more kept", err=True)
+        if kept:
+            click.echo(f"pit: warning: {len(kept)} file(s) in the target were kept (changed there since the "
+                       f"snapshot?); `--overwrite always` replaces them, `--dry-run` lists them", err=True)
         for w in st.warnings[:20]:
             click.echo(f"pit: warning: {one_line(w)}", err=True)
         if st.xattr_failed > min(len(st.warnings), 20):
@@ -391,6 +425,25 @@ def restore(ctx, spec, target, fail_fast, as_json):
             _restore_failures(rs.failures)
         fail(f"{count_failures(rs.failures)} not restored: the repository's data for them is damaged "
              f"(`pit verify --deep` names it); everything else was restored", DamageFound.exit_code)
+
+
+def _restore_plan(snap, path, target, rs, st, as_json) -> None:
+    """`pit restore --dry-run`: every decision, nothing written."""
+    if as_json:
+        click.echo(json.dumps({"snapshot": snap.hex, "target": os.path.abspath(target), "dry_run": True,
+                               "actions": [{"action": a.split(" ", 1)[0], "path": p} for a, p in rs.actions],
+                               "more_actions": rs.actions_dropped,
+                               "write": st.files, "bytes": st.bytes, "overwrite": st.overwritten,
+                               "unchanged": st.unchanged, "keep": st.kept, "delete": st.removed}, indent=2))
+        return
+    for a, p in rs.actions:
+        if a != "unchanged":
+            click.echo(one_line(f"would {a:9} {p}" if not a.startswith(("keep", "refuse")) else f"would {a}: {p}"))
+    if rs.actions_dropped:
+        click.echo(f"... and {rs.actions_dropped} more")
+    click.echo(f"dry run of {snap.set}@{snap.name}{':' + path if path else ''} into {target}: would write "
+               f"{st.files - st.overwritten} new and overwrite {st.overwritten} files ({mib(st.bytes)}), keep "
+               f"{st.kept}, delete {st.removed}; {st.unchanged} already equal; nothing was written")
 
 
 MAX_FAILED_LINES = 50  # `pit restore` names at most this many damaged files, then counts the rest

@@ -40,7 +40,9 @@ class PitGroup(click.Group):
             if typed is not None:
                 fail(str(typed), typed.exit_code)
             fail(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}", 1)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except click.ClickException as exc:  # a usage error of a command: one line too, exit 2
+            click_error(exc)
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
             from .errors import translate
@@ -54,6 +56,13 @@ class PitGroup(click.Group):
                 raise
             fail(f"internal error: {type(exc).__name__}: {exc} (set PIT_DEBUG=1 for the traceback; please report it)",
                  EXIT_INTERNAL)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # the group's own options (`pit --bogus`) are parsed here, before invoke
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:
+            click_error(exc)
 
     def list_commands(self, ctx):
         self._load_plugins()
@@ -75,6 +84,19 @@ class PitGroup(click.Group):
         self._plugins_loaded = True
         for ep in entry_points(group="pit.commands"):
             self.add_command(ep.load(), ep.name)
+
+
+def click_error(exc: click.ClickException):
+    """click's usage errors (unknown option, missing or bad argument) as pit's own: one line on stderr
+    naming where help is, and click's exit code (2 for usage)."""
+    msg = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError):
+        where = ctx.command_path if ctx is not None else "pit"
+        where = "pit" + where[len(ctx.find_root().info_name):] if ctx is not None and ctx.find_root().info_name \
+            else where
+        msg = f"usage: {msg} (see `{where} --help`)"
+    fail(msg, exc.exit_code)
 
 
 def one_line(msg: str) -> str:

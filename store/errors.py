@@ -136,6 +136,12 @@ class ReadOnlyRepository(StoreError):
     exit_code = 28
 
 
+class RestoreVerifyFailed(StoreError):
+    """`pit restore --verify`: a restored file read back differently from the snapshot."""
+
+    exit_code = 29
+
+
 # LMDB's codes for a damaged environment (MDB_CORRUPTED, MDB_PAGE_NOTFOUND,
 # MDB_INVALID, ...), by py-lmdb class name: a damaged index, which the
 # packs can rebuild. Other LMDB errors are not damage.

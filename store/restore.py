@@ -30,20 +30,34 @@ quick check; its owner, mode and extended attributes are still brought in
 line), and names the tree does not have are removed. That is how a
 promoted secondary turns its live paths into the chosen image without
 rewriting the data it already has.
+
+`pit restore`'s options (docs/store.md, "Restore"): a `Selection`
+(`--include`/`--exclude` patterns, store/filters.py) restores only part of
+the tree; `overwrite` says what happens to a file already in the target
+(`always`, `if-changed`, `if-newer`, `never`; a file left alone by the
+policy is *kept* and named); `delete` removes names the selected tree does
+not have; `dry_run` decides everything the same way and writes nothing
+(`actions` lists what would be written, overwritten, kept and deleted);
+`verify` re-reads every file written and compares each chunk's BLAKE3 with
+its id.
 """
 from __future__ import annotations
 
 import errno
 import os
 import secrets
+
+import blake3
 import shutil
 import stat
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import packs as P
-from .errors import BlobMissing, DamageFound, DiskFull, IntegrityError, StoreError, UnsafePath
+from .errors import (BlobMissing, DamageFound, DiskFull, IntegrityError, InvalidArgument, RestoreVerifyFailed,
+                     StoreError, UnsafePath)
 from .files import ChunkList, data_places
+from .filters import Filter, FilterRules, PathMatcher
 from .objects import ObjectReader
 from .trees import DIR, FILE, SYMLINK, Entry
 
@@ -62,6 +76,9 @@ CORRUPT_CHUNK = "corrupt chunk"
 MISSING_LIST = "missing chunk list"
 CORRUPT_LIST = "corrupt chunk list"
 BAD_TREE = "unreadable tree"
+
+OVERWRITE = ("always", "if-changed", "if-newer", "never")
+MAX_ACTIONS = 100_000  # a dry run lists at most this many actions (then counts)
 
 
 @dataclass
@@ -98,6 +115,9 @@ class RestoreStats:
     xattrs: int = 0     # extended attributes set
     xattr_failed: int = 0  # extended attributes that could not be set (warnings)
     failed: int = 0     # files and subtrees not restored because of damage
+    overwritten: int = 0  # files that were in the target and were replaced
+    kept: int = 0       # files in the target the overwrite policy left alone (they differ from the snapshot)
+    verified: int = 0   # files read back and found equal (--verify)
     warnings: list[str] = field(default_factory=list)  # the first MAX_WARNINGS
 
 
@@ -128,6 +148,54 @@ def count_failures(failures: list["Failure"]) -> str:
     parts = ([f"{nf} file{'s' if nf != 1 else ''}"] if nf else []) + \
         ([f"{nd} director{'ies' if nd != 1 else 'y'}"] if nd else [])
     return " and ".join(parts) or "nothing"
+
+
+class Selection:
+    """What part of a snapshot a restore takes: `--include` patterns (a file is restored when it or a
+    directory above it matches; the directories leading to it are made), `--exclude` rules (a matching
+    path is left out with everything under it). Patterns match the path in the snapshot, as `pit ls`
+    shows it; absolute ones are rewritten against the snapshot's source paths (store/filters.py)."""
+
+    def __init__(self, include=(), iinclude=(), exclude=(), iexclude=(), sources=()) -> None:
+        self.include = PathMatcher(include, what="--include pattern", sources=sources) if include else None
+        self.iinclude = PathMatcher(iinclude, True, what="--iinclude pattern", sources=sources) \
+            if iinclude else None
+        self.exclude: Filter | None = FilterRules(exclude=tuple(exclude), iexclude=tuple(iexclude)).compile(
+            sources) if (exclude or iexclude) else None
+
+    @property
+    def includes(self) -> bool:
+        return self.include is not None or self.iinclude is not None
+
+    def excluded(self, path: bytes, is_dir: bool) -> bool:
+        return self.exclude is not None and self.exclude.match(path, is_dir)
+
+    def included(self, path: bytes, is_dir: bool) -> bool:
+        return any(m is not None and m.match(path, is_dir) for m in (self.include, self.iinclude))
+
+
+def target_matches(fd: int, e: Entry, cl: ChunkList) -> bool:
+    """Does the open file hold exactly the entry's data? Its size, then each chunk's bytes read back
+    from their places and hashed (BLAKE3, the chunk's id): the repository is not read again."""
+    if os.fstat(fd).st_size != e.size:
+        return False
+    places = data_places(e.extents, e.size)
+    off = left = 0
+    for cid, n in zip(cl.ids, cl.lengths):
+        h = blake3.blake3()
+        need = n
+        while need:
+            if not left:
+                off, left = next(places)
+            k = min(left, need, 1 << 22)
+            data = os.pread(fd, k, off)
+            if len(data) != k:
+                return False
+            h.update(data)
+            off, left, need = off + k, left - k, need - k
+        if h.digest() != cid:
+            return False
+    return True
 
 
 def _text(path: bytes) -> str:
@@ -226,9 +294,21 @@ def _link_sig(e: Entry) -> tuple:
 class Restorer:
     def __init__(self, reader: ObjectReader, owners: bool | None = None,
                  progress: Callable[[RestoreStats], None] | None = None, sync: bool = False,
-                 fail_fast: bool = False) -> None:
+                 fail_fast: bool = False, overwrite: str = "always", delete: bool = False,
+                 dry_run: bool = False, verify: bool = False, selection: Selection | None = None) -> None:
+        if overwrite not in OVERWRITE:
+            raise InvalidArgument(f"--overwrite must be one of {', '.join(OVERWRITE)}, not {overwrite!r}")
         self.reader = reader
         self.sync = sync
+        self.overwrite = "always" if sync else overwrite
+        self.delete = delete or sync
+        self.dry_run = dry_run
+        self.verify = verify
+        self.selection = selection if selection is not None and (selection.includes or selection.exclude) else None
+        self.actions: list[tuple[str, str]] = []  # (action, path): every decision of a dry run; kept files
+        self.actions_dropped = 0
+        self._written: list[tuple[tuple[bytes, ...], Entry]] = []  # for --verify
+        self._needed: set[bytes] | None = None  # with --include: directories holding something included
         self.fail_fast = fail_fast
         self.owners = os.geteuid() == 0 if owners is None else owners
         self.stats = RestoreStats()
@@ -249,19 +329,26 @@ class Restorer:
         p = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else (path or b"")
         p = p.strip(b"/")
         self._prefix = p if entry.name == b"" else p.rpartition(b"/")[0]
+        if self.selection is not None and self.selection.includes:
+            self._needed = self._included_dirs(entry)
         try:
-            os.makedirs(target, exist_ok=True)
-            tfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+            if self.dry_run:
+                tfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY) if os.path.isdir(target) else None
+            else:
+                os.makedirs(target, exist_ok=True)
+                tfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise StoreError(f"cannot use restore target {target}: {exc.strerror}") from None
-        self._tfd = tfd
+        self._tfd = -1 if tfd is None else tfd
         try:
             if entry.name == b"":
                 entries = self._tree(entry.content, ())
                 if entries is not None:
                     self._fill_dir(tfd, entries, ())
-            else:
+            elif self._selected(entry, (entry.name,)):
                 self._entry(tfd, entry, (entry.name,))
+            if self.verify and not self.dry_run:
+                self._verify_written()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull("no space left on device during restore") from None
@@ -270,10 +357,123 @@ class Restorer:
             raise StoreError(f"restore failed: {exc}") from None
         finally:
             self._tfd = -1
-            os.close(tfd)
+            if tfd is not None:
+                os.close(tfd)
         if self.failures:
             raise restore_incomplete(self.stats, self.failures)  # a DamageFound
         return self.stats
+
+    # ------------------------------------------------------------- selection, actions
+    def _spath(self, parts: tuple[bytes, ...]) -> bytes:
+        """The path in the snapshot (what patterns match)."""
+        return b"/".join((self._prefix, *parts) if self._prefix else parts)
+
+    def _included_dirs(self, entry: Entry) -> set[bytes]:
+        """With --include: every directory (snapshot path) that holds something included, found by one
+        walk of the trees before anything is written, so no empty directory is made for nothing."""
+        sel = self.selection
+        needed: set[bytes] = set()
+        base = self._prefix if entry.name == b"" else self._spath((entry.name,))
+        items = [(base, entry)] if entry.name != b"" else []
+        if entry.type == DIR:
+            try:
+                items += list(self.reader.walk(entry.content, base))
+            except IntegrityError:
+                pass  # the restore names the unreadable tree
+        inside: list[bytes] = []
+        skip = None
+        for path, e in items:
+            if skip is not None and path.startswith(skip + b"/"):
+                continue
+            skip = None
+            while inside and not path.startswith(inside[-1] + b"/"):
+                inside.pop()
+            if sel.excluded(path, e.type == DIR):
+                skip = path
+                continue
+            if inside or sel.included(path, e.type == DIR):
+                if e.type == DIR and not inside:
+                    inside.append(path)
+                parent = path
+                while b"/" in parent:
+                    parent = parent.rpartition(b"/")[0]
+                    needed.add(parent)
+                needed.add(path)
+        return needed
+
+    def _selected(self, e: Entry, parts: tuple[bytes, ...]) -> bool:
+        sel = self.selection
+        if sel is None:
+            return True
+        path = self._spath(parts)
+        if sel.exclude is not None and sel.excluded(path, e.type == DIR):
+            return False
+        return self._needed is None or path in self._needed
+
+    def _act(self, action: str, parts: tuple[bytes, ...]) -> None:
+        if len(self.actions) < MAX_ACTIONS:
+            self.actions.append((action, self._name(parts)))
+        else:
+            self.actions_dropped += 1
+
+    def _verify_written(self) -> None:
+        """Read back every file written and compare it, chunk by chunk, with the snapshot's ids."""
+        bad = []
+        for parts, e in self._written:
+            pfd = self._open_parent(parts)
+            ok = False
+            if pfd is not None:
+                try:
+                    fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=pfd)
+                    try:
+                        ok = target_matches(fd, e, self.reader.chunk_list(e))
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    ok = False
+                finally:
+                    os.close(pfd)
+            if ok:
+                self.stats.verified += 1
+            else:
+                bad.append(self._name(parts))
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise RestoreVerifyFailed(f"{len(bad)} restored file(s) read back differently from the snapshot: "
+                                      f"{', '.join(bad[:5])}{more} (the target's storage? try again)")
+
+    def _decide(self, st: os.stat_result | None, e: Entry, dfd: int | None) -> str:
+        """What to do with a file the snapshot has and the target may have (`st`, not followed):
+        "new", "unchanged" (same size and mtime, or same content), "overwrite" or "keep"."""
+        if st is None:
+            return "new"
+        if not stat.S_ISREG(st.st_mode):
+            return "keep" if self.overwrite == "never" else "overwrite"
+        pol = self.overwrite
+        if pol == "always":
+            return "overwrite"
+        if st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+            return "unchanged"
+        if pol == "never":
+            return "keep"
+        if pol == "if-newer":
+            return "overwrite" if e.mtime_ns > st.st_mtime_ns else "keep"
+        # if-changed: a file of the same size is read back and compared before it is rewritten
+        if st.st_size == e.size and dfd is not None and self._same_content(dfd, e):
+            return "unchanged"
+        return "overwrite"
+
+    def _same_content(self, dfd: int, e: Entry) -> bool:
+        try:
+            fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+        except OSError:
+            return False
+        try:
+            return target_matches(fd, e, self.reader.chunk_list(e))
+        except (OSError, IntegrityError):
+            return False
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------- damage
     def _name(self, parts: tuple[bytes, ...]) -> str:
@@ -298,18 +498,47 @@ class Restorer:
             return None
 
     # -------------------------------------------------------------- walk
-    def _fill_dir(self, dfd: int, entries: list[Entry], parts: tuple[bytes, ...]) -> None:
+    def _fill_dir(self, dfd: int | None, entries: list[Entry], parts: tuple[bytes, ...]) -> None:
+        keep = set()
         for e in entries:
-            self._entry(dfd, e, parts + (e.name,))
-        if self.sync:
-            keep = {e.name for e in entries}
+            if self._selected(e, parts + (e.name,)):
+                keep.add(e.name)
+                self._entry(dfd, e, parts + (e.name,))
+        if self.delete and dfd is not None:
             for name in os.listdir(dfd):
                 name = os.fsencode(name)
-                if name not in keep:
-                    self._remove(dfd, name)
+                if name in keep:
+                    continue
+                if not self.sync and self.selection is not None and not self._deletable(dfd, name, parts):
+                    continue  # outside what the filter selects: not ours to delete
+                self._remove(dfd, name, parts + (name,))
 
-    def _remove(self, dfd: int, name: bytes) -> None:
-        """sync: remove `name` under dfd, a directory with its contents, never following a symlink."""
+    def _deletable(self, dfd: int, name: bytes, parts: tuple[bytes, ...]) -> bool:
+        """--delete with --include/--exclude acts only on what the filter selects."""
+        try:
+            is_dir = stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+        path = self._spath(parts + (name,))
+        sel = self.selection
+        if sel.excluded(path, is_dir):
+            return False
+        if not sel.includes:
+            return True
+        p = path
+        while True:  # it, or a directory above it, is included
+            if sel.included(p, is_dir if p == path else True):
+                return True
+            if b"/" not in p:
+                return False
+            p = p.rpartition(b"/")[0]
+
+    def _remove(self, dfd: int, name: bytes, parts: tuple[bytes, ...] | None = None) -> None:
+        """sync, --delete: remove `name` under dfd, a directory with its contents, never following a symlink."""
+        if self.dry_run:
+            self._act("delete", parts if parts is not None else (name,))
+            self.stats.removed += 1
+            return
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(name, dir_fd=dfd)
@@ -328,6 +557,28 @@ class Restorer:
         self._remove(dfd, name)
         return True
 
+    def _dry_dir(self, dfd: int | None, e: Entry, parts: tuple[bytes, ...], entries: list[Entry]) -> None:
+        """A dry run's directory: what is there is looked at (never through a symlink), nothing made."""
+        sub = None
+        if dfd is not None:
+            try:
+                sub = os.open(e.name, DIR_FLAGS, dir_fd=dfd)
+            except FileNotFoundError:
+                sub = None
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    self._act("refuse (not a directory in the target)", parts)
+                    return
+                raise
+        if sub is None:
+            self._act("create", parts)
+        try:
+            self._fill_dir(sub, entries, parts)
+        finally:
+            if sub is not None:
+                os.close(sub)
+        self.stats.dirs += 1
+
     def _entry(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> None:
         if e.type == DIR:
             self._dir(dfd, e, parts)
@@ -340,6 +591,8 @@ class Restorer:
         entries = self._tree(e.content, parts)
         if entries is None:
             return  # named as a whole; nothing made for it (sync: what is there stays)
+        if self.dry_run:
+            return self._dry_dir(dfd, e, parts, entries)
         if self.sync:
             self._in_the_way(dfd, e.name, want_dir=True)
         try:
@@ -370,6 +623,42 @@ class Restorer:
         if src is not None and src.sig != _link_sig(e):
             src = None  # same inode key, other content: not one file (a snapshot made across devices?)
         st = None
+        if not self.sync:
+            try:
+                here = os.stat(e.name, dir_fd=dfd, follow_symlinks=False) if dfd is not None else None
+            except FileNotFoundError:
+                here = None
+            if here is not None and stat.S_ISDIR(here.st_mode):
+                if self.dry_run:
+                    self._act("refuse (a directory is in the way)", parts)
+                    return
+                raise StoreError(f"cannot restore file {_text(e.name)}: a directory is in the way")
+            decision = self._decide(here, e, dfd)
+            if self.dry_run:
+                self._act({"new": "write", "unchanged": "unchanged", "overwrite": "overwrite",
+                           "keep": "keep (differs, --overwrite " + self.overwrite + ")"}[decision], parts)
+                if decision == "new" or decision == "overwrite":
+                    self.stats.files += 1
+                    self.stats.bytes += e.size
+                    self.stats.overwritten += decision == "overwrite"
+                elif decision == "keep":
+                    self.stats.kept += 1
+                else:
+                    self.stats.unchanged += 1
+                return
+            if decision == "keep":
+                self.stats.kept += 1
+                self._act("kept", parts)
+                return
+            if decision == "unchanged":
+                if (here.st_mtime_ns == e.mtime_ns and not self._meta_differs(dfd, e, here)) or \
+                        self._fix_meta(dfd, e, parts):
+                    self.stats.unchanged += 1
+                    if key is not None and key not in self._links:
+                        self._links[key] = _LinkSource(parts, here.st_ino, _link_sig(e))
+                    return
+            if decision in ("overwrite", "unchanged"):
+                self.stats.overwritten += 1
         if self.sync and not self._in_the_way(dfd, e.name, want_dir=False):
             try:
                 st = os.stat(e.name, dir_fd=dfd, follow_symlinks=False)
@@ -413,6 +702,8 @@ class Restorer:
             raise
         if key is not None and key not in self._links:
             self._links[key] = _LinkSource(parts, ino, _link_sig(e))
+        if self.verify:
+            self._written.append((parts, e))
         self.stats.files += 1
 
     def _write(self, fd: int, e: Entry, cl: ChunkList) -> None:
@@ -483,6 +774,29 @@ class Restorer:
             raise StoreError(f"cannot restore file {_text(name)}: a directory is in the way") from None
 
     def _symlink(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> None:
+        if not self.sync and (self.overwrite != "always" or self.dry_run):
+            try:
+                here = os.stat(e.name, dir_fd=dfd, follow_symlinks=False) if dfd is not None else None
+            except FileNotFoundError:
+                here = None
+            if here is not None and stat.S_ISLNK(here.st_mode) and os.readlink(e.name, dir_fd=dfd) == e.content:
+                decision = "unchanged"
+            elif here is None:
+                decision = "new"
+            elif self.overwrite == "never" or (self.overwrite == "if-newer" and here.st_mtime_ns >= e.mtime_ns):
+                decision = "keep"
+            else:
+                decision = "overwrite"
+            if self.dry_run:
+                self._act({"new": "write", "unchanged": "unchanged", "overwrite": "overwrite",
+                           "keep": "keep (differs, --overwrite " + self.overwrite + ")"}[decision], parts)
+                self.stats.symlinks += decision in ("new", "overwrite")
+                return
+            if decision in ("unchanged", "keep"):
+                if decision == "keep":
+                    self.stats.kept += 1
+                    self._act("kept", parts)
+                return
         if self.sync:
             self._in_the_way(dfd, e.name, want_dir=False)
         tmp = b".pit-" + secrets.token_hex(6).encode() + b".lnk"
@@ -543,6 +857,21 @@ class Restorer:
             if not stat.S_ISREG(st.st_mode) or st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
                 return False
             self._meta_fd(fd, e, parts, prune_xattrs=True)
+        finally:
+            os.close(fd)
+        return True
+
+    def _fix_meta(self, dfd: int, e: Entry, parts: tuple[bytes, ...]) -> bool:
+        """A file whose content is already the snapshot's: owner, mode, attributes and times put right
+        (attributes the snapshot lacks are left alone outside sync); False when it is not a regular file."""
+        try:
+            fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dfd)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            self._meta_fd(fd, e, parts)
         finally:
             os.close(fd)
         return True
