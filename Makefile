@@ -43,4 +43,5 @@ install: venv deps bytecode
 	@echo "pit installed: $$(command -v pit)"
 
 clean-demo:
-	@test -x $(BIN)/pit && $(BIN)/pit demo down || rm -rf demo-data
+	@# a failing `demo down` is reported, not hidden by removing its data under running processes
+	@if test -x $(BIN)/pit; then $(BIN)/pit demo down; else rm -rf demo-data; fi
