@@ -71,11 +71,9 @@ def serve(ctx, config_path, listen, port, self_signed, scratch_dir, verbose):
         raise InvalidArgument("no users configured: give --config FILE with [users.NAME] entries "
                               "(make password hashes with `pit passwd`)")
     if (self_signed or cfg.self_signed) and not cfg.tls:
-        hosts = [cfg.listen] if cfg.listen not in ("0.0.0.0", "::") else []
-        hosts += ["localhost", "127.0.0.1"]
-        import socket
-        hosts.append(socket.gethostname())
-        cfg.certificate, cfg.private_key = make_cert(os.path.join(repo.path, "serve-tls"), list(dict.fromkeys(hosts)))
+        from .server import certificate_names
+
+        cfg.certificate, cfg.private_key = make_cert(os.path.join(repo.path, "serve-tls"), certificate_names(cfg))
         click.echo(f"self-signed certificate: {cfg.certificate}", err=True)
     if scratch_dir:
         import ipaddress

@@ -3,8 +3,9 @@
     [server]
     listen = "127.0.0.1"        # loopback unless you say otherwise
     port = 8080
-    certificate = "/etc/pit/cert.pem"   # TLS when both are given
-    private_key = "/etc/pit/key.pem"
+    certificate = "/etc/pit/cert.pem"   # TLS when both are given (from your own CA; the file may hold the chain)
+    private_key = "/etc/pit/key.pem"    # (`cert` and `key` are the same keys, shorter)
+    names = ["backup.example.lan"]      # with self_signed: more names the certificate must carry
     self_signed = true          # or: HTTPS with a self-signed certificate kept in REPO/serve-tls/
     anonymous = false           # true: no login; then [anonymous] gives the scope
     threads = 64                # workers: each request being answered (a download) holds one
@@ -73,6 +74,7 @@ class ServerConfig:
     anonymous: bool = False
     anonymous_scope: Scope | None = None
     users: dict[str, User] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
     threads: int = 64
     max_connections_per_client: int = 32
     max_connections: int = 1000
@@ -116,9 +118,15 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
     if not isinstance(srv.get("self_signed", False), bool):
         raise InvalidArgument("server.self_signed must be true or false")
     cfg.self_signed = srv.get("self_signed", False)
-    for k in ("certificate", "private_key"):
-        if srv.get(k):
-            setattr(cfg, k, os.path.join(base, srv[k]))
+    for k, alias in (("certificate", "cert"), ("private_key", "key")):
+        if srv.get(k) and srv.get(alias):
+            raise InvalidArgument(f"give server.{k} or server.{alias}, not both")
+        if srv.get(k) or srv.get(alias):
+            setattr(cfg, k, os.path.join(base, srv.get(k) or srv[alias]))
+    names = srv.get("names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise InvalidArgument("server.names must be a list of host names and addresses")
+    cfg.names = names
     for k in LIMIT_KEYS:
         if k in srv:
             v = srv[k]
@@ -140,7 +148,8 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
 # ----------------------------------------------------------------------------- `pit config check --kind serve`
 FILE_KEYS = {"server", "users", "anonymous"}
 LIMIT_KEYS = ("threads", "max_connections_per_client", "max_connections", "request_timeout")
-SERVER_KEYS = {"listen", "port", "certificate", "private_key", "self_signed", "anonymous", *LIMIT_KEYS}
+SERVER_KEYS = {"listen", "port", "certificate", "private_key", "cert", "key", "names", "self_signed", "anonymous",
+               *LIMIT_KEYS}
 USER_KEYS = {"password", "sets", "scope"}
 ANONYMOUS_KEYS = {"sets", "scope"}
 
@@ -162,7 +171,7 @@ def check_file(path: str, raw: dict) -> str:
     if "port" in srv and (isinstance(srv["port"], bool) or not isinstance(srv["port"], int)
                           or not 0 < srv["port"] < 65536):
         raise InvalidArgument(f"`server.port` must be a port number (1-65535), got {srv['port']!r}")
-    for k in ("listen", "certificate", "private_key"):
+    for k in ("listen", "certificate", "private_key", "cert", "key"):
         if k in srv and not isinstance(srv[k], str):
             raise InvalidArgument(f"`server.{k}` must be a string")
     if "anonymous" in srv and not isinstance(srv["anonymous"], bool):

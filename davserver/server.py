@@ -131,39 +131,90 @@ def add_scratch_share(app: WsgiDAVApp, scratch_dir: str) -> None:
 
 
 def self_signed(directory: str, hosts: list[str]) -> tuple[str, str]:
-    """Make (or reuse) a self-signed certificate for `hosts` under `directory`."""
+    """A self-signed *leaf* certificate for `hosts` under `directory`: made on first
+    use, made again when the names it must carry change (or it is an older one).
+
+    Users are told to trust this certificate (docs/restore.md). It is a leaf
+    (`CA:FALSE`, serverAuth only), so trusting it trusts this server and nothing
+    its key could sign: the key sits on the backup server, and a CA there would
+    let whoever takes that server impersonate any site to every user. Every
+    name a user may map the drive by (configured names, the listen address,
+    host name and FQDN, loopback) is a SAN, or the client refuses the name."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    if os.path.exists(cert_path) and os.path.exists(key_path):
-        return cert_path, key_path
-    os.makedirs(directory, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
     sans = []
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+    if os.path.exists(cert_path) and os.path.exists(key_path) and _fits(cert_path, sans):
+        return cert_path, key_path
+    os.makedirs(directory, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64]),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pitstore")])
     now = datetime.datetime.now(datetime.timezone.utc)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=825))
+            .not_valid_after(now + datetime.timedelta(days=825))  # the most Apple platforms accept
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(ski, critical=False)
             .sign(key, hashes.SHA256()))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(key_path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
+    with open(cert_path + ".new", "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(key_path + ".new", key_path)
+    os.replace(cert_path + ".new", cert_path)
     return cert_path, key_path
+
+
+def certificate_names(cfg: ServerConfig) -> list[str]:
+    """Every name a client may reach this server by: `names` from the config first (the first is the
+    certificate's CN), the listen address, this host's name and FQDN and their addresses, loopback."""
+    import socket
+
+    names = list(cfg.names)
+    wildcard = cfg.listen in ("0.0.0.0", "::", "")
+    if not wildcard:
+        names.append(cfg.listen)
+    host, fqdn = socket.gethostname(), socket.getfqdn()
+    names += [host, fqdn]
+    if wildcard:
+        try:
+            names += [ai[4][0] for ai in socket.getaddrinfo(host, None) if not ai[4][0].startswith("fe80")]
+        except OSError:
+            pass
+    names += ["localhost", "127.0.0.1", "::1"]
+    return list(dict.fromkeys(n.strip("[]") for n in names if n))
+
+
+def _fits(cert_path: str, sans) -> bool:
+    """The certificate there is one of ours as made today (a leaf) with exactly these names."""
+    from cryptography import x509
+
+    try:
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+        have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+    return set(have) == set(sans)
 
 
 def make_server(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None = None) -> PitServer:
