@@ -78,7 +78,7 @@ def main() -> None:
               f"({work})", file=sys.stderr)
     rows = []
     repo = Repository(repo_path, readonly=True)
-    for pattern in ("report.txt", "file1234*", "*.pdf", "proj7/*/file*.xlsx"):
+    for pattern in ("report.txt", "file1234*", "*.pdf", "proj7/*/file*.docx"):
         dt, hits = best_of(lambda: find(repo, pattern))
         dp, _ = best_of(lambda: subprocess.run([PIT, "-r", repo_path, "find", pattern, "--json"],
                                                check=True, capture_output=True))

@@ -113,10 +113,13 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths, **flags):
     changed = None
     if changes is not None:
         changed = [ln.rstrip("\n") for ln in changes if ln.strip()]
-    status = StatusLine()
+    status = StatusLine("snapshot", json_lines=as_json)
 
     def progress(st):
-        status.show(f"{st['files']} files, {mib(st['bytes'])} examined, {mib(st['bytes_read'])} read")
+        status.show(f"{st['files']} files, {mib(st['bytes'])} examined, {mib(st['bytes_read'])} read",
+                    files=st["files"], bytes=st["bytes"], bytes_read=st["bytes_read"])
+
+    status.show(f"snapshot of set {set_name}: 0 files examined", files=0, bytes=0, bytes_read=0)
 
     snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait,
                            filters=rules)
@@ -528,6 +531,9 @@ def stats(ctx, as_json):
         click.echo(f"  {kind:9}: {d['count']:>9} blobs, {mib(d['raw']):>12} raw, {mib(d['stored']):>12} stored")
     click.echo(f"  packs: {st['packs']} ({st['packs_sealed']} sealed), {mib(st['pack_bytes'])} on disk, "
                f"{mib(st['garbage_bytes'])} garbage")
+    click.echo(f"  index: {mib(st['index_bytes'])} on disk ({mib(st['index_used_bytes'])} in use)"
+               + ("; larger than the packs: `pit repair` rebuilds it compact" if st["index_bytes"] > st["pack_bytes"]
+                  and st["index_bytes"] > 64 * 1048576 else ""))
     click.echo(f"  compression ratio {st['compression_ratio']:.2f}")
 
 

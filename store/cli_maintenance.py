@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .cli_support import mib, open_repo
+from .cli_support import StatusLine, mib, open_repo
 from .errors import DamageFound, InvalidArgument, PermissionDenied, ReadOnlyRepository
 
 
@@ -61,26 +61,40 @@ def policy(ctx, set_name, cap, as_json, **flags):
 
 
 @click.command()
-@click.option("--set", "set_name", required=True)
+@click.option("--set", "set_name", default=None, help="The set (without it, --dry-run shows every set).")
 @policy_options
 @click.option("--dry-run", "-n", is_flag=True, help="Say what would go, change nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("snapshots", nargs=-1)
 @click.pass_context
 def forget(ctx, set_name, cap, dry_run, as_json, snapshots, **flags):
-    """Drop snapshots of SET by policy (flags, else the stored policy), or the SNAPSHOTS named."""
+    """Drop snapshots of SET by policy (flags, else the stored policy), or the SNAPSHOTS named.
+
+    `pit forget --dry-run` without --set shows what every set's stored policy would drop."""
     from .prune import DropStats, drop_snapshot
     from .retention import Decision, apply_retention
     from .snapmeta import is_pinned
-    from .snapshots import resolve
+    from .snapshots import list_sets, resolve
 
+    if set_name is None and not snapshots:
+        if not dry_run:
+            raise InvalidArgument("give --set SET (or name the snapshots); `pit forget --dry-run` alone shows "
+                                  "what every set's policy would drop")
+        if cap is not None or any(v is not None for v in flags.values()):
+            raise InvalidArgument("policy flags need --set SET; without it --dry-run shows every set's stored policy")
     repo = open_repo(ctx)
     with repo.writer() as w:
-        if snapshots:
+        if set_name is None and not snapshots:
+            decisions, stats = [], DropStats()
+            for s in list_sets(repo, w.txn):
+                d, st = apply_retention(w, s, dry_run=True)
+                decisions += d
+                stats.snapshots += st.snapshots
+        elif snapshots:
             decisions, stats = [], DropStats()
             for spec in snapshots:
                 s = resolve(repo, w.txn, spec)
-                if s.set != set_name:
+                if set_name is not None and s.set != set_name:
                     raise InvalidArgument(f"{spec} belongs to set {s.set}, not {set_name}")
                 if is_pinned(repo, w.txn, s.id):
                     raise InvalidArgument(f"{s.set}@{s.name} is pinned; unpin it first")
@@ -152,7 +166,17 @@ def compact(ctx, threshold, max_seconds, as_json):
     from .compact import compact as run
 
     repo = open_repo(ctx)
-    _compact_report(run(repo, threshold, max_seconds), as_json)
+    status = StatusLine("compact", json_lines=as_json)
+    st = run(repo, threshold, max_seconds, progress=_compact_progress(status))
+    status.done()
+    _compact_report(st, as_json)
+
+
+def _compact_progress(status):
+    def progress(d):
+        status.show(f"compact: {d['packs_done']} packs rewritten, {d['packs_left']} to go, "
+                    f"{mib(d['bytes_copied'])} copied", **d)
+    return progress
 
 
 @click.command()
@@ -168,11 +192,15 @@ def prune(ctx, threshold, max_seconds, as_json):
 
     repo = open_repo(ctx)
     dropped = 0
+    status = StatusLine("prune", json_lines=as_json)
     with repo.writer() as w:
         for s in list_sets(repo, w.txn):
+            status.show(f"prune: applying the retention policy of set {s} ({dropped} snapshots dropped so far)",
+                        phase="retention", set=s, dropped=dropped)
             _, st = apply_retention(w, s)
             dropped += st.snapshots
-    cst = run(repo, threshold, max_seconds)
+    cst = run(repo, threshold, max_seconds, progress=_compact_progress(status))
+    status.done()
     if as_json:
         click.echo(json.dumps({"snapshots_dropped": dropped, "compact": cst.to_json()}, indent=2))
         return
@@ -209,7 +237,18 @@ def verify(ctx, set_name, specs, deep, sample, seed, recheck_after, as_json):
         with repo.reading() as txn:
             snaps = [resolve(repo, txn, s) for s in specs]
     depth = "deep" if deep else "sample" if sample is not None else "structural"
-    rep = run(repo, snaps, set_name, depth, sample or 100.0, seed, recheck_after)
+    status = StatusLine("verify", json_lines=as_json)
+
+    def progress(d):
+        if d["phase"] == "walk":
+            status.show(f"verify: walking trees: {d['trees']} trees, {d['files']} files, {d['chunks']} chunks", **d)
+        else:
+            pct = 100.0 * d["bytes_read"] / d["bytes_total"] if d["bytes_total"] else 100.0
+            status.show(f"verify: reading chunks: {pct:5.1f} % of {mib(d['bytes_total'])}, "
+                        f"{d['chunks_read']} chunks checked", **d)
+
+    rep = run(repo, snaps, set_name, depth, sample or 100.0, seed, recheck_after, progress=progress)
+    status.done()
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
     else:
@@ -245,7 +284,16 @@ def repair(ctx, as_json):
     path = ctx.obj["repo"]
     if not path:
         raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
-    rep = rebuild_index(path)
+    status = StatusLine("repair", json_lines=as_json)
+
+    def progress(d):
+        if d["phase"] == "scan":
+            status.show(f"repair: reading pack {d['packs'] + 1} of {d['packs_total']}", **d)
+        else:
+            status.show("repair: writing the new index", force=True, **d)
+
+    rep = rebuild_index(path, progress=progress)
+    status.done()
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
         if rep.damaged_snapshots or rep.quarantined:

@@ -150,8 +150,9 @@ def delete_doomed(w, stats: CompactStats) -> None:
 
 
 def compact(repo, threshold: float = DEFAULT_THRESHOLD, max_seconds: float | None = None,
-            lock_wait: float = 10.0) -> CompactStats:
-    """Compact packs past the garbage threshold, one short session per pack, within a time budget."""
+            lock_wait: float = 10.0, progress=None) -> CompactStats:
+    """Compact packs past the garbage threshold, one short session per pack, within a time budget.
+    `progress`, if given, is called before each pack with {"packs_done", "packs_left", "bytes_copied"}."""
     if not 0.0 <= threshold <= 1.0:
         raise StoreError("the garbage threshold must be between 0 and 1")
     stats = CompactStats()
@@ -160,6 +161,8 @@ def compact(repo, threshold: float = DEFAULT_THRESHOLD, max_seconds: float | Non
     while max_seconds is None or time.monotonic() - t0 < max_seconds:
         with repo.reading() as txn:
             todo = [c for c in candidates(repo, txn, threshold) if c[0] not in done]
+        if progress is not None:
+            progress({"packs_done": len(done), "packs_left": len(todo), "bytes_copied": stats.bytes_copied})
         if not todo:
             break
         num = todo[0][0]

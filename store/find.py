@@ -1,7 +1,8 @@
 """Finding a path whose name you know but not where (or when) it was: `pit find`.
 
 Words: a *hit* is one version of one matching path (store/history.py: a run
-of snapshots with the same content), with the snapshots that hold it.
+of snapshots with the same content), with the snapshots that hold it: a run
+of consecutive snapshots of its set, so its first and last name it whole.
 
 The answer comes from the previous-versions index alone: one pass over a
 set's keys (`set \\0 parent \\0 name \\0 time sid`), testing each distinct
@@ -43,8 +44,9 @@ class Hit:
         return {"set": self.set, "path": self.path.decode("utf-8", "surrogateescape"),
                 "type": TYPE_NAMES.get(s.type, "?"), "size": s.size, "mtime_ns": s.mtime_ns,
                 "id": (s.content or b"").hex() if s.type != DIR else None,
-                "first": self.snapshots[0].name, "last": self.newest.name, "last_time": self.newest.time_iso,
-                "snapshots": [{"id": x.hex, "name": x.name, "time": x.time_iso} for x in self.snapshots]}
+                "first": self.snapshots[0].name, "first_id": self.snapshots[0].hex,
+                "last": self.newest.name, "last_id": self.newest.hex, "last_time": self.newest.time_iso,
+                "snapshots": len(self.snapshots)}
 
 
 def find(repo, pattern: str | list[str], set_name: str | None = None, ignore_case: bool = False,
@@ -69,57 +71,67 @@ def _find_in_set(repo, txn, dbs, set_name: str, m: PathMatcher, progress, found:
         return []
     suffixes = [snap_suffix(x.time_ns, x.id) for x in snaps]
     prefix = set_name.encode() + b"\0"
+    plen, tail = len(prefix), SUFFIX + 1
     set_b = set_name.encode()
     names_only = m.names_only
-    groups: list[tuple[bytes, bytes, list[bytes]]] = []  # (parent key, name, keys) of names that may match
+    match = m.match_bytes
+    groups: list[tuple[bytes, bytes, list[bytes]]] = []  # (parent key, name, keys) of paths that match
     hashed: list[tuple[bytes, bytes, list[bytes]]] = []  # ... whose parent is kept by its hash
-    dirs: dict[bytes, bytes] = {}  # hashed parent key -> its path (filled only when needed)
     seen = 0
+    if progress is not None:
+        progress(seen, found)
     with txn.cursor(db=dbs.events) as cur:
-        ok = cur.set_range(prefix)
-        cur_rest, cur_keys, cur_ok = None, [], False
-        for key in (cur.iternext(keys=True, values=False) if ok else ()):
-            if not key.startswith(prefix):
+        if not cur.set_range(prefix):
+            return []
+        last, keys = None, None
+        for key in cur.iternext(keys=True, values=False):
+            if key[:plen] != prefix:
                 break
-            rest = key[len(prefix):-SUFFIX - 1]
-            if rest != cur_rest:
-                if cur_ok:
-                    groups.append((*cur_rest.split(b"\0", 1), cur_keys))
-                cur_rest, cur_keys = rest, []
-                parent, _, name = rest.partition(b"\0")
-                if names_only:
-                    cur_ok = m.match(name, False) or m.match(name, True)
-                else:
-                    cur_ok = True  # decided on the whole path below
-                seen += 1
-                if progress is not None and seen % PROGRESS_EVERY == 0:
-                    progress(seen, found + len(groups))
-            if cur_ok:
-                cur_keys.append(key)
-        if cur_ok and cur_rest is not None:
-            groups.append((*cur_rest.split(b"\0", 1), cur_keys))
+            rest = key[plen:-tail]
+            if rest == last:
+                if keys is not None:
+                    keys.append(key)
+                continue
+            last, keys = rest, None
+            seen += 1
+            if progress is not None and not seen % PROGRESS_EVERY:
+                progress(seen, found + len(groups))
+            parent, _, name = rest.partition(b"\0")
+            if names_only:
+                if not (match(name, False) or match(name, True)):
+                    continue
+            elif parent[:1] == b"\x01":
+                keys = [key]  # its path is known only once its parent's hash is resolved
+                hashed.append((parent, name, keys))
+                continue
+            else:
+                path = parent + b"/" + name if parent else name
+                if not (match(path, False) or match(path, True)):
+                    continue
+            keys = [key]
+            if parent[:1] == b"\x01":
+                hashed.append((parent, name, keys))
+            else:
+                groups.append((parent, name, keys))
     out: list[Hit] = []
     for parent, name, keys in groups:
-        if parent.startswith(b"\x01"):
-            hashed.append((parent, name, keys))
-            continue
-        out += _hits(txn, dbs, set_name, (parent + b"/" + name) if parent else name, keys, m, names_only,
-                     snaps, suffixes)
+        out += _hits(txn, dbs, set_name, (parent + b"/" + name) if parent else name, keys, m, snaps, suffixes)
     if hashed:
+        dirs: dict[bytes, bytes] = {}
         _resolve_hashed(txn, dbs, set_b, dirs)
         for parent, name, keys in hashed:
             path = dirs.get(parent)
             if path is not None:
-                out += _hits(txn, dbs, set_name, path + b"/" + name, keys, m, False, snaps, suffixes)
+                out += _hits(txn, dbs, set_name, path + b"/" + name, keys, m, snaps, suffixes)
     return out
 
 
-def _hits(txn, dbs, set_name, path, keys, m, names_only, snaps, suffixes) -> list[Hit]:
+def _hits(txn, dbs, set_name, path, keys, m, snaps, suffixes) -> list[Hit]:
     events = [(k[-SUFFIX:], decode_state(txn.get(k, db=dbs.events))) for k in keys]
     last_present = next((st for _, st in reversed(events) if st is not None), None)
     if last_present is None:
         return []
-    if not m.match(path.rsplit(b"/", 1)[-1] if names_only else path, last_present.type == DIR):
+    if not m.match_bytes(path.rsplit(b"/", 1)[-1] if m.names_only else path, last_present.type == DIR):
         return []
     out = []
     for i, (suffix, state) in enumerate(events):

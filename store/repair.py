@@ -64,14 +64,17 @@ class _PackReader:
         return self.backend.read(self.name, off, n)
 
 
-def _scan_packs(repo, report: RepairReport):
+def _scan_packs(repo, report: RepairReport, progress=None):
     """-> (blob places, snapshot records, tombstones, per-pack info)"""
     places: dict[bytes, tuple[int, P.FrameInfo]] = {}
     snaps: dict[bytes, bytes] = {}
     tombs: set[bytes] = set()
     packinfo: dict[int, dict] = {}
     settings: dict[tuple, dict] = {}
-    for name in repo.backend.list():
+    names = list(repo.backend.list())
+    for name in names:
+        if progress is not None:
+            progress({"phase": "scan", "packs": report.packs, "packs_total": len(names)})
         num = P.pack_number(name)
         rd = _PackReader(repo.backend, name)
         report.packs += 1
@@ -146,8 +149,10 @@ def _torn_tail(rd: _PackReader, frames: list[P.FrameInfo]) -> int | None:
     return end if magic == P.FRAME_MAGIC and end + P.FRAME_OVERHEAD + stored > rd.size else None
 
 
-def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
-    """Rebuild `<repo>/index` from `<repo>/packs`. Works when the index is missing or broken."""
+def rebuild_index(repo_path: str, lock_wait: float = 10.0, progress=None) -> RepairReport:
+    """Rebuild `<repo>/index` from `<repo>/packs`. Works when the index is missing or broken.
+    `progress`, if given, is called with {"phase": "scan", packs, packs_total} per pack read, then
+    {"phase": "index"} while the new index is written."""
     from .repository import Repository
 
     t0 = time.monotonic()
@@ -156,7 +161,9 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0) -> RepairReport:
     _open_without_index(repo, repo_path)
     lock = _acquire_lock(os.path.join(repo.path, "lock"), lock_wait)
     try:
-        places, snap_records, tombs, packinfo, settings = _scan_packs(repo, report)
+        places, snap_records, tombs, packinfo, settings = _scan_packs(repo, report, progress)
+        if progress is not None:
+            progress({"phase": "index", "packs": report.packs, "packs_total": report.packs})
         new_dir = os.path.join(repo.path, "index.new")
         shutil.rmtree(new_dir, ignore_errors=True)
         os.makedirs(new_dir)

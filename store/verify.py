@@ -87,6 +87,7 @@ class _Walker:
     def __init__(self, repo, txn, report: VerifyReport, recount: bool, frames: bool = False) -> None:
         self.repo, self.txn, self.r = repo, txn, report
         self.frames = frames  # check tree and filelist frames as repair reads them (CRC, header)
+        self.progress = None  # called with a dict now and then (the CLI's status line)
         self.blobs = repo.index.db["blobs"]
         self.seen: set[bytes] = set()
         self.chunks: dict[bytes, BlobEntry | None] = {}  # id -> its index entry
@@ -146,6 +147,9 @@ class _Walker:
             for num, off, _bid, _kind, e in todo:
                 self.repo.backend.will_need(P.pack_name(num), off, P.FRAME_HEADER.size + e.stored_len)
             level = []
+            if self.progress is not None:
+                self.progress({"phase": "walk", "trees": self.r.trees, "files": self.r.files,
+                               "chunks": len(self.chunks)})
             for _num, _off, bid, kind, e in todo:
                 try:
                     data = self._read_frame(bid, e) if self.frames else self.repo.read_entry(bid, e)
@@ -439,11 +443,20 @@ class _DeepCheck:
             self.close(failed=True)
             raise
 
+    progress = None  # called with a dict per span read (the CLI's status line)
+
     def finish(self) -> list[bytes]:
         """The ids of the chunks that checked good; damage goes to the walker."""
         w, report, good = self.w, self.report, []
+        progress = self.progress
+        total = sum(j[2] - j[1] for j in self.jobs)
+        done = 0
         try:
-            for (_num, _start, _end, items), errors in zip(self.jobs, self.results):
+            for (_num, start, end, items), errors in zip(self.jobs, self.results):
+                done += end - start
+                if progress is not None:
+                    progress({"phase": "deep", "chunks_read": report.chunks_read, "bytes_read": done,
+                              "bytes_total": total})
                 bad = dict(errors)
                 for i, (_off, cid, stored, _kind) in enumerate(items):
                     if cid in w.bad:  # the index checks found it first (its pack is gone)
@@ -621,7 +634,10 @@ def _readable_snapshots(repo, txn, report: VerifyReport) -> list[Snapshot]:
 
 def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None = None, depth: str = "structural",
            percent: float = 100.0, seed: int = 0, recheck_after: float = 0.0, record: bool = True,
-           lock_wait: float = 10.0) -> VerifyReport:
+           lock_wait: float = 10.0, progress=None) -> VerifyReport:
+    """`progress`, if given, is called now and then with a dict: {"phase": "walk", trees, files, chunks}
+    while the trees are walked, {"phase": "deep", chunks_read, bytes_read, bytes_total} while chunks are
+    read (bytes of packs, in pack order)."""
     if depth not in ("structural", "sample", "deep"):
         raise StoreError(f"unknown verify depth {depth!r}")
     t0 = time.monotonic()
@@ -632,6 +648,7 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
         chosen = snapshots if snapshots is not None else [s for s in all_snaps if set_name in (None, s.set)]
         report.snapshots = [f"{s.set}@{s.name}" for s in chosen]
         w = _Walker(repo, txn, report, recount=whole, frames=depth != "structural")
+        w.progress = progress
         # Refcounts can only be recounted against every snapshot.
         roots = [s.root for s in (all_snaps if whole else chosen)]
         if whole:  # received state not yet snapshotted holds references too
@@ -647,6 +664,8 @@ def verify(repo, snapshots: list[Snapshot] | None = None, set_name: str | None =
         try:
             if whole:
                 _check_index(repo, txn, w, report)
+            if deep is not None:
+                deep.progress = progress
             good = deep.finish() if deep is not None else []
             failed = False
         finally:

@@ -42,11 +42,11 @@ def test_find_json_and_set(office):
     hits = doc["hits"]
     assert [(h["path"], h["size"], h["last"]) for h in hits] == [
         ("office/report.txt", 3, s3.name), ("office/src/report.txt", 10, s2.name), ("office/src/report.txt", 2, s1.name)]
-    assert hits[0]["snapshots"] == [{"id": s3.hex, "name": s3.name, "time": s3.time_iso}]
+    assert (hits[0]["snapshots"], hits[0]["first_id"], hits[0]["last_id"]) == (1, s3.hex, s3.hex)
     assert hits[0]["type"] == "file" and len(hits[0]["id"]) == 64
-    # a version held by several snapshots lists them all
+    # a version held by several snapshots: a run of them, first to last
     sales = json.loads(cli(repo_path, "find", "q1.xlsx", "--json").stdout)["hits"]
-    assert len(sales) == 1 and [s["name"] for s in sales[0]["snapshots"]] == [s1.name, s2.name, s3.name]
+    assert len(sales) == 1 and (sales[0]["first"], sales[0]["last"], sales[0]["snapshots"]) == (s1.name, s3.name, 3)
 
 
 def test_find_patterns(office):

@@ -225,6 +225,11 @@ def failover_select(ctx, repo_opt, set_name, as_json, check, cluster, state, pin
         raise failed
 
 
+def _shown(value, none: str = "-"):
+    """A status value for people: never Python's `None` (a field not known yet, or not after a failover)."""
+    return none if value is None else value
+
+
 @failover.command("status")
 @click.option("--config", "config", default=None, metavar="FILE", help="The agent's TOML file.")
 @click.option("--state", envvar="PIT_STATE", default=None, metavar="DIR")
@@ -237,9 +242,10 @@ def failover_status(config, state, as_json):
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    lead = f"{st['leader']} (token {st['token']})" if st["leader"] else "nobody"
-    click.echo(f"node {st['me']}: {st['phase']}; primary master: {lead}; "
-               f"configured primary {st['primary']}, secondary {st['secondary']}")
+    v = _shown
+    lead = f"{st['leader']} (token {v(st.get('token'))})" if st.get("leader") else "nobody"
+    click.echo(f"node {v(st.get('me'))}: {v(st.get('phase'))}; primary master: {lead}; "
+               f"configured primary {v(st.get('primary'))}, secondary {v(st.get('secondary'))}")
     click.echo(f"etcd: {'ok' if st['etcd_ok'] else 'UNREACHABLE' if st['etcd_ok'] is False else '?'}")
     for c in st["checks"] + st["link"]:
         click.echo(f"  check {c['check']}: {'ok' if c['ok'] else 'failing'} {c['detail']} ({c['failures']} in a row)")
@@ -247,14 +253,15 @@ def failover_status(config, state, as_json):
         click.echo(f"note: {st['note']}")
     lp = st.get("last_promotion")
     if lp:
-        click.echo(f"last promotion: {lp['node']} token {lp.get('token')} in {lp.get('seconds')} s: {lp['reason']}"
+        took = f" in {lp['seconds']} s" if lp.get("seconds") is not None else ""
+        click.echo(f"last promotion: {v(lp.get('node'))} token {v(lp.get('token'))}{took}: {v(lp.get('reason'))}"
                    + (f" (FAILED: {lp['error']})" if lp.get("error") else ""))
         for name, r in sorted((lp.get("sets") or {}).items()):
             if "error" in r:
                 click.echo(f"  set {name}: not promoted: {r['error']}")
                 continue
             skipped = r.get("skipped") or []
-            click.echo(f"  set {name}: image {r.get('snapshot')} ({r.get('time')})"
+            click.echo(f"  set {name}: image {v(r.get('snapshot'))} ({v(r.get('time'))})"
                        + (f", {len(skipped)} newer skipped: " + "; ".join(f"{x['snapshot']}: {x['reason']}"
                                                                          for x in skipped) if skipped else ""))
 
