@@ -69,7 +69,7 @@ from etcdlab import ETCD
 from failover_harness import Ack, Outcome, _caught_up, _fo, _windows
 from netns import NetLab, unavailable
 from test_failover_netns import TTL, FailoverNetCluster
-from test_repl_helpers import pit, read_tree, replica_head, wait_for
+from test_repl_helpers import pit, wait_for
 
 #: prefix of a problem that is the known takeover-write bug (tests/test_failover_harness_netns.py)
 TAKEOVER_WRITE_LOST = "lost in r1's first second as primary"
@@ -696,6 +696,6 @@ def _check(c: HarnessCluster, out: NetOutcome, st: _State, client: NetClient, en
 
     for r in (r2, r1):
         try:
-            wait_for(lambda: replica_head(r.repo, "web") == read_tree(c.src), 90, f"{r.name} to converge")
+            wait_for(lambda: c.converged(r), 90, f"{r.name} to converge")  # head == the primary's files
         except AssertionError as exc:
             out.problems.append(str(exc))

@@ -39,6 +39,7 @@ parameters).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import random
@@ -54,9 +55,10 @@ import failover_harness_netns as fhn
 from failover_harness import Ack
 from failover_harness_netns import (ETCD_HOST, PRIMARY, R1, Aborted, HarnessCluster, NetClient, NetOutcome,
                                     _State, enter_netns, plan, run_netns_schedule, settled)
+from failover_harness_netns import open_term as open_term_of
 from netns import NetLab
 from test_failover_netns import TTL
-from test_repl_helpers import wait_for
+from test_repl_helpers import read_tree, replica_head, wait_for
 
 from replicator.apps.templates import HookFailed, SqlSession, as_user, build_set, pg_bindir
 
@@ -105,7 +107,7 @@ class PgHarnessCluster(HarnessCluster):
     """HarnessCluster whose application is PostgreSQL on the primary's live data directory (`src`, r1's
     `live` after a failover), started and stopped by the takeover/demote hooks in each node's namespace."""
 
-    def __init__(self, tmp, lab) -> None:
+    def __init__(self, tmp, lab, template_excludes: bool = False) -> None:
         super().__init__(tmp, lab)
         self.failover["checks"] = [{"tcp": f"{lab.ip(PRIMARY)}:{PG_PORT}", "timeout": 1}]
         self.failover["hook_timeout"] = 120
@@ -113,7 +115,24 @@ class PgHarnessCluster(HarnessCluster):
                           {"port": PG_PORT, "socket_dir": "127.0.0.1", "bindir": PG_BIN, "check_timeout": 120,
                            "hook_timeout": 60})
         table.pop("schedule")  # points are the nemesis' (`pit point`); a 15-minute run would not come anyway
+        if table.get("exclude") and not template_excludes:
+            # the template writes its excludes as absolute paths under the primary's data directory, which a
+            # promoted r1 (mastering from r1-live/data) refuses ("an absolute path under none of the source
+            # paths"): tests/test_failover_harness_pg.py keeps that case; here they are written in their stored
+            # form, rooted at the set path's base name (`/data/...`), valid on every node
+            top = os.path.dirname(self.src)
+            table["exclude"] = [p[len(top):] if p.startswith(self.src + "/") else p for p in table["exclude"]]
         self.sets = {SET: {**table, "mode": "mirror"}}
+        # r1's live paths from its very first start (FailoverNetCluster.start adds them only when it restarts
+        # r1): without them they default to the set's own paths, which on this one file system are the
+        # primary's live data directory, and r1's mirror syncs its half-seeded head over it (deleting global/,
+        # pg_wal/, ... under the running server: seen once, with a slow seeding)
+        r1, plain = self.replicas[0], self.replicas[0].write_config
+
+        def with_live(extra: str = "") -> None:
+            plain(extra if extra.startswith("live =") else f'live = {{{SET} = ["{self.live}"]}}\n{extra}')
+
+        r1.write_config = with_live
 
     def hook(self, what: str) -> str:
         script = os.path.join(self.tmp, "pg-hook.sh")
@@ -145,6 +164,19 @@ esac
 """)
             os.chmod(script, 0o755)
         return f"{script} {what}"
+
+    def converged(self, r, set_name: str = SET, src: str | None = None) -> bool:
+        """The replica's head equals the primary's data directory, but for what the set excludes (the
+        template's `exclude` patterns, when it writes them: files PostgreSQL recreates at start-up)."""
+        src = src or self.src
+        top = os.path.dirname(self.src)  # patterns as absolute paths under the primary's directory
+        patterns = [p if p.startswith(self.src + "/") else top + p for p in self.sets[SET].get("exclude", [])]
+
+        def kept(tree: dict) -> dict:
+            return {k: v for k, v in tree.items()
+                    if not any(fnmatch.fnmatchcase(os.path.join(top, k), p) for p in patterns)}
+
+        return kept(read_tree(src)) == kept(replica_head(r.repo, set_name))
 
     def web_pid(self, node: str) -> str:  # the service marker (the file harness' web server pid file)
         return os.path.join(self.tmp, "hooks", node, "pg.up")
@@ -221,7 +253,7 @@ class LabUnavailable(RuntimeError):
 
 
 @contextmanager
-def pg_cluster(tmp: str, keep: bool = False):
+def pg_cluster(tmp: str, keep: bool = False, template_excludes: bool = False):
     """A started PgHarnessCluster on a fresh 4-host lab; everything stopped and deleted afterwards. The cluster
     lives in a directory of /tmp the postgres user can reach (`tmp`/cluster links to it); it is kept when
     `keep` or when a run on it recorded problems (`c.problems`)."""
@@ -239,7 +271,7 @@ def pg_cluster(tmp: str, keep: bool = False):
             lab.up()
         except RuntimeError as exc:  # `ip netns` / veth refused here
             raise LabUnavailable(f"cannot build network namespaces here: {exc}") from None
-        c = PgHarnessCluster(base, lab)
+        c = PgHarnessCluster(base, lab, template_excludes=template_excludes)
         c.problems = []
         c.start()
         yield c
@@ -427,6 +459,46 @@ class PgState(_State):
         self.after("kill_postgres", tok, t_fault, failover_ok=True)
         if not any(f.t_fault == t_fault for f in self.out.failovers):
             self.out.problems.append("kill_postgres: no failover after the primary's server died")
+
+    def pg_running(self, node: str) -> bool:
+        """A server answers in the node's namespace (whatever the hooks' marker says)."""
+        r = self.lab.run(self.c.host_of(node), [f"{PG_BIN}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(PG_PORT)],
+                         capture_output=True, timeout=30)
+        return r.returncode == 0
+
+    def kill_primary_agent(self, prm: dict) -> None:
+        """A consistent point, then SIGKILL of the primary's agent alone (its PostgreSQL keeps running), its
+        restart after `down` seconds. Past a TTL the lease expires and r1 takes over; the returning agent is
+        fenced and its services must stop (docs/failover.md: "it is fenced. It masters nothing, its services
+        stay stopped"), before anything is materialised over its data directory (the failback)."""
+        tok = self.primary_term()
+        if prm["point"]:
+            self.point()
+        t_fault = time.time()
+        self.p.kill(signal.SIGKILL)
+        self.killed.setdefault("primary", []).append(t_fault)
+        time.sleep(prm["down"])
+        self.p.start()
+        try:
+            node, _ = self.settle()
+        except AssertionError as exc:
+            raise Aborted(f"kill_primary_agent: {exc}") from None
+        if node == "r1":
+            try:
+                wait_for(lambda: fhn._fo(self.p).get("phase") == "fenced", 60, "the old primary fenced")
+                wait_for(lambda: not self.pg_running("primary"), 30, "the fenced old primary's PostgreSQL to stop")
+            except AssertionError as exc:
+                self.out.problems.append(f"kill_primary_agent: {exc} (its server runs on after r1 took over "
+                                         f"with token {open_term_of(self.r1)}; no demote hook ran: "
+                                         f"{self.hook_log('primary')[-3:]})")
+        self.after("kill_primary_agent", tok, t_fault, failover_ok=True)
+
+    def hook_log(self, node: str) -> list[str]:
+        try:
+            with open(os.path.join(self.c.tmp, "hooks", node, "log")) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
 
     @staticmethod
     def applied(node) -> int:
