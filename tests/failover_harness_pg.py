@@ -389,6 +389,31 @@ class PgClient(NetClient):
 class PgState(_State):
     """The namespace harness' operations, with r1's ids read from its table, and the primary host's death."""
 
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.point_term: int | None = None  # the primary's term when the last point reached r1
+        self.point_failovers = 0  # failovers counted when it did
+
+    def point(self) -> None:
+        before = self.last_point
+        super().point()
+        if self.last_point != before:
+            self.point_term, self.point_failovers = open_term_of(self.p), len(self.out.failovers)
+
+    def after(self, op: str, token: int, t_fault: float, failover_ok: bool) -> None:
+        """The namespace harness' `after`; then, for a failover of a primary that took its own key again since
+        the last point reached r1 (an etcd outage ends a term on its own clock, and the term it campaigns for
+        begins without a point), the RPO window reaches back to the term of that point: those ids are after
+        the last consistent point r1 got before the fault as well (seed 3012)."""
+        n = len(self.out.failovers)
+        super().after(op, token, t_fault, failover_ok)
+        if (len(self.out.failovers) > n and self.point_failovers == n and self.point_term is not None
+                and self.point_term < self.out.failovers[n].token):
+            f = self.out.failovers[n]
+            self.out.notes.append(f"{op}: the RPO reaches back to the primary's term {self.point_term} (its last "
+                                  f"point; it took the key again since, as term {f.token}, with no point)")
+            f.token = self.point_term
+
     def live_acks(self) -> set[int]:
         try:
             return self.c.ids("r1")

@@ -169,3 +169,37 @@ def test_a_promoted_secondary_masters_a_template_set_with_its_default_excludes(t
                      .get("connected"), 30, "r1 to master the set and stream to r2")
     except LabUnavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.mark.slow  # about 60 s
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug (replicator/failover/controller.py _fenced_old_primary): when only the primary's agent dies "
+    "(SIGKILL; a crash, an OOM kill, a restart by systemd) its services keep running; r1 takes over once the "
+    "lease runs out, and the agent that comes back finds itself fenced, snapshots and rejoins, but runs no "
+    "demote hook: the old primary's PostgreSQL (and a virtual IP, with docs/examples/hooks/move-vip) goes on "
+    "serving beside the new primary, and a later `pit failback` materialises its image under the running "
+    "server (docs/failover.md: 'it is fenced. It masters nothing, its services stay stopped')"))
+def test_a_fenced_old_primary_whose_agent_died_alone_stops_its_services(tmp_path):
+    from failover_harness import _fo
+    from failover_harness_netns import NetOutcome, settled
+    from failover_harness_pg import SET, PgState
+    from test_repl_helpers import wait_for
+
+    why = why_not()
+    if why:
+        pytest.skip(why)
+    try:
+        with pg_cluster(str(tmp_path)) as c:
+            p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]
+            st = PgState(c, NetOutcome(0), print, 0)
+            wait_for(lambda: (settled(c) or ("",))[0] == "primary", 60, "the primary to serve")
+            wait_for(lambda: c.converged(r1) and c.converged(r2), 90, "seeding")
+            p.ctl("point", "--set", SET)
+            p.kill()  # SIGKILL of the agent alone: PostgreSQL runs on
+            wait_for(lambda: (settled(c) or ("",))[0] == "r1", 60, "r1 to take over when the lease runs out")
+            assert st.pg_running("primary")
+            p.start()
+            wait_for(lambda: _fo(p).get("phase") == "fenced", 60, "the returning primary to be fenced")
+            wait_for(lambda: not st.pg_running("primary"), 30, "the fenced old primary's PostgreSQL to stop")
+    except LabUnavailable as exc:
+        pytest.skip(str(exc))
