@@ -131,23 +131,31 @@ def check_pattern(pattern: str, sources=(), what: str = "pattern") -> str:
 
 
 def _compiled(pats: list[str]) -> list[tuple]:
-    """(regex, include, whole subtree) per pattern. pathspec's regexes match a path's prefix (a file
-    under a matched directory); a walk asks about each directory before what is under it, so only a
-    match of the path itself counts here, except for `dir/**`, which names what is under it. This
-    keeps git's rule that `!a` does not bring back `a/b` when `b` is excluded."""
+    """(regex, include) per pattern, each to be matched against the *whole* path (`fullmatch`; a
+    directory's path ends with "/"). pathspec's regexes are meant to match a path's prefix (a file
+    under a matched directory counts); a walk asks about each directory before what is under it, so
+    here only a match of the path itself counts, except for `dir/**`, which names what is under it.
+    This keeps git's rule that `!a` does not bring back `a/b` when `b` is excluded. pathspec's
+    unanchored special cases become whole-path ones: `*`, `**` (".": any path) and `*/`, `**/`
+    ("/": any directory)."""
     out = []
     for p in pathspec.GitIgnoreSpec.from_lines(pats).patterns:
         if p.include is None or p.regex is None:
             continue
         body = p.pattern[1:] if p.pattern.startswith("!") else p.pattern
-        out.append((p.regex, p.include, body.rstrip("/").endswith("**")))
+        rx = p.regex.pattern
+        if not rx.startswith("^"):
+            rx = ".*" + rx if rx.startswith("(?P<ps_d>") else ".+"
+        elif body.rstrip("/").endswith("**"):
+            rx += ".+"  # what is under it, not the directory itself
+        out.append((re.compile(rx, re.DOTALL), p.include))
     return out
 
 
 def _verdict(compiled: list[tuple], s: str) -> bool:
     verdict = False
-    for regex, include, subtree in compiled:
-        if (regex.match(s) if subtree else regex.fullmatch(s)) is not None:
+    for regex, include in compiled:
+        if regex.fullmatch(s) is not None:
             verdict = include
     return verdict
 
@@ -170,7 +178,22 @@ class PathMatcher:
         # the same regexes over bytes: a name that is not UTF-8 needs no decoding, and a search over
         # hundreds of thousands of names spends its time here (not for --iexclude-style matching)
         self._bc = None if ignore_case else [
-            (re.compile(r.pattern.encode("utf-8", "surrogateescape")), inc, sub) for r, inc, sub in self._c]
+            (re.compile(r.pattern.encode("utf-8", "surrogateescape"), re.DOTALL), inc) for r, inc in self._c]
+        # one regex for "could any including pattern match this path, as a file or as a directory?",
+        # asked of `path + "/"` (a pattern that matches a file matches it as a directory too): a
+        # search tests each name once with it, and only the few candidates exactly
+        alts = [r.pattern.replace("(?P<ps_d>", "(?:") for r, inc in self._c if inc]
+        self._cand = re.compile("|".join(f"(?:{a})" for a in alts).encode("utf-8", "surrogateescape"),
+                                re.DOTALL) if alts else None
+
+    def candidate(self, path: bytes) -> bool:
+        """False only when no pattern can match `path` (bytes, no slashes at the ends) as a file or a
+        directory; True means: ask `match_bytes`."""
+        if self._cand is None:
+            return False
+        if self.ignore_case:  # as `match` lowers it: the whole name, not only its ASCII letters
+            path = os.fsdecode(path).lower().encode("utf-8", "surrogateescape")
+        return self._cand.fullmatch(path + b"/") is not None
 
     def match_bytes(self, path: bytes, is_dir: bool) -> bool:
         """`match` for a path given as bytes without slashes at either end (the index's form)."""
@@ -178,8 +201,8 @@ class PathMatcher:
             return self.match(path, is_dir)
         s = path + b"/" if is_dir else path
         verdict = False
-        for regex, include, subtree in self._bc:
-            if (regex.match(s) if subtree else regex.fullmatch(s)) is not None:
+        for regex, include in self._bc:
+            if regex.fullmatch(s) is not None:
                 verdict = include
         return verdict
 

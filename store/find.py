@@ -74,7 +74,7 @@ def _find_in_set(repo, txn, dbs, set_name: str, m: PathMatcher, progress, found:
     plen, tail = len(prefix), SUFFIX + 1
     set_b = set_name.encode()
     names_only = m.names_only
-    match = m.match_bytes
+    candidate = m.candidate
     groups: list[tuple[bytes, bytes, list[bytes]]] = []  # (parent key, name, keys) of paths that match
     hashed: list[tuple[bytes, bytes, list[bytes]]] = []  # ... whose parent is kept by its hash
     seen = 0
@@ -98,15 +98,14 @@ def _find_in_set(repo, txn, dbs, set_name: str, m: PathMatcher, progress, found:
                 progress(seen, found + len(groups))
             parent, _, name = rest.partition(b"\0")
             if names_only:
-                if not (match(name, False) or match(name, True)):
+                if not candidate(name):
                     continue
             elif parent[:1] == b"\x01":
                 keys = [key]  # its path is known only once its parent's hash is resolved
                 hashed.append((parent, name, keys))
                 continue
             else:
-                path = parent + b"/" + name if parent else name
-                if not (match(path, False) or match(path, True)):
+                if not candidate(parent + b"/" + name if parent else name):
                     continue
             keys = [key]
             if parent[:1] == b"\x01":

@@ -39,7 +39,9 @@ policy is *kept* and named); `delete` removes names the selected tree does
 not have; `dry_run` decides everything the same way and writes nothing
 (`actions` lists what would be written, overwritten, kept and deleted);
 `verify` re-reads every file written and compares each chunk's BLAKE3 with
-its id.
+its id. A sync restore given a selection leaves what it excludes alone (a
+set's excluded paths on a promoted secondary, say: rsync's `--delete`
+without `--delete-excluded`).
 """
 from __future__ import annotations
 
@@ -509,8 +511,8 @@ class Restorer:
                 name = os.fsencode(name)
                 if name in keep:
                     continue
-                if not self.sync and self.selection is not None and not self._deletable(dfd, name, parts):
-                    continue  # outside what the filter selects: not ours to delete
+                if self.selection is not None and not self._deletable(dfd, name, parts):
+                    continue  # outside what the filter selects (sync too): not ours to delete
                 self._remove(dfd, name, parts + (name,))
 
     def _deletable(self, dfd: int, name: bytes, parts: tuple[bytes, ...]) -> bool:

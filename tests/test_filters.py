@@ -174,7 +174,7 @@ def test_nul_and_line_breaks_in_patterns_are_refused():
 
 # ------------------------------------------------------------------ a simple reference
 NAMES = ["a", "b", "ab", "x.tmp", "y.TMP", "cache", "n"]
-GLOBS = NAMES + ["*.tmp", "a*", "*b", "?"]
+GLOBS = NAMES + ["*.tmp", "a*", "*b", "?", "*", "**"]
 
 
 def ref_excluded(parts: list[str], is_dir: bool, pats: list[str]) -> bool:
@@ -188,7 +188,7 @@ def ref_excluded(parts: list[str], is_dir: bool, pats: list[str]) -> bool:
         if pat.startswith("/"):
             segs = pat[1:].split("/")
             return len(segs) == len(prefix) and all(fnmatch.fnmatchcase(c, s) for c, s in zip(prefix, segs))
-        return fnmatch.fnmatchcase(prefix[-1], pat)
+        return fnmatch.fnmatchcase(prefix[-1], pat.replace("**", "*"))
 
     for i in range(2, len(parts) + 1):  # parts[0] is the source: never excluded
         prefix, pdir = parts[:i], (i < len(parts) or is_dir)

@@ -99,3 +99,18 @@ def test_suggest_paths_by_base_name(office):
         assert suggest_paths(repo, "office", b"missing.txt") == []
     finally:
         repo.close()
+
+
+def test_candidate_never_misses_what_match_takes():
+    """The one-regex prefilter of `pit find` is a superset of the exact match, for files and dirs."""
+    from store.filters import PathMatcher
+
+    names = [b"report.txt", b"Report.TXT", b"caf\xc3\xa9.TXT", b"CAF\xc3\x89.txt", b"a", b"x/y/report.txt",
+             b"dir", b"x/dir", b"\xff.txt", b"a/b/c"]
+    for pats, ic in [(["*.txt"], False), (["*.txt"], True), (["dir/"], False), (["a/**"], False),
+                     (["x/*/report*"], False), (["caf\u00e9.txt"], True), (["*", "!*.txt"], False)]:
+        m = PathMatcher(pats, ic, floating=True)
+        for n in names:
+            for is_dir in (False, True):
+                if m.match_bytes(n, is_dir):
+                    assert m.candidate(n), (pats, ic, n, is_dir)

@@ -191,3 +191,22 @@ def test_verify_reads_back(site, tmp_path):
     finally:
         r.close()
     assert RestoreVerifyFailed.exit_code == 29
+
+
+def test_a_sync_restore_leaves_excluded_names_alone(site, tmp_path):
+    """What failover's sync restore can be given: the set's excludes are not the image's to delete."""
+    from conftest import opened
+    from store.restore import Restorer, Selection
+
+    repo, src = site
+    t = tmp_path / "live"
+    cli(repo, "restore", "s@latest", "--target", t)
+    (t / "www" / "postmaster.pid").write_bytes(b"4242")   # excluded from the set: the server's own
+    (t / "www" / "stray").write_bytes(b"not in the image")
+    with opened(repo, readonly=True) as r, r.reading() as txn:
+        reader = ObjectReader(r, txn)
+        root = reader.lookup(resolve(r, txn, "s@latest").root, "")
+        sel = Selection(exclude=["postmaster.pid"], sources=[str(src)])
+        Restorer(reader, sync=True, selection=sel).restore(root, str(t))
+    assert (t / "www" / "postmaster.pid").read_bytes() == b"4242"
+    assert not (t / "www" / "stray").exists()
