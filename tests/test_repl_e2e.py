@@ -171,6 +171,32 @@ def test_mass_delete_breaker_and_vanished_source(cluster):
     assert replica_head(r.repo, "web") == seeded
 
 
+def test_the_breaker_counts_what_deletions_take_from_the_newest_point(cluster):
+    """Failover harness seed 1024: after a failover the new primary's first catch-up deletes, on every replica,
+    the old primary's writes after its last point (the promotion rolled them back). They were never in an
+    image; the breaker held them anyway, so no point reached the archive replica or the node that had handed
+    over, and the latter could never take over again. Files that arrived after the newest point pass; the
+    point's own files are still guarded."""
+    c = cluster(replicas=1)
+    c.sets["web"]["delete_count"] = 5
+    for i in range(10):
+        write(f"{c.src}/pointed/f{i}", b"%d" % i)
+    c.start()
+    r = c.replicas[0]
+    wait_for(lambda: c.converged(r), 30, "seeding")
+    c.primary.ctl("point", "--set", "web")
+    for i in range(20):
+        write(f"{c.src}/after/f{i}", b"%d" % i)
+    wait_for(lambda: c.converged(r), 30, "the files after the point")
+    shutil.rmtree(f"{c.src}/after")
+    wait_for(lambda: c.converged(r), 30, "20 deletions of files no point holds")
+    assert not status(r)["sets"]["web"]["alerts"] and status(r)["sets"]["web"]["held_deletes"] == 0
+    for i in range(8):
+        os.remove(f"{c.src}/pointed/f{i}")
+    wait_for(lambda: status(r)["sets"]["web"]["held_deletes"], 30, "the breaker on 8 of the point's files")
+    assert "data/pointed/f0" in replica_head(r.repo, "web")
+
+
 def test_master_restart_catches_up_by_tree_comparison(cluster):
     c = cluster(replicas=1)
     for i in range(200):

@@ -12,9 +12,10 @@ commit loses nothing acknowledged; the master's catch-up resends the rest.
 
 Mirror mode applies deletions, archive mode never does. In mirror mode a
 mass-delete breaker holds back a batch's deletions (and raises an alert)
-when they would remove more than `delete_count` files, or more than
-`delete_percent` % of the set (once at least `delete_min` files), or a whole
-source root. `pit release-deletes` lets the next batch through.
+when they would remove more than `delete_count` files of the newest
+consistent point here, or more than `delete_percent` % of the set (once at
+least `delete_min` files), or a whole source root. `pit release-deletes`
+lets the next batch through.
 """
 from __future__ import annotations
 
@@ -377,19 +378,29 @@ class ReplicaSide:
         return len(out), held, retry
 
     def _breaker(self, set_name, cfg, st: SetState, reader, root, deletes: list[Change]) -> int:
-        """Number of deleted files held back (0: let them through)."""
+        """Number of deleted files held back (0: let them through).
+
+        What counts is what the deletions take from the newest consistent point here (or from the head when
+        there is none yet): files that arrived after it were never in an image, and deleting them loses
+        nothing a restore or a failover could have offered. That is also exactly what a new term's first
+        catch-up deletes on every replica: the old primary's writes after its last point, which the promotion
+        rolled back (the failover harness, seed 1024: without this the breaker held them on the archive
+        replica and on the node that had handed over, no point reached either, and the latter could never
+        take over again)."""
         if st.release:
             st.release = False
             st.held = 0
             st.alerts = [a for a in st.alerts if "mass delete" not in a]
             return 0
+        snaps = list_snapshots(self.repo, reader.txn, set_name)
+        ref = snaps[-1].root if snaps else root
         n = 0
         whole_source = False
         for d in deletes:
             if "/" not in d.path:
                 whole_source = True
             try:
-                e = reader.lookup(root, d.path) if root else None
+                e = reader.lookup(ref, d.path) if ref else None
             except (PathNotFound, StoreError):
                 e = None
             if e is None:
