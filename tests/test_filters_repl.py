@@ -15,7 +15,7 @@ from replicator.stream.scan import Scanner
 from replicator.stream.tree import Tree
 from replicator.stream.watcher import Watcher
 from store.filters import CACHEDIR_SIGNATURE
-from test_repl_helpers import set_config
+from test_repl_helpers import cluster, set_config  # noqa: F401  (cluster: the fixture)
 
 
 def scanner(src, **filt):
@@ -151,3 +151,41 @@ def test_postgresql_template_excludes_what_pg_basebackup_leaves_out(tmp_path):
     assert filt.excluded("main/postmaster.pid", False) and filt.excluded("main/pg_stat_tmp/x", False)
     assert not filt.excluded("main/pg_stat_tmp", True)  # the directory stays: the server needs it
     assert not filt.excluded("main/base/1/1234", False)
+
+
+def test_a_set_filter_end_to_end(cluster):
+    """Excluded paths never reach a replica; excluding more later deletes them from a mirror's head at
+    the next point, while the snapshots already taken keep them."""
+    from test_repl_helpers import read_tree, replica_head, replica_snapshots, wait_for, write
+
+    c = cluster(replicas=1)
+    c.sets["web"]["exclude"] = ["*.tmp", "node_modules/"]
+    c.sets["web"]["exclude_caches"] = True
+    write(f"{c.src}/index.html", b"home")
+    write(f"{c.src}/a.tmp", b"temp")
+    write(f"{c.src}/node_modules/m/i.js", b"js")
+    write(f"{c.src}/cache/CACHEDIR.TAG", CACHEDIR_SIGNATURE)
+    write(f"{c.src}/cache/c", b"c")
+    write(f"{c.src}/old/o.txt", b"old")
+    c.start()
+    r = c.replicas[0]
+    name = os.path.basename(c.src)
+
+    def want(*excluded):
+        return {k: v for k, v in read_tree(c.src).items()
+                if not any(k == f"{name}/{x}" or k.startswith(f"{name}/{x}/") for x in excluded)}
+
+    kept_out = ("a.tmp", "node_modules", "cache")
+    wait_for(lambda: replica_head(r.repo, "web") == want(*kept_out), 60, "seeding without the excluded")
+    write(f"{c.src}/b.tmp", b"never sent")
+    write(f"{c.src}/new.txt", b"sent")
+    wait_for(lambda: replica_head(r.repo, "web") == want(*kept_out, "b.tmp"), 30, "a change, not the .tmp")
+    c.primary.ctl("point", "--set", "web")
+    # the filter grows: old/ leaves the set, and the mirror's head, at the next point
+    c.sets["web"]["exclude"] = ["*.tmp", "node_modules/", "old/"]
+    c.write_sets()
+    wait_for(lambda: replica_head(r.repo, "web") == want(*kept_out, "b.tmp", "old"), 60, "old/ excluded")
+    c.primary.ctl("point", "--set", "web")
+    snaps = replica_snapshots(r.repo, "web")
+    assert any(f"{name}/old/o.txt" in tree for _, tree in snaps[:-1])   # taken before: kept
+    assert f"{name}/old/o.txt" not in snaps[-1][1]
