@@ -256,7 +256,7 @@ class LabUnavailable(RuntimeError):
 def pg_cluster(tmp: str, keep: bool = False, template_excludes: bool = False):
     """A started PgHarnessCluster on a fresh 4-host lab; everything stopped and deleted afterwards. The cluster
     lives in a directory of /tmp the postgres user can reach (`tmp`/cluster links to it); it is kept when
-    `keep` or when a run on it recorded problems (`c.problems`)."""
+    `keep`, when a run on it recorded problems (`c.problems`) or when an exception ended it."""
     base = tempfile.mkdtemp(prefix="pit-pgh-", dir="/tmp")
     os.chmod(base, 0o755)
     os.makedirs(tmp, exist_ok=True)
@@ -274,7 +274,11 @@ def pg_cluster(tmp: str, keep: bool = False, template_excludes: bool = False):
         c = PgHarnessCluster(base, lab, template_excludes=template_excludes)
         c.problems = []
         c.start()
-        yield c
+        try:
+            yield c
+        except BaseException as exc:  # a run that could not finish: keep what it left for a post-mortem
+            c.problems.append(f"{type(exc).__name__}: {exc}")
+            raise
     finally:
         try:
             if c is not None:
