@@ -70,9 +70,17 @@ def test_a_seed_names_its_whole_plan():
 
 
 # ------------------------------------------------------------------------------------------------ found cases
-# Seeds run so far (tests/failover_harness_pg.py, `bench/failover_harness.py --pg`): 3000-3013, 5 or 6
-# operations each. 3011 found the liveness bug below; 3012 lost 2 ids the checker did not count in the RPO:
-# the primary had taken its key again after an etcd outage (a new term with no first point), see PgState.after.
+# Seeds run so far (`bench/failover_harness.py --pg`, 5 or 6 operations each): 3000-3013, 3014-3019. Found:
+# - 3011: a promoted secondary whose lease ran out at once never took the key back (xfail below); its replay
+#   later failed at start-up (the primary did not serve within 60 s: not reproduced, no logs kept then);
+# - 3012: 2 ids the checker did not count in the RPO: the primary had taken its own key again after an etcd
+#   outage (a term with no first point), now counted (PgState.after); its replay: a point hung 61 s after
+#   both replicas dropped the master with "data/pg_wal/...: chunk lengths do not add up to the file size"
+#   (replicator/stream: a WAL segment written while it was sent; timing-dependent, no test yet);
+# - dc59917: the postgresql template's absolute excludes stop a promoted secondary from mastering the set
+#   (xfail below; the harness writes them in their stored form meanwhile);
+# - kill_primary_agent: a fenced old primary whose agent died alone keeps its services running (xfail below;
+#   not drawn into random plans while it fails).
 
 
 def _first_point_of(node, token: int) -> str:
