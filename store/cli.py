@@ -337,6 +337,10 @@ def diff(ctx, old, new, as_json):
 @click.option("--exclude", "-e", "exclude", multiple=True, metavar="PATTERN",
               help="Leave out paths matching PATTERN (gitignore style, as `pit snapshot --exclude`).")
 @click.option("--iexclude", multiple=True, metavar="PATTERN", help="The same, ignoring case.")
+@click.option("--include-file", multiple=True, metavar="FILE", help="Read --include patterns from FILE.")
+@click.option("--iinclude-file", multiple=True, metavar="FILE", help="Read --iinclude patterns from FILE.")
+@click.option("--exclude-file", multiple=True, metavar="FILE", help="Read --exclude patterns from FILE.")
+@click.option("--iexclude-file", multiple=True, metavar="FILE", help="Read --iexclude patterns from FILE.")
 @click.option("--overwrite", type=click.Choice(["always", "if-changed", "if-newer", "never"]), default="if-newer",
               show_default=True,
               help="A file already in TARGET that differs from the snapshot's: always replace it; replace it if its "
@@ -347,8 +351,8 @@ def diff(ctx, old, new, as_json):
 @click.option("--verify", is_flag=True, help="Read every restored file back and compare it with the snapshot.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, overwrite, delete, dry_run, verify,
-            as_json):
+def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, include_file, iinclude_file,
+            exclude_file, iexclude_file, overwrite, delete, dry_run, verify, as_json):
     """Restore a snapshot, or one file or directory of it, into TARGET.
 
     A file already in TARGET is replaced only as --overwrite says (default
@@ -358,10 +362,16 @@ def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, 
     subtree whose listing is unreadable) is named on stderr and the exit
     code is 3."""
     from .errors import DamageFound
+    from .filters import read_pattern_file
     from .objects import ObjectReader
     from .restore import Restorer, Selection, count_failures
     from .snapshots import resolve
 
+    def with_files(pats, files):
+        return [*pats, *(p for f in files for p in read_pattern_file(f))]
+
+    include, iinclude = with_files(include, include_file), with_files(iinclude, iinclude_file)
+    exclude, iexclude = with_files(exclude, exclude_file), with_files(iexclude, iexclude_file)
     repo = open_repo(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
     status = StatusLine("restore", json_lines=as_json)

@@ -210,3 +210,16 @@ def test_a_sync_restore_leaves_excluded_names_alone(site, tmp_path):
         Restorer(reader, sync=True, selection=sel).restore(root, str(t))
     assert (t / "www" / "postmaster.pid").read_bytes() == b"4242"
     assert not (t / "www" / "stray").exists()
+
+
+def test_pattern_files(site, tmp_path):
+    repo, _ = site
+    inc, exc = tmp_path / "inc", tmp_path / "exc"
+    inc.write_bytes(b"# what to take back\ndocs/\n")
+    exc.write_bytes(b"old/\n")
+    t = tmp_path / "t"
+    cli(repo, "restore", "s@latest", "--target", t, "--include-file", inc, "--exclude-file", exc)
+    assert restored(t) == {"www", "www/docs", "www/docs/report.txt"}
+    res = cli(repo, "restore", "s@latest", "--target", tmp_path / "u", "--include-file", tmp_path / "none",
+              expect=18)
+    assert res.stderr.count("\n") == 1 and not (tmp_path / "u").exists()
