@@ -4,7 +4,7 @@ The recipe (../shared/notes/infra.md, measured with etcd 3.4):
 
 1. grant a lease (TTL seconds) and create the leader key with it only if it
    does not exist; the revision of that write is the fencing token;
-2. renew every TTL/3; the holder stops acting as primary *on its own clock*
+2. renew every TTL/6 (at once again after a failed try); the holder stops acting as primary *on its own clock*
    once `TTL - margin` has passed since the last renewal that succeeded (the
    server's expiry alone would not stop a partitioned old primary, and the
    server can only expire the key later than that: it counts from when it
@@ -171,10 +171,16 @@ class Leadership:
                 log.exception("demotion failed")
 
     def _renew_loop(self, stop: threading.Event) -> None:
-        period = self.ttl / 3
+        # Renewed six times per TTL, and at once again after a failed try: the holder demotes itself when
+        # nothing succeeded for TTL - margin (2/3 of the TTL), so one slow or lost renewal must leave room for
+        # several more. At a third of the TTL one late answer on a busy machine (etcd or this agent waiting
+        # for a core) cost the lease; the failover harness saw a primary lose it four times in a row.
+        period = self.ttl / 6
         guard = threading.Thread(target=self._guard_loop, daemon=True, name="pit-lease-guard")
         guard.start()
-        while not stop.wait(period):
+        wait = period
+        while not stop.wait(wait):
+            wait = period
             with self.lock:
                 lease = self.lease
             sent = time.monotonic()
@@ -182,6 +188,7 @@ class Leadership:
                 left = self.etcd.keepalive(lease)
             except EtcdError as exc:
                 self.last_error = str(exc)
+                wait = min(period, 0.05)
                 continue
             if left <= 0:
                 self._lose("the lease was revoked or expired")
