@@ -110,7 +110,7 @@ class PgHarnessCluster(HarnessCluster):
     def __init__(self, tmp, lab, template_excludes: bool = False) -> None:
         super().__init__(tmp, lab)
         self.failover["checks"] = [{"tcp": f"{lab.ip(PRIMARY)}:{PG_PORT}", "timeout": 1}]
-        self.failover["hook_timeout"] = 120
+        self.failover["hook_timeout"] = 30  # a server starts or stops in seconds; also r1's hold-off after a failback
         table = build_set("postgresql", SET, [self.src], [r.name for r in self.replicas], "primary",
                           {"port": PG_PORT, "socket_dir": "127.0.0.1", "bindir": PG_BIN, "check_timeout": 120,
                            "hook_timeout": 60})
@@ -154,12 +154,12 @@ start)
   {chown}
   chmod 700 "$data"
   rm -f "$data/postmaster.pid"   # a dead server's (an image made while the primary ran has one)
-  {run} {PG_BIN}/pg_ctl start -w -t 100 -D "$data" -l {self.tmp}/logs/$PIT_NODE-postgres.log \\
+  {run} {PG_BIN}/pg_ctl start -w -t 25 -D "$data" -l {self.tmp}/logs/$PIT_NODE-postgres.log \\
       -o "-c listen_addresses='*' -c port={PG_PORT} -c unix_socket_directories='' -c autovacuum=off"
   date +%s.%N > "$dir/pg.up";;
 stop)
   rm -f "$dir/pg.up"
-  {run} {PG_BIN}/pg_ctl stop -m fast -w -t 60 -D "$data" >/dev/null 2>&1 || true;;
+  {run} {PG_BIN}/pg_ctl stop -m fast -w -t 25 -D "$data" >/dev/null 2>&1 || true;;
 esac
 """)
             os.chmod(script, 0o755)
@@ -479,8 +479,22 @@ class PgState(_State):
                 os.kill(int(f.readline()), signal.SIGKILL)
         except (OSError, ValueError) as exc:
             raise Aborted(f"kill_postgres: no server to kill on the primary: {exc}") from None
+        def handed_over() -> bool:  # r1's hold-off after a failback: 60 + 2 x hook_timeout s (handover.py)
+            return "just handed over" in fhn._fo(self.r1).get("note", "")
+
         try:
-            wait_for(lambda: (settled(self.c) or ("",))[0] == "r1", 90, "r1 to take over from the dead server")
+            wait_for(lambda: (settled(self.c) or ("",))[0] == "r1" or handed_over(), 90,
+                     "r1 to take over from the dead server")
+            if handed_over():
+                # by design no failover back during the hold-off: said, and the operator restarts the server
+                self.out.notes.append("kill_postgres: no failover, r1 holds off after handing over to the primary "
+                                      "(60 + 2 x hook_timeout s); the operator restarts PostgreSQL")
+                r = self.lab.run(PRIMARY, self.c.hook("start").split(), capture_output=True, text=True, timeout=120,
+                                 env=dict(os.environ, PIT_NODE="primary", PIT_ROLE="operator", PIT_TOKEN=str(tok)))
+                if r.returncode != 0:
+                    raise Aborted(f"kill_postgres: the primary's server does not start again: {r.stdout + r.stderr}")
+                self.after("kill_postgres", tok, time.time(), failover_ok=False)
+                return
             self.r1_live = self.live_acks()
         except AssertionError as exc:
             self.out.problems.append(f"kill_postgres: {exc} (r1: {fhn._fo(self.r1).get('phase')}, "
