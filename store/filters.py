@@ -108,8 +108,12 @@ def check_pattern(pattern: str, sources=(), what: str = "pattern") -> str:
     body = pattern[1:] if neg else pattern
     if not body.strip() or body.startswith("#"):
         raise InvalidArgument(f"{what} {shown!r} is empty")
-    if ".." in body.rstrip("/").split("/"):
+    parts = body.rstrip("/").split("/")
+    if ".." in parts:
         raise InvalidArgument(f"{what} {shown!r} contains `..`: patterns match paths inside the snapshot")
+    if "." in parts[1:] or (parts[0] == "." and len(parts) > 1):
+        raise InvalidArgument(f"{what} {shown!r} has a `.` component: write {parts[-1]!r} (at any depth) or an "
+                              f"absolute path under a source")
     if body.startswith("/") and sources:
         prefixes = _stored_prefixes(sources)
         stripped = body.rstrip("/") or "/"
@@ -122,6 +126,15 @@ def check_pattern(pattern: str, sources=(), what: str = "pattern") -> str:
             if first not in [n for _, n in prefixes]:
                 raise InvalidArgument(f"{what} {shown!r} is an absolute path under none of the source paths "
                                       f"({', '.join(s for s, _ in prefixes)})")
+    if sources:
+        # anchored (a slash before the end): its first component must be able to match a source's name
+        first, sep, _ = body.lstrip("/").partition("/")
+        names = [n for _, n in _stored_prefixes(sources)]
+        if (body.startswith("/") or sep and body.rstrip("/").count("/")) and not any(c in first for c in "*?[\\") \
+                and first not in names:
+            raise InvalidArgument(f"{what} {shown!r} is anchored at the snapshot's root, which holds only "
+                                  f"{', '.join(names)}: it can never match (use an absolute path, or a pattern "
+                                  f"without a leading or inner slash to match at any depth)")
     out = ("!" if neg else "") + body
     try:
         pathspec.GitIgnoreSpec.from_lines([out])

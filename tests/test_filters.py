@@ -151,6 +151,8 @@ def test_changed_filter_takes_effect_in_a_change_set_snapshot(repo_path, www):
     (["-e", "/etc/shadow"], "under none of the source paths"),
     (["-e", "a\\"], "not a valid pattern"),
     (["-e", "!"], "is empty"),
+    (["-e", "./cache"], "has a `.` component"),
+    (["-e", "var/www/cache"], "can never match"),
     (["--exclude-if-present", "a/b"], "must be a file name"),
     (["--exclude-if-present", ".."], "must be a file name"),
     (["--exclude-file", "/nonexistent/excludes"], "cannot read pattern file"),
