@@ -26,6 +26,8 @@ path, which finds it at its new place or raises the store's error.
 from __future__ import annotations
 
 import bisect
+import queue
+import threading
 from typing import Iterator
 
 from store.errors import BlobMissing, IntegrityError
@@ -38,6 +40,9 @@ RUN_MAX = 256 * 1024  # the most one pread reads (small enough for malloc to reu
 GAP_MAX = 64 * 1024  # two frames this close are read together (the bytes between are skipped)
 FIRST_BATCH, MAX_BATCH = 8, 256  # chunks per lookup transaction: small first (a short Range), then more
 HOLE_PIECE = 1 << 20
+READ_AHEAD_MIN = 4 * 1024 * 1024  # a body with this much left is read ahead by a thread of its own
+DEPTH = 4  # blocks read ahead at most
+STOP_POLL = 1.0  # seconds: how soon a read-ahead thread notices its answer was abandoned
 _HDR = FRAME_HEADER.size
 _TRAIL = CRC.size
 
@@ -145,33 +150,107 @@ def pieces(vf, start: int = 0, end: int | None = None) -> Iterator[bytes | memor
     yield from _zeros(end - pos)
 
 
-class Body:
-    """A seekable, read-only file object over a view file (what wsgidav's GET wants):
-    sequential reads come from one `pieces` stream; a seek elsewhere starts a new one."""
+class _ReadAhead:
+    """`pieces` read by a thread of its own into blocks of exactly `block` bytes (the last may be
+    shorter), at most `DEPTH` ahead: reading and checking the next block (pread, BLAKE3, zstd, all
+    without the GIL) overlaps with TLS sending the one before on the worker thread. An error
+    while reading is raised by `next` in the worker; `close` stops the thread within `STOP_POLL`."""
 
-    def __init__(self, vf) -> None:
-        self.vf = vf
+    def __init__(self, stream: Iterator, block: int, first: int) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=DEPTH)
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, args=(stream, block, first), daemon=True,
+                                       name="pit-serve-read")
+        self.thread.start()
+
+    def _run(self, stream: Iterator, block: int, first: int) -> None:
+        """The first block is `first` bytes (what the read that started us still wants), so that
+        the reads after it, of `block` bytes each, get one whole block each."""
+        try:
+            out, got, size = [], 0, first
+            for piece in stream:
+                piece = memoryview(piece)
+                while got + len(piece) >= size:
+                    k = size - got
+                    out.append(piece[:k])
+                    if not self._put(out[0].tobytes() if len(out) == 1 else b"".join(out)):
+                        return
+                    out, got, piece, size = [], 0, piece[k:], block
+                if piece:
+                    out.append(piece)
+                    got += len(piece)
+            if out and not self._put(b"".join(out)):
+                return
+            self._put(None)
+        except BaseException as exc:  # handed to the worker, which raises it
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self.stopped:
+            try:
+                self.q.put(item, timeout=STOP_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self):
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            self.stopped = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopped = True
+        try:
+            while True:
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+
+
+class Body:
+    """A seekable, read-only file object over a view file (what wsgidav's GET wants).
+
+    The first read after a seek is read here; if more follow (a body, not a short Range) and
+    at least `READ_AHEAD_MIN` bytes are left, the rest comes from a `_ReadAhead` in blocks of
+    `block` bytes, and a read of exactly one block returns it without a copy."""
+
+    def __init__(self, vf, block: int = 256 * 1024) -> None:
+        self.vf, self.block = vf, block
         self.pos = 0
-        self._stream: Iterator | None = None
+        self._stream: Iterator | None = None  # pieces from self.pos on (after _spare)
+        self._ahead: _ReadAhead | None = None
         self._spare: memoryview | None = None  # read from the stream, not yet returned
+        self._reads = 0
 
     def seek(self, pos: int, whence: int = 0) -> int:
         pos = pos if whence == 0 else (self.pos + pos if whence == 1 else self.vf.size + pos)
         if pos != self.pos:
-            self._stream, self._spare = None, None
+            self.close()
         self.pos = pos
         return pos
 
     def tell(self) -> int:
         return self.pos
 
+    def _next(self, want: int):
+        if self._ahead is not None:
+            return self._ahead.next()
+        if self._stream is None:
+            self._stream = pieces(self.vf, self.pos)
+        elif self._reads > 1 and self.vf.size - self.pos >= READ_AHEAD_MIN:
+            self._ahead = _ReadAhead(self._stream, self.block, want)
+            return self._ahead.next()
+        return next(self._stream, None)
+
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = self.vf.size - self.pos
         if n <= 0 or self.pos >= self.vf.size:
             return b""
-        if self._stream is None:
-            self._stream = pieces(self.vf, self.pos)
+        self._reads += 1
         out, got = [], 0
         if self._spare is not None:
             piece, self._spare = self._spare, None
@@ -180,8 +259,15 @@ class Body:
             if len(piece) > n:
                 self._spare = piece[n:]
         while got < n:
-            piece = next(self._stream, None)
+            piece = self._next(n - got)
             if piece is None:
+                break
+            if isinstance(piece, bytes) and len(piece) == n - got:
+                if not got:
+                    self.pos += n
+                    return piece  # a read-ahead block, as it is
+                out.append(piece)
+                got = n
                 break
             piece = memoryview(piece)
             if got + len(piece) > n:
@@ -193,4 +279,6 @@ class Body:
         return b"".join(out)
 
     def close(self) -> None:
-        self._stream, self._spare = None, None
+        if self._ahead is not None:
+            self._ahead.close()
+        self._stream, self._ahead, self._spare, self._reads = None, None, None, 0

@@ -47,7 +47,7 @@ from . import propfind
 from .body import Body
 from .safety import listing_headers
 
-BLOCK = 1024 * 1024
+BLOCK = 256 * 1024
 SINGLE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
 AVAILABLE = 1 << 50  # "plenty": a read-only share that Windows must not think is full or FAT
 
@@ -166,7 +166,7 @@ class FileResource(_Common, DAVNonCollection):
         return True
 
     def get_content(self):
-        return Body(self.view.open(self.node))
+        return Body(self.view.open(self.node), BLOCK)
 
     def get_display_info(self):
         return {"type": "File"}
@@ -287,9 +287,9 @@ class ViewProvider(DAVProvider):
         def entries():
             yield propfind.href_of(base + (res.path or "/"), res.is_collection), res.node
             if depth1 and res.is_collection:
-                parent = base + res.path.rstrip("/") + "/"
+                parent = propfind.href_of(base + res.path.rstrip("/") + "/", False)
                 for n in res._children():
-                    yield propfind.href_of(parent + n.name, n.is_dir), n
+                    yield propfind.child_href(parent, n.name, n.is_dir), n
 
         def pit_fields(node):
             return {_PIT + k: v for k, v in snapshot_fields(node.status).items()} if node.status else {}
@@ -297,7 +297,11 @@ class ViewProvider(DAVProvider):
         def props_of(node):
             return propfind.live_properties(node, content_type, pit_fields, AVAILABLE)
 
-        return propfind.send(environ, start_response, propfind.answer(entries(), mode, names, props_of, PIT_NS))
+        def allprop(href, node):
+            return propfind.allprop_response(href, node, content_type, AVAILABLE)
+
+        return propfind.send(environ, start_response,
+                             propfind.answer(entries(), mode, names, props_of, PIT_NS, allprop))
 
     # -------------------------------------------------------- HTML listing
     def _html(self, res: DirResource, environ, start_response, head: bool):

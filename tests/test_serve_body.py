@@ -55,17 +55,25 @@ def files(tmp_path_factory):
     repo.close()
 
 
+@pytest.fixture(params=["inline", "read-ahead"])
+def ahead(request, monkeypatch):
+    """Each body test twice: read in the worker, and read ahead by a thread (any size qualifies)."""
+    if request.param == "read-ahead":
+        monkeypatch.setattr(B, "READ_AHEAD_MIN", 0)
+    return request.param
+
+
 def _open(view, name):
     return view.open(view.resolve(["s", "latest", "data", name]))
 
 
 @pytest.mark.parametrize("name", ["random.bin", "text.txt", "empty.txt", "one.txt", "sparse.bin"])
-def test_whole_file_in_blocks(files, name):
+def test_whole_file_in_blocks(files, name, ahead):
     _repo, view, want = files
     for block in (1, 4096, 100_003, 1 << 20, 8 << 20):
         if block == 1 and len(want[name]) > 10:
             continue
-        b = B.Body(_open(view, name))
+        b = B.Body(_open(view, name), block=block if block > 1 else 4096)
         got = []
         while True:
             d = b.read(block)
@@ -78,7 +86,7 @@ def test_whole_file_in_blocks(files, name):
 
 
 @pytest.mark.parametrize("name", ["random.bin", "text.txt", "sparse.bin"])
-def test_seeks_and_ranges(files, name):
+def test_seeks_and_ranges(files, name, ahead):
     """wsgidav's Range: seek to the start, then read up to the range's length."""
     _repo, view, want = files
     data = want[name]
@@ -113,7 +121,7 @@ def test_runs_read_several_chunks_per_read(files, monkeypatch):
     assert max(reads) <= B.RUN_MAX
 
 
-def test_a_moved_chunk_is_read_again_one_by_one(files, monkeypatch):
+def test_a_moved_chunk_is_read_again_one_by_one(files, monkeypatch, ahead):
     """The run's pread fails (the pack went away under compaction): each of its chunks
     is looked up again by the store's own path."""
     repo, view, want = files
@@ -131,7 +139,7 @@ def test_a_moved_chunk_is_read_again_one_by_one(files, monkeypatch):
     assert failed
 
 
-def test_damaged_chunk_is_an_error_not_other_bytes(tmp_path):
+def test_damaged_chunk_is_an_error_not_other_bytes(tmp_path, ahead):
     src = str(tmp_path / "data")
     write(src, "f.bin", os.urandom(600_000))
     repo = Repository.init(str(tmp_path / "repo"))
@@ -152,6 +160,10 @@ def test_damaged_chunk_is_an_error_not_other_bytes(tmp_path):
     try:
         with pytest.raises(IntegrityError):
             B.Body(_open(View(repo, ALL), "f.bin")).read()
+        b = B.Body(_open(View(repo, ALL), "f.bin"), block=4096)
+        with pytest.raises(IntegrityError):
+            while b.read(4096):
+                pass
     finally:
         repo.close()
 
@@ -163,3 +175,19 @@ def test_both_kinds_of_frames_are_covered(files):
         flags = {name: {repo.blob_entry(txn, c).flags & 1 for c in _open(view, name).chunks.ids}
                  for name in ("text.txt", "random.bin")}
     assert flags == {"text.txt": {1}, "random.bin": {0}}
+
+
+def test_an_abandoned_answer_stops_its_read_ahead(files, monkeypatch):
+    """The client went away mid-body: wsgidav closes the file, and the read-ahead thread ends."""
+    monkeypatch.setattr(B, "READ_AHEAD_MIN", 0)
+    monkeypatch.setattr(B, "STOP_POLL", 0.05)
+    _repo, view, want = files
+    b = B.Body(_open(view, "text.txt"), block=4096)
+    got = b""
+    while b._ahead is None:
+        got += b.read(4096)
+    assert got == want["text.txt"][:len(got)]
+    thread = b._ahead.thread
+    b.close()
+    thread.join(30)
+    assert not thread.is_alive()
