@@ -179,6 +179,35 @@ def snapshots(ctx, set_name, as_json):
                    f"{mib(st.get('new_stored', 0)):>10}  {' '.join(s.paths)}{mark}")
 
 
+def _lookup(repo, reader, snap, path: str):
+    """The entry at `path` in `snap`; when it is not there, the error names the paths of the snapshot
+    with the same base name (`report.txt` -> `office/src/report.txt`), found in the versions index."""
+    from .errors import PathNotFound
+
+    try:
+        return reader.lookup(snap.root, path)
+    except PathNotFound as exc:
+        from .find import suggest_paths
+
+        try:
+            found = suggest_paths(repo, snap.set, path.strip("/").encode("utf-8", "surrogateescape"))
+        except Exception:  # a suggestion is a courtesy: never an error of its own
+            found = []
+        here = []
+        for p in found:
+            try:
+                reader.lookup(snap.root, p)
+                here.append(p.decode("utf-8", "replace"))
+            except PathNotFound:
+                continue
+        if not here:
+            raise
+        tail = "/" + path.strip("/")
+        here = [p for p in here if p.endswith(tail)] or here  # `sub/report.txt`: the ones under a `sub`
+        raise PathNotFound(f"{exc}; did you mean {' or '.join(here[:5])}"
+                           f"{f' (and {len(here) - 5} more)' if len(here) > 5 else ''}?") from None
+
+
 def _entry_json(path: bytes, e) -> dict:
     from .trees import TYPE_NAMES
 
@@ -215,7 +244,7 @@ def ls(ctx, spec, recursive, as_json):
     with repo.reading() as txn:
         snap = resolve(repo, txn, snap_spec)
         r = ObjectReader(repo, txn)
-        e = r.lookup(snap.root, path)
+        e = _lookup(repo, r, snap, path)
         base = path.strip("/").encode("utf-8", "surrogateescape")
         if e.type != 2:
             rows = [(base, e)]
@@ -263,7 +292,7 @@ def cat(ctx, spec):
     with repo.reading() as txn:
         snap = resolve(repo, txn, snap_spec)
         r = ObjectReader(repo, txn)
-        e = r.lookup(snap.root, path)
+        e = _lookup(repo, r, snap, path)
         if e.type != 1:
             raise PathNotFound(f"{path or '/'} is not a file")
         name = path.strip("/")
@@ -380,7 +409,7 @@ def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, 
         snap = resolve(repo, txn, snap_spec)
         selection = Selection(include, iinclude, exclude, iexclude, sources=snap.paths)
         r = ObjectReader(repo, txn)
-        e = r.lookup(snap.root, path)
+        e = _lookup(repo, r, snap, path)
 
         def progress(st):
             status.show(f"restored {st.files} files, {mib(st.bytes)}", files=st.files, bytes=st.bytes)

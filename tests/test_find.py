@@ -114,3 +114,13 @@ def test_candidate_never_misses_what_match_takes():
             for is_dir in (False, True):
                 if m.match_bytes(n, is_dir):
                     assert m.candidate(n), (pats, ic, n, is_dir)
+
+
+def test_a_path_not_in_the_snapshot_suggests_the_full_paths(office):
+    repo_path, _, (s1, s2, s3, w) = office
+    res = cli(repo_path, "restore", f"office@{s2.name}:report.txt", "--target", "/nonexistent/never", expect=17)
+    assert "did you mean office/src/report.txt?" in res.stderr and res.stderr.count("\n") == 1
+    res = cli(repo_path, "cat", "office@latest:src/report.txt", expect=17)   # deleted there: no suggestion of it
+    assert "did you mean office/report.txt?" in res.stderr
+    res = cli(repo_path, "ls", "office@latest:nothing-like-it", expect=17)
+    assert "did you mean" not in res.stderr
