@@ -21,9 +21,11 @@ answer, 1.48 GB of server memory (still held afterwards) and 27.6 s of CPU
 """
 from __future__ import annotations
 
+import posixpath
 import time
 import urllib.parse
 from email.utils import formatdate
+from functools import lru_cache
 from xml.sax.saxutils import escape
 
 from wsgidav.dav_error import HTTP_BAD_REQUEST, HTTP_REQUEST_ENTITY_TOO_LARGE, DAVError
@@ -103,27 +105,60 @@ def http_date(secs: float) -> str:
     return formatdate(secs, usegmt=True)
 
 
+# A folder's entries mostly share a handful of modification seconds and extensions: each date and
+# type is formatted once (the formatting was a third of a 10,000-entry PROPFIND).
+@lru_cache(maxsize=4096)
+def _dates(secs: int) -> tuple[str, str]:
+    """(creationdate, getlastmodified) of whole seconds `secs` (both drop a fraction, floor)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(secs)), formatdate(secs, usegmt=True)
+
+
+def _seconds(node) -> int:
+    return node.mtime_ns // 10**9
+
+
+@lru_cache(maxsize=1024)
+def _type_of_suffix(content_type, suffix: str) -> str:
+    return escape(content_type("x" + suffix))
+
+
+def escaped_type(content_type, name: str) -> str:
+    """escape(content_type(name)), cached by the name's last two suffixes, which are all
+    `mimetypes.guess_type` looks at (a type and an encoding, .tar.gz); names with a ':' (a URL
+    scheme to guess_type) and leading-dot names are asked as they are."""
+    base, ext = posixpath.splitext(name)
+    if not ext or ":" in name or base.startswith("."):
+        return escape(content_type(name))
+    return _type_of_suffix(content_type, posixpath.splitext(base)[1] + ext)
+
+
+def _esc(text: str) -> str:
+    return escape(text) if ("&" in text or "<" in text or ">" in text) else text
+
+
 def live_properties(node, content_type, pit_fields, available: int) -> dict[str, str]:
     """A resource's live properties as escaped XML content, in allprop order."""
-    mtime = node.mtime
-    props = {DAV + "resourcetype": "<ns0:collection/>" if node.is_dir else "",
-             DAV + "creationdate": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime))}
-    if not node.is_dir:
+    created, modified = _dates(_seconds(node))
+    is_dir = node.is_dir
+    props = {DAV + "resourcetype": "<ns0:collection/>" if is_dir else "",
+             DAV + "creationdate": created}
+    if not is_dir:
         props[DAV + "getcontentlength"] = str(node.size)
-        props[DAV + "getcontenttype"] = escape(content_type(node.name))
+        props[DAV + "getcontenttype"] = escaped_type(content_type, node.name)
     props[DAV + "quota-used-bytes"] = str(node.size)
     props[DAV + "quota-available-bytes"] = str(available)
-    props[DAV + "getlastmodified"] = http_date(mtime)
-    props[DAV + "displayname"] = escape(node.name)
+    props[DAV + "getlastmodified"] = modified
+    props[DAV + "displayname"] = _esc(node.name)
     if node.etag:
-        props[DAV + "getetag"] = escape(quote_etag(node.etag))
-    for k, v in pit_fields(node).items():
-        props[k] = escape(v)
+        props[DAV + "getetag"] = _esc(quote_etag(node.etag))
+    if node.status:
+        for k, v in pit_fields(node).items():
+            props[k] = escape(v)
     return props
 
 
 def win32_properties(node) -> dict[str, str]:
-    when = http_date(node.mtime)
+    when = _dates(_seconds(node))[1]
     attrs = READONLY | (DIRECTORY if node.is_dir else 0)
     return dict(zip(WIN32, (when, when, when, f"{attrs:08X}")))
 
@@ -138,6 +173,7 @@ class Prefixes:
 
     def __init__(self, namespaces) -> None:
         self.map = {"DAV:": "ns0"}
+        self._elements: dict[str, tuple[str, str, str]] = {}
         for ns in namespaces:
             if ns:  # (no namespace: written without a prefix)
                 self.map.setdefault(ns, f"ns{len(self.map)}")
@@ -148,6 +184,14 @@ class Prefixes:
         ns, _, local = clark[1:].partition("}")
         return f"{self.map[ns]}:{local}" if ns else local
 
+    def element(self, clark: str) -> tuple[str, str, str]:
+        """(open tag, close tag, empty element) of a property, made once per answer."""
+        el = self._elements.get(clark)
+        if el is None:
+            t = self.tag(clark)
+            el = self._elements[clark] = (f"<{t}>", f"</{t}>", f"<{t}/>")
+        return el
+
     def declarations(self) -> str:
         return "".join(f' xmlns:{p}="{escape(ns)}"' for ns, p in self.map.items())
 
@@ -156,13 +200,41 @@ def _ns(clark: str) -> str:
     return clark[1:].partition("}")[0] if clark.startswith("{") else ""
 
 
-def answer(entries, mode: str, names: list[str], props_of, pit_ns: str):
+def allprop_response(href: str, node, content_type, available: int) -> str | None:
+    """The `<response>` of an allprop answer for `node`, written in one go: what `answer` makes
+    of `live_properties` for it, at a third of the cost. None for a node with status fields (a
+    snapshot folder: those go the general way)."""
+    if node.status:
+        return None
+    created, modified = _dates(_seconds(node))
+    name = _esc(node.name)
+    size = str(node.size)
+    out = ["<ns0:response><ns0:href>", _esc(href), "</ns0:href><ns0:propstat><ns0:prop>"]
+    if node.is_dir:
+        out += ("<ns0:resourcetype><ns0:collection/></ns0:resourcetype><ns0:creationdate>", created,
+                "</ns0:creationdate>")
+    else:
+        out += ("<ns0:resourcetype/><ns0:creationdate>", created, "</ns0:creationdate><ns0:getcontentlength>",
+                size, "</ns0:getcontentlength><ns0:getcontenttype>", escaped_type(content_type, node.name),
+                "</ns0:getcontenttype>")
+    out += ("<ns0:quota-used-bytes>", size, "</ns0:quota-used-bytes><ns0:quota-available-bytes>", str(available),
+            "</ns0:quota-available-bytes><ns0:getlastmodified>", modified, "</ns0:getlastmodified>",
+            f"<ns0:displayname>{name}</ns0:displayname>" if name else "<ns0:displayname/>")
+    if node.etag:
+        out += ("<ns0:getetag>", _esc(quote_etag(node.etag)), "</ns0:getetag>")
+    out.append("</ns0:prop><ns0:status>HTTP/1.1 200 OK</ns0:status></ns0:propstat></ns0:response>")
+    return "".join(out)
+
+
+def answer(entries, mode: str, names: list[str], props_of, pit_ns: str, allprop=None):
     """The multistatus for `entries` ((href, node) pairs, the folder first): an iterator of byte chunks.
-    `props_of(node)` gives a node's live properties (`live_properties`)."""
+    `props_of(node)` gives a node's live properties (`live_properties`); `allprop(href, node)`, if
+    given, an allprop `<response>` at once (`allprop_response`), or None to go the general way."""
     px = Prefixes([pit_ns, _ns(MS), *(_ns(n) for n in names)])
     yield (f'<?xml version="1.0" encoding="utf-8" ?>\n<ns0:multistatus{px.declarations()}>').encode()
     sent, parts, size = 0, [], 0
     folder_href = None
+    element = px.element
     for href, node in entries:
         if folder_href is None:
             folder_href = href
@@ -172,6 +244,15 @@ def answer(entries, mode: str, names: list[str], props_of, pit_ns: str):
                          f"the answer stops after {sent} entries: ask for fewer properties, or a deeper folder"
                          "</ns0:responsedescription></ns0:response>")
             break
+        piece = allprop(href, node) if allprop is not None and mode == "allprop" else None
+        if piece is not None:
+            parts.append(piece)
+            size += len(piece)
+            sent += 1
+            if len(parts) >= 64:
+                yield "".join(parts).encode("utf-8", "replace")
+                parts = []
+            continue
         props = props_of(node)
         if mode == "allprop":
             found, missing = props, []
@@ -182,16 +263,19 @@ def answer(entries, mode: str, names: list[str], props_of, pit_ns: str):
                 props.update(win32_properties(node))
             found = {n: props[n] for n in names if n in props}
             missing = [n for n in names if n not in props]
-        out = [f"<ns0:response><ns0:href>{escape(href)}</ns0:href>"]
+        out = ["<ns0:response><ns0:href>", _esc(href), "</ns0:href>"]
         if found or not missing:
             out.append("<ns0:propstat><ns0:prop>")
             for n, v in found.items():
-                t = px.tag(n)
-                out.append(f"<{t}>{v}</{t}>" if v else f"<{t}/>")
+                el = element(n)
+                if v:
+                    out += (el[0], v, el[1])
+                else:
+                    out.append(el[2])
             out.append("</ns0:prop><ns0:status>HTTP/1.1 200 OK</ns0:status></ns0:propstat>")
         if missing:
             out.append("<ns0:propstat><ns0:prop>")
-            out.extend(f"<{px.tag(n)}/>" for n in missing)
+            out.extend(element(n)[2] for n in missing)
             out.append("</ns0:prop><ns0:status>HTTP/1.1 404 Not Found</ns0:status></ns0:propstat>")
         out.append("</ns0:response>")
         piece = "".join(out)
@@ -209,6 +293,13 @@ def answer(entries, mode: str, names: list[str], props_of, pit_ns: str):
 def href_of(path: str, is_dir: bool) -> str:
     # (a name that is not UTF-8 on disk comes as surrogates: its bytes are quoted as they are)
     p = urllib.parse.quote(path.encode("utf-8", "surrogateescape"), safe=HREF_SAFE)
+    return p + "/" if is_dir and not p.endswith("/") else p
+
+
+def child_href(parent: str, name: str, is_dir: bool) -> str:
+    """href_of(path + name) for `parent` = href_of(path) ending in '/': quoting goes character by
+    character, so the parent is quoted once per folder and only the name per entry."""
+    p = parent + urllib.parse.quote(name.encode("utf-8", "surrogateescape"), safe=HREF_SAFE)
     return p + "/" if is_dir and not p.endswith("/") else p
 
 

@@ -133,3 +133,37 @@ def test_truncated_listing_ends_with_507(monkeypatch):
 def test_no_traceback_in_the_log(server):
     assert b"Traceback" not in server.log.read_bytes()
     assert os.path.getsize(server.log) < 100_000
+
+
+def test_fast_allprop_writes_what_the_general_writer_writes():
+    """`allprop_response` (one string per entry) and the cached dates and types give the bytes
+    `live_properties` + the general writer give, for awkward names, folders, files without an
+    ETag, empty names, old and fractional times, several suffixes and snapshot status fields."""
+    from davserver.provider import AVAILABLE, PIT_NS, content_type, snapshot_fields
+
+    names = ["a.txt", "A.TXT", "x.tar.gz", "x.tgz", ".bashrc", "..tar.gz", ".x.html", "data:x.txt", "noext",
+             "R&D <1>.pdf", "caf\u00e9 \u65e5\u672c.svg", "bad\udcff.bin", "a.b.c.JPEG", "trail.", "", "x.gz"]
+    nodes = []
+    for i, name in enumerate(names):
+        mtime = [0, 1_700_000_000_123_456_789, -1_500_000_000, 86_399_999_999_999][i % 4]
+        nodes.append(Node("file", name, size=i * 1000, mtime_ns=mtime, etag="" if i % 3 == 0 else f"e{i}"))
+        nodes.append(Node("snapdir", name, size=i, mtime_ns=mtime, etag=f"d{i}" if i % 2 else ""))
+    nodes.append(Node("snapdir", "2026-01-01", status={"result": "good", "depth": "read", "time": "t"}))
+    entries = [(propfind.child_href("/s/", n.name, n.is_dir), n) for n in nodes]
+    assert [h for h, _ in entries] == [propfind.href_of("/s/" + n.name, n.is_dir) for n in nodes]
+
+    def pit_fields(node):
+        return {"{" + PIT_NS + "}" + k: v for k, v in snapshot_fields(node.status).items()} if node.status else {}
+
+    def props_of(node):
+        return propfind.live_properties(node, content_type, pit_fields, AVAILABLE)
+
+    def allprop(href, node):
+        return propfind.allprop_response(href, node, content_type, AVAILABLE)
+
+    general = b"".join(propfind.answer(iter(entries), "allprop", [], props_of, PIT_NS))
+    fast = b"".join(propfind.answer(iter(entries), "allprop", [], props_of, PIT_NS, allprop))
+    assert fast == general
+    root = ET.fromstring(fast)
+    types = [t.text for t in root.iter("{DAV:}getcontenttype")]
+    assert types == [content_type(name) for name in names]
