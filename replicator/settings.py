@@ -324,13 +324,19 @@ class SetConfig:
         from store.errors import InvalidArgument
         from store.filters import check_pattern
 
+        stored = {}
         for key in ("exclude", "iexclude"):
+            out = []
             for i, p in enumerate(getattr(self, key)):
                 try:
-                    check_pattern(p, norm, "pattern")
+                    # kept in the stored form (`/var/lib/x/main/postmaster.pid` -> `/main/postmaster.pid`):
+                    # a promoted secondary masters the set from its own live paths (the same base names
+                    # elsewhere), and the set's filter must mean the same there
+                    out.append(check_pattern(p, norm, "pattern"))
                 except InvalidArgument as exc:
                     raise fail(path + (key, i), f": {exc}") from None
-        return replace(self, paths=norm, name=str(path[-1]) if path else self.name)
+            stored[key] = tuple(out)
+        return replace(self, paths=norm, name=str(path[-1]) if path else self.name, **stored)
 
     def filter_rules(self):
         """The set's filter (store/filters.py): the scanner's and the watcher's."""

@@ -189,3 +189,33 @@ def test_a_set_filter_end_to_end(cluster):
     snaps = replica_snapshots(r.repo, "web")
     assert any(f"{name}/old/o.txt" in tree for _, tree in snaps[:-1])   # taken before: kept
     assert f"{name}/old/o.txt" not in snaps[-1][1]
+
+
+def test_absolute_excludes_follow_a_promoted_secondarys_live_paths(tmp_path):
+    """A template writes absolute patterns under the primary's data directory; the configuration keeps
+    them in the stored form, so the set means the same from a secondary's live path (same base name,
+    elsewhere), as failover's effective sets give it (dataclasses.replace of `paths`)."""
+    from dataclasses import replace
+
+    primary = tmp_path / "primary" / "main"
+    live = tmp_path / "r1-live" / "main"
+    make_tree(live, {"PG_VERSION": b"15", "postmaster.pid": b"4242", "pg_stat_tmp": {"s": b"x"}}, mtime=None)
+    old = time.time() - 60
+    for dp, _dn, fn in os.walk(live):
+        for n in fn:
+            os.utime(os.path.join(dp, n), (old, old))
+    cfg = set_config({"paths": [str(primary)], "settle": 0,
+                      "exclude": [f"{primary}/postmaster.pid", f"{primary}/pg_stat_tmp/*"]}, "db")
+    assert cfg.exclude == ("/main/postmaster.pid", "/main/pg_stat_tmp/*")
+    promoted = replace(cfg, paths=(str(live),))
+    alerts: list[str] = []
+    tree = Tree([os.fsencode(str(live))])
+    sc = Scanner(tree, promoted, {"files_read": 0, "bytes_read": 0, "changes": 0, "unchanged": 0, "scans": 0},
+                 alerts.append, lambda rels: None)
+    sc.full_scan()
+    assert paths_in(tree, b"main") == {"main/PG_VERSION", "main/pg_stat_tmp"} and alerts == []
+    # a pattern these paths cannot take (written for another base name) is left out with an alert, never
+    # the whole set
+    odd = replace(promoted, exclude=("/elsewhere/x", "*.tmp"))
+    sc2 = Scanner(Tree([os.fsencode(str(live))]), odd, dict(sc.stats), alerts.append, lambda rels: None)
+    assert sc2.filt.match("main/a.tmp", False) and alerts and "left out" in alerts[0]

@@ -22,12 +22,14 @@ import stat
 import threading
 import time
 from array import array
+from dataclasses import replace
 from typing import Callable
 
 import blake3
 
 from store.chunker import ChunkerParams, chunk_stream
-from store.filters import Filter
+from store.errors import InvalidArgument
+from store.filters import Filter, FilterRules, check_pattern
 from store.trees import FILE, SYMLINK
 
 from ..settings import SetConfig
@@ -48,10 +50,35 @@ class Scanner:
         self.params = ChunkerParams.for_average(cfg.avg_chunk)
         self.lock = threading.Lock()  # one scan at a time; a point waits for it (MasterSet.flush)
         self.settle_since: dict[bytes, float] = {}
-        self.filt: Filter = cfg.filter_rules().compile(cfg.paths)
+        self.filt: Filter = self._compile(cfg)
         self._devs: dict[bytes, int] = {}  # source name -> its device (one_file_system)
 
     # ------------------------------------------------------------- the filter
+    def _compile(self, cfg: SetConfig) -> Filter:
+        """The set's filter for these sources. A pattern they cannot take (checked when the configuration
+        was loaded, against the configured paths) is left out with an alert: replicating a file too many
+        is better than a set that replicates nothing."""
+        rules = cfg.filter_rules()
+        try:
+            return rules.compile(cfg.paths)
+        except InvalidArgument:
+            pass
+        keep = {}
+        for key in ("exclude", "iexclude"):
+            keep[key] = []
+            for p in getattr(rules, key):
+                try:
+                    check_pattern(p, cfg.paths)
+                    keep[key].append(p)
+                except InvalidArgument as exc:
+                    self.alert(f"filter pattern left out: {exc}")
+        try:
+            return replace(rules, exclude=tuple(keep["exclude"]), iexclude=tuple(keep["iexclude"])).compile(cfg.paths)
+        except InvalidArgument as exc:  # a marker: the same
+            self.alert(f"filter left out: {exc}")
+            return replace(rules, exclude_if_present=()).compile(cfg.paths) if rules.exclude_if_present else Filter(
+                FilterRules())
+
     def _root_dev(self, rel: bytes) -> int | None:
         name = rel.split(b"/", 1)[0]
         dev = self._devs.get(name)
