@@ -8,6 +8,7 @@ so a stale counter, an unreachable holder or a healed partition can only promote
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -23,15 +24,18 @@ PROBES = (None, Probe(reachable=False), Probe(reachable=False, failing=FAILING),
 
 
 def every_input():
-    for me, etcd_ok, holding, holder, mine_newer, last, last_matches, last_ready, link, frozen, probe, auto, \
-            yielding, retry_wait, rollback in itertools.product(
+    for me, etcd_ok, holding, holder, mine_newer, last, last_matches, last_ready, served, link, frozen, probe, \
+            auto, yielding, retry_wait, rollback in itertools.product(
                 (A, B, C), (True, False), (True, False), (None, A, B, C), (True, False), (None, A, B),
-                (True, False), (True, False), ((), ("nic eth0: down (3x)",)), (True, False), PROBES,
+                (True, False), (True, False), (None, A, B), ((), ("nic eth0: down (3x)",)), (True, False), PROBES,
                 (True, False), (True, False), (True, False), ((), ("db",))):
+        if served is not None and me != A:
+            continue  # only the configured primary reads it (decide's `_no_holder`): one value elsewhere
         token = 40 if holder else 0
         yield Inputs(me=me, primary=A, secondary=B, etcd_ok=etcd_ok, etcd_error="" if etcd_ok else "refused",
                      holding=holding, holder=holder, token=token, my_token=30, highest=30 if mine_newer else 40,
                      last_node=last, last_token=token if last_matches else 7, last_ready=last_ready,
+                     last_served=served,
                      link_failing=link, frozen=frozen, probe=probe, auto=auto, yielding=yielding,
                      retry_wait=retry_wait, rollback=rollback, mirror=True)
 
@@ -40,7 +44,7 @@ ALL = list(every_input())
 
 
 def test_the_space_is_what_we_think():
-    assert len(ALL) == 3 * 2 * 2 * 4 * 2 * 3 * 2 * 2 * 2 * 2 * 5 * 2 * 2 * 2 * 2
+    assert len(ALL) == (3 + 2) * 2 * 2 * 4 * 2 * 3 * 2 * 2 * 2 * 2 * 5 * 2 * 2 * 2 * 2  # last_served: 3 on A
 
 
 def _violations(pred) -> list[tuple[Inputs, Action]]:
@@ -77,8 +81,9 @@ SAFETY = {
         lambda i, a: a.kind != TAKE_OVER or (i.holder not in (None, i.me) and _evidence_of_this_term(i)),
     "an unreachable holder (a partition) or no probe yet is never evidence": lambda i, a: (
         a.kind != TAKE_OVER or (i.probe is not None and i.probe.reachable)),
-    "the primary takes the key back only if nobody led after it": lambda i, a: a.kind != CAMPAIGN or (
-        i.me == A and i.holder is None and i.last_node in (None, A) and i.highest <= i.my_token),
+    "the primary takes the key back only if nobody served after it": lambda i, a: a.kind != CAMPAIGN or (
+        i.me == A and i.holder is None and i.last_served in (None, A)
+        and (i.last_node is not None or i.highest <= i.my_token)),
     "evidence from before the holder was ready is forgotten": lambda i, a: not (
         i.me == B and i.etcd_ok and not i.holding and i.holder not in (None, B) and i.probe is not None
         and i.probe.reachable and i.probe.failing and not i.yielding
@@ -98,9 +103,9 @@ LIVENESS = {
     "the secondary takes over on confirmed failing services of a ready holder that answers": (
         lambda i: i.me == B and i.etcd_ok and not i.holding and i.holder in (A, C) and _evidence_of_this_term(i)
         and i.auto and not i.yielding and not i.retry_wait and not i.rollback, TAKE_OVER),
-    "the primary takes the key when nobody led after it": (
-        lambda i: i.me == A and i.etcd_ok and not i.holding and i.holder is None and i.last_node in (None, A)
-        and i.highest <= i.my_token, CAMPAIGN),
+    "the primary takes the key when nobody served after it": (
+        lambda i: i.me == A and i.etcd_ok and not i.holding and i.holder is None and i.last_served in (None, A)
+        and (i.last_node is not None or i.highest <= i.my_token), CAMPAIGN),
     "a holder whose public link is down resigns": (lambda i: i.etcd_ok and i.holding and i.link_failing, RESIGN),
 }
 
@@ -179,3 +184,13 @@ def test_a_lease_that_expires_after_a_failback_is_a_failover():
     i = Inputs(me=B, primary=A, secondary=B, etcd_ok=True, holding=False, holder=None, yielding=True,
                last_node=A, last_token=41, last_ready=True)
     assert decide(i).kind == PROMOTE
+
+
+def test_a_promotion_that_failed_before_serving_does_not_fence_the_primary():
+    """Namespace harness seed 2013: etcd died before any point; when it came back the secondary took the key,
+    had no image, and resigned. Its record says it never served, so the primary's data is still the newest:
+    it takes the key back instead of waiting, fenced, for a failback from a node that never served."""
+    i = Inputs(me=A, primary=A, secondary=B, etcd_ok=True, holding=False, holder=None, my_token=2, highest=7,
+               last_node=B, last_token=7, last_ready=False, last_served=A)
+    assert decide(i).kind == CAMPAIGN
+    assert decide(replace(i, last_served=B)).kind == NOTHING  # B served after it: fenced

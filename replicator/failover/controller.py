@@ -43,6 +43,14 @@ from .fencing import Leadership, revoke_holder
 log = logging.getLogger("pit.failover")
 
 
+def _served_node(last: dict) -> str | None:
+    """The node of the newest term that served, from a `-last` record (before `served` was recorded: the
+    last leader, whether it served or not)."""
+    if "served" in last:
+        return (last["served"] or {}).get("node")
+    return last.get("node")
+
+
 class Failover:
     def __init__(self, agent, cfg: FailoverConfig, primary: str) -> None:
         from ..stream.membership import ca_fingerprint
@@ -291,7 +299,7 @@ class Failover:
             except EtcdError:
                 pass
         return replace(inputs, probe=probe, holder_lease=lease, last_node=last.get("node"), last_token=int(last.get("token") or 0),
-                       last_ready=bool(last.get("ready")),
+                       last_ready=bool(last.get("ready")), last_served=_served_node(last),
                        rollback=tuple(self.rollback_sets()) if could_promote else ())
 
     def _evidence(self, holder: str, token: int) -> Probe | None:
@@ -316,7 +324,17 @@ class Failover:
         """Kept beyond the lease: a returning primary must know whether anyone led after it. `ready`: the
         takeover is done (image in place, hooks run); until then the secondary does not count this term's
         failing services, which are still starting."""
-        body = {"node": self.me, "token": token, **({"ready": True} if ready else {})}
+        if ready:
+            served = {"node": self.me, "token": token}
+        else:  # a term that has not served yet keeps the record of the last one that did
+            try:
+                prev = self._last_leader()
+            except (EtcdError, ValueError):
+                prev = {}
+            node = _served_node(prev)
+            served = prev.get("served") if "served" in prev else ({"node": node, "token": prev.get("token")}
+                                                                   if node else None)
+        body = {"node": self.me, "token": token, "served": served, **({"ready": True} if ready else {})}
         self.etcd.put_if(self.key + "-last", json.dumps(body), self.key, token)
 
     def _reset_evidence(self) -> None:
@@ -402,7 +420,7 @@ class Failover:
         self._set_note("")
         self.agent.reconfigure()
         self.run_hooks("takeover", token)  # idempotent: services start, or are confirmed running
-        self._note_served(token)
+        self._note_served(token, force=True)
         try:
             self._record_leader(token, ready=True)
         except EtcdError as exc:
@@ -553,7 +571,7 @@ class Failover:
         report["takeover_hooks"] = self.run_hooks("takeover", token)
         report["hooks_seconds"] = round(time.monotonic() - t2, 3)
         self.lead.check()
-        self._note_served(token)
+        self._note_served(token, force=True)
         self._record_leader(token, ready=True)
         self.leader = (self.me, token)
         report["seconds"] = round(time.monotonic() - self._t0, 3)
@@ -689,7 +707,9 @@ class Failover:
         """Leadership lost (own clock, revoked lease, resignation): stop acting at once."""
         self.phase = "demoted"
         self._set_note(f"stopped acting as primary: {reason}")
-        self._note_served(int(self.saved.get("my_token", 0)), force=True)
+        token = int(self.saved.get("my_token", 0))
+        if str(token) in self.saved.get("served", {}):  # a term that served (a failed promotion never did)
+            self._note_served(token, force=True)
         self._reset_evidence()
         try:
             self.agent.reconfigure()  # stops the masters of the protected sets

@@ -55,6 +55,9 @@ class Inputs:
     last_node: str | None = None   # the `-last` record: who led (or is taking over) most recently
     last_token: int = 0
     last_ready: bool = False       # that leader said its takeover is done
+    # the node of the newest term that served (said its takeover was done), from the same record; a term
+    # whose promotion failed before serving does not change it. Without a record: the last leader.
+    last_served: str | None = None
     link_failing: tuple[str, ...] = ()  # the holder's own public-link checks, confirmed failing
     frozen: bool = False           # the holder is frozen for a hand-over (failback in progress)
     probe: Probe | None = None     # evidence about the holder, for (holder, token) only
@@ -107,11 +110,12 @@ def _role_phase(i: Inputs) -> str:
 
 def _no_holder(i: Inputs) -> Action:
     if i.me == i.primary:
-        if i.last_node in (None, i.me) and i.highest <= i.my_token:
-            # nobody has led since this node did (or ever): its data is the newest
-            return Action(CAMPAIGN, "waiting", reason="nobody led after this node")
+        if i.last_served in (None, i.me) and (i.last_node is not None or i.highest <= i.my_token):
+            # nobody has served since this node did (or ever): its data is the newest. A later term whose
+            # promotion failed before it served (no image there, say) took no write, and does not fence it.
+            return Action(CAMPAIGN, "waiting", reason="nobody served after this node")
         return Action(NOTHING, "fenced",
-                      f"{i.last_node or 'another node'} led after this node (token {i.last_token or i.highest}): "
+                      f"{i.last_served or 'another node'} served after this node (token {i.last_token or i.highest}): "
                       "this node's data may be older; take over only with `pit failback` or `pit failover promote`")
     if i.me != i.secondary:
         return Action(NOTHING, "waiting")
