@@ -43,6 +43,15 @@ from .fencing import Leadership, revoke_holder
 log = logging.getLogger("pit.failover")
 
 
+def _selection(s: SetConfig):
+    """The set's exclusions as a restore selection (None: nothing excluded)."""
+    if not (s.exclude or s.iexclude):
+        return None
+    from store.restore import Selection
+
+    return Selection(exclude=s.exclude, iexclude=s.iexclude, sources=s.paths)
+
+
 def _served_node(last: dict) -> str | None:
     """The node of the newest term that served, from a `-last` record (before `served` was recorded: the
     last leader, whether it served or not)."""
@@ -397,7 +406,8 @@ class Failover:
         if not paths:
             return None
         with self.agent.replica.lock:
-            snap = create_snapshot(self.agent.replica.repo, name, paths, host=self.me, retention=False)
+            snap = create_snapshot(self.agent.replica.repo, name, paths, host=self.me, retention=False,
+                                   filters=s.filter_rules())
         log.warning("set %s: kept this node's live data as snapshot %s before promoting an older image",
                     name, snap.name)
         return snap.name
@@ -634,7 +644,7 @@ class Failover:
                 if e is None:
                     raise FailoverRefused(f"image {chosen.name} of set {name!r} has no {base.decode()!r} "
                                           f"for live path {path}")
-                st = self._sync(r, e, path)
+                st = self._sync(r, e, path, _selection(s))
                 for k in ("files", "dirs", "bytes", "unchanged", "removed"):
                     setattr(total, k, getattr(total, k) + getattr(st, k))
         out["materialised"] = {"files_written": total.files, "bytes_written": total.bytes,
@@ -667,7 +677,7 @@ class Failover:
                     for path in self.live_paths(name, sets[name]):
                         e = by_name.get(os.fsencode(os.path.basename(path)))
                         if e is not None:
-                            self._sync(r, e, path)
+                            self._sync(r, e, path, _selection(sets[name]))
                 except Exception as exc:  # a damaged chunk, a full disk: promotion will choose anew
                     log.error("set %s: live mirror not refreshed: %s", name, exc)
                     continue
@@ -676,16 +686,19 @@ class Failover:
             log.debug("set %s: live mirror at head %s", name, root.hex()[:12])
 
     @staticmethod
-    def _sync(reader, entry, path: str):
+    def _sync(reader, entry, path: str, selection=None):
+        """Make `path` equal to `entry`; what the set's filter excludes is left alone (a secondary's own
+        `postmaster.pid` or cache folder is not in the image, and is not deleted for it)."""
         import dataclasses
 
         from store.restore import Restorer
         from store.trees import DIR
 
         if entry.type == DIR:
-            return Restorer(reader, sync=True).restore(dataclasses.replace(entry, name=b""), path)
+            return Restorer(reader, sync=True, selection=selection).restore(dataclasses.replace(entry, name=b""),
+                                                                            path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return Restorer(reader, sync=True).restore(entry, os.path.dirname(path))
+        return Restorer(reader, sync=True, selection=selection).restore(entry, os.path.dirname(path))
 
     def run_hooks(self, which: str, token: int) -> list[dict]:
         """Takeover or demotion hooks, in order; a failure is reported and alerted, the rest still run
@@ -734,7 +747,8 @@ class Failover:
             for name in self.protected(sets):
                 paths = [p for p in sets[name].paths if os.path.exists(p)]
                 if paths:
-                    snap = create_snapshot(repo, name, paths, host=self.me, retention=False)
+                    snap = create_snapshot(repo, name, paths, host=self.me, retention=False,
+                                           filters=sets[name].filter_rules())
                     log.warning("set %s: kept this node's own state as snapshot %s before rejoining as a replica",
                                 name, snap.name)
                     kept.append(name)
