@@ -253,10 +253,10 @@ class LabUnavailable(RuntimeError):
 
 
 @contextmanager
-def pg_cluster(tmp: str, keep: bool = False, template_excludes: bool = False):
+def pg_cluster(tmp: str, keep: bool = False, template_excludes: bool = False, keep_failed: bool = True):
     """A started PgHarnessCluster on a fresh 4-host lab; everything stopped and deleted afterwards. The cluster
     lives in a directory of /tmp the postgres user can reach (`tmp`/cluster links to it); it is kept when
-    `keep`, when a run on it recorded problems (`c.problems`) or when an exception ended it."""
+    `keep`, or (`keep_failed`) when a run on it recorded problems (`c.problems`) or an exception ended it."""
     base = tempfile.mkdtemp(prefix="pit-pgh-", dir="/tmp")
     os.chmod(base, 0o755)
     os.makedirs(tmp, exist_ok=True)
@@ -285,7 +285,7 @@ def pg_cluster(tmp: str, keep: bool = False, template_excludes: bool = False):
                 c.stop()
         finally:
             lab.down()
-            if keep or (c is not None and c.problems):
+            if keep or (keep_failed and c is not None and c.problems):
                 print(f"pg harness: kept {base}")
             else:
                 shutil.rmtree(base, ignore_errors=True)

@@ -110,7 +110,7 @@ def test_a_promoted_secondary_that_loses_its_lease_at_once_takes_it_back(tmp_pat
     if why:
         pytest.skip(why)
     try:
-        with pg_cluster(str(tmp_path)) as c:
+        with pg_cluster(str(tmp_path), keep_failed=False) as c:
             p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]
             wait_for(lambda: (settled(c) or ("",))[0] == "primary", 60, "the primary to serve")
             wait_for(lambda: c.converged(r1) and c.converged(r2), 90, "seeding")
@@ -165,7 +165,7 @@ def test_a_promoted_secondary_masters_a_template_set_with_its_default_excludes(t
     if why:
         pytest.skip(why)
     try:
-        with pg_cluster(str(tmp_path), template_excludes=True) as c:
+        with pg_cluster(str(tmp_path), template_excludes=True, keep_failed=False) as c:
             p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]
             assert any(x.startswith(c.src + "/") for x in c.sets[SET]["exclude"])  # the template's own form
             wait_for(lambda: (settled(c) or ("",))[0] == "primary", 60, "the primary to serve")
@@ -197,7 +197,7 @@ def test_a_fenced_old_primary_whose_agent_died_alone_stops_its_services(tmp_path
     if why:
         pytest.skip(why)
     try:
-        with pg_cluster(str(tmp_path)) as c:
+        with pg_cluster(str(tmp_path), keep_failed=False) as c:
             p, r1, r2 = c.primary, c.replicas[0], c.replicas[1]
             st = PgState(c, NetOutcome(0), print, 0)
             wait_for(lambda: (settled(c) or ("",))[0] == "primary", 60, "the primary to serve")
