@@ -29,8 +29,8 @@ def every_input():
                 (A, B, C), (True, False), (True, False), (None, A, B, C), (True, False), (None, A, B),
                 (True, False), (True, False), (None, A, B), ((), ("nic eth0: down (3x)",)), (True, False), PROBES,
                 (True, False), (True, False), (True, False), ((), ("db",))):
-        if served is not None and me != A:
-            continue  # only the configured primary reads it (decide's `_no_holder`): one value elsewhere
+        if served is not None and me == C:
+            continue  # only the primary and the secondary read it (decide's `_no_holder`): one value for C
         token = 40 if holder else 0
         yield Inputs(me=me, primary=A, secondary=B, etcd_ok=etcd_ok, etcd_error="" if etcd_ok else "refused",
                      holding=holding, holder=holder, token=token, my_token=30, highest=30 if mine_newer else 40,
@@ -44,7 +44,7 @@ ALL = list(every_input())
 
 
 def test_the_space_is_what_we_think():
-    assert len(ALL) == (3 + 2) * 2 * 2 * 4 * 2 * 3 * 2 * 2 * 2 * 2 * 5 * 2 * 2 * 2 * 2  # last_served: 3 on A
+    assert len(ALL) == (3 + 3 + 1) * 2 * 2 * 4 * 2 * 3 * 2 * 2 * 2 * 2 * 5 * 2 * 2 * 2 * 2  # last_served: 3 on A, B
 
 
 def _violations(pred) -> list[tuple[Inputs, Action]]:
@@ -81,9 +81,13 @@ SAFETY = {
         lambda i, a: a.kind != TAKE_OVER or (i.holder not in (None, i.me) and _evidence_of_this_term(i)),
     "an unreachable holder (a partition) or no probe yet is never evidence": lambda i, a: (
         a.kind != TAKE_OVER or (i.probe is not None and i.probe.reachable)),
-    "the primary takes the key back only if nobody served after it": lambda i, a: a.kind != CAMPAIGN or (
-        i.me == A and i.holder is None and i.last_served in (None, A)
-        and (i.last_node is not None or i.highest <= i.my_token)),
+    "a node takes the key back only if nobody served after it": lambda i, a: a.kind != CAMPAIGN or (
+        i.holder is None and ((i.me == A and i.last_served in (None, A)
+                               and (i.last_node is not None or i.highest <= i.my_token))
+                              or (i.me == B and i.last_served == B and i.last_node is not None))),
+    "the secondary never promotes an image over the data it served last": lambda i, a: (
+        a.kind not in (PROMOTE, TAKE_OVER) or not (i.holder is None and i.last_served == i.me
+                                                   and i.last_node is not None)),
     "evidence from before the holder was ready is forgotten": lambda i, a: not (
         i.me == B and i.etcd_ok and not i.holding and i.holder not in (None, B) and i.probe is not None
         and i.probe.reachable and i.probe.failing and not i.yielding
@@ -99,10 +103,13 @@ def test_safety(rule):
 LIVENESS = {
     "the secondary promotes when the lease is gone": (
         lambda i: i.me == B and i.etcd_ok and not i.holding and i.holder is None and i.auto
-        and not i.retry_wait and not i.rollback, PROMOTE),
+        and not i.retry_wait and not i.rollback and not (i.last_served == B and i.last_node is not None), PROMOTE),
     "the secondary takes over on confirmed failing services of a ready holder that answers": (
         lambda i: i.me == B and i.etcd_ok and not i.holding and i.holder in (A, C) and _evidence_of_this_term(i)
         and i.auto and not i.yielding and not i.retry_wait and not i.rollback, TAKE_OVER),
+    "the secondary takes the key back when it served last": (
+        lambda i: i.me == B and i.etcd_ok and not i.holding and i.holder is None and i.last_served == B
+        and i.last_node is not None, CAMPAIGN),
     "the primary takes the key when nobody served after it": (
         lambda i: i.me == A and i.etcd_ok and not i.holding and i.holder is None and i.last_served in (None, A)
         and (i.last_node is not None or i.highest <= i.my_token), CAMPAIGN),
@@ -194,3 +201,13 @@ def test_a_promotion_that_failed_before_serving_does_not_fence_the_primary():
                last_node=B, last_token=7, last_ready=False, last_served=A)
     assert decide(i).kind == CAMPAIGN
     assert decide(replace(i, last_served=B)).kind == NOTHING  # B served after it: fenced
+
+
+def test_the_secondary_that_served_last_takes_the_key_back_on_its_live_data():
+    """PostgreSQL harness seed 3011: the promoted secondary's term ended (etcd away) before any point of it;
+    its own newest image predates what it served, so promoting refused (a rollback), and the primary was
+    fenced by it: nobody served. It served last, so it takes the key back without materialising anything."""
+    i = Inputs(me=B, primary=A, secondary=B, etcd_ok=True, holding=False, holder=None, my_token=7, highest=7,
+               last_node=B, last_token=7, last_ready=True, last_served=B, rollback=("db",))
+    assert decide(i).kind == CAMPAIGN
+    assert decide(replace(i, me=A, my_token=2)).kind == NOTHING  # and the primary stays fenced

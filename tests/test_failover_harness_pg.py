@@ -70,17 +70,19 @@ def test_a_seed_names_its_whole_plan():
 
 
 # ------------------------------------------------------------------------------------------------ found cases
-# Seeds run so far (`bench/failover_harness.py --pg`, 5 or 6 operations each): 3000-3013, 3014-3019. Found:
-# - 3011: a promoted secondary whose lease ran out at once never took the key back (xfail below); its replay
-#   later failed at start-up (the primary did not serve within 60 s: not reproduced, no logs kept then);
+# Seeds run so far (`bench/failover_harness.py --pg`, 5 or 6 operations each): 3000-3013, 3014-3019. Found,
+# each a case below (fixed):
+# - 3011: a promoted secondary whose lease ran out at once never took the key back (the node that served last
+#   now takes it back on its live data; a promotion that failed before serving is not counted as served);
 # - 3012: 2 ids the checker did not count in the RPO: the primary had taken its own key again after an etcd
-#   outage (a term with no first point), now counted (PgState.after); its replay: a point hung 61 s after
-#   both replicas dropped the master with "data/pg_wal/...: chunk lengths do not add up to the file size"
-#   (replicator/stream: a WAL segment written while it was sent; timing-dependent, no test yet);
-# - dc59917: the postgresql template's absolute excludes stop a promoted secondary from mastering the set
-#   (xfail below; the harness writes them in their stored form meanwhile);
-# - kill_primary_agent: a fenced old primary whose agent died alone keeps its services running (xfail below;
-#   not drawn into random plans while it fails).
+#   outage (a term with no first point; such a term now begins with one too), counted (PgState.after); its
+#   replay: a point hung 61 s after both replicas dropped the master with "data/pg_wal/...: chunk lengths do
+#   not add up to the file size" (replicator/stream: a WAL segment written while it was sent; timing-dependent,
+#   no test yet);
+# - dc59917: the postgresql template's absolute excludes stopped a promoted secondary from mastering the set
+#   (fixed in d8f9aa6: patterns kept in their stored form);
+# - kill_primary_agent: a fenced old primary whose agent died alone kept its services running (the returning
+#   agent now runs the demote hooks first).
 
 
 def _first_point_of(node, token: int) -> str:
@@ -92,15 +94,7 @@ def _first_point_of(node, token: int) -> str:
     return "done" if f"first point of term {token}: " in text else ""
 
 
-@pytest.mark.slow  # about 100 s while the bug is there
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug (harness seed 3011, replicator/failover/controller.py): a promoted secondary whose term ends "
-    "(etcd unreachable) before it has an image newer than that term never takes the key back: its promotion "
-    "records `served` for the term (even a promotion that failed in finish_takeover, never announced ready), "
-    "and the rollback guard then refuses every later promotion of its own ('this node served as primary after "
-    "its newest image of set(s) web; promoting would roll back writes acknowledged here') although its live "
-    "data is what it served; the returning old primary is fenced ('r1 led after this node'): nobody holds "
-    "the key until an operator runs `pit failover promote --snapshot`"))
+@pytest.mark.slow
 def test_a_promoted_secondary_that_loses_its_lease_at_once_takes_it_back(tmp_path):
     from failover_harness_netns import NetOutcome, fencing, open_term, settled
     from failover_harness_pg import PRIMARY, SET, PgState
@@ -148,13 +142,6 @@ def _kill_primary_host(c) -> None:
             os.unlink(gone)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug (dc59917, store/filters.py check_pattern with the postgresql template's default excludes): "
-    "the template writes `exclude` as absolute paths under the primary's data directory; a promoted secondary "
-    "masters the set from its own `live` path (same base name, another directory) and every apply_config "
-    "fails with InvalidArgument \"--exclude pattern '<primary data>/postmaster.pid' is an absolute path under "
-    "none of the source paths (<r1 live>)\": the new primary replicates to nobody, the old primary never "
-    "catches up, `pit failback` cannot happen"))
 def test_a_promoted_secondary_masters_a_template_set_with_its_default_excludes(tmp_path):
     from failover_harness import _status
     from failover_harness_netns import settled
@@ -180,13 +167,6 @@ def test_a_promoted_secondary_masters_a_template_set_with_its_default_excludes(t
 
 
 @pytest.mark.slow  # about 60 s
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug (replicator/failover/controller.py _fenced_old_primary): when only the primary's agent dies "
-    "(SIGKILL; a crash, an OOM kill, a restart by systemd) its services keep running; r1 takes over once the "
-    "lease runs out, and the agent that comes back finds itself fenced, snapshots and rejoins, but runs no "
-    "demote hook: the old primary's PostgreSQL (and a virtual IP, with docs/examples/hooks/move-vip) goes on "
-    "serving beside the new primary, and a later `pit failback` materialises its image under the running "
-    "server (docs/failover.md: 'it is fenced. It masters nothing, its services stay stopped')"))
 def test_a_fenced_old_primary_whose_agent_died_alone_stops_its_services(tmp_path):
     from failover_harness import _fo
     from failover_harness_netns import NetOutcome, settled

@@ -95,6 +95,7 @@ class Failover:
         self._mirror_next = 0.0
         self.retry_after = 0.0              # after a failed promotion
         self.failed_sets: set[str] = set()  # protected sets a promotion could not bring up
+        self.services_stopped = False       # this agent ran the demote hooks last (not the takeover hooks)
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
         # The secondary's probes of the primary run in their own thread (see _probe_loop).
@@ -197,6 +198,13 @@ class Failover:
         if changed:
             log.info("leader of the protected sets: %s (token %d)", node, token)
             if node != self.me and self.me == self.primary:
+                if not self.services_stopped:
+                    # fenced by a node that took over while this agent was not running (only the agent died:
+                    # a crash, an OOM kill): its services may still run beside the new primary's. Stopped
+                    # before anything else, so the snapshot below is of data nobody writes.
+                    log.warning("another node leads (%s, token %d): running the demote hooks (this node's "
+                                "services must not run beside the primary's)", node, token)
+                    self.run_hooks("demote", 0)
                 kept = self._fenced_old_primary()
             else:
                 kept = []
@@ -329,11 +337,11 @@ class Failover:
         kv, _ = self.etcd.get(self.key + "-last")
         return json.loads(kv.value) if kv is not None else {}
 
-    def _record_leader(self, token: int, ready: bool = False) -> None:
+    def _record_leader(self, token: int, ready: bool = False, serving: bool = False) -> None:
         """Kept beyond the lease: a returning primary must know whether anyone led after it. `ready`: the
         takeover is done (image in place, hooks run); until then the secondary does not count this term's
         failing services, which are still starting."""
-        if ready:
+        if ready or serving:  # `serving`: written before the takeover hooks start any service
             served = {"node": self.me, "token": token}
         else:  # a term that has not served yet keeps the record of the last one that did
             try:
@@ -421,16 +429,19 @@ class Failover:
             token = self.lead.campaign()
             if not token:
                 return
+            again = bool(self.saved.get("my_token"))  # not this node's first term (that one seeds instead)
             self.highest = max(self.highest, token)
             self.saved["my_token"] = token
             self.leader = (self.me, token)
             self._save()
-            self._record_leader(token)
+            self._record_leader(token, serving=True)
         self.phase = "active"
         self._set_note("")
         self.agent.reconfigure()
         self.run_hooks("takeover", token)  # idempotent: services start, or are confirmed running
         self._note_served(token, force=True)
+        if again:  # a term taken back (after an etcd outage, an agent restart) begins with a point too
+            self.first_point(token)
         try:
             self._record_leader(token, ready=True)
         except EtcdError as exc:
@@ -508,7 +519,7 @@ class Failover:
                             "the term ended" if self.token() != token else "its master did not start streaming")
                 continue
             try:
-                out = self.agent.master_point(ms, 60.0)
+                out = self.agent.master_point(ms, 600.0)  # after a catch-up that may take a while
                 log.info("set %s: first point of term %d: %s", name, token, ", ".join(
                     f"{r}: {v.get('snapshot') or 'skipped'}" for r, v in out.items()))
             except ReplError as exc:
@@ -577,6 +588,10 @@ class Failover:
         """Holding the key with the images in place: the takeover hooks, then say so in etcd."""
         if "token" not in report:
             self._took_key(token, report)
+        # who serves is in etcd before any service starts: if this term ends before it says it is ready, a
+        # returning primary still knows a write may have been taken here (decide: the node that served last)
+        self._record_leader(token, serving=True)
+        self._note_served(token, force=True)
         t2 = time.monotonic()
         report["takeover_hooks"] = self.run_hooks("takeover", token)
         report["hooks_seconds"] = round(time.monotonic() - t2, 3)
@@ -705,6 +720,7 @@ class Failover:
         (a service that fails to start must not keep the others down)."""
         from ..apps.hooks import run_command
 
+        self.services_stopped = which == "demote"
         out = []
         env = {**os.environ, "PIT_NODE": self.me, "PIT_ROLE": which, "PIT_TOKEN": str(token),
                "PIT_SETS": " ".join(self.protected(self.agent.config.sets))}

@@ -119,6 +119,11 @@ def _no_holder(i: Inputs) -> Action:
                       "this node's data may be older; take over only with `pit failback` or `pit failover promote`")
     if i.me != i.secondary:
         return Action(NOTHING, "waiting")
+    if i.last_served == i.me and i.last_node is not None:
+        # this node served last and its term ended without anyone after it (etcd away longer than a TTL):
+        # its live data is the newest, newer than any image here. It takes the key back on that data, as the
+        # primary does, instead of promoting an older image (which the rollback guard rightly refuses)
+        return Action(CAMPAIGN, "waiting", reason="this node served last: it takes the key back on its live data")
     if not i.auto:
         return Action(NOTHING, "standby",
                       "no primary holds the leader key; automatic failover is off: run `pit failover promote`")

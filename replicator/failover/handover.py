@@ -52,7 +52,9 @@ def serve(fo, conn, to: str) -> None:
             msg = conn.recv(("take", "abort"))
             if msg["t"] == "abort":
                 raise FailoverRefused(f"{to} could not take the final point: {msg['error']}")
-            fo.yield_until = time.monotonic() + 60 + 2 * fo.cfg.hook_timeout
+            # a minute without taking over back on failing services (docs/failover.md); its evidence counts
+            # only once the new holder says its takeover is done anyway, however long its hooks take
+            fo.yield_until = time.monotonic() + 60
             fo._note_served(token, force=True)
             fo._reset_evidence()
             handed = fo.lead.hand_over(to, msg["lease"])
