@@ -224,6 +224,18 @@ def serving(a) -> None:
         gets = {"pit": (srv, f"https://127.0.0.1:{port}/b/latest/data/big.bin")}
         pfs = {"pit": (srv, f"https://127.0.0.1:{port}/b/latest/data/many/")}
         names = {"pit": "`pit serve`"}
+        if a.compare_with:
+            # the same repository served by another davserver (an older commit's, for a before/after)
+            cfg2 = os.path.join(work, "serve-compare.toml")
+            with open(cfg) as f, open(cfg2, "w") as g:
+                g.write(f.read().replace(f"port = {port}", f"port = {port + 4}", 1))
+            old = subprocess.Popen([PIT, "-r", os.path.join(work, "repo"), "serve", "-c", cfg2], cwd="/",
+                                   stderr=subprocess.DEVNULL,
+                                   env=dict(os.environ, PYTHONPATH=os.path.abspath(a.compare_with)))
+            procs.append(old)
+            gets["old"] = (old, f"https://127.0.0.1:{port + 4}/b/latest/data/big.bin")
+            pfs["old"] = (old, f"https://127.0.0.1:{port + 4}/b/latest/data/many/")
+            names["old"] = f"`pit serve`, davserver/ from {a.compare_with}"
         if shutil.which("rclone"):
             rc = subprocess.Popen(["rclone", "serve", "webdav", src, "--addr", f"127.0.0.1:{port + 1}", "--cert", ca,
                                    "--key", key, "--user", "u", "--pass", "pw", "--read-only"],
@@ -314,6 +326,9 @@ def main() -> None:
     ap.add_argument("--serving", action="store_true", help="only issue 15's `pit serve` figures (TLS)")
     ap.add_argument("--rounds", type=int, default=3, help="--serving: GET rounds (PROPFIND: twice as many)")
     ap.add_argument("--skip-load", action="store_true", help="--serving: without the concurrency and hostile runs")
+    ap.add_argument("--compare-with", metavar="DIR",
+                    help="--serving: also a pit serve whose davserver/ comes from DIR "
+                         "(`git archive COMMIT davserver | tar -x -C DIR`): before/after in the same rounds")
     ap.add_argument("--tls-floor", nargs=4, metavar=("CERT", "KEY", "FILE", "PORT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.tls_floor:

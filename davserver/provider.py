@@ -15,7 +15,7 @@ Client quirks handled here (each named):
   4918 9.1): one request must not walk a million-file snapshot. Every other
   PROPFIND is answered by `propfind.py` (bounded, streamed, propname that
   works, Win32 properties), not by wsgidav.
-- wsgidav streams GET bodies in 8 KiB blocks; we raise that to 1 MiB, and
+- wsgidav streams GET bodies in 8 KiB blocks; we raise that to 256 KiB, and
   the blocks come from `body.Body`, which reads a file's chunks in runs
   rather than one by one (wsgidav still does the headers, conditions and
   Range).
