@@ -142,6 +142,7 @@ def _kill_primary_host(c) -> None:
             os.unlink(gone)
 
 
+@pytest.mark.slow  # about 50 s; tests/test_filters_repl.py covers the stored form in CI
 def test_a_promoted_secondary_masters_a_template_set_with_its_default_excludes(tmp_path):
     from failover_harness import _status
     from failover_harness_netns import settled

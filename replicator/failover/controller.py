@@ -316,8 +316,17 @@ class Failover:
             except EtcdError:
                 pass
         return replace(inputs, probe=probe, holder_lease=lease, last_node=last.get("node"), last_token=int(last.get("token") or 0),
-                       last_ready=bool(last.get("ready")), last_served=_served_node(last),
+                       last_ready=bool(last.get("ready")), last_served=self._served_view(last),
                        rollback=tuple(self.rollback_sets()) if could_promote else ())
+
+    def _served_view(self, last: dict) -> str | None:
+        """Who served last, as this node must see it: another node revoking the holder to take over counts
+        for the primary (it must not campaign back while that node takes over), never for the revoker itself
+        (namespace harness, the replay of seed 2013: a secondary whose take-over failed read its own revocation as a term it
+        had served, took the key on a live copy nobody had made consistent, and fenced the primary)."""
+        if last.get("revoking") and last.get("node") not in (None, self.me) and self.me == self.primary:
+            return last["node"]
+        return _served_node(last)
 
     def _evidence(self, holder: str, token: int) -> Probe | None:
         """The probes of `holder` in term `token` (the probe thread runs them; a new term starts afresh)."""
@@ -337,6 +346,18 @@ class Failover:
         kv, _ = self.etcd.get(self.key + "-last")
         return json.loads(kv.value) if kv is not None else {}
 
+    def _carried_served(self) -> dict | None:
+        """The `served` of the current `-last` record, for a record of a term (or a revocation) that has not
+        served yet."""
+        try:
+            prev = self._last_leader()
+        except (EtcdError, ValueError):
+            prev = {}
+        if "served" in prev:
+            return prev["served"]
+        node = prev.get("node") if not prev.get("revoking") else None
+        return {"node": node, "token": prev.get("token")} if node else None
+
     def _record_leader(self, token: int, ready: bool = False, serving: bool = False) -> None:
         """Kept beyond the lease: a returning primary must know whether anyone led after it. `ready`: the
         takeover is done (image in place, hooks run); until then the secondary does not count this term's
@@ -344,13 +365,7 @@ class Failover:
         if ready or serving:  # `serving`: written before the takeover hooks start any service
             served = {"node": self.me, "token": token}
         else:  # a term that has not served yet keeps the record of the last one that did
-            try:
-                prev = self._last_leader()
-            except (EtcdError, ValueError):
-                prev = {}
-            node = _served_node(prev)
-            served = prev.get("served") if "served" in prev else ({"node": node, "token": prev.get("token")}
-                                                                   if node else None)
+            served = self._carried_served()
         body = {"node": self.me, "token": token, "served": served, **({"ready": True} if ready else {})}
         self.etcd.put_if(self.key + "-last", json.dumps(body), self.key, token)
 
@@ -540,7 +555,8 @@ class Failover:
                 raise FailoverRefused(f"{kv.value.decode()} holds the leader key (token {kv.mod_revision}); "
                                       "use --force to revoke its lease and take over")
             # first say who takes over (a revoked holder reads this and does not campaign back), then revoke
-            self.etcd.put(self.key + "-last", json.dumps({"node": self.me, "token": 0, "revoking": kv.mod_revision}))
+            self.etcd.put(self.key + "-last", json.dumps({"node": self.me, "token": 0, "revoking": kv.mod_revision,
+                                                          "served": self._carried_served()}))
             revoke_holder(self.etcd, self.key)
             report["revoked"] = {"node": kv.value.decode(), "token": kv.mod_revision}
             self.stopped.wait(self.ttl)  # the old holder may believe it leads for up to TTL - margin
