@@ -74,3 +74,15 @@ def test_an_image_newer_than_what_this_node_served_is_promotable(guard):
 def test_a_node_that_never_served_has_nothing_to_roll_back(guard):
     fo, _, _ = guard
     assert fo.served_until() == 0 and fo.rollback_sets() == []
+
+
+def test_a_revocation_counts_as_served_for_the_primary_only(guard):
+    """Namespace harness, the replay of seed 2013: a secondary whose take-over failed (no image yet) read its
+    own revocation record as a term it had served, took the key on a live copy no point had made consistent,
+    and fenced the primary. The record carries who really served; only the primary is held off by it."""
+    fo, _, _ = guard
+    revoking = {"node": "r1", "token": 0, "revoking": 5, "served": {"node": "primary", "token": 2}}
+    assert fo._served_view(revoking) == "primary"  # r1 itself: the primary served last
+    fo.me = "primary"
+    assert fo._served_view(revoking) == "r1"  # the primary: another node is taking over, do not campaign back
+    assert fo._served_view({"node": "r1", "token": 7, "served": {"node": "primary", "token": 2}}) == "primary"
