@@ -315,15 +315,17 @@ class Failover:
                 lease = self.etcd.time_to_live(kv.lease)
             except EtcdError:
                 pass
-        return replace(inputs, probe=probe, holder_lease=lease, last_node=last.get("node"), last_token=int(last.get("token") or 0),
-                       last_ready=bool(last.get("ready")), last_served=self._served_view(last),
+        return replace(inputs, probe=probe, holder_lease=lease, last_node=last.get("node"),
+                       last_token=int(last.get("token") or 0), last_ready=bool(last.get("ready")),
+                       last_served=self._served_view(last),
                        rollback=tuple(self.rollback_sets()) if could_promote else ())
 
     def _served_view(self, last: dict) -> str | None:
         """Who served last, as this node must see it: another node revoking the holder to take over counts
         for the primary (it must not campaign back while that node takes over), never for the revoker itself
-        (namespace harness, the replay of seed 2013: a secondary whose take-over failed read its own revocation as a term it
-        had served, took the key on a live copy nobody had made consistent, and fenced the primary)."""
+        (namespace harness, the replay of seed 2013: a secondary whose take-over failed read its own
+        revocation as a term it had served, took the key on a live copy nobody had made consistent, and
+        fenced the primary)."""
         if last.get("revoking") and last.get("node") not in (None, self.me) and self.me == self.primary:
             return last["node"]
         return _served_node(last)
