@@ -41,6 +41,7 @@ def every_input():
 
 
 ALL = list(every_input())
+DECIDED = [(i, decide(i)) for i in ALL]  # decided once: every rule below reads these (decide is pure)
 
 
 def test_the_space_is_what_we_think():
@@ -49,8 +50,7 @@ def test_the_space_is_what_we_think():
 
 def _violations(pred) -> list[tuple[Inputs, Action]]:
     out = []
-    for i in ALL:
-        a = decide(i)
+    for i, a in DECIDED:
         if not pred(i, a):
             out.append((i, a))
             if len(out) > 3:
@@ -120,14 +120,13 @@ LIVENESS = {
 @pytest.mark.parametrize("rule", sorted(LIVENESS))
 def test_liveness(rule):
     when, kind = LIVENESS[rule]
-    cases = [i for i in ALL if when(i)]
+    cases = [(i, a) for i, a in DECIDED if when(i)]
     assert cases
-    assert [(i, decide(i)) for i in cases if decide(i).kind != kind][:3] == []
+    assert [(i, a) for i, a in cases if a.kind != kind][:3] == []
 
 
 def test_the_standby_mirrors_and_the_others_do_not():
-    for i in ALL:
-        a = decide(i)
+    for i, a in DECIDED:
         if a.mirror:
             assert i.me == B and a.phase == "standby" and a.kind == NOTHING
 
