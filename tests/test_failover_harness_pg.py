@@ -35,8 +35,9 @@ def pg_harness():
     return run
 
 
-@pytest.mark.slow  # about 50 s: CI runs the same scenario on files (tests/test_failover.py) and PostgreSQL
-def test_the_issue_scenario_on_postgresql_holds_every_invariant(tmp_path, pg_harness):  # failover (test_failover_pg)
+# about 50 s: CI runs the scenario on files (tests/test_failover.py) and PostgreSQL failover (test_failover_pg.py)
+@pytest.mark.slow
+def test_the_issue_scenario_on_postgresql_holds_every_invariant(tmp_path, pg_harness):
     assert [op for op, _ in FIXED] == ["kill_primary", "partition_secondary", "push"]
     out = pg_harness(tmp_path, None, schedule=FIXED)
     assert out.acked > 0 and not out.problems, out.line()
