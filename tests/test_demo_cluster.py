@@ -22,6 +22,7 @@ def namespaces() -> list[str]:
     return [ln.split()[0] for ln in r.stdout.splitlines() if ln.startswith("pitdemo-")]
 
 
+@pytest.mark.slow  # about 30 s; `make demo` (the README's first command) runs `pit demo` itself
 @pytest.mark.skipif(not ETCD, reason="etcd is not installed (make deps installs etcd-server)")
 def test_demo_up_twice_failover_store_down(tmp_path):
     if namespaces():

@@ -40,6 +40,9 @@ def harness():
     return run
 
 
+# about 45 s: under -m slow (CI keeps this harness's takeover-write schedule below and the loopback harness's
+# short schedule; tests/test_failover_netns.py covers partition, isolation and failed services one by one)
+@pytest.mark.slow
 def test_a_short_schedule_in_namespaces_holds_every_invariant(tmp_path, harness):
     ops = [op for op, _ in plan(CI_SEED, CI_STEPS)]
     assert "partition_secondary" in ops and "isolate_primary" in ops
