@@ -140,6 +140,7 @@ def _check_report(rep: dict) -> None:
     assert 0 < rep["protected_seconds"] < 120
 
 
+@pytest.mark.slow  # about 16 s; CI keeps the page's extraction and counting checks, -m slow also fails over
 def test_the_page_runs_on_namespaces(tmp_path):
     rep = _run_lab(tmp_path, "--no-failover")
     _check_report(rep)
