@@ -98,8 +98,8 @@ def _first_point_of(node, token: int) -> str:
 
 @pytest.mark.slow
 def test_a_promoted_secondary_that_loses_its_lease_at_once_takes_it_back(tmp_path):
-    from failover_harness_netns import NetOutcome, fencing, open_term, settled
-    from failover_harness_pg import PRIMARY, SET, PgState
+    from failover_harness_netns import fencing, open_term, settled
+    from failover_harness_pg import SET
     from test_repl_helpers import wait_for
 
     why = why_not()
@@ -111,11 +111,7 @@ def test_a_promoted_secondary_that_loses_its_lease_at_once_takes_it_back(tmp_pat
             wait_for(lambda: (settled(c) or ("",))[0] == "primary", 60, "the primary to serve")
             wait_for(lambda: c.converged(r1) and c.converged(r2), 90, "seeding")
             p.ctl("point", "--set", SET)
-            PgState(c, NetOutcome(0), print, 0).host_dies(PRIMARY)  # the primary host dies
-            p.proc.wait(10)
-            for gone in (os.path.join(p.state, "agent.sock"), c.web_pid("primary")):
-                if os.path.exists(gone):
-                    os.unlink(gone)
+            _kill_primary_host(c)  # the primary host dies
             wait_for(lambda: c.serving("r1"), 60, "r1 to take over and start PostgreSQL", interval=0.02)
             c.etcd.pause()  # at once: r1's term ends on its own clock before its first point
             try:
