@@ -163,8 +163,22 @@ def versions(ctx, set_name, path, as_json, reindex):
         flag = "" if c.present else "  (deleted)"
         click.echo(c.name.decode("utf-8", "replace") + ("/" if c.state.type == 2 else "") + flag)
     if not vs and not kids:
-        click.echo(f"{path or '/'}: no versions in set {set_name}", err=True)
+        click.echo(f"{path or '/'}: no versions in set {set_name}{_did_you_mean(repo, set_name, p)}", err=True)
         sys.exit(1)
+
+
+def _did_you_mean(repo, set_name: str, path: bytes) -> str:
+    """`; did you mean src/report.txt?` for a bare name that the set holds elsewhere (a courtesy: never an
+    error of its own)."""
+    from store.find import suggest_paths
+
+    try:
+        found = suggest_paths(repo, set_name, path) if path else []
+    except Exception:
+        return ""
+    if not found:
+        return ""
+    return "; did you mean " + " or ".join(f.decode("utf-8", "replace") for f in found[:5]) + "?"
 
 
 @click.command()

@@ -124,3 +124,13 @@ def test_a_path_not_in_the_snapshot_suggests_the_full_paths(office):
     assert "did you mean office/report.txt?" in res.stderr
     res = cli(repo_path, "ls", "office@latest:nothing-like-it", expect=17)
     assert "did you mean" not in res.stderr
+
+
+def test_versions_of_a_bare_name_suggests_the_full_path(office):
+    """`pit versions office report.txt` named no file; it now names where report.txt lives (issue 19)."""
+    repo_path, _, _ = office
+    res = cli(repo_path, "versions", "office", "report.txt", expect=1)
+    assert "report.txt: no versions in set office; did you mean office/report.txt or office/src/report.txt?" \
+        in res.stderr
+    res = cli(repo_path, "versions", "office", "nothing-like-it", expect=1)
+    assert "did you mean" not in res.stderr
