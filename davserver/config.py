@@ -12,6 +12,10 @@
     max_connections_per_client = 32     # open connections from one address (more are closed at accept)
     max_connections = 1000      # open connections in all
     request_timeout = 20        # seconds for a TLS handshake, and for reading a request's head and body
+    propfind_max_body = 65536   # bytes of a PROPFIND body (413 beyond)
+    propfind_max_names = 64     # distinct properties one PROPFIND may ask for (400 beyond)
+    propfind_max_entries = 100000       # responses in one PROPFIND answer (then a 507 for the folder)
+    propfind_max_answer = 67108864      # bytes of one PROPFIND answer (then a 507 for the folder)
 
     [users.alice]
     password = "scrypt$16384$8$1$<salt b64>$<hash b64>"   # `pit passwd`
@@ -57,6 +61,22 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, want)
 
 
+@dataclass(frozen=True)
+class PropfindLimits:
+    """What one PROPFIND may cost (davserver/propfind.py): the caps the `propfind_max_*` keys set, held by the
+    provider and passed to the writer, so two servers in one process (tests) can differ."""
+
+    max_body: int = 64 * 1024  # bytes of the request body (413 beyond)
+    max_names: int = 64  # distinct property names asked for (400 beyond)
+    max_entries: int = 100_000  # responses in the answer (then a 507 response for the folder)
+    max_answer: int = 64 * 1024 * 1024  # bytes of the answer (then the same 507)
+
+
+# [server] key -> PropfindLimits field
+PROPFIND_KEYS = {"propfind_max_body": "max_body", "propfind_max_names": "max_names",
+                 "propfind_max_entries": "max_entries", "propfind_max_answer": "max_answer"}
+
+
 @dataclass
 class User:
     name: str
@@ -79,6 +99,7 @@ class ServerConfig:
     max_connections_per_client: int = 32
     max_connections: int = 1000
     request_timeout: int = 20
+    propfind: PropfindLimits = field(default_factory=PropfindLimits)
 
     @property
     def tls(self) -> bool:
@@ -133,6 +154,14 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgument(f"server.{k} must be a whole number of at least 1, got {v!r}")
             setattr(cfg, k, v)
+    limits = {}
+    for k, name in PROPFIND_KEYS.items():
+        if k in srv:
+            v = srv[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidArgument(f"server.{k} must be a whole number of at least 1, got {v!r}")
+            limits[name] = v
+    cfg.propfind = PropfindLimits(**limits)
     if bool(cfg.certificate) != bool(cfg.private_key):
         raise InvalidArgument("give both server.certificate and server.private_key, or neither")
     for name, u in (d.get("users") or {}).items():
@@ -149,7 +178,7 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
 FILE_KEYS = {"server", "users", "anonymous"}
 LIMIT_KEYS = ("threads", "max_connections_per_client", "max_connections", "request_timeout")
 SERVER_KEYS = {"listen", "port", "certificate", "private_key", "cert", "key", "names", "self_signed", "anonymous",
-               *LIMIT_KEYS}
+               *LIMIT_KEYS, *PROPFIND_KEYS}
 USER_KEYS = {"password", "sets", "scope"}
 ANONYMOUS_KEYS = {"sets", "scope"}
 

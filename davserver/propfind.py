@@ -6,18 +6,23 @@ body asking for `getetag` 300 times on a 10,000-entry folder made a 275 MB
 answer, 1.48 GB of server memory (still held afterwards) and 27.6 s of CPU
 (issue 15). It also answers `<propname/>` with empty responses. Here:
 
-- the body is capped (`MAX_BODY`, else 413), requested names are deduplicated
-  and capped (`MAX_NAMES`, else 400);
+- the body is capped (`max_body`, else 413), requested names are deduplicated
+  and capped (`max_names`, else 400);
 - the answer is written while it is sent, one `<response>` at a time, so
   memory stays at one entry (small answers still go out with a
   Content-Length: Windows' WebClient and davfs2 see what they always saw);
-- entries (`MAX_ENTRIES`) and bytes (`MAX_ANSWER`) are capped: past either,
+- entries (`max_entries`) and bytes (`max_answer`) are capped: past either,
   the folder's own href closes the answer with `507 Insufficient Storage`,
   as RFC 4918 (section 9.1) says a truncated listing should;
 - every live property comes straight from the view's `Node`, which is also
   why 10,000 entries cost a fraction of what wsgidav's per-property calls do;
 - `propname` lists names; `getetag` is a quoted entity-tag (RFC 4918 15.6);
   Windows' Win32 properties are served with the read-only attribute set.
+
+The four caps are a `PropfindLimits` (the `propfind_max_*` keys of the
+server's [server] table, davserver/config.py), handed to each call by the
+provider rather than read from module globals; `MAX_*` below are their
+defaults.
 """
 from __future__ import annotations
 
@@ -31,10 +36,13 @@ from xml.sax.saxutils import escape
 from wsgidav.dav_error import HTTP_BAD_REQUEST, HTTP_REQUEST_ENTITY_TOO_LARGE, DAVError
 from wsgidav.util import etree
 
-MAX_BODY = 64 * 1024
-MAX_NAMES = 64
-MAX_ENTRIES = 100_000
-MAX_ANSWER = 64 * 1024 * 1024
+from .config import PropfindLimits
+
+DEFAULT_LIMITS = PropfindLimits()
+MAX_BODY = DEFAULT_LIMITS.max_body
+MAX_NAMES = DEFAULT_LIMITS.max_names
+MAX_ENTRIES = DEFAULT_LIMITS.max_entries
+MAX_ANSWER = DEFAULT_LIMITS.max_answer
 BUFFERED = 256 * 1024  # an answer up to this size goes out whole, with a Content-Length
 
 DAV = "{DAV:}"
@@ -46,8 +54,8 @@ WIN32 = (MS + "Win32CreationTime", MS + "Win32LastModifiedTime", MS + "Win32Last
 HREF_SAFE = "/!*'(),$-_|.~"  # as wsgidav: Nautilus chokes on an encoded '('
 
 
-def read_body(environ) -> bytes:
-    """The request body, at most MAX_BODY bytes (413 beyond)."""
+def read_body(environ, max_body: int = MAX_BODY) -> bytes:
+    """The request body, at most `max_body` bytes (413 beyond)."""
     length = environ.get("CONTENT_LENGTH", "").strip()
     stream = environ["wsgi.input"]
     if length:
@@ -57,22 +65,22 @@ def read_body(environ) -> bytes:
             raise DAVError(HTTP_BAD_REQUEST, context_info="Content-Length is not a number") from None
         if n < 0:
             raise DAVError(HTTP_BAD_REQUEST, context_info="negative Content-Length")
-        if n > MAX_BODY:
+        if n > max_body:
             raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE,
-                           context_info=f"a PROPFIND body may hold {MAX_BODY} bytes, this one {n}")
+                           context_info=f"a PROPFIND body may hold {max_body} bytes, this one {n}")
         body = stream.read(n) if n else b""
     elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        body = stream.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
+        body = stream.read(max_body + 1)
+        if len(body) > max_body:
             raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE,
-                           context_info=f"a PROPFIND body may hold {MAX_BODY} bytes")
+                           context_info=f"a PROPFIND body may hold {max_body} bytes")
     else:
         body = b""
     environ["wsgidav.all_input_read"] = 1
     return body
 
 
-def parse_request(body: bytes) -> tuple[str, list[str]]:
+def parse_request(body: bytes, max_names: int = MAX_NAMES) -> tuple[str, list[str]]:
     """(mode, names): mode is allprop, propname or prop; names deduplicated in their order."""
     if not body.strip():
         return "allprop", []
@@ -96,8 +104,8 @@ def parse_request(body: bytes) -> tuple[str, list[str]]:
                     names[p.tag] = None
     if mode is None:
         raise DAVError(HTTP_BAD_REQUEST, context_info="a DAV:propfind needs allprop, propname or prop")
-    if len(names) > MAX_NAMES:
-        raise DAVError(HTTP_BAD_REQUEST, context_info=f"a PROPFIND may ask for {MAX_NAMES} distinct properties")
+    if len(names) > max_names:
+        raise DAVError(HTTP_BAD_REQUEST, context_info=f"a PROPFIND may ask for {max_names} distinct properties")
     return mode, list(names)
 
 
@@ -226,10 +234,13 @@ def allprop_response(href: str, node, content_type, available: int) -> str | Non
     return "".join(out)
 
 
-def answer(entries, mode: str, names: list[str], props_of, pit_ns: str, allprop=None):
+def answer(entries, mode: str, names: list[str], props_of, pit_ns: str, allprop=None,
+           limits: PropfindLimits = DEFAULT_LIMITS):
     """The multistatus for `entries` ((href, node) pairs, the folder first): an iterator of byte chunks.
     `props_of(node)` gives a node's live properties (`live_properties`); `allprop(href, node)`, if
-    given, an allprop `<response>` at once (`allprop_response`), or None to go the general way."""
+    given, an allprop `<response>` at once (`allprop_response`), or None to go the general way.
+    Past `limits.max_entries` responses or `limits.max_answer` bytes the answer ends with a 507."""
+    max_entries, max_answer = limits.max_entries, limits.max_answer
     px = Prefixes([pit_ns, _ns(MS), *(_ns(n) for n in names)])
     yield (f'<?xml version="1.0" encoding="utf-8" ?>\n<ns0:multistatus{px.declarations()}>').encode()
     sent, parts, size = 0, [], 0
@@ -238,7 +249,7 @@ def answer(entries, mode: str, names: list[str], props_of, pit_ns: str, allprop=
     for href, node in entries:
         if folder_href is None:
             folder_href = href
-        if sent >= MAX_ENTRIES or size >= MAX_ANSWER:
+        if sent >= max_entries or size >= max_answer:
             parts.append(f"<ns0:response><ns0:href>{escape(folder_href)}</ns0:href>"
                          "<ns0:status>HTTP/1.1 507 Insufficient Storage</ns0:status><ns0:responsedescription>"
                          f"the answer stops after {sent} entries: ask for fewer properties, or a deeper folder"

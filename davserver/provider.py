@@ -45,6 +45,7 @@ from store.view import ALL, LATEST, VERSIONS, Node, Scope, View
 
 from . import propfind
 from .body import Body
+from .config import PropfindLimits
 from .safety import listing_headers
 
 BLOCK = 256 * 1024
@@ -205,11 +206,14 @@ class DirResource(_Common, DAVCollection):
 class ViewProvider(DAVProvider):
     """Serves the view of one repository; each user sees their own scope."""
 
-    def __init__(self, repo, scopes: dict[str, Scope] | None = None, anonymous_scope: Scope | None = None) -> None:
+    def __init__(self, repo, scopes: dict[str, Scope] | None = None, anonymous_scope: Scope | None = None,
+                 propfind_limits: PropfindLimits | None = None) -> None:
         super().__init__()
         self.repo = repo
         self.scopes = scopes  # None: no access control at all (tests, `pit serve --no-auth` never)
         self.anonymous_scope = anonymous_scope
+        # the server's `propfind_max_*` caps: held here (not module globals) and handed to propfind.py per request
+        self.propfind_limits = propfind_limits or PropfindLimits()
 
     def is_readonly(self) -> bool:
         return True
@@ -278,7 +282,8 @@ class ViewProvider(DAVProvider):
 
     # -------------------------------------------------------------- PROPFIND
     def _propfind(self, environ, start_response, depth1: bool):
-        mode, names = propfind.parse_request(propfind.read_body(environ))
+        limits = self.propfind_limits
+        mode, names = propfind.parse_request(propfind.read_body(environ, limits.max_body), limits.max_names)
         res = self.get_resource_inst(environ["PATH_INFO"], environ)
         if res is None:
             raise DAVError(HTTP_NOT_FOUND)
@@ -301,7 +306,7 @@ class ViewProvider(DAVProvider):
             return propfind.allprop_response(href, node, content_type, AVAILABLE)
 
         return propfind.send(environ, start_response,
-                             propfind.answer(entries(), mode, names, props_of, PIT_NS, allprop))
+                             propfind.answer(entries(), mode, names, props_of, PIT_NS, allprop, limits))
 
     # -------------------------------------------------------- HTML listing
     def _html(self, res: DirResource, environ, start_response, head: bool):

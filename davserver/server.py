@@ -92,7 +92,7 @@ def build_app(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None
     """The WSGI app: wsgidav over our provider, behind the guard (guard.py) and the browser safety headers
     (safety.py)."""
     scopes = {name: u.scope for name, u in cfg.users.items()}
-    provider = ViewProvider(repo, scopes, cfg.anonymous_scope if cfg.anonymous else None)
+    provider = ViewProvider(repo, scopes, cfg.anonymous_scope if cfg.anonymous else None, cfg.propfind)
     lockout = Lockout()
     conf = {
         "provider_mapping": {"/": provider},

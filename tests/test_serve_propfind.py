@@ -12,7 +12,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from conftest import run_pit
 from davserver import propfind
+from davserver.config import PropfindLimits
+from store.errors import InvalidArgument
 from store.repository import Repository
 from store.view import Node
 
@@ -23,7 +26,7 @@ ENTRIES = 2000
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("propfind")
     r = Repository.init(str(tmp / "repo"))
     src = str(tmp / "data")
@@ -32,7 +35,12 @@ def server(tmp_path_factory):
     write(src, "one.txt", "x")
     snap(r, "office", src)
     r.close()
-    s = Served(tmp, str(tmp / "repo"))
+    return tmp, str(tmp / "repo")
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    s = Served(*repo)
     try:
         yield s
     finally:
@@ -116,13 +124,12 @@ def test_win32_properties_and_quoted_etags(server):
         assert etag.startswith('"') and etag.endswith('"'), (href, etag)
 
 
-def test_truncated_listing_ends_with_507(monkeypatch):
-    """Past MAX_ENTRIES the folder's href closes the answer with 507 (RFC 4918 9.1)."""
-    monkeypatch.setattr(propfind, "MAX_ENTRIES", 10)
+def test_truncated_listing_ends_with_507():
+    """Past `max_entries` the folder's href closes the answer with 507 (RFC 4918 9.1)."""
     nodes = [("/s/", Node("snapdir", "s"))] + [(f"/s/f{i}", Node("file", f"f{i}", size=i)) for i in range(50)]
     out = b"".join(propfind.answer(iter(nodes), "allprop", [],
                                    lambda n: propfind.live_properties(n, lambda _: "text/plain", lambda _: {}, 1),
-                                   "https://pitstore.dev/ns"))
+                                   "https://pitstore.dev/ns", limits=PropfindLimits(max_entries=10)))
     root = ET.fromstring(out)
     responses = root.findall("{DAV:}response")
     assert len(responses) == 11
@@ -167,3 +174,54 @@ def test_fast_allprop_writes_what_the_general_writer_writes():
     root = ET.fromstring(fast)
     types = [t.text for t in root.iter("{DAV:}getcontenttype")]
     assert types == [content_type(name) for name in names]
+
+
+# ----------------------------------------------------------------------------- the caps from the config
+@pytest.fixture(scope="module")
+def capped(repo):
+    """A second server on the same repository with the caps lowered in its [server] table."""
+    s = Served(*repo, "propfind_max_entries = 10\npropfind_max_names = 3\npropfind_max_body = 400\n")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_configured_max_entries_truncates_with_507(capped):
+    status, answer = capped.request("PROPFIND", "/office/latest/data/many/", headers={"Depth": "1"})
+    assert status == 207
+    responses = ET.fromstring(answer).findall("{DAV:}response")
+    assert len(responses) == 11  # the folder, 9 entries, then the folder again with 507
+    assert responses[0].find("{DAV:}href").text == responses[-1].find("{DAV:}href").text
+    assert responses[-1].find("{DAV:}href").text.endswith("/many/")
+    assert "507" in responses[-1].find("{DAV:}status").text
+    assert "507" not in "".join(r.findtext(".//{DAV:}status") or "" for r in responses[:-1])
+
+
+def test_configured_max_names_and_body(capped, server):
+    body = body_of("<D:getetag/>", "<D:displayname/>", "<D:getcontentlength/>", "<D:resourcetype/>")
+    assert len(body) < 400
+    assert capped.request("PROPFIND", "/office/latest/data/", body=body, headers={"Depth": "0"})[0] == 400
+    assert server.request("PROPFIND", "/office/latest/data/", body=body, headers={"Depth": "0"})[0] == 207
+    big = body_of(*[f"<D:getetag/><!-- {'x' * 40} -->" for _ in range(10)])
+    assert len(big) > 400
+    assert capped.request("PROPFIND", "/office/latest/data/", body=big, headers={"Depth": "0"})[0] == 413
+    assert b"Traceback" not in capped.log.read_bytes()
+
+
+@pytest.mark.parametrize("line", ["propfind_max_entries = 0", 'propfind_max_answer = "64M"',
+                                  "propfind_max_body = true", "propfind_max_names = -1"])
+def test_config_check_rejects_a_bad_cap(tmp_path, line):
+    key = line.split(" ")[0]
+    path = tmp_path / "serve.toml"
+    path.write_text(f"[server]\nport = 8080\n{line}\n")
+    p = run_pit(None, "config", "check", "--kind", "serve", str(path), expect=InvalidArgument.exit_code)
+    err = p.stderr.decode()
+    assert err.count("\n") == 1 and f"server.{key}" in err and ":3:" in err, err
+
+
+def test_config_check_accepts_the_caps(tmp_path):
+    path = tmp_path / "serve.toml"
+    path.write_text("[server]\nport = 8080\npropfind_max_body = 1024\npropfind_max_names = 8\n"
+                    "propfind_max_entries = 5000\npropfind_max_answer = 1048576\n")
+    assert b": ok: " in run_pit(None, "config", "check", "--kind", "serve", str(path)).stdout
