@@ -58,6 +58,7 @@ class Agent:
         self.metrics_server = None
         self.alerting = None  # (Alerter, AlertWatcher)
         self._applied: dict[str, SetConfig] = {}  # the effective sets last applied
+        self.wal: dict = {}  # set -> apps.pgwal.WalReceiver: PostgreSQL WAL streamed here between points
 
     # ----------------------------------------------------------------- cluster view
     def roster(self) -> dict:
@@ -135,8 +136,35 @@ class Agent:
                     from .stream.replica import ReplicaSide
 
                     self.replica = ReplicaSide(self, self.cfg.repo)
+            self._wal_receivers(sets)
             self._drop_unauthorised()
             log.info("configuration version %s applied (%d sets)", cfg.version, len(sets))
+
+    def _wal_receivers(self, sets: dict[str, SetConfig]) -> None:
+        """A WAL receiver for each set this node replicates whose app streams WAL (apps/pgwal.py), following
+        the set's current master; stopped when the set stops streaming or this node masters it."""
+        from .apps import pgwal
+
+        me = self.state.node
+        want = {n: s for n, s in sets.items() if me in s.replicas and s.master and pgwal.streams_wal(s)}
+        for name in [n for n in self.wal if n not in want]:
+            self.wal.pop(name).stop()
+        roster = self.roster() if want else {}
+        for name, s in want.items():
+            rec = self.wal.get(name)
+            if rec is None:
+                rec = self.wal[name] = pgwal.WalReceiver(name, me, self.state.path)
+            rec.update(pgwal.source_of(s, roster))
+
+    def stop_wal(self, name: str):
+        """Stop the set's WAL receiver (a promotion is about to replay what it received) -> its directory."""
+        from .apps import pgwal
+
+        with self.apply_lock:
+            rec = self.wal.pop(name, None)
+        if rec is not None:
+            rec.stop()
+        return pgwal.wal_dir(self.state.path, name)
 
     def _failover_config(self, cfg: ClusterConfig) -> None:
         fcfg = cfg.failover
@@ -503,6 +531,8 @@ class Agent:
             for name, st in self.replica.status().items():
                 out["sets"].setdefault(name, {}).update(st)
             self._verification(out["sets"])
+        for name, rec in list(self.wal.items()):
+            out["sets"].setdefault(name, {})["wal"] = rec.status()
         if self.state.is_primary:
             out["pushed"] = dict(self.pushed)
         roles = []
@@ -588,6 +618,8 @@ class Agent:
                 self.failover.stop()
             for ms in self.masters.values():
                 ms.stop()
+            for rec in self.wal.values():
+                rec.stop()
             self.watcher.stop()
             if self.alerting is not None:
                 self.alerting[1].stop()

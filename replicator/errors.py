@@ -200,8 +200,14 @@ class CheckUnavailable(FailoverError):
     exit_code = 64
 
 
+class WalReplayFailed(FailoverError):
+    """The WAL streamed to this node could not be replayed onto the promoted image (the image alone is used)."""
+
+    exit_code = 65
+
+
 FAILOVER = [FailoverError, TemplateError, SetExists, HookFailed, HookTimeout, NoImages, NoGoodImage, PinnedImageBad,
-            CheckUnavailable]
+            CheckUnavailable, WalReplayFailed]
 
 ALL = [ReplError, ProtocolError, FrameTooLarge, VersionMismatch, UnsafeWirePath, ChunkRejected,
        ConnectionLost, NotAuthorised, TokenInvalid, ClusterError, ClusterExists, NotInCluster,

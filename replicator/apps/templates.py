@@ -227,7 +227,9 @@ class SqlSession:
 
 # ---------------------------------------------------------------- PostgreSQL
 PG_OPTIONS = {"port": int, "socket_dir": str, "os_user": str, "superuser": str, "dbname": str, "bindir": str,
-              "point": str, "amcheck": bool, "hook_timeout": float, "check_timeout": float, "side_dir": str}
+              "point": str, "amcheck": bool, "hook_timeout": float, "check_timeout": float, "side_dir": str,
+              "wal": str, "wal_host": str, "wal_port": int, "wal_user": str}
+PG_WAL = ("stream", "off")
 PG_POINTS = ("backup", "checkpoint", "basebackup")
 
 
@@ -243,6 +245,13 @@ def _pg_build(name: str, paths: list[str], opts: dict) -> tuple[list[str], dict]
            "hook_timeout": opts.get("hook_timeout", 300.0), "check_timeout": opts.get("check_timeout", 600.0)}
     if opts.get("bindir"):
         app["bindir"] = opts["bindir"]
+    # WAL streamed to each replica between points, replayed on promotion (apps/pgwal.py)
+    app["wal"] = opts.get("wal", "stream")
+    if app["wal"] not in PG_WAL:
+        raise TemplateError(f"postgresql: wal must be one of {', '.join(PG_WAL)}")
+    for k in ("wal_host", "wal_port", "wal_user"):
+        if opts.get(k):
+            app[k] = opts[k]
     set_paths = list(paths)
     if app["point"] not in PG_POINTS:
         raise TemplateError(f"postgresql: point must be one of {', '.join(PG_POINTS)}")
@@ -355,6 +364,25 @@ def _pg_check(set_cfg: SetConfig, app: dict, image_dir: str, may_modify: bool, r
     _pg_throwaway(app, data, bindir, may_modify, res)
 
 
+def pg_private_config(work: str, extra: str = "") -> tuple[str, str]:
+    """A server configuration of our own under `work` (-> socket directory, config file): no TCP, a private
+    socket, trust for local connections only, no archiving, no preloaded libraries. A server started on an
+    image with it reaches nothing and nobody reaches it (the image's own configuration may name addresses,
+    ports and libraries of another machine)."""
+    sock = os.path.join(work, "sock")
+    os.mkdir(sock)
+    conf = os.path.join(work, "pit-private.conf")
+    with open(os.path.join(work, "pg_hba.conf"), "w") as f:
+        f.write("local all all trust\n")
+    open(os.path.join(work, "pg_ident.conf"), "w").close()
+    with open(conf, "w") as f:
+        f.write(f"listen_addresses = ''\nport = 5432\nunix_socket_directories = '{sock}'\n"
+                f"hba_file = '{work}/pg_hba.conf'\nident_file = '{work}/pg_ident.conf'\n"
+                "archive_mode = off\nshared_buffers = '32MB'\nlogging_collector = off\nssl = off\n"
+                "max_wal_senders = 10\nshared_preload_libraries = ''\nexternal_pid_file = ''\n" + extra)
+    return sock, conf
+
+
 def _pg_throwaway(app: dict, data: str, bindir: str, may_modify: bool, res: CheckResult) -> None:
     """Start a throwaway instance on a copy of the image's data directory: private socket
     directory, no TCP, our own minimal configuration; SELECT 1, optionally pg_amcheck; stop."""
@@ -376,17 +404,7 @@ def _pg_throwaway(app: dict, data: str, bindir: str, may_modify: bool, res: Chec
                 os.unlink(os.path.join(pgdata, leftover))
             except FileNotFoundError:
                 pass
-        sock = os.path.join(work, "sock")
-        os.mkdir(sock)
-        conf = os.path.join(work, "pit-check.conf")
-        with open(os.path.join(work, "pg_hba.conf"), "w") as f:
-            f.write("local all all trust\n")
-        open(os.path.join(work, "pg_ident.conf"), "w").close()
-        with open(conf, "w") as f:
-            f.write(f"listen_addresses = ''\nport = 5432\nunix_socket_directories = '{sock}'\n"
-                    f"hba_file = '{work}/pg_hba.conf'\nident_file = '{work}/pg_ident.conf'\n"
-                    "archive_mode = off\nshared_buffers = '32MB'\nlogging_collector = off\nssl = off\n"
-                    "max_wal_senders = 10\nshared_preload_libraries = ''\nexternal_pid_file = ''\n")
+        sock, conf = pg_private_config(work)
         os.chmod(pgdata, 0o700)
         if user:
             pw = _pw(user)

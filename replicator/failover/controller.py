@@ -33,7 +33,8 @@ import threading
 import time
 from dataclasses import replace
 
-from ..errors import EtcdError, FailoverRefused, NotAuthorised, ReplError
+from ..apps.pgwal import streams_wal
+from ..errors import EtcdError, FailoverRefused, NotAuthorised, ReplError, WalReplayFailed
 from ..settings import FailoverConfig, SetConfig
 from .decide import CAMPAIGN, PROMOTE, RESIGN, SERVE, TAKE_OVER, Inputs, Probe, decide
 from .detect import Confirmer
@@ -680,11 +681,41 @@ class Failover:
                 st = self._sync(r, e, path, _selection(s))
                 for k in ("files", "dirs", "bytes", "unchanged", "removed"):
                     setattr(total, k, getattr(total, k) + getattr(st, k))
+            if streams_wal(s) and not pin:  # a pinned image is the operator's choice of a moment: no replay
+                out["wal"] = self._replay_wal(name, s, live, r, by_name)
         out["materialised"] = {"files_written": total.files, "bytes_written": total.bytes,
                                "files_unchanged": total.unchanged, "removed": total.removed}
         log.warning("set %s: promoting image %s (%s); %d newer skipped; %d files written, %d unchanged",
                     name, chosen.name, chosen.short, len(out["skipped"]), total.files, total.unchanged)
         return out
+
+    def _replay_wal(self, name: str, s: SetConfig, live: tuple[str, ...], reader, by_name: dict) -> dict:
+        """The WAL received since the image, replayed onto it (apps/pgwal.py); when that fails, the image
+        goes back in place alone and the report, the log and an alert say so."""
+        from ..apps.pgwal import replay
+
+        received = self.agent.stop_wal(name)
+        app = s.app or {}
+        data = None
+        for src, lp in zip(s.paths, live):
+            if app.get("data") == src or str(app.get("data", "")).startswith(src.rstrip("/") + "/"):
+                data = os.path.normpath(os.path.join(lp, os.path.relpath(app["data"], src)))
+                entry, top = by_name[os.fsencode(os.path.basename(src))], lp
+        if data is None:
+            return {"error": f"the data directory {app.get('data')} is not under the set's paths"}
+        try:
+            res = replay(app, data, received, timeout=float(app.get("check_timeout", 600)))
+        except (WalReplayFailed, OSError) as exc:
+            log.error("set %s: WAL not replayed, the image alone is promoted: %s", name, exc)
+            if self.agent.alerting is not None:
+                self.agent.alerting[0].notify("wal_replay_failed", f"set {name}: {exc}", "critical",
+                                              key=f"{name}:wal", set=name)
+            self._sync(reader, entry, top, _selection(s))
+            return {"error": str(exc)}
+        log.warning("set %s: WAL replayed from %s to %s (%d segments), promoted at %s on timeline %s in %.1f s",
+                    name, res["from"], res["to"], res["segments"], res["promoted_at"], res["timeline"],
+                    res["seconds"])
+        return res
 
     def _refresh_mirror(self) -> None:
         """Mirror mode on the secondary station: its live paths follow what it has received (the set's

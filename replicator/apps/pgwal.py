@@ -1,0 +1,337 @@
+"""PostgreSQL's WAL streamed to the replicas between points, and replayed on promotion (issue 16).
+
+A point is a base image; between two points a database set would lose every
+transaction acknowledged since the last one (616 rows, 8.2 s of pgbench, with
+points every 30 s). So each replica of a set with `wal = "stream"` in its
+app table runs `pg_receivewal` against the set's master, as Barman and
+pgBackRest do:
+
+- a physical replication slot `pit_<node>` on the master keeps every WAL
+  byte until this replica has it (the slot is made by the receiver on first
+  contact, `--create-slot --if-not-exists`); `--synchronous` flushes each
+  write at once and reports the flush position, so what the master has
+  sent is on this node's disk within milliseconds, and with `sync = true`
+  (`synchronous_standby_names`, set on the master by the operator,
+  docs/failover.md) a commit waits until it is;
+- the WAL goes to `STATE/wal/SET/` on the replica, the open segment as
+  `NAME.partial`; when the set's master changes, the previous directory is
+  put aside (`STATE/wal/SET.prev`): its history belongs to the old term;
+- promotion (`replay`) restores the chosen image as before, then starts a
+  private server on it (no TCP, its own socket, `recovery.signal`, a
+  `restore_command` that serves the received segments, the open one from
+  its `.partial`), which replays every received byte after the image and
+  promotes onto a new timeline at the end; the server is stopped cleanly
+  and the takeover hooks start the real one on a data directory that
+  already holds the newest acknowledged transactions. A replay that fails
+  leaves the image alone in place, and the report says why.
+
+Reading the WAL needs a replication connection from the replica to the
+master (`host replication ...` in pg_hba.conf, `max_wal_senders`), which
+docs/failover.md ("WAL streaming") sets out.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from ..errors import WalReplayFailed
+from ..settings import SetConfig
+from .templates import _first_line, _pw, _run, as_user, pg_bindir, pg_private_config
+
+log = logging.getLogger("pit.pgwal")
+
+WAL_MODES = ("off", "stream")
+SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
+BACKOFF = (1.0, 2.0, 5.0, 10.0)
+
+
+def streams_wal(s: SetConfig | None) -> bool:
+    app = (s.app or {}) if s is not None else {}
+    return app.get("template") == "postgresql" and app.get("wal", "off") == "stream"
+
+
+def slot_name(node: str) -> str:
+    """The master's replication slot for replica `node` (slot names: lower case, digits, underscores)."""
+    return ("pit_" + re.sub(r"[^a-z0-9_]", "_", node.lower()))[:63]
+
+
+def wal_dir(state_dir: str, set_name: str) -> str:
+    return os.path.join(state_dir, "wal", set_name)
+
+
+def host_of(address: str) -> str:
+    """The host part of an agent address `HOST:PORT` (`[::1]:7000` -> `::1`)."""
+    host = address.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a replica reads the set's WAL: the master node, its database host and port, the role."""
+
+    master: str
+    host: str
+    port: int
+    user: str
+    bindir: str
+
+    def argv(self, *extra: str) -> list[str]:
+        return [os.path.join(self.bindir, "pg_receivewal"), "-h", self.host, "-p", str(self.port),
+                "-U", self.user, "--no-password", *extra]
+
+
+def source_of(s: SetConfig, roster: dict) -> Source | None:
+    """The set's WAL source as this node sees it (None: its master is not in the roster yet)."""
+    app = s.app or {}
+    node = roster.get(s.master) or {}
+    host = app.get("wal_host") or (host_of(node["address"]) if node.get("address") else None)
+    if not host:
+        return None
+    return Source(s.master, host, int(app.get("wal_port") or app.get("port", 5432)),
+                  str(app.get("wal_user") or app.get("superuser") or app.get("os_user", "postgres")),
+                  app.get("bindir") or pg_bindir() or "/usr/bin")
+
+
+# ------------------------------------------------------------------ the receiver on a replica
+class WalReceiver:
+    """`pg_receivewal` for one set on this replica, restarted with a back-off while the set streams WAL."""
+
+    def __init__(self, set_name: str, node: str, state_dir: str) -> None:
+        self.set_name, self.node = set_name, node
+        self.dir = wal_dir(state_dir, set_name)
+        self.slot = slot_name(node)
+        self.source: Source | None = None
+        self.error = ""
+        self.started = 0.0
+        self.restarts = 0
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._changed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def update(self, source: Source | None) -> None:
+        """Follow the set's current master (a changed source restarts the receiver on a fresh directory)."""
+        with self._lock:
+            if source == self.source:
+                return
+            self.source = source
+        self._changed.set()
+        self._kill()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name=f"pit-wal-{self.set_name}")
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop receiving (before a promotion replays what was received, or when the set stops streaming)."""
+        self._stop.set()
+        self._changed.set()
+        self._kill()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+    def _kill(self) -> None:
+        with self._lock:
+            p = self._proc
+        if p is not None and p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(5)
+            except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _prepare_dir(self, master: str) -> None:
+        """This term's directory: WAL of another master's history is put aside, not mixed in."""
+        marker = os.path.join(self.dir, ".pit-master")
+        try:
+            with open(marker) as f:
+                was = f.read().strip()
+        except FileNotFoundError:
+            was = None
+        if was is not None and was != master:
+            prev = self.dir + ".prev"
+            shutil.rmtree(prev, ignore_errors=True)
+            os.replace(self.dir, prev)
+            log.warning("set %s: WAL of master %s put aside in %s (the set's master is now %s)",
+                        self.set_name, was, prev, master)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        if was != master:
+            with open(marker + ".new", "w") as f:
+                f.write(master + "\n")
+            os.replace(marker + ".new", marker)
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            self._changed.clear()
+            with self._lock:
+                src = self.source
+            if src is None:
+                self._changed.wait(5)
+                continue
+            try:
+                self._prepare_dir(src.master)
+                rc, out = _run(src.argv("--create-slot", "--if-not-exists", "--slot", self.slot), 30,
+                               env={**os.environ, "PGAPPNAME": self.slot, "PGCONNECT_TIMEOUT": "5"})
+                if rc != 0:
+                    raise OSError(f"cannot make replication slot {self.slot} on {src.host}:{src.port}: "
+                                  + _first_line(out, r"error|FATAL|could not"))
+                self._receive(src)
+            except OSError as exc:
+                self.error = str(exc)
+                log.warning("set %s: WAL receiver: %s", self.set_name, exc)
+            if self._stop.is_set():
+                return
+            failures = failures + 1 if time.monotonic() - self.started > 30 or not self.started else 1
+            self.restarts += 1
+            self._changed.wait(BACKOFF[min(failures, len(BACKOFF)) - 1])
+
+    def _receive(self, src: Source) -> None:
+        argv = src.argv("-D", self.dir, "--slot", self.slot, "--synchronous", "--no-loop", "-v")
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                             start_new_session=True, env={**os.environ, "PGAPPNAME": self.slot,
+                                                          "PGCONNECT_TIMEOUT": "5"})
+        with self._lock:
+            self._proc = p
+        self.started = time.monotonic()
+        self.error = ""
+        log.info("set %s: receiving WAL from %s (%s:%d) into %s", self.set_name, src.master, src.host, src.port,
+                 self.dir)
+        last = ""
+        for raw in p.stderr:  # the receiver's own log: kept for status, the last error reported
+            line = raw.decode(errors="replace").strip()
+            if line:
+                last = line
+                if re.search(r"error|FATAL|could not", line):
+                    self.error = line
+        p.wait()
+        with self._lock:
+            self._proc = None
+        if not self._stop.is_set() and not self._changed.is_set():
+            raise OSError(f"pg_receivewal ended ({p.returncode}): {self.error or last or 'no output'}")
+
+    def status(self) -> dict:
+        newest = newest_segment(self.dir)
+        out = {"slot": self.slot, "dir": self.dir, "running": self._proc is not None and self._proc.poll() is None,
+               "master": self.source.master if self.source else None, "restarts": self.restarts,
+               "error": self.error or None, "newest_segment": newest}
+        if newest:
+            try:
+                out["last_write_age"] = round(time.time() - os.stat(os.path.join(self.dir, newest)).st_mtime, 3)
+            except FileNotFoundError:
+                pass
+        return out
+
+
+def newest_segment(directory: str) -> str | None:
+    """The newest WAL file received (`.partial` included), by name: names order by timeline and position."""
+    try:
+        names = [n for n in os.listdir(directory) if SEGMENT.match(n)]
+    except FileNotFoundError:
+        return None
+    return max(names, key=lambda n: n.removesuffix(".partial")) if names else None
+
+
+# ------------------------------------------------------------------ replay on promotion
+def _redo_segment(bindir: str, data: str) -> str | None:
+    rc, out = _run([os.path.join(bindir, "pg_controldata"), "-D", data], 60)
+    m = re.search(r"REDO WAL file:\s*([0-9A-F]{24})", out) if rc == 0 else None
+    return m.group(1) if m else None
+
+
+def replay(app: dict, data: str, received: str, timeout: float = 600.0) -> dict:
+    """Replay the WAL received in `received` onto the image at `data` and promote it; stop the server cleanly.
+
+    Only the segments from the image's redo point on are handed over (a copy the server may read as its own
+    user; the received directory stays as it is for the report). -> what was replayed. WalReplayFailed when
+    the server did not come up promoted: the caller puts the image back."""
+    t0 = time.monotonic()
+    version = open(os.path.join(data, "PG_VERSION")).read().strip()
+    bindir = app.get("bindir") or pg_bindir(version) or pg_bindir()
+    if not bindir:
+        raise WalReplayFailed(f"PostgreSQL {version} binaries are not installed on this node")
+    redo = _redo_segment(bindir, data)
+    if redo is None:
+        raise WalReplayFailed("pg_controldata does not give the image's redo point")
+    names = sorted(n for n in (os.listdir(received) if os.path.isdir(received) else []) if SEGMENT.match(n)
+                   and n.removesuffix(".partial") >= redo and n[:8] == redo[:8])
+    if not names:  # nothing received after the image (the receiver never reached this term's master)
+        return {"segments": 0, "from": redo, "to": None, "note": "no WAL received after the image: the image alone",
+                "seconds": round(time.monotonic() - t0, 3)}
+    user = app.get("os_user", "postgres") if os.geteuid() == 0 else None
+    work = tempfile.mkdtemp(prefix="pit-pgreplay-", dir=app.get("check_dir"))
+    staged = os.path.join(work, "wal")
+    os.mkdir(staged)
+    for n in names:
+        shutil.copyfile(os.path.join(received, n), os.path.join(staged, n))
+    cp = (f'f="{staged}/%f"; if [ -f "$f" ]; then cp "$f" "%p"; elif [ -f "$f.partial" ]; '
+          f'then cp "$f.partial" "%p"; else exit 1; fi')
+    sock, conf = pg_private_config(work, f"restore_command = '{cp}'\nrecovery_target_timeline = 'latest'\n"
+                                         "hot_standby = off\n")
+    logf = os.path.join(work, "server.log")
+    for leftover in ("postmaster.pid", "postmaster.opts"):
+        try:
+            os.unlink(os.path.join(data, leftover))
+        except FileNotFoundError:
+            pass
+    open(os.path.join(data, "recovery.signal"), "w").close()
+    if user:  # the server runs as its own user: the data directory (as restored) and our files are its
+        pw = _pw(user)
+        for top in (work, data):
+            for dp, dns, fns in os.walk(top):
+                os.lchown(dp, pw.pw_uid, pw.pw_gid)
+                for n in fns:
+                    os.lchown(os.path.join(dp, n), pw.pw_uid, pw.pw_gid)
+    os.chmod(data, 0o700)
+    pg_ctl = os.path.join(bindir, "pg_ctl")
+    failed = True
+    try:
+        # -w returns once the server accepts connections: with hot_standby off, after replay and promotion
+        rc, out = _run(as_user([pg_ctl, "start", "-w", "-t", str(int(timeout)), "-D", data, "-l", logf,
+                                "-o", f"-c config_file={conf}"], user), timeout + 30, cwd=work)
+        if rc != 0:
+            server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
+            raise WalReplayFailed("the server did not come up after replaying the WAL: "
+                                  + _first_line(server + "\n" + out, r"PANIC|FATAL|could not|invalid"))
+        psql = [os.path.join(bindir, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", sock, "-p", "5432",
+                "-U", app.get("superuser", "postgres"), "-d", "template1", "-c",
+                "SELECT pg_is_in_recovery(), pg_current_wal_lsn(), "
+                "(SELECT timeline_id FROM pg_control_checkpoint())"]
+        # pg_ctl's wait ends when the postmaster is up; connections are refused until replay is done
+        deadline = time.monotonic() + timeout
+        while True:
+            rc, out = _run(as_user(psql, user), 60, cwd=work)
+            got = out.strip().split("|")
+            if rc == 0 and len(got) == 3 and got[0] == "f":
+                break
+            if time.monotonic() > deadline or not re.search(r"starting up|Hot standby|in recovery|^t\|", out):
+                server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
+                raise WalReplayFailed("the replayed server is not promoted: "
+                                      + _first_line(out + "\n" + server, r"PANIC|FATAL|could not|invalid"))
+            time.sleep(0.2)
+        lsn, timeline = got[1], got[2]
+        rc, out = _run(as_user([pg_ctl, "stop", "-m", "fast", "-w", "-t", "120", "-D", data], user), 150, cwd=work)
+        if rc != 0:
+            raise WalReplayFailed(f"the replayed server did not stop cleanly: {_first_line(out)}")
+        failed = False
+    finally:
+        if failed:
+            _run(as_user([pg_ctl, "stop", "-m", "immediate", "-w", "-t", "60", "-D", data], user), 90, cwd=work)
+            try:
+                os.unlink(os.path.join(data, "recovery.signal"))
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+    return {"segments": len(names), "from": redo, "to": names[-1] if names else None, "promoted_at": lsn,
+            "timeline": int(timeline) if timeline.isdigit() else timeline, "seconds": round(time.monotonic() - t0, 3)}
