@@ -217,7 +217,8 @@ esac
         os.chmod(data, 0o700)
         _pg([f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--wal-segsize=1"])
         with open(os.path.join(data, "pg_hba.conf"), "a") as f:
-            f.write("host all all 0.0.0.0/0 trust\n")
+            # clients over the lab network, and the replicas' WAL receivers (the template streams WAL)
+            f.write("host all all 0.0.0.0/0 trust\nhost replication all 0.0.0.0/0 trust\n")
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write("shared_buffers = 32MB\nmax_wal_size = 64MB\nmin_wal_size = 4MB\nfsync = on\n")
         sock = tempfile.mkdtemp(prefix="pit-pgh-init-", dir=self.tmp)

@@ -1,0 +1,178 @@
+"""PostgreSQL WAL streaming and replay (replicator/apps/pgwal.py, issue 16), on a real PostgreSQL 15.
+
+A primary under writes, a base image made with pg_basebackup (as a point's image would be: a copy of the
+data directory with the WAL it needs), a `WalReceiver` streaming into a directory, then the primary dies
+(SIGKILL of the postmaster). `replay` must bring the image forward to every insert whose WAL the receiver
+confirmed, promote it onto a new timeline and leave it cleanly stopped; a replay that cannot succeed must
+say why and leave no server running. The failover path around it (the promotion report, the image put back
+after a failed replay) is in tests/test_failover_pg.py.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+
+from test_repl_helpers import wait_for
+from replicator.apps import pgwal
+from replicator.apps.templates import as_user, pg_bindir
+from replicator.errors import WalReplayFailed
+from replicator.settings import SetConfig
+
+PG_BIN = pg_bindir("15") or pg_bindir()
+ROOT = os.geteuid() == 0
+USER = "postgres" if ROOT else None
+
+pytestmark = pytest.mark.skipif(not PG_BIN or not os.path.exists(os.path.join(PG_BIN, "pg_receivewal")),
+                                reason="PostgreSQL server binaries (Debian postgresql-15) not installed")
+
+
+def run(argv, timeout=120, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run(as_user(argv, USER), capture_output=True, text=True, timeout=timeout, cwd="/")
+    if check:
+        assert p.returncode == 0, f"{' '.join(argv)}: {p.stdout}{p.stderr}"
+    return p
+
+
+class Server:
+    def __init__(self, base: str, name: str) -> None:
+        self.data = os.path.join(base, name)
+        self.sock = os.path.join(base, name + "-sock")
+        os.makedirs(self.sock)
+        if ROOT:
+            shutil.chown(self.sock, "postgres", "postgres")
+
+    def start(self) -> None:
+        run([f"{PG_BIN}/pg_ctl", "start", "-w", "-t", "120", "-D", self.data, "-l", self.data + ".log",
+             "-o", f"-c listen_addresses='' -c unix_socket_directories={self.sock} -c port=5432"], 180)
+
+    def sql(self, q: str) -> str:
+        return run([f"{PG_BIN}/psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", self.sock, "-U", "postgres",
+                    "-d", "postgres", "-c", q]).stdout.strip()
+
+    def kill(self) -> None:
+        """The host dies: SIGKILL of the postmaster (its backends follow)."""
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            pid = int(f.readline())
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: run([f"{PG_BIN}/pg_isready", "-q", "-h", self.sock], check=False).returncode != 0, 60,
+                 "the server to be gone")
+
+    def stop(self) -> None:
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            run([f"{PG_BIN}/pg_ctl", "stop", "-m", "immediate", "-w", "-D", self.data], 90, check=False)
+
+
+@pytest.fixture
+def lab():
+    base = tempfile.mkdtemp(prefix="pit-pgwal-", dir="/tmp")  # reachable by the postgres user
+    os.chmod(base, 0o755)
+    prim, image = Server(base, "primary"), Server(base, "image")
+    state = os.path.join(base, "state")
+    os.makedirs(state)
+    if ROOT:
+        shutil.chown(base, "postgres", "postgres")
+    run([f"{PG_BIN}/initdb", "-D", prim.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--wal-segsize=1"])
+    prim.start()
+    prim.sql("CREATE TABLE acks (n integer PRIMARY KEY)")
+    src = pgwal.Source("primary", prim.sock, 5432, "postgres", PG_BIN)
+    rec = pgwal.WalReceiver("db", "r1", state)
+    try:
+        yield prim, image, rec, src, base
+    finally:
+        rec.stop()
+        prim.stop()
+        image.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def app() -> dict:
+    return {"template": "postgresql", "wal": "stream", "os_user": "postgres", "superuser": "postgres",
+            "bindir": PG_BIN}
+
+
+def confirmed(prim: Server, slot: str) -> bool:
+    lsn = prim.sql("SELECT pg_current_wal_lsn()")
+    return prim.sql(f"SELECT coalesce(bool_and(flush_lsn >= '{lsn}'), false) FROM pg_stat_replication "
+                    f"WHERE application_name = '{slot}'") == "t"
+
+
+def test_replay_brings_the_image_to_the_last_confirmed_insert(lab):
+    prim, image, rec, src, base = lab
+    rec.update(src)
+    wait_for(lambda: rec.status()["running"] and prim.sql(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pit_r1' AND active") == "1", 60,
+        "the receiver to stream on its slot")
+    for n in range(1, 101):
+        prim.sql(f"INSERT INTO acks VALUES ({n})")
+    run([f"{PG_BIN}/pg_basebackup", "-D", image.data, "-X", "fetch", "-c", "fast", "-h", prim.sock, "-U",
+         "postgres"], 300)
+    for n in range(101, 1101):  # after the image: only the WAL has them (and 1 MB segments: several)
+        prim.sql(f"INSERT INTO acks VALUES ({n})")
+    prim.sql("SELECT pg_switch_wal()")
+    for n in range(1101, 1201):  # in the open segment, received as NAME.partial
+        prim.sql(f"INSERT INTO acks VALUES ({n})")
+    wait_for(lambda: confirmed(prim, "pit_r1"), 60, "the receiver to confirm every insert")
+    prim.kill()
+    st = rec.status()
+    assert st["newest_segment"].endswith(".partial") and st["master"] == "primary", st
+    rec.stop()
+
+    res = pgwal.replay(app(), image.data, rec.dir, timeout=300)
+    assert res["segments"] >= 2 and res["timeline"] == 2, res
+    assert not os.path.exists(os.path.join(image.data, "postmaster.pid"))  # stopped cleanly
+    assert not os.path.exists(os.path.join(image.data, "recovery.signal"))  # promoted
+    image.start()
+    assert image.sql("SELECT count(*), min(n), max(n) FROM acks") == "1200|1|1200"
+    image.sql("INSERT INTO acks VALUES (-1)")  # a primary: it takes writes
+
+
+def test_a_failed_replay_says_why_and_leaves_no_server(lab):
+    prim, image, rec, src, base = lab
+    run([f"{PG_BIN}/pg_basebackup", "-D", image.data, "-X", "fetch", "-c", "fast", "-h", prim.sock, "-U",
+         "postgres"], 300)
+    redo = pgwal._redo_segment(PG_BIN, image.data)
+    os.makedirs(rec.dir)
+    with open(os.path.join(rec.dir, redo), "wb") as f:  # a truncated segment: the server refuses it
+        f.write(b"\0" * 4096)
+    with pytest.raises(WalReplayFailed, match="did not come up|not promoted"):
+        pgwal.replay(app(), image.data, rec.dir, timeout=120)
+    assert not os.path.exists(os.path.join(image.data, "postmaster.pid"))
+    assert not os.path.exists(os.path.join(image.data, "recovery.signal"))
+
+
+def test_nothing_received_means_the_image_alone(lab, tmp_path):
+    prim, image, rec, src, base = lab
+    run([f"{PG_BIN}/pg_basebackup", "-D", image.data, "-X", "fetch", "-c", "fast", "-h", prim.sock, "-U",
+         "postgres"], 300)
+    res = pgwal.replay(app(), image.data, str(tmp_path / "none"), timeout=120)
+    assert res["segments"] == 0 and "image alone" in res["note"]
+    assert not os.path.exists(os.path.join(image.data, "recovery.signal"))
+
+
+def test_a_new_master_gets_a_fresh_directory(tmp_path):
+    """WAL of another master's history is put aside, never mixed into the new term's directory."""
+    rec = pgwal.WalReceiver("db", "r2", str(tmp_path))
+    rec._prepare_dir("primary")
+    with open(os.path.join(rec.dir, "000000010000000000000003.partial"), "wb") as f:
+        f.write(b"x")
+    rec._prepare_dir("primary")  # same master: kept
+    assert pgwal.newest_segment(rec.dir) == "000000010000000000000003.partial"
+    rec._prepare_dir("r1")
+    assert pgwal.newest_segment(rec.dir) is None
+    assert pgwal.newest_segment(rec.dir + ".prev") == "000000010000000000000003.partial"
+
+
+def test_names_and_sources():
+    assert pgwal.slot_name("Office-DB.2") == "pit_office_db_2"
+    assert pgwal.host_of("10.0.0.5:7000") == "10.0.0.5" and pgwal.host_of("[::1]:7000") == "::1"
+    s = SetConfig(master="primary", replicas=("r1",), paths=("/var/lib/postgresql/15/main",),
+                  app={"template": "postgresql", "wal": "stream", "port": 5433})
+    assert pgwal.streams_wal(s) and not pgwal.streams_wal(SetConfig(master="p", replicas=("r1",), paths=("/x",)))
+    src = pgwal.source_of(s, {"primary": {"address": "192.0.2.1:7000"}})
+    assert (src.host, src.port, src.user) == ("192.0.2.1", 5433, "postgres")
+    assert pgwal.source_of(s, {}) is None  # the master is not in the roster yet
