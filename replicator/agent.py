@@ -59,6 +59,7 @@ class Agent:
         self.alerting = None  # (Alerter, AlertWatcher)
         self._applied: dict[str, SetConfig] = {}  # the effective sets last applied
         self.wal: dict = {}  # set -> apps.pgwal.WalReceiver: PostgreSQL WAL streamed here between points
+        self.wal_lag: dict = {}  # set -> apps.pgwal.WalMonitor: on the master, each replica's WAL lag
 
     # ----------------------------------------------------------------- cluster view
     def roster(self) -> dict:
@@ -146,6 +147,11 @@ class Agent:
         from .apps import pgwal
 
         me = self.state.node
+        mastered = {n: s for n, s in sets.items() if s.master == me and pgwal.streams_wal(s)}
+        for name in [n for n in self.wal_lag if n not in mastered]:
+            self.wal_lag.pop(name).stop()
+        for name, s in mastered.items():
+            self.wal_lag.setdefault(name, pgwal.WalMonitor(name)).update(s.app or {}, s.replicas)
         want = {n: s for n, s in sets.items() if me in s.replicas and s.master and pgwal.streams_wal(s)}
         for name in [n for n in self.wal if n not in want]:
             self.wal.pop(name).stop()
@@ -533,6 +539,8 @@ class Agent:
             self._verification(out["sets"])
         for name, rec in list(self.wal.items()):
             out["sets"].setdefault(name, {})["wal"] = rec.status()
+        for name, mon in list(self.wal_lag.items()):
+            out["sets"].setdefault(name, {})["wal_replicas"] = mon.status()
         if self.state.is_primary:
             out["pushed"] = dict(self.pushed)
         roles = []
@@ -618,7 +626,7 @@ class Agent:
                 self.failover.stop()
             for ms in self.masters.values():
                 ms.stop()
-            for rec in self.wal.values():
+            for rec in [*self.wal.values(), *self.wal_lag.values()]:
                 rec.stop()
             self.watcher.stop()
             if self.alerting is not None:

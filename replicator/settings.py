@@ -513,6 +513,8 @@ class AlertsConfig:
                                                     shown="none")
     smtp: SmtpConfig | None = setting("mail the alerts ([alerts.smtp])", smtp_table, None, shown="none")
     lag_seconds: float = setting("alert when a replica has been behind this long", number(0, above=True), 300.0)
+    wal_lag_seconds: float = setting("alert when a replica's database log (WAL) is this far behind, or its "
+                                     "receiver away this long", number(0, above=True), 10.0)
     repeat_minutes: float = setting("repeat an alert that still holds after N minutes", number(0), 60.0)
     disconnect_seconds: float = setting("alert when a replica has been disconnected this long", number(0), 60.0)
     disk_free_percent: float = setting("alert when a repository's disk has less free space",

@@ -441,3 +441,31 @@ def test_a_hanging_command_is_killed_with_its_children(tmp_path, caplog):
             return True
 
     wait_for(gone, 10, "the hook's child to be killed")
+
+
+def test_a_database_log_behind_or_away_is_alerted_and_resolved(tmp_path):
+    """wal_lag: a replica's streamed WAL behind by more than `wal_lag_seconds` (the RPO a failover would have)."""
+    out = tmp_path / "alerts.txt"
+    al = Alerter(validate_alerts({"command": LINE + str(out), "wal_lag_seconds": 10}), node="primary")
+    st = {"node": "primary", "primary": "primary", "sets": {"pg": {"wal_replicas": {"error": None, "replicas": {
+        "r1": {"slot": "pit_r1", "streaming": True, "lag_bytes": 0, "lag_seconds": 0.01}}}}}}
+    agent = Agent(st)
+    w = AlertWatcher(agent, al, clock=Clock())
+
+    def look() -> list[list[str]]:
+        n = len(recorded(out))
+        w.check()
+        assert al.flush()
+        return recorded(out)[n:]
+
+    try:
+        assert look() == []
+        st["sets"]["pg"]["wal_replicas"]["replicas"]["r1"].update(streaming=False, lag_bytes=5_000_000,
+                                                                   lag_seconds=42.0)
+        got = look()
+        assert [(r[0], r[3], r[4]) for r in got] == [("wal_lag", "pg", "r1")]
+        assert "not streaming for 42 s (5000000 bytes behind)" in got[0][5]
+        st["sets"]["pg"]["wal_replicas"]["replicas"]["r1"].update(streaming=True, lag_bytes=0, lag_seconds=0.0)
+        assert [r[0] for r in look()] == ["wal_lag_resolved"]
+    finally:
+        al.close()

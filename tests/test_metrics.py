@@ -397,3 +397,17 @@ def test_running_agents_serve_metrics_and_page_on_the_breaker(tmp_path):
     finally:
         c.stop()
     assert "Traceback" not in c.logs()
+
+
+def test_database_log_lag_per_replica(server):
+    """A database set's master reports each replica's WAL lag (issue 16): bytes, seconds, streaming or not."""
+    server.agent.st["sets"]["pg"] = {"wal_replicas": {"error": None, "replicas": {
+        "r1": {"slot": "pit_r1", "streaming": True, "lag_bytes": 8192, "lag_seconds": 0.004},
+        "r2": {"slot": "pit_r2", "streaming": False, "lag_bytes": None, "lag_seconds": 75.0}}}}
+    s = scrape(server.url)
+    assert val(s, "pit_wal_lag_bytes", set="pg", replica="r1") == 8192
+    assert val(s, "pit_wal_lag_seconds", set="pg", replica="r1") == 0.004
+    assert val(s, "pit_wal_streaming", set="pg", replica="r1") == 1
+    assert val(s, "pit_wal_streaming", set="pg", replica="r2") == 0
+    assert val(s, "pit_wal_lag_seconds", set="pg", replica="r2") == 75.0
+    assert val(s, "pit_wal_lag_bytes", set="pg", replica="r2") is None  # no slot yet: unknown, not 0

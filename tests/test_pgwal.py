@@ -176,3 +176,23 @@ def test_names_and_sources():
     src = pgwal.source_of(s, {"primary": {"address": "192.0.2.1:7000"}})
     assert (src.host, src.port, src.user) == ("192.0.2.1", 5433, "postgres")
     assert pgwal.source_of(s, {}) is None  # the master is not in the roster yet
+
+
+def test_the_master_sees_each_replicas_lag(lab):
+    prim, image, rec, src, base = lab
+    mon = pgwal.WalMonitor("db")
+    mon.app = {**app(), "socket_dir": prim.sock, "port": 5432, "dbname": "postgres"}
+    mon.replicas = ("r1", "r2")
+    got = mon.poll()
+    assert got["r1"]["streaming"] is False and got["r1"]["lag_bytes"] is None  # no slot yet
+    rec.update(src)
+    wait_for(lambda: mon.poll()["r1"]["streaming"], 60, "r1's receiver to stream")
+    prim.sql("INSERT INTO acks VALUES (1)")
+    wait_for(lambda: mon.poll()["r1"]["lag_bytes"] == 0, 60, "r1 to confirm the insert's WAL")
+    rec.stop()
+    for n in range(2, 200):
+        prim.sql(f"INSERT INTO acks VALUES ({n})")
+    got = mon.poll()
+    assert got["r1"]["streaming"] is False and got["r1"]["lag_bytes"] > 0, got  # its slot holds the WAL back
+    assert got["r2"] == {"slot": "pit_r2", "streaming": False, "lag_bytes": None,
+                         "lag_seconds": got["r2"]["lag_seconds"]}

@@ -335,3 +335,76 @@ def replay(app: dict, data: str, received: str, timeout: float = 600.0) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     return {"segments": len(names), "from": redo, "to": names[-1] if names else None, "promoted_at": lsn,
             "timeline": int(timeline) if timeline.isdigit() else timeline, "seconds": round(time.monotonic() - t0, 3)}
+
+
+# ------------------------------------------------------------------ the master's view: lag per replica
+LAG_SQL = ("SELECT s.slot_name, s.active, "
+           "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(r.flush_lsn, s.restart_lsn)), -1)::bigint, "
+           "coalesce(extract(epoch FROM r.flush_lag), 0) "
+           "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.application_name = s.slot_name "
+           "WHERE s.slot_name = ANY(ARRAY[%s]::name[])")
+
+
+class WalMonitor:
+    """On the set's master: how far each replica's WAL receiver is behind, from the server's own views
+    (`pg_replication_slots`, `pg_stat_replication`), every `every` seconds. A replica whose slot is not
+    streaming is behind by the WAL its slot holds back, for as long as it has been away."""
+
+    def __init__(self, set_name: str, every: float = 5.0) -> None:
+        self.set_name, self.every = set_name, every
+        self.app: dict = {}
+        self.replicas: tuple[str, ...] = ()
+        self.lag: dict[str, dict] = {}
+        self.error = ""
+        self._since: dict[str, float] = {}  # replica -> when it was last seen streaming (or first looked at)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def update(self, app: dict, replicas: tuple[str, ...]) -> None:
+        self.app, self.replicas = dict(app), tuple(replicas)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name=f"pit-walmon-{self.set_name}")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll()
+            except OSError as exc:
+                self.error = str(exc)
+            self._stop.wait(self.every)
+
+    def poll(self) -> dict[str, dict]:
+        from .templates import pg_client_argv
+
+        slots = {slot_name(r): r for r in self.replicas}
+        if not slots:
+            return {}
+        sql = LAG_SQL % ", ".join(f"'{s}'" for s in slots)
+        rc, out = _run(pg_client_argv(self.app, sql), 30)
+        if rc != 0:
+            raise OSError(f"cannot read the replication views: {_first_line(out, r'error|FATAL|could not')}")
+        now = time.monotonic()
+        seen: dict[str, dict] = {}
+        for line in out.strip().splitlines():
+            parts = line.split("|")
+            if len(parts) != 4 or parts[0] not in slots:
+                continue
+            r, active = slots[parts[0]], parts[1] == "t"
+            if active:
+                self._since[r] = now
+            away = now - self._since.setdefault(r, now)
+            seen[r] = {"slot": parts[0], "streaming": active, "lag_bytes": max(0, int(parts[2])),
+                       "lag_seconds": round(float(parts[3]) if active else away, 3)}
+        for r in self.replicas:  # no slot yet: the receiver never reached this master
+            if r not in seen:
+                away = now - self._since.setdefault(r, now)
+                seen[r] = {"slot": slot_name(r), "streaming": False, "lag_bytes": None, "lag_seconds": round(away, 3)}
+        self.lag, self.error = seen, ""
+        return seen
+
+    def status(self) -> dict:
+        return {"replicas": dict(self.lag), "error": self.error or None}

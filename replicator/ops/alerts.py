@@ -5,6 +5,7 @@ The node's agent config has an optional table:
     [alerts]
     command = "/usr/local/bin/page-me"      # a shell line, or an argv list
     lag_seconds = 300          # a replica behind for longer than this
+    wal_lag_seconds = 10       # a replica's streamed database log (WAL) behind by more than this
     repeat_minutes = 60        # the same alert again only after this long
     disconnect_seconds = 60    # a replica disconnected for longer than this
     disk_free_percent = 10     # the repository's / state directory's filesystem
@@ -349,6 +350,14 @@ class AlertWatcher:
                            f"({rs.get('queued', 0)} paths queued{', catch-up pending' if rs.get('catchup') else ''})",
                            "warning", set=name, replica=r, lag_seconds=int(lag))
                 # held deletions are alerted by the replica that holds them (one page, where to act)
+        wal = (s.get("wal_replicas") or {}).get("replicas") or {}
+        for r, w in sorted(wal.items()):  # master side: the database log streamed to each replica (RPO)
+            if (w.get("lag_seconds") or 0) > self.cfg.wal_lag_seconds:
+                how = (f"{w['lag_bytes']} bytes behind" if w.get("lag_bytes") is not None else "no slot yet")
+                raise_("wal_lag", f"{name}->{r}", f"set {name}: replica {r}'s database log is "
+                       + (f"{w['lag_seconds']:.0f} s behind ({how})" if w.get("streaming") else
+                          f"not streaming for {w['lag_seconds']:.0f} s ({how}): a failover now loses what it "
+                          "lacks"), "warning", set=name, replica=r, lag_seconds=int(w["lag_seconds"]))
         if s.get("role") == "replica" or "snapshots" in s:
             held = s.get("held_deletes") or 0
             texts = [a for a in s.get("alerts") or [] if classify(a)[0] == "breaker"]

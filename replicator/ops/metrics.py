@@ -338,6 +338,15 @@ class StatusCollector(Collector):
                                         "Master side, scheduled sets: reconcile runs done for this replica",
                                         labels=["set", "replica"]),
         }
+        wfam = {
+            "lag_bytes": GaugeMetricFamily("pit_wal_lag_bytes", "Master side, database sets: bytes of database log "
+                                           "(WAL) the replica has not confirmed", labels=["set", "replica"]),
+            "lag_seconds": GaugeMetricFamily("pit_wal_lag_seconds", "Master side, database sets: the replica's "
+                                             "log flush delay while streaming, or seconds since it streamed (the "
+                                             "RPO a failover to it would have)", labels=["set", "replica"]),
+            "streaming": GaugeMetricFamily("pit_wal_streaming", "Master side, database sets: 1 while the "
+                                           "replica's log receiver streams", labels=["set", "replica"]),
+        }
         mstats = {
             "files_read": ("pit_master_files_read", "Files chunked and hashed", "counter"),
             "bytes_read": ("pit_master_read_bytes", "Bytes of files chunked and hashed", "counter"),
@@ -411,6 +420,11 @@ class StatusCollector(Collector):
                 for k, v in (s.get("stats") or {}).items():
                     if k in mfam and isinstance(v, (int, float)):
                         mfam[k].add_metric([name], v)
+            for r, w in sorted(((s.get("wal_replicas") or {}).get("replicas") or {}).items()):
+                wfam["streaming"].add_metric([name, r], 1 if w.get("streaming") else 0)
+                wfam["lag_seconds"].add_metric([name, r], w.get("lag_seconds") or 0)
+                if isinstance(w.get("lag_bytes"), int):
+                    wfam["lag_bytes"].add_metric([name, r], w["lag_bytes"])
             if s.get("role") == "replica" or "snapshots" in s:  # replica side (a set may be both)
                 lab = [name]
                 rfam["connected"].add_metric(lab, 1 if s.get("connected") else 0)
@@ -438,6 +452,7 @@ class StatusCollector(Collector):
         self.lag.forget(keep)
         yield from fam.values()
         yield from mfam.values()
+        yield from wfam.values()
         yield from rfam.values()
         yield alerts
 
