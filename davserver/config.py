@@ -12,6 +12,8 @@
     max_connections_per_client = 32     # open connections from one address (more are closed at accept)
     max_connections = 1000      # open connections in all
     request_timeout = 20        # seconds for a TLS handshake, and for reading a request's head and body
+    max_requests_per_user = 16  # requests one user may have being answered at once (a download counts
+                                # until it ends); below `threads`, so one user never holds every worker
     propfind_max_body = 65536   # bytes of a PROPFIND body (413 beyond)
     propfind_max_names = 64     # distinct properties one PROPFIND may ask for (400 beyond)
     propfind_max_entries = 100000       # responses in one PROPFIND answer (then a 507 for the folder)
@@ -25,6 +27,13 @@
 
 Passwords are stored only as scrypt hashes (hashlib.scrypt, random salt),
 compared in constant time.
+
+`max_requests_per_user` counts per signed-in user name; with `anonymous =
+true` (nobody signs in) it counts per client address instead, so one
+anonymous machine cannot hold the slots of every other. Left out, it is 16,
+or `threads - 1` when that is less; given, it must be below `threads`
+(else one user's downloads could hold every worker and nobody else would be
+answered).
 """
 from __future__ import annotations
 
@@ -75,6 +84,7 @@ class PropfindLimits:
 # [server] key -> PropfindLimits field
 PROPFIND_KEYS = {"propfind_max_body": "max_body", "propfind_max_names": "max_names",
                  "propfind_max_entries": "max_entries", "propfind_max_answer": "max_answer"}
+MAX_REQUESTS_PER_USER = 16
 
 
 @dataclass
@@ -99,6 +109,7 @@ class ServerConfig:
     max_connections_per_client: int = 32
     max_connections: int = 1000
     request_timeout: int = 20
+    max_requests_per_user: int = MAX_REQUESTS_PER_USER
     propfind: PropfindLimits = field(default_factory=PropfindLimits)
 
     @property
@@ -154,6 +165,12 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgument(f"server.{k} must be a whole number of at least 1, got {v!r}")
             setattr(cfg, k, v)
+    per_user = srv.get("max_requests_per_user")
+    if per_user is None:
+        cfg.max_requests_per_user = max(1, min(MAX_REQUESTS_PER_USER, cfg.threads - 1))
+    elif per_user >= cfg.threads and cfg.threads > 1:
+        raise InvalidArgument(f"server.max_requests_per_user ({per_user}) must be below server.threads "
+                              f"({cfg.threads}): else one user's downloads can hold every worker")
     limits = {}
     for k, name in PROPFIND_KEYS.items():
         if k in srv:
@@ -176,7 +193,8 @@ def parse_config(d: dict, base: str = ".") -> ServerConfig:
 
 # ----------------------------------------------------------------------------- `pit config check --kind serve`
 FILE_KEYS = {"server", "users", "anonymous"}
-LIMIT_KEYS = ("threads", "max_connections_per_client", "max_connections", "request_timeout")
+LIMIT_KEYS = ("threads", "max_connections_per_client", "max_connections", "request_timeout",
+              "max_requests_per_user")
 SERVER_KEYS = {"listen", "port", "certificate", "private_key", "cert", "key", "names", "self_signed", "anonymous",
                *LIMIT_KEYS, *PROPFIND_KEYS}
 USER_KEYS = {"password", "sets", "scope"}

@@ -11,12 +11,29 @@ server working, issue 15):
 - a client address that failed to log in `MAX_FAILURES` times within
   `WINDOW` seconds: 429 with `Retry-After` for `LOCK_SECONDS`, without
   running scrypt (so guessing costs the guesser time, and the server no CPU).
+
+And one refusal after wsgidav has checked the login (`PerUserLimit`, placed
+in wsgidav's middleware stack right after its HTTPAuthenticator, the first
+point where the user is known):
+
+- a user who already has `max_requests_per_user` requests being answered:
+  503 with `Retry-After: 1`. Each answer in progress holds a worker thread
+  (a download until its last byte is sent), so without this one user's
+  download manager, or a sync client opening 64 streams, held every worker
+  and nobody else was answered at all. A request's slot is given back when
+  cheroot closes its answer (`holding`, outside wsgidav: wsgidav's own
+  generators do not pass a close on to the iterable inside them), so a
+  client that stops reading keeps its slot only as long as it keeps the
+  worker.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from typing import Callable, Iterable
+
+from wsgidav.mw.base_mw import BaseMiddleware
 
 log = logging.getLogger("pit.serve")
 
@@ -117,3 +134,124 @@ def guard(app, lockout: Lockout, writable: tuple[str, ...] = ()):
         return app(environ, start_response)
 
     return wrapped
+
+
+# ----------------------------------------------------------------------------- requests per user
+SLOT = "pit.user_slot"  # environ: the `Slot` of this request (made by `holding`, filled by `PerUserLimit`)
+RETRY_AFTER = 1  # seconds: a busy user's requests are short or a download; either frees a slot soon
+
+
+class UserSlots:
+    """Requests being answered per user (a signed-in name, or `anonymous@ADDR`)."""
+
+    def __init__(self, per_user: int) -> None:
+        self.per_user = per_user
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, who: str) -> bool:
+        """One more request of `who` is being answered: False (and nothing taken) if it has `per_user` already."""
+        with self._lock:
+            n = self._held.get(who, 0)
+            if n >= self.per_user:
+                return False
+            self._held[who] = n + 1
+            return True
+
+    def give_back(self, who: str) -> None:
+        with self._lock:
+            n = self._held.get(who, 0) - 1
+            if n > 0:
+                self._held[who] = n
+            else:
+                self._held.pop(who, None)
+
+    def held(self, who: str) -> int:
+        with self._lock:
+            return self._held.get(who, 0)
+
+
+class Slot:
+    """The per-user slot one request holds, if any: given back exactly once, however the answer ends."""
+
+    def __init__(self) -> None:
+        self._owner: tuple[UserSlots, str] | None = None
+
+    def hold(self, slots: UserSlots, who: str) -> None:
+        self._owner = (slots, who)
+
+    def free(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner[0].give_back(owner[1])
+
+
+class _Closing:
+    """An answer's iterable that runs `on_close` once the server closes it (PEP 3333: the server
+    always calls `close`, after the last byte or when the client went away)."""
+
+    def __init__(self, result: Iterable[bytes], on_close: Callable[[], None]) -> None:
+        self.result, self.on_close = result, on_close
+
+    def __iter__(self):
+        return iter(self.result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.on_close()
+
+
+def holding(app):
+    """WSGI middleware outside wsgidav: gives back the slot `PerUserLimit` took for the request when the
+    server closes the answer, or when the app fails. (The slot is taken inside wsgidav, where the user is
+    known, but released here: wsgidav's ErrorPrinter and the app itself are generators that drop the
+    inner iterable without closing it when the client goes away mid-download.)"""
+
+    def wrapped(environ, start_response):
+        slot = environ[SLOT] = Slot()
+        try:
+            result = app(environ, start_response)
+        except BaseException:
+            slot.free()
+            raise
+        return _Closing(result, slot.free)
+
+    return wrapped
+
+
+class PerUserLimit(BaseMiddleware):
+    """wsgidav middleware right after HTTPAuthenticator: at most `UserSlots.per_user` requests of one user
+    are answered at once; past that, 503 with Retry-After and one INFO line. Counted per signed-in
+    name; anonymous requests (`anonymous = true`, or OPTIONS that wsgidav lets through unsigned) per
+    client address, as `anonymous@ADDR`."""
+
+    def __init__(self, wsgidav_app, next_app, config) -> None:
+        super().__init__(wsgidav_app, next_app, config)
+        self.slots: UserSlots = config["pit_user_slots"]
+
+    def __call__(self, environ, start_response):
+        addr = environ.get("REMOTE_ADDR", "")
+        who = environ.get("wsgidav.auth.user_name") or f"anonymous@{addr}"
+        if not self.slots.take(who):
+            log.info("refused %s %s from %s: %s has %d requests in progress (max_requests_per_user)",
+                     environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""), addr, who,
+                     self.slots.per_user)
+            return _refuse(start_response, "503 Service Unavailable",
+                           f"{who} has {self.slots.per_user} requests in progress already: try again in a moment.",
+                           [("Retry-After", str(RETRY_AFTER))])
+        slot = environ.get(SLOT)
+        if slot is not None:  # `holding` gives it back
+            slot.hold(self.slots, who)
+            return self.next_app(environ, start_response)
+        slot = Slot()  # (not behind `holding`: give it back here, as well as a generator's close allows)
+        slot.hold(self.slots, who)
+        try:
+            result = self.next_app(environ, start_response)
+        except BaseException:
+            slot.free()
+            raise
+        return _Closing(result, slot.free)

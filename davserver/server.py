@@ -20,11 +20,13 @@ import threading
 import time
 
 from wsgidav.dc.base_dc import BaseDomainController
+from wsgidav.default_conf import DEFAULT_CONFIG
+from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from .config import ServerConfig, check_password, hash_password
 from .errors import CertificateError, ListenError
-from .guard import Lockout, guard
+from .guard import Lockout, PerUserLimit, UserSlots, guard, holding
 from .listener import DeferredTLSAdapter, PitServer, request_reading
 from .safety import safe_responses
 from .provider import ViewProvider
@@ -88,9 +90,18 @@ class PitDomainController(BaseDomainController):
 SCRATCH_SHARE = "/litmus-scratch"
 
 
+def middleware_stack() -> list:
+    """wsgidav's default middleware with `PerUserLimit` right after HTTPAuthenticator: the first place that
+    knows who is asking, and before anything that answers (so a busy user's request costs no provider work)."""
+    stack = list(DEFAULT_CONFIG["middleware_stack"])
+    at = stack.index(HTTPAuthenticator)
+    return stack[:at + 1] + [PerUserLimit] + stack[at + 1:]
+
+
 def build_app(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None = None):
     """The WSGI app: wsgidav over our provider, behind the guard (guard.py) and the browser safety headers
-    (safety.py)."""
+    (safety.py); requests per user are counted inside wsgidav (`PerUserLimit`) and given back by
+    `holding`, right outside it."""
     scopes = {name: u.scope for name, u in cfg.users.items()}
     provider = ViewProvider(repo, scopes, cfg.anonymous_scope if cfg.anonymous else None, cfg.propfind)
     lockout = Lockout()
@@ -98,6 +109,8 @@ def build_app(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None
         "provider_mapping": {"/": provider},
         "pit_server_config": cfg,
         "pit_lockout": lockout,
+        "pit_user_slots": UserSlots(cfg.max_requests_per_user),
+        "middleware_stack": middleware_stack(),
         "http_authenticator": {"domain_controller": PitDomainController, "accept_basic": True,
                                "accept_digest": False, "default_to_digest": False},
         "dir_browser": {"enable": False},  # the provider renders its own listing (versions, verification)
@@ -111,7 +124,7 @@ def build_app(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None
     app = WsgiDAVApp(conf)
     if scratch_dir:
         add_scratch_share(app, scratch_dir)
-    return safe_responses(guard(app, lockout, (SCRATCH_SHARE,) if scratch_dir else ()))
+    return safe_responses(guard(holding(app), lockout, (SCRATCH_SHARE,) if scratch_dir else ()))
 
 
 def add_scratch_share(app: WsgiDAVApp, scratch_dir: str) -> None:

@@ -84,7 +84,8 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(repo):
     tmp, path = repo
-    s = Served(tmp, path, "max_connections_per_client = 500\n")
+    # (every client here is alice: her 16 slow downloads and the normal request stay under her own limit)
+    s = Served(tmp, path, "max_connections_per_client = 500\nmax_requests_per_user = 40\n")
     try:
         yield s
     finally:
@@ -533,3 +534,154 @@ def test_if_modified_since_equal_to_last_modified_is_304(server):
     status, h, _ = _get(server, "/office/latest/data/small.txt")
     assert status == 200
     assert _get(server, "/office/latest/data/small.txt", If_Modified_Since=h["last-modified"])[0] == 304
+
+
+# ----------------------------------------------------------------------------- requests per user
+PER_USER = 3
+BOB = "Basic " + base64.b64encode(b"bob:s3cret").decode()
+
+
+def _huge_size() -> int:
+    """Bigger than the server's socket send buffer can ever hold (tcp_wmem's maximum) with room to spare,
+    so a download the client stops reading leaves the server's worker blocked in send."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            wmem = int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        wmem = 4 * 1024 * 1024
+    return max(BIG, 3 * wmem)
+
+
+@pytest.fixture(scope="module")
+def busy_repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("per-user")
+    r = Repository.init(str(tmp / "repo"))
+    src = str(tmp / "data")
+    write(src, "small.txt", "hello")
+    write(src, "huge.bin", os.urandom(_huge_size()))
+    snap(r, "office", src)
+    r.close()
+    return tmp, str(tmp / "repo")
+
+
+@pytest.fixture(scope="module")
+def busy(busy_repo):
+    s = Served(*busy_repo, f'max_requests_per_user = {PER_USER}\n\n'
+                           f'[users.bob]\npassword = "{hash_password("s3cret")}"\nsets = ["office"]\n')
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _stalled_download(served: Served, crowd: Crowd, auth: str, path: str, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    """A GET whose answer has begun (200) and that the client then stops reading: with a 4 KiB receive
+    window and a file larger than any send buffer, the server's worker stays blocked in send."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(GENEROUS)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", served.port))
+    crowd.socks.append(s)
+    t = served.context().wrap_socket(s, server_hostname="127.0.0.1")
+    crowd.socks.append(t)
+    t.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {auth}\r\n\r\n".encode())
+    assert t.recv(4096).startswith(b"HTTP/1.1 200")
+    return t
+
+
+def _until_served(served: Served, path: str, auth: str = AUTH) -> int:
+    """GET until it is not refused as busy (the server frees slots on its own schedule once downloads are
+    closed); a deadline only so that a bug fails rather than hangs."""
+    deadline = time.monotonic() + GENEROUS
+    while True:
+        status, _ = served.request("GET", path, headers={"Authorization": auth})
+        if status != 503 or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def test_one_user_cannot_hold_every_worker(busy):
+    crowd = Crowd(busy.port)
+    try:
+        for _ in range(PER_USER):
+            _stalled_download(busy, crowd, AUTH, "/office/latest/data/huge.bin")
+        # alice's next request, of anything, is refused at once with a short text and Retry-After
+        for method, path in (("GET", "/office/latest/data/small.txt"), ("PROPFIND", "/office/")):
+            status, headers, body = _split(_raw(busy, f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
+                                                      f"Authorization: {AUTH}\r\nConnection: close\r\n\r\n".encode()))
+            assert status == 503 and headers["retry-after"] == "1", (status, headers)
+            assert body and int(headers["content-length"]) == len(body) and b"alice" in body
+        # ... while bob is answered, and so is a login that fails (a 401 costs no slot)
+        assert busy.request("GET", "/office/latest/data/small.txt", headers={"Authorization": BOB}) == (200, b"hello")
+        bad = "Basic " + base64.b64encode(b"alice:wrong").decode()
+        assert busy.request("GET", "/office/", headers={"Authorization": bad})[0] == 401
+        # the stalled downloads are still there, each holding its worker
+        for s in crowd.socks[1::2]:
+            assert s.recv(4096)
+    finally:
+        crowd.close()
+    # closed downloads give their slots back: alice is served again, as often as she likes one at a time
+    assert _until_served(busy, "/office/latest/data/small.txt") == 200
+    for _ in range(PER_USER + 2):
+        assert busy.request("GET", "/office/latest/data/small.txt") == (200, b"hello")
+    log = busy.log.read_text()
+    refused = [ln for ln in log.splitlines() if "max_requests_per_user" in ln]
+    assert refused and all(" INFO " in ln for ln in refused), refused
+    assert "Traceback" not in log and " ERROR " not in log
+
+
+def test_a_finished_download_gives_its_slot_back(busy):
+    """Whole downloads, more than the limit one after another on one connection: none is refused."""
+    c = http.client.HTTPSConnection("127.0.0.1", busy.port, context=busy.context(), timeout=GENEROUS)
+    try:
+        for _ in range(PER_USER * 2):
+            c.request("GET", "/office/latest/data/huge.bin", headers={"Authorization": AUTH})
+            r = c.getresponse()
+            assert r.status == 200 and len(r.read()) == _huge_size()
+            c.request("HEAD", "/office/latest/data/huge.bin", headers={"Authorization": AUTH})
+            r = c.getresponse()
+            r.read()
+            assert r.status == 200
+    finally:
+        c.close()
+
+
+def test_anonymous_requests_are_counted_per_address(busy_repo):
+    s = Served(*busy_repo, f'max_requests_per_user = {PER_USER}\nanonymous = true\n\n[anonymous]\nsets = ["office"]\n')
+    crowd = Crowd(s.port)
+    try:
+        for _ in range(PER_USER):
+            _stalled_download(s, crowd, "", "/office/latest/data/huge.bin")
+        assert s.request("GET", "/office/latest/data/small.txt", headers={"Authorization": ""})[0] == 503
+        # another machine (here: another loopback address) is not held back by the first one's downloads
+        c = http.client.HTTPSConnection("127.0.0.1", s.port, context=s.context(), timeout=GENEROUS,
+                                        source_address=("127.0.0.2", 0))
+        try:
+            c.request("GET", "/office/latest/data/small.txt")
+            r = c.getresponse()
+            assert (r.status, r.read()) == (200, b"hello")
+        finally:
+            c.close()
+        assert b"anonymous@127.0.0.1" in s.log.read_bytes()
+    finally:
+        crowd.close()
+        s.close()
+
+
+def test_max_requests_per_user_must_be_below_threads(tmp_path):
+    from conftest import run_pit
+    from davserver.config import parse_config
+    from store.errors import InvalidArgument
+
+    assert parse_config({}).max_requests_per_user == 16
+    assert parse_config({"server": {"threads": 8}}).max_requests_per_user == 7  # left out: below threads
+    assert parse_config({"server": {"threads": 8, "max_requests_per_user": 2}}).max_requests_per_user == 2
+    path = tmp_path / "serve.toml"
+    for line, key in (("threads = 8\nmax_requests_per_user = 8", "max_requests_per_user"),
+                      ("max_requests_per_user = 0", "max_requests_per_user"),
+                      ('max_requests_per_user = "many"', "max_requests_per_user")):
+        path.write_text(f"[server]\nport = 8080\n{line}\n")
+        p = run_pit(None, "config", "check", "--kind", "serve", str(path), expect=InvalidArgument.exit_code)
+        err = p.stderr.decode()
+        assert err.count("\n") == 1 and f"server.{key}" in err, err
