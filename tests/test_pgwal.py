@@ -157,14 +157,19 @@ def test_nothing_received_means_the_image_alone(lab, tmp_path):
 def test_a_new_master_gets_a_fresh_directory(tmp_path):
     """WAL of another master's history is put aside, never mixed into the new term's directory."""
     rec = pgwal.WalReceiver("db", "r2", str(tmp_path))
-    rec._prepare_dir("primary")
+    rec._prepare_dir("primary 7321 00000001")
     with open(os.path.join(rec.dir, "000000010000000000000003.partial"), "wb") as f:
         f.write(b"x")
-    rec._prepare_dir("primary")  # same master: kept
+    rec._prepare_dir("primary 7321 00000001")  # the same history (an agent restart): kept
     assert pgwal.newest_segment(rec.dir) == "000000010000000000000003.partial"
-    rec._prepare_dir("r1")
+    rec._prepare_dir("primary 7321 00000002")  # the same master after a failback: a new timeline
     assert pgwal.newest_segment(rec.dir) is None
     assert pgwal.newest_segment(rec.dir + ".prev") == "000000010000000000000003.partial"
+    with open(os.path.join(rec.dir, "000000020000000000000004.partial"), "wb") as f:
+        f.write(b"x")
+    rec._prepare_dir("r1 7321 00000003")  # another master
+    assert pgwal.newest_segment(rec.dir) is None
+    assert pgwal.newest_segment(rec.dir + ".prev") == "000000020000000000000004.partial"
 
 
 def test_names_and_sources():

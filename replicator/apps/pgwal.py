@@ -82,10 +82,24 @@ class Source:
     port: int
     user: str
     bindir: str
+    dbname: str = "postgres"
 
     def argv(self, *extra: str) -> list[str]:
         return [os.path.join(self.bindir, "pg_receivewal"), "-h", self.host, "-p", str(self.port),
                 "-U", self.user, "--no-password", *extra]
+
+    def history(self) -> str:
+        """Which history the master writes now: its system identifier and timeline. A promotion (of it or of
+        another node it came back from) starts a new timeline, whose WAL must not follow the old one's."""
+        argv = [os.path.join(self.bindir, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", self.host, "-p",
+                str(self.port), "-U", self.user, "-d", self.dbname, "--no-password", "-c",
+                "SELECT system_identifier::text || ' ' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) "
+                "FROM pg_control_system()"]
+        rc, out = _run(argv, 30, env={**os.environ, "PGCONNECT_TIMEOUT": "5"})
+        if rc != 0 or len(out.split()) != 2:
+            raise OSError(f"cannot read the timeline of {self.host}:{self.port}: "
+                          + _first_line(out, r"error|FATAL|could not"))
+        return out.strip()
 
 
 def source_of(s: SetConfig, roster: dict) -> Source | None:
@@ -97,7 +111,7 @@ def source_of(s: SetConfig, roster: dict) -> Source | None:
         return None
     return Source(s.master, host, int(app.get("wal_port") or app.get("port", 5432)),
                   str(app.get("wal_user") or app.get("superuser") or app.get("os_user", "postgres")),
-                  app.get("bindir") or pg_bindir() or "/usr/bin")
+                  app.get("bindir") or pg_bindir() or "/usr/bin", str(app.get("dbname", "postgres")))
 
 
 # ------------------------------------------------------------------ the receiver on a replica
@@ -151,28 +165,29 @@ class WalReceiver:
                 except (ProcessLookupError, PermissionError):
                     pass
 
-    def _prepare_dir(self, master: str) -> None:
-        """This term's directory: WAL of another master's history is put aside, not mixed in."""
-        marker = os.path.join(self.dir, ".pit-master")
+    def _prepare_dir(self, history: str) -> None:
+        """This history's directory (`master system-id timeline`): WAL of another master, or of the same
+        master before a promotion gave it a new timeline, is put aside, never mixed in."""
+        marker = os.path.join(self.dir, ".pit-history")
         try:
             with open(marker) as f:
                 was = f.read().strip()
         except FileNotFoundError:
-            was = None
-        if was is not None and was != master:
+            was = None if not os.path.isdir(self.dir) or not os.listdir(self.dir) else "unknown"
+        if was is not None and was != history:
             prev = self.dir + ".prev"
             shutil.rmtree(prev, ignore_errors=True)
             os.replace(self.dir, prev)
-            log.warning("set %s: WAL of master %s put aside in %s (the set's master is now %s)",
-                        self.set_name, was, prev, master)
+            log.warning("set %s: WAL of %s put aside in %s (the set's master now writes %s)",
+                        self.set_name, was, prev, history)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        if was != master:
+        if was != history:
             with open(marker + ".new", "w") as f:
-                f.write(master + "\n")
+                f.write(history + "\n")
             os.replace(marker + ".new", marker)
 
     def _loop(self) -> None:
-        failures = 0
+        failures, said = 0, ""
         while not self._stop.is_set():
             self._changed.clear()
             with self._lock:
@@ -180,8 +195,9 @@ class WalReceiver:
             if src is None:
                 self._changed.wait(5)
                 continue
+            t0 = time.monotonic()
             try:
-                self._prepare_dir(src.master)
+                self._prepare_dir(f"{src.master} {src.history()}")
                 rc, out = _run(src.argv("--create-slot", "--if-not-exists", "--slot", self.slot), 30,
                                env={**os.environ, "PGAPPNAME": self.slot, "PGCONNECT_TIMEOUT": "5"})
                 if rc != 0:
@@ -190,10 +206,13 @@ class WalReceiver:
                 self._receive(src)
             except OSError as exc:
                 self.error = str(exc)
-                log.warning("set %s: WAL receiver: %s", self.set_name, exc)
+                # one warning per kind of failure; its repeats while the master is away are quieter
+                log.log(logging.WARNING if self.error != said else logging.DEBUG, "set %s: WAL receiver: %s",
+                        self.set_name, exc)
+                said = self.error
             if self._stop.is_set():
                 return
-            failures = failures + 1 if time.monotonic() - self.started > 30 or not self.started else 1
+            failures = 1 if time.monotonic() - t0 > 30 else failures + 1  # a long run starts the back-off anew
             self.restarts += 1
             self._changed.wait(BACKOFF[min(failures, len(BACKOFF)) - 1])
 

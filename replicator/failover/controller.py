@@ -712,9 +712,12 @@ class Failover:
                                               key=f"{name}:wal", set=name)
             self._sync(reader, entry, top, _selection(s))
             return {"error": str(exc)}
-        log.warning("set %s: WAL replayed from %s to %s (%d segments), promoted at %s on timeline %s in %.1f s",
-                    name, res["from"], res["to"], res["segments"], res["promoted_at"], res["timeline"],
-                    res["seconds"])
+        if res["segments"]:
+            log.warning("set %s: WAL replayed from %s to %s (%d segments), promoted at %s on timeline %s in %.1f s",
+                        name, res["from"], res["to"], res["segments"], res["promoted_at"], res["timeline"],
+                        res["seconds"])
+        else:
+            log.warning("set %s: %s", name, res["note"])
         return res
 
     def _refresh_mirror(self) -> None:
