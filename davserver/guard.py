@@ -25,12 +25,19 @@ point where the user is known):
   generators do not pass a close on to the iterable inside them), so a
   client that stops reading keeps its slot only as long as it keeps the
   worker.
+
+Not a refusal, but here for the same reason (it must happen before wsgidav's
+HTTPAuthenticator): a search whose query holds the word "logout" has its
+query hidden from the authenticator, which takes any query containing it for
+a request to log out and answers 401 (`?find=logout.txt` could not be
+searched); `RestoreQuery`, right after the authenticator, puts it back.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+import urllib.parse
 from typing import Callable, Iterable
 
 from wsgidav.mw.base_mw import BaseMiddleware
@@ -131,9 +138,33 @@ def guard(app, lockout: Lockout, writable: tuple[str, ...] = ()):
             log.info("refused %s %s from %s: the view is read-only", method, path, addr)
             return _refuse(start_response, "405 Method Not Allowed", "This share is read-only.",
                            [("Allow", ALLOW)])
+        hide_search_query(environ)
         return app(environ, start_response)
 
     return wrapped
+
+
+# ----------------------------------------------------------------------------- a search for "logout"
+HIDDEN_QUERY = "pit.hidden_query"  # environ: the query string kept from wsgidav's authenticator
+
+
+def hide_search_query(environ: dict) -> None:
+    """A search (`find=` in the query) whose query holds "logout" (wsgidav's HTTPAuthenticator takes any
+    such query for a logout and answers 401, whoever asks) goes past the authenticator without its query.
+    Other queries with "logout" keep wsgidav's meaning (a browser's way to drop its Basic login)."""
+    qs = environ.get("QUERY_STRING", "")
+    if "logout" in qs and "find" in urllib.parse.parse_qs(qs, keep_blank_values=True):
+        environ[HIDDEN_QUERY] = qs
+        environ["QUERY_STRING"] = ""
+
+
+class RestoreQuery(BaseMiddleware):
+    """wsgidav middleware right after HTTPAuthenticator: gives back the query `hide_search_query` hid."""
+
+    def __call__(self, environ, start_response):
+        if HIDDEN_QUERY in environ:
+            environ["QUERY_STRING"] = environ.pop(HIDDEN_QUERY)
+        return self.next_app(environ, start_response)
 
 
 # ----------------------------------------------------------------------------- requests per user

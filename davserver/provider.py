@@ -20,6 +20,13 @@ Client quirks handled here (each named):
   rather than one by one (wsgidav still does the headers, conditions and
   Range).
 
+`GET <folder>/?find=PATTERN` (a search form on every listing) is a page of
+every version of every path of the folder's set (at the root: of every set)
+that matches PATTERN, newest first, from `store.find.find` (the same matcher
+and the same previous-versions index as `pit find`), limited to the user's
+scope and to `MAX_HITS` rows; `&i=1` ignores case. A bad pattern is a 400
+with the reason as text.
+
 A snapshot folder carries what the HTML listing shows about it (verification,
 application check, failover image status) as read-only live properties in
 our own namespace `PIT_NS`, so a WebDAV client sees it with PROPFIND; both
@@ -28,6 +35,7 @@ come from `snapshot_fields`.
 from __future__ import annotations
 
 import html
+import logging
 import mimetypes
 import re
 import time
@@ -40,15 +48,20 @@ from wsgidav.dav_error import (HTTP_BAD_REQUEST, HTTP_FORBIDDEN, HTTP_NOT_FOUND,
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
 from wsgidav.util import parse_time_string
 
-from store.errors import PathNotFound, StoreError
-from store.view import ALL, LATEST, VERSIONS, Node, Scope, View
+from store.errors import InvalidArgument, PathNotFound, StoreError
+from store.find import Hit, find
+from store.trees import DIR, SYMLINK
+from store.view import ALL, FULL, LATEST, VERSIONS, Node, Scope, View
 
 from . import propfind
 from .body import Body
 from .config import PropfindLimits
 from .safety import listing_headers
 
+log = logging.getLogger("pit.serve")
+
 BLOCK = 256 * 1024
+MAX_HITS = 1000  # rows of a search page: past it the page says how many more there were
 SINGLE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
 AVAILABLE = 1 << 50  # "plenty": a read-only share that Windows must not think is full or FAT
 
@@ -271,6 +284,8 @@ class ViewProvider(DAVProvider):
                 q = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
                 if "zip" in q:
                     return self._zip(res, environ, start_response, method == "HEAD")
+                if "find" in q:
+                    return self._search(res, environ, start_response, method == "HEAD")
                 return self._html(res, environ, start_response, method == "HEAD")
             if res is not None and not_modified_since(res, environ):
                 # wsgidav 4.4 answers 304 only when If-Modified-Since is *later* than Last-Modified; a
@@ -314,9 +329,39 @@ class ViewProvider(DAVProvider):
             loc = urllib.parse.quote(environ.get("SCRIPT_NAME", "") + environ["PATH_INFO"]) + "/"
             start_response("301 Moved Permanently", [("Location", loc), ("Content-Length", "0")])
             return [b""]
-        body = render_listing(res.node, res.parts, res._children()).encode("utf-8")
+        body = render_listing(res.node, res.parts, res._children(), res.node.set).encode("utf-8", "replace")
         start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
-                                  ("Cache-Control", "no-cache"), *listing_headers()])
+                                  ("Cache-Control", "no-cache"), *page_headers()])
+        return [b"" if head else body]
+
+    # ---------------------------------------------------------------- search
+    def _search(self, res: DirResource, environ, start_response, head: bool):
+        """The search page of `?find=PATTERN` on a folder: every version of every matching path of the
+        folder's set (the root: of every set the user sees), newest first, only what the user's scope
+        holds (a hit outside it is dropped before anything is rendered)."""
+        addr = environ.get("REMOTE_ADDR", "")
+        try:
+            q = strict_query(environ.get("QUERY_STRING", ""))
+        except UnicodeError:
+            log.info("refused a search from %s: the query is not UTF-8", addr)
+            return _text(start_response, "400 Bad Request", "The search pattern is not valid UTF-8.")
+        pattern = q.get("find", [""])[0]
+        ignore_case = q.get("i", [""])[0] not in ("", "0")
+        view = res.view
+        sets = [res.node.set] if res.node.set else [n.name for n in view.listdir(res.node)]
+        hits: list[Hit] = []
+        try:
+            for set_name in sets:
+                hits += find(self.repo, pattern, set_name=set_name, ignore_case=ignore_case)
+        except InvalidArgument as exc:
+            log.info("refused a search from %s: %s", addr, exc)
+            return _text(start_response, "400 Bad Request", f"Cannot search: {exc}")
+        hits = [h for h in hits if in_scope(view.scope, h)]
+        hits.sort(key=lambda h: (-h.newest.time_ns, h.set, h.path))  # (store.find's order, across sets)
+        body = render_search(res.parts, res.node.set, pattern, ignore_case, hits, view.snap_folder,
+                             show_set=not res.node.set).encode("utf-8", "replace")
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
+                                  ("Cache-Control", "no-cache"), *page_headers()])
         return [b"" if head else body]
 
     # ---------------------------------------------------------- zip download
@@ -328,6 +373,34 @@ class ViewProvider(DAVProvider):
         if head:
             return [b""]
         return stream_zip(res.view, res.node)
+
+
+def page_headers() -> list[tuple[str, str]]:
+    """The listing's headers (safety.py) with one change: `form-action 'self'`, so the search form may send
+    its GET to this server (the listing's `form-action 'none'` blocked it); still no script, no frame."""
+    return [(k, v.replace("form-action 'none'", "form-action 'self'") if k == "Content-Security-Policy" else v)
+            for k, v in listing_headers()]
+
+
+def strict_query(qs: str) -> dict[str, list[str]]:
+    """A query string's parameters, UnicodeError if it is not UTF-8 (WSGI hands raw bytes over as latin-1;
+    parse_qs would quietly put U+FFFD in the pattern)."""
+    qs = qs.encode("latin-1").decode("utf-8")
+    return urllib.parse.parse_qs(qs, keep_blank_values=True, errors="strict")
+
+
+def in_scope(scope: Scope, hit: Hit) -> bool:
+    """Whether a search may show `hit`: a path the scope holds whole (FULL), never one outside it, nor a
+    folder above it (whose name the listing shows, but whose versions and sizes span what is outside)."""
+    if hit.state.type == SYMLINK:  # WebDAV has no form for one (the listing leaves them out too)
+        return False
+    return scope.level(hit.set, tuple(hit.path.split(b"/"))) == FULL
+
+
+def _text(start_response, status: str, text: str) -> list[bytes]:
+    body = (text + "\n").encode("utf-8", "replace")
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def not_modified_since(res, environ) -> bool:
@@ -399,9 +472,26 @@ def _size(n: int) -> str:
 STATUS_LABEL = {"good": "verified good", "damaged": "DAMAGED", "unverified": "not verified"}
 
 
-def render_listing(node: Node, parts: list[str], kids: list[Node]) -> str:
+STYLE = """body{font-family:sans-serif;margin:2em}td{padding:.2em 1em}.n{text-align:right}
+.v-good{color:#070}.v-damaged{color:#b00;font-weight:bold}.v-unverified{color:#777}form.find{margin:1em 0}"""
+
+
+def search_form(set_name: str, pattern: str = "", ignore_case: bool = True) -> str:
+    """The search form of a listing (a GET to the folder itself: `?find=...&i=1`); `set_name` is what it
+    searches ("" at the root: every set)."""
+    e = html.escape
+    where = f"in {e(set_name)}" if set_name else "in every set"
+    checked = " checked" if ignore_case else ""
+    return (f'<form class="find" method="get" action=""><input type="search" name="find" value="{e(pattern)}" '
+            f'placeholder="report.xlsx, *.pdf, sales/*.xlsx" aria-label="Name or pattern" size="40"> '
+            f'<label><input type="checkbox" name="i" value="1"{checked}> any case</label> '
+            f'<button type="submit">Find {where}</button></form>')
+
+
+def render_listing(node: Node, parts: list[str], kids: list[Node], search_set: str | None = None) -> str:
     """A plain, readable HTML page: names, sizes, dates; snapshot verification;
-    for a file's versions folder, which snapshots hold each version."""
+    for a file's versions folder, which snapshots hold each version; with `search_set`
+    (a set name, or "" at the root) a search form."""
     e = html.escape
     title = "/" + "/".join(parts)
     rows = []
@@ -438,12 +528,68 @@ def render_listing(node: Node, parts: list[str], kids: list[Node]) -> str:
                     f"<td>{when}</td><td>{extra}</td></tr>")
     heading = "Previous versions of " + e(node.name) if node.kind == "vfile" else "Index of " + e(title)
     zip_link = '<p><a href="?zip">Download this folder as .zip</a></p>' if node.kind == "snapdir" else ""
+    form = search_form(search_set) if search_set is not None else ""
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{e(title)} - pitstore</title>
-<style>body{{font-family:sans-serif;margin:2em}}td{{padding:.2em 1em}}.n{{text-align:right}}
-.v-good{{color:#070}}.v-damaged{{color:#b00;font-weight:bold}}.v-unverified{{color:#777}}</style></head>
-<body><h1>{heading}</h1>{zip_link}
+<style>{STYLE}</style></head>
+<body><h1>{heading}</h1>{form}{zip_link}
 <table><thead><tr><th>Name</th><th>Size</th><th>Modified</th><th></th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table><p><small>pitstore restore view (read-only)</small></p></body></html>
+"""
+
+
+def _quoted(parts) -> str:
+    """'/a/b' of path parts (str, or bytes as the index keeps names), each percent-quoted whole."""
+    return "".join("/" + urllib.parse.quote(p if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape"),
+                                            safe="") for p in parts)
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9)) if ns else ""
+
+
+def render_search(parts: list[str], set_name: str, pattern: str, ignore_case: bool, hits: list[Hit],
+                  snap_folder, show_set: bool) -> str:
+    """The search page: the form again, then one row per hit (at most `MAX_HITS`, saying so when there
+    were more): the path, linked to that version in the newest snapshot holding it; its size and
+    modification time; the snapshots holding it; a link to the path's versions folder. Every name is
+    escaped (a backed-up name may hold `<`, `&` or quotes)."""
+    e = html.escape
+    title = "/" + "/".join(parts)
+    where = e(set_name) if set_name else "every set"
+    shown = hits[:MAX_HITS]
+    if not hits:
+        count = "<p>No match.</p>"
+    elif len(hits) > MAX_HITS:
+        count = (f"<p>{len(hits)} matches: the newest {MAX_HITS} are shown. "
+                 "A longer name or a path (<code>sales/*.xlsx</code>) finds fewer.</p>")
+    else:
+        count = f"<p>{len(hits)} match{'es' if len(hits) != 1 else ''}.</p>"
+    rows = []
+    for h in shown:
+        is_dir = h.state.type == DIR
+        path = h.path.split(b"/")
+        newest, first = h.newest, h.snapshots[0]
+        label = h.path.decode("utf-8", "replace") + ("/" if is_dir else "")
+        if show_set:
+            label = f"{h.set}: {label}"
+        href = _quoted([h.set, snap_folder(newest), *path]) + ("/" if is_dir else "")
+        snaps = (f'<a href="{e(_quoted([h.set, snap_folder(newest)]))}/">{e(snap_folder(newest))}</a>'
+                 if len(h.snapshots) == 1 else
+                 f'{len(h.snapshots)} snapshots: {e(snap_folder(first))} .. '
+                 f'<a href="{e(_quoted([h.set, snap_folder(newest)]))}/">{e(snap_folder(newest))}</a>')
+        versions = _quoted([h.set, VERSIONS, *path]) + "/"
+        rows.append(f'<tr><td><a href="{e(href)}">{e(label)}</a></td>'
+                    f'<td class="n">{"" if is_dir else _size(h.state.size)}</td><td>{_when(h.state.mtime_ns)}</td>'
+                    f'<td>{snaps}</td><td><a href="{e(versions)}">all versions</a></td></tr>')
+    up = f'<p><a href="{e(_quoted(parts))}/">Back to {e(title)}</a></p>'
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Find {e(pattern)} - pitstore</title>
+<style>{STYLE}</style></head>
+<body><h1>Find <code>{e(pattern)}</code> in {where}</h1>{search_form(set_name, pattern, ignore_case)}{up}{count}
+<table><thead><tr><th>Path</th><th>Size</th><th>Modified</th><th>In snapshot(s)</th><th></th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table><p><small>pitstore restore view (read-only)</small></p></body></html>

@@ -26,7 +26,7 @@ from wsgidav.wsgidav_app import WsgiDAVApp
 
 from .config import ServerConfig, check_password, hash_password
 from .errors import CertificateError, ListenError
-from .guard import Lockout, PerUserLimit, UserSlots, guard, holding
+from .guard import Lockout, PerUserLimit, RestoreQuery, UserSlots, guard, holding
 from .listener import DeferredTLSAdapter, PitServer, request_reading
 from .safety import safe_responses
 from .provider import ViewProvider
@@ -91,11 +91,12 @@ SCRATCH_SHARE = "/litmus-scratch"
 
 
 def middleware_stack() -> list:
-    """wsgidav's default middleware with `PerUserLimit` right after HTTPAuthenticator: the first place that
-    knows who is asking, and before anything that answers (so a busy user's request costs no provider work)."""
+    """wsgidav's default middleware with ours right after HTTPAuthenticator, the first place that knows who
+    is asking: `RestoreQuery` (a search's query the guard hid from it) and `PerUserLimit` (before anything
+    that answers, so a busy user's request costs no provider work)."""
     stack = list(DEFAULT_CONFIG["middleware_stack"])
     at = stack.index(HTTPAuthenticator)
-    return stack[:at + 1] + [PerUserLimit] + stack[at + 1:]
+    return stack[:at + 1] + [RestoreQuery, PerUserLimit] + stack[at + 1:]
 
 
 def build_app(repo, cfg: ServerConfig, verbose: int = 1, scratch_dir: str | None = None):
