@@ -159,8 +159,15 @@ class Agent:
         for name, s in want.items():
             rec = self.wal.get(name)
             if rec is None:
-                rec = self.wal[name] = pgwal.WalReceiver(name, me, self.state.path)
+                archive = (lambda d, h, n=name: self._archive_wal(n, d, h)) if self.replica is not None else None
+                rec = self.wal[name] = pgwal.WalReceiver(name, me, self.state.path, archive=archive)
             rec.update(pgwal.source_of(s, roster))
+
+    def _archive_wal(self, name: str, directory: str, history: str) -> None:
+        from .apps import pgwal
+
+        rep = self.replica
+        pgwal.archive_into(rep.repo, rep.lock, name, self._applied.get(name), directory, history, self.state.node)
 
     def stop_wal(self, name: str):
         """Stop the set's WAL receiver (a promotion is about to replay what it received) -> its directory."""

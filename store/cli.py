@@ -19,7 +19,7 @@ import click
 from .cli_maintenance import COMMANDS
 from .cli_support import PitGroup, StatusLine, fail, mib, one_line, open_repo
 from .demo import demo_command
-from .errors import InvalidArgument, StoreError
+from .errors import InvalidArgument, SnapshotNotFound, StoreError
 
 EXIT_CHANGED_WHILE_READ = 4  # the snapshot was saved, but some files changed while being read
 
@@ -177,6 +177,48 @@ def snapshots(ctx, set_name, as_json):
         mark = f"  [{st['changed_while_read_count']} changed while read]" if st.get("changed_while_read_count") else ""
         click.echo(f"{s.short:12}  {s.set:12}  {s.name:22}  {s.host[:12]:12}  {st.get('files', 0):>7}  "
                    f"{mib(st.get('new_stored', 0)):>10}  {' '.join(s.paths)}{mark}")
+
+
+def parse_time(text: str) -> int:
+    """`2026-12-05T14:03:07` (local time), `...Z` or `...+01:00` -> Unix nanoseconds."""
+    import datetime
+
+    try:
+        t = datetime.datetime.fromisoformat(text.strip().replace(" ", "T", 1))
+    except ValueError:
+        raise InvalidArgument(f"--at {text!r} is not a time (2026-12-05T14:03:07, optionally with Z or an "
+                              "offset)") from None
+    if t.tzinfo is None:
+        t = t.astimezone()  # the local time zone
+    return int(t.timestamp()) * 10**9 + t.microsecond * 1000
+
+
+def _at_or_before(repo, txn, spec: str, at_ns: int):
+    """The newest snapshot of set `spec` taken at or before `at_ns`."""
+    from .snapshots import list_snapshots
+
+    if "@" in spec:
+        raise InvalidArgument("--at chooses the snapshot: give the set alone (SET or SET:PATH), not SET@SNAPSHOT")
+    snaps = list_snapshots(repo, txn, spec)
+    if not snaps:
+        raise SnapshotNotFound(f"set {spec!r} has no snapshots")
+    before = [s for s in snaps if s.time_ns <= at_ns]
+    if not before:
+        raise SnapshotNotFound(f"set {spec!r} has no snapshot at or before that time (its oldest is "
+                               f"{snaps[0].time_iso})")
+    return before[-1]
+
+
+def _roll_forward(repo, snap, target: str, at_ns: int, path: str) -> dict | None:
+    """The `pit.restore_at` entry points (a database set's log replayed up to the second); the first that
+    knows the set answers."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="pit.restore_at"):
+        out = ep.load()(repo, snap, target, at_ns, path)
+        if out is not None:
+            return out
+    return None
 
 
 def _lookup(repo, reader, snap, path: str):
@@ -378,10 +420,14 @@ def diff(ctx, old, new, as_json):
 @click.option("--delete", is_flag=True, help="Remove what TARGET holds that the (selected) snapshot does not.")
 @click.option("--dry-run", "-n", is_flag=True, help="Say what would be written, overwritten, kept and deleted.")
 @click.option("--verify", is_flag=True, help="Read every restored file back and compare it with the snapshot.")
+@click.option("--at", "at", metavar="TIME",
+              help="SET as it was at TIME (2026-12-05T14:03:07, local time unless it ends in Z or an offset): "
+                   "the newest snapshot taken by then; a database set streamed with its log is rolled forward "
+                   "to that second.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, include_file, iinclude_file,
-            exclude_file, iexclude_file, overwrite, delete, dry_run, verify, as_json):
+            exclude_file, iexclude_file, overwrite, delete, dry_run, verify, at, as_json):
     """Restore a snapshot, or one file or directory of it, into TARGET.
 
     A file already in TARGET is replaced only as --overwrite says (default
@@ -403,10 +449,11 @@ def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, 
     exclude, iexclude = with_files(exclude, exclude_file), with_files(iexclude, iexclude_file)
     repo = open_repo(ctx, readonly=True)
     snap_spec, path = _split_spec(spec)
+    at_ns = parse_time(at) if at else None
     status = StatusLine("restore", json_lines=as_json)
     t0 = time.monotonic()
     with repo.reading() as txn:
-        snap = resolve(repo, txn, snap_spec)
+        snap = resolve(repo, txn, snap_spec) if at_ns is None else _at_or_before(repo, txn, snap_spec, at_ns)
         selection = Selection(include, iinclude, exclude, iexclude, sources=snap.paths)
         r = ObjectReader(repo, txn)
         e = _lookup(repo, r, snap, path)
@@ -427,12 +474,14 @@ def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, 
             _restore_failures(rs.failures)  # what was found before the error that stopped it
             raise
     status.done()
-    dt = time.monotonic() - t0
     if dry_run:
         _restore_plan(snap, path, target, rs, st, as_json)
         return
+    rolled = _roll_forward(repo, snap, target, at_ns, path) if at_ns is not None and not rs.failures else None
+    dt = time.monotonic() - t0
     if as_json:
         click.echo(json.dumps({"snapshot": snap.hex, "target": os.path.abspath(target), "files": st.files,
+                               **({"at": at, "rolled_forward": rolled} if at_ns is not None else {}),
                                "dirs": st.dirs, "symlinks": st.symlinks, "bytes": st.bytes, "links": st.links,
                                "xattrs": st.xattrs, "xattrs_not_set": st.xattr_failed, "warnings": st.warnings,
                                "overwritten": st.overwritten, "unchanged": st.unchanged, "deleted": st.removed,
@@ -443,6 +492,13 @@ def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, 
         click.echo(f"restored {snap.set}@{snap.name}{':' + path if path else ''} to {target}: "
                    f"{st.files} files, {st.dirs} dirs, {st.symlinks} symlinks{extra}, {mib(st.bytes)} in {dt:.2f} s"
                    + (f"; {st.failed} not restored (damaged)" if st.failed else ""))
+        if rolled:
+            click.echo(f"  rolled {rolled['database']} forward to {at} with {rolled['wal']} "
+                       f"({rolled['segments']} WAL segments from {rolled['from']}): "
+                       f"{rolled.get('stopped') or rolled.get('note') or 'end of the log'}")
+        elif at_ns is not None:
+            click.echo(f"  as of {at}: the snapshot taken at {snap.time_iso} (no database log is kept for "
+                       f"set {snap.set})")
         extra = [f"{n} {what}" for n, what in ((st.overwritten, "overwritten"), (st.unchanged, "already equal"),
                                                 (st.removed, "deleted (--delete)"),
                                                 (st.verified, "read back and verified")) if n]

@@ -201,3 +201,26 @@ def test_the_master_sees_each_replicas_lag(lab):
     assert got["r1"]["streaming"] is False and got["r1"]["lag_bytes"] > 0, got  # its slot holds the WAL back
     assert got["r2"] == {"slot": "pit_r2", "streaming": False, "lag_bytes": None,
                          "lag_seconds": got["r2"]["lag_seconds"]}
+
+
+def test_a_killed_agent_leaves_no_receiver_holding_the_slot(lab):
+    """Seed 5100 of the PostgreSQL harness: a receiver left behind by a SIGKILLed agent held the slot, so the
+    next agent's receiver could not stream, and it died later at a segment switch (writing to the dead agent's
+    pipe): the primary's death then lost 28 acknowledged ids. A receiver now ends with its agent."""
+    import sys
+
+    prim, image, rec, src, base = lab
+    code = ("import sys, time; sys.path.insert(0, %r); from replicator.apps import pgwal; "
+            "r = pgwal.WalReceiver('db', 'r1', %r); r.update(pgwal.Source('primary', %r, 5432, 'postgres', %r)); "
+            "time.sleep(600)") % (os.getcwd(), os.path.join(base, "state"), prim.sock, PG_BIN)
+    agent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        active = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pit_r1' AND active"
+        wait_for(lambda: prim.sql(active) == "1", 60, "the agent's receiver to stream")
+        agent.kill()
+        agent.wait(30)
+        wait_for(lambda: prim.sql(active) == "0", 30, "the slot to be free once the agent died")
+        rec.update(src)  # the next agent's receiver streams at once
+        wait_for(lambda: prim.sql(active) == "1" and rec.status()["running"], 60, "the next receiver to stream")
+    finally:
+        agent.kill()

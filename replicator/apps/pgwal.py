@@ -51,6 +51,7 @@ log = logging.getLogger("pit.pgwal")
 WAL_MODES = ("off", "stream")
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
 BACKOFF = (1.0, 2.0, 5.0, 10.0)
+ARCHIVE_EVERY = 30.0  # seconds between archives of the received WAL into the repository (when it changed)
 
 
 def streams_wal(s: SetConfig | None) -> bool:
@@ -118,9 +119,13 @@ def source_of(s: SetConfig, roster: dict) -> Source | None:
 class WalReceiver:
     """`pg_receivewal` for one set on this replica, restarted with a back-off while the set streams WAL."""
 
-    def __init__(self, set_name: str, node: str, state_dir: str) -> None:
+    def __init__(self, set_name: str, node: str, state_dir: str, archive=None,
+                 archive_every: float = ARCHIVE_EVERY) -> None:
         self.set_name, self.node = set_name, node
         self.dir = wal_dir(state_dir, set_name)
+        # archive(directory, history): the received WAL into the repository, for restores to any second
+        self.archive, self.archive_every = archive, archive_every
+        self.archived: dict = {}
         self.slot = slot_name(node)
         self.source: Source | None = None
         self.error = ""
@@ -131,6 +136,7 @@ class WalReceiver:
         self._stop = threading.Event()
         self._changed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._archive_lock = threading.Lock()
 
     def update(self, source: Source | None) -> None:
         """Follow the set's current master (a changed source restarts the receiver on a fresh directory)."""
@@ -143,6 +149,8 @@ class WalReceiver:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True, name=f"pit-wal-{self.set_name}")
             self._thread.start()
+            if self.archive is not None:
+                threading.Thread(target=self._archive_loop, daemon=True, name=f"pit-walarch-{self.set_name}").start()
 
     def stop(self) -> None:
         """Stop receiving (before a promotion replays what was received, or when the set stops streaming)."""
@@ -151,6 +159,31 @@ class WalReceiver:
         self._kill()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(10)
+
+    def _history(self) -> str | None:
+        try:
+            with open(os.path.join(self.dir, ".pit-history")) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    def archive_now(self) -> bool:
+        """Archive the directory if it changed since the last time (-> whether it did)."""
+        sig = _signature(self.dir)
+        history = self._history()
+        if not sig or history is None or sig == self.archived.get("signature"):
+            return False
+        with self._archive_lock:
+            self.archive(self.dir, history)
+        self.archived = {"signature": sig, "at": time.time(), "newest": sig[0]}
+        return True
+
+    def _archive_loop(self) -> None:
+        while not self._stop.wait(self.archive_every):
+            try:
+                self.archive_now()
+            except Exception as exc:  # a full disk, a busy index: the next round tries again
+                log.warning("set %s: WAL not archived: %s", self.set_name, exc)
 
     def _kill(self) -> None:
         with self._lock:
@@ -175,6 +208,12 @@ class WalReceiver:
         except FileNotFoundError:
             was = None if not os.path.isdir(self.dir) or not os.listdir(self.dir) else "unknown"
         if was is not None and was != history:
+            if self.archive is not None and was != "unknown":  # the old history's last WAL, kept whole
+                try:
+                    self.archive_now()
+                except Exception as exc:
+                    log.warning("set %s: the WAL of %s was not archived before it was put aside: %s",
+                                self.set_name, was, exc)
             prev = self.dir + ".prev"
             shutil.rmtree(prev, ignore_errors=True)
             os.replace(self.dir, prev)
@@ -213,14 +252,16 @@ class WalReceiver:
             if self._stop.is_set():
                 return
             failures = 1 if time.monotonic() - t0 > 30 else failures + 1  # a long run starts the back-off anew
+            if "is active for PID" in self.error:  # the slot is freed as soon as its old client is gone
+                failures = 1
             self.restarts += 1
             self._changed.wait(BACKOFF[min(failures, len(BACKOFF)) - 1])
 
     def _receive(self, src: Source) -> None:
         argv = src.argv("-D", self.dir, "--slot", self.slot, "--synchronous", "--no-loop", "-v")
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                             start_new_session=True, env={**os.environ, "PGAPPNAME": self.slot,
-                                                          "PGCONNECT_TIMEOUT": "5"})
+                             start_new_session=True, preexec_fn=_die_with_parent,
+                             env={**os.environ, "PGAPPNAME": self.slot, "PGCONNECT_TIMEOUT": "5"})
         with self._lock:
             self._proc = p
         self.started = time.monotonic()
@@ -245,12 +286,41 @@ class WalReceiver:
         out = {"slot": self.slot, "dir": self.dir, "running": self._proc is not None and self._proc.poll() is None,
                "master": self.source.master if self.source else None, "restarts": self.restarts,
                "error": self.error or None, "newest_segment": newest}
+        if self.archived:
+            out["archived_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.archived["at"]))
         if newest:
             try:
                 out["last_write_age"] = round(time.time() - os.stat(os.path.join(self.dir, newest)).st_mtime, 3)
             except FileNotFoundError:
                 pass
         return out
+
+
+def wal_set(set_name: str) -> str:
+    """The set in a replica's repository that keeps set `set_name`'s received WAL (for restores to a second)."""
+    return f"{set_name}.wal"
+
+
+def _signature(directory: str) -> tuple | None:
+    newest = newest_segment(directory)
+    if newest is None:
+        return None
+    try:
+        st = os.stat(os.path.join(directory, newest))
+    except FileNotFoundError:
+        return None
+    return newest, st.st_mtime_ns, st.st_size
+
+
+def _die_with_parent() -> None:
+    """In the receiver's child: end with the agent (PR_SET_PDEATHSIG). A receiver left behind by a killed
+    agent would hold the slot, and the next agent's receiver could not stream until it died."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def newest_segment(directory: str) -> str | None:
@@ -262,6 +332,82 @@ def newest_segment(directory: str) -> str | None:
     return max(names, key=lambda n: n.removesuffix(".partial")) if names else None
 
 
+def archive_into(repo, lock, name: str, s: SetConfig | None, directory: str, history: str, host: str) -> None:
+    """The set's received WAL as a snapshot of set NAME.wal in the replica's repository (restores to any
+    second read it there: apps/pitr.py). Of each history only the newest such snapshot is kept: it holds every
+    segment the older ones held but those older than the set's oldest image, which are pruned from the
+    directory (no restore can use them)."""
+    from store.ingest import create_snapshot
+    from store.prune import drop_snapshot
+    from store.snapmeta import get_meta, update_meta
+    from store.snapshots import list_snapshots
+
+    ws = wal_set(name)
+    with lock:
+        snap = create_snapshot(repo, ws, [directory], host=host, retention=False)
+        with repo.writer() as w:
+            update_meta(w, snap.id, wal_history=history)
+            for old in list_snapshots(repo, w.txn, ws):
+                if old.id != snap.id and get_meta(repo, w.txn, old.id).get("wal_history") == history:
+                    drop_snapshot(w, old)
+        redo = oldest_redo(repo, name, s) if s is not None and (s.app or {}).get("data") else None
+    if redo:
+        prune_before(directory, redo)
+
+
+def data_in_image(s: SetConfig) -> str:
+    """Where the set's data directory is inside its snapshots (each source path is an entry named by its base
+    name): `main` for `/var/lib/postgresql/15/main`."""
+    from .templates import image_path
+
+    return image_path(list(s.paths), "", (s.app or {})["data"]).lstrip("/")
+
+
+_redo_cache: dict[bytes, str | None] = {}
+
+
+def oldest_redo(repo, set_name: str, s: SetConfig) -> str | None:
+    """The redo WAL file of the set's oldest image in `repo` (what a restore from it replays from), read from
+    the image's `global/pg_control` by pg_controldata. None when there is no image or it cannot be read."""
+    from store.objects import ObjectReader
+    from store.restore import Restorer
+    from store.snapshots import list_snapshots
+
+    with repo.reading() as txn:
+        snaps = list_snapshots(repo, txn, set_name)
+        if not snaps:
+            return None
+        oldest = snaps[0]
+        if oldest.id in _redo_cache:
+            return _redo_cache[oldest.id]
+        bindir = (s.app or {}).get("bindir") or pg_bindir()
+        work = tempfile.mkdtemp(prefix="pit-pgctl-")
+        try:
+            r = ObjectReader(repo, txn)
+            e = r.lookup(oldest.root, data_in_image(s) + "/global/pg_control")
+            os.mkdir(os.path.join(work, "global"))
+            Restorer(r).restore(e, os.path.join(work, "global"))
+            redo = _redo_segment(bindir, work) if bindir else None
+        except Exception as exc:  # an image without its control file: nothing is pruned
+            log.info("set %s: the oldest image's redo point is unknown: %s", set_name, exc)
+            redo = None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    _redo_cache[oldest.id] = redo
+    return redo
+
+
+def prune_before(directory: str, redo: str) -> int:
+    """Remove the complete segments older than `redo` (no image needs them; they are archived) -> how many."""
+    n = 0
+    for name in os.listdir(directory):
+        m = SEGMENT.match(name)
+        if m and not m.group(4) and name < redo:
+            os.unlink(os.path.join(directory, name))
+            n += 1
+    return n
+
+
 # ------------------------------------------------------------------ replay on promotion
 def _redo_segment(bindir: str, data: str) -> str | None:
     rc, out = _run([os.path.join(bindir, "pg_controldata"), "-D", data], 60)
@@ -269,7 +415,37 @@ def _redo_segment(bindir: str, data: str) -> str | None:
     return m.group(1) if m else None
 
 
-def replay(app: dict, data: str, received: str, timeout: float = 600.0) -> dict:
+def _why(text: str) -> str:
+    """The line of a server's log and pg_ctl's output that says why it failed (a FATAL before any noise)."""
+    return _first_line(text, r"PANIC|FATAL" if re.search(r"PANIC|FATAL", text) else r"could not|invalid|error")
+
+
+def _recover(bindir: str, data: str, conf: str, sock: str, logf: str, work: str, app: dict, user: str | None,
+             timeout: float) -> tuple[str, str]:
+    """Start the private server in archive recovery and wait until it has promoted -> (LSN, timeline)."""
+    pg_ctl = os.path.join(bindir, "pg_ctl")
+    # -w returns once the postmaster is up; with hot_standby off, connections wait for replay and promotion
+    rc, out = _run(as_user([pg_ctl, "start", "-w", "-t", str(int(timeout)), "-D", data, "-l", logf,
+                            "-o", f"-c config_file={conf}"], user), timeout + 30, cwd=work)
+    if rc != 0:
+        server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
+        raise WalReplayFailed("the server did not come up after replaying the WAL: " + _why(server + "\n" + out))
+    psql = [os.path.join(bindir, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", sock, "-p", "5432",
+            "-U", app.get("superuser", "postgres"), "-d", "template1", "-c",
+            "SELECT pg_is_in_recovery(), pg_current_wal_lsn(), (SELECT timeline_id FROM pg_control_checkpoint())"]
+    deadline = time.monotonic() + timeout
+    while True:
+        rc, out = _run(as_user(psql, user), 60, cwd=work)
+        got = out.strip().split("|")
+        if rc == 0 and len(got) == 3 and got[0] == "f":
+            return got[1], got[2]
+        if time.monotonic() > deadline or not re.search(r"starting up|Hot standby|in recovery|^t\|", out):
+            server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
+            raise WalReplayFailed("the replayed server is not promoted: " + _why(out + "\n" + server))
+        time.sleep(0.2)
+
+
+def replay(app: dict, data: str, received: str, timeout: float = 600.0, target_time: str | None = None) -> dict:
     """Replay the WAL received in `received` onto the image at `data` and promote it; stop the server cleanly.
 
     Only the segments from the image's redo point on are handed over (a copy the server may read as its own
@@ -296,8 +472,10 @@ def replay(app: dict, data: str, received: str, timeout: float = 600.0) -> dict:
         shutil.copyfile(os.path.join(received, n), os.path.join(staged, n))
     cp = (f'f="{staged}/%f"; if [ -f "$f" ]; then cp "$f" "%p"; elif [ -f "$f.partial" ]; '
           f'then cp "$f.partial" "%p"; else exit 1; fi')
+    target = (f"recovery_target_time = '{target_time}'\nrecovery_target_action = 'promote'\n"
+              if target_time else "")
     sock, conf = pg_private_config(work, f"restore_command = '{cp}'\nrecovery_target_timeline = 'latest'\n"
-                                         "hot_standby = off\n")
+                                         f"hot_standby = off\n{target}")
     logf = os.path.join(work, "server.log")
     for leftover in ("postmaster.pid", "postmaster.opts"):
         try:
@@ -316,34 +494,26 @@ def replay(app: dict, data: str, received: str, timeout: float = 600.0) -> dict:
     pg_ctl = os.path.join(bindir, "pg_ctl")
     failed = True
     try:
-        # -w returns once the server accepts connections: with hot_standby off, after replay and promotion
-        rc, out = _run(as_user([pg_ctl, "start", "-w", "-t", str(int(timeout)), "-D", data, "-l", logf,
-                                "-o", f"-c config_file={conf}"], user), timeout + 30, cwd=work)
-        if rc != 0:
-            server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
-            raise WalReplayFailed("the server did not come up after replaying the WAL: "
-                                  + _first_line(server + "\n" + out, r"PANIC|FATAL|could not|invalid"))
-        psql = [os.path.join(bindir, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", sock, "-p", "5432",
-                "-U", app.get("superuser", "postgres"), "-d", "template1", "-c",
-                "SELECT pg_is_in_recovery(), pg_current_wal_lsn(), "
-                "(SELECT timeline_id FROM pg_control_checkpoint())"]
-        # pg_ctl's wait ends when the postmaster is up; connections are refused until replay is done
-        deadline = time.monotonic() + timeout
-        while True:
-            rc, out = _run(as_user(psql, user), 60, cwd=work)
-            got = out.strip().split("|")
-            if rc == 0 and len(got) == 3 and got[0] == "f":
-                break
-            if time.monotonic() > deadline or not re.search(r"starting up|Hot standby|in recovery|^t\|", out):
-                server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
-                raise WalReplayFailed("the replayed server is not promoted: "
-                                      + _first_line(out + "\n" + server, r"PANIC|FATAL|could not|invalid"))
-            time.sleep(0.2)
-        lsn, timeline = got[1], got[2]
+        try:
+            lsn, timeline = _recover(bindir, data, conf, sock, logf, work, app, user, timeout)
+        except WalReplayFailed as exc:
+            if not (target and "before configured recovery target" in str(exc)):
+                raise
+            # TIME is past the end of the log: replay all of it (PostgreSQL will not promote short of a target)
+            with open(conf) as f:
+                kept = [ln for ln in f if not ln.startswith(("recovery_target_time", "recovery_target_action"))]
+            with open(conf, "w") as f:
+                f.writelines(kept)
+            lsn, timeline = _recover(bindir, data, conf, sock, logf, work, app, user, timeout)
         rc, out = _run(as_user([pg_ctl, "stop", "-m", "fast", "-w", "-t", "120", "-D", data], user), 150, cwd=work)
         if rc != 0:
             raise WalReplayFailed(f"the replayed server did not stop cleanly: {_first_line(out)}")
         failed = False
+        server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
+        # where recovery stopped: at the target ("recovery stopping before commit of transaction N, time T")
+        # or at the end of the log ("last completed transaction was at log time T")
+        m = re.findall(r"recovery stopping (?:before|after) .*", server) or \
+            re.findall(r"last completed transaction was at log time .*", server)
     finally:
         if failed:
             _run(as_user([pg_ctl, "stop", "-m", "immediate", "-w", "-t", "60", "-D", data], user), 90, cwd=work)
@@ -353,7 +523,8 @@ def replay(app: dict, data: str, received: str, timeout: float = 600.0) -> dict:
                 pass
         shutil.rmtree(work, ignore_errors=True)
     return {"segments": len(names), "from": redo, "to": names[-1] if names else None, "promoted_at": lsn,
-            "timeline": int(timeline) if timeline.isdigit() else timeline, "seconds": round(time.monotonic() - t0, 3)}
+            "timeline": int(timeline) if timeline.isdigit() else timeline, "seconds": round(time.monotonic() - t0, 3),
+            "stopped": m[-1].strip() if m else None}
 
 
 # ------------------------------------------------------------------ the master's view: lag per replica
