@@ -535,6 +535,38 @@ LAG_SQL = ("SELECT s.slot_name, s.active, "
            "WHERE s.slot_name = ANY(ARRAY[%s]::name[])")
 
 
+def sync_names(replicas) -> str:
+    return "FIRST 1 (" + ", ".join(f'"{slot_name(r)}"' for r in replicas) + ")"
+
+
+def is_ours(value: str) -> bool:
+    """A synchronous_standby_names value this code wrote (only pit's slot names)."""
+    m = re.fullmatch(r'FIRST 1 \((.*)\)', value.strip())
+    return bool(m) and all(re.fullmatch(r'"pit_[a-z0-9_]+"', x.strip()) for x in m.group(1).split(","))
+
+
+def clear_sync(data: str) -> bool:
+    """Take our synchronous_standby_names out of a promoted image's postgresql.auto.conf: it names the old
+    master's replicas (this node among them), and the new primary's commits would wait for nobody."""
+    path = os.path.join(data, "postgresql.auto.conf")
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return False
+    kept = [ln for ln in lines if not (ln.strip().startswith("synchronous_standby_names")
+                                       and is_ours(ln.split("=", 1)[1].strip().strip("'").replace("''", "'")))]
+    if kept == lines:
+        return False
+    st = os.stat(path)
+    with open(path + ".pit-new", "w") as f:
+        f.writelines(kept)
+    os.chown(path + ".pit-new", st.st_uid, st.st_gid)
+    os.chmod(path + ".pit-new", st.st_mode & 0o7777)
+    os.replace(path + ".pit-new", path)
+    return True
+
+
 class WalMonitor:
     """On the set's master: how far each replica's WAL receiver is behind, from the server's own views
     (`pg_replication_slots`, `pg_stat_replication`), every `every` seconds. A replica whose slot is not
@@ -546,6 +578,7 @@ class WalMonitor:
         self.replicas: tuple[str, ...] = ()
         self.lag: dict[str, dict] = {}
         self.error = ""
+        self.sync = ""
         self._since: dict[str, float] = {}  # replica -> when it was last seen streaming (or first looked at)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -563,9 +596,38 @@ class WalMonitor:
         while not self._stop.is_set():
             try:
                 self.poll()
+                self.keep_sync()
             except OSError as exc:
                 self.error = str(exc)
             self._stop.wait(self.every)
+
+    def keep_sync(self) -> str | None:
+        """`sync = true`: commits wait until the first streaming replica (in the set's order) has flushed their
+        WAL (`synchronous_standby_names = 'FIRST 1 (...)'`), so a failover to it loses none. When no replica
+        streams, the master does not wait for one (commits would hang until it came back): the setting is
+        cleared until one streams again, and the `wal_lag` alert says they are away. -> the value set, if any."""
+        from .templates import pg_client_argv
+
+        want = sync_names(self.replicas) if self.app.get("sync") and \
+            any(w.get("streaming") for w in self.lag.values()) else ""
+        rc, out = _run(pg_client_argv(self.app, "SHOW synchronous_standby_names"), 30)
+        if rc != 0:
+            raise OSError(f"cannot read synchronous_standby_names: {_first_line(out, r'error|FATAL|could not')}")
+        have = out.strip()
+        if have == want:
+            self.sync = want
+            return None
+        if not want and not is_ours(have):
+            return None  # as wanted, or the operator's own setting (not ours to clear)
+        q = "'" + want.replace("'", "''") + "'"
+        rc, out = _run(pg_client_argv(self.app) + ["-c", f"ALTER SYSTEM SET synchronous_standby_names = {q}",
+                                                   "-c", "SELECT pg_reload_conf()"], 30)
+        if rc != 0:
+            raise OSError(f"cannot set synchronous_standby_names: {_first_line(out, r'error|FATAL|could not')}")
+        log.warning("set %s: commits %s", self.set_name,
+                    f"wait for a replica's WAL flush ({want})" if want else "no longer wait for a replica (none streams)")
+        self.sync = want
+        return want
 
     def poll(self) -> dict[str, dict]:
         from .templates import pg_client_argv
@@ -597,4 +659,7 @@ class WalMonitor:
         return seen
 
     def status(self) -> dict:
-        return {"replicas": dict(self.lag), "error": self.error or None}
+        out = {"replicas": dict(self.lag), "error": self.error or None}
+        if self.app.get("sync"):
+            out["sync"] = self.sync or None
+        return out

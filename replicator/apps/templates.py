@@ -228,7 +228,7 @@ class SqlSession:
 # ---------------------------------------------------------------- PostgreSQL
 PG_OPTIONS = {"port": int, "socket_dir": str, "os_user": str, "superuser": str, "dbname": str, "bindir": str,
               "point": str, "amcheck": bool, "hook_timeout": float, "check_timeout": float, "side_dir": str,
-              "wal": str, "wal_host": str, "wal_port": int, "wal_user": str}
+              "wal": str, "wal_host": str, "wal_port": int, "wal_user": str, "sync": bool}
 PG_WAL = ("stream", "off")
 PG_POINTS = ("backup", "checkpoint", "basebackup")
 
@@ -249,9 +249,11 @@ def _pg_build(name: str, paths: list[str], opts: dict) -> tuple[list[str], dict]
     app["wal"] = opts.get("wal", "stream")
     if app["wal"] not in PG_WAL:
         raise TemplateError(f"postgresql: wal must be one of {', '.join(PG_WAL)}")
-    for k in ("wal_host", "wal_port", "wal_user"):
+    for k in ("wal_host", "wal_port", "wal_user", "sync"):
         if opts.get(k):
             app[k] = opts[k]
+    if app.get("sync") and app["wal"] != "stream":
+        raise TemplateError("postgresql: sync = true needs wal = stream")
     set_paths = list(paths)
     if app["point"] not in PG_POINTS:
         raise TemplateError(f"postgresql: point must be one of {', '.join(PG_POINTS)}")

@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import replace
 
-from ..apps.pgwal import streams_wal
+from ..apps.pgwal import clear_sync, streams_wal
 from ..errors import EtcdError, FailoverRefused, NotAuthorised, ReplError, WalReplayFailed
 from ..settings import FailoverConfig, SetConfig
 from .decide import CAMPAIGN, PROMOTE, RESIGN, SERVE, TAKE_OVER, Inputs, Probe, decide
@@ -681,8 +681,12 @@ class Failover:
                 st = self._sync(r, e, path, _selection(s))
                 for k in ("files", "dirs", "bytes", "unchanged", "removed"):
                     setattr(total, k, getattr(total, k) + getattr(st, k))
-            if streams_wal(s) and not pin:  # a pinned image is the operator's choice of a moment: no replay
-                out["wal"] = self._replay_wal(name, s, live, r, by_name)
+            if streams_wal(s):
+                if not pin:  # a pinned image is the operator's choice of a moment: no replay
+                    out["wal"] = self._replay_wal(name, s, live, r, by_name)
+                data = self._live_data(s, live)[0]
+                if data and clear_sync(data):  # `sync = true` of the old master named its replicas, this one too
+                    out.setdefault("notes", []).append("synchronous_standby_names of the old master cleared")
         out["materialised"] = {"files_written": total.files, "bytes_written": total.bytes,
                                "files_unchanged": total.unchanged, "removed": total.removed}
         log.warning("set %s: promoting image %s (%s); %d newer skipped; %d files written, %d unchanged",
@@ -696,13 +700,10 @@ class Failover:
 
         received = self.agent.stop_wal(name)
         app = s.app or {}
-        data = None
-        for src, lp in zip(s.paths, live):
-            if app.get("data") == src or str(app.get("data", "")).startswith(src.rstrip("/") + "/"):
-                data = os.path.normpath(os.path.join(lp, os.path.relpath(app["data"], src)))
-                entry, top = by_name[os.fsencode(os.path.basename(src))], lp
+        data, src, top = self._live_data(s, live)
         if data is None:
             return {"error": f"the data directory {app.get('data')} is not under the set's paths"}
+        entry = by_name[os.fsencode(os.path.basename(src))]
         try:
             res = replay(app, data, received, timeout=float(app.get("check_timeout", 600)))
         except (WalReplayFailed, OSError) as exc:
@@ -719,6 +720,15 @@ class Failover:
         else:
             log.warning("set %s: %s", name, res["note"])
         return res
+
+    @staticmethod
+    def _live_data(s: SetConfig, live: tuple[str, ...]) -> tuple[str | None, str | None, str | None]:
+        """Where the set's data directory is on this node's live paths -> (it, its set path, that live path)."""
+        data = str((s.app or {}).get("data", ""))
+        for src, lp in zip(s.paths, live):
+            if data == src or data.startswith(src.rstrip("/") + "/"):
+                return os.path.normpath(os.path.join(lp, os.path.relpath(data, src))), src, lp
+        return None, None, None
 
     def _refresh_mirror(self) -> None:
         """Mirror mode on the secondary station: its live paths follow what it has received (the set's
