@@ -329,7 +329,9 @@ class ViewProvider(DAVProvider):
             loc = urllib.parse.quote(environ.get("SCRIPT_NAME", "") + environ["PATH_INFO"]) + "/"
             start_response("301 Moved Permanently", [("Location", loc), ("Content-Length", "0")])
             return [b""]
-        body = render_listing(res.node, res.parts, res._children(), res.node.set).encode("utf-8", "replace")
+        window = restorable_window(self.repo, res.node.set) if res.node.kind == "set" else None
+        body = render_listing(res.node, res.parts, res._children(), res.node.set,
+                              window).encode("utf-8", "replace")
         start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
                                   ("Cache-Control", "no-cache"), *page_headers()])
         return [b"" if head else body]
@@ -488,10 +490,27 @@ def search_form(set_name: str, pattern: str = "", ignore_case: bool = True) -> s
             f'<button type="submit">Find {where}</button></form>')
 
 
-def render_listing(node: Node, parts: list[str], kids: list[Node], search_set: str | None = None) -> str:
+def restorable_window(repo, set_name: str) -> tuple[str, str] | None:
+    """For a database set whose log the replica archives (set `SET.wal`, docs/restore.md): the span it can be
+    restored to any second of, from its oldest snapshot to its newest log archive (UTC). None otherwise."""
+    from store.snapshots import list_snapshots
+
+    with repo.reading() as txn:
+        wal = list_snapshots(repo, txn, f"{set_name}.wal")
+        snaps = list_snapshots(repo, txn, set_name) if wal else []
+    if not wal or not snaps:
+        return None
+    fmt = "%Y-%m-%d %H:%M:%S UTC"
+    return (time.strftime(fmt, time.gmtime(snaps[0].time_ns // 10**9)),
+            time.strftime(fmt, time.gmtime(max(w.time_ns for w in wal) // 10**9)))
+
+
+def render_listing(node: Node, parts: list[str], kids: list[Node], search_set: str | None = None,
+                   window: tuple[str, str] | None = None) -> str:
     """A plain, readable HTML page: names, sizes, dates; snapshot verification;
     for a file's versions folder, which snapshots hold each version; with `search_set`
-    (a set name, or "" at the root) a search form."""
+    (a set name, or "" at the root) a search form; with `window`, the span a database set can be restored
+    to any second of."""
     e = html.escape
     title = "/" + "/".join(parts)
     rows = []
@@ -529,6 +548,10 @@ def render_listing(node: Node, parts: list[str], kids: list[Node], search_set: s
     heading = "Previous versions of " + e(node.name) if node.kind == "vfile" else "Index of " + e(title)
     zip_link = '<p><a href="?zip">Download this folder as .zip</a></p>' if node.kind == "snapdir" else ""
     form = search_form(search_set) if search_set is not None else ""
+    if window:
+        form += (f'<p class="window">Restorable to any second from {e(window[0])} to {e(window[1])}: '
+                 f"<code>pit restore {e(node.name)} --at TIME --target DIR</code> (the snapshots below are the "
+                 "base images; the database log between them is kept too)</p>")
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{e(title)} - pitstore</title>
 <style>{STYLE}</style></head>

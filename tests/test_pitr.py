@@ -178,3 +178,19 @@ def test_the_wal_archive_keeps_one_snapshot_per_history_and_prunes_before_the_ol
     kept = sorted(n for n in os.listdir(os.path.join(base, "state", "wal", "db")) if pgwal.SEGMENT.match(n))
     assert redo and redo > "000000010000000000000001"
     assert kept[0] == redo, (kept[:3], redo)  # what no image needs is gone; the first image's redo on is kept
+
+
+def test_the_view_lists_the_window_a_database_set_can_be_restored_to(history):
+    """The WebDAV listing of a database set says from when to when it can be restored to any second."""
+    from davserver.provider import render_listing, restorable_window
+    from store.view import View
+
+    repo_path, log, images, base, repo = history
+    window = restorable_window(repo, "db")
+    first = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(images[0].time_ns // 10**9))
+    assert window is not None and window[0] == first and window[1] >= first
+    assert restorable_window(repo, "db.wal") is None  # the log's own set has no log of its own
+    node = View(repo).resolve(["db"])
+    page = render_listing(node, ["db"], [], "db", window)
+    assert f"Restorable to any second from {first} to {window[1]}" in page
+    assert "pit restore db --at TIME --target DIR" in page
