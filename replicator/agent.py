@@ -427,7 +427,7 @@ class Agent:
                 return fo.status()
             if cmd == "promote":
                 return fo.promote("asked by the operator", force=bool(args.get("force")),
-                                  pins=args.get("pins") or None)
+                                  pins=args.get("pins") or None, at=args.get("at"))
             return fo.failback()
         if cmd == "release-deletes":
             if self.replica is None or name not in self.sets():

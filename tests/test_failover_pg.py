@@ -41,6 +41,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 
@@ -435,3 +436,73 @@ def test_point_holds_writes_made_before_it(tmp_path, schedule, in_place):
         if t.is_alive():
             t.join(10)
         c.stop()
+
+
+@pytest.mark.slow
+def test_promote_the_database_as_it_was_at_a_second(tmp_path, etcd):  # noqa: F811
+    """`pit failover promote --at TIME` (issue 16): the operator undoes a bad change by promoting every set as
+    it was at TIME: the newest image taken by then, the database's streamed WAL replayed up to that second.
+    The promoted database holds exactly the inserts acknowledged by TIME (each TIME sits between one insert's
+    acknowledgement and the next one's sending)."""
+    import datetime
+    import json
+    import time
+
+    base = tempfile.mkdtemp(prefix="pit-pgat-", dir="/tmp")
+    os.chmod(base, 0o755)
+    os.mkdir(os.path.join(base, "logs"))
+    if ROOT:
+        shutil.chown(os.path.join(base, "logs"), "postgres", "postgres")
+    c = None
+    prim = Pg(base, "primary", os.path.join(base, "primary", "data"), free_port())
+    live = os.path.join(base, "r1-live", "data")
+    os.makedirs(os.path.dirname(live))
+    promoted = Pg(base, "r1", live, free_port())
+    try:
+        os.makedirs(prim.data, mode=0o700)
+        if ROOT:
+            for d in (os.path.dirname(prim.data), prim.data):
+                shutil.chown(d, "postgres", "postgres")
+        pg_run([f"{PG_BIN}/initdb", "-D", prim.data, "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+        pg_run([f"{PG_BIN}/pg_ctl", "start", "-w", "-D", prim.data, "-l", os.path.join(base, "logs", "primary.log"),
+                "-o", f"-c listen_addresses='' -c unix_socket_directories={prim.sock} -c port={prim.port}"])
+        prim.psql("CREATE TABLE acks (n integer PRIMARY KEY)")
+        opts = {"port": prim.port, "socket_dir": prim.sock, "bindir": PG_BIN, "wal_host": prim.sock}
+        table = build_set("postgresql", "db", [prim.data], ["r1", "r2"], "primary", opts)
+        c = PgFailoverCluster(str(tmp_path), etcd.endpoint, table, live,
+                              takeover_hook(base, {"primary": prim, "r1": promoted}))
+        c.failover["auto"] = False  # the operator promotes
+        c.start()
+        p, r1 = c.primary, c.replicas[0]
+        wait_for(lambda: fo(p).get("holding"), 30, "the primary to take the leader key")
+        wait_for(lambda: fo(r1).get("phase") == "standby", 30, "r1 to stand by")
+        log = []
+        for n in range(1, 61):
+            if n == 21:
+                p.ctl("point", "--set", "db", "--timeout", "240")  # the image the moments are after
+            sent = time.time_ns()
+            prim.psql(f"INSERT INTO acks VALUES ({n})")
+            log.append((n, sent, time.time_ns()))
+            time.sleep(0.03)
+        lsn = prim.psql("SELECT pg_current_wal_lsn()")
+        wait_for(lambda: prim.psql("SELECT coalesce(bool_and(flush_lsn >= '%s'), false) FROM pg_stat_replication "
+                                   "WHERE application_name = 'pit_r1'" % lsn) == "t", 60, "r1 to have the WAL")
+        p.kill(signal.SIGKILL)
+        pg_run([f"{PG_BIN}/pg_ctl", "stop", "-m", "immediate", "-w", "-D", prim.data], 90)
+        at = (log[44][2] + log[45][1]) // 2  # after insert 45 was acknowledged, before 46 was sent
+        iso = datetime.datetime.fromtimestamp(at / 1e9, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "pit"), "failover", "promote", "--at",
+                              iso, "--force", "--json", "--config", r1.config], capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr
+        rep = json.loads(res.stdout)
+        wal = rep["sets"]["db"]["wal"]
+        assert "recovery stopping before commit" in (wal.get("stopped") or ""), rep
+        wait_for(lambda: fo(r1).get("phase") == "active", 120, "r1 to serve")
+        assert {int(x) for x in promoted.psql("SELECT n FROM acks").split()} == set(range(1, 46))
+    finally:
+        if c is not None:
+            c.stop()
+        promoted.stop()
+        prim.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -296,6 +296,11 @@ class WalReceiver:
         return out
 
 
+def pg_time(ns: int) -> str:
+    """Unix nanoseconds as a PostgreSQL timestamptz literal in UTC, to the microsecond."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9 // 1000:06d}+00"
+
+
 def wal_set(set_name: str) -> str:
     """The set in a replica's repository that keeps set `set_name`'s received WAL (for restores to a second)."""
     return f"{set_name}.wal"

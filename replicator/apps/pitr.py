@@ -19,7 +19,6 @@ import os
 import pwd
 import shutil
 import tempfile
-import time
 
 from store.errors import InvalidArgument
 from store.objects import ObjectReader
@@ -27,7 +26,7 @@ from store.restore import Restorer
 from store.snapshots import list_snapshots
 
 from ..errors import WalReplayFailed
-from .pgwal import SEGMENT, _redo_segment, replay, wal_set
+from .pgwal import SEGMENT, _redo_segment, pg_time, replay, wal_set
 from .templates import pg_bindir
 
 
@@ -93,7 +92,7 @@ def roll_forward(repo, snap, target: str, at_ns: int, path: str) -> dict | None:
                 n = e.name.decode("utf-8", "replace")
                 if SEGMENT.match(n):
                     Restorer(r).restore(e, wal)
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at_ns // 10**9)) + f".{at_ns % 10**9 // 1000:06d}+00"
+        at = pg_time(at_ns)
         res = replay({"os_user": owner, "superuser": owner, "bindir": bindir}, data, wal, target_time=at)
     finally:
         shutil.rmtree(work, ignore_errors=True)

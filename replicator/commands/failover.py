@@ -271,13 +271,24 @@ def failover_status(config, state, as_json):
 @click.option("--state", envvar="PIT_STATE", default=None, metavar="DIR")
 @click.option("--snapshot", "pins", multiple=True, metavar="SET@SNAP",
               help="Promote this image of its set instead of the newest good one (repeatable).")
+@click.option("--at", "at", default=None, metavar="TIME",
+              help="Every set as it was at TIME: the newest image taken by then, a database set's log replayed "
+                   "to that second (2026-12-05T14:03:07, local time unless Z or an offset).")
 @click.option("--force", is_flag=True, help="Revoke the current primary's lease first (it stops within a TTL).")
 @click.option("--json", "as_json", is_flag=True)
-def failover_promote(config, state, pins, force, as_json):
+def failover_promote(config, state, pins, at, force, as_json):
     """Make this node (the secondary station) the primary master now."""
+    from store.cli import parse_time
+
     from ..agent import control_request
     from .cluster import _show_takeover
 
+    if at and pins:
+        raise click.UsageError("give --at or --snapshot, not both")
+    if at:
+        _show_takeover(control_request(state, config, "promote", {"force": force, "at": parse_time(at)}, 900),
+                       as_json)
+        return
     by_set = {}
     for p in pins:
         if "@" not in p:

@@ -492,15 +492,21 @@ class Failover:
             self.stopped.wait(self.cfg.heartbeat)
 
     # ------------------------------------------------------------------ promotion
-    def promote(self, reason: str, force: bool = False, pins: dict[str, str] | None = None) -> dict:
+    def promote(self, reason: str, force: bool = False, pins: dict[str, str] | None = None,
+                at: int | None = None) -> dict:
         """Take over the protected sets. `force`: revoke the current holder's lease first (it stops on
-        its own clock within a TTL; we wait that long before acting). `pins`: set -> snapshot to use."""
+        its own clock within a TTL; we wait that long before acting). `pins`: set -> snapshot to use. `at`
+        (Unix ns): every set as it was then: its newest image taken by then, pinned, and a database set's
+        log replayed up to that second (the operator undoing a bad change)."""
         with self.lock:
             report = self.begin_report(reason)
+            if at is not None:
+                pins = self._pins_at(at)
+                report["at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at / 1e9))
             self._check_rollback(pins)
             token = self._acquire(force, report)
             try:
-                self.take_sets(pins, report)
+                self.take_sets(pins, report, at)
                 self.finish_takeover(token, report)
             except BaseException as exc:
                 self._failed(report, exc)
@@ -580,7 +586,23 @@ class Failover:
         report["token"] = token
         report["detect_to_key"] = round(time.monotonic() - self._t0, 3)
 
-    def take_sets(self, pins: dict[str, str] | None, report: dict) -> None:
+    def _pins_at(self, at: int) -> dict[str, str]:
+        """Each protected set's newest image taken at or before `at`, as a pin."""
+        from store.snapshots import list_snapshots
+
+        repo = self.agent.replica.repo if self.agent.replica is not None else None
+        if repo is None:
+            raise FailoverRefused("this node has no repository to promote from (`repo` in its agent config)")
+        pins = {}
+        with repo.reading() as txn:
+            for name in self.protected(self.agent.configured_sets()):
+                before = [x for x in list_snapshots(repo, txn, name) if x.time_ns <= at]
+                if not before:
+                    raise FailoverRefused(f"set {name!r} has no image taken at or before that time")
+                pins[name] = f"{name}@{before[-1].name}"
+        return pins
+
+    def take_sets(self, pins: dict[str, str] | None, report: dict, at: int | None = None) -> None:
         """Choose and materialise each protected set's image on the live paths. Holding the key, each
         set is followed by a check that it is still ours; in a hand-over the key comes after this."""
         t1 = time.monotonic()
@@ -588,7 +610,7 @@ class Failover:
         failed = set()
         for name in self.protected(sets):
             try:
-                report["sets"][name] = self._take_set(name, sets[name], (pins or {}).get(name))
+                report["sets"][name] = self._take_set(name, sets[name], (pins or {}).get(name), at)
             except ReplError as exc:
                 # no good image of this set here: the others still come up; this one is not mastered (its
                 # live paths would replicate as deletions), and the report says why
@@ -629,7 +651,7 @@ class Failover:
         self.last_promotion = report
         self._save()
 
-    def _take_set(self, name: str, s: SetConfig, pin: str | None) -> dict:
+    def _take_set(self, name: str, s: SetConfig, pin: str | None, at: int | None = None) -> dict:
         from store.objects import ObjectReader
         from store.restore import RestoreStats
         from store.snapshots import resolve
@@ -682,8 +704,8 @@ class Failover:
                 for k in ("files", "dirs", "bytes", "unchanged", "removed"):
                     setattr(total, k, getattr(total, k) + getattr(st, k))
             if streams_wal(s):
-                if not pin:  # a pinned image is the operator's choice of a moment: no replay
-                    out["wal"] = self._replay_wal(name, s, live, r, by_name)
+                if not pin or at is not None:  # a pinned image is the operator's choice of a moment: no replay
+                    out["wal"] = self._replay_wal(name, s, live, r, by_name, at)
                 data = self._live_data(s, live)[0]
                 if data and clear_sync(data):  # `sync = true` of the old master named its replicas, this one too
                     out.setdefault("notes", []).append("synchronous_standby_names of the old master cleared")
@@ -693,10 +715,11 @@ class Failover:
                     name, chosen.name, chosen.short, len(out["skipped"]), total.files, total.unchanged)
         return out
 
-    def _replay_wal(self, name: str, s: SetConfig, live: tuple[str, ...], reader, by_name: dict) -> dict:
+    def _replay_wal(self, name: str, s: SetConfig, live: tuple[str, ...], reader, by_name: dict,
+                    at: int | None = None) -> dict:
         """The WAL received since the image, replayed onto it (apps/pgwal.py); when that fails, the image
         goes back in place alone and the report, the log and an alert say so."""
-        from ..apps.pgwal import replay
+        from ..apps.pgwal import pg_time, replay
 
         received = self.agent.stop_wal(name)
         app = s.app or {}
@@ -705,7 +728,8 @@ class Failover:
             return {"error": f"the data directory {app.get('data')} is not under the set's paths"}
         entry = by_name[os.fsencode(os.path.basename(src))]
         try:
-            res = replay(app, data, received, timeout=float(app.get("check_timeout", 600)))
+            res = replay(app, data, received, timeout=float(app.get("check_timeout", 600)),
+                         target_time=None if at is None else pg_time(at))
         except (WalReplayFailed, OSError) as exc:
             log.error("set %s: WAL not replayed, the image alone is promoted: %s", name, exc)
             if self.agent.alerting is not None:
