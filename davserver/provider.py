@@ -378,10 +378,8 @@ class ViewProvider(DAVProvider):
 
 
 def page_headers() -> list[tuple[str, str]]:
-    """The listing's headers (safety.py) with one change: `form-action 'self'`, so the search form may send
-    its GET to this server (the listing's `form-action 'none'` blocked it); still no script, no frame."""
-    return [(k, v.replace("form-action 'none'", "form-action 'self'") if k == "Content-Security-Policy" else v)
-            for k, v in listing_headers()]
+    """The listing's headers (safety.py: no script, no frame; forms only to this server)."""
+    return listing_headers()
 
 
 def strict_query(qs: str) -> dict[str, list[str]]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import urllib.parse
 
-# The listing: inline style only (render_listing has a <style> block), links, no scripts, no frames.
+# The listing: inline style only (render_listing has a <style> block), links, its search form's GET to this
+# server, no scripts, no frames.
 LISTING_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; base-uri 'none'; "
-               "form-action 'none'; frame-ancestors 'none'")
+               "form-action 'self'; frame-ancestors 'none'")
 # Any other answer (files, error pages, multistatus): a sandbox with nothing allowed.
 FILE_CSP = "sandbox; default-src 'none'; frame-ancestors 'none'"
 # Types a browser would run or render as a document of the origin when shown inline.
