@@ -308,6 +308,9 @@ def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
         wait_for(lambda: prim.psql("SELECT coalesce(bool_and(flush_lsn >= '%s'), false) FROM pg_stat_replication "
                                    "WHERE application_name = 'pit_r1'" % lsn) == "t", 120,
                  "r1's WAL receiver to confirm the WAL of every insert acknowledged so far")
+        # pit status shows it: the master's view of each replica's log, r1's own receiver
+        wait_for(lambda: "db -> r1: database log streaming" in p.ctl("status").stdout, 30, "the lag in pit status")
+        assert "db: receiving the database log from primary: streaming" in p.ctl("status").stdout
 
         # the host dies: its agent, its database, its clients
         p.kill(signal.SIGKILL)

@@ -43,7 +43,7 @@ def insert(prim: Server, n: int, log: list) -> None:
     time.sleep(0.02)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def history():
     """A primary's numbered inserts around two base images, with its WAL archived in a repository."""
     from store.ingest import create_snapshot

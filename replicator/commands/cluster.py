@@ -277,6 +277,21 @@ def status(config, state, as_json, local):
                             f"next {sched.get('next_run') or '?'}")
                     lag = f"{rs.get('queued', 0)} paths queued"
                 click.echo(f"  {name} -> {r}: {link}, {lag}, {rs.get('bytes_sent', 0)} bytes sent")
+            wr = s.get("wal_replicas") or {}
+            for r, w in sorted((wr.get("replicas") or {}).items()):  # the database log, from the master's view
+                behind = "no slot yet" if w.get("lag_bytes") is None else f"{w['lag_bytes']} bytes behind"
+                click.echo(f"  {name} -> {r}: database log " + (
+                    f"streaming, {behind}, {w.get('lag_seconds', 0):.3f} s" if w.get("streaming") else
+                    f"NOT STREAMING for {w.get('lag_seconds', 0):.0f} s ({behind})")
+                    + (f"; commits wait for {wr['sync']}" if wr.get("sync") else ""))
+            if wr.get("error"):
+                click.echo(f"  {name}: database log lag unknown: {wr['error']}")
+            w = s.get("wal")
+            if w:  # this replica's own receiver
+                click.echo(f"  {name}: receiving the database log from {w.get('master') or '?'}: "
+                           + ("streaming" if w.get("running") else f"NOT RECEIVING ({w.get('error') or '?'})")
+                           + f", newest {w.get('newest_segment') or '-'}"
+                           + (f", archived {w['archived_at']}" if w.get("archived_at") else ""))
             if s.get("role") == "replica":
                 v = s.get("verified") or {}
                 click.echo(f"  {name}: {s.get('snapshots', 0)} snapshots, latest {s.get('latest') or '-'}, "
