@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from ..errors import WalReplayFailed
 from ..settings import SetConfig
-from .templates import _first_line, _pw, _run, as_user, pg_bindir, pg_private_config
+from .templates import _first_line, _pw, _run, as_user, pg_bindir, pg_private_config, server_failure
 
 log = logging.getLogger("pit.pgwal")
 
@@ -420,11 +420,6 @@ def _redo_segment(bindir: str, data: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _why(text: str) -> str:
-    """The line of a server's log and pg_ctl's output that says why it failed (a FATAL before any noise)."""
-    return _first_line(text, r"PANIC|FATAL" if re.search(r"PANIC|FATAL", text) else r"could not|invalid|error")
-
-
 def _recover(bindir: str, data: str, conf: str, sock: str, logf: str, work: str, app: dict, user: str | None,
              timeout: float) -> tuple[str, str]:
     """Start the private server in archive recovery and wait until it has promoted -> (LSN, timeline)."""
@@ -434,7 +429,8 @@ def _recover(bindir: str, data: str, conf: str, sock: str, logf: str, work: str,
                             "-o", f"-c config_file={conf}"], user), timeout + 30, cwd=work)
     if rc != 0:
         server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
-        raise WalReplayFailed("the server did not come up after replaying the WAL: " + _why(server + "\n" + out))
+        raise WalReplayFailed("the server did not come up after replaying the WAL: "
+                              + server_failure(server + "\n" + out))
     psql = [os.path.join(bindir, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", sock, "-p", "5432",
             "-U", app.get("superuser", "postgres"), "-d", "template1", "-c",
             "SELECT pg_is_in_recovery(), pg_current_wal_lsn(), (SELECT timeline_id FROM pg_control_checkpoint())"]
@@ -446,7 +442,7 @@ def _recover(bindir: str, data: str, conf: str, sock: str, logf: str, work: str,
             return got[1], got[2]
         if time.monotonic() > deadline or not re.search(r"starting up|Hot standby|in recovery|^t\|", out):
             server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
-            raise WalReplayFailed("the replayed server is not promoted: " + _why(out + "\n" + server))
+            raise WalReplayFailed("the replayed server is not promoted: " + server_failure(out + "\n" + server))
         time.sleep(0.2)
 
 

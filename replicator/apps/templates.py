@@ -155,6 +155,12 @@ def _first_line(text: str, pattern: str | None = None) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def server_failure(text: str) -> str:
+    """The line of a PostgreSQL server's log and pg_ctl's output that says why it failed: a PANIC or FATAL
+    before any noise (a private configuration's empty external_pid_file is reported on stderr, harmlessly)."""
+    return _first_line(text, r"PANIC|FATAL" if re.search(r"PANIC|FATAL", text) else r"could not|invalid|error")
+
+
 # ----------------------------------------------------------- SQL sessions
 class SqlSession:
     """One client process (psql or mysql) kept open between a pre and a post hook,
@@ -422,7 +428,7 @@ def _pg_throwaway(app: dict, data: str, bindir: str, may_modify: bool, res: Chec
         if rc != 0:
             server = open(logf, errors="replace").read() if os.path.exists(logf) else ""
             return _fail(res, "throwaway instance did not start: "
-                         + _first_line(server + "\n" + out, r"PANIC|FATAL|could not|invalid"))
+                         + server_failure(server + "\n" + out))
         res.details.append("throwaway instance started (recovery done)")
         psql = [os.path.join(bindir, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", sock, "-p", "5432",
                 "-U", app["superuser"], "-d", "template1"]
