@@ -625,8 +625,8 @@ class WalMonitor:
                                                    "-c", "SELECT pg_reload_conf()"], 30)
         if rc != 0:
             raise OSError(f"cannot set synchronous_standby_names: {_first_line(out, r'error|FATAL|could not')}")
-        log.warning("set %s: commits %s", self.set_name,
-                    f"wait for a replica's WAL flush ({want})" if want else "no longer wait for a replica (none streams)")
+        log.warning("set %s: commits %s", self.set_name, f"wait for a replica's WAL flush ({want})" if want
+                    else "no longer wait for a replica (none streams)")
         self.sync = want
         return want
 
