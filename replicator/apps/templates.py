@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import CheckUnavailable, HookFailed, TemplateError
+from ..errors import CheckUnavailable, FailoverError, HookFailed, TemplateError
 from ..settings import SetConfig
 
 log = logging.getLogger("pit.templates")
@@ -420,6 +420,19 @@ def _pg_throwaway(app: dict, data: str, bindir: str, may_modify: bool, res: Chec
                 os.lchown(dp, pw.pw_uid, pw.pw_gid)
                 for n in dns + fns:
                     os.lchown(os.path.join(dp, n), pw.pw_uid, pw.pw_gid)
+        if app.get("wal_received"):
+            # the unit a promotion brings up: the image and the WAL received after it, replayed on the copy
+            from .pgwal import replay
+
+            try:
+                r = replay(app, pgdata, app["wal_received"], timeout)
+            except FailoverError as exc:
+                return _fail(res, f"the image with the WAL received after it does not recover: {exc}")
+            if r.get("segments"):
+                res.details.append(f"WAL received after the image replayed: {r['segments']} segments from "
+                                   f"{r['from']}, promoted at {r['promoted_at']} (timeline {r['timeline']})")
+            else:
+                res.notes.append(r["note"])
         logf = os.path.join(work, "server.log")
         pg_ctl = os.path.join(bindir, "pg_ctl")
         started = True  # from here on, always try to stop it

@@ -33,8 +33,8 @@ import threading
 import time
 from dataclasses import replace
 
-from ..apps.pgwal import clear_sync, streams_wal
-from ..errors import EtcdError, FailoverRefused, NotAuthorised, ReplError, WalReplayFailed
+from ..apps.pgwal import clear_sync, streams_wal, wal_dir
+from ..errors import EtcdError, FailoverRefused, NoGoodImage, NotAuthorised, ReplError, WalReplayFailed
 from ..settings import FailoverConfig, SetConfig
 from .decide import CAMPAIGN, PROMOTE, RESIGN, SERVE, TAKE_OVER, Inputs, Probe, decide
 from .detect import Confirmer
@@ -665,9 +665,20 @@ class Failover:
 
         check = s if (self.cfg.app_check and s.app) else None
         notes = []
+        if check is not None and streams_wal(s) and (not pin or at is not None):
+            # a database's image is checked with the WAL received after it, the unit a promotion brings up
+            # (an image whose own WAL lacks its checkpoint record still recovers from the received WAL)
+            check = replace(s, app={**s.app, "wal_received": wal_dir(self.agent.state.path, name)})
         with self.agent.replica.lock:
             try:
-                sel = select_image(repo, name, check=check, pin=pin)
+                try:
+                    sel = select_image(repo, name, check=check, pin=pin)
+                except NoGoodImage:
+                    if check is None or check is s:
+                        raise
+                    notes.append("no image recovered with the WAL received after it: each checked alone")
+                    log.error("set %s: %s", name, notes[-1])
+                    sel = select_image(repo, name, check=s, pin=pin)
             except CheckUnavailable as exc:
                 # a missing tool on this node must not keep the business down: choose by verification
                 # alone, and say so in the report, the log and the status
