@@ -313,3 +313,32 @@ def test_the_image_check_recovers_an_image_with_the_wal_received_after_it(lab, t
     res = check_image(s, os.path.join(base, "img"))
     assert res.ok, res.message
     assert any("WAL received after the image replayed" in d for d in res.details), res.details
+
+
+def test_a_stale_segment_in_the_image_is_replaced_by_the_received_one(lab):
+    """The image's pg_wal holds the checkpoint's segment, but as an old copy (captured before the record was
+    written into it): the received complete segment replaces it, and the image recovers."""
+    from replicator.apps.templates import check_image
+
+    prim, image, rec, src, base = lab
+    rec.update(src)
+    wait_for(lambda: rec.status()["running"], 60, "the receiver to stream")
+    run([f"{PG_BIN}/pg_basebackup", "-D", image.data, "-X", "fetch", "-c", "fast", "-h", prim.sock, "-U",
+         "postgres"], 300)
+    prim.sql("SELECT pg_switch_wal()")
+    prim.sql("INSERT INTO acks VALUES (1)")
+    wait_for(lambda: confirmed(prim, "pit_r1"), 60, "the receiver to confirm")
+    rec.stop()
+    redo = pgwal._redo_segment(PG_BIN, image.data)
+    assert os.path.exists(os.path.join(rec.dir, redo))  # received whole
+    with open(os.path.join(image.data, "pg_wal", redo), "r+b") as f:  # the image's copy: zeros (a stale file)
+        f.write(b"\0" * os.path.getsize(os.path.join(rec.dir, redo)))
+    os.unlink(os.path.join(image.data, "backup_label"))
+    os.makedirs(os.path.join(base, "img"))
+    os.rename(image.data, os.path.join(base, "img", "main"))
+    s = SetConfig(master="primary", replicas=("r1",), paths=("/var/lib/postgresql/15/main",),
+                  app={**app(), "data": "/var/lib/postgresql/15/main"})
+    assert not check_image(s, os.path.join(base, "img")).ok
+    s = SetConfig(master="primary", replicas=("r1",), paths=s.paths, app={**s.app, "wal_received": rec.dir})
+    res = check_image(s, os.path.join(base, "img"))
+    assert res.ok, res.message

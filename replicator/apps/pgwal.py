@@ -471,11 +471,13 @@ def replay(app: dict, data: str, received: str, timeout: float = 600.0, target_t
     os.mkdir(staged)
     for n in names:
         shutil.copyfile(os.path.join(received, n), os.path.join(staged, n))
-        # a segment the image's own pg_wal lacks goes there too: without backup_label the server reads its
-        # checkpoint record from pg_wal before it asks restore_command for anything (PANIC: could not locate
-        # a valid checkpoint record, when the image was captured without the segment holding it)
+        # Without backup_label the server reads its checkpoint record from pg_wal before it asks
+        # restore_command for anything (PANIC: could not locate a valid checkpoint record, when the image
+        # caught that segment before the record was in it, or a recycled file under its name). So a segment
+        # the receiver has whole replaces the image's copy (it is what the primary wrote, the copy a prefix or
+        # stale), and the open one goes there when the image has none.
         full = os.path.join(data, "pg_wal", n.removesuffix(".partial"))
-        if os.path.isdir(os.path.dirname(full)) and not os.path.exists(full):
+        if os.path.isdir(os.path.dirname(full)) and (not n.endswith(".partial") or not os.path.exists(full)):
             shutil.copyfile(os.path.join(received, n), full)
     cp = (f'f="{staged}/%f"; if [ -f "$f" ]; then cp "$f" "%p"; elif [ -f "$f.partial" ]; '
           f'then cp "$f.partial" "%p"; else exit 1; fi')
