@@ -156,11 +156,18 @@ def main() -> None:
         while not mon.poll()["r1"]["streaming"]:
             time.sleep(0.2)
         tps["async"] = pgbench(p, a.seconds)
+        sync_src = pgwal.Source("primary", p.sock, 5432, "postgres", PG_BIN, sync=True)
+        rec.update(sync_src)  # --synchronous: each write flushed and confirmed
+        while not mon.poll()["r1"]["streaming"]:
+            time.sleep(0.2)
         mon.keep_sync()
         tps["sync"] = pgbench(p, a.seconds)
-        if not a.sync:
+        if a.sync:
+            src = sync_src
+        else:
             mon.app["sync"] = False
             mon.keep_sync()
+            rec.update(src)
         out["tps"] = tps
         print(f"pgbench tps (-c 4, {a.seconds} s, scale 10): no streaming {tps['none']:.0f}, "
               f"async streaming {tps['async']:.0f} ({tps['async'] / tps['none']:.2f}x), "

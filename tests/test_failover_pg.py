@@ -305,7 +305,7 @@ def test_postgresql_failover_under_pgbench(tmp_path, etcd, mode):  # noqa: F811
         wait_for(lambda: writer.count() >= have + 100, 60, "writes after the last point")
         streamed = writer.count()
         lsn = prim.psql("SELECT pg_current_wal_lsn()")
-        wait_for(lambda: prim.psql("SELECT coalesce(bool_and(flush_lsn >= '%s'), false) FROM pg_stat_replication "
+        wait_for(lambda: prim.psql("SELECT coalesce(bool_and(write_lsn >= '%s'), false) FROM pg_stat_replication "
                                    "WHERE application_name = 'pit_r1'" % lsn) == "t", 120,
                  "r1's WAL receiver to confirm the WAL of every insert acknowledged so far")
         # pit status shows it: the master's view of each replica's log, r1's own receiver
@@ -488,7 +488,7 @@ def test_promote_the_database_as_it_was_at_a_second(tmp_path, etcd):  # noqa: F8
             log.append((n, sent, time.time_ns()))
             time.sleep(0.03)
         lsn = prim.psql("SELECT pg_current_wal_lsn()")
-        wait_for(lambda: prim.psql("SELECT coalesce(bool_and(flush_lsn >= '%s'), false) FROM pg_stat_replication "
+        wait_for(lambda: prim.psql("SELECT coalesce(bool_and(write_lsn >= '%s'), false) FROM pg_stat_replication "
                                    "WHERE application_name = 'pit_r1'" % lsn) == "t", 60, "r1 to have the WAL")
         p.kill(signal.SIGKILL)
         pg_run([f"{PG_BIN}/pg_ctl", "stop", "-m", "immediate", "-w", "-D", prim.data], 90)

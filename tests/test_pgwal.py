@@ -9,6 +9,7 @@ after a failed replay) is in tests/test_failover_pg.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -97,7 +98,7 @@ def app() -> dict:
 
 def confirmed(prim: Server, slot: str) -> bool:
     lsn = prim.sql("SELECT pg_current_wal_lsn()")
-    return prim.sql(f"SELECT coalesce(bool_and(flush_lsn >= '{lsn}'), false) FROM pg_stat_replication "
+    return prim.sql(f"SELECT coalesce(bool_and(write_lsn >= '{lsn}'), false) FROM pg_stat_replication "
                     f"WHERE application_name = '{slot}'") == "t"
 
 
@@ -233,7 +234,7 @@ def test_sync_loses_no_acknowledged_commit(lab):
     mon.app = {**app(), "socket_dir": prim.sock, "port": 5432, "dbname": "postgres", "sync": True}
     mon.replicas = ("r1", "r2")
     assert mon.keep_sync() is None  # nobody streams yet: commits must not wait for anyone
-    rec.update(src)
+    rec.update(dataclasses.replace(src, sync=True))  # the set's sync = true: each write confirmed
     wait_for(lambda: mon.poll()["r1"]["streaming"], 60, "r1's receiver to stream")
     assert mon.keep_sync() == 'FIRST 1 ("pit_r1", "pit_r2")'
     assert prim.sql("SHOW synchronous_standby_names") == 'FIRST 1 ("pit_r1", "pit_r2")'
@@ -257,7 +258,7 @@ def test_sync_stops_waiting_when_no_replica_streams(lab):
     mon = pgwal.WalMonitor("db")
     mon.app = {**app(), "socket_dir": prim.sock, "port": 5432, "dbname": "postgres", "sync": True}
     mon.replicas = ("r1",)
-    rec.update(src)
+    rec.update(dataclasses.replace(src, sync=True))  # the set's sync = true: each write confirmed
     wait_for(lambda: mon.poll()["r1"]["streaming"], 60, "r1's receiver to stream")
     assert mon.keep_sync() == 'FIRST 1 ("pit_r1")' and mon.status()["sync"] == 'FIRST 1 ("pit_r1")'
     rec.stop()

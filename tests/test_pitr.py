@@ -101,7 +101,7 @@ def restored_rows(base: str, target: str) -> set[int]:
     data = find_data_dir(target)
     srv = Server.__new__(Server)
     srv.data, srv.sock = data, target + "-sock"
-    os.makedirs(srv.sock)
+    os.makedirs(srv.sock, exist_ok=True)
     if ROOT:
         shutil.chown(srv.sock, "postgres", "postgres")
         shutil.chown(target, "postgres", "postgres")  # made by `pit restore` (root): the server's log goes there

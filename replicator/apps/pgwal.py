@@ -8,11 +8,11 @@ pgBackRest do:
 
 - a physical replication slot `pit_<node>` on the master keeps every WAL
   byte until this replica has it (the slot is made by the receiver on first
-  contact, `--create-slot --if-not-exists`); `--synchronous` flushes each
-  write at once and reports the flush position, so what the master has
-  sent is on this node's disk within milliseconds, and with `sync = true`
-  (`synchronous_standby_names`, set on the master by the operator,
-  docs/failover.md) a commit waits until it is;
+  contact, `--create-slot --if-not-exists`); it writes what the master
+  sends as it arrives (milliseconds behind) and reports its position every
+  second; with `sync = true` it runs `--synchronous` (each write flushed and
+  confirmed) and the master's agent keeps `synchronous_standby_names`, so
+  a commit waits until it is on a replica's disk;
 - the WAL goes to `STATE/wal/SET/` on the replica, the open segment as
   `NAME.partial`; when the set's master changes, the previous directory is
   put aside (`STATE/wal/SET.prev`): its history belongs to the old term;
@@ -84,6 +84,7 @@ class Source:
     user: str
     bindir: str
     dbname: str = "postgres"
+    sync: bool = False  # the set's `sync = true`: flush and confirm each write (commits wait for it)
 
     def argv(self, *extra: str) -> list[str]:
         return [os.path.join(self.bindir, "pg_receivewal"), "-h", self.host, "-p", str(self.port),
@@ -112,7 +113,8 @@ def source_of(s: SetConfig, roster: dict) -> Source | None:
         return None
     return Source(s.master, host, int(app.get("wal_port") or app.get("port", 5432)),
                   str(app.get("wal_user") or app.get("superuser") or app.get("os_user", "postgres")),
-                  app.get("bindir") or pg_bindir() or "/usr/bin", str(app.get("dbname", "postgres")))
+                  app.get("bindir") or pg_bindir() or "/usr/bin", str(app.get("dbname", "postgres")),
+                  bool(app.get("sync")))
 
 
 # ------------------------------------------------------------------ the receiver on a replica
@@ -258,7 +260,12 @@ class WalReceiver:
             self._changed.wait(BACKOFF[min(failures, len(BACKOFF)) - 1])
 
     def _receive(self, src: Source) -> None:
-        argv = src.argv("-D", self.dir, "--slot", self.slot, "--synchronous", "--no-loop", "-v")
+        # `--synchronous` (fsync and report each write) only where commits wait for it (`sync = true`): on two
+        # cores it costs the primary about a quarter of its pgbench throughput (docs/benchmarks.md), and
+        # against the primary's death what was written here is enough (it is in this node's page cache);
+        # otherwise the position is reported every second, for the lag view
+        argv = src.argv("-D", self.dir, "--slot", self.slot,
+                        *(["--synchronous"] if src.sync else ["--status-interval", "1"]), "--no-loop", "-v")
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                              start_new_session=True, preexec_fn=_die_with_parent,
                              env={**os.environ, "PGAPPNAME": self.slot, "PGCONNECT_TIMEOUT": "5"})
@@ -475,9 +482,11 @@ def replay(app: dict, data: str, received: str, timeout: float = 600.0, target_t
         # restore_command for anything (PANIC: could not locate a valid checkpoint record, when the image
         # caught that segment before the record was in it, or a recycled file under its name). So a segment
         # the receiver has whole replaces the image's copy (it is what the primary wrote, the copy a prefix or
-        # stale), and the open one goes there when the image has none.
+        # stale), and the open one goes there when the image has none. Not for a target time: what is in
+        # pg_wal is replayed whole before the server counts itself consistent, past any target in it.
         full = os.path.join(data, "pg_wal", n.removesuffix(".partial"))
-        if os.path.isdir(os.path.dirname(full)) and (not n.endswith(".partial") or not os.path.exists(full)):
+        if not target_time and os.path.isdir(os.path.dirname(full)) and (not n.endswith(".partial")
+                                                                         or not os.path.exists(full)):
             shutil.copyfile(os.path.join(received, n), full)
     cp = (f'f="{staged}/%f"; if [ -f "$f" ]; then cp "$f" "%p"; elif [ -f "$f.partial" ]; '
           f'then cp "$f.partial" "%p"; else exit 1; fi')
@@ -538,8 +547,8 @@ def replay(app: dict, data: str, received: str, timeout: float = 600.0, target_t
 
 # ------------------------------------------------------------------ the master's view: lag per replica
 LAG_SQL = ("SELECT s.slot_name, s.active, "
-           "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(r.flush_lsn, s.restart_lsn)), -1)::bigint, "
-           "coalesce(extract(epoch FROM r.flush_lag), 0) "
+           "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(r.write_lsn, s.restart_lsn)), -1)::bigint, "
+           "coalesce(extract(epoch FROM r.write_lag), 0) "
            "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.application_name = s.slot_name "
            "WHERE s.slot_name = ANY(ARRAY[%s]::name[])")
 
