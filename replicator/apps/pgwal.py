@@ -245,8 +245,8 @@ class WalReceiver:
                     raise OSError(f"cannot make replication slot {self.slot} on {src.host}:{src.port}: "
                                   + _first_line(out, r"error|FATAL|could not"))
                 self._receive(src)
-            except OSError as exc:
-                self.error = str(exc)
+            except Exception as exc:  # never let the receiver's thread die: the next round tries again
+                self.error = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
                 # one warning per kind of failure; its repeats while the master is away are quieter
                 log.log(logging.WARNING if self.error != said else logging.DEBUG, "set %s: WAL receiver: %s",
                         self.set_name, exc)
