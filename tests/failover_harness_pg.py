@@ -159,7 +159,9 @@ start)
   date +%s.%N > "$dir/pg.up";;
 stop)
   rm -f "$dir/pg.up"
-  {run} {PG_BIN}/pg_ctl stop -m fast -w -t 25 -D "$data" >/dev/null 2>&1 || true;;
+  # fast, then immediate: a WAL sender waiting on a receiver cut off by the network holds a fast shutdown up
+  {run} {PG_BIN}/pg_ctl stop -m fast -w -t 10 -D "$data" >/dev/null 2>&1 || \
+      {run} {PG_BIN}/pg_ctl stop -m immediate -w -t 25 -D "$data" >/dev/null 2>&1 || true;;
 esac
 """)
             os.chmod(script, 0o755)

@@ -343,3 +343,21 @@ def test_a_stale_segment_in_the_image_is_replaced_by_the_received_one(lab):
     s = SetConfig(master="primary", replicas=("r1",), paths=s.paths, app={**s.app, "wal_received": rec.dir})
     res = check_image(s, os.path.join(base, "img"))
     assert res.ok, res.message
+
+
+def test_a_stalled_receiver_does_not_hold_up_the_masters_shutdown(lab):
+    """Harness seed 5202: a receiver cut off by the network kept the master's WAL sender waiting at shutdown
+    (for wal_sender_timeout, 60 s): the demote hook's `pg_ctl stop` timed out with the server still up. The
+    agent ends those senders before its demote hooks run. Here the receiver is stopped (SIGSTOP) instead."""
+    prim, image, rec, src, base = lab
+    rec.update(src)
+    wait_for(lambda: rec.status()["running"] and prim.sql(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pit_r1'") == "1", 60, "streaming")
+    pid = rec._proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        prim.sql("INSERT INTO acks VALUES (1)")  # its WAL fits the socket's buffer: the sender is not stuck in a send
+        assert pgwal.release_senders({**app(), "socket_dir": prim.sock, "port": 5432, "dbname": "postgres"}) == 1
+        run([f"{PG_BIN}/pg_ctl", "stop", "-m", "fast", "-w", "-t", "20", "-D", prim.data], 60)  # 60 s otherwise
+    finally:
+        os.kill(pid, signal.SIGCONT)

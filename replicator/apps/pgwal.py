@@ -553,6 +553,17 @@ LAG_SQL = ("SELECT s.slot_name, s.active, "
            "WHERE s.slot_name = ANY(ARRAY[%s]::name[])")
 
 
+def release_senders(app: dict) -> int:
+    """End the master's WAL sender connections to pit's receivers (-> how many); 0 when the server does not
+    answer (it is down already)."""
+    from .templates import pg_client_argv
+
+    rc, out = _run(pg_client_argv(app, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication "
+                                       "WHERE application_name LIKE 'pit\\_%'"), 10,
+                   env={**os.environ, "PGCONNECT_TIMEOUT": "3"})
+    return int(out.strip()) if rc == 0 and out.strip().isdigit() else 0
+
+
 def sync_names(replicas) -> str:
     return "FIRST 1 (" + ", ".join(f'"{slot_name(r)}"' for r in replicas) + ")"
 

@@ -818,6 +818,8 @@ class Failover:
         from ..apps.hooks import run_command
 
         self.services_stopped = which == "demote"
+        if which == "demote":
+            self._release_wal_senders()
         out = []
         env = {**os.environ, "PIT_NODE": self.me, "PIT_ROLE": which, "PIT_TOKEN": str(token),
                "PIT_SETS": " ".join(self.protected(self.agent.config.sets))}
@@ -827,6 +829,19 @@ class Failover:
                                                  "ok" if run.ok else run.error)
             out.append(run.to_json())
         return out
+
+    def _release_wal_senders(self) -> None:
+        """Before the services stop: end the database's connections to our WAL receivers. PostgreSQL's shutdown
+        waits for its WAL senders to send the last WAL, and a receiver cut off by the network keeps one waiting
+        for `wal_sender_timeout` (60 s): the demote hook's `pg_ctl stop` timed out and the server was still up
+        when this node took over again (harness seed 5202)."""
+        from ..apps.pgwal import release_senders
+
+        for name, s in self.agent.configured_sets().items():
+            if name in self.protected(self.agent.configured_sets()) and streams_wal(s):
+                n = release_senders(s.app or {})
+                if n:
+                    log.warning("set %s: ended %d WAL sender(s) to the replicas before stopping services", name, n)
 
     # ------------------------------------------------------------------ demotion and the old primary
     def _lost(self, reason: str) -> None:
