@@ -44,7 +44,8 @@ from dataclasses import dataclass
 
 from ..errors import WalReplayFailed
 from ..settings import SetConfig
-from .templates import _first_line, _pw, _run, as_user, pg_bindir, pg_private_config, server_failure
+from .pgtools import (_first_line, _pw, _run, as_user, pg_bindir, pg_client_argv, pg_private_config,
+                      server_failure)
 
 log = logging.getLogger("pit.pgwal")
 
@@ -77,7 +78,6 @@ def host_of(address: str) -> str:
 @dataclass(frozen=True)
 class Source:
     """Where a replica reads the set's WAL: the master node, its database host and port, the role."""
-
     master: str
     host: str
     port: int
@@ -120,7 +120,6 @@ def source_of(s: SetConfig, roster: dict) -> Source | None:
 # ------------------------------------------------------------------ the receiver on a replica
 class WalReceiver:
     """`pg_receivewal` for one set on this replica, restarted with a back-off while the set streams WAL."""
-
     def __init__(self, set_name: str, node: str, state_dir: str, archive=None,
                  archive_every: float = ARCHIVE_EVERY) -> None:
         self.set_name, self.node = set_name, node
@@ -370,7 +369,7 @@ def archive_into(repo, lock, name: str, s: SetConfig | None, directory: str, his
 def data_in_image(s: SetConfig) -> str:
     """Where the set's data directory is inside its snapshots (each source path is an entry named by its base
     name): `main` for `/var/lib/postgresql/15/main`."""
-    from .templates import image_path
+    from .pgtools import image_path
 
     return image_path(list(s.paths), "", (s.app or {})["data"]).lstrip("/")
 
@@ -556,8 +555,6 @@ LAG_SQL = ("SELECT s.slot_name, s.active, "
 def release_senders(app: dict) -> int:
     """End the master's WAL sender connections to pit's receivers (-> how many); 0 when the server does not
     answer (it is down already)."""
-    from .templates import pg_client_argv
-
     rc, out = _run(pg_client_argv(app, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication "
                                        "WHERE application_name LIKE 'pit\\_%'"), 10,
                    env={**os.environ, "PGCONNECT_TIMEOUT": "3"})
@@ -600,7 +597,6 @@ class WalMonitor:
     """On the set's master: how far each replica's WAL receiver is behind, from the server's own views
     (`pg_replication_slots`, `pg_stat_replication`), every `every` seconds. A replica whose slot is not
     streaming is behind by the WAL its slot holds back, for as long as it has been away."""
-
     def __init__(self, set_name: str, every: float = 5.0) -> None:
         self.set_name, self.every = set_name, every
         self.app: dict = {}
@@ -635,8 +631,6 @@ class WalMonitor:
         WAL (`synchronous_standby_names = 'FIRST 1 (...)'`), so a failover to it loses none. When no replica
         streams, the master does not wait for one (commits would hang until it came back): the setting is
         cleared until one streams again, and the `wal_lag` alert says they are away. -> the value set, if any."""
-        from .templates import pg_client_argv
-
         want = sync_names(self.replicas) if self.app.get("sync") and \
             any(w.get("streaming") for w in self.lag.values()) else ""
         rc, out = _run(pg_client_argv(self.app, "SHOW synchronous_standby_names"), 30)
@@ -659,7 +653,6 @@ class WalMonitor:
         return want
 
     def poll(self) -> dict[str, dict]:
-        from .templates import pg_client_argv
 
         slots = {slot_name(r): r for r in self.replicas}
         if not slots:

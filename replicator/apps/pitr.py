@@ -27,7 +27,7 @@ from store.snapshots import list_snapshots
 
 from ..errors import WalReplayFailed
 from .pgwal import SEGMENT, _redo_segment, pg_time, replay, wal_set
-from .templates import pg_bindir
+from .pgtools import pg_bindir
 
 
 def find_data_dir(top: str, depth: int = 4) -> str | None:
