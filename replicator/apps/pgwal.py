@@ -78,6 +78,7 @@ def host_of(address: str) -> str:
 @dataclass(frozen=True)
 class Source:
     """Where a replica reads the set's WAL: the master node, its database host and port, the role."""
+
     master: str
     host: str
     port: int
@@ -120,6 +121,7 @@ def source_of(s: SetConfig, roster: dict) -> Source | None:
 # ------------------------------------------------------------------ the receiver on a replica
 class WalReceiver:
     """`pg_receivewal` for one set on this replica, restarted with a back-off while the set streams WAL."""
+
     def __init__(self, set_name: str, node: str, state_dir: str, archive=None,
                  archive_every: float = ARCHIVE_EVERY) -> None:
         self.set_name, self.node = set_name, node
@@ -130,7 +132,6 @@ class WalReceiver:
         self.slot = slot_name(node)
         self.source: Source | None = None
         self.error = ""
-        self.started = 0.0
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -270,7 +271,6 @@ class WalReceiver:
                              env={**os.environ, "PGAPPNAME": self.slot, "PGCONNECT_TIMEOUT": "5"})
         with self._lock:
             self._proc = p
-        self.started = time.monotonic()
         self.error = ""
         log.info("set %s: receiving WAL from %s (%s:%d) into %s", self.set_name, src.master, src.host, src.port,
                  self.dir)
@@ -597,6 +597,7 @@ class WalMonitor:
     """On the set's master: how far each replica's WAL receiver is behind, from the server's own views
     (`pg_replication_slots`, `pg_stat_replication`), every `every` seconds. A replica whose slot is not
     streaming is behind by the WAL its slot holds back, for as long as it has been away."""
+
     def __init__(self, set_name: str, every: float = 5.0) -> None:
         self.set_name, self.every = set_name, every
         self.app: dict = {}
