@@ -29,7 +29,7 @@ demo: venv deps bytecode
 	$(BIN)/pit demo
 
 test: venv deps bytecode
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-slow: venv deps bytecode
 	$(BIN)/python -m pytest -q -m slow
