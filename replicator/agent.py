@@ -58,8 +58,11 @@ class Agent:
         self.metrics_server = None
         self.alerting = None  # (Alerter, AlertWatcher)
         self._applied: dict[str, SetConfig] = {}  # the effective sets last applied
-        self.wal: dict = {}  # set -> apps.pgwal.WalReceiver: PostgreSQL WAL streamed here between points
-        self.wal_lag: dict = {}  # set -> apps.pgwal.WalMonitor: on the master, each replica's WAL lag
+        # set -> the database log streamed here between points: apps.pgwal.WalReceiver (PostgreSQL) or
+        # stream.logship.LogReceiver (SQLite, shipped by the master's agent)
+        self.wal: dict = {}
+        # set -> on the master, each replica's lag: apps.pgwal.WalMonitor or stream.logship.LogShipping
+        self.wal_lag: dict = {}
 
     # ----------------------------------------------------------------- cluster view
     def roster(self) -> dict:
@@ -142,26 +145,65 @@ class Agent:
             log.info("configuration version %s applied (%d sets)", cfg.version, len(sets))
 
     def _wal_receivers(self, sets: dict[str, SetConfig]) -> None:
-        """A WAL receiver for each set this node replicates whose app streams WAL (apps/pgwal.py), following
-        the set's current master; stopped when the set stops streaming or this node masters it."""
-        from .apps import pgwal
+        """For each set whose app streams its database log: on its master, the lag monitor (PostgreSQL) or the
+        shippers (SQLite); on its replicas, a receiver following the set's current master. Each stops when the
+        set stops streaming or this node's role in it changes."""
+        from .apps import pgwal, sqlitewal
+        from .stream.logship import LogReceiver, LogShipping
 
         me = self.state.node
-        mastered = {n: s for n, s in sets.items() if s.master == me and pgwal.streams_wal(s)}
-        for name in [n for n in self.wal_lag if n not in mastered]:
+
+        def streams(s: SetConfig) -> str | None:
+            return "pg" if pgwal.streams_wal(s) else "sqlite" if sqlitewal.streams_sqlite(s) else None
+
+        mastered = {n: s for n, s in sets.items() if s.master == me and streams(s)}
+        for name in [n for n, m in self.wal_lag.items() if n not in mastered
+                     or isinstance(m, LogShipping) != (streams(mastered[n]) == "sqlite")]:
             self.wal_lag.pop(name).stop()
         for name, s in mastered.items():
-            self.wal_lag.setdefault(name, pgwal.WalMonitor(name)).update(s.app or {}, s.replicas)
-        want = {n: s for n, s in sets.items() if me in s.replicas and s.master and pgwal.streams_wal(s)}
-        for name in [n for n in self.wal if n not in want]:
+            if streams(s) == "pg":
+                self.wal_lag.setdefault(name, pgwal.WalMonitor(name)).update(s.app or {}, s.replicas)
+            else:
+                self.wal_lag.setdefault(name, LogShipping(name, self.state.path)).update(s)
+        want = {n: s for n, s in sets.items() if me in s.replicas and s.master and streams(s)}
+        for name in [n for n, r in self.wal.items() if n not in want
+                     or isinstance(r, LogReceiver) != (streams(want[n]) == "sqlite")]:
             self.wal.pop(name).stop()
         roster = self.roster() if want else {}
         for name, s in want.items():
             rec = self.wal.get(name)
+            if streams(s) == "sqlite":
+                if rec is None:
+                    archive = (lambda d, n=name: self._archive_log(n, d)) if self.replica is not None else None
+                    rec = self.wal[name] = LogReceiver(name, self.state.path, self._log_connect(name), archive)
+                rec.update(s.master)
+                continue
             if rec is None:
                 archive = (lambda d, h, n=name: self._archive_wal(n, d, h)) if self.replica is not None else None
                 rec = self.wal[name] = pgwal.WalReceiver(name, me, self.state.path, archive=archive)
             rec.update(pgwal.source_of(s, roster))
+
+    def _log_connect(self, set_name: str):
+        """How a SQLite set's receiver reaches the master's agent (HELLO kind `logship`)."""
+        def connect_to(master: str) -> protocol.Conn:
+            addr = self.roster().get(master, {}).get("address")
+            if not addr:
+                raise ReplError(f"{master} is not in the roster")
+            sock, peer = connect(self.state, addr, timeout=10)
+            conn = protocol.Conn(sock, master)
+            try:
+                protocol.hello(conn, self.state.node, "logship", set_name, self.fencing_token())
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        return connect_to
+
+    def _archive_log(self, name: str, directory: str) -> None:
+        from .apps import sqlitewal
+
+        rep = self.replica
+        sqlitewal.archive_into(rep.repo, rep.lock, name, self._applied.get(name), directory, self.state.node)
 
     def _archive_wal(self, name: str, directory: str, history: str) -> None:
         from .apps import pgwal
@@ -169,15 +211,15 @@ class Agent:
         rep = self.replica
         pgwal.archive_into(rep.repo, rep.lock, name, self._applied.get(name), directory, history, self.state.node)
 
-    def stop_wal(self, name: str):
-        """Stop the set's WAL receiver (a promotion is about to replay what it received) -> its directory."""
-        from .apps import pgwal
+    def stop_wal(self, name: str, sqlite: bool = False):
+        """Stop the set's log receiver (a promotion is about to replay what it received) -> its directory."""
+        from .apps import pgwal, sqlitewal
 
         with self.apply_lock:
             rec = self.wal.pop(name, None)
         if rec is not None:
             rec.stop()
-        return pgwal.wal_dir(self.state.path, name)
+        return sqlitewal.ship_dir(self.state.path, name) if sqlite else pgwal.wal_dir(self.state.path, name)
 
     def _failover_config(self, cfg: ClusterConfig) -> None:
         fcfg = cfg.failover
@@ -329,6 +371,8 @@ class Agent:
                     conn.fail("role", "this node replicates no set")
                     return
                 self.replica.serve(conn, node, fp, msg["set"])
+            elif msg["kind"] == "logship":
+                self._serve_log(conn, node, msg["set"])
             elif msg["kind"] == "failback":
                 fo = self.failover
                 if fo is None or node != fo.primary:
@@ -365,6 +409,17 @@ class Agent:
                     sock.close()
                 except OSError:
                     pass
+
+    def _serve_log(self, conn: protocol.Conn, node: str, set_name) -> None:
+        """A replica pulls a SQLite set's shipped log (stream/logship.py): only a replica of a set this node
+        masters now."""
+        s = self.sets().get(set_name) if isinstance(set_name, str) else None
+        ship = self.wal_lag.get(set_name) if s is not None else None
+        if s is None or node not in s.replicas or not hasattr(ship, "serve"):
+            conn.fail("role", f"this node ships no database log of set {set_name!r} to {node}")
+            raise NotAuthorised(f"{node} asked for the log of set {set_name!r}")
+        protocol.welcome(conn, self.state.node)
+        ship.serve(conn, node)
 
     def _handle_join(self, raw: socket.socket, addr) -> None:
         try:

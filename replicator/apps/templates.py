@@ -49,6 +49,7 @@ from typing import Callable
 
 from ..errors import CheckUnavailable, FailoverError, HookFailed, TemplateError
 from ..settings import SetConfig
+from .sqlitewal import write_copy_meta
 from .pgtools import (_first_line, _killpg, _pw, _run, as_user, image_path, pg_bindir, pg_client_argv,
                       pg_private_config, server_failure)
 
@@ -353,7 +354,7 @@ def _pg_throwaway(app: dict, data: str, bindir: str, may_modify: bool, res: Chec
 
 
 # ------------------------------------------------------------------ SQLite
-SQLITE_OPTIONS = {"side_dir": str, "point": str, "hook_timeout": float}
+SQLITE_OPTIONS = {"side_dir": str, "point": str, "hook_timeout": float, "wal": str}
 SQLITE_POINTS = ("backup", "vacuum")
 
 
@@ -368,7 +369,14 @@ def _sqlite_build(name: str, paths: list[str], opts: dict) -> tuple[list[str], d
     point = opts.get("point", "backup")
     if point not in SQLITE_POINTS:
         raise TemplateError(f"sqlite: point must be one of {', '.join(SQLITE_POINTS)}")
-    app = {"template": "sqlite", "databases": dbs, "side_dir": side, "point": point,
+    # the WAL shipped frame by frame between points (apps/sqlitewal.py); its frames are page images, so the
+    # point must be a page-for-page copy (the backup API), not VACUUM INTO's rebuilt file
+    wal = opts.get("wal", "stream" if point == "backup" else "off")
+    if wal not in PG_WAL:
+        raise TemplateError(f"sqlite: wal must be one of {', '.join(PG_WAL)}")
+    if wal == "stream" and point != "backup":
+        raise TemplateError("sqlite: wal = stream needs point = backup (a page-for-page copy)")
+    app = {"template": "sqlite", "databases": dbs, "side_dir": side, "point": point, "wal": wal,
            "hook_timeout": opts.get("hook_timeout", 300.0),
            "pre": ["builtin:sqlite.backup" if point == "backup" else "builtin:sqlite.vacuum_into"], "post": []}
     return [side], app
@@ -399,6 +407,7 @@ def _sqlite_point(set_name: str, app: dict, env: dict, state: dict, timeout: flo
                 finally:
                     src.close()
             else:
+                started = time.time_ns()  # at or before the copy's read transaction: what a replay starts from
                 src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
                 dst = sqlite3.connect(tmp)
                 try:
@@ -413,6 +422,8 @@ def _sqlite_point(set_name: str, app: dict, env: dict, state: dict, timeout: flo
             finally:
                 os.close(fd)
             os.replace(tmp, final)
+            if not vacuum:  # after the copy: a stale time is earlier than the copy, which replay tolerates
+                write_copy_meta(final, started)
         except sqlite3.Error as exc:
             raise HookFailed(f"sqlite: {'VACUUM INTO' if vacuum else 'backup'} of {db} failed: {exc}") from None
         out.append(f"{db} -> {final} ({os.path.getsize(final)} bytes)")
@@ -600,7 +611,7 @@ BUILTIN_HOOKS: dict[str, Callable] = {
 COMMON_KEYS = {"template": str, "pre": list, "post": list, "hook_timeout": float, "check": bool, "check_dir": str}
 TEMPLATE_KEYS = {
     "postgresql": {"data": str},
-    "sqlite": {"databases": list},
+    "sqlite": {"databases": list, "wal": str},
     "mysql": {"data": str, "client": list},
     "website": {},
 }

@@ -34,6 +34,7 @@ import time
 from dataclasses import replace
 
 from ..apps.pgwal import clear_sync, streams_wal, wal_dir
+from ..apps.sqlitewal import streams_sqlite
 from ..errors import EtcdError, FailoverRefused, NoGoodImage, NotAuthorised, ReplError, WalReplayFailed
 from ..settings import FailoverConfig, SetConfig
 from .decide import CAMPAIGN, PROMOTE, RESIGN, SERVE, TAKE_OVER, Inputs, Probe, decide
@@ -720,6 +721,8 @@ class Failover:
                 data = self._live_data(s, live)[0]
                 if data and clear_sync(data):  # `sync = true` of the old master named its replicas, this one too
                     out.setdefault("notes", []).append("synchronous_standby_names of the old master cleared")
+            if streams_sqlite(s) and (not pin or at is not None):
+                out["wal"] = self._replay_sqlite(name, s, live, r, by_name, at)
         out["materialised"] = {"files_written": total.files, "bytes_written": total.bytes,
                                "files_unchanged": total.unchanged, "removed": total.removed}
         log.warning("set %s: promoting image %s (%s); %d newer skipped; %d files written, %d unchanged",
@@ -755,6 +758,34 @@ class Failover:
         else:
             log.warning("set %s: %s", name, res["note"])
         return res
+
+    def _replay_sqlite(self, name: str, s: SetConfig, live: tuple[str, ...], reader, by_name: dict,
+                       at: int | None = None) -> dict:
+        """The WAL frames shipped since each copy of the image, applied onto it (apps/sqlitewal.py); when that
+        fails, the image goes back in place alone and the report, the log and an alert say so."""
+        from ..apps.sqlitewal import replay
+
+        received = self.agent.stop_wal(name, sqlite=True)
+        app = s.app or {}
+        side = app.get("side_dir", "")
+        lp = next((lp for src, lp in zip(s.paths, live) if src == side), None)
+        if lp is None:
+            return {"error": f"the side directory {side} is not one of the set's paths"}
+        done = {}
+        try:
+            for db in app.get("databases", []):
+                base = os.path.basename(db)
+                done[base] = replay(os.path.join(lp, base), os.path.join(received, base), target_ns=at)
+                log.warning("set %s: %s", name, done[base]["note"])
+        except (WalReplayFailed, OSError) as exc:
+            log.error("set %s: WAL frames not applied, the image alone is promoted: %s", name, exc)
+            if self.agent.alerting is not None:
+                self.agent.alerting[0].notify("wal_replay_failed", f"set {name}: {exc}", "critical",
+                                              key=f"{name}:wal", set=name)
+            self._sync(reader, by_name[os.fsencode(os.path.basename(side))], lp, _selection(s))
+            return {"error": str(exc)}
+        return {"databases": done, "frames": sum(d["frames"] for d in done.values()),
+                "note": "; ".join(d["note"] for d in done.values())}
 
     @staticmethod
     def _live_data(s: SetConfig, live: tuple[str, ...]) -> tuple[str | None, str | None, str | None]:

@@ -87,11 +87,15 @@ SCHEMA: dict[str, dict[str, object]] = {
     "ca": {"ca": bytes},
     "join": {"token": str, "secret": bytes, "csr": bytes, "node": str, "address": str},
     "joined": {"cert": bytes, "ca": bytes, "primary": str},
+    # a database log shipped by the master's agent (stream/logship.py): what the replica has, pieces, acks
+    "log_have": {"files": dict},
+    "log_data": {"path": str, "offset": int, "data": bytes},
+    "log_ack": {"files": dict},
     # the local control socket
     "ctl": {"cmd": str, "args": dict},
     "ctl_reply": {"ok": bool, "result": (dict, list, str, NONE), "code": int},
 }
-KINDS = ("repl", "config", "join", "ctl", "ping", "failback", "status")
+KINDS = ("repl", "config", "join", "ctl", "ping", "failback", "status", "logship")
 
 
 def _no_ext(code, data):

@@ -1,0 +1,266 @@
+"""SQLite's WAL shipped frame by frame between points and applied on promotion (issue 16, apps/sqlitewal.py,
+stream/logship.py).
+
+A writer process commits numbered rows one at a time and records each number once its commit returned (the
+acknowledgement), with bursts of large rows so that the WAL restarts many times (a generation per ~1000 frames).
+Point copies are taken with the template's own hook while it writes. The writer is then killed (SIGKILL) at a
+random moment; every copy, with the frames shipped after it applied, must hold exactly the rows acknowledged
+(the shipper outlived the writer, so nothing acknowledged may be missing) and pass SQLite's integrity check.
+Seeds are printed; a failing seed becomes a case of its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from replicator.apps import sqlitewal as sw
+from replicator.apps.templates import BUILTIN_HOOKS as HOOKS, build_set
+from replicator.errors import ProtocolError, TemplateError, WalReplayFailed
+from replicator.stream import logship
+
+WRITER = r"""
+import os, random, sqlite3, sys
+db, acks, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rnd = random.Random(seed)
+con = sqlite3.connect(db, isolation_level=None, timeout=30)
+con.execute("PRAGMA journal_mode=WAL")
+con.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, v BLOB)")
+f = open(acks, "a", buffering=1)
+n = 0
+while True:
+    n += 1
+    big = rnd.random() < 0.3
+    if rnd.random() < 0.1:  # a multi-row transaction now and then
+        con.execute("BEGIN")
+        con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(rnd.randrange(10, 9000))))
+        n += 1
+        con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(20)))
+        con.execute("COMMIT")
+        f.write(f"{n - 1}\n{n}\n")
+    else:
+        con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(rnd.randrange(3000, 20000) if big else 20)))
+        f.write(f"{n}\n")
+"""
+
+
+def acked(path: str) -> list[int]:
+    with open(path) as f:
+        return [int(x) for x in f.read().split("\n")[:-1]]  # a line without its newline was not acknowledged
+
+
+def rows(db: str) -> list[int]:
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return [r[0] for r in con.execute("SELECT n FROM t ORDER BY n")]
+    finally:
+        con.close()
+
+
+def start_writer(db: str, acks: str, seed: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, db, acks, str(seed)])
+
+
+def point_copy(app: dict, into: str) -> str:
+    """The template's point hook (backup API copy and its start time), then the copy set aside."""
+    HOOKS["sqlite.backup"]("s", app, {}, {}, 60)
+    name = os.path.basename(app["databases"][0])
+    shutil.copy(os.path.join(app["side_dir"], name), into)
+    shutil.copy(os.path.join(app["side_dir"], name + sw.COPY_META), into + sw.COPY_META)
+    return into
+
+
+@pytest.mark.parametrize("seed", [1601, 1602, 1603])
+def test_every_acknowledged_row_is_in_every_copy_after_replay(tmp_path, seed):
+    rnd = random.Random(seed)
+    print("seed", seed)
+    db, acks, out = str(tmp_path / "app.db"), str(tmp_path / "acks"), str(tmp_path / "shipped")
+    app = build_set("sqlite", "s", [db], ["r1"], "primary", {"side_dir": str(tmp_path / "side")})["app"]
+    assert app["wal"] == "stream"
+    sqlite3.connect(db).execute("PRAGMA journal_mode=WAL").fetchone()
+    sh = sw.Shipper(db, os.path.join(out, "app.db"))
+    sh.start()
+    w = start_writer(db, acks, seed)
+    copies = []
+    try:
+        for i in range(3):
+            time.sleep(rnd.uniform(0.2, 0.8))
+            copies.append(point_copy(app, str(tmp_path / f"copy{i}")))
+        time.sleep(rnd.uniform(0.2, 1.0))
+    finally:
+        w.kill()
+        w.wait()
+    want = acked(acks)
+    time.sleep(0.5)  # the shipper looks every 20 ms: what the killed writer committed is shipped by now
+    sh.stop()
+    st = sh.status()
+    print(st)
+    assert st["error"] is None and st["lines"] == 1
+    assert st["generation"] > 1, "the load restarts the WAL: the test must cross generations"
+    for c in copies:
+        res = sw.replay(c, os.path.join(out, "app.db"))
+        got = rows(c)
+        assert got[:len(want)] == want, (c, res)
+        assert len(got) - len(want) <= 2  # a commit that returned but whose acknowledgement was not written yet
+        assert sqlite3.connect(c).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_restore_to_a_moment_holds_the_commits_shipped_by_then(tmp_path):
+    """The marks a restore cuts at are stamped when the frames were shipped (after their commit): a restore to
+    TIME never holds a commit made after TIME, and holds every one acknowledged a poll interval before it."""
+    db, out = str(tmp_path / "app.db"), str(tmp_path / "shipped")
+    app = build_set("sqlite", "s", [db], ["r1"], "primary", {"side_dir": str(tmp_path / "side")})["app"]
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, v BLOB)")
+    sh = sw.Shipper(db, os.path.join(out, "app.db"))
+    sh.start()
+    copy = None
+    log = []
+    for n in range(1, 1501):
+        if n == 200:
+            copy = point_copy(app, str(tmp_path / "copy"))
+        sent = time.time_ns()
+        con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(3000 if n % 7 == 0 else 30)))
+        log.append((n, sent, time.time_ns()))
+        if n % 50 == 0:
+            time.sleep(0.03)
+    time.sleep(0.2)
+    sh.stop()
+    rnd = random.Random(16016)
+    for at in sorted(rnd.randrange(log[250][2], log[-1][2]) for _ in range(6)):
+        c = str(tmp_path / f"at-{at}")
+        shutil.copy(copy, c)
+        shutil.copy(copy + sw.COPY_META, c + sw.COPY_META)
+        sw.replay(c, os.path.join(out, "app.db"), target_ns=at)
+        got = set(rows(c))
+        assert got == set(range(1, len(got) + 1)), "a prefix of the commits"
+        assert not {n for n, sent, _ in log if sent > at} & got, "nothing sent after the moment"
+        assert {n for n, _, ack in log if ack <= at - 200_000_000} <= got, "everything acknowledged well before it"
+
+
+def test_a_copy_from_before_the_shipper_ran_is_left_alone(tmp_path):
+    db = str(tmp_path / "app.db")
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, v BLOB)")
+    app = build_set("sqlite", "s", [db], ["r1"], "primary", {"side_dir": str(tmp_path / "side")})["app"]
+    copy = point_copy(app, str(tmp_path / "copy"))
+    sh = sw.Shipper(db, str(tmp_path / "shipped"))
+    sh.start()
+    con.execute("INSERT INTO t VALUES (1, x'00')")
+    time.sleep(0.2)
+    sh.stop()
+    res = sw.replay(copy, str(tmp_path / "shipped"))
+    assert res["frames"] == 0 and "the copy alone" in res["note"]
+    assert rows(copy) == []
+
+
+def test_a_damaged_frame_stops_the_replay_with_a_reason(tmp_path):
+    db, out = str(tmp_path / "app.db"), str(tmp_path / "shipped")
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, v BLOB)")
+    app = build_set("sqlite", "s", [db], ["r1"], "primary", {"side_dir": str(tmp_path / "side")})["app"]
+    sh = sw.Shipper(db, out)
+    sh.start()
+    time.sleep(0.1)
+    copy = point_copy(app, str(tmp_path / "copy"))
+    for n in range(50):
+        con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(100)))
+    time.sleep(0.2)
+    sh.stop()
+    line = sw.lines(out)[-1]
+    wal = sw.generations(os.path.join(out, line))[-1].wal
+    with open(wal, "r+b") as f:
+        f.seek(sw.WAL_HEADER + sw.FRAME_HEADER + 100)
+        f.write(b"\xff" * 8)
+    with pytest.raises(WalReplayFailed, match="checksum"):
+        sw.replay(copy, out)
+
+
+def test_template_options(tmp_path):
+    db = str(tmp_path / "app.db")
+    assert build_set("sqlite", "s", [db], ["r1"], "primary", {"point": "vacuum"})["app"]["wal"] == "off"
+    with pytest.raises(TemplateError, match="needs point = backup"):
+        build_set("sqlite", "s", [db], ["r1"], "primary", {"point": "vacuum", "wal": "stream"})
+    with pytest.raises(TemplateError, match="wal must be one of"):
+        build_set("sqlite", "s", [db], ["r1"], "primary", {"wal": "sometimes"})
+
+
+@pytest.mark.parametrize("rel", ["../x/y.wal", "/etc/a/b.wal", "a/b", "a/b/c.txt", "a/../c.wal", "a/b/c\0.wal",
+                                 "a//c.wal", 5])
+def test_the_log_transport_refuses_paths_outside_the_set(rel):
+    with pytest.raises(ProtocolError):
+        logship.safe_rel(rel)
+
+
+def test_the_receiver_refuses_a_piece_that_does_not_continue_its_copy(tmp_path):
+    """A master that sends a piece at the wrong offset (a bug, a replayed frame) makes the receiver drop the
+    connection without writing it."""
+    import socket
+    import threading
+
+    from replicator.stream import protocol
+
+    a, b = socket.socketpair()
+    master = protocol.Conn(a, "m", heartbeat=False)
+
+    def connect(_m):
+        return protocol.Conn(b, "m", heartbeat=False)
+
+    rec = logship.LogReceiver("s", str(tmp_path), connect)
+    got = {}
+
+    def serve():
+        got["have"] = master.recv("log_have")
+        master.send({"t": "log_data", "path": "app.db/1-a/00000001.wal", "offset": 0, "data": b"x" * 10})
+        master.send({"t": "log_data", "path": "app.db/1-a/00000001.wal", "offset": 5, "data": b"y" * 10})
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with pytest.raises(ProtocolError, match="where the copy ends at 10"):
+        rec._receive("m")
+    t.join(5)
+    assert got["have"]["files"] == {}
+    with open(os.path.join(rec.dir, "app.db/1-a/00000001.wal"), "rb") as f:
+        assert f.read() == b"x" * 10
+    master.close()
+
+
+def test_copy_meta_is_written_by_the_point_hook(tmp_path):
+    db = str(tmp_path / "app.db")
+    sqlite3.connect(db).execute("CREATE TABLE t (n)").connection.commit()
+    app = build_set("sqlite", "s", [db], ["r1"], "primary", {"side_dir": str(tmp_path / "side")})["app"]
+    before = time.time_ns()
+    HOOKS["sqlite.backup"]("s", app, {}, {}, 60)
+    with open(os.path.join(app["side_dir"], "app.db" + sw.COPY_META)) as f:
+        assert before <= json.load(f)["read_started_ns"] <= time.time_ns()
+
+
+def test_shipper_survives_a_missing_database_and_says_so(tmp_path):
+    sh = sw.Shipper(str(tmp_path / "nope.db"), str(tmp_path / "out"), poll=0.01)
+    sh.start()
+    deadline = time.monotonic() + 10
+    while not sh.status()["error"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sh.stop()
+    assert "does not exist" in sh.status()["error"]
+
+
+def test_the_writer_is_killed_not_stopped(tmp_path):
+    """The kill in the tests above is SIGKILL (no clean close: the WAL stays as the crash left it)."""
+    db, acks = str(tmp_path / "app.db"), str(tmp_path / "acks")
+    w = start_writer(db, acks, 7)
+    time.sleep(0.3)
+    w.send_signal(signal.SIGKILL)
+    assert w.wait() == -signal.SIGKILL
+    assert os.path.exists(db + "-wal")
