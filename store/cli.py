@@ -492,10 +492,13 @@ def restore(ctx, spec, target, fail_fast, include, iinclude, exclude, iexclude, 
         click.echo(f"restored {snap.set}@{snap.name}{':' + path if path else ''} to {target}: "
                    f"{st.files} files, {st.dirs} dirs, {st.symlinks} symlinks{extra}, {mib(st.bytes)} in {dt:.2f} s"
                    + (f"; {st.failed} not restored (damaged)" if st.failed else ""))
-        if rolled:
+        if rolled and "segments" in rolled:  # PostgreSQL: WAL segments replayed
             click.echo(f"  rolled {rolled['database']} forward to {at} with {rolled['wal']} "
                        f"({rolled['segments']} WAL segments from {rolled['from']}): "
                        f"{rolled.get('stopped') or rolled.get('note') or 'end of the log'}")
+        elif rolled:  # another engine's entry point: what it says it did
+            click.echo(f"  rolled forward to {at} with {rolled.get('wal', 'the archived log')}: "
+                       f"{rolled.get('note') or 'end of the log'}")
         elif at_ns is not None:
             click.echo(f"  as of {at}: the snapshot taken at {snap.time_iso} (no database log is kept for "
                        f"set {snap.set})")

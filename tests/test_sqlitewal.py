@@ -264,3 +264,99 @@ def test_the_writer_is_killed_not_stopped(tmp_path):
     w.send_signal(signal.SIGKILL)
     assert w.wait() == -signal.SIGKILL
     assert os.path.exists(db + "-wal")
+
+
+def test_pit_restore_at_a_second_rolls_the_copy_forward_from_the_archived_log(tmp_path):
+    """`pit restore SET --at TIME --target DIR` on a SQLite set: the newest snapshot taken by TIME, its copy
+    rolled forward with the log the replica archived (set SET.wal), cut at TIME. 20 moments (seed 16017), each
+    holding a prefix of the commits, none sent after TIME, all acknowledged a poll interval before it."""
+    import datetime
+    import threading
+
+    from store.ingest import create_snapshot
+    from store.repository import Repository
+    from replicator.settings import SetConfig
+    from test_repl_helpers import pit
+
+    db, side = str(tmp_path / "app.db"), str(tmp_path / "side")
+    app = build_set("sqlite", "s", [db], ["r1"], "primary", {"side_dir": side})["app"]
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, v BLOB)")
+    received = sw.ship_dir(str(tmp_path / "state"), "s")
+    sh = sw.Shipper(db, os.path.join(received, "app.db"))
+    sh.start()
+    repo_path = str(tmp_path / "repo")
+    pit("--repo", repo_path, "init")
+    repo = Repository(repo_path)
+    s = SetConfig(master="primary", replicas=("r1",), paths=(side,), app=app, name="s")
+    log, images = [], []
+    try:
+        for n in range(1, 3001):
+            if n in (300, 1500):
+                HOOKS["sqlite.backup"]("s", app, {}, {}, 60)
+                images.append(create_snapshot(repo, "s", [side], host="r1", retention=False))
+            sent = time.time_ns()
+            con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(4000 if n % 5 == 0 else 40)))
+            log.append((n, sent, time.time_ns()))
+            if n % 40 == 0:
+                time.sleep(0.02)
+        time.sleep(0.3)
+        sh.stop()
+        sw.archive_into(repo, threading.Lock(), "s", s, received, "r1")
+    finally:
+        repo.close()
+    assert sh.status()["generation"] > 1
+    rnd = random.Random(16017)
+    for k in range(20):
+        at = rnd.randrange(images[0].time_ns + 1, log[-1][2])
+        iso = datetime.datetime.fromtimestamp(at / 1e9, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        target = str(tmp_path / f"t{k}")
+        res = pit("--repo", repo_path, "restore", "s", "--at", iso, "--target", target)
+        copy = sw.copies_in(target) or [os.path.join(target, "side", "app.db")]
+        got = set(rows(copy[0]))
+        assert got == set(range(1, len(got) + 1)), (iso, res.stdout)
+        assert not {n for n, sent, _ in log if sent > at} & got, (iso, res.stdout)
+        assert {n for n, _, ack in log if ack <= at - 100_000_000} <= got, (iso, len(got), res.stdout)
+
+
+def test_the_archive_keeps_one_snapshot_and_prunes_what_no_image_needs(tmp_path):
+    import threading
+
+    from store.ingest import create_snapshot
+    from store.repository import Repository
+    from store.snapshots import list_snapshots
+    from replicator.settings import SetConfig
+    from test_repl_helpers import pit
+
+    db, side = str(tmp_path / "app.db"), str(tmp_path / "side")
+    app = build_set("sqlite", "s", [db], ["r1"], "primary", {"side_dir": side})["app"]
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, v BLOB)")
+    received = sw.ship_dir(str(tmp_path / "state"), "s")
+    sh = sw.Shipper(db, os.path.join(received, "app.db"))
+    sh.start()
+    repo_path = str(tmp_path / "repo")
+    pit("--repo", repo_path, "init")
+    repo = Repository(repo_path)
+    s = SetConfig(master="primary", replicas=("r1",), paths=(side,), app=app, name="s")
+    try:
+        for n in range(1, 4001):
+            con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(4000)))
+            if n == 3000:
+                time.sleep(0.2)
+                HOOKS["sqlite.backup"]("s", app, {}, {}, 60)
+                create_snapshot(repo, "s", [side], host="r1", retention=False)
+        time.sleep(0.3)
+        sh.stop()
+        before = sw.generations(os.path.join(received, "app.db", sw.lines(os.path.join(received, "app.db"))[-1]))
+        for _ in range(2):
+            sw.archive_into(repo, threading.Lock(), "s", s, received, "r1")
+        with repo.reading() as txn:
+            assert len(list_snapshots(repo, txn, "s.wal")) == 1
+    finally:
+        repo.close()
+    after = sw.generations(os.path.join(received, "app.db", sw.lines(os.path.join(received, "app.db"))[-1]))
+    assert len(before) > 2 and 0 < len(after) < len(before)
+    assert after[-1].seq == before[-1].seq

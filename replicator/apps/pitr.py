@@ -28,6 +28,7 @@ from store.snapshots import list_snapshots
 from ..errors import WalReplayFailed
 from .pgwal import SEGMENT, _redo_segment, pg_time, replay, wal_set
 from .pgtools import pg_bindir
+from .sqlitewal import copies_in
 
 
 def find_data_dir(top: str, depth: int = 4) -> str | None:
@@ -58,6 +59,8 @@ def roll_forward(repo, snap, target: str, at_ns: int, path: str) -> dict | None:
     if path:
         raise InvalidArgument("a database is restored to a second whole: give the set, not SET:PATH, with --at")
     data = find_data_dir(target)
+    if data is None and copies_in(target):
+        return None  # a SQLite set's copies: apps/sqlitewal.py rolls them forward
     if data is None:
         raise InvalidArgument(f"the snapshot {snap.set}@{snap.name} restored into {target} holds no PostgreSQL "
                               "data directory to roll forward")

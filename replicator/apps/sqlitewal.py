@@ -620,3 +620,54 @@ def archive_into(repo, lock, name: str, s: SetConfig | None, directory: str, hos
             d = os.path.join(directory, db)
             if os.path.isdir(d):
                 remove(d, prunable(d, keep))
+
+
+# ------------------------------------------------------------------ restore to a second (`pit restore --at`)
+def copies_in(top: str, depth: int = 4) -> list[str]:
+    """The point copies under a restored tree (each has its COPY_META beside it)."""
+    out = []
+    for d, dirs, files in os.walk(top):
+        if d[len(top):].count(os.sep) >= depth:
+            dirs[:] = []
+        out += [os.path.join(d, f[:-len(COPY_META)]) for f in files
+                if f.endswith(COPY_META) and f[:-len(COPY_META)] in files]
+    return sorted(out)
+
+
+def roll_forward(repo, snap, target: str, at_ns: int, path: str) -> dict | None:
+    """Bring the SQLite copies restored from `snap` into `target` forward to `at_ns` with the log archived in
+    the replica's repository (set SET.wal). None when the snapshot holds no copies of ours."""
+    import shutil
+    import tempfile
+
+    from store.errors import InvalidArgument
+    from store.objects import ObjectReader
+    from store.restore import Restorer
+    from store.snapshots import list_snapshots
+
+    copies = copies_in(target)
+    if not copies:
+        return None
+    if path:
+        raise InvalidArgument("a database is restored to a second whole: give the set, not SET:PATH, with --at")
+    ws = wal_set(snap.set)
+    with repo.reading() as txn:
+        wsnaps = list_snapshots(repo, txn, ws)
+    if not wsnaps:
+        raise WalReplayFailed(f"no log of set {snap.set} is archived in this repository (set {ws}): only the "
+                              f"copy of {snap.name} can be restored")
+    work = tempfile.mkdtemp(prefix="pit-sqlpitr-")
+    try:
+        with repo.reading() as txn:
+            r = ObjectReader(repo, txn)
+            (top,) = r.tree(wsnaps[-1].root)  # the received directory, named by the set
+            Restorer(r).restore(top, work)
+        received = os.path.join(work, top.name.decode())
+        done = {}
+        for c in copies:
+            done[os.path.relpath(c, target)] = replay(c, os.path.join(received, os.path.basename(c)), target_ns=at_ns)
+            os.unlink(c + COPY_META)  # the copy is no longer the point's: its start time would mislead
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"databases": done, "wal": f"{ws}@{wsnaps[-1].name}", "target_ns": at_ns,
+            "note": "; ".join(d["note"] for d in done.values())}
