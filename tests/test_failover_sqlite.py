@@ -80,6 +80,11 @@ def test_sqlite_failover_keeps_the_rows_committed_after_the_point(tmp_path, etcd
                  60, "r1 to hold every shipped frame")
         rst = status(r1)["sets"]["db"]["wal"]
         assert rst["running"] and rst["error"] is None, rst
+        import json
+
+        import jsonschema
+        from test_status import SCHEMA
+        jsonschema.validate(json.loads(p.ctl("status", "--json").stdout), SCHEMA)  # both sides of the log
         p.kill(signal.SIGKILL)
         wait_for(lambda: fo(r1).get("phase") == "active", 120, "r1 to take over")
         report = status(r1)

@@ -314,8 +314,8 @@ class Shipper:
 
     def _restart(self) -> None:
         """Let the WAL restart (past RESTART_FRAMES, everything shipped) with nothing unshipped in it: with the
-        write lock held (BEGIN IMMEDIATE; our read transaction protects the WAL while we wait for the lock) the
-        last frames are shipped, our reader ends, and a passive checkpoint on the other connection copies
+        write lock held (BEGIN IMMEDIATE, only when it is free at once: waiting for it behind a busy writer
+        would hold shipping up; the next look tries again) the last frames are shipped, our reader ends, and a passive checkpoint on the other connection copies
         every frame into the database. The lock is then let go: the application's next write, beginning with
         the WAL wholly copied, restarts it (SQLite restarts the WAL at such a write). A writer whose snapshot
         is older appends to the old generation instead; those frames are shipped at the next look, or from
@@ -324,7 +324,14 @@ class Shipper:
         w, c = self._readers
         if self._held is w:
             self._protect()  # our reader on the other connection
-        w.execute("BEGIN IMMEDIATE")
+        # never wait for the lock: a busy writer would hold shipping up for as long (the next look tries again)
+        w.execute("PRAGMA busy_timeout = 0")
+        try:
+            w.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return
+        finally:
+            w.execute("PRAGMA busy_timeout = 10000")
         try:
             idx = read_index(self._shm)
             if idx is None or idx.salt != self.salt:
