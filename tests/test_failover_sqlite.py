@@ -15,31 +15,18 @@ import sqlite3
 
 from etcdlab import etcd  # noqa: F401  (the fixture)
 from test_failover import FailoverCluster, fo, status
-from test_repl_helpers import Cluster, pit, toml_value, wait_for
+from test_failover_pg import PgFailoverCluster
+from test_repl_helpers import wait_for
 from test_sqlitewal import acked, rows, start_writer
-from replicator.apps.templates import build_set, render_set
+from replicator.apps.templates import build_set
 
 
-class SqliteFailoverCluster(FailoverCluster):
+class SqliteFailoverCluster(PgFailoverCluster):
+    """The PostgreSQL test's cluster of one set `db`, with hooks that start nothing (SQLite has no server)."""
+
     def __init__(self, tmp, etcd_endpoint: str, table: dict, live: str) -> None:
-        super().__init__(tmp, etcd_endpoint, takeover=["true"], demote=["true"])
+        FailoverCluster.__init__(self, tmp, etcd_endpoint, takeover=["true"], demote=["true"])
         self.table, self.live, self.sets = table, live, {"db": table}
-
-    def write_sets(self, extra=None) -> None:
-        text = render_set("db", self.table)
-        text += "\n[failover]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in self.failover.items()) + "\n"
-        with open(self.cluster_file + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(self.cluster_file + ".tmp", self.cluster_file)
-
-    def start(self) -> "SqliteFailoverCluster":
-        Cluster.start(self)
-        pit("--repo", self.primary.repo, "init")
-        r1 = self.replicas[0]
-        r1.write_config(f'live = {{db = ["{self.live}"]}}')
-        r1.kill(signal.SIGTERM)
-        r1.start()
-        return self
 
 
 def lag(node, replica: str) -> dict:

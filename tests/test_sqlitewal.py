@@ -266,14 +266,8 @@ def test_the_writer_is_killed_not_stopped(tmp_path):
     assert os.path.exists(db + "-wal")
 
 
-def test_pit_restore_at_a_second_rolls_the_copy_forward_from_the_archived_log(tmp_path):
-    """`pit restore SET --at TIME --target DIR` on a SQLite set: the newest snapshot taken by TIME, its copy
-    rolled forward with the log the replica archived (set SET.wal), cut at TIME. 20 moments (seed 16017), each
-    holding a prefix of the commits, none sent after TIME, all acknowledged well before it."""
-    import datetime
-    import threading
-
-    from store.ingest import create_snapshot
+def shipped_with_repo(tmp_path):
+    """A database with a running shipper into a replica's received directory, and that replica's repository."""
     from store.repository import Repository
     from replicator.settings import SetConfig
     from test_repl_helpers import pit
@@ -290,6 +284,20 @@ def test_pit_restore_at_a_second_rolls_the_copy_forward_from_the_archived_log(tm
     pit("--repo", repo_path, "init")
     repo = Repository(repo_path)
     s = SetConfig(master="primary", replicas=("r1",), paths=(side,), app=app, name="s")
+    return con, app, side, received, sh, repo_path, repo, s
+
+
+def test_pit_restore_at_a_second_rolls_the_copy_forward_from_the_archived_log(tmp_path):
+    """`pit restore SET --at TIME --target DIR` on a SQLite set: the newest snapshot taken by TIME, its copy
+    rolled forward with the log the replica archived (set SET.wal), cut at TIME. 20 moments (seed 16017), each
+    holding a prefix of the commits, none sent after TIME, all acknowledged well before it."""
+    import datetime
+    import threading
+
+    from store.ingest import create_snapshot
+    from test_repl_helpers import pit
+
+    con, app, side, received, sh, repo_path, repo, s = shipped_with_repo(tmp_path)
     log, images = [], []
     try:
         for n in range(1, 3001):
@@ -325,23 +333,9 @@ def test_the_archive_keeps_one_snapshot_and_prunes_what_no_image_needs(tmp_path)
     import threading
 
     from store.ingest import create_snapshot
-    from store.repository import Repository
     from store.snapshots import list_snapshots
-    from replicator.settings import SetConfig
-    from test_repl_helpers import pit
 
-    db, side = str(tmp_path / "app.db"), str(tmp_path / "side")
-    app = build_set("sqlite", "s", [db], ["r1"], "primary", {"side_dir": side})["app"]
-    con = sqlite3.connect(db, isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, v BLOB)")
-    received = sw.ship_dir(str(tmp_path / "state"), "s")
-    sh = sw.Shipper(db, os.path.join(received, "app.db"))
-    sh.start()
-    repo_path = str(tmp_path / "repo")
-    pit("--repo", repo_path, "init")
-    repo = Repository(repo_path)
-    s = SetConfig(master="primary", replicas=("r1",), paths=(side,), app=app, name="s")
+    con, app, side, received, sh, repo_path, repo, s = shipped_with_repo(tmp_path)
     try:
         for n in range(1, 4001):
             con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(4000)))

@@ -57,6 +57,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from store.backend import fsync_dir
+
 from ..errors import WalReplayFailed
 from ..settings import SetConfig
 
@@ -128,14 +130,6 @@ def _fsync_append(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -250,7 +244,7 @@ class Shipper:
     def _new_line(self) -> None:
         self.line = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
         os.makedirs(os.path.join(self.out, self.line), mode=0o700, exist_ok=True)
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.seq, self.salt, self.shipped = 0, None, 0
         self.lines += 1
         log.info("database %s: WAL line %s begins", self.db, self.line)
@@ -288,7 +282,7 @@ class Shipper:
             self.big_endian = struct.unpack(">I", head[:4])[0] & 1 == 1
             self.cksum = struct.unpack(">II", head[24:32])
             _fsync_append(self._path("wal"), head)
-            _fsync_dir(os.path.join(self.out, self.line))
+            fsync_dir(os.path.join(self.out, self.line))
         shipped += self._ship_committed(idx)
         if idx.max_frame >= RESTART_FRAMES and self.shipped >= idx.max_frame:
             self._restart()
