@@ -357,3 +357,20 @@ def test_the_archive_keeps_one_snapshot_and_prunes_what_no_image_needs(tmp_path)
     after = sw.generations(os.path.join(received, "app.db", sw.lines(os.path.join(received, "app.db"))[-1]))
     assert len(before) > 2 and 0 < len(after) < len(before)
     assert after[-1].seq == before[-1].seq
+
+
+@pytest.mark.parametrize("files", [{"a/b/c.wal": -1}, {"a/b/c.wal": "12"}, {"a/b/c.wal": True}, {"../b/c.wal": 1}])
+def test_the_master_refuses_a_replica_that_claims_nonsense(tmp_path, files):
+    """A LOG_HAVE with a negative, textual or boolean size, or a path outside the set, ends the connection with a
+    protocol error before anything is read or sent."""
+    import socket
+
+    from replicator.stream import protocol
+
+    a, b = socket.socketpair()
+    replica = protocol.Conn(a, "r1", heartbeat=False)
+    ship = logship.LogShipping("s", str(tmp_path))
+    replica.send({"t": "log_have", "files": files})
+    with pytest.raises(ProtocolError):
+        ship.serve(protocol.Conn(b, "r1", heartbeat=False), "r1")
+    replica.close()

@@ -57,6 +57,16 @@ def listing(base: str) -> dict[str, int]:
     return out
 
 
+def sizes_of(files) -> dict[str, int]:
+    """A peer's LOG_HAVE or LOG_ACK map, checked: paths under the set's directory, sizes that are sizes."""
+    out = {}
+    for rel, size in files.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ProtocolError(f"log size for {str(rel)[:80]!r} is not a size")
+        out[safe_rel(rel)] = size
+    return out
+
+
 def safe_rel(rel) -> str:
     """A relative path under the set's directory (DB/LINE/FILE), refused otherwise."""
     if not isinstance(rel, str):
@@ -107,10 +117,7 @@ class LogShipping:
 
     def serve(self, conn: protocol.Conn, node: str) -> None:
         """One replica's connection, until it ends."""
-        have = conn.recv("log_have")["files"]
-        sent: dict[str, int] = {}
-        for rel, size in have.items():
-            sent[safe_rel(rel)] = int(size)
+        sent = sizes_of(conn.recv("log_have")["files"])
         with self._lock:
             self.acked[node] = dict(sent)
             self.ack_at[node] = time.time()
@@ -122,7 +129,7 @@ class LogShipping:
                 while not done.is_set():
                     msg = conn.recv("log_ack")
                     with self._lock:
-                        self.acked[node] = {safe_rel(k): int(v) for k, v in msg["files"].items()}
+                        self.acked[node] = sizes_of(msg["files"])
                         self.ack_at[node] = time.time()
             except (ReplError, OSError):
                 pass
