@@ -454,8 +454,10 @@ def _sqlite_check(set_cfg: SetConfig, app: dict, image_dir: str, may_modify: boo
 
 
 # ----------------------------------------------------------- MySQL / MariaDB
-MYSQL_OPTIONS = {"client": str, "hook_timeout": float}
+MYSQL_OPTIONS = {"client": str, "hook_timeout": float, "binlog": str, "binlog_host": str, "binlog_port": int,
+                 "binlog_user": str, "binlog_password_file": str, "binlog_defaults_file": str}
 MYSQL_DEFAULT_CLIENT = "mysql --defaults-file=/etc/mysql/debian.cnf"
+MYSQL_BINLOG = ("stream", "off")
 
 
 def _mysql_build(name: str, paths: list[str], opts: dict) -> tuple[list[str], dict]:
@@ -464,6 +466,18 @@ def _mysql_build(name: str, paths: list[str], opts: dict) -> tuple[list[str], di
            "client": shlex.split(opts.get("client", MYSQL_DEFAULT_CLIENT)),
            "hook_timeout": opts.get("hook_timeout", 300.0),
            "pre": ["builtin:mysql.lock"], "post": ["builtin:mysql.unlock"]}
+    # the binary log streamed to each replica between points, replayed on promotion (apps/mybinlog.py)
+    app["binlog"] = opts.get("binlog", "stream")
+    if app["binlog"] not in MYSQL_BINLOG:
+        raise TemplateError(f"mysql: binlog must be one of {', '.join(MYSQL_BINLOG)}")
+    for k in ("binlog_host", "binlog_port", "binlog_user", "binlog_password_file", "binlog_defaults_file"):
+        if opts.get(k):
+            app[k] = opts[k]
+    if "binlog_port" in app and not 0 < app["binlog_port"] < 65536:
+        raise TemplateError("mysql: binlog_port must be a TCP port (1-65535)")
+    for k in ("binlog_password_file", "binlog_defaults_file"):
+        if k in app and not os.path.isabs(app[k]):
+            raise TemplateError(f"mysql: {k} must be an absolute path")
     return list(paths), app
 
 
@@ -475,6 +489,27 @@ def mysql_session(app: dict) -> dict:
             "pre": ["FLUSH TABLES WITH READ LOCK"], "post": ["UNLOCK TABLES"]}
 
 
+def _mysql_record_position(app: dict, s: SqlSession, timeout: float) -> str:
+    """While the global read lock holds, no commit moves the binary log: its position then is where the image
+    ends in the log, written into the data directory (apps/mybinlog.py replays from it). A server without a
+    binary log leaves no position (a stale one would replay from the wrong place)."""
+    from .mybinlog import POSITION_FILE, write_position
+
+    rows = [ln.split("\t") for ln in s.run("SHOW MASTER STATUS", timeout).splitlines() if ln.strip()]
+    path = os.path.join(app["data"], POSITION_FILE)
+    if not rows or len(rows[0]) < 2 or not rows[0][1].strip().isdigit():
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return "; no binary log on this server: the image alone, nothing to stream"
+    try:
+        write_position(app["data"], rows[0][0].strip(), int(rows[0][1]))
+    except OSError as exc:
+        raise HookFailed(f"mysql.lock: cannot write the binlog position into {path}: {exc}") from None
+    return f"; binlog position {rows[0][0].strip()}:{rows[0][1].strip()}"
+
+
 def _mysql_lock(set_name: str, app: dict, env: dict, state: dict, timeout: float) -> str:
     if "mysql_session" in state:
         raise HookFailed("mysql.lock: the lock is already held for this point")
@@ -482,11 +517,12 @@ def _mysql_lock(set_name: str, app: dict, env: dict, state: dict, timeout: float
     s = SqlSession(spec["argv"], "mysql.lock")
     try:
         out = [s.run(sql, timeout) for sql in spec["pre"]]
+        where = _mysql_record_position(app, s, timeout) if app.get("binlog", "stream") == "stream" else ""
     except BaseException:
         s.kill()
         raise
     state["mysql_session"] = s
-    return "global read lock held" + ("".join(out) and ": " + " ".join(out))
+    return "global read lock held" + ("".join(out) and ": " + " ".join(out)) + where
 
 
 def _mysql_unlock(set_name: str, app: dict, env: dict, state: dict, timeout: float) -> str:
@@ -508,7 +544,37 @@ def _mysql_check(set_cfg: SetConfig, app: dict, image_dir: str, may_modify: bool
     if not (os.path.isdir(os.path.join(data, "mysql")) or os.path.exists(os.path.join(data, "ibdata1"))):
         return _fail(res, "the data directory has neither the mysql system schema nor ibdata1")
     res.details.append("data directory holds the system schema")
+    if app.get("binlog_received"):
+        return _mysql_replay_check(app, data, may_modify, res)
     res.notes.append("no throwaway mysqld start: the MySQL check looks at the files only")
+
+
+def _mysql_replay_check(app: dict, data: str, may_modify: bool, res: CheckResult) -> None:
+    """The unit a promotion brings up: the image with the binlog received after it, replayed on a copy by a
+    private server (which also proves the image starts: InnoDB's recovery runs first)."""
+    from .mybinlog import replay
+
+    work = tempfile.mkdtemp(prefix="pit-mycheck-", dir=app.get("check_dir"))
+    copy = os.path.join(work, "data")
+    try:
+        shutil.copytree(data, copy, symlinks=True)
+        st = os.stat(data)
+        if os.geteuid() == 0:
+            for dp, dns, fns in os.walk(copy):
+                os.lchown(dp, st.st_uid, st.st_gid)
+                for n in fns:
+                    os.lchown(os.path.join(dp, n), st.st_uid, st.st_gid)
+        try:
+            r = replay(app, copy, app["binlog_received"], float(app.get("check_timeout", 600)))
+        except FailoverError as exc:
+            return _fail(res, f"the image with the binlog received after it does not recover: {exc}")
+        if r.get("files"):
+            res.details.append(f"binlog received after the image replayed: {r['files']} files from {r['from']} "
+                               f"to {r['to']}")
+        else:
+            res.notes.append(r["note"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ web site
@@ -612,7 +678,7 @@ COMMON_KEYS = {"template": str, "pre": list, "post": list, "hook_timeout": float
 TEMPLATE_KEYS = {
     "postgresql": {"data": str},
     "sqlite": {"databases": list, "wal": str},
-    "mysql": {"data": str, "client": list},
+    "mysql": {"data": str, "client": list, "binlog_received": str},
     "website": {},
 }
 
