@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -53,6 +54,10 @@ def test_demo_up_twice_failover_store_down(tmp_path):
         assert "secondary is the primary master now" in fo.stdout
         assert "set site: image" in fo.stdout and "set db: image" in fo.stdout
         assert "answers on the secondary" in fo.stdout
+        # the sales recorded after the last point came with the database's shipped log, not with a point
+        sales = re.search(r"sales on the secondary: (\d+) of the (\d+) recorded", fo.stdout)
+        assert sales and sales.group(1) == sales.group(2), fo.stdout
+        assert "database log: sales.db: " in fo.stdout and "frames of" in fo.stdout, fo.stdout
         st = run("status")
         assert st.returncode == 0, st.stdout + st.stderr
         assert "None" not in st.stdout and "secondary  active" in st.stdout

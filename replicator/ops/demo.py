@@ -414,6 +414,13 @@ esac
     def failover(self) -> None:
         if not self.meta:
             raise click.ClickException(f"no cluster demo is running in {self.root}: run `{self.demo_cmd}` first")
+        db = sqlite3.connect(self.p("primary", "live-db", "sales.db"))
+        sold = db.execute("select count(*) from sales").fetchone()[0] + 5
+        db.executemany("insert into sales (day, item, amount) values (?, ?, ?)", [("2026-11-25", "bread", 2.3)] * 5)
+        db.commit()
+        db.close()
+        click.echo("(5 more sales recorded after the last point: the sales database's log ships them at once)")
+        time.sleep(1.0)
         click.secho("The primary dies: its agent is killed and its cable pulled.\n", bold=True)
         t0 = time.monotonic()
         pid = self.meta.get("pids", {}).get("agent-primary")
@@ -441,6 +448,15 @@ esac
                        f"{len(s['skipped'])} newer skipped; {s['materialised']['files_written']} files written")
             for sk in s["skipped"]:
                 click.echo(f"    skipped {sk['snapshot']}: {sk['reason']}")
+            wal = s.get("wal") or {}
+            if wal.get("error") or wal.get("note"):  # the database log shipped after the image, applied onto it
+                click.echo(f"    database log: {wal.get('error') or wal['note']}")
+        copy = self.p("secondary", "live", "db", "sales.db")
+        if os.path.exists(copy):
+            con = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+            have = con.execute("select count(*) from sales").fetchone()[0]
+            con.close()
+            click.echo(f"  sales on the secondary: {have} of the {sold} recorded on the primary")
         web = f"http://{self.ip('secondary')}:{self.port('secondary', 8080)}/prices.html"
         body = self.wait("the web site on the secondary", lambda: subprocess.run(
             self.wrap("archive", ["curl", "-sf", web]), capture_output=True, text=True).stdout, 30)
