@@ -274,7 +274,7 @@ def test_kill_of_master_then_replay_holds_every_acknowledged_id(master, state_di
     assert mybinlog.read_position(image).file.startswith("mysql-bin.")
     app = Appender(master, 0)
     master.sql("CREATE TABLE shop.noise (x INT)")
-    writer = subprocess.Popen(master.client() + ["-e", "BEGIN NOT ATOMIC DECLARE i INT DEFAULT 0; "
+    writer = subprocess.Popen(master.client() + ["--delimiter=//", "-e", "BEGIN NOT ATOMIC DECLARE i INT DEFAULT 0; "
                                                  "WHILE i < 100000 DO INSERT INTO shop.noise VALUES (i); "
                                                  "SET i = i + 1; END WHILE; END"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -23,7 +23,7 @@ the set would lose every transaction acknowledged since the last one. So each re
   --at TIME` rolls an image forward with (`roll_forward`).
 
 Binlog event times are whole seconds (each event's header carries the second its statement began), so a
-restore to a second stops before the first event stamped in that second or later.
+restore to TIME applies the events stamped before TIME's second: exact for a whole-second TIME.
 """
 from __future__ import annotations
 
@@ -439,6 +439,7 @@ class PrivateServer:
     data: str
     work: str
     user: str
+    log_bin: str | None = None  # the image's own binlog base name: only to finish its crash recovery
 
     @property
     def socket(self) -> str:
@@ -449,10 +450,15 @@ class PrivateServer:
         return os.path.join(self.work, "error.log")
 
     def argv(self, exe: str) -> list[str]:
+        binlog = [f"--log-bin={self.log_bin}", f"--log-bin-index={self.log_bin}.index", "--server-id=1"] \
+            if self.log_bin else ["--skip-log-bin"]
         return [exe, "--no-defaults", f"--datadir={self.data}", f"--socket={self.socket}", "--skip-networking",
-                "--skip-log-bin", "--skip-grant-tables", "--skip-slave-start", f"--user={self.user}",
+                *binlog, "--skip-grant-tables", "--skip-slave-start", f"--user={self.user}",
                 f"--pid-file={os.path.join(self.work, 'mysqld.pid')}", f"--log-error={self.errlog}",
-                "--innodb-buffer-pool-size=128M", "--max-allowed-packet=1G"]
+                "--innodb-buffer-pool-size=128M", "--max-allowed-packet=1G",
+                # no flush per replayed commit: the clean shutdown at the end writes everything, and a replay
+                # that fails is thrown away (the image goes back alone)
+                "--innodb-flush-log-at-trx-commit=0", "--sync-binlog=0"]
 
     def client(self, name: str, *extra: str) -> list[str]:
         exe = tool(*{"mariadb": ("mariadb", "mysql"), "admin": ("mariadb-admin", "mysqladmin")}[name])
@@ -580,6 +586,23 @@ def _init_statement(srv: PrivateServer) -> None:
         raise WalReplayFailed(f"the private server refused FLUSH PRIVILEGES: {_first_line(out, r'ERROR')}")
 
 
+def _start_recovered(srv: PrivateServer, pos: Position, timeout: float) -> subprocess.Popen:
+    """Start the private server without a binary log of its own. An image copied while commits were in
+    flight may hold transactions InnoDB had prepared whose commit was only in the binlog (with a binlog,
+    InnoDB does not flush its commit record: the binlog decides). Only the server's binlog recovery can
+    settle those (commit what the image's binlog holds, roll back the rest), so it is run once on the image's
+    own binlog, the server stopped cleanly, and started again without it."""
+    try:
+        return srv.start(timeout)
+    except WalReplayFailed as exc:
+        if "prepared transaction" not in str(exc):
+            raise
+    log.info("the image holds prepared transactions: recovering them with its own binlog (%s)", pos.file)
+    rec = PrivateServer(srv.data, srv.work, srv.user, binlog_key(pos.file)[0])
+    rec.shutdown(rec.start(timeout))
+    return srv.start(timeout)
+
+
 def replay(app: dict, data: str, received: str, timeout: float = 600.0, target_time: str | None = None) -> dict:
     """Apply the binlog received in `received` after the image's position onto the data directory `data`.
 
@@ -612,7 +635,7 @@ def replay(app: dict, data: str, received: str, timeout: float = 600.0, target_t
     srv = PrivateServer(data, work, user)
     proc = None
     try:
-        proc = srv.start(timeout)
+        proc = _start_recovered(srv, pos, timeout)
         _init_statement(srv)
         done, torn = None, ""
         for i, f in enumerate(files):
@@ -720,9 +743,11 @@ def find_data_dir(top: str, depth: int = 4) -> str | None:
 
 
 def utc_second(ns: int) -> str:
-    """Unix nanoseconds as mariadb-binlog's --stop-datetime, in UTC, the second after the one holding `ns`:
-    every event stamped in TIME's own second or before it is applied (event stamps are whole seconds)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 10**9 + 1))
+    """Unix nanoseconds as mariadb-binlog's --stop-datetime, in UTC, the second holding `ns`: the events stamped
+    before that second are applied, those stamped in it or later are not. Event stamps are whole seconds, so
+    for a whole-second TIME (what an operator types) this is exact: every commit before TIME, none after it;
+    for a fraction, commits in TIME's second before the fraction are left out too (never one after TIME)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 10**9))
 
 
 def roll_forward(repo, snap, target: str, at_ns: int, path: str) -> dict | None:
