@@ -360,6 +360,49 @@ def test_failed_replay_says_why_and_leaves_no_server(master, state_dir):
         mybinlog.replay({}, copy, rec.dir)
 
 
+def test_restore_at_a_second_rolls_the_image_forward_from_the_archived_binlog(master, state_dir):
+    """`pit restore SET --at TIME`: the image's snapshot, then the binlog archived as set SET.binlog (what a
+    replica's agent does with archive_into), replayed up to TIME through the pit.restore_at entry point."""
+    import datetime
+    import json
+
+    from store.ingest import create_snapshot
+    from store.repository import Repository
+    from test_repl_helpers import pit
+
+    repo_path = os.path.join(state_dir, "repo")
+    pit("--repo", repo_path, "init")
+    repo = Repository(repo_path)
+    lock = threading.Lock()
+    img = os.path.join(master.base, "images", "data")
+    s = SetConfig(master="primary", replicas=("r1",), paths=(img,),
+                  app={"template": "mysql", "binlog": "stream", "data": img})
+    rec = mybinlog.BinlogReceiver("shop", "r1", os.path.join(state_dir, "st"),
+                                  archive=lambda d, h: mybinlog.archive_into(repo, lock, "shop", s, d, h, "r1"))
+    rec.update(master.source())
+    try:
+        master.sql("INSERT INTO shop.acks (n) VALUES (1)")
+        image_of(master, img)
+        with lock:
+            create_snapshot(repo, "shop", [img], host="r1", retention=False)
+        master.sql("INSERT INTO shop.acks (n) VALUES (2); FLUSH BINARY LOGS; INSERT INTO shop.acks (n) VALUES (3)")
+        target = int(time.time()) + 1
+        while time.time() < target + 0.05:
+            time.sleep(0.05)
+        master.sql("INSERT INTO shop.acks (n) VALUES (4)")
+        caught_up(rec, master)
+        assert rec.archive_now()
+    finally:
+        rec.stop()
+        repo.close()
+    at = datetime.datetime.fromtimestamp(target, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    dest = os.path.join(master.base, "restored")
+    res = pit("--repo", repo_path, "restore", "shop", "--at", at, "--target", dest, "--json")
+    rolled = json.loads(res.stdout)["rolled_forward"]
+    assert rolled["binlog"].startswith("shop.binlog@") and rolled["files"] == 2, rolled
+    assert ids_in(mybinlog.find_data_dir(dest)) == [1, 2, 3]
+
+
 def test_template_options_and_source():
     t = build_set("mysql", "shop", ["/var/lib/mysql"], ["r1"], "primary")
     assert t["app"]["binlog"] == "stream"

@@ -789,4 +789,6 @@ def roll_forward(repo, snap, target: str, at_ns: int, path: str) -> dict | None:
         res = replay({}, data, received, target_time=at)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"database": data, "binlog": f"{bs}@{chosen.name}", "target_time": at, **res}
+    # `wal`: the name `pit restore` prints for any engine's archived log
+    return {"database": data, "binlog": f"{bs}@{chosen.name}", "wal": f"{bs}@{chosen.name}", "target_time": at,
+            **res}
