@@ -148,15 +148,16 @@ class Agent:
         """For each set whose app streams its database log: on its master, the lag monitor (PostgreSQL) or the
         shippers (SQLite); on its replicas, a receiver following the set's current master. Each stops when the
         set stops streaming or this node's role in it changes."""
-        from .apps import pgwal, sqlitewal
+        from .apps import mybinlog, pgwal, sqlitewal
         from .stream.logship import LogReceiver, LogShipping
 
         me = self.state.node
 
         def streams(s: SetConfig) -> str | None:
-            return "pg" if pgwal.streams_wal(s) else "sqlite" if sqlitewal.streams_sqlite(s) else None
+            return "pg" if pgwal.streams_wal(s) else "sqlite" if sqlitewal.streams_sqlite(s) else \
+                "mysql" if mybinlog.streams_binlog(s) else None
 
-        mastered = {n: s for n, s in sets.items() if s.master == me and streams(s)}
+        mastered = {n: s for n, s in sets.items() if s.master == me and streams(s) in ("pg", "sqlite")}
         for name in [n for n, m in self.wal_lag.items() if n not in mastered
                      or isinstance(m, LogShipping) != (streams(mastered[n]) == "sqlite")]:
             self.wal_lag.pop(name).stop()
@@ -166,8 +167,8 @@ class Agent:
             else:
                 self.wal_lag.setdefault(name, LogShipping(name, self.state.path)).update(s)
         want = {n: s for n, s in sets.items() if me in s.replicas and s.master and streams(s)}
-        for name in [n for n, r in self.wal.items() if n not in want
-                     or isinstance(r, LogReceiver) != (streams(want[n]) == "sqlite")]:
+        kinds = {"pg": pgwal.WalReceiver, "sqlite": LogReceiver, "mysql": mybinlog.BinlogReceiver}
+        for name in [n for n, r in self.wal.items() if n not in want or not isinstance(r, kinds[streams(want[n])])]:
             self.wal.pop(name).stop()
         roster = self.roster() if want else {}
         for name, s in want.items():
@@ -178,10 +179,13 @@ class Agent:
                     rec = self.wal[name] = LogReceiver(name, self.state.path, self._log_connect(name), archive)
                 rec.update(s.master)
                 continue
+            mod = mybinlog if streams(s) == "mysql" else pgwal
             if rec is None:
-                archive = (lambda d, h, n=name: self._archive_wal(n, d, h)) if self.replica is not None else None
-                rec = self.wal[name] = pgwal.WalReceiver(name, me, self.state.path, archive=archive)
-            rec.update(pgwal.source_of(s, roster))
+                archive = (lambda d, h, n=name, m=mod: self._archive_wal(n, d, h, m)) if self.replica is not None \
+                    else None
+                rec = self.wal[name] = (mybinlog.BinlogReceiver if mod is mybinlog else pgwal.WalReceiver)(
+                    name, me, self.state.path, archive=archive)
+            rec.update(mod.source_of(s, roster))
 
     def _log_connect(self, set_name: str):
         """How a SQLite set's receiver reaches the master's agent (HELLO kind `logship`)."""
@@ -205,21 +209,21 @@ class Agent:
         rep = self.replica
         sqlitewal.archive_into(rep.repo, rep.lock, name, self._applied.get(name), directory, self.state.node)
 
-    def _archive_wal(self, name: str, directory: str, history: str) -> None:
-        from .apps import pgwal
-
+    def _archive_wal(self, name: str, directory: str, history: str, mod) -> None:
+        """A received log (apps/pgwal.py or apps/mybinlog.py: the same archive_into) into the repository."""
         rep = self.replica
-        pgwal.archive_into(rep.repo, rep.lock, name, self._applied.get(name), directory, history, self.state.node)
+        mod.archive_into(rep.repo, rep.lock, name, self._applied.get(name), directory, history, self.state.node)
 
-    def stop_wal(self, name: str, sqlite: bool = False):
+    def stop_wal(self, name: str, kind: str = "pg"):
         """Stop the set's log receiver (a promotion is about to replay what it received) -> its directory."""
-        from .apps import pgwal, sqlitewal
+        from .apps import mybinlog, pgwal, sqlitewal
 
         with self.apply_lock:
             rec = self.wal.pop(name, None)
         if rec is not None:
             rec.stop()
-        return sqlitewal.ship_dir(self.state.path, name) if sqlite else pgwal.wal_dir(self.state.path, name)
+        return {"pg": pgwal.wal_dir, "sqlite": sqlitewal.ship_dir, "mysql": mybinlog.binlog_dir}[kind](
+            self.state.path, name)
 
     def _failover_config(self, cfg: ClusterConfig) -> None:
         fcfg = cfg.failover
@@ -600,7 +604,11 @@ class Agent:
                 out["sets"].setdefault(name, {}).update(st)
             self._verification(out["sets"])
         for name, rec in list(self.wal.items()):
-            out["sets"].setdefault(name, {})["wal"] = rec.status()
+            st = rec.status()
+            if "streaming" in st and "running" not in st:  # the binlog receiver: in the shape every receiver has
+                st = {**st, "running": st["streaming"], "master": rec.source.master if rec.source else None,
+                      "newest_segment": st.get("file")}
+            out["sets"].setdefault(name, {})["wal"] = st
         for name, mon in list(self.wal_lag.items()):
             out["sets"].setdefault(name, {})["wal_replicas"] = mon.status()
         if self.state.is_primary:

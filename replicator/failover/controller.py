@@ -34,6 +34,7 @@ import time
 from dataclasses import replace
 
 from ..apps.pgwal import clear_sync, streams_wal, wal_dir
+from ..apps.mybinlog import streams_binlog
 from ..apps.sqlitewal import streams_sqlite
 from ..errors import EtcdError, FailoverRefused, NoGoodImage, NotAuthorised, ReplError, WalReplayFailed
 from ..settings import FailoverConfig, SetConfig
@@ -723,6 +724,8 @@ class Failover:
                     out.setdefault("notes", []).append("synchronous_standby_names of the old master cleared")
             if streams_sqlite(s) and (not pin or at is not None):
                 out["wal"] = self._replay_sqlite(name, s, live, r, by_name, at)
+            if streams_binlog(s) and (not pin or at is not None):
+                out["wal"] = self._replay_wal(name, s, live, r, by_name, at, "mysql")
         out["materialised"] = {"files_written": total.files, "bytes_written": total.bytes,
                                "files_unchanged": total.unchanged, "removed": total.removed}
         log.warning("set %s: promoting image %s (%s); %d newer skipped; %d files written, %d unchanged",
@@ -730,12 +733,14 @@ class Failover:
         return out
 
     def _replay_wal(self, name: str, s: SetConfig, live: tuple[str, ...], reader, by_name: dict,
-                    at: int | None = None) -> dict:
-        """The WAL received since the image, replayed onto it (apps/pgwal.py); when that fails, the image
-        goes back in place alone and the report, the log and an alert say so."""
-        from ..apps.pgwal import pg_time, replay
+                    at: int | None = None, kind: str = "pg") -> dict:
+        """The log received since the image, replayed onto it (apps/pgwal.py, or apps/mybinlog.py for `kind`
+        "mysql": the same replay signature); when that fails, the image goes back in place alone and the
+        report, the log and an alert say so."""
+        from ..apps import mybinlog, pgwal
 
-        received = self.agent.stop_wal(name)
+        replay, at_time = (mybinlog.replay, mybinlog.utc_second) if kind == "mysql" else (pgwal.replay, pgwal.pg_time)
+        received = self.agent.stop_wal(name, kind)
         app = s.app or {}
         data, src, top = self._live_data(s, live)
         if data is None:
@@ -743,7 +748,7 @@ class Failover:
         entry = by_name[os.fsencode(os.path.basename(src))]
         try:
             res = replay(app, data, received, timeout=float(app.get("check_timeout", 600)),
-                         target_time=None if at is None else pg_time(at))
+                         target_time=None if at is None else at_time(at))
         except (WalReplayFailed, OSError) as exc:
             log.error("set %s: WAL not replayed, the image alone is promoted: %s", name, exc)
             if self.agent.alerting is not None:
@@ -751,10 +756,13 @@ class Failover:
                                               key=f"{name}:wal", set=name)
             self._sync(reader, entry, top, _selection(s))
             return {"error": str(exc)}
-        if res["segments"]:
+        if res.get("segments"):
             log.warning("set %s: WAL replayed from %s to %s (%d segments), promoted at %s on timeline %s in %.1f s",
                         name, res["from"], res["to"], res["segments"], res["promoted_at"], res["timeline"],
                         res["seconds"])
+        elif res.get("files"):
+            log.warning("set %s: binlog replayed from %s to %s (%d files) in %.1f s: %s", name, res["from"], res["to"],
+                        res["files"], res["seconds"], res["note"])
         else:
             log.warning("set %s: %s", name, res["note"])
         return res
@@ -765,7 +773,7 @@ class Failover:
         fails, the image goes back in place alone and the report, the log and an alert say so."""
         from ..apps.sqlitewal import replay
 
-        received = self.agent.stop_wal(name, sqlite=True)
+        received = self.agent.stop_wal(name, "sqlite")
         app = s.app or {}
         side = app.get("side_dir", "")
         lp = next((lp for src, lp in zip(s.paths, live) if src == side), None)
