@@ -28,7 +28,7 @@ from replicator.errors import ProtocolError, TemplateError, WalReplayFailed
 from replicator.stream import logship
 
 WRITER = r"""
-import os, random, sqlite3, sys
+import os, random, sqlite3, sys, time
 db, acks, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rnd = random.Random(seed)
 con = sqlite3.connect(db, isolation_level=None, timeout=30)
@@ -49,6 +49,8 @@ while True:
     else:
         con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(rnd.randrange(3000, 20000) if big else 20)))
         f.write(f"{n}\n")
+    if n % 300 == 0:
+        time.sleep(0.01)  # a breath now and then, as real writers have: the shipper restarts the WAL in them
 """
 
 
