@@ -320,9 +320,13 @@ class Restorer:
         self._prefix = b""
         self._tfd = -1
 
-    def restore(self, entry: Entry, target: str, path: str | bytes | None = None) -> RestoreStats:
+    def restore(self, entry: Entry, target: str, path: str | bytes | None = None,
+                own_meta: bool = False) -> RestoreStats:
         """Restore `entry` into `target`: a directory's contents go into target
         itself when the entry is the snapshot root (name ''), else into target/name.
+        With `own_meta`, a directory entry renamed '' gives `target` its owner,
+        mode and times too (a failover's live copy: mariadbd and postgres refuse
+        a data directory that is not their own).
 
         `path`, the entry's path in the snapshot, only names what could not be
         restored (default: names relative to the target). When some files
@@ -347,6 +351,8 @@ class Restorer:
                 entries = self._tree(entry.content, ())
                 if entries is not None:
                     self._fill_dir(tfd, entries, ())
+                if own_meta and entry.type == DIR and not self.dry_run:
+                    self._meta_fd(tfd, entry, (), prune_xattrs=self.sync)  # after the children (their mtime)
             elif self._selected(entry, (entry.name,)):
                 self._entry(tfd, entry, (entry.name,))
             if self.verify and not self.dry_run:

@@ -230,3 +230,32 @@ def test_ls_json_shows_the_metadata(repo_path, tmp_path):
     assert rows["f"]["xattrs"] == ["user.a"] and rows["f"]["inode"] == [3, 9]
     assert rows["sp"]["size"] == MiB and rows["sp"]["sparse"] == {"data_bytes": 10, "extents": [[4096, 10]]}
     assert not {"xattrs", "sparse", "inode"} & set(rows["plain"])
+
+
+def test_a_directory_synced_into_place_takes_its_own_owner_and_mode(repo_path, tmp_path):
+    """A failover's live copy: the set's directory restored into the live path itself (name '') must be the
+    directory it was (owner, mode), or a database server refuses to start there. Seen with MariaDB: the live
+    data directory stayed root's 0755 and mariadbd could not write its binlog index."""
+    src = tmp_path / "src" / "data"
+    src.mkdir(parents=True)
+    (src / "f").write_bytes(b"rows")
+    os.chmod(src, 0o700)
+    owner = (4242, 4343) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    if os.geteuid() == 0:
+        os.chown(src, *owner)
+    s = snapshot(repo_path, "live", src)
+    live = tmp_path / "live" / "data"
+    live.mkdir(parents=True)
+    os.chmod(live, 0o755)
+    with opened(repo_path, readonly=True) as r, r.reading() as txn:
+        rd = ObjectReader(r, txn)
+        e = dataclasses.replace(rd.lookup(s.root, "data"), name=b"")
+        Restorer(rd, sync=True).restore(e, str(live), own_meta=True)
+        st = os.stat(live)
+        assert (st.st_uid, st.st_gid) == owner and st.st_mode & 0o7777 == 0o700
+        other = tmp_path / "plain"
+        Restorer(rd, sync=True).restore(e, str(other))  # without own_meta: the target keeps its own
+        mask = os.umask(0o022)
+        os.umask(mask)
+        assert os.stat(other).st_mode & 0o7777 == 0o777 & ~mask
+    assert (live / "f").read_bytes() == b"rows"

@@ -847,7 +847,7 @@ class Failover:
 
         if entry.type == DIR:
             return Restorer(reader, sync=True, selection=selection).restore(dataclasses.replace(entry, name=b""),
-                                                                            path)
+                                                                            path, own_meta=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return Restorer(reader, sync=True, selection=selection).restore(entry, os.path.dirname(path))
 
