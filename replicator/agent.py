@@ -145,8 +145,8 @@ class Agent:
             log.info("configuration version %s applied (%d sets)", cfg.version, len(sets))
 
     def _wal_receivers(self, sets: dict[str, SetConfig]) -> None:
-        """For each set whose app streams its database log: on its master, the lag monitor (PostgreSQL) or the
-        shippers (SQLite); on its replicas, a receiver following the set's current master. Each stops when the
+        """For each set whose app streams its database log: on its master, the lag monitor (PostgreSQL, MariaDB)
+        or the shippers (SQLite); on its replicas, a receiver following the set's current master. Each stops when the
         set stops streaming or this node's role in it changes."""
         from .apps import mybinlog, pgwal, sqlitewal
         from .stream.logship import LogReceiver, LogShipping
@@ -157,13 +157,17 @@ class Agent:
             return "pg" if pgwal.streams_wal(s) else "sqlite" if sqlitewal.streams_sqlite(s) else \
                 "mysql" if mybinlog.streams_binlog(s) else None
 
-        mastered = {n: s for n, s in sets.items() if s.master == me and streams(s) in ("pg", "sqlite")}
+        mastered = {n: s for n, s in sets.items() if s.master == me and streams(s)}
+        monitors = {"pg": pgwal.WalMonitor, "sqlite": LogShipping, "mysql": mybinlog.BinlogMonitor}
         for name in [n for n, m in self.wal_lag.items() if n not in mastered
-                     or isinstance(m, LogShipping) != (streams(mastered[n]) == "sqlite")]:
+                     or not isinstance(m, monitors[streams(mastered[n])])]:
             self.wal_lag.pop(name).stop()
         for name, s in mastered.items():
             if streams(s) == "pg":
                 self.wal_lag.setdefault(name, pgwal.WalMonitor(name)).update(s.app or {}, s.replicas)
+            elif streams(s) == "mysql":
+                self.wal_lag.setdefault(name, mybinlog.BinlogMonitor(name, self.remote_status)).update(
+                    s.app or {}, s.replicas)
             else:
                 self.wal_lag.setdefault(name, LogShipping(name, self.state.path)).update(s)
         want = {n: s for n, s in sets.items() if me in s.replicas and s.master and streams(s)}

@@ -13,12 +13,14 @@ copy, which must hold every row acknowledged before `confirmed`, not only those 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 
+import jsonschema
 import pytest
 
 from etcdlab import etcd  # noqa: F401  (the fixture)
@@ -26,6 +28,7 @@ from test_failover import FailoverCluster, fo, status
 from test_failover_pg import PgFailoverCluster
 from test_mybinlog import MARIADBD, NEEDED, USER, Appender, make_master
 from test_repl_helpers import free_port, wait_for
+from test_status import SCHEMA
 from replicator.apps import mybinlog
 from replicator.apps.templates import build_set
 
@@ -71,6 +74,10 @@ class MariaDbFailoverCluster(PgFailoverCluster):
         self.table, self.live, self.sets = table, live, {"db": table}
 
 
+def behind(node, replica: str) -> dict:
+    return ((status(node)["sets"].get("db") or {}).get("wal_replicas") or {}).get("replicas", {}).get(replica) or {}
+
+
 def received(node) -> dict:
     return (status(node)["sets"].get("db") or {}).get("wal") or {}
 
@@ -110,6 +117,11 @@ def test_mariadb_failover_keeps_the_rows_committed_after_the_point(tmp_path, etc
         want = m.position()
         wait_for(lambda: (received(r1).get("file"), received(r1).get("bytes", 0)) >= want, 60,
                  f"r1's copy of the binlog to reach {want}")  # ...and then in r1's copy
+        # the master's view of each replica's copy (apps/mybinlog.BinlogMonitor, from the replicas' status)
+        wait_for(lambda: (behind(p, "r1").get("streaming") and isinstance(behind(p, "r1").get("lag_bytes"), int)),
+                 60, "the master to see r1's lag")
+        assert "db -> r1: database log streaming" in p.ctl("status").stdout
+        jsonschema.validate(json.loads(p.ctl("status", "--json").stdout), SCHEMA)
         # the host dies: its agent, its database, its client
         p.kill(signal.SIGKILL)
         m.kill()

@@ -423,3 +423,10 @@ def test_template_options_and_source():
     assert not mybinlog.streams_binlog(SetConfig(master="primary", replicas=("r1",),
                                                  paths=("/var/lib/mysql",), app=off["app"]))
     assert mybinlog.binlog_dir("/st", "shop") == "/st/binlog/shop"
+
+
+def test_log_offset_counts_across_files():
+    sizes = [("mysql-bin.000001", 1000), ("mysql-bin.000002", 500), ("mysql-bin.000003", 20)]
+    assert mybinlog.log_offset(sizes, "mysql-bin.000001", 400) == 400
+    assert mybinlog.log_offset(sizes, "mysql-bin.000003", 20) == 1520
+    assert mybinlog.log_offset(sizes, "mysql-bin.000000", 4) is None  # purged on the master: unknown

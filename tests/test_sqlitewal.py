@@ -376,3 +376,60 @@ def test_the_master_refuses_a_replica_that_claims_nonsense(tmp_path, files):
     with pytest.raises(ProtocolError):
         ship.serve(protocol.Conn(b, "r1", heartbeat=False), "r1")
     replica.close()
+
+
+def test_retention_keeps_each_base_with_its_log_as_one_unit(tmp_path):
+    """Retention drops the oldest image: the next archive prunes the log that only it needed (no log without a
+    base), and every moment from the new oldest image on still restores exactly (no base without its log up to
+    the next). A moment before it is refused with one line, not rolled from the wrong base."""
+    import datetime
+    import threading
+
+    from store.ingest import create_snapshot
+    from store.retention import Policy, apply_retention
+    from test_repl_helpers import pit
+
+    con, app, side, received, sh, repo_path, repo, s = shipped_with_repo(tmp_path)
+    log, images = [], []
+    line = os.path.join(received, "app.db")
+    try:
+        for n in range(1, 4001):
+            if n in (1000, 2000, 3000):
+                HOOKS["sqlite.backup"]("s", app, {}, {}, 60)
+                images.append(create_snapshot(repo, "s", [side], host="r1", retention=False))
+            sent = time.time_ns()
+            con.execute("INSERT INTO t VALUES (?, ?)", (n, os.urandom(4000 if n % 5 == 0 else 40)))
+            log.append((n, sent, time.time_ns()))
+            if n % 100 == 0:
+                time.sleep(0.03)  # idle moments, in which the shipper restarts the WAL
+        time.sleep(0.3)
+        sh.stop()
+        sw.archive_into(repo, threading.Lock(), "s", s, received, "r1")
+        before = sw.generations(os.path.join(line, sw.lines(line)[-1]))
+        with repo.writer() as w:
+            decisions, _ = apply_retention(w, "s", Policy(keep_last=2))
+        assert [d.snapshot.id for d in decisions if not d.keep] == [images[0].id]
+        sw.archive_into(repo, threading.Lock(), "s", s, received, "r1")
+    finally:
+        repo.close()
+    after = sw.generations(os.path.join(line, sw.lines(line)[-1]))
+    assert 0 < len(after) < len(before), (len(before), len(after))  # the first image's log went with it
+
+    def iso(ns: int) -> str:
+        return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+    early = (images[0].time_ns + images[1].time_ns) // 2
+    res = pit("--repo", repo_path, "restore", "s", "--at", iso(early), "--target", str(tmp_path / "early"),
+              check=False)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, (res.stdout, res.stderr)
+    rnd = random.Random(16018)
+    moments = [images[1].time_ns + 1000, images[2].time_ns - 1000] + \
+        [rnd.randrange(images[1].time_ns + 1000, log[-1][2]) for _ in range(4)]
+    for k, at in enumerate(moments):
+        target = str(tmp_path / f"t{k}")
+        out = pit("--repo", repo_path, "restore", "s", "--at", iso(at), "--target", target)
+        copy = sw.copies_in(target) or [os.path.join(target, "side", "app.db")]
+        got = set(rows(copy[0]))
+        assert got == set(range(1, len(got) + 1)), (iso(at), out.stdout)
+        assert not {n for n, sent, _ in log if sent > at} & got, (iso(at), out.stdout)
+        assert {n for n, _, ack in log if ack <= at - 1_000_000_000} <= got, (iso(at), len(got), out.stdout)

@@ -429,6 +429,84 @@ def _signature(directory: str) -> tuple | None:
     return files[-1], st.st_mtime_ns, st.st_size
 
 
+# ------------------------------------------------------------------ the master's view of each replica
+def log_offset(sizes: list[tuple[str, int]], file: str | None, pos: int) -> int | None:
+    """A (file, position) of the master's binary log as one byte offset into the whole log (`sizes`: SHOW
+    BINARY LOGS, oldest first); None for a file the master no longer has."""
+    total = 0
+    for name, size in sizes:
+        if name == file:
+            return total + pos
+        total += size
+    return None
+
+
+class BinlogMonitor:
+    """On the set's master: how far each replica's copy of the binary log is behind. A binlog dump thread does
+    not say which replica it serves (mariadb-binlog does not register as a replica), so the replica's own
+    receiver is asked (`ask(node)` -> that node's `pit status`, over the agents' mTLS link) and its newest file
+    and length are set against the master's `SHOW BINARY LOGS`. Same shape as PostgreSQL's WalMonitor: a replica
+    behind, or not streaming, is behind for as long as it was last seen caught up."""
+
+    def __init__(self, set_name: str, ask, every: float = 2.0) -> None:
+        self.set_name, self.ask, self.every = set_name, ask, every
+        self.app: dict = {}
+        self.replicas: tuple[str, ...] = ()
+        self.lag: dict[str, dict] = {}
+        self.error = ""
+        self._since: dict[str, float] = {}  # replica -> when it was last seen caught up (or first looked at)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def update(self, app: dict, replicas: tuple[str, ...]) -> None:
+        self.app, self.replicas = dict(app), tuple(replicas)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name=f"pit-binmon-{self.set_name}")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll()
+            except OSError as exc:
+                self.error = str(exc)
+            self._stop.wait(self.every)
+
+    def master_log(self) -> list[tuple[str, int]]:
+        argv = list(self.app.get("client") or []) + ["--batch", "--skip-column-names", "-e", "SHOW BINARY LOGS"]
+        rc, out = _run(argv, 30)
+        if rc != 0:
+            raise OSError(f"cannot read the binary logs: {_first_line(out, r'ERROR|error')}")
+        rows = [ln.split("\t") for ln in out.splitlines() if ln.strip()]
+        return [(r[0], int(r[1])) for r in rows if len(r) >= 2 and r[1].strip().isdigit()]
+
+    def poll(self) -> dict[str, dict]:
+        sizes = self.master_log()
+        end = sum(n for _, n in sizes)
+        now = time.monotonic()
+        seen: dict[str, dict] = {}
+        for r in self.replicas:
+            st = self.ask(r)
+            w = ((st.get("sets") or {}).get(self.set_name) or {}).get("wal") or {}
+            streaming = bool(w.get("streaming", w.get("running")))
+            at = log_offset(sizes, w.get("file"), int(w.get("bytes") or 0)) if w.get("file") else None
+            lag = None if at is None else max(0, end - at)
+            if lag == 0:
+                self._since[r] = now
+            away = now - self._since.setdefault(r, now)
+            seen[r] = {"streaming": streaming, "lag_bytes": lag, "lag_seconds": round(away, 3),
+                       **({"error": w["error"]} if w.get("error") else {}),
+                       **({"error": st["error"]} if st.get("error") else {})}
+        self.lag, self.error = seen, ""
+        return seen
+
+    def status(self) -> dict:
+        return {"replicas": dict(self.lag), "error": self.error or None}
+
+
 # ------------------------------------------------------------------ replay on promotion
 @dataclass
 class PrivateServer:
