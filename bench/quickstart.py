@@ -99,7 +99,8 @@ MAX_COMMANDS = 6  # issue 8: shell commands per node after the install
 # =============================================================================== the page
 def doc_blocks(text: str) -> dict[str, str]:
     """The first fenced block under each `### ` heading, keyed "install" (On every node), "A", "B", "C"
-    (the heading starts with the node's letter and a comma) and "check" (Check it)."""
+    (the heading starts with the node's letter and a comma) and "check" (Check it); A's second block, the
+    database's replication access, as "A.db"."""
     out: dict[str, str] = {}
     heading = None
     lines = text.splitlines()
@@ -119,7 +120,11 @@ def doc_blocks(text: str) -> dict[str, str]:
                 "check" if heading.lower().startswith("check") else None
             if key and key not in out:
                 out[key] = "\n".join(lines[i + 1:j]) + "\n"
-            heading = None
+            elif key == "A" and "A.db" not in out:
+                # A's second block: its PostgreSQL lets B and C in for replication (the WAL they stream)
+                out["A.db"] = "\n".join(lines[i + 1:j]) + "\n"
+            if key != "A":
+                heading = None
             i = j
         i += 1
     missing = {"install", "A", "B", "C", "check"} - set(out)
@@ -613,6 +618,12 @@ def main_run(args) -> dict:
             raise RuntimeError(f"A's block printed no join token:\n{ra.stdout}")
         token = tokens[-1]
         report["steps"]["A's block"] = round(time.monotonic() - t0, 2)
+        if pg and "A.db" in blocks:  # the page's pg_hba.conf block: B's and C's WAL receivers get in
+            t = time.monotonic()
+            db_script, _ = adapt(blocks["A.db"])
+            rd = lab.run("a", db_script)
+            show("a", db_script, rd.stdout)
+            report["steps"]["A's database block (replication access)"] = round(time.monotonic() - t, 2)
         t = time.monotonic()
         # A's join listener (seen from inside A, so that no probe shows up in its log as a refused join)
         lab.wait("A's join port", lambda: lab.run(
@@ -658,6 +669,12 @@ def main_run(args) -> dict:
         log(f"PROTECTED {report['protected_seconds']:.1f} s after A's first command "
             f"(sets {', '.join(sets)}; snapshots on B and C: {report['snapshots']})")
         # ---------------------------------------------------------- the clock stops
+        if pg:  # between points, B streams the database's WAL (what the page's database block let in)
+            lab.wait("B's WAL receiver streaming from A", lambda: (
+                ((((status(lab).get("nodes") or {}).get("b") or {}).get("sets") or {}).get("sales") or {}).get("wal") or {}
+            ).get("running"),
+                60)
+            log("B streams the sales database's WAL from A")
 
         checks = []
         for where, cmd in check_lines(blocks["check"]):

@@ -50,6 +50,8 @@ def test_blocks_extract_and_each_node_runs_at_most_six_commands(text):
     # A's last line makes one token for both joining nodes; B and C use it, and their joins write the agent
     # configuration and make the repository (no separate `pit init` or hand-written agent.toml)
     assert "--nodes b,c" in qs.entries(blocks["A"])[-1]
+    # A's second block lets B and C stream the database's WAL; the lab runs it too (and waits for B to stream)
+    assert "host replication" in blocks["A.db"] and "pg_hba.conf" in blocks["A.db"]
     assert "--agent-config /etc/pit/agent.toml" in blocks["A"]
     for n in "BC":
         assert "TOKEN-FROM-A" in blocks[n]

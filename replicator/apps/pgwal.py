@@ -93,16 +93,19 @@ class Source:
 
     def history(self) -> str:
         """Which history the master writes now: its system identifier and timeline. A promotion (of it or of
-        another node it came back from) starts a new timeline, whose WAL must not follow the old one's."""
-        argv = [os.path.join(self.bindir, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", self.host, "-p",
-                str(self.port), "-U", self.user, "-d", self.dbname, "--no-password", "-c",
-                "SELECT system_identifier::text || ' ' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) "
-                "FROM pg_control_system()"]
-        rc, out = _run(argv, 30, env={**os.environ, "PGCONNECT_TIMEOUT": "5"})
-        if rc != 0 or len(out.split()) != 2:
+        another node it came back from) starts a new timeline, whose WAL must not follow the old one's.
+        Asked over a replication connection (IDENTIFY_SYSTEM), so the `host replication ...` line of
+        pg_hba.conf that lets pg_receivewal in is all a replica needs (a normal connection would need a
+        second line for a database; the quickstart's operator had only the first)."""
+        conninfo = (f"host='{self.host}' port={self.port} user='{self.user}' replication=true "
+                    "connect_timeout=5")
+        argv = [os.path.join(self.bindir, "psql"), "-X", "-At", "--no-password", conninfo, "-c", "IDENTIFY_SYSTEM"]
+        rc, out = _run(argv, 30)
+        fields = out.strip().split("|")
+        if rc != 0 or len(fields) < 2 or not fields[0].isdigit() or not fields[1].isdigit():
             raise OSError(f"cannot read the timeline of {self.host}:{self.port}: "
                           + _first_line(out, r"error|FATAL|could not"))
-        return out.strip()
+        return f"{fields[0]} {int(fields[1]):08X}"
 
 
 def source_of(s: SetConfig, roster: dict) -> Source | None:
