@@ -489,12 +489,13 @@ def search_form(set_name: str, pattern: str = "", ignore_case: bool = True) -> s
 
 
 def restorable_window(repo, set_name: str) -> tuple[str, str] | None:
-    """For a database set whose log the replica archives (set `SET.wal`, docs/restore.md): the span it can be
-    restored to any second of, from its oldest snapshot to its newest log archive (UTC). None otherwise."""
+    """For a database set whose log the replica archives (set `SET.wal` for PostgreSQL and SQLite, `SET.binlog`
+    for MariaDB; docs/restore.md): the span it can be restored to any second of, from its oldest snapshot to its
+    newest log archive (UTC). None otherwise."""
     from store.snapshots import list_snapshots
 
     with repo.reading() as txn:
-        wal = list_snapshots(repo, txn, f"{set_name}.wal")
+        wal = list_snapshots(repo, txn, f"{set_name}.wal") + list_snapshots(repo, txn, f"{set_name}.binlog")
         snaps = list_snapshots(repo, txn, set_name) if wal else []
     if not wal or not snaps:
         return None

@@ -392,6 +392,9 @@ def test_restore_at_a_second_rolls_the_image_forward_from_the_archived_binlog(ma
         master.sql("INSERT INTO shop.acks (n) VALUES (4)")
         caught_up(rec, master)
         assert rec.archive_now()
+        from davserver.provider import restorable_window
+        window = restorable_window(repo, "shop")  # what the WebDAV view shows for the set
+        assert window is not None and window[0] <= window[1], window
     finally:
         rec.stop()
         repo.close()
