@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import blob_ids, opened, pit_env, rand_bytes, run_pit
+from conftest import blob_ids, pit_env, rand_bytes, run_pit
+from test_repl_helpers import cluster  # noqa: F401  (the fixture)
 from maint_helpers import pack_path
 from store import packs as P
 from store.crypto import SEAL_OVERHEAD, SealedCodec
@@ -387,3 +388,42 @@ def test_worker_processes_seal_what_they_encode(tmp_path, monkeypatch):
     got = tree_bytes(tmp_path / "out" / "src")
     assert got.pop("big.bin") == rand_bytes(3_000_000, "enc-big") and got == files
     assert_nothing_plain(repo, files, keys)
+
+
+# ------------------------------------------------------------------ replication into an encrypted replica
+def test_a_plain_master_replicates_into_an_encrypted_replica(cluster, tmp_path, monkeypatch):
+    """The wire carries logical ids and zstd payloads; the replica seals them with its own key (its agent
+    file's key_file), so its snapshot restores byte for byte and its packs hold no plain id."""
+    from test_repl_helpers import pit, read_tree, replica_snapshots, wait_for, write
+
+    c = cluster(replicas=1)
+    key = str(tmp_path / "replica.key")
+
+    def add_encrypted(r, start=True):
+        os.makedirs(r.dir, exist_ok=True)
+        token = pit("cluster", "token", "--state", c.primary.state).stdout.strip()
+        pit("join", "--state", r.state, token, "--node", r.name, "--address", r.address)
+        pit("--repo", r.repo, "--key-file", key, "init", "--encrypt")
+        r.write_config(f'key_file = "{key}"')
+        if start:
+            r.start()
+
+    c.add = add_encrypted
+    files = {"rand.bin": rand_bytes(300_000, "repl-rand"), "marker.txt": MARKER * 3000,
+             "small.txt": MARKER + b" alone\n"}
+    for name, data in files.items():
+        write(os.path.join(c.src, name), data)
+    monkeypatch.delenv("PIT_KEY_FILE", raising=False)
+    monkeypatch.delenv("PIT_PASSWORD", raising=False)
+    c.start()  # the agents get no key in their environment: the replica's comes from its agent file
+    r = c.replicas[0]
+    monkeypatch.setenv("PIT_KEY_FILE", key)  # for this process's reads of the replica's repository
+    wait_for(lambda: c.converged(r), 60, "seeding the encrypted replica")
+    c.primary.ctl("point", "--set", "web")
+    snaps = replica_snapshots(r.repo, "web")
+    assert snaps and snaps[-1][1] == read_tree(c.src)
+    with Repository(r.repo, readonly=True) as repo:
+        assert repo.codec.sealed
+    _restore(r.repo, KeySource(key_file=key), snaps[-1][0], tmp_path / "out")
+    assert tree_bytes(tmp_path / "out" / "data") == files
+    assert_nothing_plain(r.repo, files, KeySource(key_file=key))
