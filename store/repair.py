@@ -123,17 +123,31 @@ def _scan_packs(repo, report: RepairReport, progress=None):
             if f.kind in (P.CHUNK, P.TREE, P.FILELIST):
                 places.setdefault(f.id, (num, f))
             elif f.kind == P.SNAPSHOT:
-                _, _, data = repo.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
-                snaps[f.id] = data
+                data = _record(repo, rd, name, f, report)
+                if data is not None:
+                    snaps[f.id] = data
             elif f.kind == P.TOMBSTONE:
                 tombs.add(f.id)
             elif f.kind == P.SETTING:
-                _, _, data = repo.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
+                data = _record(repo, rd, name, f, report)
+                if data is None:
+                    continue
                 rec = msgpack.unpackb(data)
                 k = (rec["what"], rec["key"])
                 if k not in settings or settings[k]["t"] < rec["t"]:
                     settings[k] = rec
     return places, snaps, tombs, packinfo, settings
+
+
+def _record(repo, rd: _PackReader, name: str, f: P.FrameInfo, report: RepairReport) -> bytes | None:
+    """The plain bytes of a snapshot or setting frame, checked against its id;
+    None (and reported) when they do not match: such a record is not taken."""
+    try:
+        _, _, data = repo.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
+        return data
+    except (IntegrityError, StoreError) as exc:
+        report.packs_damaged.append(f"{name} offset {f.offset}: {exc}")
+        return None
 
 
 def _open_sealed(repo, rd: _PackReader, name: str, frames: list[P.FrameInfo], report: RepairReport
