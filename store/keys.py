@@ -264,7 +264,8 @@ def unlock(repo_path: str, repo_id: str, source: KeySource) -> tuple[bytes, str]
                 master = _unwrap(key, s.record, repo_id)
                 if master is not None:
                     return master, s.id
-        raise WrongKey(f"the key file {source.key_file} opens no key slot of {repo_path}")
+        if source.passphrase is None:  # a passphrase given too is tried next; a prompt is not
+            raise WrongKey(f"the key file {source.key_file} opens no key slot of {repo_path}")
     passphrase = source.passphrase
     if passphrase is None and source.prompt is not None:
         passphrase = source.prompt()
