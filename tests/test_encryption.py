@@ -486,3 +486,24 @@ def test_the_webdav_body_reads_an_encrypted_repository_and_refuses_a_forged_fram
         view = View(r, ALL)
         with pytest.raises(IntegrityError):
             B.Body(view.open(view.resolve(["s", "latest", "src", "rand.bin"]))).read()
+
+
+def test_deep_verify_in_worker_processes_opens_sealed_frames(enc, monkeypatch):
+    """verify --deep hands the codec's key material to its worker processes: they check sealed chunks and
+    find one forged under a good CRC."""
+    from store import verify as V
+
+    repo, keys, files, snap = enc
+    monkeypatch.setattr(V, "PARALLEL_MIN", 0)
+    with Repository(repo, keys=keys) as r:
+        rep = V.verify(r, depth="deep")
+    assert rep.clean and not rep.notes, rep.notes  # no note: the workers ran
+    (cid, e), _ = _two_chunks(repo, keys, snap)
+
+    def flip(frame):
+        frame[P.FRAME_HEADER.size + 20] ^= 0x08
+    _rewrite(pack_path(repo, e.pack), e.offset, flip)
+    with Repository(repo, keys=keys) as r:
+        rep = V.verify(r, depth="deep")
+    assert not rep.notes, rep.notes
+    assert [d.blob for d in rep.damage] == [cid.hex()]
