@@ -1,7 +1,7 @@
 """Side-by-side ingest benchmark: pitstore vs restic vs borg on one dataset, in one run.
 
     python bench/ingest.py [--scale 1.0] [--work /work/bench-data] [--no-peers]
-                           [--only pit,restic,borg] [--no-limits]
+                           [--only pit,restic,borg] [--no-limits] [--encrypt]
 
 Steps (every tool backs up the same directory, so all see byte-identical data):
 
@@ -92,10 +92,11 @@ class Bench:
         if "pit" in only:
             if pit_available():
                 ts.append(Pit(os.path.join(self.repos, "pit"), self.scratch, self.logs,
-                              label="pit", avg_chunk_size=self.a.avg_chunk_size))
+                              label="pit", avg_chunk_size=self.a.avg_chunk_size, encrypt=self.a.encrypt))
                 if not self.a.no_changeset:
                     ts.append(Pit(os.path.join(self.repos, "pit-cs"), self.scratch, self.logs,
-                                  label="pit-cs", avg_chunk_size=self.a.avg_chunk_size))
+                                  label="pit-cs", avg_chunk_size=self.a.avg_chunk_size,
+                                  encrypt=self.a.encrypt))
             else:
                 self.notes.append("pitstore skipped: `pit --help` does not run yet.")
         want_peers = not self.a.no_peers and only & {"restic", "borg"}
@@ -444,6 +445,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-changeset", action="store_true",
                     help="skip the second pitstore repo (the --changes snapshot)")
     ap.add_argument("--avg-chunk-size", type=int, help="pit init --avg-chunk-size")
+    ap.add_argument("--encrypt", action="store_true",
+                    help="pit init --encrypt (a key file in the scratch directory): encryption at rest")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--mutate-seed", type=int, default=1)
     a = ap.parse_args(argv)

@@ -74,23 +74,30 @@ def pit_source_digest() -> str:
 class Pit(Tool):
     name = "pitstore"
 
-    def __init__(self, *a, avg_chunk_size: int | None = None, **kw):
+    def __init__(self, *a, avg_chunk_size: int | None = None, encrypt: bool = False, **kw):
         super().__init__(*a, **kw)
         self.avg_chunk_size = avg_chunk_size
+        self.encrypt = encrypt  # pit init --encrypt, opened by a key file (no KDF in every command's time)
+        self.key_file = os.path.join(self.scratch, f"pit-{self.label}.key")
         self.version = pit_version()
         self.source_digest = pit_source_digest()
         self._snapshot_json: bool | None = None
         self.last_snapshot: dict | None = None
 
     def env(self) -> dict:
-        return {"XDG_CACHE_HOME": os.path.join(self.scratch, f"xdg-cache-{self.label}"),
-                "PIT_REPO": self.repo}
+        env = {"XDG_CACHE_HOME": os.path.join(self.scratch, f"xdg-cache-{self.label}"),
+               "PIT_REPO": self.repo}
+        if self.encrypt:
+            env["PIT_KEY_FILE"] = self.key_file
+        return env
 
     def cmd(self, *args: str) -> list[str]:
         return [PIT, "--repo", self.repo, *args]
 
     def init(self) -> measure.Result:
         extra = ["--avg-chunk-size", str(self.avg_chunk_size)] if self.avg_chunk_size else []
+        if self.encrypt:
+            extra += ["--encrypt"]  # PIT_KEY_FILE (env above): made by init
         return self._run("init", self.cmd("init", *extra))
 
     def backup(self, source: str, changes: str | None = None) -> measure.Result:

@@ -32,9 +32,9 @@ from typing import Iterator
 
 from store.errors import BlobMissing, IntegrityError
 from store.files import data_places
-from store.packs import FRAME_HEADER, FRAME_MAGIC, ZSTD, pack_name
+from store.packs import FRAME_HEADER, pack_name
 from store.packs import CRC
-from store.repository import object_id
+from store.repository import frame_data
 
 RUN_MAX = 256 * 1024  # the most one pread reads (small enough for malloc to reuse, and to stay in cache)
 GAP_MAX = 64 * 1024  # two frames this close are read together (the bytes between are skipped)
@@ -48,18 +48,12 @@ _TRAIL = CRC.size
 
 
 def _frame_data(repo, cid: bytes, e, buf: memoryview, off: int):
-    """The plain bytes of the frame at `off` in `buf`, checked as Repository.read_entry checks them."""
-    magic, kind, flags, _r, stored, raw_len, fid = FRAME_HEADER.unpack_from(buf, off)
-    if magic != FRAME_MAGIC or fid != cid or stored != e.stored_len:
-        raise IntegrityError(f"blob {cid.hex()[:16]}: frame header does not match the index")
-    payload = buf[off + _HDR:off + _HDR + stored]
-    if flags & ZSTD:
-        data = repo.dctx().decompress(payload, max_output_size=raw_len)
-    else:
-        data = payload
-    if len(data) != raw_len or object_id(kind, data) != cid:
-        raise IntegrityError(f"blob {cid.hex()[:16]}: content does not match its id")
-    return data
+    """The plain bytes of the frame at `off` in `buf`, checked as Repository.read_entry checks them
+    (through the repository's frame codec: an encrypted repository's frames are opened here)."""
+    try:
+        return frame_data(repo.codec, repo.dctx(), cid, buf, off, e.stored_len)
+    except IntegrityError as exc:
+        raise IntegrityError(f"blob {cid.hex()[:16]}: {exc}") from None
 
 
 def chunk_data(vf, first: int, last: int) -> Iterator[bytes | memoryview]:

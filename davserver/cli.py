@@ -18,7 +18,9 @@ def _repo(ctx, repo_arg: str | None = None):
     path = repo_arg or (ctx.find_root().obj or {}).get("repo")
     if not path:
         raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
-    repo = Repository(path)
+    from store.cli_support import key_source
+
+    repo = Repository(path, keys=key_source(ctx))  # an encrypted repository: pit's --key-file, PIT_PASSWORD...
     ctx.call_on_close(repo.close)
     return repo
 

@@ -139,7 +139,7 @@ class Agent:
                 else:
                     from .stream.replica import ReplicaSide
 
-                    self.replica = ReplicaSide(self, self.cfg.repo)
+                    self.replica = ReplicaSide(self, self.cfg.repo, key_file=self.cfg.key_file)
             self._wal_receivers(sets)
             self._drop_unauthorised()
             log.info("configuration version %s applied (%d sets)", cfg.version, len(sets))

@@ -549,7 +549,7 @@ def app_tables(v, path):
 
 app_tables.kind = "{SET = {...}}"  # type: ignore[attr-defined]
 
-PATH_KEYS = ("state", "repo", "cluster", "control", "log")  # made absolute against the file's directory
+PATH_KEYS = ("state", "repo", "key_file", "cluster", "control", "log")  # made absolute against the file's directory
 
 
 @dataclass(frozen=True)
@@ -558,6 +558,8 @@ class AgentConfig:
 
     state: str = setting("the node's state directory (keys, certificates, membership)", file_path)
     repo: str | None = setting("the repository this node writes as a replica", file_path, None, shown="none")
+    key_file: str | None = setting("the key file that opens `repo` when it is encrypted (pit init --encrypt)",
+                                   file_path, None, shown="none")
     listen: str | None = setting("where the agent listens", address, None, shown="the init/join address")
     cluster: str | None = setting("the cluster file (the primary only)", file_path, None, shown="none")
     control: str | None = setting("the local control socket", file_path, None, shown="STATE/agent.sock")

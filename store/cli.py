@@ -18,6 +18,7 @@ import click
 
 from .cli_maintenance import COMMANDS
 from .cli_support import PitGroup, StatusLine, fail, mib, one_line, open_repo
+from .cli_keys import key_group
 from .demo import demo_command
 from .errors import InvalidArgument, SnapshotNotFound, StoreError
 
@@ -31,12 +32,18 @@ def _split_spec(spec: str) -> tuple[str, str]:
 
 @click.group(cls=PitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--repo", "-r", envvar="PIT_REPO", metavar="PATH", help="Repository path (or set PIT_REPO).")
+@click.option("--key-file", envvar="PIT_KEY_FILE", metavar="PATH",
+              help="Key file of an encrypted repository (or set PIT_KEY_FILE).")
+@click.option("--password-file", envvar="PIT_PASSWORD_FILE", metavar="PATH",
+              help="File whose first line is an encrypted repository's passphrase (or set PIT_PASSWORD).")
 @click.version_option(package_name="pitstore", prog_name="pit")
 @click.pass_context
-def main(ctx, repo):
+def main(ctx, repo, key_file, password_file):
     """pitstore: continuous data protection, versioned snapshots and restore."""
     ctx.ensure_object(dict)
     ctx.obj["repo"] = repo
+    ctx.obj["key_file"] = key_file
+    ctx.obj["password_file"] = password_file
 
 
 @main.command()
@@ -44,10 +51,16 @@ def main(ctx, repo):
               help="Average FastCDC chunk size, a power of two (default 16384). Fixed for the repository's life.")
 @click.option("--compression-level", default=3, show_default=True, type=int, help="zstd level (1-22).")
 @click.option("--pack-size", default=32, show_default=True, type=int, help="Target pack size in MiB.")
+@click.option("--encrypt/--no-encrypt", default=False, show_default=True,
+              help="Encrypt packs at rest (docs/format.md, section 12). The key comes from --key-file "
+                   "(created when missing) and/or a passphrase (PIT_PASSWORD, --password-file, or asked).")
+@click.option("--cipher", type=click.Choice(["aes-256-gcm", "aes-256-gcm-siv", "chacha20-poly1305"]),
+              default=None, help="The AEAD of an encrypted repository (default aes-256-gcm).")
 @click.pass_context
-def init(ctx, avg_chunk_size, compression_level, pack_size):
+def init(ctx, avg_chunk_size, compression_level, pack_size, encrypt, cipher):
     """Create a new, empty repository."""
     from .chunker import DEFAULT_AVG
+    from .cli_support import key_source
     from .repository import Repository
 
     path = ctx.obj["repo"]
@@ -55,11 +68,21 @@ def init(ctx, avg_chunk_size, compression_level, pack_size):
         raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
     if not 1 <= pack_size <= 1024:
         raise InvalidArgument("--pack-size must be between 1 and 1024 MiB")
+    if cipher and not encrypt:
+        raise InvalidArgument("--cipher needs --encrypt")
+    keys = None
+    if encrypt:
+        keys = key_source(ctx, confirm=True)
+        if keys.passphrase is None and keys.key_file is None:
+            if keys.prompt is None:
+                raise InvalidArgument("--encrypt needs a key: --key-file PATH, --password-file PATH or PIT_PASSWORD")
+            keys.passphrase = keys.prompt()
     repo = Repository.init(path, avg_chunk=avg_chunk_size or DEFAULT_AVG, level=compression_level,
-                           pack_size=pack_size * 1024 * 1024)
+                           pack_size=pack_size * 1024 * 1024, encrypt=encrypt, keys=keys, aead=cipher)
     p = repo.params
+    enc = f", encrypted with {repo.codec.aead_name}" if repo.codec.sealed else ""
     click.echo(f"created repository {repo.id[:12]} at {repo.path} "
-               f"(chunks {p.min_size}/{p.avg_size}/{p.max_size} bytes, zstd {repo.level})")
+               f"(chunks {p.min_size}/{p.avg_size}/{p.max_size} bytes, zstd {repo.level}{enc})")
     repo.close()
 
 
@@ -636,7 +659,7 @@ def stats(ctx, as_json):
 
 
 def _add_commands() -> None:
-    for cmd in (*COMMANDS, demo_command):
+    for cmd in (*COMMANDS, key_group, demo_command):
         main.add_command(cmd)
 
 

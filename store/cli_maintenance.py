@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .cli_support import StatusLine, mib, open_repo
+from .cli_support import key_source, StatusLine, mib, open_repo
 from .errors import DamageFound, InvalidArgument, PermissionDenied, ReadOnlyRepository
 
 
@@ -292,7 +292,7 @@ def repair(ctx, as_json):
         else:
             status.show("repair: writing the new index", force=True, **d)
 
-    rep = rebuild_index(path, progress=progress)
+    rep = rebuild_index(path, progress=progress, keys=key_source(ctx))
     status.done()
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))

@@ -170,12 +170,30 @@ def mib(n: int) -> str:
     return f"{n / 1048576:.1f} MiB"
 
 
+def key_source(ctx, confirm: bool = False):
+    """Where an encrypted repository's key comes from: --key-file (PIT_KEY_FILE),
+    PIT_PASSWORD or --password-file (PIT_PASSWORD_FILE), else a prompt when a
+    person is at the terminal (`confirm`: asked twice, for a new passphrase)."""
+    from .keys import KeySource, read_password_file
+
+    obj = ctx.find_root().obj or {}
+    pw = os.environ.get("PIT_PASSWORD")
+    if pw is None and obj.get("password_file"):
+        pw = read_password_file(obj["password_file"])
+    prompt = None
+    if sys.stdin.isatty():
+        def prompt() -> str:
+            return click.prompt("repository passphrase", hide_input=True, confirmation_prompt=confirm,
+                                err=True)
+    return KeySource(passphrase=pw, key_file=obj.get("key_file") or None, prompt=prompt)
+
+
 def open_repo(ctx, readonly: bool = False, lock_wait: float = 10.0):
     from .repository import Repository
 
     repo_path = ctx.obj["repo"]
     if not repo_path:
         raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
-    repo = Repository(repo_path, readonly=readonly, lock_wait=lock_wait)
+    repo = Repository(repo_path, readonly=readonly, lock_wait=lock_wait, keys=key_source(ctx))
     ctx.call_on_close(repo.close)
     return repo

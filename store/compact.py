@@ -84,29 +84,41 @@ def compact_pack(w, num: int, stats: CompactStats) -> None:
     if frames is None:
         frames = list(P.walk_frames(read, size))
     snaps = w.db["snapshots"]
+    codec = repo.codec
     for f in frames:
         if isinstance(f, IntegrityError):
             raise IntegrityError(f"pack {name}: {f}")
+        buf = None
+        bid = f.id
+        if codec.sealed and f.kind in (P.CHUNK, P.TREE, P.FILELIST, P.SNAPSHOT):
+            # The index knows logical ids; the pack only keyed ones: open the
+            # frame (its seal checked) to learn which blob it holds.
+            buf = read(f.offset, P.FRAME_OVERHEAD + f.stored_len)
+            info, payload = P.decode_frame(buf, f.offset)
+            bid, _ = codec.open(buf, payload)
         keep = False
         entry = None
         if f.kind in (P.CHUNK, P.TREE, P.FILELIST):
-            entry = w.entry(f.id)
+            entry = w.entry(bid)
             if entry is not None:
                 keep = entry.pack == num and entry.offset == f.offset
         elif f.kind == P.SNAPSHOT:
-            keep = w.txn.get(f.id, db=snaps) is not None
+            keep = w.txn.get(bid, db=snaps) is not None
         elif f.kind in (P.TOMBSTONE, P.SETTING):
             keep = True  # tiny; tombstones stop repair resurrecting a dropped snapshot,
             # settings let it restore pins and policies
         if not keep:
             continue
-        info, payload = P.decode_frame(read(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
+        if buf is None:
+            buf = read(f.offset, P.FRAME_OVERHEAD + f.stored_len)
+        info, _payload = P.decode_frame(buf, f.offset)  # the CRC: never copy a damaged frame
         if info.id != f.id or info.kind != f.kind:
             raise IntegrityError(f"pack {name}: frame at {f.offset} is not what the footer says")
-        new_pack, new = w.append_frame(f.kind, f.flags, f.id, bytes(payload), f.raw_len)
+        # The stored bytes as they are: a sealed frame stays sealed under its own header.
+        new_pack, new = w.append_stored_frame(bytes(buf), f.kind, f.flags, f.raw_len)
         if entry is not None:
             entry.pack, entry.offset = new_pack, new.offset
-            w.put_entry(f.id, entry)
+            w.put_entry(bid, entry)
         stats.bytes_copied += P.FRAME_OVERHEAD + f.stored_len
     w.txn.delete(U64.pack(num), db=w.db["packs"])
     doomed = _doomed(w.txn, w.db)

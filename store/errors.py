@@ -142,6 +142,24 @@ class RestoreVerifyFailed(StoreError):
     exit_code = 29
 
 
+class KeyRequired(StoreError):
+    """The repository is encrypted: give its passphrase (PIT_PASSWORD, --password-file) or key file (--key-file, PIT_KEY_FILE)."""
+
+    exit_code = 33
+
+
+class WrongKey(StoreError):
+    """The passphrase or key file given opens none of the repository's key slots."""
+
+    exit_code = 34
+
+
+class KeySlotRefused(StoreError):
+    """The key slot change was refused (the last slot, or the slot in use)."""
+
+    exit_code = 35
+
+
 # LMDB's codes for a damaged environment (MDB_CORRUPTED, MDB_PAGE_NOTFOUND,
 # MDB_INVALID, ...), by py-lmdb class name: a damaged index, which the
 # packs can rebuild. Other LMDB errors are not damage.

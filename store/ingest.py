@@ -253,7 +253,8 @@ class Ingester:
         if self.pool is None and self.read_here >= POOL_AFTER and not self.pool_failed:
             try:
                 self.pool = process_pool(self.workers, worker_init,
-                                         (self.repo.index_dir, self.params, self.repo.level, SEGMENT_BYTES))
+                                         (self.repo.index_dir, self.params, self.repo.level, SEGMENT_BYTES,
+                                          self.repo.codec.spec()))
             except StoreError as exc:  # slower here, but the snapshot is still taken
                 self.pool_failed = True
                 self.warnings.append(f"{exc}; reading every file in this process")
@@ -272,7 +273,8 @@ class Ingester:
                 self.warnings.append(f"cannot start worker processes: {exc}; reading every file in this process")
         self.read_here += sum(min(s.size_hint, SEGMENT_BYTES) for s in segs)
         # here, the writer's own transaction also knows what this session stored
-        self._gather(task, _Done([read_segment(sg, self.params, self.cctx, self.w.has, SEGMENT_BYTES)
+        self._gather(task, _Done([read_segment(sg, self.params, self.cctx, self.w.has, SEGMENT_BYTES,
+                                              self.repo.codec)
                                   for sg in segs]))
 
     def _gather(self, task: Task, fut: Future) -> None:

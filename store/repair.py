@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgpack
 
@@ -115,25 +115,61 @@ def _scan_packs(repo, report: RepairReport, progress=None):
             if torn is not None:
                 report.packs_damaged.append(f"{name} offset {torn}: a partial frame runs past the end of the file "
                                             f"(an interrupted write, or a truncated pack); the pack ends there")
+        if repo.codec.sealed:
+            frames = _open_sealed(repo, rd, name, frames, report)
         packinfo[num] = {"size": size, "sealed": footer is not None, "frames": frames}
         for f in frames:
             report.frames += 1
             if f.kind in (P.CHUNK, P.TREE, P.FILELIST):
                 places.setdefault(f.id, (num, f))
             elif f.kind == P.SNAPSHOT:
-                _, payload = P.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
-                data = repo.dctx().decompress(payload, max_output_size=f.raw_len) if f.flags & P.ZSTD else bytes(payload)
-                snaps[f.id] = data
+                data = _record(repo, rd, name, f, report)
+                if data is not None:
+                    snaps[f.id] = data
             elif f.kind == P.TOMBSTONE:
                 tombs.add(f.id)
             elif f.kind == P.SETTING:
-                _, payload = P.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
-                data = repo.dctx().decompress(payload, max_output_size=f.raw_len) if f.flags & P.ZSTD else bytes(payload)
+                data = _record(repo, rd, name, f, report)
+                if data is None:
+                    continue
                 rec = msgpack.unpackb(data)
                 k = (rec["what"], rec["key"])
                 if k not in settings or settings[k]["t"] < rec["t"]:
                     settings[k] = rec
     return places, snaps, tombs, packinfo, settings
+
+
+def _record(repo, rd: _PackReader, name: str, f: P.FrameInfo, report: RepairReport) -> bytes | None:
+    """The plain bytes of a snapshot or setting frame, checked against its id;
+    None (and reported) when they do not match: such a record is not taken."""
+    try:
+        _, _, data = repo.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
+        return data
+    except (IntegrityError, StoreError) as exc:
+        report.packs_damaged.append(f"{name} offset {f.offset}: {exc}")
+        return None
+
+
+def _open_sealed(repo, rd: _PackReader, name: str, frames: list[P.FrameInfo], report: RepairReport
+                 ) -> list[P.FrameInfo]:
+    """An encrypted repository's frames under their logical ids: each is
+    opened (its seal checked, the id inside it keyed to the stored one), since
+    the pack shows only keyed ids (docs/format.md, 12.4). A frame that does
+    not open is damage, reported like a bad CRC and quarantined under its
+    stored id (the logical one is sealed inside it)."""
+    out = []
+    for f in frames:
+        try:
+            buf = rd(f.offset, P.FRAME_OVERHEAD + f.stored_len)
+            _info, stored = P.decode_frame(buf, f.offset)
+            bid, _ = repo.codec.open(buf, stored)
+        except (IntegrityError, StoreError) as exc:
+            report.packs_damaged.append(f"{name} offset {f.offset}: {exc}")
+            report.quarantined.append({"blob": f.id.hex(), "kind": P.KIND_NAMES.get(f.kind, "?"),
+                                       "pack": name, "offset": f.offset, "reason": str(exc)})
+            continue
+        out.append(replace(f, id=bytes(bid)))
+    return out
 
 
 def _torn_tail(rd: _PackReader, frames: list[P.FrameInfo]) -> int | None:
@@ -149,7 +185,7 @@ def _torn_tail(rd: _PackReader, frames: list[P.FrameInfo]) -> int | None:
     return end if magic == P.FRAME_MAGIC and end + P.FRAME_OVERHEAD + stored > rd.size else None
 
 
-def rebuild_index(repo_path: str, lock_wait: float = 10.0, progress=None) -> RepairReport:
+def rebuild_index(repo_path: str, lock_wait: float = 10.0, progress=None, keys=None) -> RepairReport:
     """Rebuild `<repo>/index` from `<repo>/packs`. Works when the index is missing or broken.
     `progress`, if given, is called with {"phase": "scan", packs, packs_total} per pack read, then
     {"phase": "index"} while the new index is written."""
@@ -158,7 +194,7 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0, progress=None) -> Rep
     t0 = time.monotonic()
     report = RepairReport()
     repo = Repository.__new__(Repository)
-    _open_without_index(repo, repo_path)
+    _open_without_index(repo, repo_path, keys)
     lock = _acquire_lock(os.path.join(repo.path, "lock"), lock_wait)
     try:
         places, snap_records, tombs, packinfo, settings = _scan_packs(repo, report, progress)
@@ -353,25 +389,16 @@ def _mark_damaged(repo, index_dir: str, live: list[Snapshot], bad_ids: set[bytes
         repo.index.close()
 
 
-def _open_without_index(repo, path: str) -> None:
-    """Read config and set up the pack backend, as Repository() does, minus the index."""
-    import json
-
+def _open_without_index(repo, path: str, keys=None) -> None:
+    """Read config, unlock the key and set up the pack backend, as Repository() does, minus the index."""
     from .backend import LocalBackend
     from .cache import LRU
     from .chunker import ChunkerParams
-    from .errors import RepositoryNotFound
+    from .repository import open_codec, read_config
 
     repo.path = os.path.abspath(path)
-    try:
-        with open(os.path.join(repo.path, "config"), "rb") as f:
-            cfg = json.loads(f.read())
-    except (OSError, ValueError):
-        raise RepositoryNotFound(f"no repository at {repo.path}") from None
-    if cfg.get("version") != FORMAT_VERSION:
-        from .errors import FormatVersionError
-
-        raise FormatVersionError(f"repository format version {cfg.get('version')} is not supported")
+    cfg = read_config(repo.path)
+    repo.codec, repo.key_slot = open_codec(repo.path, cfg, keys)
     repo.config, repo.id = cfg, cfg["id"]
     repo.params = ChunkerParams.from_dict(cfg["chunker"])
     repo.level, repo.pack_size = int(cfg["compression"]["level"]), int(cfg["pack_size"])

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import blake3
 import lmdb
@@ -34,14 +34,20 @@ from . import packs as P
 from .backend import LocalBackend, fsync_dir
 from .cache import LRU
 from .chunker import DEFAULT_AVG, ChunkerParams
+from .crypto import FrameCodec, PlainCodec
 from .errors import (
-    BlobMissing, DiskFull, FormatVersionError, IndexMissing, IntegrityError,
+    BlobMissing, DiskFull, FormatVersionError, IndexMissing, IntegrityError, InvalidArgument,
     RepositoryExists, RepositoryLocked, RepositoryNotFound, StoreError, translate,
 )
 from .index import REF, SEQ_AT, SEQ_LE, U64, BlobEntry, Index, PackEntry, next_seq_problem, pack_seqs, ref_of
 
+if TYPE_CHECKING:
+    from .keys import KeySource
+
 FORMAT = "pitstore"
 FORMAT_VERSION = 2  # 2: per-kind ids for trees and filelists, two-level chunk lists
+ENCRYPTED_VERSION = 3  # 2 plus encryption at rest (docs/format.md, section 12): a pit that reads only 2 refuses it
+VERSIONS = (FORMAT_VERSION, ENCRYPTED_VERSION)
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
 DEFAULT_LEVEL = 3
 LOCK_FILE_BYTES = 256 * 1024  # > LMDB's lock table for 1024 readers (64 bytes each plus a header)
@@ -65,6 +71,88 @@ def object_id(kind: int, data: bytes | memoryview) -> bytes:
     return blake3.blake3(data, derive_key_context=ctx).digest()
 
 
+def read_config(path: str) -> dict:
+    """The repository's config, checked for the format and a version this pit reads."""
+    cfg_path = os.path.join(path, "config")
+    try:
+        with open(cfg_path, "rb") as f:
+            cfg = json.loads(f.read())
+    except FileNotFoundError:
+        raise RepositoryNotFound(f"no repository at {path} (run `pit init`)") from None
+    except (OSError, ValueError) as exc:
+        raise RepositoryNotFound(f"{cfg_path} is not a readable repository config: {exc}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise FormatVersionError(f"{path} is not a pitstore repository")
+    if cfg.get("version") not in VERSIONS:
+        raise FormatVersionError(
+            f"repository format version {cfg.get('version')} is not supported "
+            f"(this pit reads versions {', '.join(map(str, VERSIONS))})"
+        )
+    if (cfg.get("version") == ENCRYPTED_VERSION) != ("encryption" in cfg):
+        raise FormatVersionError(f"{path}: format version {cfg.get('version')} and the `encryption` field disagree")
+    return cfg
+
+
+def open_codec(path: str, cfg: dict, keys: "KeySource | None") -> tuple[FrameCodec, str | None]:
+    """The frame codec of a repository, unlocking its master key when it is
+    encrypted; -> (codec, id of the key slot that opened it, or None)."""
+    if cfg.get("version") != ENCRYPTED_VERSION:
+        return PlainCodec(), None
+    from .crypto import EncryptionConfig, SealedCodec
+    from .keys import KeySource, unlock
+
+    enc = EncryptionConfig.from_dict(cfg["encryption"])
+    master, slot = unlock(path, cfg["id"], keys if keys is not None and keys.given() else KeySource.from_env())
+    return SealedCodec(enc.aead, master), slot
+
+
+def _init_keys(path: str, cfg: dict, keys: "KeySource", aead: str | None) -> None:
+    """Make the master key and its first slots; mark the config encrypted."""
+    import secrets
+
+    from .crypto import MASTER_KEY_LEN, EncryptionConfig, default_aead
+    from .keys import add_keyfile_slot, add_passphrase_slot, new_key_file, read_key_file
+
+    master = secrets.token_bytes(MASTER_KEY_LEN)
+    if keys.key_file is not None:
+        key = read_key_file(keys.key_file) if os.path.exists(keys.key_file) else new_key_file(keys.key_file)
+        add_keyfile_slot(path, cfg["id"], master, key)
+    if keys.passphrase is not None:
+        add_passphrase_slot(path, cfg["id"], master, keys.passphrase)
+    cfg["version"] = ENCRYPTED_VERSION
+    cfg["encryption"] = EncryptionConfig(aead or default_aead()).to_dict()
+
+
+def _plain(dctx: zstandard.ZstdDecompressor, flags: int, payload, raw_len: int):
+    if flags & P.ZSTD:
+        try:
+            return dctx.decompress(payload, max_output_size=raw_len)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"cannot decompress: {exc}") from None
+    return payload
+
+
+def frame_data(codec: FrameCodec, dctx: zstandard.ZstdDecompressor, bid: bytes, buf, off: int, stored_len: int,
+               verify: bool = True):
+    """The plain bytes of blob `bid` from the frame at `off` in `buf` (its
+    header and payload; the CRC is not read), checked: the header against the
+    index (magic, stored id, length), the codec's seal, the length and, with
+    `verify`, the content against its id. The one read path of every reader
+    that goes through the index (Repository, the WebDAV body, verify). A
+    stored (uncompressed) payload of a plain repository comes back as a
+    slice of `buf`."""
+    magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(buf, off)
+    if magic != P.FRAME_MAGIC or stored != stored_len or fid != codec.stored_id(bid):
+        raise IntegrityError("frame header does not match the index")
+    start = off + P.FRAME_HEADER.size
+    mv = memoryview(buf)
+    _bid, payload = codec.open(mv[off:start], mv[start:start + stored], bid)
+    data = _plain(dctx, flags, payload, raw_len)
+    if len(data) != raw_len or (verify and object_id(kind, data) != bid):
+        raise IntegrityError("content does not match its id")
+    return data
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -78,26 +166,18 @@ def _atomic_write(path: str, data: bytes) -> None:
 class Repository:
     """An open repository. Cheap to open; safe to share between reader threads."""
 
-    def __init__(self, path: str, readonly: bool = False, lock_wait: float = 10.0) -> None:
+    def __init__(self, path: str, readonly: bool = False, lock_wait: float = 10.0,
+                 keys: "KeySource | None" = None) -> None:
+        """`keys` says where an encrypted repository's key comes from
+        (default: PIT_KEY_FILE, PIT_PASSWORD, PIT_PASSWORD_FILE); a plain
+        repository ignores it."""
         self.path = os.path.abspath(path)
         self.readonly = readonly
-        cfg_path = os.path.join(self.path, "config")
-        try:
-            with open(cfg_path, "rb") as f:
-                cfg = json.loads(f.read())
-        except FileNotFoundError:
-            raise RepositoryNotFound(f"no repository at {self.path} (run `pit init`)") from None
-        except (OSError, ValueError) as exc:
-            raise RepositoryNotFound(f"{cfg_path} is not a readable repository config: {exc}") from None
-        if cfg.get("format") != FORMAT:
-            raise FormatVersionError(f"{self.path} is not a pitstore repository")
-        if cfg.get("version") != FORMAT_VERSION:
-            raise FormatVersionError(
-                f"repository format version {cfg.get('version')} is not supported "
-                f"(this pit reads version {FORMAT_VERSION})"
-            )
+        cfg = read_config(self.path)
         self.config = cfg
         self.id = cfg["id"]
+        # The key first: a wrong one must fail before anything is opened.
+        self.codec, self.key_slot = open_codec(self.path, cfg, keys)
         self.params = ChunkerParams.from_dict(cfg["chunker"])
         self.level = int(cfg["compression"]["level"])
         self.pack_size = int(cfg["pack_size"])
@@ -146,8 +226,18 @@ class Repository:
     # ----------------------------------------------------------------- init
     @classmethod
     def init(cls, path: str, avg_chunk: int = DEFAULT_AVG, level: int = DEFAULT_LEVEL,
-             pack_size: int = DEFAULT_PACK_SIZE) -> "Repository":
+             pack_size: int = DEFAULT_PACK_SIZE, encrypt: bool = False, keys: "KeySource | None" = None,
+             aead: str | None = None) -> "Repository":
+        """A new, empty repository. With `encrypt`, a random master key is
+        made and wrapped by a key slot for each of `keys.key_file` (created
+        when it does not exist) and `keys.passphrase` (at least one)."""
+        from .keys import KeySource
+
         path = os.path.abspath(path)
+        if encrypt:
+            keys = keys or KeySource.from_env()
+            if keys.passphrase is None and keys.key_file is None:
+                raise InvalidArgument("an encrypted repository needs a passphrase or a key file to open it")
         params = ChunkerParams.for_average(avg_chunk)
         if os.path.exists(os.path.join(path, "config")):
             raise RepositoryExists(f"a repository already exists at {path}")
@@ -174,6 +264,8 @@ class Repository:
                 "compression": {"algorithm": "zstd", "level": level},
                 "pack_size": pack_size, "hash": "blake3-256",
             }
+            if encrypt:
+                _init_keys(path, cfg, keys, aead)
             idx = Index(os.path.join(path, "index"), create=True)
             with idx.write() as txn:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=idx.db["meta"])
@@ -198,7 +290,7 @@ class Repository:
             if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or _nearly_full(os.path.dirname(path)):
                 raise DiskFull(f"no space left on device while creating {path}") from exc
             raise
-        return cls(path)
+        return cls(path, keys=keys)
 
     def close(self) -> None:
         self.backend.close()
@@ -243,21 +335,22 @@ class Repository:
     def read_entry(self, bid: bytes, e: BlobEntry, verify: bool = True) -> bytes:
         name = P.pack_name(e.pack)
         frame = self.backend.read(name, e.offset, P.FRAME_HEADER.size + e.stored_len)
-        magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
-        where = f"blob {bid.hex()[:16]} (pack {name} offset {e.offset})"
-        if magic != P.FRAME_MAGIC or fid != bid or stored != e.stored_len:
-            raise IntegrityError(f"{where}: frame header does not match the index")
-        payload = memoryview(frame)[P.FRAME_HEADER.size:]
-        if flags & P.ZSTD:
-            try:
-                data = self.dctx().decompress(payload, max_output_size=raw_len)
-            except zstandard.ZstdError as exc:
-                raise IntegrityError(f"{where}: cannot decompress: {exc}") from None
-        else:
-            data = bytes(payload)
-        if len(data) != raw_len or (verify and object_id(kind, data) != bid):
-            raise IntegrityError(f"{where}: content does not match its id")
-        return data
+        try:
+            data = frame_data(self.codec, self.dctx(), bid, frame, 0, e.stored_len, verify)
+        except IntegrityError as exc:
+            raise IntegrityError(f"blob {bid.hex()[:16]} (pack {name} offset {e.offset}): {exc}") from None
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def decode_frame(self, frame: bytes | memoryview, offset: int = 0) -> tuple[P.FrameInfo, bytes, bytes]:
+        """A whole frame read without the index (repair, compaction, a deep
+        check): its CRC checked, opened by the codec. -> (frame as stored,
+        logical id, plain bytes checked against that id)."""
+        info, stored = P.decode_frame(frame, offset)
+        bid, payload = self.codec.open(frame, stored)
+        data = _plain(self.dctx(), info.flags, payload, info.raw_len)
+        if len(data) != info.raw_len or (object_id(info.kind, data) != bid and info.kind != P.TOMBSTONE):
+            raise IntegrityError(f"frame at pack offset {offset}: content does not match its id")
+        return info, bid, data if isinstance(data, bytes) else bytes(data)
 
     def dctx(self) -> zstandard.ZstdDecompressor:
         """This thread's decompressor (FUSE and WebDAV read on many threads)."""
@@ -445,13 +538,13 @@ class Writer:
     def put_stored(self, kind: int, bid: bytes, flags: int, payload: bytes, raw_len: int) -> None:
         """Append an already-compressed blob and index it. Caller has checked it is new."""
         num, info = self.append_frame(kind, flags, bid, payload, raw_len)
-        self._index_new(bid, BlobEntry(kind, flags, num, info.offset, len(payload), raw_len, -1))
+        self._index_new(bid, BlobEntry(kind, flags, num, info.offset, info.stored_len, raw_len, -1))
 
     def put_encoded(self, kind: int, bid: bytes, flags: int, frame: bytes, stored_len: int, raw_len: int) -> None:
-        """Like put_stored, for a frame a worker thread already encoded."""
+        """Like put_stored, for a frame a worker already encoded with the repository's codec."""
         pack = self._open_pack()
         num = self._pack_num
-        info = pack.append_encoded(frame, kind, flags, bid, stored_len, raw_len)
+        info = pack.append_encoded(frame, kind, flags, bytes(frame[16:48]), stored_len, raw_len)
         self._pack_entry.live += len(frame)
         if pack.size >= self.repo.pack_size:
             self._seal_pack()
@@ -509,11 +602,19 @@ class Writer:
 
     def append_frame(self, kind: int, flags: int, bid: bytes, payload: bytes, raw_len: int
                      ) -> tuple[int, P.FrameInfo]:
-        """Append one frame to the open pack; returns (pack number, frame). Seals a full pack."""
+        """Append one frame to the open pack, encoded by the repository's
+        codec; returns (pack number, frame as stored). Seals a full pack."""
+        frame = self.repo.codec.encode(kind, flags, bid, payload, raw_len)
+        return self.append_stored_frame(frame, kind, flags, raw_len)
+
+    def append_stored_frame(self, frame: bytes, kind: int, flags: int, raw_len: int) -> tuple[int, P.FrameInfo]:
+        """Append a frame's bytes as they are (compaction copies frames
+        without opening them: a sealed frame's associated data is its own
+        header, which does not change with its place)."""
         pack = self._open_pack()
         num = self._pack_num
-        info = pack.append(kind, flags, bid, payload, raw_len)
-        self._pack_entry.live += len(payload) + P.FRAME_OVERHEAD
+        info = pack.append_encoded(frame, kind, flags, bytes(frame[16:48]), len(frame) - P.FRAME_OVERHEAD, raw_len)
+        self._pack_entry.live += len(frame)
         if pack.size >= self.repo.pack_size:
             self._seal_pack()
         return num, info

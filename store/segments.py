@@ -22,6 +22,7 @@ import zstandard
 
 from . import packs as P
 from .chunker import ChunkerParams, chunk_stream
+from .crypto import FrameCodec, codec_from_spec
 
 SEGMENT_BYTES = 8 * 1024 * 1024
 
@@ -67,10 +68,14 @@ class _Window:
 
 
 def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompressor,
-                 known: Callable[[bytes], bool], limit: int = SEGMENT_BYTES) -> SegmentResult:
+                 known: Callable[[bytes], bool], limit: int = SEGMENT_BYTES,
+                 codec: FrameCodec | None = None) -> SegmentResult:
+    """`codec` is the repository's frame codec (crypto.py): an encrypted
+    repository's chunks are sealed here, in the worker, like they are compressed."""
     out = SegmentResult()
     ids, lens, frames = out.ids, out.lens, out.frames
-    encode = P.encode_frame
+    encode = P.encode_frame if codec is None else codec.encode
+    overhead = P.FRAME_OVERHEAD
     done = 0
     try:
         # Each segment opens the file again: never through a symlink, never
@@ -94,9 +99,11 @@ def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompre
                 if not known(h):
                     c = cctx.compress(view)
                     if len(c) < n:
-                        frames[len(ids)] = (P.ZSTD, encode(P.CHUNK, P.ZSTD, h, c, n), len(c))
+                        frame = encode(P.CHUNK, P.ZSTD, h, c, n)
+                        frames[len(ids)] = (P.ZSTD, frame, len(frame) - overhead)
                     else:
-                        frames[len(ids)] = (0, encode(P.CHUNK, 0, h, view, n), n)
+                        frame = encode(P.CHUNK, 0, h, view, n)
+                        frames[len(ids)] = (0, frame, len(frame) - overhead)
                 ids.append(h)
                 lens.append(n)
                 done += n
@@ -115,15 +122,19 @@ def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompre
 _state: dict = {}
 
 
-def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = SEGMENT_BYTES) -> None:
+def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = SEGMENT_BYTES,
+                codec_spec: tuple | None = None) -> None:
     """Each worker reads the committed index itself (LMDB readers may live
-    in any process) to skip compressing chunks the repository has."""
+    in any process) to skip compressing chunks the repository has.
+    `codec_spec` (FrameCodec.spec()) carries an encrypted repository's key
+    material to the worker, which seals the frames it encodes."""
     from .index import Index
 
     _state["index"] = Index(index_dir, readonly=True)
     _state["params"] = params
     _state["cctx"] = zstandard.ZstdCompressor(level=level)
     _state["limit"] = limit
+    _state["codec"] = codec_from_spec(codec_spec)
 
 
 def worker_run(segs: list[Segment]) -> list[SegmentResult]:
@@ -131,4 +142,5 @@ def worker_run(segs: list[Segment]) -> list[SegmentResult]:
     with idx.env.begin(db=idx.db["blobs"], buffers=True) as txn:
         get = txn.get
         known = lambda h: get(h) is not None  # noqa: E731
-        return [read_segment(s, _state["params"], _state["cctx"], known, _state["limit"]) for s in segs]
+        return [read_segment(s, _state["params"], _state["cctx"], known, _state["limit"], _state["codec"])
+                for s in segs]

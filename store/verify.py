@@ -28,6 +28,7 @@ from .index import BLOB, SEQ_AT, SEQ_LE, U64, BlobEntry, PackEntry, ref_of, unpa
 from .snapmeta import get_meta, put_meta
 from .snapshots import Snapshot
 from .trees import DIR, FILE, decode_tree, tree_children
+from .crypto import FrameCodec, PlainCodec, codec_from_spec
 from .workers import default_workers, process_pool, stop_pool
 
 T64 = struct.Struct(">Q")
@@ -168,10 +169,12 @@ class _Walker:
 
         frame = self.repo.backend.read(P.pack_name(e.pack), e.offset, P.FRAME_OVERHEAD + e.stored_len)
         magic, kind, flags, reserved, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
-        if (magic != P.FRAME_MAGIC or fid != bid or stored != e.stored_len or kind != e.kind or flags != e.flags
+        if (magic != P.FRAME_MAGIC or fid != self.repo.codec.stored_id(bid) or stored != e.stored_len
+                or kind != e.kind or flags != e.flags
                 or reserved != 0 or raw_len != e.raw_len):
             raise IntegrityError("frame header does not match the index")
         _info, payload = P.decode_frame(frame, e.offset)
+        _bid, payload = self.repo.codec.open(frame, payload, bid)  # an encrypted frame's seal
         try:
             data = self.repo.dctx().decompress(payload, max_output_size=raw_len) if flags & P.ZSTD else bytes(payload)
         except zstandard.ZstdError as exc:
@@ -306,6 +309,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
         report.problems.append(f"pack {P.pack_name(num)} is on disk but not in the index (run `pit repair`)")
     db = repo.index.db
     nblobs = nparents = 0
+    stored_id = repo.codec.stored_id  # footers list the ids as stored (keyed, when encrypted)
     with txn.cursor(db=repo.index.db["blobs"]) as cur:
         for k, v in cur:
             try:
@@ -317,7 +321,7 @@ def _check_index(repo, txn, w: _Walker, report: VerifyReport) -> None:
             nparents += e.kind in (P.TREE, P.FILELIST)
             _check_count(txn, db, w, report, k, e)
             foot = footers.get(e.pack)
-            if foot is not None and e.offset not in foot.get(k, ()):
+            if foot is not None and e.offset not in foot.get(stored_id(k), ()):
                 report.problems.append(f"blob {k.hex()[:16]}: pack {P.pack_name(e.pack)}'s footer does not list it "
                                        f"at offset {e.offset}")
             size = sizes.get(e.pack, -1)
@@ -425,11 +429,11 @@ class _DeepCheck:
             todo.append((e.pack, e.offset, cid, e))
         todo.sort()
         self.jobs = list(_spans(todo))
-        self.results = (check_span(repo.backend, j) for j in self.jobs)
+        self.results = (check_span(repo.backend, j, repo.codec) for j in self.jobs)
         if sum(j[2] - j[1] for j in self.jobs) < PARALLEL_MIN:
             return
         try:
-            self.pool = process_pool(default_workers(), _worker_init, (repo.backend,))
+            self.pool = process_pool(default_workers(), _worker_init, (repo.backend, repo.codec.spec()))
         except StoreError as exc:  # slower here, but checked all the same
             report.notes.append(f"{exc}; checking in this process")
             return
@@ -437,7 +441,7 @@ class _DeepCheck:
             self.results = self.pool.map(_worker_check, self.jobs)
         except (OSError, BrokenProcessPool) as exc:  # the processes start here (EAGAIN, ENOMEM)
             self.close(failed=True)
-            self.results = (check_span(repo.backend, j) for j in self.jobs)
+            self.results = (check_span(repo.backend, j, repo.codec) for j in self.jobs)
             report.notes.append(f"cannot start worker processes: {exc}; checking in this process")
         except BaseException:
             self.close(failed=True)
@@ -518,21 +522,24 @@ def _spans(todo) -> Iterator[Job]:
 _worker_backend = None
 
 
-def _worker_init(backend) -> None:
-    global _worker_backend
+def _worker_init(backend, codec_spec=None) -> None:
+    global _worker_backend, _worker_codec
     _worker_backend = backend
+    _worker_codec = codec_from_spec(codec_spec)
 
 
 def _worker_check(job: Job) -> list[tuple[int, str]]:
-    return check_span(_worker_backend, job)
+    return check_span(_worker_backend, job, _worker_codec)
 
 
 _zstd = threading.local()
 
 
-def check_span(backend, job: Job) -> list[tuple[int, str]]:
+def check_span(backend, job: Job, codec: FrameCodec | None = None) -> list[tuple[int, str]]:
     """Check every frame of one span as repair would read it (header matches
-    the index, CRC, content hashes to its id); (item index, reason) per bad one."""
+    the index, CRC, an encrypted frame's seal, content hashes to its id);
+    (item index, reason) per bad one."""
+    codec = codec or PlainCodec()
     num, start, end, items = job
     name = P.pack_name(num)
     try:
@@ -550,9 +557,11 @@ def check_span(backend, job: Job) -> list[tuple[int, str]]:
             else:
                 frame = backend.read(name, off, P.FRAME_OVERHEAD + stored_len)
             magic, kind, flags, _r, stored, raw_len, fid = P.FRAME_HEADER.unpack_from(frame, 0)
-            if magic != P.FRAME_MAGIC or fid != cid or stored != stored_len or _r != 0 or kind != want_kind:
+            if (magic != P.FRAME_MAGIC or fid != codec.stored_id(cid) or stored != stored_len or _r != 0
+                    or kind != want_kind):
                 raise IntegrityError("frame header does not match the index")
             _info, payload = P.decode_frame(frame, off)  # the CRC repair relies on
+            _cid, payload = codec.open(frame, payload, cid)
             data = d.decompress(payload, max_output_size=raw_len) if flags & P.ZSTD else payload
             if len(data) != raw_len or blake3.blake3(data).digest() != cid:
                 raise IntegrityError("content does not match its id")

@@ -907,9 +907,11 @@ class Failover:
         if self.agent.replica is not None:
             return kept  # already receiving
         from store.ingest import create_snapshot
+        from store.keys import KeySource
         from store.repository import Repository
 
-        repo = Repository(repo_path)
+        key_file = self.agent.cfg.key_file  # an encrypted repository: the agent file names its key
+        repo = Repository(repo_path, keys=KeySource(key_file=key_file) if key_file else None)
         try:
             for name in self.protected(sets):
                 paths = [p for p in sets[name].paths if os.path.exists(p)]

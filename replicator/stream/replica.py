@@ -32,6 +32,7 @@ import zstandard
 from store import packs as P
 from store.apply import Change, head_root, set_heads, snapshot_head, update_head
 from store.errors import PathNotFound, StoreError
+from store.keys import KeySource
 from store.objects import ObjectReader
 from store.repository import Repository
 from store.retention import apply_retention
@@ -164,9 +165,11 @@ class SetState:
 class ReplicaSide:
     """All sets this node receives, in one repository (chunks dedup across masters)."""
 
-    def __init__(self, agent, repo_path: str) -> None:
+    def __init__(self, agent, repo_path: str, key_file: str | None = None) -> None:
         self.agent = agent
-        self.repo = Repository(repo_path)
+        # An encrypted replica repository is opened with the agent file's `key_file`: received chunks
+        # (logical ids, zstd payloads) are sealed by this repository's own codec as they are stored.
+        self.repo = Repository(repo_path, keys=KeySource(key_file=key_file) if key_file else None)
         self.spool_dir = os.path.join(self.repo.path, "tmp-replication")
         self.lock = threading.Lock()  # one writer and one cache user at a time in this process
         self.digests = TreeDigests()
