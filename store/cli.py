@@ -44,9 +44,20 @@ def main(ctx, repo):
               help="Average FastCDC chunk size, a power of two (default 16384). Fixed for the repository's life.")
 @click.option("--compression-level", default=3, show_default=True, type=int, help="zstd level (1-22).")
 @click.option("--pack-size", default=32, show_default=True, type=int, help="Target pack size in MiB.")
+@click.option("--backend", "backend_url", default=None, metavar="s3://BUCKET/PREFIX",
+              help="Keep the packs in an S3-compatible bucket (the index, lock and a read cache stay in REPO). "
+                   "Credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws.")
+@click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint (MinIO, Ceph, rclone ...).")
+@click.option("--s3-region", default=None, help="The bucket's region.")
+@click.option("--s3-profile", default=None, help="The AWS profile to take credentials from (stored by name only).")
+@click.option("--cache-size", default=1024, show_default=True, type=int, metavar="MiB",
+              help="Cap of the local cache of pack ranges read from the bucket (0: no cache).")
+@click.option("--attach", is_flag=True,
+              help="The bucket already holds a repository: fetch its config; then `pit repair` builds the index.")
 @click.pass_context
-def init(ctx, avg_chunk_size, compression_level, pack_size):
-    """Create a new, empty repository."""
+def init(ctx, avg_chunk_size, compression_level, pack_size, backend_url, s3_endpoint, s3_region, s3_profile,
+         cache_size, attach):
+    """Create a new, empty repository (or attach to one in a bucket)."""
     from .chunker import DEFAULT_AVG
     from .repository import Repository
 
@@ -55,8 +66,20 @@ def init(ctx, avg_chunk_size, compression_level, pack_size):
         raise InvalidArgument("no repository given: use --repo PATH or set PIT_REPO")
     if not 1 <= pack_size <= 1024:
         raise InvalidArgument("--pack-size must be between 1 and 1024 MiB")
+    backend = None
+    if backend_url is not None:
+        from .s3backend import S3Location
+
+        backend = S3Location.parse(backend_url, s3_endpoint, s3_region, s3_profile,
+                                   cache_bytes=cache_size * 1024 * 1024).to_config()
+    elif attach or s3_endpoint or s3_region or s3_profile:
+        raise InvalidArgument("--attach and the --s3-* options need --backend s3://BUCKET/PREFIX")
     repo = Repository.init(path, avg_chunk=avg_chunk_size or DEFAULT_AVG, level=compression_level,
-                           pack_size=pack_size * 1024 * 1024)
+                           pack_size=pack_size * 1024 * 1024, backend=backend, attach=attach)
+    if repo is None:
+        click.echo(f"attached {os.path.abspath(path)} to {backend['url']}; run `pit --repo {path} repair` to build "
+                   f"the index from the bucket")
+        return
     p = repo.params
     click.echo(f"created repository {repo.id[:12]} at {repo.path} "
                f"(chunks {p.min_size}/{p.avg_size}/{p.max_size} bytes, zstd {repo.level})")

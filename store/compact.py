@@ -36,6 +36,8 @@ class CompactStats:
     packs_waiting: int = 0  # retired, waiting for older readers to finish
     damaged: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # What it cost an object-store backend: requests by kind, bytes up and down (None for local packs).
+    backend: dict | None = None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -157,6 +159,12 @@ def compact(repo, threshold: float = DEFAULT_THRESHOLD, max_seconds: float | Non
         raise StoreError("the garbage threshold must be between 0 and 1")
     stats = CompactStats()
     t0 = time.monotonic()
+    counters = getattr(repo.backend, "stats", None)
+    before = counters.copy() if counters is not None else None
+    # Where the open pack is sealed at every commit (an object store), one
+    # session per old pack would leave one small new pack per old one: such
+    # a backend gets several old packs per session, up to a pack's worth of copies.
+    batch_bytes = repo.pack_size if getattr(repo.backend, "seal_on_commit", False) else 0
     done: set[int] = set()
     while max_seconds is None or time.monotonic() - t0 < max_seconds:
         with repo.reading() as txn:
@@ -165,14 +173,26 @@ def compact(repo, threshold: float = DEFAULT_THRESHOLD, max_seconds: float | Non
             progress({"packs_done": len(done), "packs_left": len(todo), "bytes_copied": stats.bytes_copied})
         if not todo:
             break
-        num = todo[0][0]
-        done.add(num)
+        batch: list[int] = []
+        kept = (stats.packs_compacted, stats.bytes_copied, stats.bytes_reclaimed)
         try:
             with repo.writer(lock_wait=lock_wait) as w:
-                compact_pack(w, num, stats)
+                copied0 = stats.bytes_copied
+                for num, pe in todo:
+                    if batch and (not batch_bytes or stats.bytes_copied - copied0 + pe.live > batch_bytes
+                                  or (max_seconds is not None and time.monotonic() - t0 >= max_seconds)):
+                        break
+                    batch.append(num)
+                    done.add(num)
+                    compact_pack(w, num, stats)
         except IntegrityError as exc:
             stats.damaged.append(str(exc))
+            # The session was aborted: only the damaged pack (the last tried) is given up on.
+            done.difference_update(batch[:-1])
+            stats.packs_compacted, stats.bytes_copied, stats.bytes_reclaimed = kept
     with repo.writer(lock_wait=lock_wait) as w:
         delete_doomed(w, stats)
+    if counters is not None:
+        stats.backend = counters.since(before)
     stats.seconds = round(time.monotonic() - t0, 3)
     return stats

@@ -31,7 +31,8 @@ import msgpack
 import zstandard
 
 from . import packs as P
-from .backend import LocalBackend, fsync_dir
+from .backend import fsync_dir
+from .backends import open_backend
 from .cache import LRU
 from .chunker import DEFAULT_AVG, ChunkerParams
 from .errors import (
@@ -101,7 +102,7 @@ class Repository:
         self.params = ChunkerParams.from_dict(cfg["chunker"])
         self.level = int(cfg["compression"]["level"])
         self.pack_size = int(cfg["pack_size"])
-        self.backend = LocalBackend(os.path.join(self.path, "packs"))
+        self.backend = open_backend(self.path, cfg)
         self.index_dir = index_dir = os.path.join(self.path, "index")
         try:
             os.stat(os.path.join(index_dir, "data.mdb"))
@@ -136,6 +137,8 @@ class Repository:
             raise IndexMissing(f"the index of {self.path} is empty; run `pit repair` to rebuild it from the packs")
         if seq_problem:
             raise IndexMissing(f"{self.path}: {seq_problem}; run `pit repair` to rebuild the index from the packs")
+        if not readonly and hasattr(self.backend, "reconcile"):
+            self._reconcile()
         # The write session open in this process, if any: reads through its
         # transaction must also see the blobs it has not flushed yet.
         self.active_writer: "Writer | None" = None
@@ -143,10 +146,33 @@ class Repository:
         self.object_cache: LRU[object] = LRU(8192)
         self._local = threading.local()  # a zstd context is not thread-safe: one per thread
 
+    def _reconcile(self) -> None:
+        """Upload what a crash left staged though committed (docs/format.md, section 10).
+        A failure here only warns: the staged copy still serves reads, and the
+        next open tries again."""
+        import logging
+
+        with self.index.read() as txn:
+            nxt = U64.unpack(txn.get(b"next_pack", db=self.index.db["meta"]))[0]
+        try:
+            n = self.backend.reconcile(nxt)
+        except StoreError as exc:
+            logging.getLogger("pitstore").warning("committed packs are still only staged locally: %s", exc)
+            return
+        if n:
+            logging.getLogger("pitstore").info("uploaded %d committed packs a crash had left staged", n)
+
     # ----------------------------------------------------------------- init
     @classmethod
     def init(cls, path: str, avg_chunk: int = DEFAULT_AVG, level: int = DEFAULT_LEVEL,
-             pack_size: int = DEFAULT_PACK_SIZE) -> "Repository":
+             pack_size: int = DEFAULT_PACK_SIZE, backend: dict | None = None, attach: bool = False
+             ) -> "Repository | None":
+        """Create a repository at `path`. With `backend` (an S3 location's
+        config, see s3backend.S3Location.to_config) its packs live in a
+        bucket; the bucket is checked before anything is created. With
+        `attach` the bucket already holds a repository: its config is fetched
+        and the directory is made ready for `pit repair` to build the index
+        from the bucket (returns None: there is no index to open yet)."""
         path = os.path.abspath(path)
         params = ChunkerParams.for_average(avg_chunk)
         if os.path.exists(os.path.join(path, "config")):
@@ -155,9 +181,23 @@ class Repository:
             raise RepositoryExists(f"{path} exists and is not empty")
         if not 1 <= level <= 22:
             raise StoreError(f"zstd level must be 1..22, not {level}")
+        if attach and not backend:
+            raise StoreError("--attach needs --backend s3://BUCKET/PREFIX")
+        remote = None
+        if backend:
+            remote = open_backend(path, {"backend": backend})
+            remote.check_bucket()
+            existing = remote.get_config()
+            if attach:
+                if existing is None:
+                    raise RepositoryNotFound(f"no repository config in {backend['url']} to attach to")
+                return cls._attach(path, existing, backend)
+            if existing is not None:
+                raise RepositoryExists(f"{backend['url']} already holds a repository; use --attach to use it "
+                                       f"from this directory")
         existed = os.path.isdir(path)
         try:
-            os.makedirs(os.path.join(path, "packs"), exist_ok=True)
+            os.makedirs(os.path.join(path, "staging" if backend else "packs"), exist_ok=True)
             os.makedirs(os.path.join(path, "index"), exist_ok=True)
             # LMDB memory-maps lock.mdb; on a full disk the first store into a
             # sparse page is a SIGBUS, not an error. Allocate its blocks first
@@ -174,6 +214,8 @@ class Repository:
                 "compression": {"algorithm": "zstd", "level": level},
                 "pack_size": pack_size, "hash": "blake3-256",
             }
+            if backend:
+                cfg["backend"] = backend
             idx = Index(os.path.join(path, "index"), create=True)
             with idx.write() as txn:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=idx.db["meta"])
@@ -181,8 +223,11 @@ class Repository:
                 txn.put(b"next_pack", U64.pack(1), db=idx.db["meta"])
                 txn.put(b"next_seq", U64.pack(1), db=idx.db["meta"])
             idx.close()
+            cfg_bytes = json.dumps(cfg, indent=2).encode() + b"\n"
+            if remote is not None:  # the bucket's copy lets another directory attach (`pit init --attach`)
+                remote.put_config(cfg_bytes)
             # The config is written last: its presence means "a complete repository".
-            _atomic_write(os.path.join(path, "config"), json.dumps(cfg, indent=2).encode() + b"\n")
+            _atomic_write(os.path.join(path, "config"), cfg_bytes)
         except (OSError, lmdb.Error, StoreError) as exc:
             # Leave nothing half-made: the next `pit init` must find the path as it was.
             import shutil
@@ -199,6 +244,24 @@ class Repository:
                 raise DiskFull(f"no space left on device while creating {path}") from exc
             raise
         return cls(path)
+
+    @classmethod
+    def _attach(cls, path: str, raw: bytes, backend: dict) -> None:
+        """Write the bucket's config (with the backend as given now: the
+        endpoint may differ from the one the creator used) and nothing else."""
+        try:
+            cfg = json.loads(raw)
+        except ValueError:
+            raise FormatVersionError(f"the config in {backend['url']} is not JSON") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            raise FormatVersionError(f"{backend['url']} does not hold a pitstore repository")
+        if cfg.get("version") != FORMAT_VERSION:
+            raise FormatVersionError(f"repository format version {cfg.get('version')} in {backend['url']} is not "
+                                     f"supported (this pit reads version {FORMAT_VERSION})")
+        cfg["backend"] = backend
+        os.makedirs(path, exist_ok=True)
+        _atomic_write(os.path.join(path, "config"), json.dumps(cfg, indent=2).encode() + b"\n")
+        return None
 
     def close(self) -> None:
         self.backend.close()
@@ -333,7 +396,7 @@ class Writer:
     def _clean_leftover_packs(self) -> None:
         """Packs numbered at or past `next_pack` were never committed: a crash left them."""
         nxt = U64.unpack(self.txn.get(b"next_pack", db=self.db["meta"]))[0]
-        for name in list(self.repo.backend.list()):
+        for name in list(self.repo.backend.list_uncommitted()):
             if P.pack_number(name) >= nxt:
                 self.repo.backend.delete(name)
 
@@ -616,12 +679,18 @@ class Writer:
     def commit(self) -> None:
         try:
             self._sweep_unreferenced()
+            if self.pack is not None and self.repo.backend.seal_on_commit:
+                self._seal_pack()  # an object store: the index names only packs it holds
             if self.pack is not None:
                 self.pack.sync()  # 2. pack bytes durable ...
                 self._pack_entry.size = self.pack.size
                 self.txn.put(U64.pack(self._pack_num), self._pack_entry.encode(), db=self.db["packs"])
             self.txn.put(b"next_seq", U64.pack(self._next_seq), db=self.db["meta"])
             self.txn.commit()  # 3. ... before the index that points at them
+            try:
+                self.repo.backend.after_commit()
+            except OSError:
+                pass  # a staged copy left behind is checked and dropped by the next open (reconcile)
         except lmdb.MapFullError as exc:
             self.abort()
             raise DiskFull("the index is full") from exc
@@ -671,8 +740,8 @@ class Writer:
         for name in self._created_packs:
             try:
                 backend.delete(name)
-            except OSError:
-                pass
+            except (OSError, StoreError):
+                pass  # the next writer's leftover cleanup tries again
         if self._reopened is not None:
             name, size = self._reopened
             try:
