@@ -473,16 +473,21 @@ class S3Backend:
             data = self._get_range(name, offset, length)
         else:
             first, last = offset // bs, (offset + length - 1) // bs
-            blocks: dict[int, bytes] = {}
+            end_off = offset + length
+            parts: list[bytes] = []
             b = first
             while b <= last:
-                got = self.cache.get(name, b)
-                if got is not None:
-                    blocks[b] = got
+                lo = max(offset, b * bs) - b * bs  # the part of block b this read wants
+                hi = min(end_off, (b + 1) * bs) - b * bs
+                got = self.cache.get(name, b, lo, hi - lo)
+                if got is not None and (len(got) == hi - lo or b == last):
+                    parts.append(got)
+                    if len(got) < hi - lo:
+                        break  # the pack ends inside this block: truncated
                     b += 1
                     continue
                 end = b
-                while end < last and self.cache.get(name, end + 1) is None:
+                while end < last and not self.cache.has(name, end + 1):
                     end += 1
                 if self._last_block.get(name) == b - 1:  # reading on from the last fetch: read ahead
                     end = max(end, b + READAHEAD_BLOCKS - 1)
@@ -493,16 +498,14 @@ class S3Backend:
                         break
                     self.cache.put(name, i, piece)
                     if i <= last:
-                        blocks[i] = piece
+                        lo = max(offset, i * bs) - i * bs
+                        hi = min(end_off, (i + 1) * bs) - i * bs
+                        parts.append(piece[lo:hi])
                 self._last_block[name] = end
+                if len(fetched) < (min(end, last) - b + 1) * bs and end_off > b * bs + len(fetched):
+                    break  # the pack ended before the range did
                 b = end + 1
-            parts = []
-            for i in range(first, last + 1):
-                if i not in blocks:
-                    break
-                parts.append(blocks[i])
-            start = offset - first * bs
-            data = b"".join(parts)[start:start + length]
+            data = b"".join(parts)
         if len(data) != length:
             raise BlobMissing(f"pack {name} is truncated: wanted {length} bytes at {offset}, got {len(data)}")
         return data

@@ -64,7 +64,13 @@ class BlockCache:
     def enabled(self) -> bool:
         return self.cap > 0
 
-    def get(self, pack: str, blk: int) -> bytes | None:
+    def has(self, pack: str, blk: int) -> bool:
+        with self._lock:
+            return (pack, blk) in self._lru
+
+    def get(self, pack: str, blk: int, start: int = 0, length: int | None = None) -> bytes | None:
+        """`length` bytes (all when None) from `start` within a cached block, or None.
+        Only the bytes asked for are read: a 16 KiB chunk costs no 1 MiB read."""
         if not self.cap:
             return None
         with self._lock:
@@ -72,8 +78,13 @@ class BlockCache:
                 return None
             self._lru.move_to_end((pack, blk))
         try:
-            with open(self._path(pack, blk), "rb") as f:
-                return f.read()
+            fd = os.open(self._path(pack, blk), os.O_RDONLY)
+            try:
+                if length is None:
+                    length = os.fstat(fd).st_size - start
+                return os.pread(fd, length, start)
+            finally:
+                os.close(fd)
         except OSError:  # evicted by another process: forget it here too
             with self._lock:
                 size = self._lru.pop((pack, blk), None)

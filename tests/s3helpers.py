@@ -6,7 +6,8 @@
   not have (conditional writes).
 - `FaultProxy`: an HTTP proxy in front of either that can answer 500, cut
   the connection in the middle of a request body, or delay a response, by
-  rule or at random from a seeded `random.Random`.
+  rule or at random from a seeded `random.Random`; it counts requests and
+  bytes each way (bench/s3.py uses it as a meter, with no faults).
 
 Every server is stopped by the fixture that started it.
 """
@@ -154,8 +155,20 @@ class Chaos:
 class FaultLog:
     counts: dict[str, int] = field(default_factory=dict)
 
+    bytes: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
     def add(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
+        with self._lock:
+            self.counts[what] = self.counts.get(what, 0) + 1
+
+    def add_bytes(self, way: str, n: int) -> None:
+        with self._lock:
+            self.bytes[way] += n
+
+    def requests(self) -> dict[str, int]:
+        """Requests by HTTP method, as the server saw them (faults not included)."""
+        return {k.split(" ", 1)[1]: v for k, v in self.counts.items() if k.startswith("request ")}
 
 
 class FaultProxy:
@@ -240,6 +253,7 @@ class FaultProxy:
                 pass
             return
         body = h.rfile.read(length) if length else b""
+        self.log.add_bytes("up", len(body))
         if action == "500":
             self.log.add(f"500 {method}")
             msg = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
@@ -274,6 +288,7 @@ class FaultProxy:
                 h.send_header("Content-Length", str(len(data)))
             h.end_headers()
             if method != "HEAD":
+                self.log.add_bytes("down", len(data))
                 h.wfile.write(data)
         finally:
             conn.close()

@@ -303,3 +303,27 @@ def test_local_repositories_are_unchanged(tmp_path):
     assert "backend" not in json.load(open(os.path.join(path, "config")))
     with opened(path) as r:
         assert type(r.backend).__name__ == "LocalBackend" and not r.backend.seal_on_commit
+
+
+def test_ranged_reads_through_the_cache_return_exactly_the_bytes(rclone, tmp_path):
+    """Random ranges across block boundaries, cold and warm, match the object; past its end is BlobMissing."""
+    import random
+
+    from store.errors import BlobMissing
+
+    bucket = rclone.make_bucket(f"b{uuid.uuid4().hex[:12]}")
+    loc = S3Location.parse(f"s3://{bucket}/p", rclone.endpoint)
+    name = P.pack_name(3)
+    payload = rand_bytes(2 * MiB + 12345, "ranges")
+    _stage_and_upload(str(tmp_path / "w"), loc, name, payload)
+    whole = P.PACK_HEADER.pack(P.PACK_MAGIC, P.PACK_VERSION, 0) + payload
+    rnd = random.Random(7)
+    b = S3Backend(str(tmp_path / "r"), loc, cache_bytes=64 * MiB)
+    for _ in range(60):
+        off = rnd.randrange(0, len(whole))
+        n = rnd.randint(1, min(len(whole) - off, 3 * MiB))
+        assert b.read(name, off, n) == whole[off:off + n], (off, n)
+    assert b.read(name, len(whole) - 5, 5) == whole[-5:]
+    for off, n in ((len(whole) - 5, 6), (len(whole) - MiB, MiB + 1), (len(whole), 1)):
+        with pytest.raises(BlobMissing):
+            b.read(name, off, n)
