@@ -131,7 +131,7 @@ def check_agent_config(raw: dict, path: str) -> AgentConfig:
 
 
 # ------------------------------------------------------------------ the agent file `pit cluster init`/`pit join` write
-AGENT_FILE_KEYS = ("state", "repo", "cluster", "metrics")  # what --agent-config writes, in this order
+AGENT_FILE_KEYS = ("state", "repo", "backend", "s3_endpoint", "cluster", "metrics")  # what --agent-config writes, in this order
 
 
 def _toml_string(v: str) -> str:

@@ -327,3 +327,32 @@ def test_ranged_reads_through_the_cache_return_exactly_the_bytes(rclone, tmp_pat
     for off, n in ((len(whole) - 5, 6), (len(whole) - MiB, MiB + 1), (len(whole), 1)):
         with pytest.raises(BlobMissing):
             b.read(name, off, n)
+
+
+def test_a_replica_repository_named_with_a_backend_is_made_in_its_bucket(rclone, tmp_path):
+    """The agent config's `backend` / `s3_endpoint` (and `pit join --repo DIR --backend URL`)."""
+    from replicator.agent import _create_replica_repo
+    from replicator.commands.cluster import _ensure_repo
+    from replicator.config import check_agent_config
+    from replicator.errors import ConfigError
+    from replicator.settings import AgentConfig
+
+    bucket = rclone.make_bucket(f"b{uuid.uuid4().hex[:12]}")
+    cfg = AgentConfig(state=str(tmp_path / "state"), repo=str(tmp_path / "replica"),
+                      backend=f"s3://{bucket}/replica", s3_endpoint=rclone.endpoint)
+    assert _create_replica_repo(cfg)
+    with opened(cfg.repo) as r:
+        assert isinstance(r.backend, S3Backend) and r.backend.loc.url == f"s3://{bucket}/replica"
+    assert _create_replica_repo(cfg)  # there already: kept
+    assert bucket_keys(rclone, f"s3://{bucket}/replica") == ["replica/config"]
+    # a second directory cannot silently take the same prefix: the agent logs it and waits
+    assert not _create_replica_repo(AgentConfig(state=cfg.state, repo=str(tmp_path / "other"), backend=cfg.backend,
+                                                s3_endpoint=rclone.endpoint))
+    assert not (tmp_path / "other").exists()
+    msg = _ensure_repo(str(tmp_path / "joined"), f"s3://{bucket}/joined", rclone.endpoint)
+    assert msg.startswith("created repository")
+    assert json.load(open(tmp_path / "joined" / "config"))["backend"]["url"] == f"s3://{bucket}/joined"
+    agent_file = tmp_path / "agent.toml"
+    agent_file.write_text(f'state = "{tmp_path}/state"\nrepo = "{tmp_path}/r"\nbackend = "s3://"\n')
+    with pytest.raises(ConfigError, match="backend"):
+        check_agent_config(__import__("tomllib").loads(agent_file.read_text()), str(agent_file))

@@ -63,13 +63,18 @@ def _wrote(plan: dict, done: str) -> None:
 @click.option("--repo", default=None, metavar="DIR",
               help="The repository this node receives into once another node has led (rejoin and `pit failback` "
                    "need it): created when absent; with --agent-config, the file's `repo`.")
+@click.option("--backend", "backend", default=None, metavar="s3://BUCKET/PREFIX",
+              help="With --repo: keep that repository's packs in an S3-compatible bucket (docs/store.md); "
+                   "with --agent-config, the file's `backend`.")
+@click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint of --backend.")
 @AGENT_CONFIG
 @click.option("--cluster", "cluster_file", default=None, metavar="FILE",
               help="With --agent-config: the cluster file the primary's agent reads (the file's `cluster`; "
                    "default: cluster.toml beside the agent configuration).")
 @METRICS
 @FORCE
-def cluster_init(state, node, address, join_address, repo, agent_config, cluster_file, metrics, force):
+def cluster_init(state, node, address, join_address, repo, backend, s3_endpoint, agent_config, cluster_file, metrics,
+                 force):
     """Create the cluster CA and this primary's certificate; with --repo, the repository it rejoins into after
     a failover; with --agent-config, also its agent configuration (state, repo, cluster file, metrics)."""
     from ..config import plan_agent_config, write_agent_config
@@ -77,6 +82,7 @@ def cluster_init(state, node, address, join_address, repo, agent_config, cluster
     from ..stream.membership import ca_fingerprint, init_cluster
 
     node = node or socket.gethostname().split(".")[0].lower()
+    _backend_needs_repo(repo, backend, s3_endpoint)
     _needs_agent_config(agent_config, cluster=cluster_file, metrics=metrics, force=force)
     if os.path.exists(os.path.join(state, "node.json")):
         raise ClusterExists(f"{os.path.abspath(state)} already holds a cluster membership")
@@ -87,10 +93,11 @@ def cluster_init(state, node, address, join_address, repo, agent_config, cluster
         cfile = cluster_file or os.path.join(os.path.dirname(os.path.abspath(agent_config)), "cluster.toml")
         plan = plan_agent_config(agent_config, {"state": os.path.abspath(state),
                                                 "repo": os.path.abspath(repo) if repo else None,
+                                                "backend": backend, "s3_endpoint": s3_endpoint,
                                                 "cluster": os.path.abspath(cfile), "metrics": metrics},
                                  "pit cluster init", force)
     if repo:
-        click.echo(_ensure_repo(repo))
+        click.echo(_ensure_repo(repo, backend, s3_endpoint))
     st = init_cluster(state, node, address, join_address)
     click.echo(f"cluster created: primary {st.node} at {address}, joins at {st.info['join_address']}")
     click.echo(f"CA fingerprint sha256:{ca_fingerprint(st)}")
@@ -152,15 +159,34 @@ def cluster_secondary(node, cluster_file):
     click.echo(f"secondary station: {before.secondary} -> {node} (the running primary pushes it now)")
 
 
-def _ensure_repo(path: str) -> str:
-    """The replica repository at PATH, made as `pit --repo PATH init` makes it when there is none."""
+def _backend_needs_repo(repo, backend, s3_endpoint) -> None:
+    """--backend and --s3-endpoint describe the --repo to create: refused without it, and a bad URL is
+    refused before anything changes."""
+    if (backend or s3_endpoint) and not repo:
+        raise click.UsageError("--backend and --s3-endpoint need --repo DIR (the repository they describe)")
+    if s3_endpoint and not backend:
+        raise click.UsageError("--s3-endpoint needs --backend s3://BUCKET/PREFIX")
+    if backend:
+        from store.s3backend import S3Location
+
+        S3Location.parse(backend, s3_endpoint)
+
+
+def _ensure_repo(path: str, backend: str | None = None, s3_endpoint: str | None = None) -> str:
+    """The replica repository at PATH, made as `pit --repo PATH init [--backend URL --s3-endpoint URL]`
+    makes it when there is none."""
     from store.repository import Repository
 
     path = os.path.abspath(path)
     if os.path.exists(os.path.join(path, "config")):
         Repository(path, readonly=True).close()  # a repository this pit reads (else its one-line error)
         return f"repository {path} is already there: kept"
-    repo = Repository.init(path)
+    spec = None
+    if backend:
+        from store.s3backend import S3Location
+
+        spec = S3Location.parse(backend, s3_endpoint).to_config()
+    repo = Repository.init(path, backend=spec)
     try:
         p = repo.params
         return (f"created repository {repo.id[:12]} at {repo.path} "
@@ -177,16 +203,21 @@ def _ensure_repo(path: str) -> str:
 @click.option("--repo", default=None, metavar="DIR",
               help="The repository this node keeps its replicas in: created when absent (as `pit --repo DIR "
                    "init`); with --agent-config, the file's `repo`.")
+@click.option("--backend", "backend", default=None, metavar="s3://BUCKET/PREFIX",
+              help="With --repo: keep that repository's packs in an S3-compatible bucket (docs/store.md); "
+                   "with --agent-config, the file's `backend`.")
+@click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint of --backend.")
 @AGENT_CONFIG
 @METRICS
 @FORCE
-def join(state, token, node, address, repo, agent_config, metrics, force):
+def join(state, token, node, address, repo, backend, s3_endpoint, agent_config, metrics, force):
     """Join the cluster named by TOKEN (from `pit cluster token`); with --repo and --agent-config, also make
     the node's repository and write its agent configuration."""
     from ..names import check_node_id, parse_address
     from ..stream.membership import join as do_join, parse_token
 
     node = node or socket.gethostname().split(".")[0].lower()
+    _backend_needs_repo(repo, backend, s3_endpoint)
     _needs_agent_config(agent_config, metrics=metrics, force=force)
     # everything that can be checked here is, before the join spends a use of the token
     check_node_id(node)
@@ -200,9 +231,10 @@ def join(state, token, node, address, repo, agent_config, metrics, force):
 
         plan = plan_agent_config(agent_config, {"state": os.path.abspath(state),
                                                 "repo": os.path.abspath(repo) if repo else None,
+                                                "backend": backend, "s3_endpoint": s3_endpoint,
                                                 "metrics": metrics}, "pit join", force)
     if repo:
-        click.echo(_ensure_repo(repo))
+        click.echo(_ensure_repo(repo, backend, s3_endpoint))
     st = do_join(token, state, node, address)
     click.echo(f"joined as {st.node}; primary is {st.primary}")
     if plan:
