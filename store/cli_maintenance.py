@@ -171,7 +171,8 @@ def backend_cost_line(cost: dict) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def compact(ctx, threshold, max_seconds, as_json):
-    """Rewrite packs whose garbage passes the threshold and delete the old ones."""
+    """Rewrite packs whose garbage passes the threshold and delete the old ones (in a bucket: also merge
+    small packs)."""
     from .compact import compact as run
 
     repo = open_repo(ctx)

@@ -384,3 +384,33 @@ def test_multipart_upload_is_checked_and_reads_back(server, request, tmp_path, m
     assert b.stats.requests.get("GetObject", 0) == (0 if head["ETag"].strip('"') == whole_md5 else 2)
     r = S3Backend(str(tmp_path / "r"), loc, cache_bytes=0)
     assert r.read(name, P.PACK_HEADER.size, len(payload)) == payload
+
+
+def test_compaction_merges_the_small_packs_of_many_commits(rclone, tmp_path):
+    """Every commit seals its pack (an object store cannot append): many small snapshots make many small
+    packs, which compaction merges (restic's "repack small packs"); a local repository is not touched."""
+    repo, url = s3_repo(rclone, tmp_path, pack_mib=4)
+    expected: dict[str, dict] = {}
+    src = tmp_path / "src"
+    for t in range(5):
+        make_tree(src, {f"f{t}.bin": rand_bytes(60_000, f"small{t}"), "gen.txt": b"%d\n" % t})
+        expected[cli_json(repo, "snapshot", "--set", "s", str(src))["id"]] = tree_digest(src)
+    before = [k for k in bucket_keys(rclone, url) if k.endswith(".pack")]
+    assert len(before) == 5
+    st = cli_json(repo, "compact")
+    assert st["packs_compacted"] == 5 and st["packs_deleted"] == 5, st
+    after = [k for k in bucket_keys(rclone, url) if k.endswith(".pack")]
+    assert len(after) == 1 and after[0] not in before
+    assert cli_json(repo, "compact")["packs_compacted"] == 0  # the merged pack is not rewritten again
+    for sid, want in expected.items():
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        restore(repo, sid, out)
+        assert tree_digest(out / "src") == want
+    assert cli_json(repo, "verify", "--deep")["result"] == "good"
+    local = str(tmp_path / "local")
+    Repository.init(local, pack_size=4 * MiB).close()
+    for t in range(3):
+        make_tree(src, {f"l{t}.bin": rand_bytes(60_000, f"l{t}")})
+        cli_json(local, "snapshot", "--set", "s", str(src))
+    assert cli_json(local, "compact")["packs_compacted"] == 0
