@@ -375,8 +375,16 @@ class S3Backend:
         self.staging.delete(name)
 
     def _delete_remote(self, name: str) -> None:
-        self._call(f"deleting pack {name}", self.client.delete_object, Bucket=self.loc.bucket,
-                   Key=self.loc.pack_key(name))
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.loc.bucket, Key=self.loc.pack_key(name))
+        except ClientError as exc:
+            code, status = _client_error_code(exc)
+            if not (status == 404 or code in ("NoSuchKey", "404")):  # gone already is what we wanted
+                raise translate(exc, self.loc, f"deleting pack {name}") from exc
+        except Exception as exc:
+            raise translate(exc, self.loc, f"deleting pack {name}") from exc
         self._uploaded.discard(name)
         self._sizes.pop(name, None)
         self._last_block.pop(name, None)
@@ -570,9 +578,13 @@ class S3Backend:
         want = (size, md5.hexdigest(), sha.hexdigest())
         guard = self._conditional_writes()
         last_exc: BaseException | None = None
+        bad_copy = False  # our last PUT did not read back right: that object is ours to replace
         for attempt in range(UPLOAD_ATTEMPTS):
             try:
-                if not guard or attempt > 0:
+                if bad_copy:
+                    self.client.delete_object(Bucket=self.loc.bucket, Key=key)
+                    bad_copy = False
+                elif not guard or attempt > 0:
                     head = self._head(key)
                     if head is not None:
                         if self._matches(name, key, head, want, path):
@@ -583,6 +595,7 @@ class S3Backend:
                 self._put(name, key, path, want, guard)
                 head = self._head(key)
                 if head is None or not self._matches(name, key, head, want, path):
+                    bad_copy = head is not None
                     raise _UploadMismatch(f"pack {name} read back differently after the upload")
                 break
             except StoreError:

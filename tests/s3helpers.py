@@ -132,7 +132,7 @@ class MotoS3:
 class Rule:
     """Do `action` to the next `times` requests matching `method` (None: any) whose path contains `path`."""
 
-    action: str  # "500", "cut" (close mid-body), "delay"
+    action: str  # "500", "cut" (close mid-body), "delay", "corrupt" (flip a bit of the body, forward it)
     method: str | None = None
     path: str = ""
     times: int = 1
@@ -254,6 +254,11 @@ class FaultProxy:
             return
         body = h.rfile.read(length) if length else b""
         self.log.add_bytes("up", len(body))
+        if action == "corrupt" and body:
+            self.log.add(f"corrupt {method}")
+            flipped = bytearray(body)
+            flipped[len(body) // 2] ^= 0x01  # one bit on the way: the headers (Content-MD5) still say the original
+            body = bytes(flipped)
         if action == "500":
             self.log.add(f"500 {method}")
             msg = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'

@@ -189,3 +189,16 @@ def test_sigkill_mid_upload(seed, proxy, rclone, tmp_path):
     check_all(repo, tmp_path, expected)
     assert "killed" in outcomes, f"seed {seed}: no kill landed before the commit: {outcomes}"
     json.dumps(outcomes)
+
+
+def test_a_pack_damaged_on_the_way_up_is_sent_again(proxy, rclone, tmp_path):
+    """A bit flipped in the PUT body: the server refuses it (Content-MD5), or stores it and the check
+    after the upload (ETag, SHA-256 metadata, re-read) catches it; either way the pack is sent again
+    and what the index names is intact."""
+    repo = init_behind(proxy, rclone, tmp_path)
+    src = tmp_path / "src"
+    generation(src, 0, random.Random(2))
+    proxy.add(Rule("corrupt", method="PUT", path="/packs/", times=2))
+    expected = {cli_json(repo, "snapshot", "--set", "s", str(src))["id"]: tree_digest(src)}
+    assert proxy.log.counts.get("corrupt PUT") == 2
+    check_all(repo, tmp_path, expected)
