@@ -184,6 +184,7 @@ class FaultProxy:
         self.chaos: Chaos | None = None
         self.log = FaultLog()
         self._lock = threading.Lock()
+        self.pack_put = threading.Event()  # set when a pack upload starts arriving (tests kill the client then)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -239,6 +240,8 @@ class FaultProxy:
     def _forward(self, h: BaseHTTPRequestHandler) -> None:
         method = h.command
         length = int(h.headers.get("Content-Length") or 0)
+        if method in ("PUT", "POST") and "/packs/" in h.path:
+            self.pack_put.set()
         self.log.add(f"request {method}")
         decision = self._decide(method, h.path)
         action, seconds = decision if decision else (None, 0)
