@@ -118,14 +118,14 @@ class Runner:
             self.sh("pit-init", [pit, "--repo", repo, "init", "--backend", "s3://bench-pit/repo",
                                  "--s3-endpoint", srv.endpoint])
             if restic:
-                self.sh("restic-init", [restic, "-r", restic_repo, "init"])
+                self.sh("restic-init", [restic, "-r", restic_repo, "init", "--repository-version", "2"])
             for t in tools:
                 measure.drop_caches()
                 if t == "pit":
                     wall, _ = self.sh("pit-backup1", [pit, "--repo", repo, "snapshot", "--set", "bench", self.data])
                 else:
                     wall, _ = self.sh("restic-backup1", [restic, "-r", restic_repo, "backup", "--host", "bench",
-                                                         self.data])
+                                                         "--compression", "auto", self.data])
                 self.row(t, "initial backup", wall, logical, bucket_MB=round(
                     self.bucket_bytes(srv, f"bench-{t}") / MB, 1))
             # 2. restore, checked
@@ -149,7 +149,8 @@ class Runner:
             for t in tools:
                 measure.drop_caches()
                 if t == "pit":
-                    wall, _ = self.sh("pit-verify-deep", [pit, "--repo", repo, "verify", "--deep"])
+                    wall, _ = self.sh("pit-verify-deep", [pit, "--repo", repo, "verify", "--deep",
+                                                            "--recheck-after", "0"])
                 else:
                     wall, _ = self.sh("restic-check", [restic, "-r", restic_repo, "check", "--read-data"])
                 self.row(t, "deep check", wall, self.bucket_bytes(srv, f"bench-{t}"))
@@ -168,7 +169,8 @@ class Runner:
                                                           self.data], env=env)
                     else:
                         wall, _ = self.sh("restic-backup2", [restic, "-r", f"s3:{proxy.endpoint}/bench-restic",
-                                                             "backup", "--host", "bench", self.data])
+                                                             "backup", "--host", "bench", "--compression", "auto",
+                                                             self.data])
                     req = proxy.log.requests()
                     self.row(t, "backup after 1 % change", wall, logical, requests=req,
                              requests_total=sum(req.values()), MB_up=round(proxy.log.bytes["up"] / MB, 2),

@@ -151,6 +151,7 @@ def test_prune_and_compact_report_requests_and_bytes(rclone, tmp_path):
     comp = out["compact"]
     assert comp["packs_compacted"] >= 1 and comp["packs_deleted"] >= 1, comp
     cost = comp["backend"]
+    print(f"prune: {out['backend']}; compaction alone: {cost}; {comp['packs_compacted']} packs compacted")
     assert cost["requests"].get("DeleteObject", 0) >= comp["packs_deleted"]
     assert cost["requests_total"] == sum(cost["requests"].values()) > 0
     assert cost["bytes_down"] > 0  # the live frames were read back from the bucket
