@@ -470,7 +470,8 @@ class S3Backend:
                 if not _transient(exc):
                     raise translate(exc, self.loc, f"reading pack {name}") from exc
                 last_exc = exc
-            _backoff(attempt)
+            if attempt + 1 < GET_ATTEMPTS:
+                _backoff(attempt)
         raise translate(last_exc, self.loc, f"reading pack {name}")
 
     def _read_remote(self, name: str, offset: int, length: int) -> bytes:
@@ -610,7 +611,8 @@ class S3Backend:
                     last_exc = exc
                 log.warning("upload of pack %s failed (attempt %d of %d): %s", name, attempt + 1, UPLOAD_ATTEMPTS,
                             exc)
-                _backoff(attempt)
+                if attempt + 1 < UPLOAD_ATTEMPTS:
+                    _backoff(attempt)
         else:
             if isinstance(last_exc, _UploadMismatch):
                 raise BackendError(f"pack {name} did not arrive intact in {self.loc.url} after {UPLOAD_ATTEMPTS} "
