@@ -34,6 +34,7 @@ import random
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .backend import LocalBackend
@@ -51,6 +52,7 @@ UPLOAD_ATTEMPTS = 4  # our retries of a whole upload, on top of botocore's per r
 GET_ATTEMPTS = 3  # a body cut mid-stream is not retried by botocore
 READAHEAD_BLOCKS = 8  # a sequential reader (repair, compaction) gets this many blocks per GET
 BYPASS_BLOCKS = 4  # reads longer than this many blocks (verify's spans) skip the cache
+HOT_BLOCKS = 16  # the last blocks fetched, kept in memory too
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
@@ -253,6 +255,12 @@ class S3Backend:
         self._uploaded: set[str] = set()  # staged and verified in the bucket; dropped after the next commit
         self._last_block: dict[str, int] = {}
         self._conditional: bool | None = None
+        # Packs known not to be staged: a pack leaves staging for good once uploaded, and a name is
+        # staged again only by create() here (an aborted number reused), so one stat per pack will do.
+        self._not_staged: set[str] = set()
+        # The blocks fetched last, in memory: a restore reads a pack's chunks in order, and a chunk
+        # costs no file open when its block was just fetched.
+        self._hot: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
     def __getstate__(self) -> dict:
         """Sent to verify's worker processes: they read each span once, so they
@@ -298,7 +306,12 @@ class S3Backend:
             raise
 
     def _staged(self, name: str) -> bool:
-        return os.path.exists(self.staging._path(name))
+        if name in self._not_staged:
+            return False
+        if os.path.exists(self.staging._path(name)):
+            return True
+        self._not_staged.add(name)
+        return False
 
     # --------------------------------------------------- repository level
     def check_bucket(self) -> None:
@@ -329,6 +342,7 @@ class S3Backend:
 
     # -------------------------------------------------------- the protocol
     def create(self, name: str) -> _StagedAppend:
+        self._forget(name)
         self.cache.drop_pack(name)
         self._sizes.pop(name, None)
         self._last_block.pop(name, None)
@@ -336,6 +350,7 @@ class S3Backend:
 
     def open_append(self, name: str, truncate_to: int) -> _StagedAppend:
         """An unsealed pack is always staged (it was never uploaded)."""
+        self._forget(name)
         return _StagedAppend(self, name, self.staging.open_append(name, truncate_to))
 
     def truncate(self, name: str, size: int) -> None:
@@ -388,7 +403,27 @@ class S3Backend:
         self._uploaded.discard(name)
         self._sizes.pop(name, None)
         self._last_block.pop(name, None)
+        self._forget(name)
         self.cache.drop_pack(name)
+
+    def _forget(self, name: str) -> None:
+        self._not_staged.discard(name)
+        with self._lock:
+            for key in [k for k in self._hot if k[0] == name]:
+                del self._hot[key]
+
+    def _hot_get(self, name: str, blk: int, lo: int, hi: int) -> bytes | None:
+        with self._lock:
+            data = self._hot.get((name, blk))
+            if data is not None:
+                self._hot.move_to_end((name, blk))
+        return None if data is None else data[lo:hi]
+
+    def _hot_put(self, name: str, blk: int, data: bytes) -> None:
+        with self._lock:
+            self._hot[(name, blk)] = data
+            while len(self._hot) > HOT_BLOCKS:
+                self._hot.popitem(last=False)
 
     def list(self):
         names = set(self.staging.list())
@@ -488,7 +523,9 @@ class S3Backend:
             while b <= last:
                 lo = max(offset, b * bs) - b * bs  # the part of block b this read wants
                 hi = min(end_off, (b + 1) * bs) - b * bs
-                got = self.cache.get(name, b, lo, hi - lo)
+                got = self._hot_get(name, b, lo, hi)
+                if got is None:
+                    got = self.cache.get(name, b, lo, hi - lo)
                 if got is not None and (len(got) == hi - lo or b == last):
                     parts.append(got)
                     if len(got) < hi - lo:
@@ -506,6 +543,7 @@ class S3Backend:
                     if not piece:
                         break
                     self.cache.put(name, i, piece)
+                    self._hot_put(name, i, piece)
                     if i <= last:
                         lo = max(offset, i * bs) - i * bs
                         hi = min(end_off, (i + 1) * bs) - i * bs
