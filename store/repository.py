@@ -147,7 +147,7 @@ class Repository:
         self._local = threading.local()  # a zstd context is not thread-safe: one per thread
 
     def _reconcile(self) -> None:
-        """Upload what a crash left staged though committed (docs/format.md, section 10).
+        """Upload what a crash left staged though committed (docs/format.md, section 9.6).
         A failure here only warns: the staged copy still serves reads, and the
         next open tries again."""
         import logging
@@ -196,6 +196,7 @@ class Repository:
                 raise RepositoryExists(f"{backend['url']} already holds a repository; use --attach to use it "
                                        f"from this directory")
         existed = os.path.isdir(path)
+        config_put = False
         try:
             os.makedirs(os.path.join(path, "staging" if backend else "packs"), exist_ok=True)
             os.makedirs(os.path.join(path, "index"), exist_ok=True)
@@ -226,11 +227,18 @@ class Repository:
             cfg_bytes = json.dumps(cfg, indent=2).encode() + b"\n"
             if remote is not None:  # the bucket's copy lets another directory attach (`pit init --attach`)
                 remote.put_config(cfg_bytes)
+                config_put = True
             # The config is written last: its presence means "a complete repository".
             _atomic_write(os.path.join(path, "config"), cfg_bytes)
         except (OSError, lmdb.Error, StoreError) as exc:
-            # Leave nothing half-made: the next `pit init` must find the path as it was.
+            # Leave nothing half-made: the next `pit init` must find the path (and the bucket) as it was.
             import shutil
+
+            if config_put:
+                try:
+                    remote.delete_config()
+                except StoreError:
+                    pass
 
             if existed:
                 for name in os.listdir(path):

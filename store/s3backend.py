@@ -340,6 +340,11 @@ class S3Backend:
                    Key=self.loc.key("config"), Body=data, ContentMD5=md5)
         self.stats.bytes_up += len(data)
 
+    def delete_config(self) -> None:
+        """Undo put_config (a `pit init` that failed after it)."""
+        self._call("deleting the config from the bucket", self.client.delete_object, Bucket=self.loc.bucket,
+                   Key=self.loc.key("config"))
+
     # -------------------------------------------------------- the protocol
     def create(self, name: str) -> _StagedAppend:
         self._forget(name)
@@ -653,8 +658,8 @@ class S3Backend:
                     _backoff(attempt)
         else:
             if isinstance(last_exc, _UploadMismatch):
-                raise BackendError(f"pack {name} did not arrive intact in {self.loc.url} after {UPLOAD_ATTEMPTS} "
-                                   f"uploads; nothing was committed")
+                raise BackendError(f"pack {name} did not arrive intact in {self.loc.url} in {UPLOAD_ATTEMPTS} "
+                                   f"uploads (each read back differently)")
             raise translate(last_exc, self.loc, f"uploading pack {name} ({UPLOAD_ATTEMPTS} attempts)")
         self._sizes[name] = size
         self._uploaded.add(name)
