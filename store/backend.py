@@ -34,6 +34,7 @@ class PackBackend(Protocol):
     def delete(self, name: str) -> None: ...
     def list(self) -> Iterator[str]: ...
     def list_uncommitted(self) -> Iterator[str]: ...  # packs a crashed session may have left
+    def before_commit(self) -> None: ...  # what this session sealed is durable where it will live
     def after_commit(self) -> None: ...  # an index commit now names what was sealed
     def close(self) -> None: ...
     # True when the writer must seal its open pack before each commit (the
@@ -197,6 +198,9 @@ class LocalBackend:
 
     def list_uncommitted(self) -> Iterator[str]:
         return self.list()
+
+    def before_commit(self) -> None:
+        """Nothing to wait for: sealing fsynced the pack where it stays."""
 
     def after_commit(self) -> None:
         """Nothing to do: a fsynced local pack is where it will stay."""

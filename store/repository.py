@@ -694,6 +694,7 @@ class Writer:
                 self._pack_entry.size = self.pack.size
                 self.txn.put(U64.pack(self._pack_num), self._pack_entry.encode(), db=self.db["packs"])
             self.txn.put(b"next_seq", U64.pack(self._next_seq), db=self.db["meta"])
+            self.repo.backend.before_commit()  # an object store: every pack sealed here is uploaded and checked
             self.txn.commit()  # 3. ... before the index that points at them
             try:
                 self.repo.backend.after_commit()

@@ -53,6 +53,7 @@ GET_ATTEMPTS = 3  # a body cut mid-stream is not retried by botocore
 READAHEAD_BLOCKS = 8  # a sequential reader (repair, compaction) gets this many blocks per GET
 BYPASS_BLOCKS = 4  # reads longer than this many blocks (verify's spans) skip the cache
 HOT_BLOCKS = 16  # the last blocks fetched, kept in memory too
+UPLOADERS = 2  # sealed packs uploading at once while the writer fills the next
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
@@ -228,9 +229,10 @@ class _StagedAppend:
         self.inner.sync()
 
     def seal(self) -> None:
-        """The footer is written: make the staged file durable, then upload and check it."""
+        """The footer is written: make the staged file durable, then upload and check it (in the
+        background: the writer goes on with the next pack, and waits for it before its commit)."""
         self.inner.sync()
-        self.backend.upload(self.name)
+        self.backend.upload_soon(self.name)
 
     def close(self) -> None:
         self.inner.close()
@@ -255,12 +257,15 @@ class S3Backend:
         self._uploaded: set[str] = set()  # staged and verified in the bucket; dropped after the next commit
         self._last_block: dict[str, int] = {}
         self._conditional: bool | None = None
+        self._probe_lock = threading.Lock()  # two uploaders must not probe at once
         # Packs known not to be staged: a pack leaves staging for good once uploaded, and a name is
         # staged again only by create() here (an aborted number reused), so one stat per pack will do.
         self._not_staged: set[str] = set()
         # The blocks fetched last, in memory: a restore reads a pack's chunks in order, and a chunk
         # costs no file open when its block was just fetched.
         self._hot: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._pool = None  # uploads of sealed packs, overlapping the writer's next pack
+        self._in_flight: dict[str, object] = {}  # pack name -> Future of its upload
 
     def __getstate__(self) -> dict:
         """Sent to verify's worker processes: they read each span once, so they
@@ -359,6 +364,10 @@ class S3Backend:
         return _StagedAppend(self, name, self.staging.open_append(name, truncate_to))
 
     def truncate(self, name: str, size: int) -> None:
+        try:
+            self._wait(name)
+        except Exception:
+            pass
         if name in self._uploaded:  # sealed and uploaded by a session that then aborted: not a pack any more
             self._delete_remote(name)
         self.staging.truncate(name, size)
@@ -390,7 +399,12 @@ class S3Backend:
 
     def delete(self, name: str) -> None:
         """The bucket's copy first: if that fails the staged copy stays, and
-        the next writer's leftover cleanup tries again."""
+        the next writer's leftover cleanup tries again. An upload of it still
+        running is waited for (whatever its outcome), so it cannot land after the delete."""
+        try:
+            self._wait(name)
+        except Exception:
+            pass
         self._delete_remote(name)
         self.staging.delete(name)
 
@@ -449,6 +463,39 @@ class S3Backend:
         since a pack leaves staging only after the commit that names it."""
         return self.staging.list()
 
+    def upload_soon(self, name: str) -> None:
+        """Start uploading a sealed staged pack in the background (at most UPLOADERS at once, so a
+        writer never has more than that many packs' bytes in flight). An earlier upload's failure
+        is raised here, so a snapshot stops at the first one rather than at its commit."""
+        self._raise_failed()
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=UPLOADERS, thread_name_prefix="pit-upload")
+        while len(self._in_flight) >= UPLOADERS:  # back-pressure: the writer waits for the oldest
+            self._wait(next(iter(self._in_flight)))
+        self._in_flight[name] = self._pool.submit(self.upload, name)
+
+    def _wait(self, name: str) -> None:
+        fut = self._in_flight.get(name)
+        if fut is None:
+            return
+        try:
+            fut.result()
+        finally:
+            self._in_flight.pop(name, None)
+
+    def _raise_failed(self) -> None:
+        for name, fut in list(self._in_flight.items()):
+            if fut.done():
+                self._wait(name)
+
+    def before_commit(self) -> None:
+        """Every pack sealed in this session is in the bucket and checked, or this raises (and the
+        session aborts): a commit never names a pack that is not there."""
+        for name in list(self._in_flight):
+            self._wait(name)
+
     def after_commit(self) -> None:
         """The index now names the packs uploaded in this session: their staged copies can go."""
         for name in sorted(self._uploaded):
@@ -479,6 +526,16 @@ class S3Backend:
         return done
 
     def close(self) -> None:
+        """Uploads still running belong to a session that did not commit (commit waits for them):
+        they are waited for, not cancelled half-way, and their packs are cleaned up as leftovers."""
+        for name in list(self._in_flight):
+            try:
+                self._wait(name)
+            except Exception:
+                pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.staging.close()
 
     # -------------------------------------------------------------- reads
@@ -569,11 +626,16 @@ class S3Backend:
         the header would make the guard a false comfort)."""
         if self._conditional is not None:
             return self._conditional
+        with self._probe_lock:
+            if self._conditional is None:
+                self._conditional = self._probe_conditional_writes()
+        return self._conditional
+
+    def _probe_conditional_writes(self) -> bool:
         marker = os.path.join(self.staging.root, ".conditional-writes")
         try:
             with open(marker) as f:
-                self._conditional = f.read().strip() == "yes"
-                return self._conditional
+                return f.read().strip() == "yes"
         except OSError:
             pass
         from botocore.exceptions import ClientError
@@ -596,7 +658,6 @@ class S3Backend:
                 self.client.delete_object(Bucket=self.loc.bucket, Key=key)
             except Exception:
                 pass
-        self._conditional = ok
         try:
             os.makedirs(self.staging.root, exist_ok=True)
             with open(marker, "w") as f:
@@ -661,8 +722,9 @@ class S3Backend:
                 raise BackendError(f"pack {name} did not arrive intact in {self.loc.url} in {UPLOAD_ATTEMPTS} "
                                    f"uploads (each read back differently)")
             raise translate(last_exc, self.loc, f"uploading pack {name} ({UPLOAD_ATTEMPTS} attempts)")
-        self._sizes[name] = size
-        self._uploaded.add(name)
+        with self._lock:
+            self._sizes[name] = size
+            self._uploaded.add(name)
 
     def _put(self, name: str, key: str, path: str, want: tuple[int, str, str], guard: bool) -> None:
         size, md5, sha = want

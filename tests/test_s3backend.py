@@ -228,8 +228,9 @@ def _stage_and_upload(repo_dir: str, loc: S3Location, name: str, payload: bytes)
     b = S3Backend(repo_dir, loc)
     h = b.create(name)
     h.write(P.PACK_HEADER.pack(P.PACK_MAGIC, P.PACK_VERSION, 0) + payload)
-    h.seal()
+    h.seal()  # starts the upload
     h.close()
+    b.before_commit()  # what a writer does before its commit: waits for it, raises its error
     return b
 
 
