@@ -32,6 +32,26 @@ log = logging.getLogger("pit.agent")
 POINT_GRACE = 10.0  # seconds a point waits for a replica that was not connected when it was asked
 
 
+def _create_replica_repo(cfg) -> bool:
+    """A replica repository whose agent config names a `backend` (s3://...) is created on first
+    use, in its bucket, as `pit init --backend` would (encrypted with the file's `key_file` unless
+    `encrypt = false`; a local one is made by `pit join --repo`). False, logged, when it cannot be:
+    the replica side waits for the next configuration."""
+    if not cfg.backend or os.path.exists(os.path.join(cfg.repo, "config")):
+        return True
+    from store.errors import StoreError
+
+    from . import repos
+
+    try:
+        repos.create(cfg.repo, cfg.backend, cfg.s3_endpoint, cfg.key_file, cfg.encrypt).close()
+    except StoreError as exc:
+        log.error("cannot create the replica repository %s in %s: %s", cfg.repo, cfg.backend, exc)
+        return False
+    log.info("created the replica repository %s with its packs in %s", cfg.repo, cfg.backend)
+    return True
+
+
 class Agent:
     def __init__(self, cfg_path: str) -> None:
         self.cfg = C.load_agent_config(cfg_path)
@@ -136,7 +156,7 @@ class Agent:
             if any(me in s.replicas for s in sets.values()) and self.replica is None:
                 if not self.cfg.repo:
                     log.error("this node replicates sets but its agent config names no `repo`")
-                else:
+                elif _create_replica_repo(self.cfg):
                     from .stream.replica import ReplicaSide
 
                     self.replica = ReplicaSide(self, self.cfg.repo, key_file=self.cfg.key_file)

@@ -131,7 +131,7 @@ def check_agent_config(raw: dict, path: str) -> AgentConfig:
 
 
 # ------------------------------------------------------------------ the agent file `pit cluster init`/`pit join` write
-AGENT_FILE_KEYS = ("state", "repo", "cluster", "metrics")  # what --agent-config writes, in this order
+AGENT_FILE_KEYS = ("state", "repo", "backend", "s3_endpoint", "key_file", "encrypt", "cluster", "metrics")  # what --agent-config writes, in this order
 
 
 def _toml_string(v: str) -> str:
@@ -152,8 +152,11 @@ def render_agent_config(values: dict, written_by: str) -> str:
     lines = [f"# this node's agent configuration (pit agent --config), written by `{written_by}`;",
              "# check it after an edit with `pit config check FILE` (keys: docs/replication.md)"]
     for k in AGENT_FILE_KEYS:
-        if values.get(k) is not None:
-            lines.append(f"{k} = {_toml_string(values[k])}")
+        v = values.get(k)
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif v is not None:
+            lines.append(f"{k} = {_toml_string(v)}")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ out), and the receiver parses it with the same converters.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable
 
@@ -77,6 +78,32 @@ def text(v, path):
 
 
 text.kind = "string"  # type: ignore[attr-defined]
+
+
+def s3_url(v, path):
+    """s3://BUCKET[/PREFIX], checked as `pit init --backend` checks it."""
+    from store.errors import InvalidArgument
+    from store.s3backend import S3Location
+
+    if not isinstance(v, str):
+        raise fail(path, f"must be a string, not {v!r}")
+    try:
+        S3Location.parse(v)
+    except InvalidArgument as exc:
+        raise fail(path, str(exc)) from None
+    return v
+
+
+s3_url.kind = "s3://BUCKET/PREFIX"  # type: ignore[attr-defined]
+
+
+def http_url(v, path):
+    if not isinstance(v, str) or not re.match(r"^https?://[^/\s]+", v):
+        raise fail(path, f"must be an http:// or https:// URL, not {v!r}")
+    return v
+
+
+http_url.kind = "URL"  # type: ignore[attr-defined]
 
 
 def node_id(v, path):
@@ -558,8 +585,17 @@ class AgentConfig:
 
     state: str = setting("the node's state directory (keys, certificates, membership)", file_path)
     repo: str | None = setting("the repository this node writes as a replica", file_path, None, shown="none")
-    key_file: str | None = setting("the key file that opens `repo` when it is encrypted (pit init --encrypt)",
-                                   file_path, None, shown="none")
+    key_file: str | None = setting("the key file that opens `repo` when it is encrypted (pit init --encrypt); with "
+                                   "`backend`, the agent creates the repository encrypted with it", file_path, None,
+                                   shown="none")
+    backend: str | None = setting("where that repository keeps its packs when the agent creates it: an S3-compatible "
+                                  "bucket (credentials from the agent's environment: AWS_ACCESS_KEY_ID/"
+                                  "AWS_SECRET_ACCESS_KEY or AWS_PROFILE; docs/store.md); encrypted with `key_file` "
+                                  "unless `encrypt = false`", s3_url, None, shown="local packs")
+    s3_endpoint: str | None = setting("the S3 endpoint of `backend` (MinIO, Ceph, ...)", http_url, None,
+                                      shown="AWS")
+    encrypt: bool | None = setting("with `backend`: false stores the packs in the bucket in the clear (refused "
+                                   "unless said)", boolean, None, shown="required with backend")
     listen: str | None = setting("where the agent listens", address, None, shown="the init/join address")
     cluster: str | None = setting("the cluster file (the primary only)", file_path, None, shown="none")
     control: str | None = setting("the local control socket", file_path, None, shown="STATE/agent.sock")

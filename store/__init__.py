@@ -4,9 +4,11 @@ Floors, bottom up; a module imports only its own floor and those below,
 never round a circle (docs/store.md, "Floors", places every module):
 
 - **base** (`errors.py`, `cache.py`, `logsetup.py`, `workers.py`).
-- **packs** (`packs.py`, `backend.py`): an append-only file of framed blobs
-  with a footer listing them; sealed (immutable) once full. Backends hold
-  pack bytes (a local directory today).
+- **packs** (`packs.py`, `backend.py`, `backends.py`, `s3backend.py`,
+  `s3cache.py`): an append-only file of framed blobs with a footer listing
+  them; sealed (immutable) once full. Backends hold pack bytes: a local
+  directory, or an S3-compatible bucket (the open pack staged locally,
+  sealed packs uploaded, ranged reads through a capped local cache).
 - **index** (`index.py`, `refcounts.py`): the LMDB index and the reference
   counts that free what nothing references any more.
 - **content** (`chunker.py`, `repository.py`, `files.py`, `segments.py`): a

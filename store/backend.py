@@ -1,9 +1,10 @@
 """Where pack bytes live: a deliberately small interface.
 
-Only the pack layer talks to a backend. A local directory is the one backend
-today; an object store can follow by implementing the same few calls (it
-would stage the open pack locally and upload it when sealed, since objects
-cannot be appended to).
+Only the pack layer talks to a backend. A local directory (`LocalBackend`)
+and an S3-compatible bucket (`s3backend.S3Backend`, which stages the open
+pack locally and uploads it when sealed, since objects cannot be appended
+to) implement the same few calls; `backends.open_backend` picks one from the
+repository config.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class AppendHandle(Protocol):
     def write(self, data: bytes) -> int: ...
     def tell(self) -> int: ...
     def sync(self) -> None: ...
+    def seal(self) -> None: ...  # the footer is written: make the pack durable where it will live
     def close(self) -> None: ...
 
 
@@ -31,6 +33,13 @@ class PackBackend(Protocol):
     def size(self, name: str) -> int: ...
     def delete(self, name: str) -> None: ...
     def list(self) -> Iterator[str]: ...
+    def list_uncommitted(self) -> Iterator[str]: ...  # packs a crashed session may have left
+    def before_commit(self) -> None: ...  # what this session sealed is durable where it will live
+    def after_commit(self) -> None: ...  # an index commit now names what was sealed
+    def close(self) -> None: ...
+    # True when the writer must seal its open pack before each commit (the
+    # open pack would otherwise exist only on this machine).
+    seal_on_commit: bool
 
 
 def fsync_dir(path: str) -> None:
@@ -74,6 +83,9 @@ class _LocalAppend:
         except OSError as exc:
             _raise_os(exc, "syncing a pack")
 
+    def seal(self) -> None:
+        self.sync()
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -82,6 +94,8 @@ class _LocalAppend:
 
 class LocalBackend:
     """Packs as files under `<root>/<last two hex digits>/<name>`."""
+
+    seal_on_commit = False  # the open pack is as durable as a sealed one: it may stay open across sessions
 
     def __init__(self, root: str, max_open: int = 64) -> None:
         self.root = root
@@ -181,6 +195,15 @@ class LocalBackend:
                 for name in sorted(os.listdir(d)):
                     if name.endswith(".pack"):
                         yield name
+
+    def list_uncommitted(self) -> Iterator[str]:
+        return self.list()
+
+    def before_commit(self) -> None:
+        """Nothing to wait for: sealing fsynced the pack where it stays."""
+
+    def after_commit(self) -> None:
+        """Nothing to do: a fsynced local pack is where it will stay."""
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -51,14 +51,27 @@ def main(ctx, repo, key_file, password_file):
               help="Average FastCDC chunk size, a power of two (default 16384). Fixed for the repository's life.")
 @click.option("--compression-level", default=3, show_default=True, type=int, help="zstd level (1-22).")
 @click.option("--pack-size", default=32, show_default=True, type=int, help="Target pack size in MiB.")
-@click.option("--encrypt/--no-encrypt", default=False, show_default=True,
+@click.option("--encrypt/--no-encrypt", default=None,
               help="Encrypt packs at rest (docs/format.md, section 12). The key comes from --key-file "
-                   "(created when missing) and/or a passphrase (PIT_PASSWORD, --password-file, or asked).")
+                   "(created when missing) and/or a passphrase (PIT_PASSWORD, --password-file, or asked). "
+                   "Local repositories default to --no-encrypt; one in a bucket must say which.")
 @click.option("--cipher", type=click.Choice(["aes-256-gcm", "aes-256-gcm-siv", "chacha20-poly1305"]),
               default=None, help="The AEAD of an encrypted repository (default aes-256-gcm).")
+@click.option("--backend", "backend_url", default=None, metavar="s3://BUCKET/PREFIX",
+              help="Keep the packs in an S3-compatible bucket (the index, lock and a read cache stay in REPO). "
+                   "Credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws.")
+@click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint (MinIO, Ceph, rclone ...).")
+@click.option("--s3-region", default=None, help="The bucket's region.")
+@click.option("--s3-profile", default=None, help="The AWS profile to take credentials from (stored by name only).")
+@click.option("--cache-size", default=1024, show_default=True, type=int, metavar="MiB",
+              help="Cap of the local cache of pack ranges read from the bucket (0: no cache).")
+@click.option("--attach", is_flag=True,
+              help="The bucket already holds a repository: fetch its config and key slots; then `pit repair` "
+                   "builds the index.")
 @click.pass_context
-def init(ctx, avg_chunk_size, compression_level, pack_size, encrypt, cipher):
-    """Create a new, empty repository."""
+def init(ctx, avg_chunk_size, compression_level, pack_size, encrypt, cipher, backend_url, s3_endpoint, s3_region,
+         s3_profile, cache_size, attach):
+    """Create a new, empty repository (or attach to one in a bucket)."""
     from .chunker import DEFAULT_AVG
     from .cli_support import key_source
     from .repository import Repository
@@ -70,6 +83,20 @@ def init(ctx, avg_chunk_size, compression_level, pack_size, encrypt, cipher):
         raise InvalidArgument("--pack-size must be between 1 and 1024 MiB")
     if cipher and not encrypt:
         raise InvalidArgument("--cipher needs --encrypt")
+    backend = None
+    if backend_url is not None:
+        from .s3backend import S3Location
+
+        backend = S3Location.parse(backend_url, s3_endpoint, s3_region, s3_profile,
+                                   cache_bytes=cache_size * 1024 * 1024).to_config()
+        if encrypt is None and not attach:
+            # off site, the bucket's owner reads what is not encrypted (issue 18): refusing must be said
+            raise InvalidArgument("a repository in a bucket is encrypted: give --encrypt (with --key-file, "
+                                  "--password-file or PIT_PASSWORD), or --no-encrypt to store it in the clear")
+    elif attach or s3_endpoint or s3_region or s3_profile:
+        raise InvalidArgument("--attach and the --s3-* options need --backend s3://BUCKET/PREFIX")
+    if attach and encrypt is not None:
+        raise InvalidArgument("--attach takes the bucket's repository as it is: no --encrypt/--no-encrypt")
     keys = None
     if encrypt:
         keys = key_source(ctx, confirm=True)
@@ -78,7 +105,12 @@ def init(ctx, avg_chunk_size, compression_level, pack_size, encrypt, cipher):
                 raise InvalidArgument("--encrypt needs a key: --key-file PATH, --password-file PATH or PIT_PASSWORD")
             keys.passphrase = keys.prompt()
     repo = Repository.init(path, avg_chunk=avg_chunk_size or DEFAULT_AVG, level=compression_level,
-                           pack_size=pack_size * 1024 * 1024, encrypt=encrypt, keys=keys, aead=cipher)
+                           pack_size=pack_size * 1024 * 1024, encrypt=bool(encrypt), keys=keys, aead=cipher,
+                           backend=backend, attach=attach)
+    if repo is None:
+        click.echo(f"attached {os.path.abspath(path)} to {backend['url']}; run `pit --repo {path} repair` to build "
+                   f"the index from the bucket")
+        return
     p = repo.params
     enc = f", encrypted with {repo.codec.aead_name}" if repo.codec.sealed else ""
     click.echo(f"created repository {repo.id[:12]} at {repo.path} "

@@ -59,7 +59,7 @@ def key_add(ctx, new_key_file, new_password_file):
     import sys
 
     from .keys import add_keyfile_slot, add_passphrase_slot, new_key_file as make_key_file, read_password_file
-    from .repository import _acquire_lock, _release_lock
+    from .repository import _acquire_lock, _release_lock, mirror_keys
 
     repo = _encrypted(ctx)
     if new_key_file and new_password_file:
@@ -70,6 +70,7 @@ def key_add(ctx, new_key_file, new_password_file):
         fd = _acquire_lock(os.path.join(repo.path, "lock"), 10.0)
         try:
             slot = add_keyfile_slot(repo.path, repo.id, master, key)
+            mirror_keys(repo.path, repo.backend)
         finally:
             _release_lock(fd)
         click.echo(f"added key slot {slot} (key file {new_key_file})")
@@ -85,6 +86,7 @@ def key_add(ctx, new_key_file, new_password_file):
     fd = _acquire_lock(os.path.join(repo.path, "lock"), 10.0)
     try:
         slot = add_passphrase_slot(repo.path, repo.id, master, pw)
+        mirror_keys(repo.path, repo.backend)
     finally:
         _release_lock(fd)
     click.echo(f"added key slot {slot} (passphrase)")
@@ -98,12 +100,13 @@ def key_remove(ctx, slot):
     import os
 
     from .keys import remove_slot
-    from .repository import _acquire_lock, _release_lock
+    from .repository import _acquire_lock, _release_lock, mirror_keys
 
     repo = _encrypted(ctx)
     fd = _acquire_lock(os.path.join(repo.path, "lock"), 10.0)
     try:
         remove_slot(repo.path, slot, repo.key_slot)
+        mirror_keys(repo.path, repo.backend)
     finally:
         _release_lock(fd)
     click.echo(f"removed key slot {slot}")

@@ -152,8 +152,17 @@ def _compact_report(st, as_json):
     click.echo(f"compacted {st.packs_compacted} packs: copied {mib(st.bytes_copied)}, reclaimed "
                f"{mib(st.bytes_reclaimed)}; deleted {st.packs_deleted} packs, {st.packs_waiting} waiting for "
                f"older readers; {st.seconds:.2f} s")
+    if st.backend is not None:
+        click.echo(backend_cost_line(st.backend))
     for d in st.damaged:
         click.echo(f"warning: not compacted: {d}", err=True)
+
+
+def backend_cost_line(cost: dict) -> str:
+    """What an object-store backend was asked: requests by kind, bytes each way."""
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(cost["requests"].items())) or "none"
+    return (f"object store: {cost['requests_total']} requests ({kinds}); {mib(cost['bytes_up'])} up, "
+            f"{mib(cost['bytes_down'])} down")
 
 
 @click.command()
@@ -162,7 +171,8 @@ def _compact_report(st, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def compact(ctx, threshold, max_seconds, as_json):
-    """Rewrite packs whose garbage passes the threshold and delete the old ones."""
+    """Rewrite packs whose garbage passes the threshold and delete the old ones (in a bucket: also merge
+    small packs)."""
     from .compact import compact as run
 
     repo = open_repo(ctx)
@@ -192,6 +202,8 @@ def prune(ctx, threshold, max_seconds, as_json):
 
     repo = open_repo(ctx)
     dropped = 0
+    counters = getattr(repo.backend, "stats", None)
+    before = counters.copy() if counters is not None else None
     status = StatusLine("prune", json_lines=as_json)
     with repo.writer() as w:
         for s in list_sets(repo, w.txn):
@@ -201,11 +213,14 @@ def prune(ctx, threshold, max_seconds, as_json):
             dropped += st.snapshots
     cst = run(repo, threshold, max_seconds, progress=_compact_progress(status))
     status.done()
+    cost = counters.since(before) if counters is not None else None  # retention's commits and the compaction
     if as_json:
-        click.echo(json.dumps({"snapshots_dropped": dropped, "compact": cst.to_json()}, indent=2))
+        click.echo(json.dumps({"snapshots_dropped": dropped, "compact": cst.to_json(), "backend": cost}, indent=2))
         return
     click.echo(f"retention dropped {dropped} snapshots")
     _compact_report(cst, False)
+    if cost is not None:
+        click.echo("prune in all: " + backend_cost_line(cost))
 
 
 @click.command()

@@ -36,6 +36,8 @@ class CompactStats:
     packs_waiting: int = 0  # retired, waiting for older readers to finish
     damaged: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # What it cost an object-store backend: requests by kind, bytes up and down (None for local packs).
+    backend: dict | None = None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -46,21 +48,35 @@ def garbage_ratio(pe: PackEntry) -> float:
     return pe.dead / total if total else 1.0
 
 
-def candidates(repo, txn, threshold: float) -> list[tuple[int, PackEntry]]:
-    """Retired-able packs, most garbage first. The open pack is never a candidate."""
+def _past(pe: PackEntry, threshold: float) -> bool:
+    return pe.dead > 0 and garbage_ratio(pe) >= threshold
+
+
+def candidates(repo, txn, threshold: float, small: int = 0, below: int | None = None
+               ) -> list[tuple[int, PackEntry]]:
+    """Retired-able packs, most garbage first. The open pack is never a candidate.
+
+    With `small`, sealed packs smaller than that (numbered below `below`) follow, oldest
+    first, when there are at least two of them: a backend that seals at every
+    commit (an object store) makes one small pack per snapshot, and merging
+    them keeps the bucket's object count (and a repair's or a listing's
+    requests) in step with the data, as `restic prune` repacks small packs."""
     cur_open = txn.get(b"open_pack", db=repo.index.db["meta"])
     open_no = U64.unpack(cur_open)[0] if cur_open else None
     out = []
+    tiny = []
     with txn.cursor(db=repo.index.db["packs"]) as cur:
         for k, v in cur:
             num = U64.unpack(k)[0]
             pe = PackEntry.decode(v)
             if num == open_no:
                 continue
-            if pe.dead > 0 and garbage_ratio(pe) >= threshold:
+            if _past(pe, threshold):
                 out.append((num, pe))
+            elif small and pe.sealed and pe.size < small and (below is None or num < below):
+                tiny.append((num, pe))
     out.sort(key=lambda t: garbage_ratio(t[1]), reverse=True)
-    return out
+    return out + (tiny if len(tiny) >= 2 else [])
 
 
 def _doomed(txn, db) -> list[list[int]]:
@@ -169,22 +185,46 @@ def compact(repo, threshold: float = DEFAULT_THRESHOLD, max_seconds: float | Non
         raise StoreError("the garbage threshold must be between 0 and 1")
     stats = CompactStats()
     t0 = time.monotonic()
+    counters = getattr(repo.backend, "stats", None)
+    before = counters.copy() if counters is not None else None
+    # Where the open pack is sealed at every commit (an object store), one
+    # session per old pack would leave one small new pack per old one: such
+    # a backend gets several old packs per session, up to a pack's worth of copies.
+    batch_bytes = repo.pack_size if getattr(repo.backend, "seal_on_commit", False) else 0
+    small = repo.pack_size // 4 if batch_bytes else 0
+    with repo.reading() as txn:
+        # only packs there at the start are merged for being small: the merged ones are not merged again
+        below = U64.unpack(txn.get(b"next_pack", db=repo.index.db["meta"]))[0]
     done: set[int] = set()
     while max_seconds is None or time.monotonic() - t0 < max_seconds:
         with repo.reading() as txn:
-            todo = [c for c in candidates(repo, txn, threshold) if c[0] not in done]
+            todo = [c for c in candidates(repo, txn, threshold, small, below) if c[0] not in done]
+            if len(todo) == 1 and not _past(todo[0][1], threshold):
+                todo = []  # one small pack left alone: rewriting it would gain nothing
         if progress is not None:
             progress({"packs_done": len(done), "packs_left": len(todo), "bytes_copied": stats.bytes_copied})
         if not todo:
             break
-        num = todo[0][0]
-        done.add(num)
+        batch: list[int] = []
+        kept = (stats.packs_compacted, stats.bytes_copied, stats.bytes_reclaimed)
         try:
             with repo.writer(lock_wait=lock_wait) as w:
-                compact_pack(w, num, stats)
+                copied0 = stats.bytes_copied
+                for num, pe in todo:
+                    if batch and (not batch_bytes or stats.bytes_copied - copied0 + pe.live > batch_bytes
+                                  or (max_seconds is not None and time.monotonic() - t0 >= max_seconds)):
+                        break
+                    batch.append(num)
+                    done.add(num)
+                    compact_pack(w, num, stats)
         except IntegrityError as exc:
             stats.damaged.append(str(exc))
+            # The session was aborted: only the damaged pack (the last tried) is given up on.
+            done.difference_update(batch[:-1])
+            stats.packs_compacted, stats.bytes_copied, stats.bytes_reclaimed = kept
     with repo.writer(lock_wait=lock_wait) as w:
         delete_doomed(w, stats)
+    if counters is not None:
+        stats.backend = counters.since(before)
     stats.seconds = round(time.monotonic() - t0, 3)
     return stats

@@ -160,6 +160,30 @@ class KeySlotRefused(StoreError):
     exit_code = 35
 
 
+class BackendError(StoreError):
+    """The object store holding the packs failed a request (see the message); nothing committed was harmed."""
+
+    exit_code = 36
+
+
+class BackendUnreachable(BackendError):
+    """The object store's endpoint cannot be reached (connection refused, timed out, or cut)."""
+
+    exit_code = 37
+
+
+class BackendAuthDenied(BackendError):
+    """The object store refused our credentials (or found none): check AWS_ACCESS_KEY_ID / AWS_PROFILE."""
+
+    exit_code = 38
+
+
+class BackendBucketMissing(BackendError):
+    """The bucket named by the repository's backend does not exist."""
+
+    exit_code = 39
+
+
 # LMDB's codes for a damaged environment (MDB_CORRUPTED, MDB_PAGE_NOTFOUND,
 # MDB_INVALID, ...), by py-lmdb class name: a damaged index, which the
 # packs can rebuild. Other LMDB errors are not damage.

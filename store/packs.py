@@ -240,7 +240,7 @@ class PackWriter:
     def seal(self) -> None:
         self.flush()
         self.handle.write(encode_footer(self.frames))
-        self.handle.sync()
+        self.handle.seal()  # durable where it will live (an object store: uploaded and checked)
 
     def close(self) -> None:
         self._buf, self._buffered = [], 0

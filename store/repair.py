@@ -29,7 +29,7 @@ import msgpack
 
 from . import packs as P
 from .backend import fsync_dir
-from .errors import IntegrityError, StoreError
+from .errors import BackendError, IntegrityError, StoreError
 from .files import decode_filelist
 from .index import REF, U64, BlobEntry, Index, PackEntry, bytime_key, pack_seqs
 from .repository import FORMAT_VERSION, _acquire_lock, _release_lock
@@ -92,6 +92,8 @@ def _scan_packs(repo, report: RepairReport, progress=None):
                 try:
                     P.decode_frame(rd(f.offset, P.FRAME_OVERHEAD + f.stored_len), f.offset)
                     frames.append(f)
+                except BackendError:
+                    raise  # the object store failed: nothing is known about this frame, so nothing is quarantined
                 except (IntegrityError, StoreError) as exc:
                     report.packs_damaged.append(f"{name} offset {f.offset}: {exc}")
                     report.quarantined.append({"blob": f.id.hex(), "kind": P.KIND_NAMES.get(f.kind, "?"),
@@ -241,6 +243,8 @@ def rebuild_index(repo_path: str, lock_wait: float = 10.0, progress=None, keys=N
                             kids.append((e.content, "filelist"))
                     return kids
                 return [(c, "chunk") for c in decode_filelist(data)[0]]
+            except BackendError:
+                raise
             except StoreError as exc:
                 missing.setdefault(bid, str(exc))
                 missing_kind.setdefault(bid, kind)
@@ -391,7 +395,7 @@ def _mark_damaged(repo, index_dir: str, live: list[Snapshot], bad_ids: set[bytes
 
 def _open_without_index(repo, path: str, keys=None) -> None:
     """Read config, unlock the key and set up the pack backend, as Repository() does, minus the index."""
-    from .backend import LocalBackend
+    from .backends import open_backend
     from .cache import LRU
     from .chunker import ChunkerParams
     from .repository import open_codec, read_config
@@ -402,7 +406,7 @@ def _open_without_index(repo, path: str, keys=None) -> None:
     repo.config, repo.id = cfg, cfg["id"]
     repo.params = ChunkerParams.from_dict(cfg["chunker"])
     repo.level, repo.pack_size = int(cfg["compression"]["level"]), int(cfg["pack_size"])
-    repo.backend = LocalBackend(os.path.join(repo.path, "packs"))
+    repo.backend = open_backend(repo.path, cfg)
     repo.chunk_cache = LRU(64 * 1024 * 1024, len)
     repo.object_cache = LRU(8192)
     repo.active_writer = None

@@ -31,7 +31,8 @@ import msgpack
 import zstandard
 
 from . import packs as P
-from .backend import LocalBackend, fsync_dir
+from .backend import fsync_dir
+from .backends import open_backend
 from .cache import LRU
 from .chunker import DEFAULT_AVG, ChunkerParams
 from .crypto import FrameCodec, PlainCodec
@@ -104,6 +105,40 @@ def open_codec(path: str, cfg: dict, keys: "KeySource | None") -> tuple[FrameCod
     enc = EncryptionConfig.from_dict(cfg["encryption"])
     master, slot = unlock(path, cfg["id"], keys if keys is not None and keys.given() else KeySource.from_env())
     return SealedCodec(enc.aead, master), slot
+
+
+def mirror_keys(path: str, backend) -> None:
+    """The key slots beside the config, copied into the bucket (and those removed here removed there), so
+    that a directory attached to the bucket (`pit init --attach`) can open the repository. Nothing to do for
+    packs on a local file system: the slots are already beside them."""
+    from .keys import KEYS_DIR, list_slots
+
+    if not hasattr(backend, "put_meta"):
+        return
+    here = {s.id for s in list_slots(path)}
+    for sid in sorted(here):
+        with open(os.path.join(path, KEYS_DIR, sid), "rb") as f:
+            backend.put_meta(f"{KEYS_DIR}/{sid}", f.read())
+    for sid in backend.list_meta(KEYS_DIR):
+        if sid not in here:
+            backend.delete_meta(f"{KEYS_DIR}/{sid}")
+
+
+def fetch_keys(path: str, backend) -> int:
+    """The bucket's key slots into `path/keys` (attaching a directory to a bucket) -> how many."""
+    from .keys import KEYS_DIR
+
+    d = os.path.join(path, KEYS_DIR)
+    os.makedirs(d, exist_ok=True)
+    n = 0
+    for sid in backend.list_meta(KEYS_DIR):
+        data = backend.get_meta(f"{KEYS_DIR}/{sid}")
+        if data is None or "/" in sid or sid.startswith("."):
+            continue
+        _atomic_write(os.path.join(d, sid), data)
+        n += 1
+    fsync_dir(path)
+    return n
 
 
 def _init_keys(path: str, cfg: dict, keys: "KeySource", aead: str | None) -> None:
@@ -181,7 +216,7 @@ class Repository:
         self.params = ChunkerParams.from_dict(cfg["chunker"])
         self.level = int(cfg["compression"]["level"])
         self.pack_size = int(cfg["pack_size"])
-        self.backend = LocalBackend(os.path.join(self.path, "packs"))
+        self.backend = open_backend(self.path, cfg)
         self.index_dir = index_dir = os.path.join(self.path, "index")
         try:
             os.stat(os.path.join(index_dir, "data.mdb"))
@@ -216,6 +251,8 @@ class Repository:
             raise IndexMissing(f"the index of {self.path} is empty; run `pit repair` to rebuild it from the packs")
         if seq_problem:
             raise IndexMissing(f"{self.path}: {seq_problem}; run `pit repair` to rebuild the index from the packs")
+        if not readonly and hasattr(self.backend, "reconcile"):
+            self._reconcile()
         # The write session open in this process, if any: reads through its
         # transaction must also see the blobs it has not flushed yet.
         self.active_writer: "Writer | None" = None
@@ -223,14 +260,36 @@ class Repository:
         self.object_cache: LRU[object] = LRU(8192)
         self._local = threading.local()  # a zstd context is not thread-safe: one per thread
 
+    def _reconcile(self) -> None:
+        """Upload what a crash left staged though committed (docs/format.md, section 9.6).
+        A failure here only warns: the staged copy still serves reads, and the
+        next open tries again."""
+        import logging
+
+        with self.index.read() as txn:
+            nxt = U64.unpack(txn.get(b"next_pack", db=self.index.db["meta"]))[0]
+        try:
+            n = self.backend.reconcile(nxt)
+        except StoreError as exc:
+            logging.getLogger("pitstore").warning("committed packs are still only staged locally: %s", exc)
+            return
+        if n:
+            logging.getLogger("pitstore").info("uploaded %d committed packs a crash had left staged", n)
+
     # ----------------------------------------------------------------- init
     @classmethod
     def init(cls, path: str, avg_chunk: int = DEFAULT_AVG, level: int = DEFAULT_LEVEL,
              pack_size: int = DEFAULT_PACK_SIZE, encrypt: bool = False, keys: "KeySource | None" = None,
-             aead: str | None = None) -> "Repository":
+             aead: str | None = None, backend: dict | None = None, attach: bool = False) -> "Repository | None":
         """A new, empty repository. With `encrypt`, a random master key is
         made and wrapped by a key slot for each of `keys.key_file` (created
-        when it does not exist) and `keys.passphrase` (at least one)."""
+        when it does not exist) and `keys.passphrase` (at least one). With
+        `backend` (an S3 location's config, see s3backend.S3Location.to_config)
+        its packs live in a bucket; the bucket is checked before anything is
+        created, and the config and key slots are copied there. With `attach`
+        the bucket already holds a repository: its config and key slots are
+        fetched and the directory is made ready for `pit repair` to build the
+        index from the bucket (returns None: there is no index to open yet)."""
         from .keys import KeySource
 
         path = os.path.abspath(path)
@@ -245,9 +304,24 @@ class Repository:
             raise RepositoryExists(f"{path} exists and is not empty")
         if not 1 <= level <= 22:
             raise StoreError(f"zstd level must be 1..22, not {level}")
+        if attach and not backend:
+            raise StoreError("--attach needs --backend s3://BUCKET/PREFIX")
+        remote = None
+        if backend:
+            remote = open_backend(path, {"backend": backend})
+            remote.check_bucket()
+            existing = remote.get_config()
+            if attach:
+                if existing is None:
+                    raise RepositoryNotFound(f"no repository config in {backend['url']} to attach to")
+                return cls._attach(path, existing, backend)
+            if existing is not None:
+                raise RepositoryExists(f"{backend['url']} already holds a repository; use --attach to use it "
+                                       f"from this directory")
         existed = os.path.isdir(path)
+        config_put = False
         try:
-            os.makedirs(os.path.join(path, "packs"), exist_ok=True)
+            os.makedirs(os.path.join(path, "staging" if backend else "packs"), exist_ok=True)
             os.makedirs(os.path.join(path, "index"), exist_ok=True)
             # LMDB memory-maps lock.mdb; on a full disk the first store into a
             # sparse page is a SIGBUS, not an error. Allocate its blocks first
@@ -266,6 +340,10 @@ class Repository:
             }
             if encrypt:
                 _init_keys(path, cfg, keys, aead)
+            if backend:
+                cfg["backend"] = backend
+                if encrypt:  # before the config: a config in the bucket means its key slots are there too
+                    mirror_keys(path, remote)
             idx = Index(os.path.join(path, "index"), create=True)
             with idx.write() as txn:
                 txn.put(b"format", str(FORMAT_VERSION).encode(), db=idx.db["meta"])
@@ -273,11 +351,27 @@ class Repository:
                 txn.put(b"next_pack", U64.pack(1), db=idx.db["meta"])
                 txn.put(b"next_seq", U64.pack(1), db=idx.db["meta"])
             idx.close()
+            cfg_bytes = json.dumps(cfg, indent=2).encode() + b"\n"
+            if remote is not None:  # the bucket's copy lets another directory attach (`pit init --attach`)
+                remote.put_config(cfg_bytes)
+                config_put = True
             # The config is written last: its presence means "a complete repository".
-            _atomic_write(os.path.join(path, "config"), json.dumps(cfg, indent=2).encode() + b"\n")
+            _atomic_write(os.path.join(path, "config"), cfg_bytes)
         except (OSError, lmdb.Error, StoreError) as exc:
-            # Leave nothing half-made: the next `pit init` must find the path as it was.
+            # Leave nothing half-made: the next `pit init` must find the path (and the bucket) as it was.
             import shutil
+
+            if config_put:
+                try:
+                    remote.delete_config()
+                except StoreError:
+                    pass
+            if remote is not None and encrypt:
+                try:
+                    for sid in remote.list_meta("keys"):
+                        remote.delete_meta(f"keys/{sid}")
+                except StoreError:
+                    pass
 
             if existed:
                 for name in os.listdir(path):
@@ -291,6 +385,26 @@ class Repository:
                 raise DiskFull(f"no space left on device while creating {path}") from exc
             raise
         return cls(path, keys=keys)
+
+    @classmethod
+    def _attach(cls, path: str, raw: bytes, backend: dict) -> None:
+        """Write the bucket's config (with the backend as given now: the
+        endpoint may differ from the one the creator used) and nothing else."""
+        try:
+            cfg = json.loads(raw)
+        except ValueError:
+            raise FormatVersionError(f"the config in {backend['url']} is not JSON") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            raise FormatVersionError(f"{backend['url']} does not hold a pitstore repository")
+        if cfg.get("version") not in VERSIONS:
+            raise FormatVersionError(f"repository format version {cfg.get('version')} in {backend['url']} is not "
+                                     f"supported (this pit reads versions {', '.join(map(str, VERSIONS))})")
+        cfg["backend"] = backend
+        os.makedirs(path, exist_ok=True)
+        if "encryption" in cfg:
+            fetch_keys(path, open_backend(path, cfg))
+        _atomic_write(os.path.join(path, "config"), json.dumps(cfg, indent=2).encode() + b"\n")
+        return None
 
     def close(self) -> None:
         self.backend.close()
@@ -426,7 +540,7 @@ class Writer:
     def _clean_leftover_packs(self) -> None:
         """Packs numbered at or past `next_pack` were never committed: a crash left them."""
         nxt = U64.unpack(self.txn.get(b"next_pack", db=self.db["meta"]))[0]
-        for name in list(self.repo.backend.list()):
+        for name in list(self.repo.backend.list_uncommitted()):
             if P.pack_number(name) >= nxt:
                 self.repo.backend.delete(name)
 
@@ -717,12 +831,19 @@ class Writer:
     def commit(self) -> None:
         try:
             self._sweep_unreferenced()
+            if self.pack is not None and self.repo.backend.seal_on_commit:
+                self._seal_pack()  # an object store: the index names only packs it holds
             if self.pack is not None:
                 self.pack.sync()  # 2. pack bytes durable ...
                 self._pack_entry.size = self.pack.size
                 self.txn.put(U64.pack(self._pack_num), self._pack_entry.encode(), db=self.db["packs"])
             self.txn.put(b"next_seq", U64.pack(self._next_seq), db=self.db["meta"])
+            self.repo.backend.before_commit()  # an object store: every pack sealed here is uploaded and checked
             self.txn.commit()  # 3. ... before the index that points at them
+            try:
+                self.repo.backend.after_commit()
+            except OSError:
+                pass  # a staged copy left behind is checked and dropped by the next open (reconcile)
         except lmdb.MapFullError as exc:
             self.abort()
             raise DiskFull("the index is full") from exc
@@ -772,8 +893,8 @@ class Writer:
         for name in self._created_packs:
             try:
                 backend.delete(name)
-            except OSError:
-                pass
+            except (OSError, StoreError):
+                pass  # the next writer's leftover cleanup tries again
         if self._reopened is not None:
             name, size = self._reopened
             try:

@@ -13,6 +13,7 @@ import socket
 
 import click
 
+from .. import repos
 from ..errors import ClusterExists, ConfigError
 
 STATE = click.option("--state", "state", envvar="PIT_STATE", required=True, metavar="DIR",
@@ -63,13 +64,23 @@ def _wrote(plan: dict, done: str) -> None:
 @click.option("--repo", default=None, metavar="DIR",
               help="The repository this node receives into once another node has led (rejoin and `pit failback` "
                    "need it): created when absent; with --agent-config, the file's `repo`.")
+@click.option("--backend", "backend", default=None, metavar="s3://BUCKET/PREFIX",
+              help="With --repo: keep that repository's packs in an S3-compatible bucket (docs/store.md); "
+                   "with --agent-config, the file's `backend`.")
+@click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint of --backend.")
+@click.option("--key-file", "repo_key_file", default=None, metavar="FILE",
+              help="With --repo: encrypt that repository with this key file (made when absent; the agent file's "
+                   "`key_file`). Required with --backend unless --no-encrypt.")
+@click.option("--no-encrypt", "no_encrypt", is_flag=True,
+              help="With --backend: store the packs in the bucket in the clear (the agent file's `encrypt = false`).")
 @AGENT_CONFIG
 @click.option("--cluster", "cluster_file", default=None, metavar="FILE",
               help="With --agent-config: the cluster file the primary's agent reads (the file's `cluster`; "
                    "default: cluster.toml beside the agent configuration).")
 @METRICS
 @FORCE
-def cluster_init(state, node, address, join_address, repo, agent_config, cluster_file, metrics, force):
+def cluster_init(state, node, address, join_address, repo, backend, s3_endpoint, repo_key_file, no_encrypt,
+                 agent_config, cluster_file, metrics, force):
     """Create the cluster CA and this primary's certificate; with --repo, the repository it rejoins into after
     a failover; with --agent-config, also its agent configuration (state, repo, cluster file, metrics)."""
     from ..config import plan_agent_config, write_agent_config
@@ -77,6 +88,7 @@ def cluster_init(state, node, address, join_address, repo, agent_config, cluster
     from ..stream.membership import ca_fingerprint, init_cluster
 
     node = node or socket.gethostname().split(".")[0].lower()
+    encrypt = _backend_needs_repo(repo, backend, s3_endpoint, repo_key_file, no_encrypt)
     _needs_agent_config(agent_config, cluster=cluster_file, metrics=metrics, force=force)
     if os.path.exists(os.path.join(state, "node.json")):
         raise ClusterExists(f"{os.path.abspath(state)} already holds a cluster membership")
@@ -87,10 +99,13 @@ def cluster_init(state, node, address, join_address, repo, agent_config, cluster
         cfile = cluster_file or os.path.join(os.path.dirname(os.path.abspath(agent_config)), "cluster.toml")
         plan = plan_agent_config(agent_config, {"state": os.path.abspath(state),
                                                 "repo": os.path.abspath(repo) if repo else None,
+                                                "backend": backend, "s3_endpoint": s3_endpoint,
+                                                "key_file": os.path.abspath(repo_key_file) if repo_key_file else None,
+                                                "encrypt": encrypt,
                                                 "cluster": os.path.abspath(cfile), "metrics": metrics},
                                  "pit cluster init", force)
     if repo:
-        click.echo(_ensure_repo(repo))
+        click.echo(repos.ensure(repo, backend, s3_endpoint, repo_key_file, encrypt))
     st = init_cluster(state, node, address, join_address)
     click.echo(f"cluster created: primary {st.node} at {address}, joins at {st.info['join_address']}")
     click.echo(f"CA fingerprint sha256:{ca_fingerprint(st)}")
@@ -152,21 +167,23 @@ def cluster_secondary(node, cluster_file):
     click.echo(f"secondary station: {before.secondary} -> {node} (the running primary pushes it now)")
 
 
-def _ensure_repo(path: str) -> str:
-    """The replica repository at PATH, made as `pit --repo PATH init` makes it when there is none."""
-    from store.repository import Repository
+def _backend_needs_repo(repo, backend, s3_endpoint, key_file, no_encrypt) -> bool | None:
+    """--backend, --s3-endpoint, --key-file and --no-encrypt describe the --repo to create: refused without
+    it, and a bad URL or a bucket without encryption said either way is refused before anything changes.
+    -> the agent file's `encrypt` (False when refused, else None: the key file says)."""
+    if (backend or s3_endpoint or key_file or no_encrypt) and not repo:
+        raise click.UsageError("--backend, --s3-endpoint, --key-file and --no-encrypt need --repo DIR (the "
+                               "repository they describe)")
+    if s3_endpoint and not backend:
+        raise click.UsageError("--s3-endpoint needs --backend s3://BUCKET/PREFIX")
+    if backend:
+        from store.s3backend import S3Location
 
-    path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, "config")):
-        Repository(path, readonly=True).close()  # a repository this pit reads (else its one-line error)
-        return f"repository {path} is already there: kept"
-    repo = Repository.init(path)
-    try:
-        p = repo.params
-        return (f"created repository {repo.id[:12]} at {repo.path} "
-                f"(chunks {p.min_size}/{p.avg_size}/{p.max_size} bytes, zstd {repo.level})")
-    finally:
-        repo.close()
+        S3Location.parse(backend, s3_endpoint)
+    encrypt = False if no_encrypt else None
+    if repo and not os.path.exists(os.path.join(repo, "config")):
+        repos.wants_encryption(backend, key_file, encrypt)
+    return encrypt
 
 
 @click.command("join")
@@ -177,16 +194,27 @@ def _ensure_repo(path: str) -> str:
 @click.option("--repo", default=None, metavar="DIR",
               help="The repository this node keeps its replicas in: created when absent (as `pit --repo DIR "
                    "init`); with --agent-config, the file's `repo`.")
+@click.option("--backend", "backend", default=None, metavar="s3://BUCKET/PREFIX",
+              help="With --repo: keep that repository's packs in an S3-compatible bucket (docs/store.md); "
+                   "with --agent-config, the file's `backend`.")
+@click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint of --backend.")
+@click.option("--key-file", "repo_key_file", default=None, metavar="FILE",
+              help="With --repo: encrypt that repository with this key file (made when absent; the agent file's "
+                   "`key_file`). Required with --backend unless --no-encrypt.")
+@click.option("--no-encrypt", "no_encrypt", is_flag=True,
+              help="With --backend: store the packs in the bucket in the clear (the agent file's `encrypt = false`).")
 @AGENT_CONFIG
 @METRICS
 @FORCE
-def join(state, token, node, address, repo, agent_config, metrics, force):
+def join(state, token, node, address, repo, backend, s3_endpoint, repo_key_file, no_encrypt, agent_config, metrics,
+         force):
     """Join the cluster named by TOKEN (from `pit cluster token`); with --repo and --agent-config, also make
     the node's repository and write its agent configuration."""
     from ..names import check_node_id, parse_address
     from ..stream.membership import join as do_join, parse_token
 
     node = node or socket.gethostname().split(".")[0].lower()
+    encrypt = _backend_needs_repo(repo, backend, s3_endpoint, repo_key_file, no_encrypt)
     _needs_agent_config(agent_config, metrics=metrics, force=force)
     # everything that can be checked here is, before the join spends a use of the token
     check_node_id(node)
@@ -200,9 +228,12 @@ def join(state, token, node, address, repo, agent_config, metrics, force):
 
         plan = plan_agent_config(agent_config, {"state": os.path.abspath(state),
                                                 "repo": os.path.abspath(repo) if repo else None,
+                                                "backend": backend, "s3_endpoint": s3_endpoint,
+                                                "key_file": os.path.abspath(repo_key_file) if repo_key_file else None,
+                                                "encrypt": encrypt,
                                                 "metrics": metrics}, "pit join", force)
     if repo:
-        click.echo(_ensure_repo(repo))
+        click.echo(repos.ensure(repo, backend, s3_endpoint, repo_key_file, encrypt))
     st = do_join(token, state, node, address)
     click.echo(f"joined as {st.node}; primary is {st.primary}")
     if plan:
