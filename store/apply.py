@@ -55,6 +55,9 @@ def store_file_content(w: Writer, entry: Entry, chunks: list[tuple[bytes, int]])
 
 
 def _write_tree(w: Writer, entries: list[Entry]) -> bytes:
+    # Sorted as the tree is encoded: its children record in the index lists them in the order a reader of the
+    # tree finds them (a name added before existing ones made verify --deep report every such tree damaged)
+    entries = sorted(entries, key=lambda e: e.name)
     payload = encode_tree(entries)
     tid = object_id(P.TREE, payload)
     if w.put(P.TREE, tid, payload):
