@@ -484,3 +484,29 @@ def test_an_encrypted_repository_in_a_bucket_round_trips_and_attaches_with_its_k
     assert cli_json(other, "verify", "--deep")["result"] == "good"
     monkeypatch.setenv("PIT_KEY_FILE", str(tmp_path / "second.key"))  # its slot was removed: opens nothing
     assert cli(other, "snapshots", expect=34).output.count("\n") == 1
+
+
+def test_join_options_for_a_replica_repository_in_a_bucket(tmp_path):
+    """`pit join/cluster init --repo DIR --backend URL` must say --key-file or --no-encrypt (checked before the
+    join spends its token); what they write into the agent file loads back as the agent reads it."""
+    import click
+
+    from replicator.commands.cluster import _backend_needs_repo
+    from replicator.config import plan_agent_config
+    from store.errors import InvalidArgument
+
+    repo = str(tmp_path / "r")
+    with pytest.raises(InvalidArgument, match="--no-encrypt"):
+        _backend_needs_repo(repo, "s3://bucket/x", None, None, False)
+    assert _backend_needs_repo(repo, "s3://bucket/x", None, None, True) is False
+    assert _backend_needs_repo(repo, "s3://bucket/x", None, "/etc/pit/r.key", False) is None
+    with pytest.raises(InvalidArgument, match="contradict"):
+        _backend_needs_repo(repo, "s3://bucket/x", None, "/etc/pit/r.key", True)
+    with pytest.raises(click.UsageError):
+        _backend_needs_repo(None, None, None, "/etc/pit/r.key", False)
+    assert not os.path.exists(repo)
+    for extra, line in (({"key_file": "/etc/pit/r.key", "encrypt": None}, 'key_file = "/etc/pit/r.key"'),
+                        ({"encrypt": False}, "encrypt = false")):
+        plan = plan_agent_config(str(tmp_path / "agent.toml"), {"state": str(tmp_path / "st"), "repo": repo,
+                                                                "backend": "s3://bucket/x", **extra}, "pit join")
+        assert line in plan["text"], plan["text"]
