@@ -122,6 +122,10 @@ class RangeIngestMixin:
             self._range_note(RangeOutcome(shown, "whole", f"cannot open: {exc.strerror}", st.st_size))
             return False
         try:
+            try:  # scattered reads of a few chunks: kernel read-ahead would read (and count) far more
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            except OSError:
+                pass
             fst = os.fstat(fd)
             if not stat.S_ISREG(fst.st_mode) or fst.st_size != st.st_size or \
                     (plan.read_path is None and fst.st_ino != st.st_ino):
