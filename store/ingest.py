@@ -89,6 +89,7 @@ class FileJob:
     ext_i: int = 0    # the extent being read
     ext_read: list[int] = field(default_factory=list)  # bytes read of each extent so far
     check_stat: tuple | None = None  # read from a frozen clone: its stat, for the written-while-read check
+    premade: tuple[bytes, int, int] | None = None  # (filelist id, chunks, size) stored already (range ingest)
 
 
 def _xattrs(path: bytes) -> list[list[bytes]] | None:
@@ -409,6 +410,12 @@ class Ingester(RangeIngestMixin):
     def _finish_file(self, job: FileJob) -> None:
         e = job.entry
         size = sum(job.lens)
+        if job.premade is not None:  # range ingest stored the filelist itself (store/ingest_ranges.py)
+            e.content, e.nchunks, e.size = job.premade
+            if job.cache_key is not None:
+                self._fc_put(job.cache_key, msgpack.packb([*job.cache_stat, e.to_list()], use_bin_type=True))
+            self._child_done(job.node)
+            return
         if job.extents is not None:
             # the extents as read (a file that changed under us may have given
             # fewer bytes than planned): the chunk list must hold exactly them

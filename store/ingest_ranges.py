@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 from . import packs as P
 from .changeset import FileRanges
-from .errors import StoreError
-from .rechunk import rechunk
-from .repository import blob_id
+from .errors import IntegrityError, StoreError
+from .files import FILELIST_VERSION, INDEX_VERSION, LEAF_SPLIT, decode_filelist_level, encode_filelist, leaf_ends
+from .rechunk import rechunk, written_chunks
+from .repository import blob_id, object_id
 from .trees import FILE, X_DATA, Entry
 
 RANGE_LOG_MAX = 100  # per-file lines kept in the snapshot's stats
@@ -42,6 +43,26 @@ class RangeOutcome:
         if self.reason:
             d["reason"] = self.reason
         return d
+
+
+@dataclass
+class _Chunks:
+    """A re-chunked file as its whole chunk list."""
+
+    ids: list[bytes]
+    lens: list[int]
+    bytes_read: int
+
+
+@dataclass
+class _Leaves:
+    """A re-chunked file as the parent's leaves (by index) and new runs of chunks cut into leaves."""
+
+    leaf_ids: list[bytes]
+    leaf_lens: list[int]
+    parts: list  # int: the parent's leaf; (ids, lens, leaf ends): new leaves
+    nchunks: int
+    bytes_read: int = 0
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:
@@ -104,14 +125,6 @@ class RangeIngestMixin:
         shown = os.fsdecode(path)
         old = self._parent_entry(path)
         why = self._why_not_ranges(plan, old, st)
-        cl = None
-        if why is None:
-            try:
-                cl = self.reader.chunk_list(old)
-                if cl.size != old.size:
-                    why = "the parent's chunk list does not cover the file"
-            except StoreError as exc:
-                why = f"the parent's chunk list is unreadable ({exc})"
         if why is not None:
             self._range_note(RangeOutcome(shown, "whole", why, st.st_size))
             return False
@@ -121,6 +134,7 @@ class RangeIngestMixin:
         except OSError as exc:
             self._range_note(RangeOutcome(shown, "whole", f"cannot open: {exc.strerror}", st.st_size))
             return False
+        made = None
         try:
             try:  # scattered reads of a few chunks: kernel read-ahead would read (and count) far more
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -131,7 +145,10 @@ class RangeIngestMixin:
                     (plan.read_path is None and fst.st_ino != st.st_ino):
                 why = "the file changed since it was examined"
             else:
-                res = rechunk(cl.lengths, plan.ranges, st.st_size, lambda o, n: _pread_all(fd, n, o), self.params)
+                read = lambda o, n: _pread_all(fd, n, o)  # noqa: E731
+                made = self._by_leaves(old, plan.ranges, st.st_size, read) if old.nchunks > LEAF_SPLIT else None
+                if made is None:
+                    made = self._by_chunks(old, plan.ranges, st.st_size, read)
                 after = os.fstat(fd)
                 if plan.read_path is None and (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != cstat[:3]:
                     why = "written to while its ranges were read"
@@ -139,25 +156,129 @@ class RangeIngestMixin:
             why = f"read failed: {exc}"
         finally:
             os.close(fd)
-        if why is not None:
+        if why is not None:  # new chunks stored meanwhile are unreferenced: swept at commit
             self._range_note(RangeOutcome(shown, "whole", why, st.st_size))
             return False
         job = self._new_job(path, e, node, ckey, cstat)
-        for p in res.pieces:
+        if isinstance(made, _Leaves):
+            job.premade = (self._write_leaves(made), made.nchunks, st.st_size)
+        else:
+            job.ids, job.lens = made.ids, made.lens
+        node.pending += 1
+        self.stats["files_read"] += 1
+        self.stats["bytes_read"] += made.bytes_read
+        self._range_note(RangeOutcome(shown, "ranges", "", st.st_size, made.bytes_read))
+        self._finish_file(job)
+        return True
+
+    def _store_pieces(self, pieces: list, ids: list[bytes], lens: list[int]) -> tuple[list[bytes], list[int]]:
+        """The chunk list of re-chunked pieces (old chunks by index into ids/lens); new chunks stored."""
+        out_ids, out_lens = [], []
+        for p in pieces:
             if isinstance(p, int):
-                job.ids.append(cl.ids[p])
-                job.lens.append(cl.lengths[p])
+                out_ids.append(ids[p])
+                out_lens.append(lens[p])
             else:
                 h = blob_id(p)
                 self.w.put(P.CHUNK, h, p)
-                job.ids.append(h)
-                job.lens.append(len(p))
-        node.pending += 1
-        self.stats["files_read"] += 1
-        self.stats["bytes_read"] += res.bytes_read
-        self._range_note(RangeOutcome(shown, "ranges", "", st.st_size, res.bytes_read))
-        self._finish_file(job)
-        return True
+                out_ids.append(h)
+                out_lens.append(len(p))
+        return out_ids, out_lens
+
+    def _by_chunks(self, old: Entry, ranges, size: int, read) -> "_Chunks":
+        """The whole parent chunk list, re-chunked where written (a small file, or one of one level)."""
+        cl = self.reader.chunk_list(old)
+        if cl.size != old.size:
+            raise IntegrityError("the parent's chunk list does not cover the file")
+        res = rechunk(cl.lengths, ranges, size, read, self.params)
+        ids, lens = self._store_pieces(res.pieces, cl.ids, cl.lengths)
+        return _Chunks(ids, lens, res.bytes_read)
+
+    def _leaf(self, lid: bytes, nbytes: int) -> tuple[list[bytes], list[int]]:
+        level, ids, lens = decode_filelist_level(self.reader.blob(lid))
+        if level != FILELIST_VERSION or sum(lens) != nbytes:
+            raise IntegrityError("a leaf filelist of the parent does not match its index")
+        return ids, lens
+
+    def _by_leaves(self, old: Entry, ranges, size: int, read) -> "_Leaves | None":
+        """Only the parent's leaves that hold a written byte (and the next one,
+        for the cuts to line up again) are loaded, re-chunked and re-planned
+        (store/files.py: leaf cuts, like chunk cuts, depend only on what lies
+        since the previous cut); every other leaf is the parent's, by id. So
+        the cost follows the change, not the file's size. None: not two levels."""
+        level, leaf_ids, leaf_lens = decode_filelist_level(self.reader.blob(old.content))
+        if level != INDEX_VERSION:
+            return None
+        starts = [0]
+        for n in leaf_lens:
+            starts.append(starts[-1] + n)
+        if starts[-1] != old.size:
+            raise IntegrityError("the parent's chunk list does not cover the file")
+        nleaves = len(leaf_ids)
+        hit = written_chunks(starts, ranges, size)
+        out = _Leaves(leaf_ids, leaf_lens, [], old.nchunks)
+        i = 0
+        while i < nleaves:
+            if not hit[i]:
+                out.parts.append(i)
+                i += 1
+                continue
+            b = i
+            while b < nleaves and hit[b]:
+                b += 1
+            b = min(nleaves, b + 1)  # one unwritten leaf after: room for the cuts to line up
+            while True:
+                win_ids: list[bytes] = []
+                win_lens: list[int] = []
+                for k in range(i, b):
+                    lids, llens = self._leaf(leaf_ids[k], leaf_lens[k])
+                    win_ids += lids
+                    win_lens += llens
+                tail = b == nleaves
+                w0, w1 = starts[i], starts[b]
+                wr = [(max(o, w0) - w0, min(o + n, w1) - max(o, w0)) for o, n in ranges if o < w1 and o + n > w0]
+                res = rechunk(win_lens, wr, (size if tail else w1) - w0, lambda o, n: read(w0 + o, n), self.params)
+                out.bytes_read += res.bytes_read
+                ok = tail or (bool(res.pieces) and res.pieces[-1] == len(win_lens) - 1)
+                if ok:
+                    ids, lens = self._store_pieces(res.pieces, win_ids, win_lens)
+                    ends = leaf_ends(ids, to_end=tail)
+                    ok = tail or (bool(ends) and ends[-1] == len(ids))
+                if ok:
+                    break
+                b += 1  # the cuts (of chunks or of leaves) line up only further on: widen the window
+            out.parts.append((ids, lens, ends))
+            out.nchunks += len(ids) - len(win_ids)
+            i = b
+        if out.nchunks <= LEAF_SPLIT:  # the file now fits one leaf: plan it whole
+            return None
+        return out
+
+    def _write_leaves(self, made: "_Leaves") -> bytes:
+        """Store the new leaves and the index over all of them (as write_filelist would); its id."""
+        w = self.w
+        top_ids: list[bytes] = []
+        top_lens: list[int] = []
+        for part in made.parts:
+            if isinstance(part, int):
+                top_ids.append(made.leaf_ids[part])
+                top_lens.append(made.leaf_lens[part])
+                continue
+            ids, lens, ends = part
+            start = 0
+            for end in ends:
+                payload = encode_filelist(ids[start:end], lens[start:end])
+                fid = object_id(P.FILELIST, payload)
+                if w.put(P.FILELIST, fid, payload):
+                    w.link(fid, ids[start:end])
+                top_ids.append(fid)
+                top_lens.append(sum(lens[start:end]))
+                start = end
+        payload = encode_filelist(top_ids, top_lens, INDEX_VERSION)
+        tid = object_id(P.FILELIST, payload)
+        if w.put(P.FILELIST, tid, payload):
+            w.link(tid, top_ids)
+        return tid
 
     def range_stats(self) -> dict:
         """What the snapshot's stats say about range ingest (empty when no file had ranges)."""

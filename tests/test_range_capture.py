@@ -207,6 +207,34 @@ def test_change_set_ranges_store_what_a_full_rescan_stores(repo_path, tmp_path):
     assert (tmp_path / "out" / db.name).read_bytes() == db.read_bytes()
 
 
+@pytest.mark.parametrize("seed", [101, 102, 103, 104, 105, 106])
+def test_ranges_over_many_leaves_store_what_a_full_rescan_stores(small_repo, tmp_path, seed):
+    """1 KiB chunks: a 2-3 MB file has ~40 leaves of ~64 chunks; only the written ones are re-planned,
+    and the filelist (index and leaves) must be the one a full rescan writes. Some seeds shrink the
+    file to one leaf, some grow it, some write across leaf boundaries."""
+    r = random.Random(seed)
+    src = tmp_path / "src"
+    src.mkdir()
+    db = src / "db"
+    data = bytearray(r.randbytes(r.randrange(2 * MiB, 3 * MiB)))
+    db.write_bytes(data)
+    os.utime(db, ns=(OLD_MTIME, OLD_MTIME))
+    _snap(small_repo, src)
+    for rnd in range(3):
+        before = len(data)
+        ranges = _apply_random_change(r, data)
+        if seed == 103 and rnd == 1:
+            del data[150_000:]  # one leaf's worth of chunks or fewer: planned whole
+        db.write_bytes(data)
+        snap = _snap(small_repo, src, parse_changes([f"{db}\t{o}\t{n}" for o, n in ranges] or [f"{db}\t0\t1"]))
+        assert snap.stats["range_files"] == 1, snap.stats
+        if len(data) == before > 1_000_000 and sum(n for _, n in ranges) < 100_000:
+            assert snap.stats["bytes_read"] < len(data) // 4
+        assert _entry(small_repo, snap, "src/db").content == _full_scan_content(small_repo, src, "src/db")
+        restore(small_repo, snap.hex, tmp_path / f"out{rnd}", "src/db")
+        assert (tmp_path / f"out{rnd}" / "db").read_bytes() == bytes(data)
+
+
 def test_stale_baseline_falls_back_to_a_whole_read(repo_path, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
