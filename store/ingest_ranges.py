@@ -14,6 +14,7 @@ go through Writer.put, the same dedup and compression as every chunk.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 from dataclasses import dataclass
@@ -146,7 +147,14 @@ class RangeIngestMixin:
                 why = "the file changed since it was examined"
             else:
                 read = lambda o, n: _pread_all(fd, n, o)  # noqa: E731
-                made = self._by_leaves(old, plan.ranges, st.st_size, read) if old.nchunks > LEAF_SPLIT else None
+                def advise(o: int, n: int) -> None:
+                    try:
+                        os.posix_fadvise(fd, o, n, os.POSIX_FADV_WILLNEED)
+                    except OSError:
+                        pass  # only advice
+
+                made = self._by_leaves(old, plan.ranges, st.st_size, read, advise) \
+                    if old.nchunks > LEAF_SPLIT else None
                 if made is None:
                     made = self._by_chunks(old, plan.ranges, st.st_size, read)
                 after = os.fstat(fd)
@@ -200,7 +208,33 @@ class RangeIngestMixin:
             raise IntegrityError("a leaf filelist of the parent does not match its index")
         return ids, lens
 
-    def _by_leaves(self, old: Entry, ranges, size: int, read) -> "_Leaves | None":
+    @staticmethod
+    def _advise_written(ranges, starts: list[int], hit: list[bool], leaf, advise) -> None:
+        """Tell the kernel every old chunk holding a written byte before the
+        first is read: the scattered reads then go to the disk together, not
+        one round trip after the other (0.23 s of a 0.9 s cold snapshot of
+        the 402 MB db). Only those chunks: read-ahead is off (FADV_RANDOM)."""
+        for k, h in enumerate(hit):
+            if not h:
+                continue
+            _ids, lens = leaf(k)
+            cstarts = [starts[k]]
+            for n in lens:
+                cstarts.append(cstarts[-1] + n)
+            spans: list[list[int]] = []
+            for off, n in ranges:
+                if off >= cstarts[-1] or off + n <= cstarts[0]:
+                    continue
+                a = bisect.bisect_right(cstarts, max(off, cstarts[0])) - 1
+                b = bisect.bisect_right(cstarts, min(off + n, cstarts[-1]) - 1)
+                if spans and cstarts[a] <= spans[-1][1]:
+                    spans[-1][1] = max(spans[-1][1], cstarts[b])
+                else:
+                    spans.append([cstarts[a], cstarts[b]])
+            for lo, hi in spans:
+                advise(lo, hi - lo)
+
+    def _by_leaves(self, old: Entry, ranges, size: int, read, advise) -> "_Leaves | None":
         """Only the parent's leaves that hold a written byte (and the next one,
         for the cuts to line up again) are loaded, re-chunked and re-planned
         (store/files.py: leaf cuts, like chunk cuts, depend only on what lies
@@ -217,6 +251,14 @@ class RangeIngestMixin:
         nleaves = len(leaf_ids)
         hit = written_chunks(starts, ranges, size)
         out = _Leaves(leaf_ids, leaf_lens, [], old.nchunks)
+        loaded: dict[int, tuple[list[bytes], list[int]]] = {}
+
+        def leaf(k: int) -> tuple[list[bytes], list[int]]:
+            if k not in loaded:
+                loaded[k] = self._leaf(leaf_ids[k], leaf_lens[k])
+            return loaded[k]
+
+        self._advise_written(ranges, starts, hit, leaf, advise)
         i = 0
         while i < nleaves:
             if not hit[i]:
@@ -231,7 +273,7 @@ class RangeIngestMixin:
                 win_ids: list[bytes] = []
                 win_lens: list[int] = []
                 for k in range(i, b):
-                    lids, llens = self._leaf(leaf_ids[k], leaf_lens[k])
+                    lids, llens = leaf(k)
                     win_ids += lids
                     win_lens += llens
                 tail = b == nleaves
