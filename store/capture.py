@@ -153,6 +153,7 @@ class ReflinkCapture:
     _fresh: dict[str, tuple[str, Baseline]] = field(default_factory=dict)  # path -> (tmp clone, its baseline)
     _unsupported: dict[int, str] = field(default_factory=dict)  # st_dev -> why reflink fails there
     given: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # path -> ranges handed out (tests, bench)
+    _lock: int | None = None  # fd holding the clone directory's flock until commit or abort
 
     @classmethod
     def open(cls, clone_dir: str, min_size: int = DEFAULT_MIN_SIZE) -> "ReflinkCapture":
@@ -161,6 +162,9 @@ class ReflinkCapture:
         except OSError as exc:
             raise CaptureError(f"cannot create the clone directory {clone_dir}: {exc.strerror}") from None
         cap = cls(os.path.abspath(clone_dir), min_size)
+        # one capture of a set at a time: another would delete this one's fresh clones as leftovers
+        cap._lock = os.open(os.path.join(cap.clone_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(cap._lock, fcntl.LOCK_EX)
         cap.skip_paths = frozenset({os.fsencode(cap.clone_dir), os.fsencode(os.path.dirname(cap.clone_dir))}
                                    if os.path.basename(os.path.dirname(cap.clone_dir)) == ".pit-clones"
                                    else {os.fsencode(cap.clone_dir)})
@@ -252,6 +256,11 @@ class ReflinkCapture:
                 os.close(fd)
         return changed_ranges(old, new, size)
 
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
+
     def commit(self) -> None:
         """The snapshot is stored: the fresh clones become the baselines."""
         for path, (tmp, base) in self._fresh.items():
@@ -269,6 +278,7 @@ class ReflinkCapture:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.clone_dir, STATE))
+        self._unlock()
 
     def abort(self) -> None:
         """No snapshot: the old baselines stay, the fresh clones go."""
@@ -278,3 +288,4 @@ class ReflinkCapture:
             except OSError:
                 pass
         self._fresh.clear()
+        self._unlock()

@@ -410,3 +410,25 @@ def test_capture_without_reflink_reads_whole_and_says_so(repo_path, tmp_path, fs
         assert "reflink unsupported" in s["capture"]["files"][str(db)]
         restore(repo_path, snap.hex, tmp_path / "out", "data/db")
         assert (tmp_path / "out" / db.name).read_bytes() == db.read_bytes()
+
+
+def test_cli_capture_says_which_way_each_file_went(repo_path, tmp_path):
+    import json
+
+    r = random.Random(8)
+    with mounted(tmp_path, "xfs") as mnt:
+        src = mnt / "data"
+        src.mkdir()
+        db = src / "db"
+        db.write_bytes(r.randbytes(3 * MiB))
+        args = ["snapshot", "--set", "s", "--capture", "reflink", "--capture-min-size", str(MiB), str(src)]
+        first = cli(repo_path, *args)
+        assert f"{db}: whole (no baseline clone yet)" in first.output
+        _write_pages(db, r, 4)
+        out = json.loads(cli(repo_path, *args, "--json").stdout)["stats"]
+        assert out["range_files"] == 1 and out["capture"]["mechanism"] == "reflink"
+        assert out["range_log"][0]["mode"] == "ranges" and out["range_log"][0]["bytes_read"] < MiB
+        _write_pages(db, r, 4)
+        text = cli(repo_path, *args).output
+        assert "ranges: 1 files from written ranges" in text and f"{db}: ranges, " in text
+        assert sorted(os.listdir(src / ".pit-clones" / "s"))[-2:] == ["lock", "state.json"]
