@@ -432,3 +432,23 @@ def test_cli_capture_says_which_way_each_file_went(repo_path, tmp_path):
         text = cli(repo_path, *args).output
         assert "ranges: 1 files from written ranges" in text and f"{db}: ranges, " in text
         assert sorted(os.listdir(src / ".pit-clones" / "s"))[-2:] == ["lock", "state.json"]
+
+
+def test_fiemap_reads_maps_longer_than_one_call(tmp_path, monkeypatch):
+    import store.capture as C
+
+    r = random.Random(9)
+    with mounted(tmp_path, "btrfs") as mnt:
+        f = mnt / "f"
+        f.write_bytes(r.randbytes(4 * MiB))
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            C.clone_file(fd, str(mnt / "clone"))
+            _write_pages(f, r, 40, page=4096)  # copy-on-write: ~40 extents more
+            whole = C.fiemap(fd)
+            monkeypatch.setattr(C, "BATCH", 3)
+            assert C.fiemap(fd) == whole and len(whole) > 3 * 5
+            assert whole[-1].flags & C.FIEMAP_EXTENT_LAST
+            assert sum(e.length for e in whole) >= 4 * MiB
+        finally:
+            os.close(fd)
