@@ -152,22 +152,35 @@ def _filter_rules(flags: dict):
 @click.option("--set", "set_name", required=True, help="Replication set name.")
 @click.option("--changes", type=click.File("r"), default=None, metavar="FILE",
               help="File listing changed/added/deleted paths, one per line ('-' for stdin); "
-                   "only these are examined (the rest comes from the latest snapshot).")
+                   "only these are examined (the rest comes from the latest snapshot). A line "
+                   "PATH<TAB>OFFSET<TAB>LENGTH gives a file's written bytes (docs/store.md, \"Change sets\").")
+@click.option("--capture", type=click.Choice(["reflink"]), default=None,
+              help="Find the written ranges of big files by comparing reflink clones (XFS, btrfs); "
+                   "other file systems read them whole.")
+@click.option("--clone-dir", default=None, metavar="DIR",
+              help="Where --capture keeps its clones, on the sources' file system "
+                   "[default: .pit-clones/SET in the first source directory, left out of the snapshot].")
+@click.option("--capture-min-size", default=64 * 1024 * 1024, show_default=True, type=click.IntRange(min=0),
+              help="--capture handles files of at least this many bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
 @click.option("--lock-wait", default=10.0, show_default=True, help="Seconds to wait for another writer.")
 @filter_options
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.pass_context
-def snapshot(ctx, set_name, changes, as_json, lock_wait, paths, **flags):
+def snapshot(ctx, set_name, changes, capture, clone_dir, capture_min_size, as_json, lock_wait, paths, **flags):
     """Take a snapshot of PATHS as replication set SET."""
+    from .changeset import parse_changes
     from .ingest import create_snapshot
 
     rules = _filter_rules(flags)
     rules.compile([os.path.abspath(p) for p in paths])  # a bad pattern: one line, before anything is opened
+    changed = parse_changes(changes) if changes is not None else None  # a bad line: one line, nothing done
     repo = open_repo(ctx, lock_wait=lock_wait)
-    changed = None
-    if changes is not None:
-        changed = [ln.rstrip("\n") for ln in changes if ln.strip()]
+    cap = None
+    if capture == "reflink":
+        from .capture import ReflinkCapture, default_clone_dir
+
+        cap = ReflinkCapture.open(clone_dir or default_clone_dir(paths[0], set_name), capture_min_size)
     status = StatusLine("snapshot", json_lines=as_json)
 
     def progress(st):
@@ -176,8 +189,15 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths, **flags):
 
     status.show(f"snapshot of set {set_name}: 0 files examined", files=0, bytes=0, bytes_read=0)
 
-    snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait,
-                           filters=rules)
+    try:
+        snap = create_snapshot(repo, set_name, list(paths), changed, progress=progress, lock_wait=lock_wait,
+                               filters=rules, capture=cap)
+    except BaseException:
+        if cap is not None:
+            cap.abort()
+        raise
+    if cap is not None:
+        cap.commit()  # the clones the snapshot read become the next baselines
     status.done()
     s = snap.stats
     if as_json:
@@ -187,6 +207,14 @@ def snapshot(ctx, set_name, changes, as_json, lock_wait, paths, **flags):
     click.echo(f"snapshot {snap.short} saved as {snap.set}@{snap.name}")
     click.echo(f"  {s['files']} files, {s['dirs']} dirs, {mib(s['bytes'])}; examined {s['examined_files']} files "
                f"({'change set' if s['mode'] == 'changes' else 'full scan'}), read {s['files_read']}")
+    if "range_files" in s or "capture" in s:
+        click.echo(f"  ranges: {s.get('range_files', 0)} files from written ranges "
+                   f"({mib(s.get('range_bytes_read', 0))} read), {s.get('range_fallbacks', 0)} read whole"
+                   + (f"; capture {s['capture']['mechanism']} (files >= {mib(s['capture']['min_size'])})"
+                      if "capture" in s else ""))
+        for o in s.get("range_log", [])[:20]:
+            click.echo(f"    {o['path']}: {o['mode']}" + (f" ({o['reason']})" if o.get("reason") else
+                                                         f", {mib(o['bytes_read'])} of {mib(o['size'])} read"))
     if s.get("excluded"):
         click.echo(f"  excluded: {s['excluded']} paths (filter: {json.dumps(s.get('filter', {}))})")
     click.echo(f"  new: {s['new_chunks']} blobs, {mib(s['new_bytes'])} raw, {mib(s['new_stored'])} stored, "

@@ -142,6 +142,24 @@ class RestoreVerifyFailed(StoreError):
     exit_code = 29
 
 
+class ChangeSetInvalid(InvalidArgument):
+    """A line of a change set (`pit snapshot --changes FILE`) is malformed; nothing was done."""
+
+    exit_code = 30
+
+
+class CaptureError(InvalidArgument):
+    """The change capture cannot be set up as asked (its clone directory is unusable)."""
+
+    exit_code = 31
+
+
+class ShortRead(StoreError):
+    """A file gave fewer bytes than its size said: it shrank while read."""
+
+    exit_code = 32
+
+
 class KeyRequired(StoreError):
     """The repository is encrypted: give its passphrase (PIT_PASSWORD, --password-file) or key file (--key-file, PIT_KEY_FILE)."""
 

@@ -79,19 +79,33 @@ def plan_filelist(ids: list[bytes], lengths: list[int], make_id: Callable[[bytes
     leaf_ids: list[bytes] = []
     leaf_lens: list[int] = []
     start = 0
-    n = len(ids)
-    for i in range(n):
-        cid = ids[i]
-        if i + 1 == n or ((cid[0] << 8 | cid[1]) & LEAF_MASK) == 0 or i + 1 - start >= LEAF_MAX:
-            part, plens = ids[start:i + 1], lengths[start:i + 1]
-            payload = encode_filelist(part, plens)
-            blobs.append((payload, part))
-            leaf_ids.append(make_id(payload))
-            leaf_lens.append(sum(plens))
-            start = i + 1
+    for end in leaf_ends(ids):
+        part, plens = ids[start:end], lengths[start:end]
+        payload = encode_filelist(part, plens)
+        blobs.append((payload, part))
+        leaf_ids.append(make_id(payload))
+        leaf_lens.append(sum(plens))
+        start = end
     top = encode_filelist(leaf_ids, leaf_lens, INDEX_VERSION)
     blobs.append((top, leaf_ids))
     return FilelistPlan(blobs, make_id(top))
+
+
+def leaf_ends(ids: list[bytes], to_end: bool = True) -> list[int]:
+    """Where each leaf of a chunk list ends (exclusive chunk index): after a
+    chunk whose id says so, or at LEAF_MAX chunks. The cuts depend only on
+    the chunks since the previous cut, so a list re-planned from a leaf
+    boundary cuts as the whole list does. `to_end`: the list's end closes its
+    last leaf (a whole file); else a trailing partial leaf gets no end."""
+    ends = []
+    start = 0
+    for i, cid in enumerate(ids):
+        if ((cid[0] << 8 | cid[1]) & LEAF_MASK) == 0 or i + 1 - start >= LEAF_MAX:
+            ends.append(i + 1)
+            start = i + 1
+    if to_end and start < len(ids):
+        ends.append(len(ids))
+    return ends
 
 
 @dataclass

@@ -32,9 +32,11 @@ import msgpack
 import zstandard
 
 from . import packs as P
+from .changeset import ChangeSet, FileRanges
 from .errors import InvalidArgument, SourceMissing, StoreError
 from .filters import NO_FILTER, Filter, FilterRules
 from .index import filecache_key
+from .ingest_ranges import RangeIngestMixin
 from .objects import ObjectReader
 from .repository import Repository, Writer, object_id, write_filelist
 from .retention import apply_retention
@@ -55,6 +57,7 @@ MAX_CHANGED_LISTED = 1000
 RACY_NS = 1_000_000_000  # files modified this close to the scan start are re-read next time
 MAX_WARNINGS = 100
 PREFETCH_BYTES = 256 * 1024 * 1024  # per directory: what we ask the kernel to read ahead
+CLONE_DIR = b".pit-clones"  # a source's reflink clones (store/capture.py): never in a snapshot
 RESCAN = object()  # marks "this path changed: look at it afresh" in the change trie
 
 
@@ -85,6 +88,8 @@ class FileJob:
     extents: list[tuple[int, int]] | None = None  # a sparse file's data extents (None: dense)
     ext_i: int = 0    # the extent being read
     ext_read: list[int] = field(default_factory=list)  # bytes read of each extent so far
+    check_stat: tuple | None = None  # read from a frozen clone: its stat, for the written-while-read check
+    premade: tuple[bytes, int, int] | None = None  # (filelist id, chunks, size) stored already (range ingest)
 
 
 def _xattrs(path: bytes) -> list[list[bytes]] | None:
@@ -169,9 +174,11 @@ class _Done(Future):
         self.set_result(result)
 
 
-class Ingester:
+class Ingester(RangeIngestMixin):
     def __init__(self, writer: Writer, set_name: str, workers: int | None = None,
-                 progress: Callable[[dict], None] | None = None, filt: Filter = NO_FILTER) -> None:
+                 progress: Callable[[dict], None] | None = None, filt: Filter = NO_FILTER,
+                 ranges: Callable[[bytes, os.stat_result], FileRanges | None] | None = None,
+                 skip_paths: frozenset[bytes] = frozenset()) -> None:
         self.w = writer
         self.filt = filt
         self._src = b""       # the source being walked, its stored name and its device (one_file_system)
@@ -205,6 +212,12 @@ class Ingester:
         fc = self.w.db["filecache"]
         self._fc_get = lambda k: self.w.txn.get(k, db=fc)
         self._fc_put = lambda k, v: self.w.txn.put(k, v, db=fc)
+        # written byte ranges of files (store/ingest_ranges.py): where they come from, the parent to apply them to
+        self.ranges = ranges
+        self.skip_paths = skip_paths  # never snapshotted (a capture's clone directory)
+        self.parent_root: bytes | None = None
+        self.reader: ObjectReader | None = None
+        self._range_init()
 
     # ------------------------------------------------------------ warnings
     def warn(self, msg: str) -> None:
@@ -314,7 +327,7 @@ class Ingester:
                     job.ext_i += 1
                     self._queue(job, job.extents[job.ext_i][0])
                     continue
-            if res.after is not None and res.after[:3] != job.cache_stat[:3]:
+            if res.after is not None and res.after[:3] != (job.check_stat or job.cache_stat)[:3]:
                 # Written to while we read it: what we have may mix two versions.
                 if job.rereads < MAX_REREADS:
                     job.rereads += 1
@@ -374,10 +387,13 @@ class Ingester:
             self.progress(self.stats)
 
     # --------------------------------------------------------------- files
+    def _new_job(self, path: bytes, entry: Entry, node: DirNode, ckey: bytes | None, cstat: tuple) -> FileJob:
+        return FileJob(path, entry, node, ckey, cstat)
+
     def _ingest_file(self, path: bytes, entry: Entry, node: DirNode, ckey: bytes | None, cstat: tuple,
-                     st: os.stat_result) -> None:
+                     st: os.stat_result, check_stat: tuple | None = None) -> None:
         node.pending += 1
-        job = FileJob(path, entry, node, ckey, cstat)
+        job = FileJob(path, entry, node, ckey, cstat, check_stat=check_stat)
         if st.st_blocks * 512 + HOLE_MIN <= st.st_size:  # fewer blocks than bytes: maybe holes
             job.extents = _data_extents(path, st.st_size)
             self._set_extents(job)
@@ -396,6 +412,12 @@ class Ingester:
     def _finish_file(self, job: FileJob) -> None:
         e = job.entry
         size = sum(job.lens)
+        if job.premade is not None:  # range ingest stored the filelist itself (store/ingest_ranges.py)
+            e.content, e.nchunks, e.size = job.premade
+            if job.cache_key is not None:
+                self._fc_put(job.cache_key, msgpack.packb([*job.cache_stat, e.to_list()], use_bin_type=True))
+            self._child_done(job.node)
+            return
         if job.extents is not None:
             # the extents as read (a file that changed under us may have given
             # fewer bytes than planned): the chunk list must hold exactly them
@@ -475,6 +497,9 @@ class Ingester:
     def _visit(self, path: bytes, name: bytes, node: DirNode, change, old: Entry | None, reader: ObjectReader,
                st: os.stat_result | None = None) -> None:
         """Look at `path` afresh (change is RESCAN) or descend into it (change is a trie)."""
+        if path in self.skip_paths:
+            node.entries.pop(name, None)
+            return
         try:
             st = st or os.lstat(path)
         except FileNotFoundError:
@@ -548,6 +573,15 @@ class Ingester:
                 e.extra[X_DATA] = ext
             return
         racy = st.st_mtime_ns >= self.start_ns - RACY_NS
+        plan = self.ranges(path, st) if self.ranges is not None else None
+        if plan is not None:
+            if self._range_file(path, e, node, None if racy else ckey, cstat, st, plan):
+                return
+            if plan.read_path is not None:  # read whole, from the frozen clone
+                cst = os.stat(plan.read_path)
+                self._ingest_file(plan.read_path, e, node, None if racy else ckey, cstat, st,
+                                  (cst.st_size, cst.st_mtime_ns, cst.st_ctime_ns, cst.st_ino))
+                return
         self._ingest_file(path, e, node, None if racy else ckey, cstat, st)
 
     def _dir(self, path: bytes, entry: Entry | None, parent: DirNode | None, change, base: bytes | None,
@@ -582,6 +616,7 @@ class Ingester:
             reader: ObjectReader) -> bytes:
         """Build the new root tree. `changes` maps each source basename to RESCAN or a trie."""
         root = DirNode(reader.tree_dict(parent_root) if changes is not None else {}, None, None)
+        self.reader = reader
         failed = True
         try:
             for src in sources:
@@ -592,6 +627,7 @@ class Ingester:
                 if not os.path.lexists(src):
                     raise SourceMissing(f"source path {os.fsdecode(src)} does not exist")
                 self._src, self._src_name, self._root_dev = src, name, os.lstat(src).st_dev
+                self.skip_paths = self.skip_paths | {os.path.join(src, CLONE_DIR)}
                 self._visit(src, name, root, sub, root.entries.get(name), reader)
             root.listed = True
             self._drain_all()
@@ -635,16 +671,22 @@ def _change_trie(sources: list[bytes], changed: Iterable[str | bytes]) -> dict:
     return trie
 
 
-def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: Iterable[str] | None = None,
+def create_snapshot(repo: Repository, set_name: str, paths: list[str],
+                    changes: Iterable[str] | ChangeSet | None = None,
                     progress: Callable[[dict], None] | None = None, lock_wait: float = 10.0,
                     host: str | None = None, retention: bool = True,
-                    filters: FilterRules | None = None) -> Snapshot:
+                    filters: FilterRules | None = None, capture=None) -> Snapshot:
     """Snapshot `paths` as set `set_name`, by full scan or from a known change set.
 
     With `changes`, the parent is the set's latest snapshot; if there is none,
     or its source paths or its filter differ, this falls back to a full scan
     (correct, only slower). `filters` leaves paths out (store/filters.py);
     the snapshot records them (`stats.filter`).
+
+    A ChangeSet may give files' written byte ranges, and `capture`
+    (store/capture.py) computes them for big files as they are met; either
+    way a file with ranges is ingested from them (store/ingest_ranges.py)
+    when its parent entry allows, else read whole, and the stats say which.
     """
     check_set_name(set_name)
     if not paths:
@@ -656,6 +698,9 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
     for s in sources:
         if not os.path.lexists(s):
             raise SourceMissing(f"source path {os.fsdecode(s)} does not exist")
+    table: dict[bytes, FileRanges] = {}
+    if isinstance(changes, ChangeSet):
+        table, changes = changes.ranges, changes.paths
     rules = filters or FilterRules()
     filt = rules.compile(sources)  # a bad pattern fails here, before the writer lock is taken
     t0 = time.monotonic()
@@ -664,10 +709,19 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
         prev = list_snapshots(repo, w.txn, set_name)
         parent = prev[-1] if prev else None
         trie = None
-        if changes is not None and parent is not None and parent.paths == printable([os.fsdecode(s) for s in sources]) \
-                and parent.stats.get("filter", {}) == printable(rules.to_json()):
+        same = parent is not None and parent.paths == printable([os.fsdecode(s) for s in sources]) \
+            and parent.stats.get("filter", {}) == printable(rules.to_json())
+        if changes is not None and same:
             trie = _change_trie(sources, changes)
-        ing = Ingester(w, set_name, progress=progress, filt=filt)
+
+        def ranges_of(path: bytes, st: os.stat_result) -> FileRanges | None:
+            fr = table.get(path)
+            return fr if fr is not None or capture is None else capture.for_file(path, st)
+
+        ing = Ingester(w, set_name, progress=progress, filt=filt,
+                       ranges=ranges_of if (table or capture is not None) else None,
+                       skip_paths=capture.skip_paths if capture is not None else frozenset())
+        ing.parent_root = parent.root if same else None
         root = ing.run(sources, trie, parent.root if (parent and trie is not None) else None, reader)
         now = time.time_ns()
         stats = {f"examined_{k}" if k in ("files", "dirs", "symlinks", "bytes") else k: v
@@ -678,6 +732,9 @@ def create_snapshot(repo: Repository, set_name: str, paths: list[str], changes: 
                      mode="changes" if trie is not None else "scan", warnings=ing.warnings)
         if w.stats.get("healed"):  # blobs a repair had lost, stored again from intact source data
             stats["healed"] = w.stats["healed"]
+        stats.update(ing.range_stats())
+        if capture is not None:
+            stats["capture"] = capture.mode
         if rules:
             stats["filter"] = rules.to_json()
         if ing.changed_count:
