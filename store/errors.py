@@ -145,19 +145,19 @@ class RestoreVerifyFailed(StoreError):
 class ChangeSetInvalid(InvalidArgument):
     """A line of a change set (`pit snapshot --changes FILE`) is malformed; nothing was done."""
 
-    exit_code = 30
+    exit_code = 66
 
 
 class CaptureError(InvalidArgument):
     """The change capture cannot be set up as asked (its clone directory is unusable)."""
 
-    exit_code = 31
+    exit_code = 67
 
 
 class ShortRead(StoreError):
     """A file gave fewer bytes than its size said: it shrank while read."""
 
-    exit_code = 32
+    exit_code = 68
 
 
 class KeyRequired(StoreError):

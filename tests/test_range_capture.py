@@ -147,7 +147,7 @@ def test_cli_refuses_a_malformed_change_set(repo_path, tmp_path):
     cli(repo_path, "snapshot", "--set", "s", str(src))
     for bad in (f"{src}/f\t-3\t4\n", f"{src}/f\t3\n", f"{src}/f\t1\t2\x00\n"):
         (tmp_path / "ch").write_text(f"{src}/f\n" + bad)
-        res = cli(repo_path, "snapshot", "--set", "s", "--changes", str(tmp_path / "ch"), str(src), expect=30)
+        res = cli(repo_path, "snapshot", "--set", "s", "--changes", str(tmp_path / "ch"), str(src), expect=66)
         assert "change set line 2" in res.output and len(res.output.strip().splitlines()) == 1
     assert len(list_snaps(repo_path, "s")) == 1  # nothing done
 
