@@ -19,6 +19,11 @@ from store.objects import ObjectReader
 
 
 def all_store_errors() -> list[type]:
+    """Every error class `pit` turns into an exit code: the store's and those of the packages that add
+    commands (imported here, not left to whichever other test this worker ran first)."""
+    import davserver.errors  # noqa: F401
+    import replicator.errors  # noqa: F401
+
     out, todo = [], [E.StoreError]
     while todo:
         cls = todo.pop()
