@@ -67,29 +67,24 @@ def key_add(ctx, new_key_file, new_password_file):
     master = repo.codec.master_key()
     if new_key_file:
         key = make_key_file(new_key_file)
-        fd = _acquire_lock(os.path.join(repo.path, "lock"), 10.0)
-        try:
-            slot = add_keyfile_slot(repo.path, repo.id, master, key)
-            mirror_keys(repo.path, repo.backend)
-        finally:
-            _release_lock(fd)
-        click.echo(f"added key slot {slot} (key file {new_key_file})")
-        return
-    if new_password_file:
-        pw = read_password_file(new_password_file)
-    elif os.environ.get("PIT_NEW_PASSWORD") is not None:
-        pw = os.environ["PIT_NEW_PASSWORD"]
-    elif sys.stdin.isatty():
-        pw = click.prompt("new passphrase", hide_input=True, confirmation_prompt=True, err=True)
+        add, what = (lambda: add_keyfile_slot(repo.path, repo.id, master, key)), f"key file {new_key_file}"
     else:
-        raise InvalidArgument("no new passphrase: give --new-password-file, PIT_NEW_PASSWORD or --new-key-file")
+        if new_password_file:
+            pw = read_password_file(new_password_file)
+        elif os.environ.get("PIT_NEW_PASSWORD") is not None:
+            pw = os.environ["PIT_NEW_PASSWORD"]
+        elif sys.stdin.isatty():
+            pw = click.prompt("new passphrase", hide_input=True, confirmation_prompt=True, err=True)
+        else:
+            raise InvalidArgument("no new passphrase: give --new-password-file, PIT_NEW_PASSWORD or --new-key-file")
+        add, what = (lambda: add_passphrase_slot(repo.path, repo.id, master, pw)), "passphrase"
     fd = _acquire_lock(os.path.join(repo.path, "lock"), 10.0)
     try:
-        slot = add_passphrase_slot(repo.path, repo.id, master, pw)
-        mirror_keys(repo.path, repo.backend)
+        slot = add()
+        mirror_keys(repo.path, repo.backend)  # a repository in a bucket keeps its slots there too
     finally:
         _release_lock(fd)
-    click.echo(f"added key slot {slot} (passphrase)")
+    click.echo(f"added key slot {slot} ({what})")
 
 
 @key_group.command("remove")

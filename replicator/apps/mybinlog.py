@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from ..errors import WalReplayFailed
 from ..settings import SetConfig
 from .pgtools import _first_line, _run
-from .pgwal import _die_with_parent, host_of
+from .pgwal import LagMonitor, _die_with_parent, host_of
 
 log = logging.getLogger("pit.mybinlog")
 
@@ -441,39 +441,21 @@ def log_offset(sizes: list[tuple[str, int]], file: str | None, pos: int) -> int 
     return None
 
 
-class BinlogMonitor:
+class BinlogMonitor(LagMonitor):
     """On the set's master: how far each replica's copy of the binary log is behind. A binlog dump thread does
     not say which replica it serves (mariadb-binlog does not register as a replica), so the replica's own
     receiver is asked (`ask(node)` -> that node's `pit status`, over the agents' mTLS link) and its newest file
     and length are set against the master's `SHOW BINARY LOGS`. Same shape as PostgreSQL's WalMonitor: a replica
     behind, or not streaming, is behind for as long as it was last seen caught up."""
 
+    thread_name = "pit-binmon"
+
     def __init__(self, set_name: str, ask, every: float = 2.0) -> None:
-        self.set_name, self.ask, self.every = set_name, ask, every
-        self.app: dict = {}
-        self.replicas: tuple[str, ...] = ()
-        self.lag: dict[str, dict] = {}
-        self.error = ""
-        self._since: dict[str, float] = {}  # replica -> when it was last seen caught up (or first looked at)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__(set_name, every)
+        self.ask = ask
 
-    def update(self, app: dict, replicas: tuple[str, ...]) -> None:
-        self.app, self.replicas = dict(app), tuple(replicas)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, daemon=True, name=f"pit-binmon-{self.set_name}")
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll()
-            except OSError as exc:
-                self.error = str(exc)
-            self._stop.wait(self.every)
+    def look(self) -> None:
+        self.poll()
 
     def master_log(self) -> list[tuple[str, int]]:
         argv = list(self.app.get("client") or []) + ["--batch", "--skip-column-names", "-e", "SHOW BINARY LOGS"]

@@ -596,10 +596,12 @@ def clear_sync(data: str) -> bool:
     return True
 
 
-class WalMonitor:
-    """On the set's master: how far each replica's WAL receiver is behind, from the server's own views
-    (`pg_replication_slots`, `pg_stat_replication`), every `every` seconds. A replica whose slot is not
-    streaming is behind by the WAL its slot holds back, for as long as it has been away."""
+class LagMonitor:
+    """On a set's master: a thread that looks at each replica's copy of the database log every `every`
+    seconds (`look`), keeping `lag` (replica -> what the status shows) and the last error. The engines say
+    how they look: PostgreSQL from the server's own views, MariaDB from the replicas' receivers."""
+
+    thread_name = "pit-lagmon"
 
     def __init__(self, set_name: str, every: float = 5.0) -> None:
         self.set_name, self.every = set_name, every
@@ -607,28 +609,46 @@ class WalMonitor:
         self.replicas: tuple[str, ...] = ()
         self.lag: dict[str, dict] = {}
         self.error = ""
-        self.sync = ""
-        self._since: dict[str, float] = {}  # replica -> when it was last seen streaming (or first looked at)
+        self._since: dict[str, float] = {}  # replica -> when it was last seen caught up/streaming (or first looked)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def update(self, app: dict, replicas: tuple[str, ...]) -> None:
         self.app, self.replicas = dict(app), tuple(replicas)
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, daemon=True, name=f"pit-walmon-{self.set_name}")
+            self._thread = threading.Thread(target=self._loop, daemon=True,
+                                            name=f"{self.thread_name}-{self.set_name}")
             self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
 
+    def look(self) -> None:
+        raise NotImplementedError
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.poll()
-                self.keep_sync()
+                self.look()
             except OSError as exc:
                 self.error = str(exc)
             self._stop.wait(self.every)
+
+
+class WalMonitor(LagMonitor):
+    """On the set's master: how far each replica's WAL receiver is behind, from the server's own views
+    (`pg_replication_slots`, `pg_stat_replication`), every `every` seconds. A replica whose slot is not
+    streaming is behind by the WAL its slot holds back, for as long as it has been away."""
+
+    thread_name = "pit-walmon"
+
+    def __init__(self, set_name: str, every: float = 5.0) -> None:
+        super().__init__(set_name, every)
+        self.sync = ""
+
+    def look(self) -> None:
+        self.poll()
+        self.keep_sync()
 
     def keep_sync(self) -> str | None:
         """`sync = true`: commits wait until the first streaming replica (in the set's order) has flushed their

@@ -56,6 +56,24 @@ def _wrote(plan: dict, done: str) -> None:
         click.echo(f"{done} agent configuration {plan['path']} ({keys})")
 
 
+def REPO_STORAGE(f):
+    """Where the --repo to create keeps its packs, and its encryption (pit cluster init, pit join)."""
+    for opt in reversed([
+        click.option("--backend", "backend", default=None, metavar="s3://BUCKET/PREFIX",
+                     help="With --repo: keep that repository's packs in an S3-compatible bucket (docs/store.md); "
+                          "with --agent-config, the file's `backend`."),
+        click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint of --backend."),
+        click.option("--key-file", "repo_key_file", default=None, metavar="FILE",
+                     help="With --repo: encrypt that repository with this key file (made when absent; the agent "
+                          "file's `key_file`). Required with --backend unless --no-encrypt."),
+        click.option("--no-encrypt", "no_encrypt", is_flag=True,
+                     help="With --backend: store the packs in the bucket in the clear (the agent file's "
+                          "`encrypt = false`)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @cluster.command("init")
 @STATE
 @click.option("--node", default=None, help="This node's id (default: the host name).")
@@ -64,15 +82,7 @@ def _wrote(plan: dict, done: str) -> None:
 @click.option("--repo", default=None, metavar="DIR",
               help="The repository this node receives into once another node has led (rejoin and `pit failback` "
                    "need it): created when absent; with --agent-config, the file's `repo`.")
-@click.option("--backend", "backend", default=None, metavar="s3://BUCKET/PREFIX",
-              help="With --repo: keep that repository's packs in an S3-compatible bucket (docs/store.md); "
-                   "with --agent-config, the file's `backend`.")
-@click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint of --backend.")
-@click.option("--key-file", "repo_key_file", default=None, metavar="FILE",
-              help="With --repo: encrypt that repository with this key file (made when absent; the agent file's "
-                   "`key_file`). Required with --backend unless --no-encrypt.")
-@click.option("--no-encrypt", "no_encrypt", is_flag=True,
-              help="With --backend: store the packs in the bucket in the clear (the agent file's `encrypt = false`).")
+@REPO_STORAGE
 @AGENT_CONFIG
 @click.option("--cluster", "cluster_file", default=None, metavar="FILE",
               help="With --agent-config: the cluster file the primary's agent reads (the file's `cluster`; "
@@ -194,15 +204,7 @@ def _backend_needs_repo(repo, backend, s3_endpoint, key_file, no_encrypt) -> boo
 @click.option("--repo", default=None, metavar="DIR",
               help="The repository this node keeps its replicas in: created when absent (as `pit --repo DIR "
                    "init`); with --agent-config, the file's `repo`.")
-@click.option("--backend", "backend", default=None, metavar="s3://BUCKET/PREFIX",
-              help="With --repo: keep that repository's packs in an S3-compatible bucket (docs/store.md); "
-                   "with --agent-config, the file's `backend`.")
-@click.option("--s3-endpoint", default=None, metavar="URL", help="The S3 endpoint of --backend.")
-@click.option("--key-file", "repo_key_file", default=None, metavar="FILE",
-              help="With --repo: encrypt that repository with this key file (made when absent; the agent file's "
-                   "`key_file`). Required with --backend unless --no-encrypt.")
-@click.option("--no-encrypt", "no_encrypt", is_flag=True,
-              help="With --backend: store the packs in the bucket in the clear (the agent file's `encrypt = false`).")
+@REPO_STORAGE
 @AGENT_CONFIG
 @METRICS
 @FORCE
