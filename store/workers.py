@@ -36,7 +36,7 @@ def return_large_frees() -> None:
     largest mapped block freed (up to 32 MiB): once the first segment's
     frames or their pickle (megabytes) are freed, every later one is carved
     from the heap, and a heap with a live object above a freed hole cannot
-    shrink. In a snapshot that held ~20 MiB more per process than in use
+    shrink. In a snapshot that held 10-20 MiB more per process than in use
     (docs/benchmarks.md, issue 17 part 3). A fixed threshold also fixes the
     trim threshold, so the heap's free top goes back too."""
     if not sys.platform.startswith("linux"):
