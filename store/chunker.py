@@ -83,3 +83,40 @@ def chunk_bytes(data: bytes, params: ChunkerParams) -> Iterator[memoryview]:
     view = memoryview(data)
     for c in _fastcdc(data, params.min_size, params.avg_size, params.max_size):
         yield view[c.offset:c.offset + c.length]
+
+
+def chunk_into(f: BinaryIO, params: ChunkerParams, buf: bytearray, size_hint: int | None = None
+               ) -> Iterator[memoryview]:
+    """Like chunk_stream, but every block is read into `buf` (at least twice
+    the largest chunk), again and again, so a worker that chunks gigabytes
+    allocates, and faults in, one buffer instead of two fresh 4 MiB objects
+    per block (the block and the block joined to the previous one's tail),
+    which glibc keeps as heap long after they are freed.
+
+    A yielded view points into `buf`: it is valid only until the next chunk
+    is asked for, so the caller must copy what it keeps (hashing,
+    compressing and framing all copy)."""
+    size = len(buf)
+    if size < 2 * params.max_size:
+        raise InvalidArgument(f"a chunking buffer of {size} bytes is under twice the largest chunk")
+    mv = memoryview(buf)
+    tail = 0  # buf[:tail]: the previous block's last chunk, whose end was the block's end, not a cut
+    want = size if size_hint is None else max(1, min(size, size_hint + 1))
+    while True:
+        n = f.readinto(mv[tail:tail + min(want, size - tail)])
+        want = size
+        if not n:
+            break
+        end = tail + n
+        data = mv[:end]
+        pending = None
+        for c in _fastcdc(data, params.min_size, params.avg_size, params.max_size):
+            if pending is not None:
+                yield data[pending[0]:pending[0] + pending[1]]
+            pending = (c.offset, c.length)
+        start = pending[0] if pending is not None else end
+        tail = end - start
+        if start:
+            mv[:tail] = bytes(mv[start:end])
+    if tail:
+        yield from chunk_bytes(mv[:tail], params)

@@ -33,6 +33,7 @@ import zstandard
 
 from . import packs as P
 from .changeset import ChangeSet, FileRanges
+from .chunker import READ_BLOCK
 from .errors import InvalidArgument, SourceMissing, StoreError
 from .filters import NO_FILTER, Filter, FilterRules
 from .index import filecache_key
@@ -49,6 +50,7 @@ TASK_BYTES = 4 * 1024 * 1024  # one worker task: small files up to this much, or
 TASK_FILES = 256
 POOL_AFTER = 32 * 1024 * 1024  # bytes read on the main thread before worker processes start
 READY_MAX = 8  # tasks the walk may build ahead of the workers
+MAIN_READS_UP_TO = 2  # cores: on a machine this small, one worker process and the main thread read
 MAX_RESTARTS = 3  # a file replaced while read is read again from its start this often
 MAX_REREADS = 3   # a file written to while read is read again this often, then stored as read and named
 HOLE_MIN = 64 * 1024  # smaller holes of a sparse file are stored as the zeros they read as
@@ -166,6 +168,24 @@ def _willneed(path: bytes) -> None:
 Task = list[tuple["FileJob", Segment]]
 
 
+def reader_plan(workers: int | None) -> tuple[int, bool]:
+    """(worker processes, whether the main thread reads segments too).
+
+    On up to MAIN_READS_UP_TO cores the main thread is one of the readers,
+    beside a single worker process: the second process cost ~50 MiB (an
+    interpreter, a segment, its frames and their pickle; docs/benchmarks.md,
+    issue 17 part 3) for no more throughput, two cores being two cores, and
+    what the main thread reads does not travel between processes. It reads
+    only when every worker is busy and no result waits (_pump), so it never
+    keeps a finished worker from its next task for long. Given `workers`,
+    only processes read."""
+    if workers:
+        return workers, False
+    if (os.cpu_count() or 2) <= MAIN_READS_UP_TO:
+        return 1, True
+    return default_workers(), False
+
+
 class _Done(Future):
     """A task run on the main thread: its result is there at once."""
 
@@ -187,7 +207,8 @@ class Ingester(RangeIngestMixin):
         self.repo = writer.repo
         self.set = set_name
         self.params = self.repo.params
-        self.workers = workers or default_workers()
+        self.workers, self.main_reads = reader_plan(workers)
+        self.buf = bytearray(max(READ_BLOCK, 2 * self.params.max_size))  # what read_segment reads into here
         self.pool: ProcessPoolExecutor | None = None  # started once POOL_AFTER bytes were read here
         self.read_here = 0
         self.pool_failed = False
@@ -252,6 +273,8 @@ class Ingester(RangeIngestMixin):
         while True:
             while self.ready and len(self.running) < self.workers + 1:
                 self._start(self.ready.popleft())
+            if self.main_reads and self.ready and self.pool is not None and not any(f.done() for f in self.running):
+                self._read_here(self.ready.popleft())  # every worker busy, nothing to gather: read one here
             done = [f for f in self.running if f.done()]
             if not done and self.running and (block or len(self.ready) > READY_MAX):
                 done = list(wait(self.running, return_when=FIRST_COMPLETED)[0])
@@ -284,10 +307,14 @@ class Ingester(RangeIngestMixin):
                 stop_pool(self.pool, kill=True)
                 self.pool, self.pool_failed = None, True
                 self.warnings.append(f"cannot start worker processes: {exc}; reading every file in this process")
+        self._read_here(task)
+
+    def _read_here(self, task: Task) -> None:
+        segs = [seg for _, seg in task]
         self.read_here += sum(min(s.size_hint, SEGMENT_BYTES) for s in segs)
         # here, the writer's own transaction also knows what this session stored
         self._gather(task, _Done([read_segment(sg, self.params, self.cctx, self.w.has, SEGMENT_BYTES,
-                                              self.repo.codec)
+                                              self.repo.codec, self.buf)
                                   for sg in segs]))
 
     def _gather(self, task: Task, fut: Future) -> None:

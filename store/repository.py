@@ -589,7 +589,10 @@ class Writer:
         return self.repo.backend.read(self.pack.name, off, n)
 
     # -- blobs
-    PENDING_MAX = 50_000
+    # New entries held in memory (~350 bytes each, all at once in the main process at commit, beside the
+    # transaction's dirty pages) before they go to the index with no references yet: 16k, not 50k, took
+    # ~7 MiB off an initial snapshot's peak at no measurable cost (docs/benchmarks.md, issue 17 part 3).
+    PENDING_MAX = 16_384
     SESSION_IDS_MAX = 4_000_000
 
     def has(self, bid: bytes) -> bool:

@@ -21,7 +21,7 @@ import blake3
 import zstandard
 
 from . import packs as P
-from .chunker import ChunkerParams, chunk_stream
+from .chunker import READ_BLOCK, ChunkerParams, chunk_into, chunk_stream
 from .crypto import FrameCodec, codec_from_spec
 
 SEGMENT_BYTES = 8 * 1024 * 1024
@@ -66,12 +66,21 @@ class _Window:
         self.left -= len(data)
         return data
 
+    def readinto(self, b: memoryview) -> int:
+        if self.left <= 0:
+            return 0
+        n = self.f.readinto(b[:min(len(b), self.left)])
+        self.left -= n
+        return n
+
 
 def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompressor,
                  known: Callable[[bytes], bool], limit: int = SEGMENT_BYTES,
-                 codec: FrameCodec | None = None) -> SegmentResult:
+                 codec: FrameCodec | None = None, buf: bytearray | None = None) -> SegmentResult:
     """`codec` is the repository's frame codec (crypto.py): an encrypted
-    repository's chunks are sealed here, in the worker, like they are compressed."""
+    repository's chunks are sealed here, in the worker, like they are compressed.
+    `buf` (a worker's, see chunker.chunk_into) is read into instead of
+    allocating each block afresh."""
     out = SegmentResult()
     ids, lens, frames = out.ids, out.lens, out.frames
     encode = P.encode_frame if codec is None else codec.encode
@@ -93,7 +102,9 @@ def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompre
             if seg.start:
                 f.seek(seg.start)
             src = f if seg.stop is None else _Window(f, seg.stop - seg.start)
-            for view in chunk_stream(src, params, size_hint=seg.size_hint):
+            chunks = chunk_stream(src, params, size_hint=seg.size_hint) if buf is None \
+                else chunk_into(src, params, buf, seg.size_hint)
+            for view in chunks:
                 h = blake3.blake3(view).digest()
                 n = len(view)
                 if not known(h):
@@ -134,6 +145,7 @@ def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = 
     _state["params"] = params
     _state["cctx"] = zstandard.ZstdCompressor(level=level)
     _state["limit"] = limit
+    _state["buf"] = bytearray(max(READ_BLOCK, 2 * params.max_size))  # chunk_into's, reused for every segment
     _state["codec"] = codec_from_spec(codec_spec)
 
 
@@ -142,5 +154,6 @@ def worker_run(segs: list[Segment]) -> list[SegmentResult]:
     with idx.env.begin(db=idx.db["blobs"], buffers=True) as txn:
         get = txn.get
         known = lambda h: get(h) is not None  # noqa: E731
-        return [read_segment(s, _state["params"], _state["cctx"], known, _state["limit"], _state["codec"])
+        return [read_segment(s, _state["params"], _state["cctx"], known, _state["limit"], _state["codec"],
+                             _state["buf"])
                 for s in segs]

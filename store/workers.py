@@ -23,6 +23,30 @@ from typing import Any, Callable
 from .errors import StoreError
 
 PR_SET_PDEATHSIG = 1
+M_TRIM_THRESHOLD = -1  # mallopt(3) parameters
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20  # allocations from this size on get their own mapping
+
+
+def return_large_frees() -> None:
+    """Have glibc give blocks of MMAP_THRESHOLD bytes and more their own
+    mapping, unmapped when freed, for the rest of this process.
+
+    glibc's threshold starts at 128 KiB and rises to the size of the
+    largest mapped block freed (up to 32 MiB): once the first segment's
+    frames or their pickle (megabytes) are freed, every later one is carved
+    from the heap, and a heap with a live object above a freed hole cannot
+    shrink. In a snapshot that held 10-20 MiB more per process than in use
+    (docs/benchmarks.md, issue 17 part 3). A fixed threshold also fixes the
+    trim threshold, so the heap's free top goes back too."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        pass
 
 
 def _die_with_parent(parent: int) -> None:
@@ -38,6 +62,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _start(parent: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
     _die_with_parent(parent)
+    return_large_frees()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
     if initializer is not None:
         initializer(*initargs)
@@ -53,7 +78,9 @@ def process_pool(workers: int, initializer: Callable[..., None] | None = None, i
                  ) -> ProcessPoolExecutor:
     """A pool whose processes exit when this process dies. The processes
     start on the first submits, in the submitting thread, which must outlive
-    the pool (Linux ties the death signal to the thread that forked)."""
+    the pool (Linux ties the death signal to the thread that forked).
+    This process gets their results, megabytes each: see return_large_frees."""
+    return_large_frees()
     try:
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start, initargs=(os.getpid(), initializer, initargs))

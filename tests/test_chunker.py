@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import rand_bytes
-from store.chunker import ChunkerParams, chunk_bytes, chunk_stream
+from store.chunker import ChunkerParams, chunk_bytes, chunk_into, chunk_stream
 from store.errors import InvalidArgument
 
 SMALL = ChunkerParams.for_average(1024)  # min 256, avg 1024, max 4096; a stream block is >= 8 KiB
@@ -33,6 +33,11 @@ class ShortReads(io.RawIOBase):
         out = self.data[self.pos:self.pos + k]
         self.pos += len(out)
         return out
+
+    def readinto(self, b) -> int:
+        out = self.read(len(b))
+        b[:len(out)] = out
+        return len(out)
 
 
 def cuts(chunks) -> list[int]:
@@ -93,6 +98,34 @@ def test_stream_with_short_reads(seed):
     streamed = list(chunk_stream(ShortReads(data, seed), SMALL, block=8192))
     assert cuts(streamed) == cuts(chunk_bytes(data, SMALL))
     assert b"".join(bytes(c) for c in streamed) == data
+
+
+def copied(chunks) -> list[bytes]:
+    """chunk_into's views are overwritten by the next block: copy each as it comes."""
+    return [bytes(c) for c in chunks]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("size", [8192, 8193, 10_007, 65_536])
+@pytest.mark.parametrize("size_hint", [None, 0, 5_000, 10**9])
+def test_into_a_reused_buffer_cuts_equal_whole_buffer(seed, size, size_hint):
+    data = mixed_data(250_000 + seed * 7_919, 50 + seed)
+    src = ShortReads(data, seed) if seed % 2 else io.BytesIO(data)
+    got = copied(chunk_into(src, SMALL, bytearray(size), size_hint))
+    assert cuts(got) == cuts(chunk_bytes(data, SMALL))
+    assert b"".join(got) == data
+
+
+def test_into_reuses_its_buffer_and_refuses_a_small_one():
+    data = mixed_data(100_000, 5)
+    buf = bytearray(8192)
+    views = list(chunk_into(io.BytesIO(data), SMALL, buf))
+    assert all(v.obj is buf for v in views)  # no block of its own: every chunk is read into buf
+    assert b"".join(bytes(v) for v in views) != data  # so views kept past the next chunk are overwritten
+    assert [bytes(c) for c in chunk_into(io.BytesIO(b"x" * 300), SMALL, buf)] == [b"x" * 300]
+    assert list(chunk_into(io.BytesIO(b""), SMALL, buf)) == []
+    with pytest.raises(InvalidArgument):
+        list(chunk_into(io.BytesIO(data), SMALL, bytearray(2 * SMALL.max_size - 1)))
 
 
 def test_views_stay_valid_after_later_blocks():

@@ -38,6 +38,7 @@ def in_workers(monkeypatch):
         monkeypatch.setattr(ingest, "read_segment", lambda *a: here.append(a) or real(*a))
         monkeypatch.setattr(ingest, "POOL_AFTER", 0)
         monkeypatch.setattr(ingest, "SEGMENT_BYTES", 256 * KiB)
+        monkeypatch.setattr(ingest, "MAIN_READS_UP_TO", 0)  # only processes read, whatever the cores
         return here
     return enable
 
@@ -96,6 +97,34 @@ def test_snapshot_in_workers_is_the_snapshot_made_here(tmp_path, in_workers):
     restore(pool_repo, b.hex, tmp_path / "out")
     assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
     assert run_pit(pool_repo, "verify", "--deep").returncode == 0
+
+
+def test_reader_plan():
+    assert ingest.reader_plan(3) == (3, False)  # asked for: processes only
+    cores = os.cpu_count() or 2
+    assert ingest.reader_plan(None) == ((1, True) if cores <= ingest.MAIN_READS_UP_TO
+                                        else (ingest.default_workers(), False))
+
+
+def test_main_thread_reads_beside_one_worker(tmp_path, in_workers, monkeypatch):
+    """On a small machine one worker process and the main thread share the
+    segments (the worker still starting when the third task is ready, the
+    main thread takes it); the snapshot is the one made here alone."""
+    src = tmp_path / "src"
+    tree(src, random.Random(6))
+    a = snapshot(init_repo(tmp_path / "here"), "s", src)
+    here = in_workers()
+    monkeypatch.setattr(ingest, "MAIN_READS_UP_TO", 1 << 16)
+    monkeypatch.setattr(ingest, "TASK_BYTES", 256 * KiB)
+    repo = init_repo(tmp_path / "both")
+    b = snapshot(repo, "s", src)
+    assert here, "the main thread should have read some segments"
+    assert b.root == a.root
+    for k in ("new_chunks", "new_bytes", "new_stored", "files", "bytes", "files_read"):
+        assert b.stats[k] == a.stats[k], k
+    restore(repo, b.hex, tmp_path / "out")
+    assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
+    assert run_pit(repo, "verify", "--deep").returncode == 0
 
 
 def test_second_snapshot_in_workers_stores_only_the_change(tmp_path, in_workers):
