@@ -125,6 +125,18 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None,
                   stderr=stderr)
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (from every one of its threads), read from /proc."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 class _TreeRss:
     """Samples, every 50 ms, the summed VmRSS of a process's descendants
     (found through /proc/PID/task/TID/children, cheap enough not to disturb
@@ -140,17 +152,6 @@ class _TreeRss:
         self._t.start()
 
     @staticmethod
-    def _children(pid: int) -> list[int]:
-        out = []
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    out += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-        return out
-
-    @staticmethod
     def _rss(pid: int) -> int:
         try:
             with open(f"/proc/{pid}/status") as f:
@@ -163,11 +164,11 @@ class _TreeRss:
 
     def _run(self) -> None:
         while not self._done.wait(0.05):
-            total, todo = 0, self._children(self.pid)  # the root is GNU time (or the command: counted by %M)
+            total, todo = 0, children(self.pid)  # the root is GNU time (or the command: counted by %M)
             while todo:
                 q = todo.pop()
                 total += self._rss(q)
-                todo += self._children(q)
+                todo += children(q)
             self.peak_kib = max(self.peak_kib, total)
 
     def stop(self) -> None:

@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 
+from measure import children  # bench/ is the script's directory: on sys.path
+
 FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "Anonymous")
 
 
@@ -36,17 +38,6 @@ def rollup(pid: int) -> dict[str, int] | None:
             return out
     except (OSError, ValueError, IndexError):
         return None
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return out
 
 
 def label(pid: int) -> str:

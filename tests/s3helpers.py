@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 ACCESS = "pitstoretestaccess"
 SECRET = "pitstoretestsecret0123456789"
 
@@ -304,3 +306,23 @@ class FaultProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# ---------------------------------------------------------------- fixtures (imported by the S3 test files)
+@pytest.fixture(scope="module")
+def aws_env():
+    """The test server's credentials, and nothing of the machine's own AWS or pitstore S3 settings."""
+    mp = pytest.MonkeyPatch()
+    for k, v in s3_env().items():
+        mp.setenv(k, v)
+    for k in ("AWS_PROFILE", "PIT_S3_ENDPOINT", "PIT_S3_CACHE_BYTES"):
+        mp.delenv(k, raising=False)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def rclone(tmp_path_factory, aws_env):
+    srv = RcloneS3(str(tmp_path_factory.mktemp("rclone") / "data"))
+    yield srv
+    srv.stop()

@@ -197,6 +197,8 @@ class Cluster:
         os.makedirs(self.src, exist_ok=True)
         self.sets = sets if sets is not None else {"web": {"paths": [self.src], "mode": "mirror"}}
         self.cluster_file = os.path.join(self.tmp, "cluster.toml")
+        # replica -> its agent file's extra lines; such a replica's repository is left for its agent to make
+        self.replica_config: dict[str, str] = {}
 
     def write_sets(self, extra: dict | None = None) -> None:
         lines = []
@@ -226,8 +228,11 @@ class Cluster:
         os.makedirs(r.dir, exist_ok=True)
         token = pit("cluster", "token", "--state", self.primary.state).stdout.strip()
         pit("join", "--state", r.state, token, "--node", r.name, "--address", r.address)
-        pit("--repo", r.repo, "init")
-        r.write_config()
+        if r.name in self.replica_config:
+            r.write_config(self.replica_config[r.name])
+        else:
+            pit("--repo", r.repo, "init")
+            r.write_config()
         if start:
             r.start()
 

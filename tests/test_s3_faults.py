@@ -22,26 +22,8 @@ import uuid
 import pytest
 
 from conftest import PIT, cli, cli_json, list_snaps, make_tree, pit_env, rand_bytes, restore, tree_digest
-from s3helpers import Chaos, FaultProxy, RcloneS3, Rule, s3_env
+from s3helpers import Chaos, FaultProxy, Rule, aws_env, rclone  # noqa: F401  (fixtures)
 from test_crash import wait_for_lock
-
-
-@pytest.fixture(scope="module")
-def aws_env():
-    mp = pytest.MonkeyPatch()
-    for k, v in s3_env().items():
-        mp.setenv(k, v)
-    for k in ("AWS_PROFILE", "PIT_S3_ENDPOINT", "PIT_S3_CACHE_BYTES"):
-        mp.delenv(k, raising=False)
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def rclone(tmp_path_factory, aws_env):
-    srv = RcloneS3(str(tmp_path_factory.mktemp("rclone") / "data"))
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture

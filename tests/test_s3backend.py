@@ -17,30 +17,11 @@ import uuid
 import pytest
 
 from conftest import MiB, cli, cli_json, list_snaps, make_tree, opened, rand_bytes, restore, tree_digest
-from s3helpers import MotoS3, RcloneS3, client, s3_env
+from s3helpers import MotoS3, aws_env, client, rclone, s3_env  # noqa: F401  (fixtures)
 from store import packs as P
 from store.errors import BackendError
 from store.repository import Repository
 from store.s3backend import S3Backend, S3Location
-
-
-@pytest.fixture(scope="module")
-def aws_env():
-    mp = pytest.MonkeyPatch()
-    for k, v in s3_env().items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    mp.delenv("PIT_S3_ENDPOINT", raising=False)
-    mp.delenv("PIT_S3_CACHE_BYTES", raising=False)
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def rclone(tmp_path_factory, aws_env):
-    srv = RcloneS3(str(tmp_path_factory.mktemp("rclone") / "data"))
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ docs/failover.md ("WAL streaming") sets out.
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import os
 import re
@@ -596,7 +598,7 @@ def clear_sync(data: str) -> bool:
     return True
 
 
-class LagMonitor:
+class LagMonitor(abc.ABC):
     """On a set's master: a thread that looks at each replica's copy of the database log every `every`
     seconds (`look`), keeping `lag` (replica -> what the status shows) and the last error. The engines say
     how they look: PostgreSQL from the server's own views, MariaDB from the replicas' receivers."""
@@ -623,8 +625,9 @@ class LagMonitor:
     def stop(self) -> None:
         self._stop.set()
 
+    @abc.abstractmethod
     def look(self) -> None:
-        raise NotImplementedError
+        """One look at every replica: fills `lag` (OSError: the last error)."""
 
     def _loop(self) -> None:
         while not self._stop.is_set():
