@@ -27,6 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from store.apply import head_root  # noqa: E402
 from store.errors import PathNotFound  # noqa: E402
@@ -66,10 +67,17 @@ def rsync_delta(old: str, new: str) -> int | None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process (all its threads) and of its children, live (the master's reader
+    processes, replicator/stream/readers.py) or waited for (cutime + cstime), from /proc/PID/stat."""
+    from measure import children
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    own = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(c) for c in children(pid))
 
 
 def rss_mib(pid: int) -> float:

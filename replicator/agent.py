@@ -25,6 +25,7 @@ from .stream import protocol
 from .stream.master import MasterSet
 from .names import parse_address
 from .stream.membership import NodeState, connect, peer_identity, serve_join
+from .stream.readers import ReaderPool
 from .stream.sender import Sender
 from .stream.watcher import Watcher
 
@@ -64,6 +65,7 @@ class Agent:
         self.masters: dict[str, MasterSet] = {}
         self.replica = None
         self.watcher = Watcher()
+        self.readers = ReaderPool()  # worker processes reading the mastered sets' files (stream/readers.py)
         self.conns: dict[protocol.Conn, tuple[str, str]] = {}
         self.conns_lock = threading.Lock()
         self.apply_lock = threading.RLock()
@@ -723,6 +725,7 @@ class Agent:
             for rec in [*self.wal.values(), *self.wal_lag.values()]:
                 rec.stop()
             self.watcher.stop()
+            self.readers.close()
             if self.alerting is not None:
                 self.alerting[1].stop()
                 self.alerting[0].close(timeout=10)

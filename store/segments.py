@@ -76,15 +76,21 @@ class _Window:
 
 def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompressor,
                  known: Callable[[bytes], bool], limit: int = SEGMENT_BYTES,
-                 codec: FrameCodec | None = None, buf: bytearray | None = None) -> SegmentResult:
+                 codec: FrameCodec | None = None, buf: bytearray | None = None,
+                 framed: bool = True) -> SegmentResult:
     """`codec` is the repository's frame codec (crypto.py): an encrypted
     repository's chunks are sealed here, in the worker, like they are compressed.
     `buf` (a worker's, see chunker.chunk_into) is read into instead of
-    allocating each block afresh."""
+    allocating each block afresh. Without `framed` the frames are the bare
+    payloads (compressed or raw, no pack frame around them): what the
+    replicating master hands its senders (replicator/stream/readers.py)."""
     out = SegmentResult()
     ids, lens, frames = out.ids, out.lens, out.frames
-    encode = P.encode_frame if codec is None else codec.encode
-    overhead = P.FRAME_OVERHEAD
+    if framed:
+        encode = P.encode_frame if codec is None else codec.encode
+        overhead = P.FRAME_OVERHEAD
+    else:
+        encode, overhead = _bare, 0
     done = 0
     try:
         # Each segment opens the file again: never through a symlink, never
@@ -126,6 +132,10 @@ def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompre
     except OSError as exc:
         return SegmentResult(error=exc.strerror or str(exc))
     return out
+
+
+def _bare(kind: int, flags: int, blob_id: bytes, payload, raw_len: int) -> bytes:
+    return bytes(payload)  # a view into a reused buffer must be copied out
 
 
 # ------------------------------------------------------- in a worker process

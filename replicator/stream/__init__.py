@@ -6,8 +6,9 @@ cluster's identities and mTLS links (`membership`: CA, join tokens, roster,
 (`watcher`), the master side of a
 set (`master`: the set's loop; `tree`: its in-memory Merkle tree; `scan`:
 looking at the sources; `filescache`: the tree kept across restarts;
-`chunklist`: chunk lists and their deltas; `payloads`: compressed chunk
-bytes shared by every sender), one sender per replica (`sender`: the path
+`chunklist`: chunk lists and their deltas; `readers`: files cut, hashed
+and compressed in worker processes; `payloads`: compressed chunk bytes
+shared by every sender), one sender per replica (`sender`: the path
 queue, points and sessions; `changes`: a batch of paths as OFFER/CHUNKS/
 OPS/CHANGES frames; `catchup`: the Merkle comparison after a (re)connect),
 and the replica side (`replica`: verify, commit, points, delete breaker).

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import logging
 from array import array
+from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 
-import zstandard
-
+from store.errors import StoreError
 from store.trees import FILE, SYMLINK
 
 from ..errors import ProtocolError
 from . import protocol
 from .chunklist import Chunks, content_id, delta_ops
+from .readers import RANGE_TASK_BYTES, Cutter, submit, worker_ranges
 from .tree import DNode, FNode
 
 log = logging.getLogger("pit.master")
@@ -35,6 +37,7 @@ CHUNKS_FRAME = min(4 * 1024 * 1024, protocol.MAX_FRAME // 4)  # chunk payload by
 OFFER_IDS = min(8192, protocol.MAX_FRAME // 80)                  # ids per OFFER (and so per NEED)
 CHANGES_BYTES = protocol.MAX_FRAME // 2                          # estimated bytes per CHANGES / OPS frame
 REF_BYTES = 48  # an [id, length] pair as msgpack is 38-40 bytes; rounded up
+READ_HERE_UP_TO = 8 * 1024 * 1024  # chunk bytes a batch reads on the sending thread; more goes to the readers
 BATCH_PATHS = 512  # paths per batch (a sender's queue is sent in batches of at most this many)
 
 
@@ -85,7 +88,7 @@ class BatchSender:
         self.acked = 0
         self.held = 0
         self.ops_frames = 0  # OPS frames sent: parts of chunk lists too big for one frame
-        self.cctx = zstandard.ZstdCompressor(level=3)
+        self.cutter = Cutter()  # zstd context of this sender's own reads
 
     def _offer_and_send(self, conn: protocol.Conn, ids: list[bytes], wanted: dict, stale: set,
                         fixed: dict | None) -> None:
@@ -95,16 +98,16 @@ class BatchSender:
         never leaves such a file out; a range that can no longer be read whole makes its path stale."""
         ms = self.ms
         for i in range(0, len(ids), OFFER_IDS):
-            conn.send({"t": "offer", "ids": ids[i:i + OFFER_IDS]})
+            offered = ids[i:i + OFFER_IDS]
+            conn.send({"t": "offer", "ids": offered})
             need = conn.recv("need")["ids"]
+            if len(need) < len(offered):  # the replica has the others: no sender will take their payloads
+                needed = set(need)
+                ms.payloads.forget([cid for cid in offered if cid not in needed])
             buf, size = [], 0
-            for cid in need:
-                where = wanted.get(cid)
-                if where is None:
-                    raise ProtocolError(f"{self.replica} asked for a chunk that was not offered")
-                got = ms.payloads.get(cid, where, self.cctx)
+            for cid, where, got in self._payloads(need, wanted):
                 if got is None:
-                    now = ms.payloads.read_range(*where, self.cctx) if fixed is not None else None
+                    now = self.cutter.read_any(*where) if fixed is not None else None
                     if now is None:
                         stale.add(where[0])
                     else:
@@ -117,6 +120,83 @@ class BatchSender:
                 size += len(got[1]) + 64
             if buf:
                 conn.send({"t": "chunks", "chunks": buf})
+
+    def _payloads(self, need: list[bytes], wanted: dict):
+        """(id, where, payload or None) of each needed chunk, in order. What the scan or an earlier send
+        left in memory comes from there; the rest is read from the files, checked against its id and
+        compressed: in the reader processes (readers.py), a few tasks ahead of this thread, when it is
+        more than READ_HERE_UP_TO bytes (a catch-up, a big file), else here. None: the file no longer
+        holds that chunk there."""
+        ms = self.ms
+        items: list[tuple[bytes, tuple, tuple | None]] = []
+        missing = 0
+        for cid in need:
+            where = wanted.get(cid)
+            if where is None:
+                raise ProtocolError(f"{self.replica} asked for a chunk that was not offered")
+            hit = ms.payloads.cached(cid)
+            items.append((cid, where, hit))
+            if hit is None:
+                missing += where[2]
+                ms.stats["chunks_read_again"] += 1
+        readers = getattr(ms, "readers", None)
+        if missing <= READ_HERE_UP_TO or readers is None:
+            for cid, where, hit in items:
+                yield cid, where, hit if hit is not None else ms.payloads.get(cid, where, self.cutter)
+            return
+        try:
+            pool = readers.acquire()
+        except StoreError as exc:
+            log.warning("set %s -> %s: reading on the sending thread: %s", ms.name, self.replica, exc)
+            for cid, where, hit in items:
+                yield cid, where, hit if hit is not None else ms.payloads.get(cid, where, self.cutter)
+            return
+        tasks: list[list[int]] = []  # item indexes read by one worker task
+        size = RANGE_TASK_BYTES
+        for k, (_, where, hit) in enumerate(items):
+            if hit is None:
+                if size + where[2] > RANGE_TASK_BYTES:
+                    tasks.append([])
+                    size = 0
+                tasks[-1].append(k)
+                size += where[2]
+        results: dict[int, tuple | None] = {}
+        inflight: deque = deque()
+        nxt = 0
+        depth = 2 * readers.workers + 1
+        broken = False
+        try:
+            for k, (cid, where, hit) in enumerate(items):
+                if hit is not None:
+                    yield cid, where, hit
+                    continue
+                while k not in results:
+                    while not broken and nxt < len(tasks) and len(inflight) < depth:
+                        reqs = [(items[j][1][0], items[j][1][1], items[j][1][2], items[j][0]) for j in tasks[nxt]]
+                        try:
+                            inflight.append((tasks[nxt], submit(pool, worker_ranges, reqs)))
+                        except BrokenProcessPool:
+                            broken = True
+                            break
+                        nxt += 1
+                    if broken or not inflight:
+                        results[k] = ms.payloads.get(cid, where, self.cutter)
+                        break
+                    idx, fut = inflight.popleft()
+                    try:
+                        got = fut.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        continue
+                    for j, val in zip(idx, got):
+                        results[j] = val
+                        if val is not None:
+                            ms.payloads.put(items[j][0], val)
+                yield cid, where, results.pop(k)
+        finally:
+            for _, fut in inflight:
+                fut.cancel()
+            readers.release(broken=broken)
 
     def _send_rewritten(self, conn: protocol.Conn, changes: list, fixed: dict, stale: set,
                         built: dict) -> list:

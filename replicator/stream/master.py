@@ -44,13 +44,17 @@ class MasterSet:
         self.sources = [os.fsencode(p) for p in cfg.paths]
         self.tree = Tree(self.sources)
         self.payloads = Payloads()
+        self.readers = getattr(agent, "readers", None)  # the agent's reader processes (readers.py)
         self.senders: dict = {}  # replica -> Sender (sender.py), added by the agent after the first scan
         self.alerts: list[str] = []
         # files_read/bytes_read: files chunked and hashed; unchanged: files the cache rule skipped;
         # scans: full (start-up and reconcile) scans done; cache_*: the files cache (rows, unsaved paths)
+        # chunks_from_scan: chunks sent as the scan compressed them; chunks_read_again: chunks a sender
+        # read from their file (a catch-up, a big file, a delta's new ranges: readers.py)
         self.stats = {"files_read": 0, "bytes_read": 0, "changes": 0, "unchanged": 0, "scans": 0,
-                      "cache_rows": 0, "cache_loaded": 0, "cache_pending": 0}
-        self.scanner = Scanner(self.tree, cfg, self.stats, self.alert, self._changed)
+                      "cache_rows": 0, "cache_loaded": 0, "cache_pending": 0, "chunks_read_again": 0}
+        self.scanner = Scanner(self.tree, cfg, self.stats, self.alert, self._changed, self.payloads,
+                               self._streaming, self.readers)
         self.files_cache = TreeCache(self.tree, agent.state.path, name, cfg, self.stats, self.alert)
         self.dirty: dict[bytes, bool] = {}
         self.dirty_cond = threading.Condition()
@@ -80,6 +84,11 @@ class MasterSet:
         """Paths the scanner changed in the tree, handed on to every sender (under the scan lock)."""
         for s in list(self.senders.values()):
             s.enqueue(rels)
+
+    def _streaming(self) -> bool:
+        """Does a sender stream changes now (connected, not comparing trees)? Then the scan compresses
+        what it reads for it (payloads.py); otherwise the catch-up that comes reads what it needs."""
+        return any(s.connected and not s.need_catchup for s in list(self.senders.values()))
 
     def refresh(self, paths: dict[bytes, bool]) -> tuple[list[bytes], dict[bytes, bool]]:
         """Look at absolute paths afresh (value: recurse into directories). -> (changed rels, deferred)."""
@@ -139,6 +148,9 @@ class MasterSet:
         next_scan = time.monotonic() + self.cfg.rescan
         next_save = time.monotonic()
         while not self.stopped:
+            self.payloads.expire()
+            if self.readers is not None:
+                self.readers.tick()
             if self.tree.journal and time.monotonic() >= next_save:
                 next_save = time.monotonic() + 1.0
                 try:
@@ -208,7 +220,7 @@ class MasterSet:
 
     def status(self) -> dict:
         out = {"role": "master", "set": self.name, "mode": self.cfg.mode, "alerts": list(self.alerts),
-               "stats": dict(self.stats),
+               "stats": {**self.stats, "chunks_from_scan": self.payloads.taken},
                "replicas": {r: s.status() for r, s in self.senders.items()}}
         if self.schedule:
             out["schedule"] = {**self.schedule, "runs": self.runs, "next_run": (

@@ -1,20 +1,36 @@
-"""Chunk bytes for the senders: read from the source file, compressed once, shared.
+"""Chunk bytes for the senders: compressed once, shared, read again only when they must be.
 
-A chunk a replica asks for is read from its file at the offset the master's
-tree recorded, checked against its id (the file may have changed since it
-was chunked), compressed (zstd, or stored raw when that does not pay) and
-kept in a shared LRU, so every replica of the set gets the same bytes
-without reading or compressing them again.
+Two sources fill it. The scan compresses the chunks of the files it reads
+while a sender streams (scan.py, readers.py) and hands them over as *fresh*
+payloads: held until a sender takes them, so a seeding replica is sent what
+the scan read without a second read, hash or compression. A chunk no scan
+has in memory (a catch-up after a reconnect, a big file) is read from its
+file at the offset the master's tree recorded, checked against its id (the
+file may have changed since it was chunked) and compressed; the senders do
+that through the reader processes when there is much of it (changes.py).
+Every payload a sender took stays in a shared LRU, so every replica of the
+set gets the same bytes without reading or compressing them again.
+
+The fresh payloads are bounded: the scan waits (`wait_room`) while more
+than FRESH_HIGH bytes are not yet taken, for as long as the senders make
+progress; a replica that stops taking them costs a re-read later, never
+unbounded memory (FRESH_MAX, and `expire` for what no sender will ask for).
 """
 from __future__ import annotations
 
-import os
 import threading
+import time
+from collections import OrderedDict
+from typing import Callable
 
-import blake3
-
-from store import packs as P
 from store.cache import LRU
+
+from .readers import Cutter
+
+FRESH_HIGH = 32 * 1024 * 1024  # the scan waits above this much untaken payload ...
+FRESH_MAX = 96 * 1024 * 1024   # ... and the oldest is dropped above this (a re-read later)
+PATIENCE = 5.0  # seconds the scan waits for the senders to take anything before it drops the oldest
+FRESH_AGE = 120.0  # a fresh payload no sender took in this long is dropped (the replica had it)
 
 
 class Payloads:
@@ -22,36 +38,84 @@ class Payloads:
 
     def __init__(self) -> None:
         self.cache: LRU[tuple] = LRU(64 * 1024 * 1024, lambda v: len(v[1]) + 64)
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.fresh: OrderedDict[bytes, tuple[tuple[int, bytes], float]] = OrderedDict()
+        self.fresh_bytes = 0
+        self.taken = 0  # fresh payloads a sender took: the bytes the scan saved it reading again
 
     def put(self, cid: bytes, val: tuple[int, bytes]) -> None:
-        with self.lock:
-            self.cache.put(cid, val)
+        self.cache.put(cid, val)
 
-    @staticmethod
-    def read_range(path: bytes, off: int, n: int, cctx) -> tuple[bytes, tuple[int, bytes]] | None:
-        """(id, (flags, stored bytes)) of a file's range as it is now; None if it cannot be read whole."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                data = os.pread(fd, n, off)
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
-        if len(data) != n:
-            return None
-        c = cctx.compress(data)
-        return blake3.blake3(data).digest(), ((P.ZSTD, c) if len(c) < len(data) else (0, data))
+    def put_fresh(self, cid: bytes, val: tuple[int, bytes]) -> None:
+        """A payload the scan made for the senders."""
+        with self.cond:
+            if cid in self.fresh:
+                return
+            self.fresh[cid] = (val, time.monotonic())
+            self.fresh_bytes += len(val[1])
+            while self.fresh_bytes > FRESH_MAX:
+                self._drop_oldest()
 
-    def get(self, cid: bytes, where: tuple[bytes, int, int], cctx) -> tuple[int, bytes] | None:
-        """(flags, stored bytes) of a chunk, compressed once and shared by all senders."""
-        with self.lock:
-            hit = self.cache.get(cid)
+    def _drop_oldest(self) -> None:
+        _, (val, _) = self.fresh.popitem(last=False)
+        self.fresh_bytes -= len(val[1])
+
+    def _take(self, cid: bytes) -> tuple[int, bytes] | None:
+        with self.cond:
+            got = self.fresh.pop(cid, None)
+            if got is None:
+                return None
+            self.fresh_bytes -= len(got[0][1])
+            self.taken += 1
+            self.cond.notify_all()
+        self.cache.put(cid, got[0])
+        return got[0]
+
+    def cached(self, cid: bytes) -> tuple[int, bytes] | None:
+        """A payload in memory (fresh or shared), or None: never reads."""
+        return self._take(cid) or self.cache.get(cid)
+
+    def forget(self, ids) -> None:
+        """Fresh payloads of chunks a replica said it has: no sender will take them."""
+        with self.cond:
+            for cid in ids:
+                got = self.fresh.pop(cid, None)
+                if got is not None:
+                    self.fresh_bytes -= len(got[0][1])
+            self.cond.notify_all()
+
+    def expire(self, age: float = FRESH_AGE) -> None:
+        """Drop fresh payloads older than `age` (files changed again or deleted before they were sent)."""
+        with self.cond:
+            limit = time.monotonic() - age
+            while self.fresh and next(iter(self.fresh.values()))[1] < limit:
+                self._drop_oldest()
+
+    def wait_room(self, want: Callable[[], bool], held: int = 0, high: int = FRESH_HIGH,
+                  patience: float = PATIENCE) -> None:
+        """The scan's brake: wait while more than `high` bytes are untaken and the senders take some
+        within `patience` seconds; when none streams any more (`want()` false) or they stall, drop the
+        oldest down to half of `high` and go on. `held`: bytes of files the scan has not read to their
+        end, which no sender can take yet (waiting for those would wait for itself)."""
+        with self.cond:
+            last, since = self.fresh_bytes, time.monotonic()
+            while self.fresh_bytes - held > high:
+                if not want() or time.monotonic() - since > patience:
+                    while self.fresh_bytes > held + high // 2:
+                        self._drop_oldest()
+                    return
+                self.cond.wait(0.2)
+                if self.fresh_bytes < last:
+                    last, since = self.fresh_bytes, time.monotonic()
+
+    def get(self, cid: bytes, where: tuple[bytes, int, int], cutter: Cutter) -> tuple[int, bytes] | None:
+        """(flags, stored bytes) of a chunk; read from its file if not in memory; None if the file no
+        longer holds it there (the sender reads the range anew)."""
+        hit = self.cached(cid)
         if hit is not None:
             return hit
-        now = self.read_range(*where, cctx)
-        if now is None or now[0] != cid:
-            return None  # the file changed since it was chunked (the sender reads the range anew)
-        self.put(cid, now[1])
-        return now[1]
+        path, off, n = where
+        now = cutter.read_range(path, off, n, cid)
+        if now is not None:
+            self.put(cid, now)
+        return now

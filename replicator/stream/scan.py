@@ -4,7 +4,12 @@
 reconcile scan), re-chunks files whose (size, mtime, ctime, inode) changed
 (the files-cache rule), puts what changed into the tree and hands the
 changed set-relative paths on (`on_changed`: to every sender) before the
-scan lock is released. A file still being written waits until it has been
+scan lock is released. Files are read by `readers.FileReads`: on this
+thread at first, in the agent's worker processes once a scan is big; while
+a sender streams, new files are compressed in the same pass and their
+payloads handed over (payloads.py), and the changed paths go out in steps
+while the scan goes on, so a seeding replica receives the first files while
+the last are read, and the scan never runs far ahead of the sending. A file still being written waits until it has been
 quiet for `settle` seconds (at most `settle_max`); a file that changes while
 it is read is read again. Deletions under a source root that vanished or is
 empty (an unmounted share) are held, with an alert.
@@ -21,28 +26,44 @@ import os
 import stat
 import threading
 import time
-from array import array
 from dataclasses import replace
 from typing import Callable
 
-import blake3
-
-from store.chunker import ChunkerParams, chunk_stream
+from store.chunker import ChunkerParams
 from store.errors import InvalidArgument
 from store.filters import Filter, FilterRules, check_pattern
+from store.segments import SEGMENT_BYTES
 from store.trees import FILE, SYMLINK
 
 from ..settings import SetConfig
 from .chunklist import Chunks, content_id
+from .payloads import Payloads
+from .readers import Cutter, FileReads, ReaderPool, ReadJob
 from .tree import DNode, FNode, Tree
+
+
+EMIT_PATHS = 512  # changed paths handed on to the senders while a scan goes on (a sender's batch)
+EMIT_BYTES = 8 * 1024 * 1024  # ... or as soon as this much payload waits for them
+COMPRESS_UP_TO = 16 * 1024 * 1024  # bigger new files are compressed by the senders' reads (_compress)
 
 
 class Scanner:
     """Scans one set's sources into its tree; `stats` (shared with the set's status) counts the work."""
 
     def __init__(self, tree: Tree, cfg: SetConfig, stats: dict, alert: Callable[[str], None],
-                 on_changed: Callable[[list[bytes]], None]) -> None:
+                 on_changed: Callable[[list[bytes]], None], payloads: Payloads | None = None,
+                 want_payloads: Callable[[], bool] = lambda: False, readers: ReaderPool | None = None) -> None:
+        """`payloads` takes what the scan compressed for the senders while `want_payloads()` says one
+        streams; `readers` (the agent's worker processes) read big scans (readers.py)."""
         self.tree = tree
+        self.payloads = payloads
+        self.want_payloads = want_payloads
+        self.readers = readers
+        self.cutter = Cutter()
+        self._reads: FileReads | None = None
+        self._cur: tuple[list, dict] = ([], {})
+        self._emitted = 0
+        self._fresh_at_emit = 0
         self.cfg = cfg
         self.stats = stats
         self.alert = alert
@@ -127,22 +148,30 @@ class Scanner:
         changed: list[bytes] = []
         deferred: dict[bytes, bool] = {}
         with self.lock:
-            for p, rec in sorted(paths.items()):
-                rel = self.tree.rel_path(p)
-                if rel is None:
-                    continue
-                if self.ignores(p):
-                    with self.tree.lock:
-                        if self.tree.remove(rel):  # excluded since it was replicated (the filter changed)
-                            changed.append(rel)
-                    continue
-                self._ensure_parents(rel, changed)
-                self._visit(p, rel, rec, changed, deferred)
+            self._cur = (changed, deferred)
+            self._emitted = 0
+            self._fresh_at_emit = self.payloads.fresh_bytes if self.payloads is not None else 0
+            self._reads = self._reads_for(self._finish)
+            try:
+                for p, rec in sorted(paths.items()):
+                    rel = self.tree.rel_path(p)
+                    if rel is None:
+                        continue
+                    if self.ignores(p):
+                        with self.tree.lock:
+                            if self.tree.remove(rel):  # excluded since it was replicated (the filter changed)
+                                changed.append(rel)
+                        continue
+                    self._ensure_parents(rel, changed)
+                    self._visit(p, rel, rec, changed, deferred)
+            finally:
+                self._reads.drain()
+                self._reads = None
             if changed:
                 # Queued before the scan lock is released: a point asked meanwhile (`flush` waits for
                 # this lock) then follows these paths on every sender's stream.
                 self.stats["changes"] += len(changed)
-                self.on_changed(changed)
+                self._emit(final=True)
         return changed, deferred
 
     def full_scan(self) -> tuple[list[bytes], dict[bytes, bool]]:
@@ -235,33 +264,7 @@ class Scanner:
             if now - st.st_mtime_ns / 1e9 < self.cfg.settle and now - first < self.cfg.settle_max:
                 deferred[p] = False
                 return
-            chunks = self._chunk(p, st)
-            if chunks is None:
-                if now - first < self.cfg.settle_max:
-                    deferred[p] = False
-                    return
-                try:  # changing for too long: take it as it is now
-                    st = os.lstat(p)
-                    chunks = self._chunk(p, st, check=False)
-                except OSError:
-                    return
-                if chunks is None:
-                    return
-                skey = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            self.settle_since.pop(p, None)
-            node = FNode(FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
-                         chunks.total(), content_id(chunks), chunks, skey)
-            if isinstance(old, FNode) and old.type == FILE:
-                if old.content == node.content and (old.mode, old.uid, old.gid, old.mtime_ns) == \
-                        (node.mode, node.uid, node.gid, node.mtime_ns):
-                    with tree.lock:
-                        old.skey = skey  # touched (ctime) but equal: nothing to send
-                        tree.journal.append((rel, False))
-                    return
-                node.prev, node.prev_content = old.chunks, old.content
-            with tree.lock:
-                tree.set(rel, node)
-            changed.append(rel)
+            self._read(p, rel, st, old, first, now)
         elif stat.S_ISLNK(m):
             try:
                 target = os.readlink(p)
@@ -290,22 +293,83 @@ class Scanner:
             self.alert(f"source path {os.fsdecode(src)} is empty: deletions held (an unmounted share?)")
         return empty
 
-    def _chunk(self, p: bytes, st, check: bool = True) -> Chunks | None:
-        """Chunk ids of a file, or None if it changed while being read."""
-        ids = bytearray()
-        lens = array("I")
-        try:
-            with open(p, "rb", buffering=0) as f:
-                for v in chunk_stream(f, self.params, size_hint=st.st_size):
-                    ids += blake3.blake3(v).digest()
-                    lens.append(len(v))
-                st2 = os.fstat(f.fileno())
-        except OSError:
+    # ------------------------------------------------------------- reading files
+    def _compress(self, old, size: int) -> bool:
+        """Compress while reading (for the senders) a new file, or a small changed one, while a sender
+        is streaming: a big changed file sends only the chunks its delta names, which the sender reads
+        itself, and a big new file would pile up its payloads before its chunk list is known (the
+        sender reads those through the reader processes too, readers.py)."""
+        if self.payloads is None or size > COMPRESS_UP_TO or not self.want_payloads():
+            return False
+        return not (isinstance(old, FNode) and old.type == FILE) or size <= SEGMENT_BYTES
+
+    def _read(self, p: bytes, rel: bytes, st, old, first: float, now: float) -> None:
+        """Ask for a file to be read; `_finish` puts it into the tree once it is (refresh drains)."""
+        self._reads.add(ReadJob(p, st.st_size, self._compress(old, st.st_size), (rel, st, first, now)))
+
+    def _reads_for(self, done) -> FileReads:
+        return FileReads(self.readers, self.params, self.cutter, done,
+                         self.payloads.put_fresh if self.payloads is not None else lambda cid, v: None)
+
+    def _chunks_of(self, job: ReadJob, st, check: bool) -> Chunks | None:
+        """A read file's chunk list, or None if it changed while being read (or could not be read)."""
+        if job.failed:
             return None
-        out = Chunks(ids, lens)
+        out = Chunks(job.ids, job.lens)
         total = out.total()
         self.stats["files_read"] += 1
         self.stats["bytes_read"] += total
-        if check and ((st2.st_size, st2.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or total != st2.st_size):
+        if check and (job.after is None or job.after[:2] != (st.st_size, st.st_mtime_ns) or total != job.after[0]):
             return None
         return out
+
+    def _finish(self, job: ReadJob) -> None:
+        """A file read: its node into the tree (under the scan lock, on the scanning thread)."""
+        rel, st, first, now = job.tag
+        p = job.path
+        tree = self.tree
+        changed, deferred = self._cur
+        chunks = self._chunks_of(job, st, True)
+        if chunks is None:
+            if now - first < self.cfg.settle_max:
+                deferred[p] = False
+                return
+            try:  # changing for too long: take it as it is now
+                st = os.lstat(p)
+            except OSError:
+                return
+            again = ReadJob(p, st.st_size, False, job.tag)
+            self._reads_for(lambda _j: None).read_here(again)
+            chunks = self._chunks_of(again, st, False)
+            if chunks is None:
+                return
+        skey = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        self.settle_since.pop(p, None)
+        node = FNode(FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns,
+                     chunks.total(), content_id(chunks), chunks, skey)
+        with tree.lock:
+            old = tree.lookup(rel)  # now, not when the read was asked: a sender may have rewritten it
+            if isinstance(old, FNode) and old.type == FILE:
+                if old.content == node.content and (old.mode, old.uid, old.gid, old.mtime_ns) == \
+                        (node.mode, node.uid, node.gid, node.mtime_ns):
+                    old.skey = skey  # touched (ctime) but equal: nothing to send
+                    tree.journal.append((rel, False))
+                    return
+                node.prev, node.prev_content = old.chunks, old.content
+            tree.set(rel, node)
+        changed.append(rel)
+        self._emit()
+
+    def _emit(self, final: bool = False) -> None:
+        """Hand the paths changed so far on to the senders while the scan goes on (a seeding replica
+        receives the first files while the last are read), then wait while the senders have more
+        unsent payloads than the cap (payloads.py): the scan never reads far ahead of the sending."""
+        changed, _ = self._cur
+        n = len(changed) - self._emitted
+        fresh = self.payloads.fresh_bytes if self.payloads is not None else 0
+        if n and (final or n >= EMIT_PATHS or fresh - self._fresh_at_emit >= EMIT_BYTES):
+            self.on_changed(changed[self._emitted:])
+            self._emitted = len(changed)
+            if self.payloads is not None and not final:
+                self.payloads.wait_room(self.want_payloads, self._reads.held if self._reads else 0)
+                self._fresh_at_emit = self.payloads.fresh_bytes
