@@ -219,3 +219,31 @@ def test_absolute_excludes_follow_a_promoted_secondarys_live_paths(tmp_path):
     odd = replace(promoted, exclude=("/elsewhere/x", "*.tmp"))
     sc2 = Scanner(Tree([os.fsencode(str(live))]), odd, dict(sc.stats), alerts.append, lambda rels: None)
     assert sc2.filt.match("main/a.tmp", False) and alerts and "left out" in alerts[0]
+
+
+def test_watcher_marks_a_moved_in_tree_once_and_ignores_reads(www, tmp_path):
+    """A tree moved in is one mark (its walk finds the rest: watchdog's made-up events for each file
+    inside would mean a second look at every one), and reading a file is no event at all (each file
+    the scan and the senders read made two)."""
+    sc, _ = scanner(www)
+    ms = _Recorder(sc, www)
+    stage = tmp_path / "stage"
+    for i in range(50):
+        (stage / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
+        (stage / f"d{i % 5}" / f"f{i}").write_bytes(b"%d" % i)
+    (www / "read-me.txt").write_bytes(b"r")
+    w = Watcher()
+    w.watch(ms)
+    try:
+        time.sleep(0.3)
+        os.rename(stage, www / "moved")
+        (www / "read-me.txt").read_bytes()
+        (www / "after.txt").write_bytes(b"a")  # events arrive in order: once this is marked, so is the rest
+        deadline = time.time() + 10
+        while time.time() < deadline and not any(p.endswith(b"after.txt") for p in ms.marked):
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        w.stop()
+    assert any(p.endswith(b"/moved") for p in ms.marked), ms.marked
+    assert not [p for p in ms.marked if b"/moved/" in p or p.endswith(b"read-me.txt")], ms.marked
