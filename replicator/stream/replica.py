@@ -74,10 +74,13 @@ class Spool:
         self.f.seek(off)
         return flags, self.f.read(n), raw_len
 
-    def clear(self) -> None:
-        self.where.clear()
-        self.end = 0
-        self.f.truncate(0)
+    def discard(self, ids) -> None:
+        """Forget chunks a commit stored; the file is emptied once nothing waits in it."""
+        for cid in ids:
+            self.where.pop(cid, None)
+        if not self.where:
+            self.end = 0
+            self.f.truncate(0)
 
     def close(self) -> None:
         self.f.close()
@@ -251,8 +254,9 @@ class ReplicaSide:
                         raw = joined
                         pending_refs = 0
                     changes = [parse_change(c) for c in raw]
+                    # Only what this frame stored leaves the spool: a batch's chunks come in one OFFER/CHUNKS
+                    # round, and its changes may then span several CHANGES frames.
                     applied, held, retry = self._apply(set_name, cfg, changes, spool)
-                    spool.clear()
                     requested.clear()
                     conn.send({"t": "ack", "seq": msg["seq"], "applied": applied, "held": held, "retry": retry})
                 elif t == "point":
@@ -373,6 +377,7 @@ class ReplicaSide:
                     pass  # archive: nothing received is ever removed from the current view
                 if out:
                     update_head(w, set_name, out)
+            spool.discard(stored)  # committed: the repository holds them now
         if out:
             st.last_change = time.monotonic()
             st.applied += len(out)
