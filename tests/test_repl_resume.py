@@ -294,4 +294,4 @@ def test_a_replica_killed_mid_seeding_resumes_the_batch(cluster_of):
     assert after < remained + 2 * MIB, (after, remained, total)
     assert after < total * 0.6, (after, total)
     assert "spool reopened" in r.logtext() and "1 damaged dropped" in r.logtext(), r.logtext()
-    assert os.path.getsize(path) == 0  # everything in it was stored
+    wait_for(lambda: os.path.getsize(path) == 0, 30, "the spool emptied (everything in it was stored)")

@@ -345,7 +345,7 @@ class ReplicaSide:
                     pass  # archive: nothing received is ever removed from the current view
                 if out:
                     update_head(w, set_name, out)
-            spool.discard(stored)  # committed: the repository holds them now
+        spool.discard(stored)  # committed: the repository holds them now (a compaction runs outside the lock)
         if out:
             st.last_change = time.monotonic()
             st.applied += len(out)
