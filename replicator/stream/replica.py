@@ -4,11 +4,13 @@ Nothing from the wire is trusted. Every message is validated whole before
 anything is written: paths (no '..', no leading '/', no NUL), entry shapes,
 and every chunk is decompressed (bounded by its declared length) and hashed;
 a chunk whose BLAKE3 is not its id, or that was not asked for, closes the
-connection. Received chunks wait in a spool file (bounded memory for big
-files) until the CHANGES that reference them arrive; then one short writer
-session stores them and moves the set's head (`store.apply.update_head`),
-and only after that commit does the replica send ACK. A crash before the
-commit loses nothing acknowledged; the master's catch-up resends the rest.
+connection. Received chunks wait in the set's spool file (spool.py: bounded
+memory for big files, kept across a kill or a lost connection) until the
+CHANGES that reference them arrive; then one short writer session stores
+them and moves the set's head (`store.apply.update_head`), and only after
+that commit does the replica send ACK and drop them from the spool. A crash
+before the commit loses nothing acknowledged; the master's catch-up offers
+the rest again, and the replica NEEDs only what its spool does not hold.
 
 Mirror mode applies deletions, archive mode never does. In mirror mode a
 mass-delete breaker holds back a batch's deletions (and raises an alert)
@@ -21,16 +23,14 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-import tempfile
 import threading
 import time
 
-import blake3
 import zstandard
 
 from store import packs as P
 from store.apply import Change, head_root, set_heads, snapshot_head, update_head
+from store.crypto import PlainCodec
 from store.errors import PathNotFound, StoreError
 from store.keys import KeySource
 from store.objects import ObjectReader
@@ -39,68 +39,16 @@ from store.retention import apply_retention
 from store.snapshots import list_snapshots
 from store.trees import DIR, FILE, SYMLINK, Entry
 
-from ..errors import ChunkRejected, NotAuthorised, ProtocolError
+from ..errors import NotAuthorised, ProtocolError
 from ..settings import SetConfig
 from . import protocol
 from .merkle import TreeDigests
+from .spool import MAX_CHUNK, Spool, verify_chunk  # noqa: F401  (verify_chunk: the check of a chunk off the wire)
 
 log = logging.getLogger("pit.replica")
 
-MAX_CHUNK = 16 * 1024 * 1024
 LISTING_BYTES = protocol.MAX_FRAME // 4  # estimated bytes of rows per LISTING frame
 MAX_PENDING_REFS = 64_000_000  # chunk references of one file in OPS parts (1 TiB at 16 KiB)
-SPOOL_REC = struct.Struct("<32sBIQ")
-
-
-class Spool:
-    """Verified chunks waiting for the CHANGES that reference them (on disk, not in memory)."""
-
-    def __init__(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.f = tempfile.TemporaryFile(dir=directory, prefix="spool-")
-        self.where: dict[bytes, tuple[int, int, int, int]] = {}  # id -> (offset, length, flags, raw_len)
-        self.end = 0
-
-    def add(self, cid: bytes, flags: int, raw_len: int, payload: bytes) -> None:
-        if cid in self.where:
-            return
-        self.f.seek(self.end)
-        self.f.write(payload)
-        self.where[cid] = (self.end, len(payload), flags, raw_len)
-        self.end += len(payload)
-
-    def get(self, cid: bytes) -> tuple[int, bytes, int]:
-        off, n, flags, raw_len = self.where[cid]
-        self.f.seek(off)
-        return flags, self.f.read(n), raw_len
-
-    def clear(self) -> None:
-        self.where.clear()
-        self.end = 0
-        self.f.truncate(0)
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def verify_chunk(dctx, c) -> tuple[bytes, int, int, bytes]:
-    if not (isinstance(c, list) and len(c) == 4):
-        raise ProtocolError("a chunk must be [id, flags, raw length, payload]")
-    cid, flags, raw_len, payload = c
-    protocol.check_id(cid)
-    if not isinstance(flags, int) or flags not in (0, P.ZSTD) or not isinstance(raw_len, int) \
-            or isinstance(raw_len, bool) or not 0 < raw_len <= MAX_CHUNK or not isinstance(payload, bytes):
-        raise ProtocolError("malformed chunk header")
-    if flags & P.ZSTD:
-        try:
-            data = dctx.decompress(payload, max_output_size=raw_len)
-        except zstandard.ZstdError:
-            raise ChunkRejected(f"chunk {cid.hex()[:16]} does not decompress") from None
-    else:
-        data = payload
-    if len(data) != raw_len or blake3.blake3(data).digest() != cid:
-        raise ChunkRejected(f"chunk {cid.hex()[:16]} does not match its id")
-    return cid, flags, raw_len, payload
 
 
 def parse_change(c) -> dict:
@@ -200,8 +148,12 @@ class ReplicaSide:
         protocol.welcome(conn, me)
         st = self.set_state(set_name)
         st.conns.add(conn)
-        spool = Spool(self.spool_dir)
         dctx = zstandard.ZstdDecompressor()
+        try:
+            spool = self._open_spool(set_name, dctx)
+        except BaseException:
+            st.conns.discard(conn)
+            raise
         requested: set[bytes] = set()
         pending_ops: dict[bytes, list] = {}  # leading parts of big chunk lists (OPS), joined at CHANGES
         pending_refs = 0
@@ -219,7 +171,7 @@ class ReplicaSide:
                     ids = [protocol.check_id(i) for i in msg["ids"]]
                     with self.lock, self.repo.reading() as txn:
                         db = self.repo.index.db["blobs"]
-                        need = [i for i in dict.fromkeys(ids) if i not in spool.where and txn.get(i, db=db) is None]
+                        need = [i for i in dict.fromkeys(ids) if i not in spool and txn.get(i, db=db) is None]
                     requested.update(need)
                     conn.send({"t": "need", "ids": need})
                 elif t == "chunks":
@@ -251,8 +203,9 @@ class ReplicaSide:
                         raw = joined
                         pending_refs = 0
                     changes = [parse_change(c) for c in raw]
+                    # Only what this frame stored leaves the spool: a batch's chunks come in one OFFER/CHUNKS
+                    # round, and its changes may then span several CHANGES frames.
                     applied, held, retry = self._apply(set_name, cfg, changes, spool)
-                    spool.clear()
                     requested.clear()
                     conn.send({"t": "ack", "seq": msg["seq"], "applied": applied, "held": held, "retry": retry})
                 elif t == "point":
@@ -272,6 +225,25 @@ class ReplicaSide:
         finally:
             st.conns.discard(conn)
             spool.close()
+
+    def _open_spool(self, set_name: str, dctx) -> Spool:
+        """The set's spool as an interrupted connection left it (spool.py), less what the repository holds.
+
+        An encrypted repository gets a private spool, as before spools persisted: a record is a chunk in
+        the clear, and nothing plain of a file may stay in the repository's directory (docs/format.md 12.6).
+        """
+        if not isinstance(self.repo.codec, PlainCodec):
+            return Spool.private(self.spool_dir)
+        spool = Spool.open(self.spool_dir, set_name, dctx)
+        try:
+            if len(spool):
+                with self.lock, self.repo.reading() as txn:
+                    db = self.repo.index.db["blobs"]
+                    spool.discard([i for i in spool.ids() if txn.get(i, db=db) is not None])
+        except BaseException:
+            spool.close()
+            raise
+        return spool
 
     def _listing(self, conn: protocol.Conn, set_name: str, paths: list) -> None:
         paths = [protocol.check_dir_path(p) for p in paths]
@@ -355,7 +327,7 @@ class ReplicaSide:
                         for cid, n in chunks:
                             if cid in stored:
                                 continue
-                            if cid in spool.where:
+                            if cid in spool:
                                 flags, payload, raw_len = spool.get(cid)
                                 if raw_len != n:
                                     raise ProtocolError("chunk length differs from the one received")
@@ -373,6 +345,7 @@ class ReplicaSide:
                     pass  # archive: nothing received is ever removed from the current view
                 if out:
                     update_head(w, set_name, out)
+        spool.discard(stored)  # committed: the repository holds them now (a compaction runs outside the lock)
         if out:
             st.last_change = time.monotonic()
             st.applied += len(out)
