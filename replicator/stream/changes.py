@@ -38,6 +38,7 @@ OFFER_IDS = min(8192, protocol.MAX_FRAME // 80)                  # ids per OFFER
 CHANGES_BYTES = protocol.MAX_FRAME // 2                          # estimated bytes per CHANGES / OPS frame
 REF_BYTES = 48  # an [id, length] pair as msgpack is 38-40 bytes; rounded up
 READ_HERE_UP_TO = 8 * 1024 * 1024  # chunk bytes a batch reads on the sending thread; more goes to the readers
+WINDOW = 2  # CHANGES frames not yet acknowledged: the replica commits one while the next is received
 BATCH_PATHS = 512  # paths per batch (a sender's queue is sent in batches of at most this many)
 
 
@@ -89,6 +90,8 @@ class BatchSender:
         self.held = 0
         self.ops_frames = 0  # OPS frames sent: parts of chunk lists too big for one frame
         self.cutter = Cutter()  # zstd context of this sender's own reads
+        self.unacked: deque[tuple[int, bool]] = deque()  # (seq, sent in full) of CHANGES frames not yet acked
+        self.retry: list[bytes] = []  # paths the replica could not apply against their base: sent again in full
 
     def _offer_and_send(self, conn: protocol.Conn, ids: list[bytes], wanted: dict, stale: set,
                         fixed: dict | None) -> None:
@@ -100,7 +103,7 @@ class BatchSender:
         for i in range(0, len(ids), OFFER_IDS):
             offered = ids[i:i + OFFER_IDS]
             conn.send({"t": "offer", "ids": offered})
-            need = conn.recv("need")["ids"]
+            need = self._recv(conn, "need")["ids"]
             if len(need) < len(offered):  # the replica has the others: no sender will take their payloads
                 needed = set(need)
                 ms.payloads.forget([cid for cid in offered if cid not in needed])
@@ -244,8 +247,12 @@ class BatchSender:
         return out
 
     def send_paths(self, conn: protocol.Conn, rels: list[bytes], full: set | None = None) -> None:
-        """Send the current state of `rels` as one or more CHANGES frames (after their chunks), each
-        acknowledged; a path the replica could not apply against its base is sent again in full."""
+        """Send the current state of `rels` as one or more CHANGES frames (after their chunks), at most
+        WINDOW of them unacknowledged (`drain` waits for the rest); a path the replica could not apply
+        against its base is sent again in full, before the next batch."""
+        if full is None and self.retry:
+            retry, self.retry = list(dict.fromkeys(self.retry)), []
+            self.send_paths(conn, retry, full=set(retry))
         ms = self.ms
         tree = ms.tree
         mirror = ms.cfg.mode == "mirror"
@@ -317,20 +324,57 @@ class BatchSender:
             cur.append(c)
             room -= n
         parts.append((pre, cur))
-        retry: list[bytes] = []
         for pre, part in parts:
             for m in pre:
                 conn.send(m)
                 self.ops_frames += 1
             self.seq += 1
             conn.send({"t": "changes", "seq": self.seq, "changes": part})
-            ack = conn.recv("ack")
-            if ack["seq"] != self.seq:
-                raise ProtocolError(f"{self.replica} acknowledged batch {ack['seq']}, not {self.seq}")
-            self.acked += 1
-            self.held = ack["held"]
-            retry.extend(ack["retry"])
-        log.debug("set %s -> %s: %d changes, %d ids offered, %d retried, %d bytes so far",
-                  ms.name, self.replica, len(changes), len(wanted), len(retry), conn.bytes_sent)
-        if retry and full is None:
-            self.send_paths(conn, [protocol.check_path(r) for r in retry], full=set(retry))
+            self.unacked.append((self.seq, full is not None))
+            while len(self.unacked) > WINDOW:
+                self._recv(conn, "ack")
+        log.debug("set %s -> %s: %d changes, %d ids offered, %d bytes so far",
+                  ms.name, self.replica, len(changes), len(wanted), conn.bytes_sent)
+
+    # ------------------------------------------------------------- acknowledgements
+    def reset(self) -> None:
+        """A new session: what the last one left unacknowledged is the catch-up's to find."""
+        self.unacked.clear()
+        self.retry.clear()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.unacked or self.retry)
+
+    def _recv(self, conn: protocol.Conn, kind: str) -> dict:
+        """The next `kind` message; acknowledgements that come first are taken on the way (the replica
+        commits on a thread of its own and acknowledges whenever a commit is done)."""
+        while True:
+            msg = conn.recv((kind, "ack"))
+            if msg["t"] == "ack":
+                self._acked(msg)
+                if kind != "ack":
+                    continue
+            return msg
+
+    def _acked(self, ack: dict) -> None:
+        if not self.unacked:
+            raise ProtocolError(f"{self.replica} acknowledged batch {ack['seq']}, none was waiting")
+        seq, full = self.unacked.popleft()
+        if ack["seq"] != seq:
+            raise ProtocolError(f"{self.replica} acknowledged batch {ack['seq']}, not {seq}")
+        self.acked += 1
+        self.held = ack["held"]
+        if not full:  # a path sent in full that still cannot be applied waits for the next catch-up
+            self.retry.extend(protocol.check_path(r) for r in ack["retry"])
+
+    def drain(self, conn: protocol.Conn) -> None:
+        """Wait until every CHANGES frame sent is acknowledged, and what the replica could not apply
+        against its base is sent again in full (and acknowledged): before a point, a mark or a tree
+        comparison, which must follow everything sent, and when the queue is empty."""
+        while self.unacked or self.retry:
+            while self.unacked:
+                self._recv(conn, "ack")
+            if self.retry:
+                retry, self.retry = list(dict.fromkeys(self.retry)), []
+                self.send_paths(conn, retry, full=set(retry))

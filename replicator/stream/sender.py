@@ -103,6 +103,7 @@ class Sender:
         return slot
 
     def _serve_slot(self, conn: protocol.Conn, slot: dict) -> None:
+        self.batches.drain(conn)  # a point follows every change sent before it, acknowledged
         if "mark" in slot:
             conn.send({"t": "mark", **slot["mark"]})
             conn.recv("marked")
@@ -174,6 +175,7 @@ class Sender:
             sock.close()
             raise ProtocolError(f"{addr} is node {peer}, not {self.replica}")
         self.conn = conn = protocol.Conn(sock, self.replica)
+        self.batches.reset()
         token = getattr(agent, "fencing_token", None)  # failover (agent.py) may not provide it yet
         protocol.hello(conn, agent.state.node, "repl", self.ms.name, token=token() if token else 0)
         self.connected = True
@@ -260,6 +262,12 @@ class Sender:
                     catchup = True
                 else:
                     catchup = False
+                    if not self.queue and self.batches.pending:
+                        self.cond.release()  # nothing to send: take the acknowledgements (network: unlocked)
+                        try:
+                            self.batches.drain(conn)
+                        finally:
+                            self.cond.acquire()
                     while not self.queue and not self.points and not self.need_catchup and not self.stopped:
                         self.cond.wait(1.0)
                         if conn.closed:
@@ -289,6 +297,8 @@ class Sender:
     def _catchup(self, conn: protocol.Conn) -> None:
         """Compare trees with the replica (catchup.py) and send what differs, in batches."""
         ms = self.ms
+        self.batches.drain(conn)  # the listing must show what was sent before
         send = differing_paths(conn, ms.tree, ms.cfg.mode == "mirror", ms.alert)
         for i in range(0, len(send), BATCH_PATHS):
             self.batches.send_paths(conn, send[i:i + BATCH_PATHS])
+        self.batches.drain(conn)

@@ -71,6 +71,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 import zlib
 
@@ -194,6 +195,8 @@ class Spool:
         self.cap = cap
         self.over: _File | None = None  # chunks past the cap: a private anonymous file
         self.dir = os.path.dirname(path) if path else None
+        # the connection's thread adds, its applier (replica.py) reads and drops: a compaction moves records
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------- opening
     @classmethod
@@ -267,13 +270,16 @@ class Spool:
 
     # ------------------------------------------------------------- use
     def __contains__(self, cid: bytes) -> bool:
-        return cid in self.main.recs or (self.over is not None and cid in self.over.recs)
+        with self.lock:
+            return cid in self.main.recs or (self.over is not None and cid in self.over.recs)
 
     def __len__(self) -> int:
-        return len(self.main.recs) + (len(self.over.recs) if self.over else 0)
+        with self.lock:
+            return len(self.main.recs) + (len(self.over.recs) if self.over else 0)
 
     def ids(self) -> list[bytes]:
-        return list(self.main.recs) + (list(self.over.recs) if self.over else [])
+        with self.lock:
+            return list(self.main.recs) + (list(self.over.recs) if self.over else [])
 
     @property
     def persistent(self) -> bool:
@@ -281,6 +287,10 @@ class Spool:
 
     def add(self, cid: bytes, flags: int, raw_len: int, payload: bytes) -> None:
         """Keep a verified chunk (past the cap: in the private overflow file)."""
+        with self.lock:
+            self._add(cid, flags, raw_len, payload)
+
+    def _add(self, cid: bytes, flags: int, raw_len: int, payload: bytes) -> None:
         if cid in self:
             return
         f = self.main
@@ -297,21 +307,23 @@ class Spool:
 
     def get(self, cid: bytes) -> tuple[int, bytes, int]:
         """(flags, payload, raw length) of a chunk held here (KeyError when it is not)."""
-        if cid in self.main.recs:
-            return self.main.read(cid)
-        if self.over is not None and cid in self.over.recs:
-            return self.over.read(cid)
+        with self.lock:
+            if cid in self.main.recs:
+                return self.main.read(cid)
+            if self.over is not None and cid in self.over.recs:
+                return self.over.read(cid)
         raise KeyError(cid)
 
     def discard(self, ids) -> None:
         """Drop chunks the repository now holds (a commit stored them); truncate or compact."""
-        for cid in ids:
-            self.main.drop(cid)
+        with self.lock:
+            for cid in ids:
+                self.main.drop(cid)
+                if self.over is not None:
+                    self.over.drop(cid)
+            self.main.tidy()
             if self.over is not None:
-                self.over.drop(cid)
-        self.main.tidy()
-        if self.over is not None:
-            self.over.tidy()
+                self.over.tidy()
 
     def size(self) -> int:
         """Bytes of the persistent file (0 for a private spool)."""
