@@ -200,6 +200,12 @@ class ReplicaSide:
             raise NotAuthorised(f"{peer} is not the master of set {set_name!r}")
         protocol.welcome(conn, me)
         st = self.set_state(set_name)
+        for old in list(st.conns):
+            # The master keeps one session per replica: an older one is a connection it has given up on
+            # and this side has not yet seen dead. Closed now, it lets go of the set's spool (its commit
+            # under way ends first) instead of keeping this session out of it for the spool's lock wait.
+            log.info("set %s: %s connected again: closing its older connection", set_name, peer)
+            old.close()
         st.conns.add(conn)
         dctx = zstandard.ZstdDecompressor()
         try:

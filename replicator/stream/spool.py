@@ -57,9 +57,9 @@ records into the private file.
 
 **One connection at a time.** The file is held with `flock` for the whole
 connection. A second connection for the same set (the master reconnected
-while this side has not yet noticed the old one dead: at most
-`protocol.DEAD_AFTER`) waits `LOCK_WAIT` for it, then uses a private
-anonymous spool (`Spool.private`) and resumes nothing. So does every connection to an encrypted repository
+while this side has not yet noticed the old one dead) closes the old one
+(replica.py), then waits up to `LOCK_WAIT` for the lock; past that it uses
+a private anonymous spool (`Spool.private`) and resumes nothing. So does every connection to an encrypted repository
 (replica.py `_open_spool`): a record is a chunk in the clear.
 """
 from __future__ import annotations
