@@ -18,7 +18,6 @@ from store.segments import SEGMENT_BYTES
 from replicator.stream import readers
 from replicator.stream.payloads import Payloads
 from replicator.stream.readers import Cutter, FileReads, ReaderPool, ReadJob
-from replicator.stream.scan import COMPRESS_UP_TO
 
 from test_repl_helpers import cluster, wait_for, write  # noqa: F401  (cluster: the fixture)
 
@@ -76,7 +75,7 @@ def test_worker_reads_equal_one_pass_and_payloads_decode(tmp_path, pool, monkeyp
     monkeypatch.setattr(readers, "POOL_AFTER", 0)  # everything through the workers
     paths = _files(tmp_path, [0, 1, 5000, 70_000] * 20 + [2 * SEGMENT_BYTES + 12345, SEGMENT_BYTES])
     done, got = [], {}
-    reads = FileReads(pool, PARAMS, Cutter(), done.append, got.__setitem__)
+    reads = FileReads(pool, PARAMS, Cutter(), done.append, lambda cid, v, n: got.__setitem__(cid, v))
     _read_all(reads, paths, done)
     assert reads.local == 0 and pool.running  # nothing was read on this thread
     for job in done:
@@ -90,7 +89,7 @@ def test_reads_start_on_the_thread_then_go_to_the_workers(tmp_path, pool, monkey
     monkeypatch.setattr(readers, "POOL_AFTER", 300_000)
     paths = _files(tmp_path, [100_000] * 10)
     done = []
-    reads = FileReads(pool, PARAMS, Cutter(), done.append, lambda cid, v: None)
+    reads = FileReads(pool, PARAMS, Cutter(), done.append, lambda cid, v, n: None)
     _read_all(reads, paths, done)
     assert 300_000 <= reads.local < 1_000_000 and pool.running
     for job in done:
@@ -101,7 +100,7 @@ def test_a_killed_worker_costs_a_reread_not_a_wrong_list(tmp_path, pool, monkeyp
     monkeypatch.setattr(readers, "POOL_AFTER", 0)
     paths = _files(tmp_path, [3 * SEGMENT_BYTES] + [200_000] * 30)
     done, got = [], {}
-    reads = FileReads(pool, PARAMS, Cutter(), done.append, got.__setitem__)
+    reads = FileReads(pool, PARAMS, Cutter(), done.append, lambda cid, v, n: got.__setitem__(cid, v))
     reads.add(ReadJob(paths[0], os.path.getsize(paths[0]), True, None))
     for pid in list(pool.pool._processes):  # a worker killed (the OOM killer, an operator) mid-read
         os.kill(pid, signal.SIGKILL)
@@ -122,7 +121,7 @@ def test_a_killed_worker_costs_a_reread_not_a_wrong_list(tmp_path, pool, monkeyp
 def test_a_vanished_or_replaced_file_is_failed(tmp_path, pool):
     p = _files(tmp_path, [50_000])[0]
     done = []
-    reads = FileReads(None, PARAMS, Cutter(), done.append, lambda cid, v: None)
+    reads = FileReads(None, PARAMS, Cutter(), done.append, lambda cid, v, n: None)
     job = ReadJob(p, 50_000, False, None)
     os.unlink(p)
     reads.add(job)
@@ -169,16 +168,16 @@ def test_idle_readers_stop_and_start_again(pool):
 
 def test_fresh_payloads_are_taken_once_then_shared():
     pl = Payloads()
-    pl.put_fresh(b"a" * 32, (0, b"x" * 100))
-    pl.put_fresh(b"a" * 32, (0, b"x" * 100))  # a second file with the same chunk
+    pl.put_fresh(b"a" * 32, (0, b"x" * 100), 100)
+    pl.put_fresh(b"a" * 32, (0, b"x" * 100), 100)  # a second file with the same chunk
     assert pl.fresh_bytes == 100
     assert pl.cached(b"a" * 32) == (0, b"x" * 100)
     assert pl.fresh_bytes == 0 and pl.taken == 1
     assert pl.cached(b"a" * 32) == (0, b"x" * 100)  # the next sender finds it in the shared cache
-    pl.put_fresh(b"b" * 32, (0, b"y" * 10))
+    pl.put_fresh(b"b" * 32, (0, b"y" * 10), 10)
     pl.forget([b"b" * 32, b"c" * 32])  # the replica had it
     assert pl.fresh_bytes == 0 and pl.cached(b"b" * 32) is None
-    pl.put_fresh(b"d" * 32, (0, b"z" * 10))
+    pl.put_fresh(b"d" * 32, (0, b"z" * 10), 10)
     pl.expire(age=0.0)
     assert pl.fresh_bytes == 0 and not pl.fresh
 
@@ -188,7 +187,7 @@ def test_fresh_payloads_are_capped(monkeypatch):
     monkeypatch.setattr(payloads, "FRESH_MAX", 1000)
     pl = Payloads()
     for i in range(30):
-        pl.put_fresh(bytes([i]) * 32, (0, b"p" * 100))
+        pl.put_fresh(bytes([i]) * 32, (0, b"p" * 100), 100)
     assert pl.fresh_bytes <= 1000 and bytes([29]) * 32 in pl.fresh and bytes([0]) * 32 not in pl.fresh
 
 
@@ -196,7 +195,7 @@ def test_the_scan_waits_for_a_sender_that_takes():
     pl = Payloads()
     ids = [i.to_bytes(32, "big") for i in range(50)]
     for cid in ids:
-        pl.put_fresh(cid, (0, b"q" * 1000))
+        pl.put_fresh(cid, (0, b"q" * 1000), 1000)
     taken = []
 
     def sender():
@@ -212,10 +211,20 @@ def test_the_scan_waits_for_a_sender_that_takes():
     assert all(v is not None for v in taken)  # nothing was dropped: the sender kept up
 
 
+def test_payloads_are_taken_ahead_oldest_first():
+    pl = Payloads()
+    for i in range(10):
+        pl.put_fresh(i.to_bytes(32, "big"), (0, b"a" * 1000), 1000 + i)
+    got = pl.take_ahead(2500, 100)
+    assert [(cid[-1], n) for cid, _, n in got] == [(0, 1000), (1, 1001), (2, 1002)]
+    assert pl.fresh_bytes == 7000 and len(pl.take_ahead(10**9, 4)) == 4
+    assert pl.cached((0).to_bytes(32, "big")) is not None  # taken ahead: still shared with later senders
+
+
 def test_the_scan_drops_the_oldest_when_nobody_streams():
     pl = Payloads()
     for i in range(50):
-        pl.put_fresh(i.to_bytes(32, "big"), (0, b"q" * 1000))
+        pl.put_fresh(i.to_bytes(32, "big"), (0, b"q" * 1000), 1000)
     pl.wait_room(lambda: False, high=10_000)
     assert pl.fresh_bytes <= 5_000 and 49 .to_bytes(32, "big") in pl.fresh
 
@@ -228,8 +237,9 @@ def _stats(node) -> dict:
 
 
 def test_seeding_sends_what_the_scan_compressed(cluster):
-    """Files moved into a watched source while the replica streams are sent as the scan read them:
-    the counters say no chunk was read again, and the replica holds the same bytes."""
+    """Files moved into a watched source while the replica streams are sent as the scan read them, a
+    big file's chunks ahead of its end: the counters say (next to) none was read again, and the replica
+    holds the same bytes."""
     c = cluster(replicas=1)
     c.start()
     r = c.replicas[0]
@@ -240,14 +250,12 @@ def test_seeding_sends_what_the_scan_compressed(cluster):
     rnd = random.Random(SEED)
     for i in range(40):  # 48 MiB of small and middling files, past POOL_AFTER: the workers read most
         write(f"{stage}/d{i % 4}/f{i:02d}", rnd.randbytes(rnd.choice([4096, 300_000, 2_400_000])))
-    write(f"{stage}/big.bin", rnd.randbytes(12 * 1024 * 1024))  # segments: payloads held until its end
-    write(f"{stage}/huge.bin", rnd.randbytes(COMPRESS_UP_TO + 1))   # left to the sender's reads
-    huge = len(_expected(os.fsencode(f"{stage}/huge.bin"))[1])
+    write(f"{stage}/big.bin", rnd.randbytes(40 * 1024 * 1024))  # five segments: its chunks go out ahead of it
     os.rename(stage, os.path.join(c.src, "data"))
     wait_for(lambda: c.converged(r), 180, "the seeded data")
     st = _stats(c.primary)
-    assert st["chunks_from_scan"] > 1000
-    assert st["chunks_read_again"] == huge
+    # all but what a stalled sender made the scan drop (PATIENCE, on a loaded machine): none, on an idle one
+    assert st["chunks_from_scan"] > 4000 and st["chunks_read_again"] < st["chunks_from_scan"] / 4
 
 
 def test_catch_up_reads_through_the_workers(cluster):

@@ -38,6 +38,7 @@ OFFER_IDS = min(8192, protocol.MAX_FRAME // 80)                  # ids per OFFER
 CHANGES_BYTES = protocol.MAX_FRAME // 2                          # estimated bytes per CHANGES / OPS frame
 REF_BYTES = 48  # an [id, length] pair as msgpack is 38-40 bytes; rounded up
 READ_HERE_UP_TO = 8 * 1024 * 1024  # chunk bytes a batch reads on the sending thread; more goes to the readers
+AHEAD_BYTES = 8 * 1024 * 1024  # payload bytes sent ahead of their files' changes at a time
 WINDOW = 2  # CHANGES frames not yet acknowledged: the replica commits one while the next is received
 BATCH_PATHS = 512  # paths per batch (a sender's queue is sent in batches of at most this many)
 
@@ -123,6 +124,29 @@ class BatchSender:
                 size += len(got[1]) + 64
             if buf:
                 conn.send({"t": "chunks", "chunks": buf})
+
+    def send_ahead(self, conn: protocol.Conn) -> bool:
+        """With nothing queued, send the payloads the scan made for files it has not finished (a big
+        file being read): offered and sent now, spooled by the replica until their file's CHANGES,
+        whose OFFER then finds them there. A big file's bytes go out while it is read, not after its
+        end, and are never read again. -> whether anything was offered."""
+        got = self.ms.payloads.take_ahead(AHEAD_BYTES, OFFER_IDS)
+        if not got:
+            return False
+        conn.send({"t": "offer", "ids": [cid for cid, _, _ in got]})
+        need = set(self._recv(conn, "need")["ids"])
+        buf, size = [], 0
+        for cid, (flags, payload), n in got:
+            if cid not in need:
+                continue
+            if buf and size + len(payload) + 64 > CHUNKS_FRAME:
+                conn.send({"t": "chunks", "chunks": buf})
+                buf, size = [], 0
+            buf.append([cid, flags, n, payload])
+            size += len(payload) + 64
+        if buf:
+            conn.send({"t": "chunks", "chunks": buf})
+        return True
 
     def _payloads(self, need: list[bytes], wanted: dict):
         """(id, where, payload or None) of each needed chunk, in order. What the scan or an earlier send

@@ -54,7 +54,7 @@ class MasterSet:
         self.stats = {"files_read": 0, "bytes_read": 0, "changes": 0, "unchanged": 0, "scans": 0,
                       "cache_rows": 0, "cache_loaded": 0, "cache_pending": 0, "chunks_read_again": 0}
         self.scanner = Scanner(self.tree, cfg, self.stats, self.alert, self._changed, self.payloads,
-                               self._streaming, self.readers)
+                               self._streaming, self.readers, self._nudge)
         self.files_cache = TreeCache(self.tree, agent.state.path, name, cfg, self.stats, self.alert)
         self.dirty: dict[bytes, bool] = {}
         self.dirty_cond = threading.Condition()
@@ -89,6 +89,12 @@ class MasterSet:
         """Does a sender stream changes now (connected, not comparing trees)? Then the scan compresses
         what it reads for it (payloads.py); otherwise the catch-up that comes reads what it needs."""
         return any(s.connected and not s.need_catchup for s in list(self.senders.values()))
+
+    def _nudge(self) -> None:
+        """Wake every sender: payloads wait to be sent ahead (payloads.py)."""
+        for s in list(self.senders.values()):
+            with s.cond:
+                s.cond.notify()
 
     def refresh(self, paths: dict[bytes, bool]) -> tuple[list[bytes], dict[bytes, bool]]:
         """Look at absolute paths afresh (value: recurse into directories). -> (changed rels, deferred)."""

@@ -39,25 +39,26 @@ class Payloads:
     def __init__(self) -> None:
         self.cache: LRU[tuple] = LRU(64 * 1024 * 1024, lambda v: len(v[1]) + 64)
         self.cond = threading.Condition()
-        self.fresh: OrderedDict[bytes, tuple[tuple[int, bytes], float]] = OrderedDict()
+        # id -> ((flags, payload), when made, raw length)
+        self.fresh: OrderedDict[bytes, tuple[tuple[int, bytes], float, int]] = OrderedDict()
         self.fresh_bytes = 0
         self.taken = 0  # fresh payloads a sender took: the bytes the scan saved it reading again
 
     def put(self, cid: bytes, val: tuple[int, bytes]) -> None:
         self.cache.put(cid, val)
 
-    def put_fresh(self, cid: bytes, val: tuple[int, bytes]) -> None:
+    def put_fresh(self, cid: bytes, val: tuple[int, bytes], raw_len: int) -> None:
         """A payload the scan made for the senders."""
         with self.cond:
             if cid in self.fresh:
                 return
-            self.fresh[cid] = (val, time.monotonic())
+            self.fresh[cid] = (val, time.monotonic(), raw_len)
             self.fresh_bytes += len(val[1])
             while self.fresh_bytes > FRESH_MAX:
                 self._drop_oldest()
 
     def _drop_oldest(self) -> None:
-        _, (val, _) = self.fresh.popitem(last=False)
+        _, (val, _, _) = self.fresh.popitem(last=False)
         self.fresh_bytes -= len(val[1])
 
     def _take(self, cid: bytes) -> tuple[int, bytes] | None:
@@ -91,17 +92,38 @@ class Payloads:
             while self.fresh and next(iter(self.fresh.values()))[1] < limit:
                 self._drop_oldest()
 
-    def wait_room(self, want: Callable[[], bool], held: int = 0, high: int = FRESH_HIGH,
-                  patience: float = PATIENCE) -> None:
+    def take_ahead(self, budget: int, count: int) -> list[tuple[bytes, tuple[int, bytes], int]]:
+        """Fresh payloads, oldest first, up to `budget` bytes and `count` chunks: (id, payload, raw
+        length). What a sender with nothing queued sends ahead of their files' changes (changes.py):
+        mostly the chunks of a big file the scan is still reading."""
+        out = []
+        size = 0
+        with self.cond:
+            while self.fresh and size < budget and len(out) < count:
+                cid, (val, _, n) = self.fresh.popitem(last=False)
+                self.fresh_bytes -= len(val[1])
+                self.taken += 1
+                size += len(val[1])
+                out.append((cid, val, n))
+            self.cond.notify_all()
+        for cid, val, _ in out:
+            self.cache.put(cid, val)
+        return out
+
+    def wait_room(self, want: Callable[[], bool], nudge: Callable[[], None] = lambda: None,
+                  high: int = FRESH_HIGH, patience: float = PATIENCE) -> None:
         """The scan's brake: wait while more than `high` bytes are untaken and the senders take some
         within `patience` seconds; when none streams any more (`want()` false) or they stall, drop the
-        oldest down to half of `high` and go on. `held`: bytes of files the scan has not read to their
-        end, which no sender can take yet (waiting for those would wait for itself)."""
+        oldest down to half of `high` and go on. Every fresh payload can be taken, a file's before the
+        scan reaches its end too (`take_ahead`), so waiting never waits for the scan itself. `nudge`
+        wakes the senders (one with nothing queued sends ahead)."""
+        if self.fresh_bytes > high:
+            nudge()
         with self.cond:
             last, since = self.fresh_bytes, time.monotonic()
-            while self.fresh_bytes - held > high:
+            while self.fresh_bytes > high:
                 if not want() or time.monotonic() - since > patience:
-                    while self.fresh_bytes > held + high // 2:
+                    while self.fresh_bytes > high // 2:
                         self._drop_oldest()
                     return
                 self.cond.wait(0.2)

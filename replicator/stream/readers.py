@@ -212,7 +212,7 @@ def submit(pool: ProcessPoolExecutor, fn, *args) -> Future:
 class ReadJob:
     """One file to read: what the scanner asked (`tag` is its own) and what came back."""
 
-    __slots__ = ("path", "size", "compress", "tag", "ids", "lens", "failed", "after", "ident", "fresh")
+    __slots__ = ("path", "size", "compress", "tag", "ids", "lens", "failed", "after", "ident")
 
     def __init__(self, path: bytes, size: int, compress: bool, tag) -> None:
         self.path, self.size, self.compress, self.tag = path, size, compress, tag
@@ -221,9 +221,8 @@ class ReadJob:
         self.failed = False  # vanished, unreadable, replaced or no longer a regular file while read
         self.after: tuple | None = None  # (size, mtime_ns, ctime_ns, ino) once the last segment was read
         self.ident: tuple[int, int] | None = None
-        self.fresh = 0  # payload bytes handed to the senders
 
-    def take(self, res: SegmentResult, put: Callable[[bytes, tuple[int, bytes]], None] | None) -> int | None:
+    def take(self, res: SegmentResult, put: Callable[[bytes, tuple[int, bytes], int], None] | None) -> int | None:
         """Add one segment's result; -> where the next segment starts, None when the file is done."""
         if res.error is not None or res.replaced:
             self.failed = True
@@ -231,8 +230,7 @@ class ReadJob:
         self.ident = res.ident
         if put is not None:
             for i, (flags, payload, _n) in res.frames.items():
-                put(res.ids[i], (flags, payload))
-                self.fresh += len(payload)
+                put(res.ids[i], (flags, payload), res.lens[i])
         self.ids += b"".join(res.ids)
         self.lens.extend(res.lens)
         if res.end is None:
@@ -250,7 +248,7 @@ class FileReads:
     file completes (not in the order asked); `put` takes the payloads (payloads.py)."""
 
     def __init__(self, readers: ReaderPool | None, params: ChunkerParams, cutter: Cutter,
-                 done: Callable[[ReadJob], None], put: Callable[[bytes, tuple[int, bytes]], None]) -> None:
+                 done: Callable[[ReadJob], None], put: Callable[[bytes, tuple[int, bytes], int], None]) -> None:
         self.readers = readers
         self.params = params
         self.cutter = cutter
@@ -262,7 +260,6 @@ class FileReads:
         self.batch_bytes = 0
         self.inflight: deque[tuple[Future, list[tuple[ReadJob, Segment]]]] = deque()
         self.depth = 0
-        self.held = 0  # payload bytes of files not read to their end: no sender can take them yet
 
     def add(self, job: ReadJob) -> None:
         if self.pool is None and self.readers is not None and self.local >= POOL_AFTER:
@@ -286,14 +283,12 @@ class FileReads:
 
     def read_here(self, job: ReadJob) -> None:
         """Read a whole file on this thread (from its start: a file a broken pool had half read too)."""
-        self.held -= job.fresh
-        job.fresh = 0
         job.restart()
         at: int | None = 0
         while at is not None:
             res = self.cutter.read(Segment(job.path, at, max(0, job.size - at), job.ident), self.params, job.compress)
             self.local += sum(res.lens)
-            at = self._take(job, res)
+            at = job.take(res, self.put if job.compress else None)
         self.done(job)
 
     def _flush_batch(self) -> None:
@@ -319,19 +314,11 @@ class FileReads:
             self._broken(items)
             return
         for (job, seg), res in zip(items, results):
-            at = self._take(job, res)
+            at = job.take(res, self.put if job.compress else None)
             if at is None:
                 self.done(job)
             else:  # the next segment goes to the back of the queue: other files go on meanwhile
                 self._submit([(job, Segment(job.path, at, max(0, job.size - at), job.ident))], wait=False)
-
-    def _take(self, job: ReadJob, res: SegmentResult) -> int | None:
-        before = job.fresh
-        at = job.take(res, self.put if job.compress else None)
-        self.held += job.fresh - before
-        if at is None:
-            self.held -= job.fresh
-        return at
 
     def _broken(self, items: list[tuple[ReadJob, Segment]]) -> None:
         """A worker died (killed, out of memory): read what was in flight, and the rest, here."""

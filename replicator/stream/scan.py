@@ -44,7 +44,6 @@ from .tree import DNode, FNode, Tree
 
 EMIT_PATHS = 512  # changed paths handed on to the senders while a scan goes on (a sender's batch)
 EMIT_BYTES = 8 * 1024 * 1024  # ... or as soon as this much payload waits for them
-COMPRESS_UP_TO = 16 * 1024 * 1024  # bigger new files are compressed by the senders' reads (_compress)
 
 
 class Scanner:
@@ -52,13 +51,16 @@ class Scanner:
 
     def __init__(self, tree: Tree, cfg: SetConfig, stats: dict, alert: Callable[[str], None],
                  on_changed: Callable[[list[bytes]], None], payloads: Payloads | None = None,
-                 want_payloads: Callable[[], bool] = lambda: False, readers: ReaderPool | None = None) -> None:
+                 want_payloads: Callable[[], bool] = lambda: False, readers: ReaderPool | None = None,
+                 nudge: Callable[[], None] = lambda: None) -> None:
         """`payloads` takes what the scan compressed for the senders while `want_payloads()` says one
-        streams; `readers` (the agent's worker processes) read big scans (readers.py)."""
+        streams (`nudge` wakes them); `readers` (the agent's worker processes) read big scans
+        (readers.py)."""
         self.tree = tree
         self.payloads = payloads
         self.want_payloads = want_payloads
         self.readers = readers
+        self.nudge = nudge
         self.cutter = Cutter()
         self._reads: FileReads | None = None
         self._cur: tuple[list, dict] = ([], {})
@@ -296,10 +298,9 @@ class Scanner:
     # ------------------------------------------------------------- reading files
     def _compress(self, old, size: int) -> bool:
         """Compress while reading (for the senders) a new file, or a small changed one, while a sender
-        is streaming: a big changed file sends only the chunks its delta names, which the sender reads
-        itself, and a big new file would pile up its payloads before its chunk list is known (the
-        sender reads those through the reader processes too, readers.py)."""
-        if self.payloads is None or size > COMPRESS_UP_TO or not self.want_payloads():
+        streams: a big changed file sends only the chunks its delta names, which the sender reads
+        itself. A big new file's payloads go out before the scan reaches its end (`take_ahead`)."""
+        if self.payloads is None or not self.want_payloads():
             return False
         return not (isinstance(old, FNode) and old.type == FILE) or size <= SEGMENT_BYTES
 
@@ -309,7 +310,7 @@ class Scanner:
 
     def _reads_for(self, done) -> FileReads:
         return FileReads(self.readers, self.params, self.cutter, done,
-                         self.payloads.put_fresh if self.payloads is not None else lambda cid, v: None)
+                         self.payloads.put_fresh if self.payloads is not None else lambda cid, v, n: None)
 
     def _chunks_of(self, job: ReadJob, st, check: bool) -> Chunks | None:
         """A read file's chunk list, or None if it changed while being read (or could not be read)."""
@@ -371,5 +372,5 @@ class Scanner:
             self.on_changed(changed[self._emitted:])
             self._emitted = len(changed)
             if self.payloads is not None and not final:
-                self.payloads.wait_room(self.want_payloads, self._reads.held if self._reads else 0)
+                self.payloads.wait_room(self.want_payloads, self.nudge)
                 self._fresh_at_emit = self.payloads.fresh_bytes

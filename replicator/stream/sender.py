@@ -268,7 +268,11 @@ class Sender:
                             self.batches.drain(conn)
                         finally:
                             self.cond.acquire()
+                    ahead = False
                     while not self.queue and not self.points and not self.need_catchup and not self.stopped:
+                        if self.ms.payloads.fresh:  # chunks of files still being read: send them ahead
+                            ahead = True
+                            break
                         self.cond.wait(1.0)
                         if conn.closed:
                             raise ConnectionLost("connection closed")
@@ -289,6 +293,8 @@ class Sender:
                 continue
             if batch:
                 self.batches.send_paths(conn, batch)
+            elif ahead and not points:
+                self.batches.send_ahead(conn)
             self.inflight = points
             for slot in points:
                 self._serve_slot(conn, slot)
