@@ -7,7 +7,7 @@ Runs a real primary and one replica (`pit agent` processes) on 127.0.0.1, using 
 cluster fixture of tests/test_repl_helpers.py. Figures go to docs/benchmarks.md.
 
     .venv/bin/python bench/replication.py [--big-mib 128] [--changes 100]      # latency, 64 KiB change
-    .venv/bin/python bench/replication.py --seed-scale 1.0                     # seeding vs rsync, ingest
+    .venv/bin/python bench/replication.py --seed-scale 1.0 [--seed-runs 3] [--seed-catchup]  # seeding vs rsync, ingest
     .venv/bin/python bench/replication.py --idle-files 100000 [--idle-s 60]    # idle agent CPU
 
 Parts can be combined; `--work DIR` keeps the data (default: a temporary directory).
@@ -103,18 +103,19 @@ def dir_bytes(root: str) -> tuple[int, int]:
 
 def rsync_daemon_copy(src: str, work: str) -> dict:
     """`rsync -a` from src to a module of an rsync daemon on 127.0.0.1 (no ssh here), and a plain
-    local `rsync -a` for reference; both into empty destinations."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    local `rsync -a` for reference; both into empty destinations. `_synced_s`: the same clock stopped
+    after a `sync`, i.e. with the destination's writeback (pit's figures include their fsyncs)."""
     from measure import which_or_install
 
     if not which_or_install("rsync", "rsync"):
         return {}
-    port = free_port()
+    out: dict = {}
     dst = os.path.join(work, "rsync-daemon-dst")
     local = os.path.join(work, "rsync-local-dst")
     for d in (dst, local):
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
+    port = free_port()
     conf = os.path.join(work, "rsyncd.conf")
     with open(conf, "w") as f:
         f.write(f"use chroot = no\nuid = root\ngid = root\npid file = {work}/rsyncd.pid\n"
@@ -126,17 +127,19 @@ def rsync_daemon_copy(src: str, work: str) -> dict:
         subprocess.run(["sync"])
         t = time.monotonic()
         subprocess.run(["rsync", "-a", src + "/", f"rsync://127.0.0.1:{port}/dst/"], check=True)
-        daemon_s = time.monotonic() - t
+        out["rsync_daemon_s"] = time.monotonic() - t
+        subprocess.run(["sync"])
+        out["rsync_daemon_synced_s"] = time.monotonic() - t
     finally:
         d.terminate()
         d.wait(10)
     subprocess.run(["sync"])
     t = time.monotonic()
     subprocess.run(["rsync", "-a", src + "/", local + "/"], check=True)
-    local_s = time.monotonic() - t
+    out["rsync_local_s"] = time.monotonic() - t
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(local, ignore_errors=True)
-    return {"rsync_daemon_s": daemon_s, "rsync_local_s": local_s}
+    return out
 
 
 def _port_open(port: int) -> bool:
@@ -152,22 +155,73 @@ def _port_open(port: int) -> bool:
         s.close()
 
 
-def pit_ingest(src: str, work: str) -> float:
-    """A local `pit snapshot` of the same data into a fresh repository (the ingest figure)."""
+def pit_ingest(src: str, work: str) -> tuple[float, float]:
+    """A local `pit snapshot` of the same data into a fresh repository (the ingest figure):
+    (wall, CPU of the process and its workers)."""
+    import resource
+
     repo = os.path.join(work, "ingest-repo")
     shutil.rmtree(repo, ignore_errors=True)
     subprocess.run([PIT, "--repo", repo, "init"], check=True, capture_output=True)
     subprocess.run(["sync"])
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
     subprocess.run([PIT, "--repo", repo, "snapshot", "--set", "s", src], check=True, capture_output=True)
     dt = time.monotonic() - t
+    ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     shutil.rmtree(repo, ignore_errors=True)
-    return dt
+    return dt, ru2.ru_utime - ru.ru_utime + ru2.ru_stime - ru.ru_stime
+
+
+def seed_once(data: str, work: str, catchup: bool) -> dict:
+    """One seeding of a fresh replica. Streaming (default): the data set is moved into the empty,
+    watched source of a running cluster; the clock runs until `pit point` returns (every file
+    committed on the replica and a snapshot made). `catchup`: the data is in the source when the
+    agents start (a replica joined to a running file server): the clock runs from the start through
+    the master's first scan and the catch-up to the point."""
+    tmp = os.path.join(work, "cluster-seed")
+    shutil.rmtree(tmp, ignore_errors=True)
+    c = Cluster(tmp, replicas=1)
+    res: dict = {}
+    try:
+        if catchup:
+            os.rename(data, os.path.join(c.src, "dataset"))
+            subprocess.run(["sync"])
+            t = time.monotonic()
+            c.start()
+            r = c.replicas[0]
+        else:
+            c.start()
+            r = c.replicas[0]
+            wait_for(lambda: c.converged(r), 60, "the empty set")
+            subprocess.run(["sync"])
+            t = time.monotonic()
+            changes = master_stats(c)["changes"]
+            os.rename(data, os.path.join(c.src, "dataset"))  # one event: the watcher walks the new tree
+            # the master has seen the event once its walk has queued the paths; the point follows them
+            wait_for(lambda: master_stats(c)["changes"] > changes, 600, "the master to walk the data set",
+                     interval=0.1)
+        try:
+            subprocess.run([PIT, "point", "--set", "web", "--timeout", "900", "--config", c.primary.config],
+                           check=True, capture_output=True)
+            res["s"] = time.monotonic() - t
+            res["cpu_master_s"] = cpu_seconds(c.primary.proc.pid)
+            res["cpu_replica_s"] = cpu_seconds(r.proc.pid)
+            res["wire_bytes"] = bytes_sent(c)
+            st = master_stats(c)
+            res["chunks_from_scan"], res["chunks_read_again"] = st.get("chunks_from_scan"), st.get("chunks_read_again")
+            res["replica_equals_master"] = c.converged(r)  # checked after the clock stopped
+        finally:
+            os.rename(os.path.join(c.src, "dataset"), data)
+    finally:
+        c.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
 
 
 def seed_part(a, work: str) -> dict:
-    """Seeding a replica from nothing: the data set moved into an (empty, watched) source of a running
-    cluster, until `pit point` returns (every file committed on the replica and a snapshot made)."""
+    """Seeding a replica from nothing against rsync to a daemon and a local `pit snapshot` of the
+    same data, `--seed-runs` rounds (each: rsync, ingest, seeding), medians and ratios at the end."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import dataset
 
@@ -175,42 +229,26 @@ def seed_part(a, work: str) -> dict:
     if not os.path.isdir(data):
         dataset.generate(data, scale=a.seed_scale)
     files, size = dir_bytes(data)
-    res = {"files": files, "bytes": size}
-    res.update(rsync_daemon_copy(data, work))
-    res["pit_snapshot_s"] = pit_ingest(data, work)
-    tmp = os.path.join(work, "cluster-seed")
-    shutil.rmtree(tmp, ignore_errors=True)
-    c = Cluster(tmp, replicas=1)
-    try:
-        c.start()
-        r = c.replicas[0]
-        wait_for(lambda: c.converged(r), 60, "the empty set")
-        subprocess.run(["sync"])
-        t = time.monotonic()
-        changes = master_stats(c)["changes"]
-        os.rename(data, os.path.join(c.src, "dataset"))  # one event: the watcher walks the new tree
-        try:
-            # the master has seen the event once its walk has queued the paths; the point follows them
-            wait_for(lambda: master_stats(c)["changes"] > changes, 600, "the master to walk the data set",
-                     interval=0.1)
-            subprocess.run([PIT, "point", "--set", "web", "--timeout", "900", "--config", c.primary.config],
-                           check=True, capture_output=True)
-            res["pit_seed_s"] = time.monotonic() - t
-            res["pit_seed_cpu_master_s"] = cpu_seconds(c.primary.proc.pid)
-            res["pit_seed_cpu_replica_s"] = cpu_seconds(r.proc.pid)
-            res["pit_seed_wire_bytes"] = bytes_sent(c)
-            repo_stats = json.loads(subprocess.run([PIT, "--repo", r.repo, "stats", "--json"], check=True,
-                                                   capture_output=True, text=True).stdout)
-            res["replica_repo"] = {k: repo_stats.get(k) for k in ("snapshots", "blobs", "packs") if k in repo_stats}
-            res["replica_equals_master"] = c.converged(r)  # checked after the clock stopped
-        finally:
-            os.rename(os.path.join(c.src, "dataset"), data)
-    finally:
-        c.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-    for k in ("rsync_daemon_s", "rsync_local_s", "pit_snapshot_s", "pit_seed_s"):
-        if k in res:
-            res[k[:-2] + "_mb_s"] = round(size / res[k] / 1e6, 1)
+    res: dict = {"files": files, "bytes": size, "runs": []}
+    for _ in range(a.seed_runs):
+        run = rsync_daemon_copy(data, work)
+        run["pit_snapshot_s"], run["pit_snapshot_cpu_s"] = pit_ingest(data, work)
+        seed = seed_once(data, work, a.seed_catchup)
+        run.update({"pit_seed_" + k: v for k, v in seed.items()})
+        print(json.dumps(run), flush=True)
+        res["runs"].append(run)
+    med = {k: statistics.median(r[k] for r in res["runs"]) for k in res["runs"][0]
+           if isinstance(res["runs"][0][k], float)}
+    res["median"] = {k: round(v, 2) for k, v in med.items()}
+    gb = size / 1e9
+    res["pit_seed_mb_s"] = round(size / med["pit_seed_s"] / 1e6, 1)
+    res["pit_snapshot_mb_s"] = round(size / med["pit_snapshot_s"] / 1e6, 1)
+    res["seed_speed_vs_ingest"] = round(med["pit_snapshot_s"] / med["pit_seed_s"], 2)  # goal >= 0.90
+    if "rsync_daemon_synced_s" in med:
+        res["seed_speed_vs_rsync_daemon_synced"] = round(med["rsync_daemon_synced_s"] / med["pit_seed_s"], 2)  # goal >= 2
+    res["master_cpu_s_per_gb"] = round(med["pit_seed_cpu_master_s"] / gb, 2)
+    res["replica_cpu_s_per_gb"] = round(med["pit_seed_cpu_replica_s"] / gb, 2)
+    res["ingest_cpu_s_per_gb"] = round(med["pit_snapshot_cpu_s"] / gb, 2)
     return res
 
 
@@ -316,6 +354,9 @@ def main() -> None:
     ap.add_argument("--big-mib", type=int, default=128)
     ap.add_argument("--changes", type=int, default=100)
     ap.add_argument("--seed-scale", type=float, default=0.0, help="seeding vs rsync on bench/dataset.py at this scale")
+    ap.add_argument("--seed-runs", type=int, default=3, help="rounds of rsync, ingest and seeding (medians)")
+    ap.add_argument("--seed-catchup", action="store_true",
+                    help="seed by catch-up: the data in the source before the agents start (a replica joined)")
     ap.add_argument("--idle-files", type=int, default=0, help="idle agent CPU over this many files")
     ap.add_argument("--idle-s", type=int, default=60)
     ap.add_argument("--rescan", type=int, default=150, help="reconcile scan interval for the idle part")
