@@ -248,7 +248,9 @@ class FileReads:
     file completes (not in the order asked); `put` takes the payloads (payloads.py)."""
 
     def __init__(self, readers: ReaderPool | None, params: ChunkerParams, cutter: Cutter,
-                 done: Callable[[ReadJob], None], put: Callable[[bytes, tuple[int, bytes], int], None]) -> None:
+                 done: Callable[[ReadJob], None], put: Callable[[bytes, tuple[int, bytes], int], None],
+                 brake: Callable[[], None] = lambda: None) -> None:
+        self.brake = brake  # called after each task's results: the scan waits there for its senders
         self.readers = readers
         self.params = params
         self.cutter = cutter
@@ -289,6 +291,8 @@ class FileReads:
             res = self.cutter.read(Segment(job.path, at, max(0, job.size - at), job.ident), self.params, job.compress)
             self.local += sum(res.lens)
             at = job.take(res, self.put if job.compress else None)
+            if at is not None:
+                self.brake()
         self.done(job)
 
     def _flush_batch(self) -> None:
@@ -319,6 +323,7 @@ class FileReads:
                 self.done(job)
             else:  # the next segment goes to the back of the queue: other files go on meanwhile
                 self._submit([(job, Segment(job.path, at, max(0, job.size - at), job.ident))], wait=False)
+        self.brake()
 
     def _broken(self, items: list[tuple[ReadJob, Segment]]) -> None:
         """A worker died (killed, out of memory): read what was in flight, and the rest, here."""

@@ -309,8 +309,10 @@ class Scanner:
         self._reads.add(ReadJob(p, st.st_size, self._compress(old, st.st_size), (rel, st, first, now)))
 
     def _reads_for(self, done) -> FileReads:
-        return FileReads(self.readers, self.params, self.cutter, done,
-                         self.payloads.put_fresh if self.payloads is not None else lambda cid, v, n: None)
+        if self.payloads is None:
+            return FileReads(self.readers, self.params, self.cutter, done, lambda cid, v, n: None)
+        return FileReads(self.readers, self.params, self.cutter, done, self.payloads.put_fresh,
+                         lambda: self.payloads.wait_room(self.want_payloads, self.nudge))
 
     def _chunks_of(self, job: ReadJob, st, check: bool) -> Chunks | None:
         """A read file's chunk list, or None if it changed while being read (or could not be read)."""
