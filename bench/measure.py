@@ -143,10 +143,11 @@ class _TreeRss:
     the run); `peak_kib` is the highest sum seen. GNU time's %M is the
     largest single process, which understates a command with workers."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, root: bool = False) -> None:
+        """`root`: count the process itself too (an agent and its workers)."""
         import threading
 
-        self.pid, self.peak_kib = pid, 0
+        self.pid, self.peak_kib, self.root = pid, 0, root
         self._done = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -164,7 +165,8 @@ class _TreeRss:
 
     def _run(self) -> None:
         while not self._done.wait(0.05):
-            total, todo = 0, children(self.pid)  # the root is GNU time (or the command: counted by %M)
+            # the root is GNU time (or the command: counted by %M), unless asked for
+            total, todo = self._rss(self.pid) if self.root else 0, children(self.pid)
             while todo:
                 q = todo.pop()
                 total += self._rss(q)

@@ -179,6 +179,8 @@ def seed_once(data: str, work: str, catchup: bool) -> dict:
     committed on the replica and a snapshot made). `catchup`: the data is in the source when the
     agents start (a replica joined to a running file server): the clock runs from the start through
     the master's first scan and the catch-up to the point."""
+    from measure import _TreeRss
+
     tmp = os.path.join(work, "cluster-seed")
     shutil.rmtree(tmp, ignore_errors=True)
     c = Cluster(tmp, replicas=1)
@@ -190,10 +192,12 @@ def seed_once(data: str, work: str, catchup: bool) -> dict:
             t = time.monotonic()
             c.start()
             r = c.replicas[0]
+            rss = [_TreeRss(c.primary.proc.pid, root=True), _TreeRss(r.proc.pid, root=True)]
         else:
             c.start()
             r = c.replicas[0]
             wait_for(lambda: c.converged(r), 60, "the empty set")
+            rss = [_TreeRss(c.primary.proc.pid, root=True), _TreeRss(r.proc.pid, root=True)]
             subprocess.run(["sync"])
             t = time.monotonic()
             changes = master_stats(c)["changes"]
@@ -205,6 +209,9 @@ def seed_once(data: str, work: str, catchup: bool) -> dict:
             subprocess.run([PIT, "point", "--set", "web", "--timeout", "900", "--config", c.primary.config],
                            check=True, capture_output=True)
             res["s"] = time.monotonic() - t
+            for m in rss:
+                m.stop()
+            res["rss_master_peak_mib"], res["rss_replica_peak_mib"] = (round(m.peak_kib / 1024, 1) for m in rss)
             res["cpu_master_s"] = cpu_seconds(c.primary.proc.pid)
             res["cpu_replica_s"] = cpu_seconds(r.proc.pid)
             res["wire_bytes"] = bytes_sent(c)

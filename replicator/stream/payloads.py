@@ -27,8 +27,9 @@ from store.cache import LRU
 
 from .readers import Cutter
 
-FRESH_HIGH = 32 * 1024 * 1024  # the scan waits above this much untaken payload ...
-FRESH_MAX = 96 * 1024 * 1024   # ... and the oldest is dropped above this (a re-read later)
+SHARED_BYTES = 16 * 1024 * 1024  # payloads a sender took, kept for the set's other senders (then read again)
+FRESH_HIGH = 16 * 1024 * 1024  # the scan waits above this much untaken payload ...
+FRESH_MAX = 48 * 1024 * 1024   # ... and the oldest is dropped above this (a re-read later)
 PATIENCE = 5.0  # seconds the scan waits for the senders to take anything before it drops the oldest
 FRESH_AGE = 120.0  # a fresh payload no sender took in this long is dropped (the replica had it)
 
@@ -37,7 +38,7 @@ class Payloads:
     """(flags, stored bytes) of chunks by id, for every sender of one set."""
 
     def __init__(self) -> None:
-        self.cache: LRU[tuple] = LRU(64 * 1024 * 1024, lambda v: len(v[1]) + 64)
+        self.cache: LRU[tuple] = LRU(SHARED_BYTES, lambda v: len(v[1]) + 64)
         self.cond = threading.Condition()
         # id -> ((flags, payload), when made, raw length)
         self.fresh: OrderedDict[bytes, tuple[tuple[int, bytes], float, int]] = OrderedDict()
