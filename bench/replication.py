@@ -8,6 +8,7 @@ cluster fixture of tests/test_repl_helpers.py. Figures go to docs/benchmarks.md.
 
     .venv/bin/python bench/replication.py [--big-mib 128] [--changes 100]      # latency, 64 KiB change
     .venv/bin/python bench/replication.py --seed-scale 1.0 [--seed-runs 3] [--seed-catchup]  # seeding vs rsync, ingest
+    .venv/bin/python bench/replication.py --seed-scale 1.0 --seed-runs 1 --seed-kill 0.5    # replica killed mid-seeding
     .venv/bin/python bench/replication.py --idle-files 100000 [--idle-s 60]    # idle agent CPU
 
 Parts can be combined; `--work DIR` keeps the data (default: a temporary directory).
@@ -173,12 +174,14 @@ def pit_ingest(src: str, work: str) -> tuple[float, float]:
     return dt, ru2.ru_utime - ru.ru_utime + ru2.ru_stime - ru.ru_stime
 
 
-def seed_once(data: str, work: str, catchup: bool) -> dict:
+def seed_once(data: str, work: str, catchup: bool, kill_at: float = 0.0) -> dict:
     """One seeding of a fresh replica. Streaming (default): the data set is moved into the empty,
     watched source of a running cluster; the clock runs until `pit point` returns (every file
     committed on the replica and a snapshot made). `catchup`: the data is in the source when the
     agents start (a replica joined to a running file server): the clock runs from the start through
-    the master's first scan and the catch-up to the point."""
+    the master's first scan and the catch-up to the point. `kill_at` (a fraction, streaming only):
+    the replica is SIGKILLed once the master has sent that much of the data set's ~640 MB of
+    payload, and started again; `sent_after_kill_bytes` is what the master sent from then on."""
     from measure import _TreeRss
 
     tmp = os.path.join(work, "cluster-seed")
@@ -203,6 +206,11 @@ def seed_once(data: str, work: str, catchup: bool) -> dict:
             changes = master_stats(c)["changes"]
             os.rename(data, os.path.join(c.src, "dataset"))  # one event: the watcher walks the new tree
             # the master has seen the event once its walk has queued the paths; the point follows them
+            if kill_at:
+                wait_for(lambda: bytes_sent(c) > kill_at * 640e6, 600, "the kill point", interval=0.05)
+                r.kill(signal.SIGKILL)
+                res["sent_before_kill_bytes"] = bytes_sent(c)
+                r.start()
             wait_for(lambda: master_stats(c)["changes"] > changes, 600, "the master to walk the data set",
                      interval=0.1)
         try:
@@ -215,6 +223,8 @@ def seed_once(data: str, work: str, catchup: bool) -> dict:
             res["cpu_master_s"] = cpu_seconds(c.primary.proc.pid)
             res["cpu_replica_s"] = cpu_seconds(r.proc.pid)
             res["wire_bytes"] = bytes_sent(c)
+            if kill_at:
+                res["sent_after_kill_bytes"] = res["wire_bytes"] - res["sent_before_kill_bytes"]
             st = master_stats(c)
             res["chunks_from_scan"], res["chunks_read_again"] = st.get("chunks_from_scan"), st.get("chunks_read_again")
             res["replica_equals_master"] = c.converged(r)  # checked after the clock stopped
@@ -240,7 +250,7 @@ def seed_part(a, work: str) -> dict:
     for _ in range(a.seed_runs):
         run = rsync_daemon_copy(data, work)
         run["pit_snapshot_s"], run["pit_snapshot_cpu_s"] = pit_ingest(data, work)
-        seed = seed_once(data, work, a.seed_catchup)
+        seed = seed_once(data, work, a.seed_catchup, a.seed_kill)
         run.update({"pit_seed_" + k: v for k, v in seed.items()})
         print(json.dumps(run), flush=True)
         res["runs"].append(run)
@@ -362,6 +372,8 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=100)
     ap.add_argument("--seed-scale", type=float, default=0.0, help="seeding vs rsync on bench/dataset.py at this scale")
     ap.add_argument("--seed-runs", type=int, default=3, help="rounds of rsync, ingest and seeding (medians)")
+    ap.add_argument("--seed-kill", type=float, default=0.0,
+                    help="SIGKILL the replica once this fraction of the payload is sent, then start it again")
     ap.add_argument("--seed-catchup", action="store_true",
                     help="seed by catch-up: the data in the source before the agents start (a replica joined)")
     ap.add_argument("--idle-files", type=int, default=0, help="idle agent CPU over this many files")
