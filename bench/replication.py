@@ -203,6 +203,9 @@ def seed_once(data: str, work: str, catchup: bool, kill_at: float = 0.0) -> dict
             c.start()
             r = c.replicas[0]
             rss = [_TreeRss(c.primary.proc.pid, root=True), _TreeRss(r.proc.pid, root=True)]
+            # a point asked before the sender exists (the first scan) or has connected fails at once
+            wait_for(lambda: agent_status(c)["sets"]["web"]["replicas"].get("r1", {}).get("connected"), 600,
+                     "the sender to connect", interval=0.2)
         else:
             c.start()
             r = c.replicas[0]
