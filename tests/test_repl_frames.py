@@ -23,7 +23,7 @@ from replicator.errors import FrameTooLarge, ProtocolError
 from replicator.stream import changes as M
 from replicator.stream import protocol as W
 from replicator.stream.replica import check_ops, parse_change
-from test_repl_helpers import Cluster, read_tree, replica_snapshots, wait_for, write
+from test_repl_helpers import cluster, read_tree, replica_snapshots, small_frames, wait_for, write  # noqa: F401  (fixtures)
 
 
 def refs(n: int, seed: int = 0) -> list:
@@ -68,23 +68,8 @@ def status(node):
     return json.loads(node.ctl("status", "--local").stdout)
 
 
-@pytest.fixture
-def small_frames(tmp_path, monkeypatch):
-    monkeypatch.setenv("PIT_MAX_FRAME", str(128 * 1024))
-    made = []
-
-    def make(**kw):
-        c = Cluster(str(tmp_path), **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
-
-
 @pytest.mark.slow  # ~60 s end to end; the splitting and joining are unit-tested above
-def test_big_chunk_list_and_big_directory_in_small_frames(small_frames):
+def test_big_chunk_list_and_big_directory_in_small_frames(small_frames):  # noqa: F811
     c = small_frames(replicas=1)
     big = f"{c.src}/vm.img"
     size = 80 * 1024 * 1024

@@ -268,6 +268,14 @@ def cluster(tmp_path):
         c.stop()
 
 
+@pytest.fixture
+def small_frames(cluster, monkeypatch):
+    """Like `cluster`, with agents whose frames are at most 128 KiB (`PIT_MAX_FRAME`): a CHANGES frame
+    then holds ~64 KiB of changes, so what needs several frames takes megabytes, not gigabytes."""
+    monkeypatch.setenv("PIT_MAX_FRAME", str(128 * 1024))
+    return cluster
+
+
 def write(path, data, mode="wb"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, mode) as f:

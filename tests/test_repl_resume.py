@@ -19,12 +19,11 @@ import random
 import signal
 
 import blake3
-import pytest
 import zstandard
 
 from replicator.stream import spool as S
 from store import packs as P
-from test_repl_helpers import Cluster, wait_for
+from test_repl_helpers import cluster, small_frames, wait_for  # noqa: F401  (fixtures)
 
 MIB = 1024 * 1024
 
@@ -200,23 +199,7 @@ def sender(c) -> dict:
     return json.loads(c.primary.ctl("status", "--local").stdout)["sets"]["web"]["replicas"]["r1"]
 
 
-@pytest.fixture
-def small_frames(tmp_path, monkeypatch):
-    """Agents whose frames are at most 128 KiB (`PIT_MAX_FRAME`): a CHANGES frame then holds ~64 KiB of changes."""
-    monkeypatch.setenv("PIT_MAX_FRAME", str(128 * 1024))
-    made = []
-
-    def make(**kw):
-        c = Cluster(str(tmp_path), **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
-
-
-def test_a_batch_in_two_changes_frames_is_applied_without_a_resend(small_frames):
+def test_a_batch_in_two_changes_frames_is_applied_without_a_resend(small_frames):  # noqa: F811
     c = small_frames(replicas=1)
     rng = random.Random(8117)
     total = 0
@@ -238,29 +221,15 @@ def test_a_batch_in_two_changes_frames_is_applied_without_a_resend(small_frames)
     assert st["bytes_sent"] < total + MIB, (st, total)
 
 
-@pytest.fixture
-def cluster_of(tmp_path):
-    made = []
-
-    def make(**kw):
-        c = Cluster(str(tmp_path), **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
-
-
 SEED = 20240917  # the random content of the seeding test
 
 
-def test_a_replica_killed_mid_seeding_resumes_the_batch(cluster_of):
+def test_a_replica_killed_mid_seeding_resumes_the_batch(cluster):  # noqa: F811
     """48 MiB of random files, one batch. The replica is frozen (SIGSTOP) once its spool holds half of it,
     then SIGKILLed: frozen first, so what it had is known and nothing more arrives or commits. A byte of
     one spooled chunk is flipped while it is down. After the restart the master sends what was not spooled
     (and that damaged chunk) plus metadata, not the batch again; the replica's files equal the source."""
-    c = cluster_of(replicas=1)
+    c = cluster(replicas=1)
     rng = random.Random(SEED)
     total = 0
     for i in range(24):
