@@ -323,6 +323,10 @@ class SetConfig:
     queue: int = setting("changes queued per replica before it is caught up by tree comparison instead",
                          number(1, integer=True), 10000)
     avg_chunk: int = setting("average chunk size in bytes", number(4096, integer=True), 16384)
+    capture: str = setting("how a big changed file's written byte ranges are found: reflink (clones compared "
+                           "with FIEMAP, on XFS or btrfs) or off (read whole)", one_of("off", "reflink"), "off")
+    capture_min: int = setting("files from this size on are captured by ranges (bytes)",
+                               number(1024 * 1024, integer=True), 64 * 1024 * 1024)
     schedule: dict | None = setting("scheduled instead of real-time replication (the master's local time)",
                                     schedule, None, shown="real-time")
     app: dict | None = setting("the application template's settings (docs/templates.md)", table, None,

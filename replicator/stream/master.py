@@ -226,6 +226,7 @@ class MasterSet:
 
     def status(self) -> dict:
         out = {"role": "master", "set": self.name, "mode": self.cfg.mode, "alerts": list(self.alerts),
+               "capture": self.scanner.capture_mode,
                "stats": {**self.stats, "chunks_from_scan": self.payloads.taken},
                "replicas": {r: s.status() for r, s in self.senders.items()}}
         if self.schedule:

@@ -212,10 +212,12 @@ def submit(pool: ProcessPoolExecutor, fn, *args) -> Future:
 class ReadJob:
     """One file to read: what the scanner asked (`tag` is its own) and what came back."""
 
-    __slots__ = ("path", "size", "compress", "tag", "ids", "lens", "failed", "after", "ident")
+    __slots__ = ("path", "size", "compress", "tag", "ids", "lens", "failed", "after", "ident", "src", "read")
 
-    def __init__(self, path: bytes, size: int, compress: bool, tag) -> None:
+    def __init__(self, path: bytes, size: int, compress: bool, tag, src: bytes | None = None) -> None:
         self.path, self.size, self.compress, self.tag = path, size, compress, tag
+        self.src = src  # what is read, if not `path`: a frozen reflink clone of it (store/capture.py)
+        self.read: int | None = None  # bytes read, if not the whole file (a byte-range capture)
         self.ids = bytearray()
         self.lens = array("I")
         self.failed = False  # vanished, unreadable, replaced or no longer a regular file while read
@@ -274,7 +276,7 @@ class FileReads:
         if self.pool is None:
             self.read_here(job)
             return
-        seg = Segment(job.path, 0, job.size)
+        seg = Segment(job.src or job.path, 0, job.size)
         if job.size >= TASK_BYTES:
             self._submit([(job, seg)])
             return
@@ -288,7 +290,8 @@ class FileReads:
         job.restart()
         at: int | None = 0
         while at is not None:
-            res = self.cutter.read(Segment(job.path, at, max(0, job.size - at), job.ident), self.params, job.compress)
+            res = self.cutter.read(Segment(job.src or job.path, at, max(0, job.size - at), job.ident), self.params,
+                                   job.compress)
             self.local += sum(res.lens)
             at = job.take(res, self.put if job.compress else None)
             if at is not None:
@@ -322,7 +325,7 @@ class FileReads:
             if at is None:
                 self.done(job)
             else:  # the next segment goes to the back of the queue: other files go on meanwhile
-                self._submit([(job, Segment(job.path, at, max(0, job.size - at), job.ident))], wait=False)
+                self._submit([(job, Segment(job.src or job.path, at, max(0, job.size - at), job.ident))], wait=False)
         self.brake()
 
     def _broken(self, items: list[tuple[ReadJob, Segment]]) -> None:

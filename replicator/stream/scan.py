@@ -29,8 +29,13 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+import blake3
+
+from store.capture import ReflinkCapture, default_clone_dir
 from store.chunker import ChunkerParams
+from store.errors import CaptureError, StoreError
 from store.errors import InvalidArgument
+from store.rechunk import rechunk
 from store.filters import Filter, FilterRules, check_pattern
 from store.segments import SEGMENT_BYTES
 from store.trees import FILE, SYMLINK
@@ -42,6 +47,7 @@ from .readers import Cutter, FileReads, ReaderPool, ReadJob
 from .tree import DNode, FNode, Tree
 
 
+CLONE_DIR = b".pit-clones"  # reflink baselines (store/capture.py) in a source: never replicated
 EMIT_PATHS = 512  # changed paths handed on to the senders while a scan goes on (a sender's batch)
 EMIT_BYTES = 8 * 1024 * 1024  # ... or as soon as this much payload waits for them
 
@@ -62,6 +68,8 @@ class Scanner:
         self.readers = readers
         self.nudge = nudge
         self.cutter = Cutter()
+        self._cap: ReflinkCapture | None = None  # this refresh's byte-range capture, opened when first needed
+        self.capture_mode: dict = {"mechanism": cfg.capture}  # what the last capture did (pit status)
         self._reads: FileReads | None = None
         self._cur: tuple[list, dict] = ([], {})
         self._emitted = 0
@@ -74,6 +82,7 @@ class Scanner:
         self.lock = threading.Lock()  # one scan at a time; a point waits for it (MasterSet.flush)
         self.settle_since: dict[bytes, float] = {}
         self.filt: Filter = self._compile(cfg)
+        self.clone_dir = os.fsencode(default_clone_dir(cfg.paths[0], cfg.name or "set")) if cfg.paths else b""
         self._devs: dict[bytes, int] = {}  # source name -> its device (one_file_system)
 
     # ------------------------------------------------------------- the filter
@@ -121,11 +130,13 @@ class Scanner:
     def ignores(self, p: bytes, is_dir: bool = False) -> bool:
         """Is this absolute path (or a directory above it) excluded? The watcher asks before marking
         anything dirty, so excluded paths never trigger work; a path outside the sources is not ours
-        to judge (False)."""
-        if not self.filt.active:
-            return False
+        to judge (False). A source's clone directory (byte-range capture) is never the set's."""
         rel = self.tree.rel_path(p)
         if rel is None or b"/" not in rel:
+            return False
+        if rel.split(b"/", 2)[1] == CLONE_DIR:
+            return True
+        if not self.filt.active:
             return False
         if self.filt.excluded(rel, is_dir):
             return True
@@ -167,8 +178,11 @@ class Scanner:
                     self._ensure_parents(rel, changed)
                     self._visit(p, rel, rec, changed, deferred)
             finally:
-                self._reads.drain()
-                self._reads = None
+                try:
+                    self._reads.drain()
+                finally:
+                    self._reads = None
+                    self._end_capture()
             if changed:
                 # Queued before the scan lock is released: a point asked meanwhile (`flush` waits for
                 # this lock) then follows these paths on every sender's stream.
@@ -253,6 +267,8 @@ class Scanner:
                     if tree.remove(rel + b"/" + gone):
                         changed.append(rel + b"/" + gone)
             for n in sorted(names):
+                if is_source and n == CLONE_DIR:
+                    continue
                 self._visit(os.path.join(p, n), rel + b"/" + n, True, changed, deferred)
         elif stat.S_ISREG(m):
             skey = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
@@ -306,7 +322,70 @@ class Scanner:
 
     def _read(self, p: bytes, rel: bytes, st, old, first: float, now: float) -> None:
         """Ask for a file to be read; `_finish` puts it into the tree once it is (refresh drains)."""
-        self._reads.add(ReadJob(p, st.st_size, self._compress(old, st.st_size), (rel, st, first, now)))
+        job = ReadJob(p, st.st_size, self._compress(old, st.st_size), (rel, st, first, now))
+        if self.cfg.capture == "reflink" and st.st_size >= self.cfg.capture_min and self._by_ranges(job, st, old):
+            return
+        self._reads.add(job)
+
+    # ------------------------------------------------------------- byte-range capture
+    def _by_ranges(self, job: ReadJob, st, old) -> bool:
+        """A big file under `capture = "reflink"`: a fresh reflink clone, compared with the last one by
+        FIEMAP, gives the ranges written since (store/capture.py); only the chunks around them are cut
+        again (store/rechunk.py), from the clone, a frozen copy. True when done here; otherwise `job`
+        is read whole, from the clone where there is one. The ranges are used only if the last clone
+        is the version the tree's chunk list is of (same size and mtime): a files cache behind its
+        clones (a crash between the two) costs a whole read, never a wrong list."""
+        if self._cap is None:
+            try:
+                self._cap = ReflinkCapture.open(os.fsdecode(self.clone_dir), self.cfg.capture_min)
+            except (CaptureError, OSError) as exc:
+                self.alert(f"byte-range capture off for now: {exc}")
+                return False
+        try:
+            fr = self._cap.for_file(job.path, st)
+        except OSError as exc:  # a clone that could not be made (a full disk): read the file as it is
+            self.capture_mode.setdefault("errors", []).append(f"{os.fsdecode(job.path)}: {exc.strerror}")
+            return False
+        if fr is None:
+            return False
+        job.src = fr.read_path  # the clone: what is read is one moment of the file
+        if fr.ranges is None or not (isinstance(old, FNode) and old.type == FILE and old.chunks
+                                     and tuple(old.skey[:2]) == tuple(fr.baseline or ())):
+            return False
+        try:
+            fd = os.open(fr.read_path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            res = rechunk(old.chunks.lens.tolist(), fr.ranges, st.st_size, lambda off, n: os.pread(fd, n, off),
+                          self.params)
+        except (StoreError, OSError):
+            return False
+        finally:
+            os.close(fd)
+        for piece in res.pieces:
+            if isinstance(piece, int):
+                cid, n = old.chunks[piece]
+            else:
+                cid, n = blake3.blake3(piece).digest(), len(piece)
+            job.ids += cid
+            job.lens.append(n)
+        job.after = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        job.read = res.bytes_read
+        self._finish(job)
+        return True
+
+    def _end_capture(self) -> None:
+        """After a refresh: the fresh clones become the baselines (their files' lists are in the tree)."""
+        cap, self._cap = self._cap, None
+        if cap is None:
+            return
+        try:
+            cap.commit()
+        except OSError as exc:
+            cap.abort()
+            self.alert(f"byte-range capture: cannot keep the clones: {exc}")
+        self.capture_mode = {**cap.mode, "mechanism": "reflink", "clone_dir": os.fsdecode(self.clone_dir)}
 
     def _reads_for(self, done) -> FileReads:
         if self.payloads is None:
@@ -321,7 +400,9 @@ class Scanner:
         out = Chunks(job.ids, job.lens)
         total = out.total()
         self.stats["files_read"] += 1
-        self.stats["bytes_read"] += total
+        self.stats["bytes_read"] += total if job.read is None else job.read
+        if job.src is not None:  # a clone, frozen when it was made from the file as `st` saw it
+            return out if job.after is not None and total == st.st_size else None
         if check and (job.after is None or job.after[:2] != (st.st_size, st.st_mtime_ns) or total != job.after[0]):
             return None
         return out
