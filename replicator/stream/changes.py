@@ -17,6 +17,7 @@ for one frame goes ahead in OPS frames (`split_ops`).
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from collections import deque
 from concurrent.futures.process import BrokenProcessPool
@@ -39,6 +40,7 @@ CHANGES_BYTES = protocol.MAX_FRAME // 2                          # estimated byt
 REF_BYTES = 48  # an [id, length] pair as msgpack is 38-40 bytes; rounded up
 READ_HERE_UP_TO = 8 * 1024 * 1024  # chunk bytes a batch reads on the sending thread; more goes to the readers
 AHEAD_BYTES = 8 * 1024 * 1024  # payload bytes sent ahead of their files' changes at a time
+AWAIT_MARGIN = 5.0  # seconds past settle_max a point waits for a path left out as changed while sent
 WINDOW = 2  # CHANGES frames not yet acknowledged: the replica commits one while the next is received
 BATCH_PATHS = 512  # paths per batch (a sender's queue is sent in batches of at most this many)
 
@@ -91,6 +93,8 @@ class BatchSender:
         self.held = 0
         self.ops_frames = 0  # OPS frames sent: parts of chunk lists too big for one frame
         self.cutter = Cutter()  # zstd context of this sender's own reads
+        # paths left out of a batch as changed while sent -> until when a point waits for their next version
+        self.awaiting: dict[bytes, float] = {}
         self.unacked: deque[tuple[int, bool]] = deque()  # (seq, sent in full) of CHANGES frames not yet acked
         self.retry: list[bytes] = []  # paths the replica could not apply against their base: sent again in full
 
@@ -318,8 +322,13 @@ class BatchSender:
         if fixed:
             changes = self._send_rewritten(conn, changes, fixed, stale, built)
         if stale:
-            # Changed since chunked: leave them out; the watcher (or the next scan) brings the new version.
+            # Changed since chunked: leave them out; the watcher (or the next scan) brings the new version,
+            # and a consistent point waits for it (`awaiting`: the sender serves no point before).
+            left = [c["p"] for c in changes if c["e"] is not None and tree.abs_path(c["p"]) in stale]
             changes = [c for c in changes if c["e"] is None or tree.abs_path(c["p"]) not in stale]
+            until = time.monotonic() + ms.cfg.settle_max + AWAIT_MARGIN
+            for rel in left:
+                self.awaiting[rel] = until
             for p in stale:
                 ms.mark(p, False)
         if not changes:
@@ -365,6 +374,19 @@ class BatchSender:
         """A new session: what the last one left unacknowledged is the catch-up's to find."""
         self.unacked.clear()
         self.retry.clear()
+        self.awaiting.clear()
+
+    def awaited(self) -> bool:
+        """Are paths left out of a batch (changed while sent) still to come? A consistent point served
+        now would hold their older version: a database's log written on while the point's batch went
+        out (under the point's hook) would be missing what was committed before the point. Bounded:
+        past `settle_max` and a margin the point goes ahead."""
+        now = time.monotonic()
+        for rel in [r for r, until in self.awaiting.items() if until <= now]:
+            log.warning("set %s -> %s: %r did not settle: a point goes ahead without its latest version",
+                        self.ms.name, self.replica, rel)
+            del self.awaiting[rel]
+        return bool(self.awaiting)
 
     @property
     def pending(self) -> bool:

@@ -89,6 +89,7 @@ class Sender:
             for r in rels:
                 self.queue[r] = None
                 self.queue.move_to_end(r)
+                self.batches.awaiting.pop(r, None)  # its next version is queued: a point follows it
             if len(self.queue) > self.ms.cfg.queue:
                 # A slow replica: stop queueing, compare trees when it is ready again.
                 self.queue.clear()
@@ -269,11 +270,12 @@ class Sender:
                         finally:
                             self.cond.acquire()
                     ahead = False
-                    while not self.queue and not self.points and not self.need_catchup and not self.stopped:
+                    while not self.queue and not (self.points and not self.batches.awaited()) \
+                            and not self.need_catchup and not self.stopped:
                         if self.ms.payloads.fresh:  # chunks of files still being read: send them ahead
                             ahead = True
                             break
-                        self.cond.wait(1.0)
+                        self.cond.wait(0.1 if self.points else 1.0)
                         if conn.closed:
                             raise ConnectionLost("connection closed")
                         if self.replica not in agent.roster():  # removed: stop at once
@@ -283,7 +285,8 @@ class Sender:
                         batch.append(self.queue.popitem(last=False)[0])
                     # a point follows everything queued before it, and a tree comparison the queue's
                     # overflow asked for (served first, it would miss all that the overflow dropped)
-                    points = list(self.points) if not self.queue and not self.need_catchup else []
+                    points = list(self.points) if not self.queue and not self.need_catchup \
+                        and not self.batches.awaited() else []
                     if points:
                         self.points.clear()
             if self.replica not in agent.roster():
@@ -304,6 +307,7 @@ class Sender:
         """Compare trees with the replica (catchup.py) and send what differs, in batches."""
         ms = self.ms
         self.batches.drain(conn)  # the listing must show what was sent before
+        self.batches.awaiting.clear()  # the comparison sends what the tree holds now
         send = differing_paths(conn, ms.tree, ms.cfg.mode == "mirror", ms.alert)
         for i in range(0, len(send), BATCH_PATHS):
             self.batches.send_paths(conn, send[i:i + BATCH_PATHS])
