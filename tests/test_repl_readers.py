@@ -113,9 +113,8 @@ def test_a_killed_worker_costs_a_reread_not_a_wrong_list(tmp_path, pool, monkeyp
         assert (bytes(job.ids), job.lens.tolist()) == _expected(job.path)
         _check_payloads(job.path, job, got)
     assert not pool.running and pool.users == 0  # the broken pool was stopped; the next acquire starts one
-    pool.acquire()
+    pool.release(pool.acquire())
     assert pool.running
-    pool.release()
 
 
 def test_a_vanished_or_replaced_file_is_failed(tmp_path, pool):
@@ -141,12 +140,12 @@ def test_range_reads_check_the_id(tmp_path):
 
 def test_idle_readers_stop_and_start_again(pool):
     pool.idle_stop = 0.0
-    pool.acquire()
+    used = pool.acquire()
     pids = list(pool.pool._processes)
     assert len(pids) == 2
     pool.tick()
     assert pool.running  # in use: never stopped under its user
-    pool.release()
+    pool.release(used)
     pool.tick()
     assert not pool.running
 

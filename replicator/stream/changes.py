@@ -227,7 +227,7 @@ class BatchSender:
         finally:
             for _, fut in inflight:
                 fut.cancel()
-            readers.release(broken=broken)
+            readers.release(pool, broken=broken)
 
     def _send_rewritten(self, conn: protocol.Conn, changes: list, fixed: dict, stale: set,
                         built: dict) -> list:

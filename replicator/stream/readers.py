@@ -10,7 +10,7 @@ and the bare payloads handed to the senders (payloads.py): the sender then
 sends what the scan read, without reading, hashing or compressing it again.
 
 The senders use the pool too: a catch-up (a new replica, a reconnect) asks
-for chunks no scan has in memory, and `read_ranges` reads, checks and
+for chunks no scan has in memory, and `worker_ranges` reads, checks and
 compresses them in the workers, a few tasks ahead of the sending thread.
 
 One `ReaderPool` per agent. Its processes start on the first big piece of
@@ -126,6 +126,7 @@ class ReaderPool:
         self.lock = threading.Lock()
         self.pool: ProcessPoolExecutor | None = None
         self.stop_owner: threading.Event | None = None
+        self._box: dict = {}  # the owning thread's: its pool, and whether to kill it when told to stop
         self.last_use = 0.0
         self.users = 0  # scans and catch-ups using the pool now: it is not stopped under them
         self.closed = False
@@ -169,12 +170,13 @@ class ReaderPool:
             self.last_use = time.monotonic()
             return self.pool
 
-    def release(self, broken: bool = False) -> None:
-        """Done with the pool; `broken` (a worker died): stop it, the next acquire starts another."""
+    def release(self, pool: ProcessPoolExecutor, broken: bool = False) -> None:
+        """Done with `pool`; `broken` (a worker died): stop it, the next acquire starts another. Another
+        user of that pool sees it broken too: it must not stop the pool started since."""
         with self.lock:
             self.users -= 1
             self.last_use = time.monotonic()
-            if broken:
+            if broken and pool is self.pool:
                 self._stop(kill=True)
 
     def _stop(self, kill: bool) -> None:
@@ -337,9 +339,9 @@ class FileReads:
         jobs.update((id(j), j) for j, _ in self.batch)
         self.inflight.clear()
         self.batch, self.batch_bytes = [], 0
-        self.pool = None
+        pool, self.pool = self.pool, None
         if self.readers is not None:
-            self.readers.release(broken=True)
+            self.readers.release(pool, broken=True)
             self.readers = None
         for job in jobs.values():
             self.read_here(job)
@@ -353,5 +355,5 @@ class FileReads:
                     self._collect()
         finally:
             if self.pool is not None and self.readers is not None:
-                self.pool = None
-                self.readers.release()
+                pool, self.pool = self.pool, None
+                self.readers.release(pool)
