@@ -127,5 +127,7 @@ def test_agents_replicate_a_page_change_by_its_ranges(tmp_path):
             assert st["stats"]["bytes_read"] - before < 4 * MiB, st["stats"]
             assert st["capture"]["mechanism"] == "reflink" and "ranges" in json.dumps(st["capture"])
             assert not [k for k in replica_head(rep.repo, "web") if ".pit-clones" in k]
+            assert "web: byte-range capture (reflink): last look 1 file(s) by ranges, 0 whole" in \
+                c.primary.ctl("status").stdout
         finally:
             c.stop()

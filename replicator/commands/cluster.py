@@ -325,6 +325,14 @@ def status(config, state, as_json, local):
                            + ("streaming" if w.get("running") else f"NOT RECEIVING ({w.get('error') or '?'})")
                            + f", newest {w.get('newest_segment') or '-'}"
                            + (f", archived {w['archived_at']}" if w.get("archived_at") else ""))
+            cap = s.get("capture") or {}
+            if s.get("role") == "master" and cap.get("mechanism") == "reflink":  # how big changed files are read
+                files = cap.get("files") or {}
+                ranges = sum(1 for how in files.values() if how.startswith("ranges"))
+                click.echo(f"  {name}: byte-range capture (reflink): last look {ranges} file(s) by ranges, "
+                           f"{len(files) - ranges} whole"
+                           + "".join(f"; {os.path.basename(f)}: {how}" for f, how in list(files.items())[:3]
+                                     if how.startswith("whole")))
             if s.get("role") == "replica":
                 v = s.get("verified") or {}
                 click.echo(f"  {name}: {s.get('snapshots', 0)} snapshots, latest {s.get('latest') or '-'}, "
