@@ -37,6 +37,7 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dataset  # noqa: E402
@@ -155,18 +156,29 @@ def content_ids(repo: str, rel: str) -> list[bytes]:
         repo_.close()
 
 
-def scenario(name: str, size: int, args) -> dict:
-    work = os.path.join(args.work, name)
+@contextmanager
+def one_file(args, work: str, size: int):
+    """A fresh loop file system of kind --fs under `work` holding `data/main.db` (make_file): yields
+    (mount point, data directory, file, its description); the work directory goes afterwards."""
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     fsize = size or dataset.DB_BYTES
+    try:
+        with LoopFs(work, args.fs, max(3 * fsize, 1 << 30) + (1 << 30)) as mnt:
+            data = os.path.join(mnt, "data")
+            os.makedirs(data)
+            f = os.path.join(data, "main.db")
+            what = make_file(f, size, args.work)
+            os.utime(f, (dataset.BASE_MTIME, dataset.BASE_MTIME))
+            yield mnt, data, f, what
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def scenario(name: str, size: int, args) -> dict:
+    work = os.path.join(args.work, name)
     res: dict = {"name": name, "fs": args.fs}
-    with LoopFs(work, args.fs, max(3 * fsize, 1 << 30) + (1 << 30)) as mnt:
-        data = os.path.join(mnt, "data")
-        os.makedirs(data)
-        f = os.path.join(data, "main.db")
-        res["file"] = make_file(f, size, args.work)
-        os.utime(f, (dataset.BASE_MTIME, dataset.BASE_MTIME))
+    with one_file(args, work, size) as (mnt, data, f, res["file"]):
         res["size"] = os.path.getsize(f)
         repo = os.path.join(work, "pit-repo")
         clones = os.path.join(mnt, ".pit-clones", "cap")
@@ -201,7 +213,6 @@ def scenario(name: str, size: int, args) -> dict:
         ids = content_ids(repo, "data/main.db")
         res["same_chunk_list"] = ids[0] == ids[1]
         res["pit_start"] = min(run([PIT, "--version"])["wall"] for _ in range(3))
-    shutil.rmtree(work, ignore_errors=True)
     return res
 
 
@@ -216,17 +227,9 @@ def agent_scenario(name: str, size: int, args) -> dict:
     from test_repl_helpers import Cluster  # noqa: E402
 
     res: dict = {"name": name, "fs": args.fs, "agent": True}
-    fsize = size or dataset.DB_BYTES
     for mode in ("reflink", "off"):
         work = os.path.join(args.work, f"{name}-{mode}")
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work)
-        with LoopFs(work, args.fs, max(3 * fsize, 1 << 30) + (1 << 30)) as mnt:
-            data = os.path.join(mnt, "data")
-            os.makedirs(data)
-            f = os.path.join(data, "main.db")
-            res["file"] = make_file(f, size, args.work)
-            os.utime(f, (dataset.BASE_MTIME, dataset.BASE_MTIME))
+        with one_file(args, work, size) as (mnt, data, f, res["file"]):
             res["size"] = os.path.getsize(f)
             c = Cluster(os.path.join(work, "cluster"), replicas=1, src=data,
                         sets={"web": {"paths": [data], "mode": "mirror", "capture": mode, "rescan": 3600}})
@@ -245,17 +248,9 @@ def agent_scenario(name: str, size: int, args) -> dict:
                              "capture": st["sets"]["web"]["capture"].get("files")}
             finally:
                 c.stop()
-        shutil.rmtree(work, ignore_errors=True)
     if not args.no_restic and measure.which_or_install("restic", "restic"):
         work = os.path.join(args.work, f"{name}-restic")
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work)
-        with LoopFs(work, args.fs, max(3 * fsize, 1 << 30) + (1 << 30)) as mnt:
-            data = os.path.join(mnt, "data")
-            os.makedirs(data)
-            f = os.path.join(data, "main.db")
-            make_file(f, size, args.work)
-            os.utime(f, (dataset.BASE_MTIME, dataset.BASE_MTIME))
+        with one_file(args, work, size) as (mnt, data, f, _):
             renv = {"RESTIC_REPOSITORY": os.path.join(work, "restic-repo"), "RESTIC_PASSWORD": "peerbench",
                     "RESTIC_CACHE_DIR": os.path.join(work, "restic-cache")}
             rcmd = ["restic", "backup", "--host", "bench", "--compression", "auto", "data"]
@@ -263,7 +258,6 @@ def agent_scenario(name: str, size: int, args) -> dict:
             run(rcmd, renv, mnt)
             change_pages(f)
             res["restic"] = {"wall": measured(rcmd, renv, mnt)["wall"]}
-        shutil.rmtree(work, ignore_errors=True)
     return res
 
 
