@@ -928,27 +928,31 @@ def _nearly_full(path: str) -> bool:
     return st.f_bavail * st.f_frsize < 4 * 1024 * 1024
 
 
+def flock_within(fd: int, wait: float) -> bool:
+    """Take an exclusive flock on `fd`, trying for up to `wait` seconds: False if another holds it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 def _acquire_lock(path: str, wait: float) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:  # a read-only file system, or not ours to write: say which
         raise translate(exc, path) or exc
-    deadline = time.monotonic() + wait
-    while True:
+    if not flock_within(fd, wait):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                try:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                except OSError:
-                    holder = ""
-                os.close(fd)
-                raise RepositoryLocked(
-                    f"the repository is locked by another writer ({holder or 'unknown holder'})"
-                ) from None
-            time.sleep(0.05)
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        raise RepositoryLocked(f"the repository is locked by another writer ({holder or 'unknown holder'})")
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

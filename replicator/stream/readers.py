@@ -254,7 +254,7 @@ class FileReads:
     def __init__(self, readers: ReaderPool | None, params: ChunkerParams, cutter: Cutter,
                  done: Callable[[ReadJob], None], put: Callable[[bytes, tuple[int, bytes], int], None],
                  brake: Callable[[], None] = lambda: None) -> None:
-        self.brake = brake  # called after each task's results: the scan waits there for its senders
+        self.brake = brake  # after each task's results (or file or segment read here): the scan waits there
         self.readers = readers
         self.params = params
         self.cutter = cutter
@@ -299,6 +299,7 @@ class FileReads:
             if at is not None:
                 self.brake()
         self.done(job)
+        self.brake()
 
     def _flush_batch(self) -> None:
         if self.batch:

@@ -446,14 +446,12 @@ class Scanner:
 
     def _emit(self, final: bool = False) -> None:
         """Hand the paths changed so far on to the senders while the scan goes on (a seeding replica
-        receives the first files while the last are read), then wait while the senders have more
-        unsent payloads than the cap (payloads.py): the scan never reads far ahead of the sending."""
+        receives the first files while the last are read). The brake that keeps the scan from reading
+        far ahead of the sending is FileReads' (`_reads_for`), after each file or segment read."""
         changed, _ = self._cur
         n = len(changed) - self._emitted
         fresh = self.payloads.fresh_bytes if self.payloads is not None else 0
         if n and (final or n >= EMIT_PATHS or fresh - self._fresh_at_emit >= EMIT_BYTES):
             self.on_changed(changed[self._emitted:])
             self._emitted = len(changed)
-            if self.payloads is not None and not final:
-                self.payloads.wait_room(self.want_payloads, self.nudge)
-                self._fresh_at_emit = self.payloads.fresh_bytes
+            self._fresh_at_emit = fresh

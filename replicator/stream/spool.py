@@ -65,7 +65,6 @@ a private anonymous spool (`Spool.private`) and resumes nothing. So does every c
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -79,6 +78,7 @@ import blake3
 import zstandard
 
 from store import packs as P
+from store.repository import flock_within
 
 from ..errors import ChunkRejected, ProtocolError
 from . import protocol
@@ -215,18 +215,10 @@ class Spool:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"spool-{set_name}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    log.info("set %s: the spool is held by another connection; this one uses a private spool",
-                             set_name)
-                    return cls.private(directory)
-                time.sleep(0.05)
+        if not flock_within(fd, wait):
+            os.close(fd)
+            log.info("set %s: the spool is held by another connection; this one uses a private spool", set_name)
+            return cls.private(directory)
         try:
             size = os.fstat(fd).st_size
             if cap is None:
