@@ -18,6 +18,7 @@ from .errors import BlobMissing, DiskFull
 
 class AppendHandle(Protocol):
     def write(self, data: bytes) -> int: ...
+    def copy_from(self, src_fd: int, src_off: int, n: int) -> int: ...
     def tell(self) -> int: ...
     def sync(self) -> None: ...
     def seal(self) -> None: ...  # the footer is written: make the pack durable where it will live
@@ -70,6 +71,28 @@ class _LocalAppend:
                 n = os.pwrite(self.fd, view, self.pos)
                 self.pos += n
                 view = view[n:]
+        except OSError as exc:
+            _raise_os(exc, "writing a pack")
+        return off
+
+    def copy_from(self, src_fd: int, src_off: int, n: int) -> int:
+        """Append `n` bytes of another file from `src_off` on, copied in the
+        kernel (copy_file_range; a plain read and write where the kernel
+        refuses, e.g. across file systems); returns the offset they start at."""
+        off = self.pos
+        try:
+            while n:
+                try:
+                    k = os.copy_file_range(src_fd, self.fd, n, src_off, self.pos)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    k = os.pwrite(self.fd, os.pread(src_fd, min(n, 1 << 22), src_off), self.pos)
+                if k == 0:
+                    raise OSError(errno.EIO, "the spool file ended early")
+                self.pos += k
+                src_off += k
+                n -= k
         except OSError as exc:
             _raise_os(exc, "writing a pack")
         return off

@@ -39,9 +39,9 @@ from .filters import NO_FILTER, Filter, FilterRules
 from .index import filecache_key
 from .ingest_ranges import RangeIngestMixin
 from .objects import ObjectReader
-from .repository import Repository, Writer, object_id, write_filelist
+from .repository import SPOOL_DIR, Repository, Writer, clear_spool, object_id, write_filelist
 from .retention import apply_retention
-from .segments import SEGMENT_BYTES, Segment, read_segment, worker_init, worker_run
+from .segments import SEGMENT_BYTES, Segment, SegmentResult, TaskResult, read_segment, worker_init, worker_run
 from .snapshots import Snapshot, printable, add_snapshot, check_set_name, list_snapshots, unique_name
 from .trees import DIR, FILE, SYMLINK, X_ATTRS, X_DATA, X_INODE, Entry, encode_tree, subtree_totals, tree_children
 from .workers import default_workers, process_pool, stop_pool
@@ -290,7 +290,7 @@ class Ingester(RangeIngestMixin):
             try:
                 self.pool = process_pool(self.workers, worker_init,
                                          (self.repo.index_dir, self.params, self.repo.level, SEGMENT_BYTES,
-                                          self.repo.codec.spec()))
+                                          self.repo.codec.spec(), self._spool_dir()))
             except StoreError as exc:  # slower here, but the snapshot is still taken
                 self.pool_failed = True
                 self.warnings.append(f"{exc}; reading every file in this process")
@@ -309,20 +309,72 @@ class Ingester(RangeIngestMixin):
                 self.warnings.append(f"cannot start worker processes: {exc}; reading every file in this process")
         self._read_here(task)
 
+    def _spool_dir(self) -> str | None:
+        """Where the workers write their frames for the writer to copy
+        (store/segments.py); None (frames travel by pipe) when it cannot be made."""
+        path = os.path.join(self.repo.path, SPOOL_DIR)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            self.warnings.append(f"cannot make {path} ({exc.strerror}): chunks travel from the workers by pipe")
+            return None
+        return path
+
     def _read_here(self, task: Task) -> None:
         segs = [seg for _, seg in task]
         self.read_here += sum(min(s.size_hint, SEGMENT_BYTES) for s in segs)
         # here, the writer's own transaction also knows what this session stored
-        self._gather(task, _Done([read_segment(sg, self.params, self.cctx, self.w.has, SEGMENT_BYTES,
-                                              self.repo.codec, self.buf)
-                                  for sg in segs]))
+        self._gather(task, _Done(TaskResult([read_segment(sg, self.params, self.cctx, self.w.has, SEGMENT_BYTES,
+                                                          self.repo.codec, self.buf)
+                                             for sg in segs])))
 
     def _gather(self, task: Task, fut: Future) -> None:
         try:
-            results = fut.result()
+            out: TaskResult = fut.result()
         except BrokenProcessPool as exc:
             self.repo.index.env.reader_check()  # the dead worker's LMDB reader slot
             raise StoreError(f"a snapshot worker process died: {exc}") from exc
+        if out.spool is None:
+            self._gather_results(task, out.results, -1)
+            return
+        try:
+            fd = os.open(out.spool, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreError(f"a snapshot worker's spool {out.spool} is gone: {exc.strerror}") from exc
+        try:
+            self._gather_results(task, out.results, fd)
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(out.spool)
+            except OSError:
+                pass
+
+    def _store_spooled(self, res: SegmentResult, fd: int) -> None:
+        """Copy a spooled segment's new frames into the pack, in runs of
+        frames that lie back to back in the spool (a chunk stored meanwhile,
+        by another segment or earlier in this one, breaks a run)."""
+        w = self.w
+        run: list[tuple[bytes, int, bytes, int, int]] = []
+        in_run: set[bytes] = set()
+        pos = run_off = res.spool_off
+        for i, flags, flen, stored, sid in res.spooled or ():
+            h = res.ids[i]
+            known = h in in_run or w.new_in_session(h)
+            if known if known is not None else w.has(h):
+                if run:
+                    w.put_spooled(P.CHUNK, fd, run_off, run)
+                    run, in_run = [], set()
+            else:
+                if not run:
+                    run_off = pos
+                run.append((h, flags, sid, stored, res.lens[i]))
+                in_run.add(h)
+            pos += flen
+        if run:
+            w.put_spooled(P.CHUNK, fd, run_off, run)
+
+    def _gather_results(self, task: Task, results: list[SegmentResult], spool_fd: int) -> None:
         w = self.w
         for (job, seg), res in zip(task, results):
             if res.error is not None:
@@ -336,6 +388,8 @@ class Ingester(RangeIngestMixin):
                     self._read_again(job)
                 continue
             job.ident = res.ident
+            if res.spooled is not None:
+                self._store_spooled(res, spool_fd)
             frames = res.frames
             for i, (h, n) in enumerate(zip(res.ids, res.lens)):
                 enc = frames.get(i)
@@ -664,6 +718,8 @@ class Ingester(RangeIngestMixin):
         finally:
             if self.pool is not None:
                 stop_pool(self.pool, kill=failed)
+                if failed:  # what the workers spooled for tasks never gathered
+                    clear_spool(self.repo.path)
             self.prefetch.shutdown(wait=False, cancel_futures=True)
         if self.root_tree is None:  # pragma: no cover - would be a bookkeeping bug
             raise StoreError("internal error: the snapshot root was not completed")

@@ -227,6 +227,23 @@ class PackWriter:
         self.frames.append(info)
         return info
 
+    def append_copied(self, src_fd: int, src_off: int, frames: list[tuple[int, int, bytes, int, int]]
+                      ) -> list[FrameInfo]:
+        """Append frames already encoded into another file (a snapshot
+        worker's spool), back to back from `src_off` on, copied in the
+        kernel. `frames`: (kind, flags, id as stored, stored length, raw
+        length) of each, in file order."""
+        self.flush()
+        total = sum(FRAME_OVERHEAD + f[3] for f in frames)
+        off = self.handle.copy_from(src_fd, src_off, total)
+        out = []
+        for kind, flags, blob_id, stored_len, raw_len in frames:
+            info = FrameInfo(kind, flags, off, stored_len, raw_len, blob_id)
+            out.append(info)
+            off += FRAME_OVERHEAD + stored_len
+        self.frames += out
+        return out
+
     def flush(self) -> None:
         if self._buf:
             data = b"".join(self._buf)

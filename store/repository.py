@@ -538,11 +538,13 @@ class Writer:
             self.abort()
 
     def _clean_leftover_packs(self) -> None:
-        """Packs numbered at or past `next_pack` were never committed: a crash left them."""
+        """Packs numbered at or past `next_pack` were never committed: a crash
+        left them, and maybe snapshot workers' spool files."""
         nxt = U64.unpack(self.txn.get(b"next_pack", db=self.db["meta"]))[0]
         for name in list(self.repo.backend.list_uncommitted()):
             if P.pack_number(name) >= nxt:
                 self.repo.backend.delete(name)
+        clear_spool(self.repo.path)
 
     def _open_pack(self) -> P.PackWriter:
         if self.pack is not None:
@@ -666,6 +668,32 @@ class Writer:
         if pack.size >= self.repo.pack_size:
             self._seal_pack()
         self._index_new(bid, BlobEntry(kind, flags, num, info.offset, stored_len, raw_len, -1))
+
+    def put_spooled(self, kind: int, src_fd: int, src_off: int,
+                    frames: list[tuple[bytes, int, bytes, int, int]]) -> None:
+        """Like put_encoded for frames lying back to back in a file from
+        `src_off` on (a snapshot worker's spool, store/segments.py): copied
+        into the pack in the kernel, a pack's worth at a time. `frames`:
+        (blob id, flags, id as stored, stored length, raw length) of each;
+        the caller has checked that each is new."""
+        at = 0
+        while at < len(frames):
+            pack = self._open_pack()
+            room = self.repo.pack_size - pack.size
+            end, take = at, 0
+            while end < len(frames) and (end == at or take + P.FRAME_OVERHEAD + frames[end][3] <= room):
+                take += P.FRAME_OVERHEAD + frames[end][3]
+                end += 1
+            run = frames[at:end]
+            infos = pack.append_copied(src_fd, src_off, [(kind, fl, sid, st, raw) for _, fl, sid, st, raw in run])
+            self._pack_entry.live += take
+            num = self._pack_num
+            if pack.size >= self.repo.pack_size:
+                self._seal_pack()
+            for (bid, fl, _sid, st, raw), info in zip(run, infos):
+                self._index_new(bid, BlobEntry(kind, fl, num, info.offset, st, raw, -1))
+            src_off += take
+            at = end
 
     def _index_new(self, bid: bytes, e: BlobEntry) -> None:
         if not (self._quarantined and self._heal(bid, e)):
@@ -918,6 +946,25 @@ class Writer:
         if self._lock_fd is not None:
             _release_lock(self._lock_fd)
             self._lock_fd = None
+
+
+SPOOL_DIR = "tmp-ingest"  # snapshot workers' frames on their way into a pack (docs/format.md, section 2)
+
+
+def clear_spool(repo_path: str) -> None:
+    """Delete what snapshot workers spooled (store/segments.py): after a
+    failed snapshot, and when a writer starts, since only a writer's session
+    makes such files and a crash can leave them."""
+    d = os.path.join(repo_path, SPOOL_DIR)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(d, name))
+        except OSError:
+            pass
 
 
 def _nearly_full(path: str) -> bool:

@@ -222,6 +222,9 @@ class _StagedAppend:
     def write(self, data: bytes) -> int:
         return self.inner.write(data)
 
+    def copy_from(self, src_fd: int, src_off: int, n: int) -> int:
+        return self.inner.copy_from(src_fd, src_off, n)
+
     def tell(self) -> int:
         return self.inner.tell()
 

@@ -12,6 +12,7 @@ and in its own thread before that.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import zstandard
 from . import packs as P
 from .chunker import READ_BLOCK, ChunkerParams, chunk_into, chunk_stream
 from .crypto import FrameCodec, codec_from_spec
+from .errors import DiskFull, StoreError
 
 SEGMENT_BYTES = 8 * 1024 * 1024
 
@@ -51,6 +53,19 @@ class SegmentResult:
     # data extent) is read: compared with the stat taken before the first,
     # it tells a file written to while it was read
     after: tuple[int, int, int, int] | None = None
+    # A worker with a spool (worker_init) writes `frames` there instead of
+    # returning them: (chunk index, flags, frame length, stored length, id as
+    # stored) per frame, in spool order from `spool_off` on.
+    spooled: list[tuple[int, int, int, int, bytes]] | None = None
+    spool_off: int = 0
+
+
+@dataclass
+class TaskResult:
+    """What a worker hands back for one task: a result per segment and the
+    spool file its frames went to (None: they travel in the results)."""
+    results: list[SegmentResult]
+    spool: str | None = None
 
 
 class _Window:
@@ -141,14 +156,20 @@ def _bare(kind: int, flags: int, blob_id: bytes, payload, raw_len: int) -> bytes
 # ------------------------------------------------------- in a worker process
 
 _state: dict = {}
+IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV)
 
 
 def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = SEGMENT_BYTES,
-                codec_spec: tuple | None = None) -> None:
+                codec_spec: tuple | None = None, spool_dir: str | None = None) -> None:
     """Each worker reads the committed index itself (LMDB readers may live
     in any process) to skip compressing chunks the repository has.
     `codec_spec` (FrameCodec.spec()) carries an encrypted repository's key
-    material to the worker, which seals the frames it encodes."""
+    material to the worker, which seals the frames it encodes. With
+    `spool_dir` the worker writes each task's frames to a file there, which
+    the writer copies into its pack in the kernel (Writer.put_spooled):
+    pickling megabytes of frames, piping them and unpickling them again cost
+    the main process, which is the one writer, ~1 s per GB (issue 17 part 3,
+    docs/benchmarks.md)."""
     from .index import Index
 
     _state["index"] = Index(index_dir, readonly=True)
@@ -157,13 +178,67 @@ def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = 
     _state["limit"] = limit
     _state["buf"] = bytearray(max(READ_BLOCK, 2 * params.max_size))  # chunk_into's, reused for every segment
     _state["codec"] = codec_from_spec(codec_spec)
+    _state["spool_dir"] = spool_dir
+    _state["tasks"] = 0
 
 
-def worker_run(segs: list[Segment]) -> list[SegmentResult]:
+def worker_run(segs: list[Segment]) -> TaskResult:
     idx = _state["index"]
-    with idx.env.begin(db=idx.db["blobs"], buffers=True) as txn:
-        get = txn.get
-        known = lambda h: get(h) is not None  # noqa: E731
-        return [read_segment(s, _state["params"], _state["cctx"], known, _state["limit"], _state["codec"],
-                             _state["buf"])
-                for s in segs]
+    spool_dir = _state["spool_dir"]
+    fd, path = -1, None
+    try:
+        with idx.env.begin(db=idx.db["blobs"], buffers=True) as txn:
+            get = txn.get
+            known = lambda h: get(h) is not None  # noqa: E731
+            out = TaskResult([])
+            for s in segs:
+                res = read_segment(s, _state["params"], _state["cctx"], known, _state["limit"], _state["codec"],
+                                   _state["buf"])
+                out.results.append(res)
+                if spool_dir is None or not res.frames:
+                    continue
+                if fd < 0:
+                    _state["tasks"] += 1
+                    path = os.path.join(spool_dir, f"{os.getpid()}-{_state['tasks']}")
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    out.spool = path
+                res.spool_off = os.lseek(fd, 0, os.SEEK_CUR)
+                res.spooled = _spool(fd, res.frames)
+                res.frames = {}
+            return out
+    except OSError as exc:  # the spool's disk is full or gone: the snapshot fails, no file is left out
+        if path is not None:
+            _unlink(path)
+        raise _spool_error(exc) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _spool(fd: int, frames: dict[int, tuple[int, bytes, int]]) -> list[tuple[int, int, int, int, bytes]]:
+    """Write a segment's frames, in chunk order, with as few system calls as
+    writev allows; return what the writer needs to copy and index each."""
+    order = sorted(frames)
+    bufs = [frames[i][1] for i in order]
+    for at in range(0, len(bufs), IOV_MAX):
+        part = bufs[at:at + IOV_MAX]
+        want = sum(len(b) for b in part)
+        n = os.writev(fd, part)
+        if n != want:  # a short write (a full disk on the way): write the rest plainly
+            rest = b"".join(part)[n:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+    return [(i, frames[i][0], len(frames[i][1]), frames[i][2], bytes(frames[i][1][16:48])) for i in order]
+
+
+def _spool_error(exc: OSError) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return DiskFull(f"no space left on device while spooling a snapshot's chunks ({exc.filename or ''})")
+    return StoreError(f"cannot spool a snapshot's chunks: {exc.strerror or exc}")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
