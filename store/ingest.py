@@ -323,10 +323,17 @@ class Ingester(RangeIngestMixin):
     def _read_here(self, task: Task) -> None:
         segs = [seg for _, seg in task]
         self.read_here += sum(min(s.size_hint, SEGMENT_BYTES) for s in segs)
-        # here, the writer's own transaction also knows what this session stored
+        # here, the writer's own transaction also knows what this session stored,
+        # and each new frame goes into the pack as it is made
         self._gather(task, _Done(TaskResult([read_segment(sg, self.params, self.cctx, self.w.has, SEGMENT_BYTES,
-                                                          self.repo.codec, self.buf)
+                                                          self.repo.codec, self.buf, sink=self._put_here)
                                              for sg in segs])))
+
+    def _put_here(self, _i: int, h: bytes, n: int, flags: int, frame: bytes, stored: int) -> None:
+        try:
+            self.w.put_encoded(P.CHUNK, h, flags, frame, stored, n)
+        except OSError as exc:  # the pack's disk, not the file read: fail the snapshot (segments.Sink)
+            raise StoreError(f"cannot write a pack: {exc.strerror or exc}") from exc
 
     def _gather(self, task: Task, fut: Future) -> None:
         try:
@@ -360,8 +367,7 @@ class Ingester(RangeIngestMixin):
         pos = run_off = res.spool_off
         for i, flags, flen, stored, sid in res.spooled or ():
             h = res.ids[i]
-            known = h in in_run or w.new_in_session(h)
-            if known if known is not None else w.has(h):
+            if h in in_run or w.has(h):
                 if run:
                     w.put_spooled(P.CHUNK, fd, run_off, run)
                     run, in_run = [], set()
@@ -394,8 +400,7 @@ class Ingester(RangeIngestMixin):
             for i, (h, n) in enumerate(zip(res.ids, res.lens)):
                 enc = frames.get(i)
                 if enc is not None:
-                    known = w.new_in_session(h)
-                    if not (known if known is not None else w.has(h)):
+                    if not w.has(h):
                         w.put_encoded(P.CHUNK, h, enc[0], enc[1], enc[2], n)
             job.ids += res.ids
             job.lens += res.lens

@@ -517,7 +517,6 @@ class Writer:
             # looked up by id only while there are any, one stat per session.
             self._quarantined = self.txn.stat(self.db["quarantine"])["entries"] > 0
             self._zero_flushed: list[bytes] = []  # flushed early with refs 0: sweep them at commit
-            self.session_ids: set[bytes] | None = set()  # every blob new in this session (None when too many)
             self.stats = {"new_blobs": 0, "new_stored": 0, "new_raw": 0, "healed": 0}
             self._clean_leftover_packs()
             repo.active_writer = self
@@ -595,16 +594,9 @@ class Writer:
     # transaction's dirty pages) before they go to the index with no references yet: 16k, not 50k, took
     # ~7 MiB off an initial snapshot's peak at no measurable cost (docs/benchmarks.md, issue 17 part 3).
     PENDING_MAX = 16_384
-    SESSION_IDS_MAX = 4_000_000
 
     def has(self, bid: bytes) -> bool:
         return bid in self._pending or self.txn.get(bid, db=self.db["blobs"]) is not None
-
-    def new_in_session(self, bid: bytes) -> bool | None:
-        """True/False when known from memory; None when the index must be asked."""
-        if self.session_ids is None:
-            return None
-        return bid in self.session_ids
 
     def entry(self, bid: bytes) -> BlobEntry | None:
         e = self._pending.get(bid)
@@ -702,10 +694,6 @@ class Writer:
             self._pending[bid] = e
             self._pending_refs[bid] = 0
             self._pending_seq[e.seq] = bid
-        if self.session_ids is not None:
-            self.session_ids.add(bid)
-            if len(self.session_ids) > self.SESSION_IDS_MAX:
-                self.session_ids = None
         if len(self._pending) >= self.PENDING_MAX:
             self._flush_pending()
         self.stats["new_blobs"] += 1

@@ -89,18 +89,28 @@ class _Window:
         return n
 
 
+# Where read_segment hands each new chunk's frame instead of keeping it in the
+# result: (chunk index, chunk id, raw length, flags, frame, stored length). It must not raise
+# OSError, which would read as the file failing (the file would be left out):
+# a failure to store is the snapshot's, and is raised as a StoreError.
+Sink = Callable[[int, bytes, int, int, bytes, int], None]
+
+
 def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompressor,
                  known: Callable[[bytes], bool], limit: int = SEGMENT_BYTES,
                  codec: FrameCodec | None = None, buf: bytearray | None = None,
-                 framed: bool = True) -> SegmentResult:
+                 framed: bool = True, sink: Sink | None = None) -> SegmentResult:
     """`codec` is the repository's frame codec (crypto.py): an encrypted
     repository's chunks are sealed here, in the worker, like they are compressed.
     `buf` (a worker's, see chunker.chunk_into) is read into instead of
     allocating each block afresh. Without `framed` the frames are the bare
     payloads (compressed or raw, no pack frame around them): what the
-    replicating master hands its senders (replicator/stream/readers.py)."""
+    replicating master hands its senders (replicator/stream/readers.py).
+    With `sink` each frame goes there as it is made, so a segment's frames
+    (megabytes) are never held together."""
     out = SegmentResult()
     ids, lens, frames = out.ids, out.lens, out.frames
+    put = sink if sink is not None else lambda i, _h, _n, fl, fr, st: frames.__setitem__(i, (fl, fr, st))
     if framed:
         encode = P.encode_frame if codec is None else codec.encode
         overhead = P.FRAME_OVERHEAD
@@ -132,10 +142,10 @@ def read_segment(seg: Segment, params: ChunkerParams, cctx: zstandard.ZstdCompre
                     c = cctx.compress(view)
                     if len(c) < n:
                         frame = encode(P.CHUNK, P.ZSTD, h, c, n)
-                        frames[len(ids)] = (P.ZSTD, frame, len(frame) - overhead)
+                        put(len(ids), h, n, P.ZSTD, frame, len(frame) - overhead)
                     else:
                         frame = encode(P.CHUNK, 0, h, view, n)
-                        frames[len(ids)] = (0, frame, len(frame) - overhead)
+                        put(len(ids), h, n, 0, frame, len(frame) - overhead)
                 ids.append(h)
                 lens.append(n)
                 done += n
@@ -157,6 +167,7 @@ def _bare(kind: int, flags: int, blob_id: bytes, payload, raw_len: int) -> bytes
 
 _state: dict = {}
 IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV)
+SPOOL_BATCH = 1 << 20  # frames a worker holds before writing them to its spool
 
 
 def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = SEGMENT_BYTES,
@@ -182,53 +193,85 @@ def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = 
     _state["tasks"] = 0
 
 
+class _Spool:
+    """A worker's spool file for one task, written as the frames come: a
+    writev per SPOOL_BATCH bytes, so a worker holds at most that much of
+    them. Made on the first frame; a task whose files are all known makes none."""
+
+    def __init__(self, spool_dir: str) -> None:
+        self.dir = spool_dir
+        self.fd = -1
+        self.path: str | None = None
+        self.pos = 0
+        self.bufs: list[bytes] = []
+        self.held = 0
+        self.spooled: list[tuple[int, int, int, int, bytes]] = []
+
+    def segment(self) -> int:
+        """Start a segment's frames: where they begin in the file."""
+        self.spooled = []
+        return self.pos + self.held
+
+    def __call__(self, i: int, _h: bytes, _n: int, flags: int, frame: bytes, stored: int) -> None:
+        try:
+            if self.fd < 0:
+                _state["tasks"] += 1
+                self.path = os.path.join(self.dir, f"{os.getpid()}-{_state['tasks']}")
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.spooled.append((i, flags, len(frame), stored, bytes(frame[16:48])))
+            self.bufs.append(frame)
+            self.held += len(frame)
+            if self.held >= SPOOL_BATCH or len(self.bufs) >= IOV_MAX:
+                self.flush()
+        except OSError as exc:  # the spool's disk is full or gone: the snapshot fails, no file is left out
+            raise _spool_error(exc) from None
+
+    def flush(self) -> None:
+        if not self.bufs:
+            return
+        n = os.writev(self.fd, self.bufs)
+        if n != self.held:  # a short write (the disk filling up on the way): write the rest plainly
+            rest = b"".join(self.bufs)[n:]
+            while rest:
+                rest = rest[os.write(self.fd, rest):]
+        self.pos += self.held
+        self.bufs, self.held = [], 0
+
+    def close(self, failed: bool) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if failed and self.path is not None:
+            _unlink(self.path)
+
+
 def worker_run(segs: list[Segment]) -> TaskResult:
     idx = _state["index"]
-    spool_dir = _state["spool_dir"]
-    fd, path = -1, None
+    spool = _Spool(_state["spool_dir"]) if _state["spool_dir"] is not None else None
+    failed = True
     try:
         with idx.env.begin(db=idx.db["blobs"], buffers=True) as txn:
             get = txn.get
             known = lambda h: get(h) is not None  # noqa: E731
             out = TaskResult([])
             for s in segs:
+                start = spool.segment() if spool is not None else 0
                 res = read_segment(s, _state["params"], _state["cctx"], known, _state["limit"], _state["codec"],
-                                   _state["buf"])
+                                   _state["buf"], sink=spool)
+                if spool is not None and spool.spooled and res.error is None and not res.replaced:
+                    res.spooled, res.spool_off = spool.spooled, start
                 out.results.append(res)
-                if spool_dir is None or not res.frames:
-                    continue
-                if fd < 0:
-                    _state["tasks"] += 1
-                    path = os.path.join(spool_dir, f"{os.getpid()}-{_state['tasks']}")
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                    out.spool = path
-                res.spool_off = os.lseek(fd, 0, os.SEEK_CUR)
-                res.spooled = _spool(fd, res.frames)
-                res.frames = {}
+            if spool is not None:
+                try:
+                    spool.flush()
+                except OSError as exc:
+                    raise _spool_error(exc) from None
+                out.spool = spool.path
+            failed = False
             return out
-    except OSError as exc:  # the spool's disk is full or gone: the snapshot fails, no file is left out
-        if path is not None:
-            _unlink(path)
-        raise _spool_error(exc) from None
     finally:
-        if fd >= 0:
-            os.close(fd)
-
-
-def _spool(fd: int, frames: dict[int, tuple[int, bytes, int]]) -> list[tuple[int, int, int, int, bytes]]:
-    """Write a segment's frames, in chunk order, with as few system calls as
-    writev allows; return what the writer needs to copy and index each."""
-    order = sorted(frames)
-    bufs = [frames[i][1] for i in order]
-    for at in range(0, len(bufs), IOV_MAX):
-        part = bufs[at:at + IOV_MAX]
-        want = sum(len(b) for b in part)
-        n = os.writev(fd, part)
-        if n != want:  # a short write (a full disk on the way): write the rest plainly
-            rest = b"".join(part)[n:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
-    return [(i, frames[i][0], len(frames[i][1]), frames[i][2], bytes(frames[i][1][16:48])) for i in order]
+        if spool is not None:
+            spool.close(failed)
 
 
 def _spool_error(exc: OSError) -> StoreError:

@@ -35,7 +35,7 @@ def in_workers(monkeypatch):
     def enable() -> list:
         here: list = []
         real = ingest.read_segment
-        monkeypatch.setattr(ingest, "read_segment", lambda *a: here.append(a) or real(*a))
+        monkeypatch.setattr(ingest, "read_segment", lambda *a, **k: here.append(a) or real(*a, **k))
         monkeypatch.setattr(ingest, "POOL_AFTER", 0)
         monkeypatch.setattr(ingest, "SEGMENT_BYTES", 256 * KiB)
         monkeypatch.setattr(ingest, "MAIN_READS_UP_TO", 0)  # only processes read, whatever the cores
@@ -155,8 +155,8 @@ def test_unreadable_file_is_left_out_with_a_warning(tmp_path, monkeypatch):
     make_tree(src, {"a": {"ok.txt": b"fine\n", "gone.bin": rand_bytes(400_000, "g")}, "b.txt": b"b\n"})
     real = ingest.read_segment
 
-    def failing(seg, *a):
-        return SegmentResult(error="Input/output error") if seg.path.endswith(b"gone.bin") else real(seg, *a)
+    def failing(seg, *a, **k):
+        return SegmentResult(error="Input/output error") if seg.path.endswith(b"gone.bin") else real(seg, *a, **k)
 
     monkeypatch.setattr(ingest, "read_segment", failing)
     repo = init_repo(tmp_path / "repo")
@@ -303,8 +303,8 @@ def test_a_file_renamed_over_while_read_is_stored_whole_as_the_new_file(tmp_path
     monkeypatch.setattr(ingest, "SEGMENT_BYTES", 256 * KiB)
     real = ingest.read_segment
 
-    def rotate_after_first(seg, *a):
-        res = real(seg, *a)
+    def rotate_after_first(seg, *a, **k):
+        res = real(seg, *a, **k)
         if seg.path.endswith(b"/log") and seg.start == 0 and new.exists():
             os.replace(new, src / "log")  # rotated between two segments of the file
         return res

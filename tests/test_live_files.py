@@ -83,8 +83,8 @@ def test_a_file_changed_once_during_its_read_is_read_again_and_stored_whole(tmp_
     real = ingest.read_segment
     calls = []
 
-    def write_during_first_read(seg, *a):
-        res = real(seg, *a)
+    def write_during_first_read(seg, *a, **k):
+        res = real(seg, *a, **k)
         if not calls:
             with open(f, "r+b") as w:
                 w.write(b"B" * (3 * MiB))  # the whole file, once, after its first segment was read
@@ -108,11 +108,11 @@ def test_files_that_never_settle_are_stored_as_read_after_the_rereads(tmp_path, 
     real = ingest.read_segment
     reads = []
 
-    def append_every_read(seg, *a):
+    def append_every_read(seg, *a, **k):
         with open(f, "ab") as w:  # a log that grows between our stat and every read
             w.write(b"y")
         reads.append(seg.start)
-        return real(seg, *a)
+        return real(seg, *a, **k)
 
     monkeypatch.setattr(ingest, "read_segment", append_every_read)
     repo = init_repo(tmp_path / "repo")
