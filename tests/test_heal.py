@@ -94,9 +94,14 @@ DAMAGES = ["chunk-unsealed", "chunk-sealed", "tree", "truncated-pack", "deleted-
 
 
 @pytest.fixture(params=DAMAGES)
-def damaged(request, tmp_path):
+def damaged(request, tmp_path, monkeypatch):
     """A repaired repository whose one snapshot lost blobs: (repo, src, snapshot id, digest, lost ids)."""
+    from store import ingest
+
     how = request.param
+    # one file per read task: a file's chunk list is written right after its chunks, so the big
+    # file's list lies in a pack before the last (whose loss would drop the snapshot itself)
+    monkeypatch.setattr(ingest, "TASK_FILES", 1)
     repo = init_repo(str(tmp_path / "repo"), pack_mib=32 if how == "chunk-unsealed" else 1)
     src = make_source(str(tmp_path / "a"))
     s1 = snap(repo, "a", [src]).hex
