@@ -181,14 +181,16 @@ def pit_ingest(src: str, work: str) -> tuple[float, float]:
     return dt, ru2.ru_utime - ru.ru_utime + ru2.ru_stime - ru.ru_stime
 
 
-def seed_once(data: str, work: str, catchup: bool, kill_at: float = 0.0) -> dict:
+def seed_once(data: str, work: str, catchup: bool, kill_at: float = 0.0, profile: str | None = None) -> dict:
     """One seeding of a fresh replica. Streaming (default): the data set is moved into the empty,
     watched source of a running cluster; the clock runs until `pit point` returns (every file
     committed on the replica and a snapshot made). `catchup`: the data is in the source when the
     agents start (a replica joined to a running file server): the clock runs from the start through
     the master's first scan and the catch-up to the point. `kill_at` (a fraction, streaming only):
     the replica is SIGKILLed once the master has sent that much of the data set's ~640 MB of
-    payload, and started again; `sent_after_kill_bytes` is what the master sent from then on."""
+    payload, and started again; `sent_after_kill_bytes` is what the master sent from then on.
+    `profile` (a directory): py-spy samples both agents (the master's reader processes too) while
+    the clock runs, and the busiest functions of each are printed (profile_report)."""
     from measure import _TreeRss
 
     tmp = os.path.join(work, "cluster-seed")
@@ -212,6 +214,7 @@ def seed_once(data: str, work: str, catchup: bool, kill_at: float = 0.0) -> dict
             wait_for(lambda: c.converged(r), 60, "the empty set")
             rss = [_TreeRss(c.primary.proc.pid, root=True), _TreeRss(r.proc.pid, root=True)]
             subprocess.run(["sync"])
+            spies = start_profiles(profile, {"master": c.primary.proc.pid, "replica": r.proc.pid})
             t = time.monotonic()
             changes = master_stats(c)["changes"]
             os.rename(data, os.path.join(c.src, "dataset"))  # one event: the watcher walks the new tree
@@ -229,6 +232,7 @@ def seed_once(data: str, work: str, catchup: bool, kill_at: float = 0.0) -> dict
             res["s"] = time.monotonic() - t
             for m in rss:
                 m.stop()
+            stop_profiles(spies)
             res["rss_master_peak_mib"], res["rss_replica_peak_mib"] = (round(m.peak_kib / 1024, 1) for m in rss)
             res["cpu_master_s"] = cpu_seconds(c.primary.proc.pid)
             res["cpu_replica_s"] = cpu_seconds(r.proc.pid)
@@ -246,6 +250,56 @@ def seed_once(data: str, work: str, catchup: bool, kill_at: float = 0.0) -> dict
     return res
 
 
+def start_profiles(where: str | None, pids: dict[str, int]) -> list:
+    """py-spy on each named process (and its children), raw folded stacks into `where`."""
+    if not where:
+        return []
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    os.makedirs(where, exist_ok=True)
+    return [(name, subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "-r", "100", "-f", "raw",
+                                     "-o", os.path.join(where, f"{name}.txt")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for name, pid in pids.items()]
+
+
+def stop_profiles(spies: list) -> None:
+    for name, p in spies:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+        profile_report(p.args[-1], name)
+
+
+def profile_report(path: str, name: str, top: int = 25) -> None:
+    """Where each process of a py-spy raw profile spent its samples: self time by function, idle waits
+    (locks, selects, socket and pipe reads) left out."""
+    import collections
+    import re
+
+    idle = ("wait (threading.py", "select (selectors.py", "_recv_into", "recv_into (ssl.py", "_worker (concurrent",
+            "Connection._recv (multiprocessing", "main (multiprocessing/resource_tracker", "_poll (",
+            "read (ssl.py", "accept (socket.py", "sleep")
+    per: dict = collections.defaultdict(collections.Counter)
+    total: collections.Counter = collections.Counter()
+    with open(path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            frames = stack.split(";")
+            procs = [i for i, fr in enumerate(frames) if fr.startswith("process ")]
+            pid = re.match(r"process (\d+)", frames[procs[-1]]).group(1) if procs else "?"
+            total[pid] += int(n)
+            leaf = frames[-1]
+            if any(s in leaf for s in idle):
+                continue
+            per[pid][re.sub(r"\s+", " ", leaf)[:100]] += int(n)
+    for pid, c in per.items():
+        busy = sum(c.values())
+        print(f"profile {name} pid {pid}: {busy} busy samples of {total[pid]} (100 Hz)", flush=True)
+        for leaf, n in c.most_common(top):
+            print(f"    {n:6d} {100 * n / max(1, busy):5.1f} %  {leaf}", flush=True)
+
+
 def seed_part(a, work: str) -> dict:
     """Seeding a replica from nothing against rsync to a daemon and a local `pit snapshot` of the
     same data, `--seed-runs` rounds (each: rsync, ingest, seeding), medians and ratios at the end."""
@@ -260,7 +314,7 @@ def seed_part(a, work: str) -> dict:
     for _ in range(a.seed_runs):
         run = rsync_daemon_copy(data, work)
         run["pit_snapshot_s"], run["pit_snapshot_cpu_s"] = pit_ingest(data, work)
-        seed = seed_once(data, work, a.seed_catchup, a.seed_kill)
+        seed = seed_once(data, work, a.seed_catchup, a.seed_kill, a.profile)
         run.update({"pit_seed_" + k: v for k, v in seed.items()})
         print(json.dumps(run), flush=True)
         res["runs"].append(run)
@@ -384,6 +438,8 @@ def main() -> None:
     ap.add_argument("--seed-runs", type=int, default=3, help="rounds of rsync, ingest and seeding (medians)")
     ap.add_argument("--seed-kill", type=float, default=0.0,
                     help="SIGKILL the replica once this fraction of the payload is sent, then start it again")
+    ap.add_argument("--profile", default=None, help="seeding: py-spy both agents into this directory, "
+                    "print where each spent its CPU")
     ap.add_argument("--seed-catchup", action="store_true",
                     help="seed by catch-up: the data in the source before the agents start (a replica joined)")
     ap.add_argument("--idle-files", type=int, default=0, help="idle agent CPU over this many files")

@@ -45,7 +45,14 @@ def base(tmp_path_factory):
         write_file(os.path.join(src, sub, f"f{i:03d}.bin"), rng.randbytes(rng.randint(20_000, 110_000)))
     write_file(os.path.join(src, "d1", "deep", "z.txt"), b"deep file")
     os.symlink("a000.bin", os.path.join(src, "link"))
-    s = snap(repo, "s", [src])
+    from store import ingest
+
+    with pytest.MonkeyPatch.context() as mp:
+        # one file per read task: each file's chunk list follows its chunks, so cutting a pack after
+        # a000.bin's chunks leaves the lists and trees of the files read later (a task's lists follow
+        # all of its chunks)
+        mp.setattr(ingest, "TASK_FILES", 1)
+        s = snap(repo, "s", [src])
     return repo, src, s
 
 
