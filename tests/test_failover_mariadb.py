@@ -141,6 +141,10 @@ def test_mariadb_failover_keeps_the_rows_committed_after_the_point(tmp_path, etc
         assert q.returncode == 0, q.stdout + q.stderr
         rows = [int(x) for x in q.stdout.split()]
         missing = [n for n in acked[:confirmed] if n not in set(rows)]
+        if missing:  # evidence for whoever reads the failure: what each agent did around the point
+            for node in (p, r1):
+                with open(node.log, errors="replace") as f:
+                    print(f"---- {node.log} (last 150 lines)\n" + "".join(f.readlines()[-150:]))
         assert not missing, (f"{len(missing)} rows acknowledged before r1 held their binlog are missing "
                              f"(point at {at_point}): {missing[:10]}; replay {chosen['wal']}")
         assert confirmed > at_point + 500

@@ -99,3 +99,33 @@ def test_a_point_holds_a_file_written_on_while_it_is_sent(cluster):
     finally:
         stop.set()
         t.join(10)
+
+
+def test_a_point_waits_for_paths_its_batch_just_left_out(tmp_path):
+    """The MariaDB failover that lost every row since seeding: the sender decided to serve a point
+    before sending the batch ahead of it; the batch left the database's redo log out (re-cut while it
+    was sent, `BatchSender.awaiting`), and the point went out at once, holding the log of long before.
+    A point is served only when nothing left out is still to come; the path's next version queued
+    lets it through."""
+    import time
+
+    from test_repl_cache import _master
+    from replicator.stream.sender import Sender
+
+    src = str(tmp_path / "data")
+    write(f"{src}/ib_logfile0", os.urandom(10_000))
+    ms = _master(tmp_path, src)
+    try:
+        s = Sender(ms, "r")
+        rel = b"data/ib_logfile0"
+        s.batches.awaiting[rel] = time.monotonic() + 60
+        slot = s.request_point(1)
+        assert s._serve_slot(None, slot) is False  # no frame goes out: nothing is unacknowledged either
+        assert not slot["done"].is_set() and slot["result"] is None
+        s.need_catchup = False
+        s.enqueue([rel])  # its next version is queued: the point follows it
+        assert not s.batches.awaited()
+        s.batches.awaiting[rel] = time.monotonic() - 1  # past settle_max and the margin: it goes ahead
+        assert not s.batches.awaited()
+    finally:
+        ms.stop()

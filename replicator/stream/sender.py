@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConnectionLost, NotAuthorised, ProtocolError, ReplError
 from . import protocol
 from .catchup import differing_paths
-from .changes import BATCH_PATHS, BatchSender
+from .changes import AWAIT_MARGIN, BATCH_PATHS, BatchSender
 
 if TYPE_CHECKING:
     from .master import MasterSet
@@ -103,8 +103,14 @@ class Sender:
         slot["mark"] = {"snapshot": snapshot, "ok": ok, "error": error or ""}
         return slot
 
-    def _serve_slot(self, conn: protocol.Conn, slot: dict) -> None:
+    def _serve_slot(self, conn: protocol.Conn, slot: dict) -> bool:
+        """Serve a point or a mark; False (nothing sent) for a point while paths the batches just sent
+        left out, changed while sent, are still to come: the point must wait for their next version.
+        (It was decided before those batches went out: a point served right after one that left a
+        database's log out held the log of long before, and the takeover lost every row since.)"""
         self.batches.drain(conn)  # a point follows every change sent before it, acknowledged
+        if "mark" not in slot and self.batches.awaited():
+            return False
         if "mark" in slot:
             conn.send({"t": "mark", **slot["mark"]})
             conn.recv("marked")
@@ -120,6 +126,7 @@ class Sender:
                 slot["done"].set()
                 raise
         slot["done"].set()
+        return True
 
     def request_point(self, pid: int, deadline: float | None = None) -> dict:
         """Ask for a consistent point; `deadline` (monotonic) is when whoever asked stops waiting, so a
@@ -220,6 +227,7 @@ class Sender:
                     self.points.clear()
                 try:
                     self._catchup(conn)
+                    self._settle_left_out(conn)
                     if scheduled and not points:
                         conn.send({"t": "point", "id": self.ms.agent.next_point_id()})
                         try:
@@ -230,7 +238,8 @@ class Sender:
                             scheduled = False  # the replica alerted; the next schedule asks again
                             raise
                     for slot in points:
-                        self._serve_slot(conn, slot)
+                        if not self._serve_slot(conn, slot):  # _settle_left_out's bound is awaited's
+                            raise ReplError("paths left out of the comparison's batches did not settle")
                 except BaseException:
                     with self.cond:
                         self.due = self.due or scheduled
@@ -299,9 +308,30 @@ class Sender:
             elif ahead and not points:
                 self.batches.send_ahead(conn)
             self.inflight = points
-            for slot in points:
-                self._serve_slot(conn, slot)
+            for i, slot in enumerate(points):
+                if not self._serve_slot(conn, slot):
+                    with self.cond:  # back to the front: served once the left-out paths are sent again
+                        self.points[:0] = [p for p in points[i:] if not p["done"].is_set()]
+                        self.inflight = []
+                    break
             self.inflight = []
+
+    def _settle_left_out(self, conn: protocol.Conn) -> None:
+        """A scheduled run: files a comparison's batches left out (changed while sent) are looked at
+        again and the trees compared again, until none is left out or `settle_max` and a margin have
+        passed (then the point goes ahead without their latest version, as `awaited` warns). A
+        scheduled set does not stream, so nothing else would bring their next version before its point."""
+        deadline = time.monotonic() + self.ms.cfg.settle_max + AWAIT_MARGIN
+        while self.batches.awaiting and time.monotonic() < deadline:
+            rels = list(self.batches.awaiting)
+            time.sleep(0.2)
+            self.ms.refresh({self.ms.tree.abs_path(r): False for r in rels})
+            self._catchup(conn)
+        if self.batches.awaiting:
+            for rel in self.batches.awaiting:
+                log.warning("set %s -> %s: %r did not settle: a point goes ahead without its latest version",
+                            self.ms.name, self.replica, rel)
+            self.batches.awaiting.clear()
 
     def _catchup(self, conn: protocol.Conn) -> None:
         """Compare trees with the replica (catchup.py) and send what differs, in batches."""
