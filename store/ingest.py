@@ -152,17 +152,20 @@ def _data_extents(path: bytes, size: int) -> list[tuple[int, int]] | None:
     return [(o, n) for o, n in merged]
 
 
-def _willneed(path: bytes) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _willneed(paths: list[bytes]) -> None:
+    """Start the kernel reading these files (on the prefetch thread: one task
+    per directory, since a task per file cost the walking thread ~15 us each)."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 Task = list[tuple["FileJob", Segment]]
@@ -555,6 +558,7 @@ class Ingester(RangeIngestMixin):
         files we will read (not the ones the files cache skips): their I/O then
         overlaps our hashing instead of stalling the main thread file by file."""
         out = []
+        wanted = []
         budget = PREFETCH_BYTES
         for name, sub in todo:
             p = os.path.join(path, name)
@@ -567,7 +571,9 @@ class Ingester(RangeIngestMixin):
             if sub is RESCAN and stat.S_ISREG(st.st_mode) and 0 < st.st_size and budget > 0 \
                     and self._cached(p, st) is None:
                 budget -= st.st_size
-                self.prefetch.submit(_willneed, p)
+                wanted.append(p)
+        if wanted:
+            self.prefetch.submit(_willneed, wanted)
         return out
 
     def _entry_from_stat(self, name: bytes, st: os.stat_result, typ: int, path: bytes) -> Entry:
