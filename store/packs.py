@@ -246,9 +246,9 @@ class PackWriter:
 
     def flush(self) -> None:
         if self._buf:
-            data = b"".join(self._buf)
+            parts = self._buf
             self._buf, self._buffered = [], 0
-            self.handle.write(data)
+            self.handle.write_parts(parts)
 
     def sync(self) -> None:
         self.flush()

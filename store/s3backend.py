@@ -222,6 +222,9 @@ class _StagedAppend:
     def write(self, data: bytes) -> int:
         return self.inner.write(data)
 
+    def write_parts(self, parts: list[bytes]) -> int:
+        return self.inner.write_parts(parts)
+
     def copy_from(self, src_fd: int, src_off: int, n: int) -> int:
         return self.inner.copy_from(src_fd, src_off, n)
 

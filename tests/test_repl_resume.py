@@ -56,6 +56,32 @@ def test_records_survive_a_reopen(tmp_path):
         sp.close()
 
 
+def test_the_last_payloads_are_served_from_memory_and_the_rest_from_the_file(tmp_path, monkeypatch):
+    """The applier asks for chunks soon after they came: the last RECENT_BYTES of payloads are kept in
+    memory too (no read back); older ones come from the file, byte for byte the same; a discarded
+    chunk is gone from both."""
+    monkeypatch.setattr(S, "RECENT_BYTES", 25_000)  # about two of these payloads
+    rng = random.Random(11)
+    got = [chunk(rng) for _ in range(5)]
+    sp = spool_at(tmp_path, cap=10 * MIB)
+    try:
+        for c in got:
+            sp.add(*c)
+        assert list(sp.recent) == [c[0] for c in got[-len(sp.recent):]] and 0 < len(sp.recent) < 5
+        assert sp.recent_bytes <= 25_000
+        reads = []
+        real = S._File.read
+        monkeypatch.setattr(S._File, "read", lambda self, cid: reads.append(cid) or real(self, cid))
+        for cid, flags, raw_len, payload in got:
+            assert sp.get(cid) == (flags, payload, raw_len)
+        assert reads == [c[0] for c in got[:5 - len(sp.recent)]]  # the older ones only
+        last = got[-1][0]
+        sp.discard([last])
+        assert last not in sp.recent and last not in sp
+    finally:
+        sp.close()
+
+
 def test_a_torn_or_garbled_tail_is_cut(tmp_path):
     rng = random.Random(2)
     got = [chunk(rng) for _ in range(3)]

@@ -73,6 +73,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import OrderedDict
 
 import blake3
 import zstandard
@@ -92,6 +93,7 @@ MAGIC = b"PSP1"
 CAP = 4 << 30              # bytes a set's persistent spool may hold
 CAP_FREE_FRACTION = 0.25   # ... and at most this part of the free space (plus what it already holds)
 COMPACT_MIN = 64 << 20     # dropped bytes worth a compaction
+RECENT_BYTES = 16 << 20    # payloads last added, kept in memory as well for the applier (Spool.get)
 MAX_AGE = 7 * 86400        # seconds a record is kept across reopenings
 LOCK_WAIT = protocol.DEAD_AFTER + 5.0
 
@@ -197,6 +199,11 @@ class Spool:
         self.dir = os.path.dirname(path) if path else None
         # the connection's thread adds, its applier (replica.py) reads and drops: a compaction moves records
         self.lock = threading.RLock()
+        # The payloads added last, still in memory: the applier usually asks for a chunk soon after it
+        # came, and reading it back from the file was one more copy of every byte seeded. The file
+        # holds them all the same (a restart resumes from it).
+        self.recent: OrderedDict[bytes, tuple[int, bytes, int]] = OrderedDict()
+        self.recent_bytes = 0
 
     # ------------------------------------------------------------- opening
     @classmethod
@@ -296,10 +303,23 @@ class Spool:
                              self.path, int(self.cap))
                 f = self.over
         f.append(cid, flags, raw_len, payload, int(time.time()))
+        self.recent[cid] = (flags, payload, raw_len)
+        self.recent_bytes += len(payload)
+        while self.recent_bytes > RECENT_BYTES:
+            _, (_, old, _) = self.recent.popitem(last=False)
+            self.recent_bytes -= len(old)
+
+    def _forget(self, cid: bytes) -> None:
+        rec = self.recent.pop(cid, None)
+        if rec is not None:
+            self.recent_bytes -= len(rec[1])
 
     def get(self, cid: bytes) -> tuple[int, bytes, int]:
         """(flags, payload, raw length) of a chunk held here (KeyError when it is not)."""
         with self.lock:
+            rec = self.recent.get(cid)
+            if rec is not None:
+                return rec
             if cid in self.main.recs:
                 return self.main.read(cid)
             if self.over is not None and cid in self.over.recs:
@@ -310,6 +330,7 @@ class Spool:
         """Drop chunks the repository now holds (a commit stored them); truncate or compact."""
         with self.lock:
             for cid in ids:
+                self._forget(cid)
                 self.main.drop(cid)
                 if self.over is not None:
                     self.over.drop(cid)
