@@ -132,10 +132,24 @@ class _LocalAppend:
     def seal(self) -> None:
         self.sync()
 
+    def sync_fd(self) -> int:
+        """A descriptor of its own for syncing the file later, on another thread (Writer._sync_later)."""
+        return os.dup(self.fd)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def sync_and_close(fd: int) -> None:
+    """fsync a pack on a background thread, then close that descriptor; a full disk is DiskFull."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        _raise_os(exc, "syncing a pack")
+    finally:
+        os.close(fd)
 
 
 class LocalBackend:

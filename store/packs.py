@@ -254,10 +254,16 @@ class PackWriter:
         self.flush()
         self.handle.sync()
 
-    def seal(self) -> None:
+    def seal(self, durable_later: Callable[[object], None] | None = None) -> None:
+        """Write the footer and make the pack durable where it will live (an object store: uploaded
+        and checked), or hand the handle to `durable_later`, which must have made it durable before
+        any index commit names it (Writer: an fsync on a thread of its own, awaited at commit)."""
         self.flush()
         self.handle.write(encode_footer(self.frames))
-        self.handle.seal()  # durable where it will live (an object store: uploaded and checked)
+        if durable_later is None:
+            self.handle.seal()
+        else:
+            durable_later(self.handle)
 
     def close(self) -> None:
         self._buf, self._buffered = [], 0
