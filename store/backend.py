@@ -61,7 +61,7 @@ def _raise_os(exc: OSError, what: str) -> None:
     raise exc
 
 
-class _LocalAppend:
+class LocalAppend:
     def __init__(self, fd: int, pos: int) -> None:
         self.fd = fd
         self.pos = pos
@@ -79,8 +79,9 @@ class _LocalAppend:
             _raise_os(exc, "writing a pack")
         return off
 
-    def write_parts(self, parts: list[bytes]) -> int:
-        """Append the parts in order, without joining them first (pwritev); returns their offset."""
+    def write_parts(self, parts: list[bytes], what: str = "writing a pack") -> int:
+        """Append the parts in order, without joining them first (pwritev); returns their offset.
+        `what` names the writing in a full disk's error."""
         off = self.pos
         try:
             for at in range(0, len(parts), IOV_MAX):
@@ -95,7 +96,7 @@ class _LocalAppend:
                         self.pos += k
                         rest = rest[k:]
         except OSError as exc:
-            _raise_os(exc, "writing a pack")
+            _raise_os(exc, what)
         return off
 
     def copy_from(self, src_fd: int, src_off: int, n: int) -> int:
@@ -169,7 +170,7 @@ class LocalBackend:
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name.split(".")[0][-2:], name)
 
-    def create(self, name: str) -> _LocalAppend:
+    def create(self, name: str) -> LocalAppend:
         d = os.path.dirname(self._path(name))
         try:
             if not os.path.isdir(d):
@@ -180,9 +181,9 @@ class LocalBackend:
             fsync_dir(d)
         except OSError as exc:
             _raise_os(exc, "creating a pack")
-        return _LocalAppend(fd, 0)
+        return LocalAppend(fd, 0)
 
-    def open_append(self, name: str, truncate_to: int) -> _LocalAppend:
+    def open_append(self, name: str, truncate_to: int) -> LocalAppend:
         """Reopen an unsealed pack, dropping bytes no committed index entry covers."""
         fd = os.open(self._path(name), os.O_WRONLY)
         try:
@@ -192,7 +193,7 @@ class LocalBackend:
         except OSError:
             os.close(fd)
             raise
-        return _LocalAppend(fd, truncate_to)
+        return LocalAppend(fd, truncate_to)
 
     def truncate(self, name: str, size: int) -> None:
         """Cut an unsealed pack back to `size` (an aborted session's bytes). No fsync:

@@ -22,6 +22,7 @@ import blake3
 import zstandard
 
 from . import packs as P
+from .backend import IOV_MAX, LocalAppend
 from .chunker import READ_BLOCK, ChunkerParams, chunk_into, chunk_stream
 from .crypto import FrameCodec, codec_from_spec
 from .errors import DiskFull, StoreError
@@ -166,7 +167,6 @@ def _bare(kind: int, flags: int, blob_id: bytes, payload, raw_len: int) -> bytes
 # ------------------------------------------------------- in a worker process
 
 _state: dict = {}
-IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV)
 SPOOL_BATCH = 1 << 20  # frames a worker holds before writing them to its spool
 
 
@@ -195,14 +195,14 @@ def worker_init(index_dir: str, params: ChunkerParams, level: int, limit: int = 
 
 class _Spool:
     """A worker's spool file for one task, written as the frames come: a
-    writev per SPOOL_BATCH bytes, so a worker holds at most that much of
-    them. Made on the first frame; a task whose files are all known makes none."""
+    pwritev per SPOOL_BATCH bytes, so a worker holds at most that much of
+    them. Made on the first frame; a task whose files are all known makes none.
+    Every failure to write it is the snapshot's (a StoreError, see Sink)."""
 
     def __init__(self, spool_dir: str) -> None:
         self.dir = spool_dir
-        self.fd = -1
+        self.out: LocalAppend | None = None
         self.path: str | None = None
-        self.pos = 0
         self.bufs: list[bytes] = []
         self.held = 0
         self.spooled: list[tuple[int, int, int, int, bytes]] = []
@@ -210,37 +210,36 @@ class _Spool:
     def segment(self) -> int:
         """Start a segment's frames: where they begin in the file."""
         self.spooled = []
-        return self.pos + self.held
+        return (self.out.tell() if self.out is not None else 0) + self.held
 
     def __call__(self, i: int, _h: bytes, _n: int, flags: int, frame: bytes, stored: int) -> None:
-        try:
-            if self.fd < 0:
-                _state["tasks"] += 1
-                self.path = os.path.join(self.dir, f"{os.getpid()}-{_state['tasks']}")
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            self.spooled.append((i, flags, len(frame), stored, bytes(frame[16:48])))
-            self.bufs.append(frame)
-            self.held += len(frame)
-            if self.held >= SPOOL_BATCH or len(self.bufs) >= IOV_MAX:
-                self.flush()
-        except OSError as exc:  # the spool's disk is full or gone: the snapshot fails, no file is left out
-            raise _spool_error(exc) from None
+        if self.out is None:
+            _state["tasks"] += 1
+            self.path = os.path.join(self.dir, f"{os.getpid()}-{_state['tasks']}")
+            try:
+                self.out = LocalAppend(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                                0o600), 0)
+            except OSError as exc:
+                raise _spool_error(exc) from None
+        self.spooled.append((i, flags, len(frame), stored, bytes(frame[16:48])))
+        self.bufs.append(frame)
+        self.held += len(frame)
+        if self.held >= SPOOL_BATCH or len(self.bufs) >= IOV_MAX:
+            self.flush()
 
     def flush(self) -> None:
         if not self.bufs:
             return
-        n = os.writev(self.fd, self.bufs)
-        if n != self.held:  # a short write (the disk filling up on the way): write the rest plainly
-            rest = b"".join(self.bufs)[n:]
-            while rest:
-                rest = rest[os.write(self.fd, rest):]
-        self.pos += self.held
+        try:
+            self.out.write_parts(self.bufs, "spooling a snapshot's chunks")
+        except OSError as exc:  # not a full disk (that is DiskFull already): the spool's file system failed
+            raise _spool_error(exc) from None
         self.bufs, self.held = [], 0
 
     def close(self, failed: bool) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.out is not None:
+            self.out.close()
+            self.out = None
         if failed and self.path is not None:
             _unlink(self.path)
 
@@ -262,10 +261,7 @@ def worker_run(segs: list[Segment]) -> TaskResult:
                     res.spooled, res.spool_off = spool.spooled, start
                 out.results.append(res)
             if spool is not None:
-                try:
-                    spool.flush()
-                except OSError as exc:
-                    raise _spool_error(exc) from None
+                spool.flush()
                 out.spool = spool.path
             failed = False
             return out
