@@ -21,6 +21,7 @@ import errno
 import os
 import socket
 import stat
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -152,10 +153,14 @@ def _data_extents(path: bytes, size: int) -> list[tuple[int, int]] | None:
     return [(o, n) for o, n in merged]
 
 
-def _willneed(paths: list[bytes]) -> None:
+def _willneed(paths: list[bytes], stop: threading.Event) -> None:
     """Start the kernel reading these files (on the prefetch thread: one task
-    per directory, since a task per file cost the walking thread ~15 us each)."""
+    per directory, since a task per file cost the walking thread ~15 us each).
+    `stop`: the snapshot is over, no file may be opened any more (a source
+    on a mount being unmounted right after must not find it busy)."""
     for path in paths:
+        if stop.is_set():
+            return
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
@@ -217,6 +222,7 @@ class Ingester(RangeIngestMixin):
         self.pool_failed = False
         self.cctx = zstandard.ZstdCompressor(level=self.repo.level)
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pit-prefetch")
+        self.prefetch_stop = threading.Event()
         self.task: Task = []  # being filled by the walk
         self.task_bytes = 0
         self.ready: deque[Task] = deque()  # built, waiting for a worker
@@ -573,7 +579,7 @@ class Ingester(RangeIngestMixin):
                 budget -= st.st_size
                 wanted.append(p)
         if wanted:
-            self.prefetch.submit(_willneed, wanted)
+            self.prefetch.submit(_willneed, wanted, self.prefetch_stop)
         return out
 
     def _entry_from_stat(self, name: bytes, st: os.stat_result, typ: int, path: bytes) -> Entry:
@@ -731,7 +737,8 @@ class Ingester(RangeIngestMixin):
                 stop_pool(self.pool, kill=failed)
                 if failed:  # what the workers spooled for tasks never gathered
                     clear_spool(self.repo.path)
-            self.prefetch.shutdown(wait=False, cancel_futures=True)
+            self.prefetch_stop.set()
+            self.prefetch.shutdown(wait=True, cancel_futures=True)  # no source file open after the snapshot
         if self.root_tree is None:  # pragma: no cover - would be a bookkeeping bug
             raise StoreError("internal error: the snapshot root was not completed")
         return self.root_tree

@@ -462,3 +462,29 @@ def test_a_full_spool_fails_the_snapshot_and_changes_nothing(tmp_path, in_worker
     s2 = snapshot(repo, "s", src)
     restore(repo, s2.hex, tmp_path / "out")
     assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
+
+
+def test_no_source_file_is_open_once_a_snapshot_returns(tmp_path, monkeypatch):
+    """The walk's prefetch thread (it opens files to ask the kernel to read them ahead) has finished
+    when the snapshot returns: a source on a mount unmounted right after was once found busy. Here
+    the prefetch is slowed down (a slow disk) so that it is still at work when the snapshot ends."""
+    import threading
+
+    real = ingest._willneed
+
+    def slow(paths, stop):
+        for p in paths:
+            if stop.is_set():
+                return
+            time.sleep(0.005)
+            real([p], stop)
+
+    monkeypatch.setattr(ingest, "_willneed", slow)
+    src = tmp_path / "src"
+    make_tree(src, {f"d{j}": {f"f{i}": rand_bytes(3000, f"open{j}-{i}") for i in range(300)} for j in range(4)})
+    repo = init_repo(tmp_path / "repo")
+    snapshot(repo, "s", src)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pit-prefetch")]
+    mine = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [p for p in mine if p.startswith(str(src))]

@@ -286,6 +286,14 @@ def test_ranges_without_a_parent_entry_read_whole(repo_path, tmp_path):
 MKFS = {"btrfs": ["mkfs.btrfs", "-q"], "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "ext4": ["mkfs.ext4", "-q"]}
 
 
+def _umount(mnt) -> None:
+    """Unmount; a mount found busy is detached lazily (no test leaves a mount behind), and the test fails:
+    something of ours still had a file open there."""
+    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        raise AssertionError(f"{mnt} was busy when the test ended (a file left open on it)")
+
+
 @contextmanager
 def mounted(tmp_path, fs: str):
     """A fresh file system of kind `fs` mounted at tmp_path/mnt; always unmounted and detached."""
@@ -298,7 +306,7 @@ def mounted(tmp_path, fs: str):
         try:
             yield mnt
         finally:
-            subprocess.run(["umount", str(mnt)], check=True)
+            _umount(mnt)
         return
     if shutil.which(MKFS[fs][0]) is None:
         pytest.skip(f"{MKFS[fs][0]} is not installed (.ci/apt-deps installs it)")
@@ -313,7 +321,7 @@ def mounted(tmp_path, fs: str):
         try:
             yield mnt
         finally:
-            subprocess.run(["umount", str(mnt)], check=True)
+            _umount(mnt)
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
         img.unlink()
