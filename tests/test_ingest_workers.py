@@ -488,3 +488,21 @@ def test_no_source_file_is_open_once_a_snapshot_returns(tmp_path, monkeypatch):
     mine = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
             if os.path.exists(f"/proc/self/fd/{fd}")]
     assert not [p for p in mine if p.startswith(str(src))]
+
+
+def test_without_a_spool_the_frames_travel_by_pipe_and_the_snapshot_is_the_same(tmp_path, in_workers):
+    """Where `tmp-ingest/` cannot be made (here a file has its name), the workers hand their frames
+    back in their results (the path before the spool): the same snapshot, with a warning that says why."""
+    src = tmp_path / "src"
+    tree(src, random.Random(21))
+    a = snapshot(init_repo(tmp_path / "here"), "s", src)
+    here = in_workers()
+    repo = init_repo(tmp_path / "pipe")
+    with open(os.path.join(repo, "tmp-ingest"), "wb") as f:
+        f.write(b"not a directory")
+    b = snapshot(repo, "s", src)
+    assert not here and b.root == a.root
+    for k in ("new_chunks", "new_bytes", "new_stored"):
+        assert b.stats[k] == a.stats[k], k
+    assert any("tmp-ingest" in w and "by pipe" in w for w in b.stats["warnings"]), b.stats["warnings"]
+    assert run_pit(repo, "verify", "--deep").returncode == 0
