@@ -27,7 +27,7 @@ from etcdlab import etcd  # noqa: F401  (the fixture)
 from test_failover import FailoverCluster, fo, status
 from test_failover_pg import PgFailoverCluster
 from test_mybinlog import MARIADBD, NEEDED, USER, Appender, make_master
-from test_repl_helpers import free_port, wait_for
+from test_repl_helpers import wait_for
 from test_status import SCHEMA
 from replicator.apps import mybinlog
 from replicator.apps.templates import build_set
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(MARIADBD is None or any(mybinlog.tool(n) is None
                                 or not shutil.which("etcd"), reason="MariaDB or etcd is not installed")
 
 
-def takeover_hook(base: str, data: str, sock: str, port: int) -> str:
+def takeover_hook(base: str, data: str, sock: str) -> str:
     """start|stop MariaDB on r1's live copy (the other nodes have nothing to start here)."""
     script = os.path.join(base, "my-hook.sh")
     admin = f"{mybinlog.tool('mariadb-admin')} --no-defaults --socket={sock} --user=root"
@@ -50,7 +50,7 @@ case "$1" in
 start)
   if {admin} ping >/dev/null 2>&1; then echo "already running"; exit 0; fi
   rm -f {data}/*.pid
-  setsid {MARIADBD} --no-defaults --datadir={data} --socket={sock} --port={port} --bind-address=127.0.0.1 \\
+  setsid {MARIADBD} --no-defaults --datadir={data} --socket={sock} --skip-networking \\
       --log-bin=mysql-bin --server-id=2 --binlog-format=ROW --pid-file={base}/r1.pid \\
       --log-error={base}/r1-error.log --innodb-buffer-pool-size=64M {user} </dev/null >/dev/null 2>&1 &
   i=0
@@ -88,7 +88,7 @@ def test_mariadb_failover_keeps_the_rows_committed_after_the_point(tmp_path, etc
     os.chmod(base, 0o755)
     live = os.path.join(base, "r1-live", "data")  # r1's live copy: the same base name as the set's path
     os.makedirs(os.path.dirname(live))
-    sock, port = os.path.join(base, "r1.sock"), free_port()
+    sock = os.path.join(base, "r1.sock")  # the socket only: a TCP port chosen early was once taken by then
     if USER:
         shutil.chown(base, USER, USER)
     app = c = None
@@ -98,7 +98,7 @@ def test_mariadb_failover_keeps_the_rows_committed_after_the_point(tmp_path, etc
             "client": " ".join(m.client()), "binlog_host": "127.0.0.1", "binlog_port": m.port,
             "binlog_user": src.user, "binlog_password_file": src.password_file})
         assert table["app"]["binlog"] == "stream" and table["app"]["pre"] == ["builtin:mysql.lock"]
-        hook = takeover_hook(base, live, sock, port)
+        hook = takeover_hook(base, live, sock)
         c = MariaDbFailoverCluster(str(tmp_path), etcd.endpoint, table, live, hook)
         c.start()
         p, r1 = c.primary, c.replicas[0]
