@@ -68,16 +68,7 @@ class LocalAppend:
 
     def write(self, data: bytes) -> int:
         """Append `data`; returns the offset it starts at."""
-        off = self.pos
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.pwrite(self.fd, view, self.pos)
-                self.pos += n
-                view = view[n:]
-        except OSError as exc:
-            _raise_os(exc, "writing a pack")
-        return off
+        return self.write_parts([data])
 
     def write_parts(self, parts: list[bytes], what: str = "writing a pack") -> int:
         """Append the parts in order, without joining them first (pwritev); returns their offset.

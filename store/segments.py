@@ -22,7 +22,7 @@ import blake3
 import zstandard
 
 from . import packs as P
-from .backend import IOV_MAX, LocalAppend
+from .backend import LocalAppend
 from .chunker import READ_BLOCK, ChunkerParams, chunk_into, chunk_stream
 from .crypto import FrameCodec, codec_from_spec
 from .errors import DiskFull, StoreError
@@ -224,7 +224,7 @@ class _Spool:
         self.spooled.append((i, flags, len(frame), stored, bytes(frame[16:48])))
         self.bufs.append(frame)
         self.held += len(frame)
-        if self.held >= SPOOL_BATCH or len(self.bufs) >= IOV_MAX:
+        if self.held >= SPOOL_BATCH:
             self.flush()
 
     def flush(self) -> None:

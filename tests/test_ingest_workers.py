@@ -430,7 +430,7 @@ def test_a_writer_deletes_what_a_crash_left_spooled(tmp_path):
     assert os.listdir(d) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs under the repository needs root (CI runs as root)")
 def test_a_full_spool_fails_the_snapshot_and_changes_nothing(tmp_path, in_workers):
     """The disk under the spool filling up is a full disk, not an unreadable
     file: the snapshot fails (DiskFull, its own exit code on the CLI), no

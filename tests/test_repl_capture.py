@@ -39,17 +39,23 @@ def _same(src, rep) -> bool:
     return replica_head(rep.repo, "web") == want
 
 
+def _source(mnt, name: str, seed: int, size: int):
+    """A source directory on the mount holding one random file `db.bin`: (dir, file, its Random)."""
+    src = mnt / name
+    src.mkdir()
+    big = src / "db.bin"
+    r = random.Random(seed)
+    big.write_bytes(r.randbytes(size))
+    return src, big, r
+
+
 def _refresh(sc, src):
     sc.refresh({os.fsencode(str(src)): True})
 
 
 def test_a_few_pages_cost_their_chunks_not_the_file(tmp_path):
     with rc.mounted(tmp_path, "btrfs") as mnt:
-        src = mnt / "www"
-        src.mkdir()
-        big = src / "db.bin"
-        r = random.Random(SEED)
-        big.write_bytes(r.randbytes(24 * MiB))
+        src, big, r = _source(mnt, "www", SEED, 24 * MiB)
         sc, tree, alerts = _scanner(src)
         _refresh(sc, src)
         assert sc.stats["bytes_read"] == 24 * MiB  # no baseline yet: read whole, from the first clone
@@ -68,11 +74,7 @@ def test_a_files_cache_behind_its_clones_reads_whole(tmp_path):
     """The tree's list is of an older version than the last clone (the agent died between keeping the
     clones and saving its files cache): ranges relative to the clone would build a wrong list."""
     with rc.mounted(tmp_path, "btrfs") as mnt:
-        src = mnt / "www"
-        src.mkdir()
-        big = src / "db.bin"
-        r = random.Random(SEED + 1)
-        big.write_bytes(r.randbytes(8 * MiB))
+        src, big, r = _source(mnt, "www", SEED + 1, 8 * MiB)
         sc, tree, _ = _scanner(src)
         _refresh(sc, src)
         old = tree.lookup(b"www/db.bin")
@@ -89,11 +91,7 @@ def test_a_files_cache_behind_its_clones_reads_whole(tmp_path):
 
 def test_without_reflink_the_file_is_read_whole_and_status_says_why(tmp_path):
     with rc.mounted(tmp_path, "ext4") as mnt:
-        src = mnt / "www"
-        src.mkdir()
-        big = src / "db.bin"
-        r = random.Random(SEED + 2)
-        big.write_bytes(r.randbytes(4 * MiB))
+        src, big, r = _source(mnt, "www", SEED + 2, 4 * MiB)
         sc, tree, _ = _scanner(src)
         _refresh(sc, src)
         rc._write_pages(str(big), r, 2)
@@ -105,11 +103,7 @@ def test_without_reflink_the_file_is_read_whole_and_status_says_why(tmp_path):
 
 def test_agents_replicate_a_page_change_by_its_ranges(tmp_path):
     with rc.mounted(tmp_path, "btrfs") as mnt:
-        src = mnt / "data"
-        src.mkdir()
-        big = src / "db.bin"
-        r = random.Random(SEED + 3)
-        big.write_bytes(r.randbytes(32 * MiB))
+        src, big, r = _source(mnt, "data", SEED + 3, 32 * MiB)
         c = Cluster(str(tmp_path / "cl"), replicas=1, src=str(src),
                     sets={"web": {"paths": [str(src)], "mode": "mirror", "capture": "reflink", "capture_min": MiB}})
         try:

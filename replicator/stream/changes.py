@@ -82,6 +82,19 @@ def split_ops(ops: list, budget: int) -> list[list]:
     return [p for p in pieces if p] or [[]]
 
 
+def _send_chunks(conn: protocol.Conn, chunks) -> None:
+    """Send [id, flags, raw length, payload] items as CHUNKS frames of up to CHUNKS_FRAME bytes."""
+    buf, size = [], 0
+    for c in chunks:
+        if buf and size + len(c[3]) + 64 > CHUNKS_FRAME:
+            conn.send({"t": "chunks", "chunks": buf})
+            buf, size = [], 0
+        buf.append(c)
+        size += len(c[3]) + 64
+    if buf:
+        conn.send({"t": "chunks", "chunks": buf})
+
+
 class BatchSender:
     """Sends batches of one set's paths to one replica, numbering and counting them (for the sender's status)."""
 
@@ -112,22 +125,19 @@ class BatchSender:
             if len(need) < len(offered):  # the replica has the others: no sender will take their payloads
                 needed = set(need)
                 ms.payloads.forget([cid for cid in offered if cid not in needed])
-            buf, size = [], 0
-            for cid, where, got in self._payloads(need, wanted):
-                if got is None:
+
+            def readable():
+                for cid, where, got in self._payloads(need, wanted):
+                    if got is not None:
+                        yield [cid, got[0], where[2], got[1]]
+                        continue
                     now = self.cutter.read_any(*where) if fixed is not None else None
                     if now is None:
                         stale.add(where[0])
                     else:
                         fixed.setdefault(where[0], {})[where[1]] = (*now, where[2])
-                    continue
-                if buf and size + len(got[1]) + 64 > CHUNKS_FRAME:
-                    conn.send({"t": "chunks", "chunks": buf})
-                    buf, size = [], 0
-                buf.append([cid, got[0], where[2], got[1]])
-                size += len(got[1]) + 64
-            if buf:
-                conn.send({"t": "chunks", "chunks": buf})
+
+            _send_chunks(conn, readable())
 
     def send_ahead(self, conn: protocol.Conn) -> bool:
         """With nothing queued, send the payloads the scan made for files it has not finished (a big
@@ -139,17 +149,7 @@ class BatchSender:
             return False
         conn.send({"t": "offer", "ids": [cid for cid, _, _ in got]})
         need = set(self._recv(conn, "need")["ids"])
-        buf, size = [], 0
-        for cid, (flags, payload), n in got:
-            if cid not in need:
-                continue
-            if buf and size + len(payload) + 64 > CHUNKS_FRAME:
-                conn.send({"t": "chunks", "chunks": buf})
-                buf, size = [], 0
-            buf.append([cid, flags, n, payload])
-            size += len(payload) + 64
-        if buf:
-            conn.send({"t": "chunks", "chunks": buf})
+        _send_chunks(conn, ([cid, flags, n, payload] for cid, (flags, payload), n in got if cid in need))
         return True
 
     def _payloads(self, need: list[bytes], wanted: dict):
@@ -278,9 +278,8 @@ class BatchSender:
         """Send the current state of `rels` as one or more CHANGES frames (after their chunks), at most
         WINDOW of them unacknowledged (`drain` waits for the rest); a path the replica could not apply
         against its base is sent again in full, before the next batch."""
-        if full is None and self.retry:
-            retry, self.retry = list(dict.fromkeys(self.retry)), []
-            self.send_paths(conn, retry, full=set(retry))
+        if full is None:
+            self._send_retries(conn)
         ms = self.ms
         tree = ms.tree
         mirror = ms.cfg.mode == "mirror"
@@ -382,11 +381,15 @@ class BatchSender:
         out (under the point's hook) would be missing what was committed before the point. Bounded:
         past `settle_max` and a margin the point goes ahead."""
         now = time.monotonic()
-        for rel in [r for r, until in self.awaiting.items() if until <= now]:
+        self.give_up([r for r, until in self.awaiting.items() if until <= now])
+        return bool(self.awaiting)
+
+    def give_up(self, rels: list[bytes]) -> None:
+        """Stop waiting for these left-out paths: the next point goes ahead without their latest version."""
+        for rel in rels:
             log.warning("set %s -> %s: %r did not settle: a point goes ahead without its latest version",
                         self.ms.name, self.replica, rel)
             del self.awaiting[rel]
-        return bool(self.awaiting)
 
     @property
     def pending(self) -> bool:
@@ -421,6 +424,10 @@ class BatchSender:
         while self.unacked or self.retry:
             while self.unacked:
                 self._recv(conn, "ack")
-            if self.retry:
-                retry, self.retry = list(dict.fromkeys(self.retry)), []
-                self.send_paths(conn, retry, full=set(retry))
+            self._send_retries(conn)
+
+    def _send_retries(self, conn: protocol.Conn) -> None:
+        """Send again in full what the replica could not apply against its base."""
+        if self.retry:
+            retry, self.retry = list(dict.fromkeys(self.retry)), []
+            self.send_paths(conn, retry, full=set(retry))

@@ -33,8 +33,7 @@ import blake3
 
 from store.capture import ReflinkCapture, default_clone_dir
 from store.chunker import ChunkerParams
-from store.errors import CaptureError, StoreError
-from store.errors import InvalidArgument
+from store.errors import CaptureError, InvalidArgument, StoreError
 from store.rechunk import rechunk
 from store.filters import Filter, FilterRules, check_pattern
 from store.segments import SEGMENT_BYTES

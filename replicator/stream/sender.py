@@ -327,11 +327,7 @@ class Sender:
             time.sleep(0.2)
             self.ms.refresh({self.ms.tree.abs_path(r): False for r in rels})
             self._catchup(conn)
-        if self.batches.awaiting:
-            for rel in self.batches.awaiting:
-                log.warning("set %s -> %s: %r did not settle: a point goes ahead without its latest version",
-                            self.ms.name, self.replica, rel)
-            self.batches.awaiting.clear()
+        self.batches.give_up(list(self.batches.awaiting))
 
     def _catchup(self, conn: protocol.Conn) -> None:
         """Compare trees with the replica (catchup.py) and send what differs, in batches."""
